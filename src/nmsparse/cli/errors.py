@@ -1,0 +1,28 @@
+"""Exception types the CLI reports as one line with exit status 2 (user errors, not bugs)."""
+
+from __future__ import annotations
+
+from .._registry import RegistryError
+from ..config.schema import ConfigError
+from ..export import ExportError
+from ..models import ModelError
+from ..pattern import PatternError
+from ..select import SelectionError
+from ..sparsifier import SparsifierError
+
+
+class CliError(ValueError):
+    """A CLI-level problem (bad combination of flags)."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    CliError, ConfigError, ExportError, ModelError, PatternError, RegistryError, SelectionError,
+    SparsifierError, FileNotFoundError, FileExistsError, NotADirectoryError,
+)
+
+
+def register_user_error(exc_type: type[BaseException]) -> None:
+    """Let a subsystem (data, training) declare its own user-facing error type."""
+    global USER_ERRORS
+    if exc_type not in USER_ERRORS:
+        USER_ERRORS = (*USER_ERRORS, exc_type)

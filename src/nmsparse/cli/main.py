@@ -1,0 +1,69 @@
+"""``nmsparse`` command line: one module per subcommand, each with ``add_parser`` and ``run``.
+
+Bad input exits with status 2 and one line on stderr naming what is wrong and what would be right.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from . import errors
+from .errors import CliError
+
+COMMANDS = {
+    "prune": "one-shot prune a trained model and write an export",
+    "inspect": "per-layer pattern, density and verification of an export or a model",
+    "env": "versions and available backends",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="nmsparse", description="N:M and 1xN structured sparsity for PyTorch")
+    from ..version import __version__
+
+    parser.add_argument("--version", action="version", version=f"nmsparse {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, help_text in COMMANDS.items():
+        module = importlib.import_module(f"nmsparse.cli.{name}_cmd")
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(cmd)
+        cmd.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv:
+        argv = ["train"]  # the built-in default job
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except CliError as exc:
+        sys.stderr.write(f"nmsparse {args.command}: error: {exc}\n")
+        return 2
+    except errors.USER_ERRORS as exc:
+        message = str(exc).strip() or type(exc).__name__
+        if os.environ.get("NMSPARSE_DEBUG"):
+            raise
+        sys.stderr.write(f"nmsparse {args.command}: error: {message}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Dense-with-zeros export: ``model.safetensors`` (every tensor of the model, pruned entries exact
+zeros) plus ``manifest.json``. This is the hand-off between finding sparse weights and running them
+fast: any consumer can load it as an ordinary state_dict, and nmsparse's runtime reads the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from .._io import atomic_dir
+from ..mask import sliced_satisfies
+from .manifest import MANIFEST_NAME, WEIGHTS_NAME, ExportError, entry_patterns, make_manifest, read_manifest
+
+__all__ = ["save_export", "load_export", "verify_weights", "is_export"]
+
+
+def is_export(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST_NAME).is_file()
+
+
+def save_export(
+    model: nn.Module, out_dir: str | Path, layers: list[dict[str, Any]], model_source: dict[str, Any],
+    skipped: list[dict[str, str]] | None = None, extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write an export directory atomically (temp directory, then one rename).
+
+    Args:
+        model: a squashed model (no parametrizations): its weights are dense with zeros.
+        out_dir: final directory; an existing export there is replaced, anything else is refused.
+        layers: manifest entries (from :meth:`Sparsifier.squash`).
+        model_source: how to rebuild the architecture (:class:`nmsparse.models.ModelSource`).
+        skipped: ``[{"fqn": ..., "reason": ...}]`` for layers left dense.
+        extra: more manifest keys (e.g. a run's metrics).
+
+    Raises:
+        ExportError: if a layer does not hold its pattern (nothing is written), or the path is taken.
+    """
+    bad = verify_weights(model, layers)
+    if bad:
+        raise ExportError(f"refusing to export: {len(bad)} layer(s) break their pattern: {', '.join(bad[:5])}")
+    manifest = make_manifest(layers, model_source, skipped, extra)
+    try:
+        with atomic_dir(out_dir, replaceable=is_export) as tmp:
+            save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "nmsparse-export"}, force_contiguous=True)
+            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    except FileExistsError as exc:
+        raise ExportError(str(exc)) from None
+    return Path(out_dir)
+
+
+@torch.no_grad()
+def verify_weights(model: nn.Module, layers: list[dict[str, Any]]) -> list[str]:
+    """Names of manifest layers whose weights break their pattern (or are missing / misshapen)."""
+    modules = dict(model.named_modules())
+    bad = []
+    for entry in layers:
+        module = modules.get(entry["fqn"])
+        weight = getattr(module, entry.get("param", "weight"), None) if module is not None else None
+        if not isinstance(weight, torch.Tensor) or list(weight.shape) != list(entry["shape"]):
+            bad.append(f"{entry['fqn']} (missing or shape differs)")
+        elif not sliced_satisfies(weight, entry_patterns(entry)):
+            bad.append(f"{entry['fqn']} ({entry['pattern']})")
+    return bad
+
+
+def load_export(directory: str | Path, model: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Load an export and verify every layer still holds its pattern.
+
+    Args:
+        directory: export directory.
+        model: a model of the same architecture to load into; rebuilt from the manifest when None.
+
+    Returns:
+        ``(model, manifest)``, the model in eval mode.
+
+    Raises:
+        ExportError: missing/corrupt manifest or weights, weights that do not fit the model, or a
+            layer that breaks its pattern.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise ExportError(f"{directory} has no {WEIGHTS_NAME}")
+    if model is None:
+        from ..models import ModelError, build_model
+
+        source = manifest["model"]
+        try:
+            model, _ = build_model(source["source"], **source.get("options", {}))
+        except ModelError as exc:
+            raise ExportError(f"cannot rebuild the exported model: {exc}") from None
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False)
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise ExportError(f"{weights} is corrupt or does not fit the model: {str(exc).splitlines()[0]}") from None
+    if missing or unexpected:
+        raise ExportError(
+            f"{weights} does not fit the model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+    bad = verify_weights(model, manifest["layers"])
+    if bad:
+        raise ExportError(f"{directory}: {len(bad)} layer(s) break the pattern in the manifest: {', '.join(bad[:5])}")
+    model.eval()
+    return model, manifest

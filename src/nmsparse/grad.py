@@ -1,0 +1,88 @@
+r"""Gradient rules: what backward does with pruned weights. The only custom autograd Functions.
+
+All rules share one forward, :math:`\tilde W = W \odot (M + (1 - M)\,d)`, where M is the bool mask
+and d in [0, 1] the *dense factor* of pruned weights (d = 0: hard mask; d = 1: dense; in between:
+the decaying masks of progressive gradient flow, Bambhaniya et al. 2024).
+
+* ``ste``: :math:`\partial L/\partial W = \partial L/\partial \tilde W` -- the gradient taken at the
+  sparse weights is applied to every dense weight (straight-through estimator).
+* ``srste``: :math:`\partial L/\partial W = \partial L/\partial \tilde W + \lambda_W (1 - M) \odot W`
+  -- SR-STE (Zhou et al., ICLR 2021, arXiv 2102.04010): STE plus a decay on the pruned weights
+  only, which reduces mask flipping. The paper's default :math:`\lambda_W = 2 \cdot 10^{-4}`.
+* ``masked``: the true gradient of the forward,
+  :math:`\partial L/\partial W = \partial L/\partial \tilde W \odot (M + (1 - M) d)`; with d = 0 pruned
+  weights receive no gradient (fixed-mask fine-tuning, ASP).
+
+With fp16 loss scaling the srste term would be added to a scaled gradient; nmsparse trains in bf16
+autocast (no loss scaling), where the rule is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["GRADIENT_RULES", "SRSTE_DEFAULT_DECAY", "apply_rule", "ste", "srste", "masked"]
+
+SRSTE_DEFAULT_DECAY = 2e-4
+GRADIENT_RULES = ("ste", "srste", "masked")
+
+
+def _forward_value(weight: torch.Tensor, mask: torch.Tensor, dense_factor: float) -> torch.Tensor:
+    if dense_factor == 0.0:
+        return weight * mask
+    keep = mask.to(weight.dtype)
+    return weight * (keep + (1.0 - keep) * dense_factor)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward W * (M + (1 - M) d); backward g + decay * (1 - M) * W (decay = 0 is plain STE)."""
+
+    @staticmethod
+    def forward(ctx, weight, mask, dense_factor, decay):  # type: ignore[override]
+        ctx.decay = float(decay)
+        if ctx.decay:
+            ctx.save_for_backward(weight, mask)
+        return _forward_value(weight, mask, float(dense_factor))
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        if not ctx.decay:
+            return grad_out, None, None, None
+        weight, mask = ctx.saved_tensors
+        return grad_out + ctx.decay * weight * (~mask), None, None, None
+
+
+def ste(weight: torch.Tensor, mask: torch.Tensor, dense_factor: float = 0.0) -> torch.Tensor:
+    return _StraightThrough.apply(weight, mask, dense_factor, 0.0)
+
+
+def srste(
+    weight: torch.Tensor, mask: torch.Tensor, dense_factor: float = 0.0, decay: float = SRSTE_DEFAULT_DECAY
+) -> torch.Tensor:
+    return _StraightThrough.apply(weight, mask, dense_factor, decay)
+
+
+def masked(weight: torch.Tensor, mask: torch.Tensor, dense_factor: float = 0.0) -> torch.Tensor:
+    # Plain autograd already gives the masked rule: d/dW [W * c] = c.
+    return _forward_value(weight, mask, dense_factor)
+
+
+def apply_rule(
+    rule: str, weight: torch.Tensor, mask: torch.Tensor, dense_factor: float = 0.0, decay: float = 0.0
+) -> torch.Tensor:
+    """Apply gradient rule ``rule`` (one of :data:`GRADIENT_RULES`).
+
+    Args:
+        rule: ``"ste"``, ``"srste"`` or ``"masked"``.
+        weight: the dense weight W.
+        mask: bool mask, True = kept, shaped like ``weight``.
+        dense_factor: d, the factor pruned weights are multiplied by in the forward.
+        decay: lambda_W of ``srste`` (ignored by the other rules).
+    """
+    if rule == "srste":
+        return srste(weight, mask, dense_factor, decay)
+    if rule == "ste":
+        return ste(weight, mask, dense_factor)
+    if rule == "masked":
+        return masked(weight, mask, dense_factor)
+    raise ValueError(f"unknown gradient rule {rule!r}; expected one of {', '.join(GRADIENT_RULES)}")

@@ -1,0 +1,204 @@
+"""Masks from scores: pure functions of tensors. True in a mask means the weight is KEPT.
+
+Tie rule (deterministic): within a group, higher scores are kept first; among equal scores the
+weight with the lower index inside the group is kept. NaN scores count as the lowest score.
+
+Layouts (see :mod:`nmsparse.pattern` for the axes): :func:`to_groups` views a weight as rows of m
+candidates ``[G, m]`` and :func:`from_groups` is its exact inverse.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .pattern import BlockPattern, NMPattern, Pattern, PatternError
+
+__all__ = [
+    "to_groups",
+    "from_groups",
+    "topk_groups",
+    "nm_mask",
+    "block_mask",
+    "block_scores",
+    "compute_mask",
+    "group_counts",
+    "is_nm",
+    "block_row_counts",
+    "is_block_uniform",
+    "satisfies",
+    "sliced_mask",
+    "sliced_satisfies",
+]
+
+
+def _moved_axis(pattern: NMPattern) -> int | None:
+    return {"in": 1, "out": 0, "flat": None}[pattern.axis]
+
+
+def to_groups(tensor: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
+    """View ``tensor`` as ``[G, m]`` groups along the pattern's axis (a copy when a permute is needed).
+
+    Raises:
+        PatternError: if the grouped width is not a multiple of m.
+    """
+    pattern.check_shape(tuple(tensor.shape))
+    axis = _moved_axis(pattern)
+    if axis is None:  # flat: each output row in PyTorch (in, kh, kw) order
+        return tensor.reshape(-1, pattern.m)
+    # e.g. conv [out, in, kh, kw] -> [out, kh, kw, in] -> [G, m]
+    return tensor.movedim(axis, -1).reshape(-1, pattern.m)
+
+
+def from_groups(groups: torch.Tensor, shape: tuple[int, ...] | torch.Size, pattern: NMPattern) -> torch.Tensor:
+    """Inverse of :func:`to_groups` for a weight of ``shape``."""
+    axis = _moved_axis(pattern)
+    if axis is None:
+        return groups.reshape(shape)
+    moved = list(shape)
+    moved.append(moved.pop(axis))  # shape after movedim(axis, -1)
+    return groups.reshape(moved).movedim(-1, axis)
+
+
+def topk_groups(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the top ``k`` entries of each row of ``scores`` ``[G, m]`` (tie rule above)."""
+    rows, m = scores.shape
+    if k >= m:
+        return torch.ones_like(scores, dtype=torch.bool)
+    scores = torch.nan_to_num(scores.float(), nan=float("-inf"))
+    if m <= 8:
+        # Rank by pairwise comparison: rank_i = #{j: s_j > s_i} + #{j < i: s_j == s_i}.
+        # O(m^2) per group but branch-free, and faster than a sort for the usual small m.
+        s_i = scores.unsqueeze(2)  # [G, m, 1]
+        s_j = scores.unsqueeze(1)  # [G, 1, m]
+        earlier = torch.ones(m, m, dtype=torch.bool, device=scores.device).tril(-1)  # [i, j]: j < i
+        beats = (s_j > s_i) | ((s_j == s_i) & earlier)
+        return beats.sum(dim=2) < k
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)
+    mask = torch.zeros(rows, m, dtype=torch.bool, device=scores.device)
+    mask.scatter_(1, order[:, :k], True)
+    return mask
+
+
+def nm_mask(scores: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
+    """Keep exactly ``pattern.n`` of every ``pattern.m`` scores along the pattern's axis.
+
+    Args:
+        scores: importance, shaped like the weight (``[out, in]`` or ``[out, in, kh, kw]``).
+        pattern: the n:m pattern.
+
+    Returns:
+        Bool mask shaped like ``scores``; every group holds exactly n True values.
+
+    Raises:
+        PatternError: if the grouped width is not a multiple of m.
+    """
+    groups = to_groups(scores, pattern)
+    return from_groups(topk_groups(groups, pattern.n), scores.shape, pattern).contiguous()
+
+
+def block_scores(weight: torch.Tensor, block: int, norm: str = "l1") -> torch.Tensor:
+    """Per-block importance ``[out / block, in]`` of 1xN blocks (block output channels x 1 input x kernel).
+
+    Args:
+        weight: ``[out, in]`` or ``[out, in, kh, kw]``.
+        block: output channels per block.
+        norm: ``"l1"`` (sum of |w|) or ``"l2"`` (Euclidean norm) over each block.
+    """
+    BlockPattern(block, 1.0).check_shape(tuple(weight.shape))
+    out, inp = weight.shape[:2]
+    blocks = weight.reshape(out // block, block, inp, -1)  # [rows, block, in, kh*kw]
+    if norm == "l1":
+        return blocks.abs().sum(dim=(1, 3))
+    if norm == "l2":
+        return blocks.float().pow(2).sum(dim=(1, 3)).sqrt()
+    raise ValueError(f"block norm must be 'l1' or 'l2', got {norm!r}")
+
+
+def expand_block_mask(row_mask: torch.Tensor, shape: tuple[int, ...] | torch.Size, block: int) -> torch.Tensor:
+    """Expand a ``[out / block, in]`` block mask to the full weight ``shape``."""
+    full = row_mask.repeat_interleave(block, dim=0)  # [out, in]
+    return full.reshape(full.shape + (1,) * (len(shape) - 2)).expand(shape).contiguous()
+
+
+def block_mask(scores: torch.Tensor, pattern: BlockPattern, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """Keep the same number of top-scoring blocks in every block row.
+
+    Args:
+        scores: ``[out / block, in]`` block scores (see :func:`block_scores`).
+        pattern: the 1xN pattern; each row keeps ``pattern.kept_per_row(in)`` blocks.
+        shape: full weight shape the mask is expanded to.
+    """
+    pattern.check_shape(tuple(shape))
+    keep = pattern.kept_per_row(scores.shape[1])
+    return expand_block_mask(topk_groups(scores, keep), shape, pattern.block)
+
+
+def compute_mask(scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """Mask for either kind of pattern; ``scores`` is shaped like the weight.
+
+    For a :class:`BlockPattern` the per-weight scores are summed over each block (L1 when they are
+    magnitudes).
+    """
+    if isinstance(pattern, NMPattern):
+        return nm_mask(scores, pattern)
+    return block_mask(block_scores(scores, pattern.block), pattern, scores.shape)
+
+
+def group_counts(tensor: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
+    """Number of non-zero entries in every group, ``[G]`` (int64)."""
+    return (to_groups(tensor, pattern) != 0).sum(dim=1)
+
+
+def is_nm(tensor: torch.Tensor, pattern: NMPattern) -> bool:
+    """True when no group holds more than n non-zeros (a weight may have extra zeros of its own)."""
+    try:
+        return bool((group_counts(tensor, pattern) <= pattern.n).all())
+    except PatternError:
+        return False
+
+
+def block_row_counts(tensor: torch.Tensor, block: int) -> torch.Tensor:
+    """Non-zero blocks per block row, ``[out / block]``."""
+    return (block_scores(tensor, block, "l1") != 0).sum(dim=1)
+
+
+def is_block_uniform(tensor: torch.Tensor, pattern: BlockPattern) -> bool:
+    """True when every block row holds at most ``kept_per_row`` non-zero blocks."""
+    try:
+        pattern.check_shape(tuple(tensor.shape))
+    except PatternError:
+        return False
+    return bool((block_row_counts(tensor, pattern.block) <= pattern.kept_per_row(tensor.shape[1])).all())
+
+
+def satisfies(tensor: torch.Tensor, pattern: Pattern) -> bool:
+    """True when ``tensor`` holds ``pattern`` (dispatches on the pattern kind)."""
+    if isinstance(pattern, NMPattern):
+        return is_nm(tensor, pattern)
+    return is_block_uniform(tensor, pattern)
+
+
+def _slices(rows: int, count: int) -> list[slice]:
+    size = rows // count
+    return [slice(i * size, (i + 1) * size) for i in range(count)]
+
+
+def sliced_mask(scores: torch.Tensor, patterns: tuple[Pattern, ...] | list[Pattern]) -> torch.Tensor:
+    """Mask for a weight split into ``len(patterns)`` equal row slices, each with its own pattern.
+
+    One pattern is the common case; three are the q, k, v slices of a fused qkv projection.
+    A dense pattern (n == m, or block density 1) keeps its whole slice.
+    """
+    parts = []
+    for rows, pattern in zip(_slices(scores.shape[0], len(patterns)), patterns):
+        part = scores[rows]
+        parts.append(torch.ones_like(part, dtype=torch.bool) if pattern.is_dense else compute_mask(part, pattern))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def sliced_satisfies(tensor: torch.Tensor, patterns: tuple[Pattern, ...] | list[Pattern]) -> bool:
+    """True when every row slice of ``tensor`` holds its pattern."""
+    return all(
+        satisfies(tensor[rows], pattern)
+        for rows, pattern in zip(_slices(tensor.shape[0], len(patterns)), patterns)
+    )

