@@ -59,15 +59,31 @@ def from_groups(groups: torch.Tensor, shape: tuple[int, ...] | torch.Size, patte
     return groups.reshape(moved).movedim(-1, axis)
 
 
-def topk_groups(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the top ``k`` entries of each row of ``scores`` ``[G, m]`` (tie rule above)."""
+def topk_groups(scores: torch.Tensor, k: int, absolute: bool = False) -> torch.Tensor:
+    """Bool mask of the top ``k`` entries of each row of ``scores`` ``[G, m]`` (tie rule above).
+
+    With ``absolute`` the ranking uses ``|scores|`` (magnitude pruning without an extra copy).
+
+    CPU tensors go through a fused numba kernel when numba is installed; other devices (and CPUs
+    without numba) use the torch implementation. Both give identical masks.
+    """
+    if k >= scores.shape[1]:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if scores.device.type == "cpu" and scores.shape[1] <= 64:
+        from . import _topk_cpu
+
+        if _topk_cpu.available():
+            return _topk_cpu.topk_rows(scores, k, absolute)
+    return _topk_torch(scores.abs() if absolute else scores, k)
+
+
+def _topk_torch(scores: torch.Tensor, k: int) -> torch.Tensor:
     rows, m = scores.shape
     if k >= m:
         return torch.ones_like(scores, dtype=torch.bool)
     scores = torch.nan_to_num(scores.float(), nan=float("-inf"))
     if m <= 8:
         # Rank by pairwise comparison: rank_i = #{j: s_j > s_i} + #{j < i: s_j == s_i}.
-        # O(m^2) per group but branch-free, and faster than a sort for the usual small m.
         s_i = scores.unsqueeze(2)  # [G, m, 1]
         s_j = scores.unsqueeze(1)  # [G, 1, m]
         earlier = torch.ones(m, m, dtype=torch.bool, device=scores.device).tril(-1)  # [i, j]: j < i
@@ -79,12 +95,13 @@ def topk_groups(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-def nm_mask(scores: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
+def nm_mask(scores: torch.Tensor, pattern: NMPattern, absolute: bool = False) -> torch.Tensor:
     """Keep exactly ``pattern.n`` of every ``pattern.m`` scores along the pattern's axis.
 
     Args:
         scores: importance, shaped like the weight (``[out, in]`` or ``[out, in, kh, kw]``).
         pattern: the n:m pattern.
+        absolute: rank by ``|scores|`` (pass a raw weight for magnitude pruning).
 
     Returns:
         Bool mask shaped like ``scores``; every group holds exactly n True values.
@@ -93,7 +110,7 @@ def nm_mask(scores: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
         PatternError: if the grouped width is not a multiple of m.
     """
     groups = to_groups(scores, pattern)
-    return from_groups(topk_groups(groups, pattern.n), scores.shape, pattern).contiguous()
+    return from_groups(topk_groups(groups, pattern.n, absolute), scores.shape, pattern).contiguous()
 
 
 def block_scores(weight: torch.Tensor, block: int, norm: str = "l1") -> torch.Tensor:
@@ -133,15 +150,15 @@ def block_mask(scores: torch.Tensor, pattern: BlockPattern, shape: tuple[int, ..
     return expand_block_mask(topk_groups(scores, keep), shape, pattern.block)
 
 
-def compute_mask(scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+def compute_mask(scores: torch.Tensor, pattern: Pattern, absolute: bool = False) -> torch.Tensor:
     """Mask for either kind of pattern; ``scores`` is shaped like the weight.
 
     For a :class:`BlockPattern` the per-weight scores are summed over each block (L1 when they are
     magnitudes).
     """
     if isinstance(pattern, NMPattern):
-        return nm_mask(scores, pattern)
-    return block_mask(block_scores(scores, pattern.block), pattern, scores.shape)
+        return nm_mask(scores, pattern, absolute)
+    return block_mask(block_scores(scores, pattern.block), pattern, scores.shape)  # L1 of |scores|
 
 
 def group_counts(tensor: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
@@ -183,7 +200,9 @@ def _slices(rows: int, count: int) -> list[slice]:
     return [slice(i * size, (i + 1) * size) for i in range(count)]
 
 
-def sliced_mask(scores: torch.Tensor, patterns: tuple[Pattern, ...] | list[Pattern]) -> torch.Tensor:
+def sliced_mask(
+    scores: torch.Tensor, patterns: tuple[Pattern, ...] | list[Pattern], absolute: bool = False
+) -> torch.Tensor:
     """Mask for a weight split into ``len(patterns)`` equal row slices, each with its own pattern.
 
     One pattern is the common case; three are the q, k, v slices of a fused qkv projection.
@@ -192,7 +211,7 @@ def sliced_mask(scores: torch.Tensor, patterns: tuple[Pattern, ...] | list[Patte
     parts = []
     for rows, pattern in zip(_slices(scores.shape[0], len(patterns)), patterns):
         part = scores[rows]
-        parts.append(torch.ones_like(part, dtype=torch.bool) if pattern.is_dense else compute_mask(part, pattern))
+        parts.append(torch.ones_like(part, dtype=torch.bool) if pattern.is_dense else compute_mask(part, pattern, absolute))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from .method import build_method
+from .method import MethodError, build_method
 from .pattern import Pattern
 from .select import Selection
 from .sparsifier import LayerReport, Sparsifier
@@ -44,11 +44,11 @@ def prune(
         :class:`PruneResult`; ``model`` is left dense with zeros and without parametrizations.
 
     Raises:
-        ValueError: if ``method`` is not a one-shot method.
+        MethodError: if ``method`` is not a one-shot method.
     """
     built = build_method(method, method_options)
     if not built.one_shot:
-        raise ValueError(f"method {method!r} trains masks; use it with `nmsparse train`, not one-shot pruning")
+        raise MethodError(f"method {method!r} trains masks; use it with `nmsparse train`, not one-shot pruning")
     sparsifier = Sparsifier(built, pattern, selection)
     sparsifier.prepare(model)
     report = sparsifier.report()

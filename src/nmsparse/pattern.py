@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 Axis = Literal["in", "out", "flat"]
 AXES: tuple[str, ...] = ("in", "out", "flat")
@@ -157,7 +157,7 @@ class BlockPattern:
             )
 
 
-Pattern = Union[NMPattern, BlockPattern]
+Pattern = NMPattern | BlockPattern
 
 _NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(?:@\s*(\w+))?\s*$")
 _BLOCK_RE = re.compile(r"^\s*1\s*[xX]\s*(\d+)\s*:\s*([0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)\s*$")

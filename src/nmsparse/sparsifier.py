@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .mask import sliced_mask, sliced_satisfies
+from .mask import sliced_satisfies
 from .method import Method, build_method
 from .parametrize import MaskedWeight, attach, dense_weight, get_parametrization, is_attached, squash_module
 from .pattern import Pattern, parse_pattern
@@ -139,7 +139,7 @@ class Sparsifier:
                 patterns = (override,) * len(patterns)
             layer = LayerState(choice.fqn, choice.module, patterns)
             with torch.no_grad():
-                mask = sliced_mask(self.method.score(layer), patterns)
+                mask = self.method.mask(layer)
             attach(choice.module, MaskedWeight(mask, self.method.grad_rule, self.method.decay))
             self.layers[choice.fqn] = layer
         self.method.on_prepare(self)
@@ -156,7 +156,7 @@ class Sparsifier:
         """Recompute every layer's mask from the method's scores now."""
         self._require_prepared()
         for layer in self.layers.values():
-            layer.mask.copy_(sliced_mask(self.method.score(layer), layer.patterns))
+            layer.mask.copy_(self.method.mask(layer))
 
     def step(self, step: int) -> None:
         """Advance to optimizer step ``step``: update masks when due and the dense factor.

