@@ -172,3 +172,17 @@ def test_cpu_kernel_matches_torch_reference(m, absolute):
     for k in range(1, m):
         expected = _topk_torch(scores.abs() if absolute else scores, k)
         assert torch.equal(_topk_cpu.topk_rows(scores, k, absolute), expected)
+
+
+def test_cpu_kernel_leaves_torch_thread_count_alone():
+    from nmsparse import _topk_cpu
+
+    if not _topk_cpu.available():
+        pytest.skip("numba not installed")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        nm_mask(torch.randn(64, 64), NMPattern(2, 4))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

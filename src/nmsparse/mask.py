@@ -109,8 +109,26 @@ def nm_mask(scores: torch.Tensor, pattern: NMPattern, absolute: bool = False) ->
     Raises:
         PatternError: if the grouped width is not a multiple of m.
     """
+    pattern.check_shape(tuple(scores.shape))
+    if scores.device.type == "cpu" and pattern.m <= 64:
+        from . import _topk_cpu
+
+        if _topk_cpu.available():  # fused kernel on the weight's own layout, no permuted copies
+            return _topk_cpu.topk_strided(scores, *_strided_view(scores.shape, pattern), pattern.m, pattern.n, absolute)
     groups = to_groups(scores, pattern)
     return from_groups(topk_groups(groups, pattern.n, absolute), scores.shape, pattern).contiguous()
+
+
+def _strided_view(shape: tuple[int, ...] | torch.Size, pattern: NMPattern) -> tuple[int, int, int]:
+    """(outer, width, inner) such that groups run along ``width`` of a contiguous [outer, width, inner] view."""
+    inner_dims = 1
+    for d in shape[2:]:
+        inner_dims *= d
+    if pattern.axis == "in":
+        return shape[0], shape[1], inner_dims
+    if pattern.axis == "out":
+        return 1, shape[0], shape[1] * inner_dims
+    return shape[0], shape[1] * inner_dims, 1
 
 
 def block_scores(weight: torch.Tensor, block: int, norm: str = "l1") -> torch.Tensor:

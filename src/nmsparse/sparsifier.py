@@ -186,17 +186,23 @@ class Sparsifier:
         layer.patterns = tuple(patterns)
 
     @torch.no_grad()
-    def squash(self) -> list[dict[str, Any]]:
+    def squash(self, model: nn.Module | None = None) -> list[dict[str, Any]]:
         """Bake masks into the weights (pruned entries become zeros) and remove the parametrizations.
+
+        Args:
+            model: squash this copy of the prepared model instead (e.g. an EMA copy, whose
+                parametrizations carry the same masks); the sparsifier's own model is untouched.
 
         Returns:
             Manifest entries, one per sparse layer (see :mod:`nmsparse.export`).
         """
         self._require_prepared()
+        modules = dict(model.named_modules()) if model is not None else None
         entries = []
         for layer in self.layers.values():
-            squash_module(layer.module, layer.mask)
-            entries.append(layer_entry(layer.fqn, layer.module.weight, layer.patterns))
+            module = modules[layer.fqn] if modules is not None else layer.module
+            squash_module(module, layer.mask)
+            entries.append(layer_entry(layer.fqn, module.weight, layer.patterns))
         return entries
 
     # ------------------------------------------------------------------------------------- state

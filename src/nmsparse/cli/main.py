@@ -14,8 +14,11 @@ from . import errors
 from .errors import CliError
 
 COMMANDS = {
+    "train": "train sparse from a YAML recipe (default: ResNet, 2:4 SR-STE, real MNIST digits)",
     "prune": "one-shot prune a trained model and write an export",
     "inspect": "per-layer pattern, density and verification of an export or a model",
+    "eval": "evaluate a checkpoint or export on a dataset",
+    "configs": "list, show or validate the shipped recipes",
     "env": "versions and available backends",
 }
 

@@ -1,0 +1,106 @@
+"""Schedules: pure functions of the optimizer step. No hidden counters; time is passed in.
+
+Each schedule is a small frozen dataclass with ``__call__(step) -> float``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["Constant", "Linear", "Cosine", "Exponential", "Cubic", "StepDecay", "WarmupThen"]
+
+
+@dataclass(frozen=True)
+class Constant:
+    value: float
+
+    def __call__(self, step: int) -> float:
+        return self.value
+
+
+def _progress(step: int, start_step: int, end_step: int) -> float:
+    if end_step <= start_step:
+        return 1.0 if step >= end_step else 0.0
+    return min(1.0, max(0.0, (step - start_step) / (end_step - start_step)))
+
+
+@dataclass(frozen=True)
+class Linear:
+    """Linear from ``start`` at ``start_step`` to ``end`` at ``end_step``, constant outside."""
+
+    start: float
+    end: float
+    start_step: int
+    end_step: int
+
+    def __call__(self, step: int) -> float:
+        return self.start + (self.end - self.start) * _progress(step, self.start_step, self.end_step)
+
+
+@dataclass(frozen=True)
+class Cosine:
+    r"""Half cosine: :math:`v = end + (start - end)(1 + \cos(\pi p)) / 2`, p the progress in [0, 1]."""
+
+    start: float
+    end: float
+    start_step: int
+    end_step: int
+
+    def __call__(self, step: int) -> float:
+        p = _progress(step, self.start_step, self.end_step)
+        return self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+@dataclass(frozen=True)
+class Exponential:
+    r""":math:`v = start \cdot e^{-rate (step - start\_step)}` for step >= start_step (``start`` before)."""
+
+    start: float
+    rate: float
+    start_step: int = 0
+
+    def __call__(self, step: int) -> float:
+        return self.start * math.exp(-self.rate * max(0, step - self.start_step))
+
+
+@dataclass(frozen=True)
+class Cubic:
+    r"""Zhu & Gupta (2017) cubic ramp: :math:`v = end + (start - end)(1 - p)^3`."""
+
+    start: float
+    end: float
+    start_step: int
+    end_step: int
+
+    def __call__(self, step: int) -> float:
+        p = _progress(step, self.start_step, self.end_step)
+        return self.end + (self.start - self.end) * (1.0 - p) ** 3
+
+
+@dataclass(frozen=True)
+class StepDecay:
+    """``start * gamma ** k`` where k counts the milestones <= step."""
+
+    start: float
+    milestones: tuple[int, ...]
+    gamma: float
+
+    def __call__(self, step: int) -> float:
+        return self.start * self.gamma ** sum(step >= m for m in self.milestones)
+
+
+@dataclass(frozen=True)
+class WarmupThen:
+    """Linear warm-up from ``start_factor * peak`` over ``warmup_steps``, then ``after(step)``."""
+
+    after: Constant | Linear | Cosine | Exponential | Cubic | StepDecay
+    warmup_steps: int
+    start_factor: float = 0.01
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            peak = self.after(self.warmup_steps)
+            frac = step / self.warmup_steps
+            return peak * (self.start_factor + (1.0 - self.start_factor) * frac)
+        return self.after(step)

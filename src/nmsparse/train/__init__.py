@@ -1,0 +1,1 @@
+"""Training: the reference loop, data, checkpoints, distributed set-up, logs."""

@@ -1,0 +1,336 @@
+"""The reference training loop: short and visible (minGPT's trainer is the model).
+
+Per optimizer step: seed the step, forward (+ the method's penalty), backward, clip, optimizer
+step, ``sparsifier.step(step)``, EMA update, log, checkpoint when due. Evaluation after each epoch;
+best/last checkpoints; at the end, squash, export and verify the patterns, then plots.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..config.load import dump_config
+from ..config.schema import to_dict
+from ..config.sections import Config
+from ..export import load_export, save_export
+from ..select import Rule, Selection
+from ..sparsifier import Sparsifier
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .data import EpochSampler, SeededDataset, build_data
+from .distributed import DistInfo, all_reduce_sum, broadcast_masks, setup_distributed, teardown_distributed
+from .logs import Progress, RunLog, plot_curves, plot_density
+from .plan import lr_schedule, make_plan
+from .setup import Ema, autocast, build_optimizer, build_run_model, eval_loader, evaluate, finalize_eval
+
+__all__ = ["TrainingDiverged", "run_training", "new_run_dir"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class RunProgress:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_metric: float = float("-inf")
+    epoch_loss_sum: float = 0.0
+    epoch_loss_count: int = 0
+
+
+def new_run_dir(config: Config) -> Path:
+    """``out_dir/name``, or ``name-2``, ``name-3``... when taken (earlier runs are never overwritten)."""
+    base = Path(config.run.out_dir) / config.run.name
+    path, k = base, 1
+    while path.exists():
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    return path
+
+
+def _seed_step(seed: int, step: int) -> None:
+    """Dropout, drop-path and mixup randomness are a pure function of (seed, step): resumable."""
+    value = (seed * 1_000_003 + step) % (2**31)
+    torch.manual_seed(value)
+    np.random.seed(value)
+    random.seed(value)
+
+
+def _build_sparsifier(config: Config) -> Sparsifier | None:
+    sp = config.sparsity
+    if not sp.enabled:
+        return None
+    selection = Selection(
+        layers=tuple(sp.layers), rules=tuple(Rule(r.match, r.pattern, r.skip, r.slices) for r in sp.rules),
+        keep_first_conv=sp.keep_first_conv, keep_classifier=sp.keep_classifier, skip_grouped_conv=sp.skip_grouped_conv,
+    )
+    return Sparsifier(sp.method, sp.pattern, selection, sp.allocation, sp.options)
+
+
+def _criterion(config: Config, num_classes: int):
+    aug = config.data.augment
+    if aug.mixup > 0 or aug.cutmix > 0:
+        from timm.data import Mixup
+        from timm.loss import SoftTargetCrossEntropy
+
+        mixup = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, label_smoothing=aug.label_smoothing,
+                      num_classes=num_classes)
+        return mixup, SoftTargetCrossEntropy()
+    return None, nn.CrossEntropyLoss(label_smoothing=aug.label_smoothing)
+
+
+def run_training(config: Config, run_dir: Path | None = None, resume: bool = False) -> dict[str, Any]:
+    """Train according to ``config``; returns the run summary (also written to summary.json).
+
+    Args:
+        config: the resolved config.
+        run_dir: run directory (default :func:`new_run_dir`); with ``resume`` the one to continue.
+        resume: continue from ``run_dir/checkpoints/last.pt``.
+    """
+    dist_info = setup_distributed(config.run.device, config.distributed.backend)
+    try:
+        return _train(config, run_dir, resume, dist_info)
+    finally:
+        teardown_distributed()
+
+
+def _train(config: Config, run_dir: Path | None, resume: bool, dist_info: DistInfo) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    device, main = dist_info.device, dist_info.is_main
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config)
+    if dist_info.enabled:  # every rank must agree on the directory rank 0 picked
+        import torch.distributed as dist
+
+        holder = [str(run_dir)]
+        dist.broadcast_object_list(holder, src=0)
+        run_dir = Path(holder[0])
+    if main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(config))
+        from ..cli.env_cmd import environment
+
+        (run_dir / "env.json").write_text(json.dumps(environment(), indent=2) + "\n")
+
+    # ---- data, model, sparsifier, optimizer
+    seed = config.run.seed
+    bundle = build_data(config.data)
+    torch.manual_seed(seed)
+    model, source = build_run_model(config, bundle)
+    model.to(device)
+    if config.model.channels_last:
+        model.to(memory_format=torch.channels_last)
+    sparsifier = _build_sparsifier(config)
+    if sparsifier is not None:
+        sparsifier.prepare(model)
+    optimizer = build_optimizer(config, model)
+    ema = Ema(model, config.train.ema_decay) if config.train.ema_decay else None
+    augmented = config.data.augment.kind != "none"
+    train_set = SeededDataset(bundle.train, seed, augmented)
+    sampler = EpochSampler(len(bundle.train), seed, dist_info.rank, dist_info.world)  # type: ignore[arg-type]
+    loader = DataLoader(train_set, batch_size=config.data.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=config.data.workers, persistent_workers=False)
+    val_loader = eval_loader(bundle.val, config.data.eval_batch_size, dist_info.rank, dist_info.world, config.data.workers)
+    steps_per_epoch = sampler.per_rank // config.data.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"data.batch_size={config.data.batch_size} exceeds the {sampler.per_rank} training "
+                         "samples per process; lower it")
+    plan = make_plan(config, steps_per_epoch)
+    lr_at = lr_schedule(config, plan)
+    mixup, criterion = _criterion(config, bundle.num_classes)
+    log = RunLog(run_dir, main, config.logging.tensorboard)
+
+    progress = RunProgress()
+    if resume:
+        ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if sparsifier is not None:
+            sparsifier.load_state_dict(ckpt["sparsifier"])
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.load_state_dict(ckpt["ema"])
+        progress = RunProgress(**ckpt["progress"])
+        log.load_history(ckpt["history"])
+        set_rng_state(ckpt["rng"])
+
+    train_model: nn.Module = model
+    if dist_info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        broadcast_masks(sparsifier)
+    if config.model.compile:
+        train_model = torch.compile(train_model)  # type: ignore[assignment]
+
+    def checkpoint(name: str = "last.pt") -> None:
+        if not main:
+            return
+        save_checkpoint(run_dir / "checkpoints" / name, {
+            "config": to_dict(config),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "sparsifier": sparsifier.state_dict() if sparsifier is not None else None,
+            "ema": ema.state_dict() if ema is not None else None,
+            "progress": progress.__dict__.copy(),
+            "history": log.history(),
+            "rng": rng_state(),
+        })
+
+    bar = Progress(plan.total_steps, progress.step, config.logging.progress, config.train.log_every_steps, main)
+    bar.message(f"run directory {run_dir}  ({plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps, "
+                f"{dist_info.world} process(es), device {device})")
+    train_model.train()
+    while progress.step < plan.total_steps:
+        epoch = progress.epoch
+        sampler.set_epoch(epoch, progress.batch_in_epoch * config.data.batch_size)
+        for images, labels in loader:
+            step = progress.step
+            _seed_step(seed, step)
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if config.model.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            targets = labels
+            if mixup is not None:
+                images, targets = mixup(images, labels)
+            lr = lr_at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast(device, config.train.precision):
+                loss = criterion(train_model(images), targets)
+                if sparsifier is not None:
+                    loss = loss + sparsifier.penalty().to(loss.device)
+            loss_value = all_reduce_sum([float(loss.detach())], device)[0] / dist_info.world
+            if not np.isfinite(loss_value):
+                raise TrainingDiverged(
+                    f"loss became {loss_value} at step {step} (epoch {epoch}); the last good checkpoint "
+                    f"{run_dir / 'checkpoints' / 'last.pt'} is kept. Lower optim.lr or set optim.clip_grad_norm"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.optim.clip_grad_norm:
+                nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad_norm)
+            optimizer.step()
+            if sparsifier is not None:
+                sparsifier.step(step)
+            if ema is not None:
+                ema.update(model)
+            progress.step += 1
+            progress.batch_in_epoch += 1
+            progress.epoch_loss_sum += loss_value
+            progress.epoch_loss_count += 1
+            if progress.step % config.train.log_every_steps == 0:
+                log.log_step({"step": progress.step, "epoch": epoch, "loss": round(loss_value, 6), "lr": lr})
+            bar.update(progress.step, f"epoch {epoch + 1}/{config.train.epochs} loss {loss_value:.4f} lr {lr:.4g}")
+            every = config.train.checkpoint_every_steps
+            if every and progress.step % every == 0 and progress.step < plan.total_steps:
+                checkpoint()
+            if progress.step >= plan.total_steps or progress.batch_in_epoch >= steps_per_epoch:
+                break
+        # ---- end of an epoch, or of the run
+        if progress.batch_in_epoch >= steps_per_epoch or progress.step >= plan.total_steps:
+            last = progress.step >= plan.total_steps
+            improved = False
+            if last or (epoch + 1) % config.train.eval_every_epochs == 0:
+                row = _evaluate_all(config, model, ema, val_loader, device, progress, epoch, lr_at, t_start)
+                log.log_eval(row)
+                bar.message("  ".join(f"{k} {v}" for k, v in row.items()))
+                metric = row["ema_top1"] if ema is not None else row["top1"]
+                improved = metric > progress.best_metric
+                progress.best_metric = max(progress.best_metric, metric)
+            progress.epoch += 1
+            progress.batch_in_epoch = 0
+            progress.epoch_loss_sum, progress.epoch_loss_count = 0.0, 0
+            checkpoint()
+            if improved:
+                checkpoint("best.pt")
+    bar.close()
+    digests = _mask_digests(sparsifier, dist_info)
+    summary = _finish(config, run_dir, model, ema, sparsifier, source, log, bundle, device, main, t_start)
+    if digests is not None:
+        summary["mask_digest_per_rank"] = digests
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"masks differ between ranks: {digests}")
+        if main:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _mask_digests(sparsifier: Sparsifier | None, dist_info: DistInfo) -> list[str] | None:
+    """SHA-1 of all masks on every rank (gathered), proving the ranks agree; None when single-process."""
+    if sparsifier is None or not dist_info.enabled:
+        return None
+    import hashlib
+
+    import torch.distributed as dist
+
+    digest = hashlib.sha1()
+    for fqn in sorted(sparsifier.layers):
+        digest.update(sparsifier.layers[fqn].mask.cpu().numpy().tobytes())
+    gathered: list[str] = [""] * dist_info.world
+    dist.all_gather_object(gathered, digest.hexdigest())
+    return gathered
+
+
+def _evaluate_all(config, model, ema, val_loader, device, progress, epoch, lr_at, t_start) -> dict:
+    sums = evaluate(model, val_loader, device, config.train.precision, config.model.channels_last)
+    result = finalize_eval(all_reduce_sum([sums[k] for k in ("loss_sum", "top1", "top5", "count")], device))
+    row = {
+        "epoch": epoch + 1, "step": progress.step,
+        "train_loss": round(progress.epoch_loss_sum / max(1, progress.epoch_loss_count), 6),
+        "val_loss": round(result["loss"], 6), "top1": round(result["top1"], 4), "top5": round(result["top5"], 4),
+        "lr": lr_at(max(0, progress.step - 1)),
+    }
+    if ema is not None:
+        sums = evaluate(ema.model, val_loader, device, config.train.precision, config.model.channels_last)
+        ema_result = finalize_eval(all_reduce_sum([sums[k] for k in ("loss_sum", "top1", "top5", "count")], device))
+        row["ema_top1"] = round(ema_result["top1"], 4)
+    row["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    return row
+
+
+def _finish(config, run_dir, model, ema, sparsifier, source, log, bundle, device, main, t_start) -> dict[str, Any]:
+    final = log.metrics[-1] if log.metrics else {}
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "final": final, "best_top1": max(
+        (r.get("ema_top1", r["top1"]) for r in log.metrics), default=None)}
+    if main and config.train.export:
+        source_model = ema.model if ema is not None else model
+        export_model = copy.deepcopy(source_model).cpu().eval()
+        if sparsifier is not None:
+            report = sparsifier.report()
+            layers = sparsifier.squash(export_model)
+            skipped = [{"fqn": r.fqn, "reason": r.skip_reason} for r in report if r.skip_reason]
+        else:
+            layers, skipped, report = [], [], []
+        source.options.update({"num_classes": bundle.num_classes, "in_chans": bundle.in_chans})
+        out = save_export(export_model, run_dir / "export", layers, source.as_dict(), skipped,
+                          extra={"metrics": final, "method": config.sparsity.method if sparsifier else "dense"})
+        reloaded, _ = load_export(out)
+        probe = torch.stack([bundle.val[i][0] for i in range(min(8, len(bundle.val)))])
+        with torch.no_grad():
+            diff = float((reloaded(probe) - export_model(probe)).abs().max())
+        summary["export"] = {"dir": str(out), "sparse_layers": len(layers), "all_verified": True,
+                             "reload_max_abs_diff": diff}
+        if config.logging.plots:
+            plot_curves(run_dir, log.steps, log.metrics)
+            if report:
+                rows = [r.as_dict() for r in report]
+                plot_density(run_dir / "density.png", rows, f"per-layer density ({config.sparsity.pattern}, "
+                             f"{config.sparsity.method})")
+    summary["wall_s"] = round(time.perf_counter() - t_start, 1)
+    if main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.close()
+    return summary

@@ -1,0 +1,116 @@
+"""Building blocks of a training run: model, optimizer, EMA, evaluation."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..config.sections import Config
+from ..models import ModelSource, build_model, load_weights
+from .data import DataBundle
+
+__all__ = ["build_run_model", "build_optimizer", "Ema", "evaluate", "eval_loader", "autocast"]
+
+
+def build_run_model(config: Config, bundle: DataBundle) -> tuple[nn.Module, ModelSource]:
+    mc = config.model
+    model, source = build_model(
+        mc.name, num_classes=mc.num_classes or bundle.num_classes, in_chans=mc.in_chans or bundle.in_chans,
+        pretrained=mc.pretrained,
+    )
+    if mc.checkpoint:
+        load_weights(model, mc.checkpoint)
+    return model, source
+
+
+def build_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD or AdamW; biases and normalisation parameters (1-d) get no weight decay."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    oc = config.optim
+    groups = [{"params": decay, "weight_decay": oc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if oc.name == "sgd":
+        return torch.optim.SGD(groups, lr=oc.lr, momentum=oc.momentum, nesterov=oc.nesterov)
+    return torch.optim.AdamW(groups, lr=oc.lr, betas=tuple(oc.betas))  # type: ignore[arg-type]
+
+
+class Ema:
+    r"""Exponential moving average of a model's parameters: :math:`\bar\theta \leftarrow d\bar\theta + (1-d)\theta`.
+
+    Buffers (BN statistics and the sparsity masks, which are buffers of the parametrizations) are
+    copied, so the EMA model always uses the current masks.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for ema_p, p in zip(self.model.parameters(), model.parameters()):
+            ema_p.lerp_(p.detach(), 1.0 - self.decay)
+        for ema_b, b in zip(self.model.buffers(), model.buffers()):
+            ema_b.copy_(b)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: t.detach().clone() for name, t in self.model.named_parameters()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        params = dict(self.model.named_parameters())
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def eval_loader(dataset: Dataset, batch_size: int, rank: int, world: int, workers: int) -> DataLoader:
+    """Each rank evaluates an unpadded shard (rank::world); sums are all-reduced by the caller."""
+    shard = Subset(dataset, list(range(rank, len(dataset), world)))  # type: ignore[arg-type]
+    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32",
+             channels_last: bool = False) -> dict[str, float]:
+    """Sums over this rank's shard: loss, top-1 and top-5 correct counts, sample count."""
+    was_training = model.training
+    model.eval()
+    loss_sum = top1 = top5 = count = 0.0
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hits = top == labels.unsqueeze(1)
+        top1 += float(hits[:, 0].sum())
+        top5 += float(hits.any(dim=1).sum())
+        count += labels.numel()
+    model.train(was_training)
+    return {"loss_sum": loss_sum, "top1": top1, "top5": top5, "count": count}
+
+
+def finalize_eval(sums: list[float]) -> dict[str, float]:
+    loss_sum, top1, top5, count = sums
+    count = max(count, 1.0)
+    return {"loss": loss_sum / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count}
+
+
+def is_finite(value: float) -> bool:
+    return math.isfinite(value)
