@@ -138,7 +138,7 @@ def test_eval_command_on_export_and_run(tmp_path, capsys):
     assert main(["eval", summary["run_dir"], "--json"]) == 0
     from_run = json.loads(capsys.readouterr().out)
     assert from_export["samples"] == from_run["samples"] == 180
-    assert from_export["top1"] == pytest.approx(summary["final"]["top1"], abs=1e-6)
+    assert from_export["top1"] == pytest.approx(summary["final"]["top1"], abs=1e-3)
     assert main(["eval", summary["export"]["dir"]]) == 2
     assert "pass --data" in capsys.readouterr().err
 
