@@ -27,10 +27,15 @@ SRSTE_DEFAULT_DECAY = 2e-4
 GRADIENT_RULES = ("ste", "srste", "masked")
 
 
+def _keep(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # multiplying by a float mask of the weight's dtype is ~3x faster than by a bool one
+    return mask if mask.dtype == weight.dtype else mask.to(weight.dtype)
+
+
 def _forward_value(weight: torch.Tensor, mask: torch.Tensor, dense_factor: float) -> torch.Tensor:
+    keep = _keep(weight, mask)
     if dense_factor == 0.0:
-        return weight * mask
-    keep = mask.to(weight.dtype)
+        return weight * keep
     return weight * (keep + (1.0 - keep) * dense_factor)
 
 
@@ -39,17 +44,24 @@ class _StraightThrough(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, mask, dense_factor, decay):  # type: ignore[override]
-        ctx.decay = float(decay)
+        ctx.decay, ctx.dense_factor = float(decay), float(dense_factor)
+        out = _forward_value(weight, mask, ctx.dense_factor)
         if ctx.decay:
-            ctx.save_for_backward(weight, mask)
-        return _forward_value(weight, mask, float(dense_factor))
+            # with d = 0, (1 - M) * W = W - out: no mask needed in backward, and out is kept alive anyway
+            ctx.save_for_backward(weight, out if ctx.dense_factor == 0.0 else _keep(weight, mask))
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         if not ctx.decay:
             return grad_out, None, None, None
-        weight, mask = ctx.saved_tensors
-        return grad_out + ctx.decay * weight * (~mask), None, None, None
+        weight, saved = ctx.saved_tensors
+        if ctx.dense_factor == 0.0:
+            # W - out is exactly W on pruned entries and exactly 0 on kept ones
+            grad = torch.add(grad_out, weight - saved, alpha=ctx.decay)
+        else:
+            grad = torch.addcmul(grad_out, weight, 1.0 - saved, value=ctx.decay)
+        return grad, None, None, None
 
 
 def ste(weight: torch.Tensor, mask: torch.Tensor, dense_factor: float = 0.0) -> torch.Tensor:

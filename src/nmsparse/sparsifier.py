@@ -140,7 +140,7 @@ class Sparsifier:
             layer = LayerState(choice.fqn, choice.module, patterns)
             with torch.no_grad():
                 mask = self.method.mask(layer)
-            attach(choice.module, MaskedWeight(mask, self.method.grad_rule, self.method.decay))
+            attach(choice.module, MaskedWeight(mask, self.method.grad_rule, self.method.decay, choice.module.weight.dtype))
             self.layers[choice.fqn] = layer
         self.method.on_prepare(self)
         return self.report()
@@ -156,7 +156,7 @@ class Sparsifier:
         """Recompute every layer's mask from the method's scores now."""
         self._require_prepared()
         for layer in self.layers.values():
-            layer.mask.copy_(self.method.mask(layer))
+            layer.parametrization.set_mask(self.method.mask(layer))
 
     def step(self, step: int) -> None:
         """Advance to optimizer step ``step``: update masks when due and the dense factor.
@@ -243,7 +243,7 @@ class Sparsifier:
             if tuple(mask.shape) != tuple(layer.mask.shape):
                 raise SparsifierError(f"{fqn}: saved mask shape {list(mask.shape)} != weight shape {list(layer.mask.shape)}")
             layer.patterns = tuple(parse_pattern(p) for p in entry["patterns"])
-            layer.mask.copy_(mask)
+            layer.parametrization.set_mask(mask)
         self.last_step = state.get("last_step")
         self.method.load_state_dict(state.get("method_state", {}))
         if self.last_step is not None:

@@ -62,7 +62,4 @@ def broadcast_masks(sparsifier) -> None:
     if not dist.is_initialized() or sparsifier is None:
         return
     for layer in sparsifier.layers.values():
-        mask = layer.mask
-        as_uint8 = mask.to(torch.uint8)
-        dist.broadcast(as_uint8, src=0)
-        mask.copy_(as_uint8.bool())
+        dist.broadcast(layer.parametrization.keep, src=0)
