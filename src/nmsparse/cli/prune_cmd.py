@@ -14,7 +14,7 @@ from ..models import build_model, example_input, forward_output, load_weights
 from ..oneshot import prune
 from ..select import LAYER_SETS, Rule, Selection
 from .display import print_table
-from .errors import CliError
+from .errors import CliError, register_user_error
 
 
 def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +42,16 @@ def selection_from_args(args: argparse.Namespace) -> Selection:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="timm:NAME, torchvision:NAME, hf:PATH (or hf:minilm), or an export directory")
     add_selection_arguments(parser)
-    parser.add_argument("--method", default="magnitude", help="one-shot method (magnitude)")
+    parser.add_argument("--method", default="magnitude", help="magnitude, wanda or sparsegpt")
+    parser.add_argument("--calib", help="calibration data: text:builtin, text:PATH, hf-dataset:NAME[:CONFIG[:SPLIT]], "
+                        "images:DIR, digits, mnist5k (default for wanda/sparsegpt: text:builtin for hf: models, "
+                        "digits for vision models)")
+    parser.add_argument("--samples", type=int, default=128, help="calibration samples")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per text calibration sample")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling")
+    parser.add_argument("--recover-steps", type=int, help="distil from the dense model for N steps, masks fixed")
+    parser.add_argument("--recover-minutes", type=float, help="time budget of the recovery")
+    parser.add_argument("--recover-lr", type=float, default=1e-4, help="AdamW learning rate of the recovery")
     parser.add_argument("--checkpoint", help="local weights to load first (.safetensors or torch file)")
     parser.add_argument("--num-classes", type=int, help="classifier outputs of a vision model")
     parser.add_argument("--in-chans", type=int, help="input channels of a vision model")
@@ -50,31 +59,78 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
+def _fidelity_setup(source):
+    """Held-out sentence batches for hf: text models (None for other models)."""
+    if not source.source.startswith("hf:"):
+        return None
+    from ..calib_data import builtin_text, load_tokenizer, sentence_batches
+
+    _, sentences = builtin_text()
+    return sentence_batches(load_tokenizer(source.source[3:]), sentences)
+
+
 def run(args: argparse.Namespace) -> int:
+    from ..calib_data import CalibrationError, build_calibration
+    from ..method import CalibratedMethod, build_method
+
+    register_user_error(CalibrationError)
     selection = selection_from_args(args)
     model, source = build_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans)
     if args.checkpoint:
         load_weights(model, args.checkpoint)
     model.eval()
-    reference = copy.deepcopy(model)  # the pruned model's outputs are checked against masked-dense ones
-    result = prune(model, args.pattern, args.method, selection)
-    if not result.layers:
+    reference = copy.deepcopy(model)  # the dense original: reload check, fidelity, recovery teacher
+    method = build_method(args.method)
+    recovering = bool(args.recover_steps or args.recover_minutes)
+    calibrated = isinstance(method, CalibratedMethod) or args.calib or recovering
+    report: dict = {"model": args.model, "method": args.method, "pattern": args.pattern}
+    if calibrated:
+        from ..calibrate import prune_calibrated
+
+        spec = args.calib or ("text:builtin" if source.source.startswith("hf:") else "digits")
+        batches = build_calibration(spec, model, source, args.samples, args.seq_len, args.seed)
+        report["calibration"] = {"source": spec, "samples": args.samples, "seq_len": args.seq_len}
+        result = prune_calibrated(model, batches, args.pattern, args.method, selection)
+        rows, layers, skipped = result.report, result.layers, result.skipped
+    else:
+        plain = prune(model, args.pattern, args.method, selection)
+        rows = [dict(r.as_dict(), reconstruction_error=None) for r in plain.report]
+        layers, skipped = plain.layers, plain.skipped
+    if not layers:
         raise CliError(f"no layer of {args.model} was selected for pattern {args.pattern}; check --layers/--rule")
-    out = save_export(model, args.out, result.layers, source.as_dict(), result.skipped,
-                      extra={"method": args.method})
+    report["layers"] = rows
+    sentences = _fidelity_setup(source)
+    if sentences is not None:
+        from ..fidelity import embedding_fidelity, sentence_embeddings
+
+        dense_emb = sentence_embeddings(reference, sentences)
+        report["fidelity_one_shot"] = embedding_fidelity(dense_emb, sentence_embeddings(model, sentences))
+    if recovering:
+        from ..recover import recover
+
+        report["recovery"] = recover(model, reference, layers, batches, args.recover_steps,
+                                     args.recover_minutes * 60 if args.recover_minutes else None, args.recover_lr)
+        if sentences is not None:
+            report["fidelity_recovered"] = embedding_fidelity(dense_emb, sentence_embeddings(model, sentences))
+    out = save_export(model, args.out, layers, source.as_dict(), skipped, extra={"method": args.method},
+                      files={"report.json": json.dumps(report, indent=2) + "\n"})
     # Verify the round trip: reload the export and compare with the pruned model in memory.
     reloaded, _ = load_export(out, copy.deepcopy(reference))
     inputs = example_input(model, source)
     with torch.no_grad():
         max_diff = float((forward_output(model, inputs) - forward_output(reloaded, inputs)).abs().max())
     if args.json:
-        print(json.dumps({"export": str(out), "layers": [r.as_dict() for r in result.report],
-                          "reload_max_abs_diff": max_diff}, indent=2))
+        print(json.dumps({"export": str(out), **report, "reload_max_abs_diff": max_diff}, indent=2))
         return 0
-    rows = [(r.fqn, r.shape, r.pattern, r.density, r.verified, r.skip_reason) for r in result.report]
-    print_table(f"{args.model} pruned with {args.method}", ["layer", "shape", "pattern", "density", "verified", "skipped"], rows)
-    sparse = [r for r in result.report if r.skip_reason is None]
-    print(f"{len(sparse)} sparse layers, {len(result.skipped)} kept dense; all verified: "
-          f"{all(r.verified for r in sparse)}; export reload max |diff| = {max_diff:.2e}")
-    print(f"wrote {Path(out) / 'model.safetensors'} and manifest.json")
+    table = [(r["fqn"], r["shape"], r["pattern"], r["density"], r["verified"], r.get("reconstruction_error"),
+              r["skip_reason"]) for r in rows]
+    print_table(f"{args.model} pruned with {args.method}",
+                ["layer", "shape", "pattern", "density", "verified", "recon. error", "skipped"], table)
+    sparse = [r for r in rows if r["skip_reason"] is None]
+    print(f"{len(sparse)} sparse layers, {len(skipped)} kept dense; all verified: "
+          f"{all(r['verified'] for r in sparse)}; export reload max |diff| = {max_diff:.2e}")
+    for key in ("fidelity_one_shot", "fidelity_recovered"):
+        if key in report:
+            print(f"{key.replace('_', ' ')}: {report[key]}")
+    print(f"wrote {Path(out) / 'model.safetensors'}, manifest.json and report.json")
     return 0

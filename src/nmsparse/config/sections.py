@@ -58,7 +58,7 @@ class DataConfig:
     root: str | None = _f(None, "imagefolder: dir with train/ and val/; cifar: dir holding the python batches")
     image_size: int | None = _f(None, "input resolution; null = the dataset's native size (224 for imagefolder)")
     val_fraction: float = _f(0.1, "mnist5k/digits: held-out fraction (a fixed, seeded split)")
-    batch_size: int = _f(64, "per-process training batch size")
+    batch_size: int = _f(128, "per-process training batch size")
     eval_batch_size: int = _f(256, "per-process evaluation batch size")
     workers: int = _f(0, "DataLoader worker processes")
     augment: AugmentConfig = _f(AugmentConfig, "training augmentation", factory=True)
@@ -108,7 +108,7 @@ class SparsityConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = _f(6, "training epochs")
+    epochs: int = _f(8, "training epochs")
     precision: Literal["fp32", "bf16"] = _f("fp32", "bf16 = autocast (CPU and CUDA); no loss scaling needed")
     ema_decay: float | None = _f(None, "exponential moving average of weights (e.g. 0.9998); null = off")
     eval_every_epochs: int = _f(1, "evaluate every k epochs (and always after the last)")

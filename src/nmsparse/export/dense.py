@@ -28,6 +28,7 @@ def is_export(path: str | Path) -> bool:
 def save_export(
     model: nn.Module, out_dir: str | Path, layers: list[dict[str, Any]], model_source: dict[str, Any],
     skipped: list[dict[str, str]] | None = None, extra: dict[str, Any] | None = None,
+    files: dict[str, str] | None = None,
 ) -> Path:
     """Write an export directory atomically (temp directory, then one rename).
 
@@ -38,6 +39,7 @@ def save_export(
         model_source: how to rebuild the architecture (:class:`nmsparse.models.ModelSource`).
         skipped: ``[{"fqn": ..., "reason": ...}]`` for layers left dense.
         extra: more manifest keys (e.g. a run's metrics).
+        files: extra text files written into the export (e.g. ``{"report.json": ...}``).
 
     Raises:
         ExportError: if a layer does not hold its pattern (nothing is written), or the path is taken.
@@ -49,6 +51,8 @@ def save_export(
     try:
         with atomic_dir(out_dir, replaceable=is_export) as tmp:
             save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "nmsparse-export"}, force_contiguous=True)
+            for name, text in (files or {}).items():
+                (tmp / name).write_text(text)
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     except FileExistsError as exc:
         raise ExportError(str(exc)) from None

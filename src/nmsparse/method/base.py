@@ -20,7 +20,7 @@ from ..score import magnitude
 if TYPE_CHECKING:
     from ..sparsifier import LayerState, Sparsifier
 
-__all__ = ["MethodError", "Method", "NoOptions", "METHODS", "register_method", "build_method", "list_methods"]
+__all__ = ["MethodError", "Method", "CalibratedMethod", "LayerStats", "NoOptions", "METHODS", "register_method", "build_method", "list_methods"]
 
 
 class MethodError(ValueError):
@@ -89,6 +89,67 @@ class Method:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             raise ValueError(f"method {self.name!r} keeps no state, got keys {sorted(state)}")
+
+
+class LayerStats:
+    """Statistics of one layer's inputs over the calibration data, in im2col column order.
+
+    A Linear input ``[..., in]`` gives ``in`` columns; a Conv2d input is unfolded to
+    ``in * kh * kw`` columns (PyTorch's flatten order of the weight's trailing dims).
+
+    Args:
+        columns: number of input columns.
+        hessian: also accumulate ``X^T X`` (columns x columns), needed by sparsegpt.
+    """
+
+    def __init__(self, columns: int, hessian: bool) -> None:
+        self.columns = columns
+        self.count = 0
+        self.sq_sum = torch.zeros(columns, dtype=torch.float64)
+        self.xtx = torch.zeros(columns, columns, dtype=torch.float32) if hessian else None
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        """Add a batch of input rows ``[N, columns]``."""
+        x = x.detach().reshape(-1, self.columns).float()
+        self.count += x.shape[0]
+        self.sq_sum += x.double().pow(2).sum(0)
+        if self.xtx is not None:
+            self.xtx.addmm_(x.t(), x)
+
+    def input_norm(self) -> torch.Tensor:
+        """||X_j||_2 over all calibration rows, per column (float32)."""
+        return self.sq_sum.sqrt().float()
+
+    def hessian_matrix(self) -> torch.Tensor:
+        """H = 2/N X^T X (the layer-wise reconstruction objective's Hessian)."""
+        if self.xtx is None:
+            raise MethodError("this layer's Hessian was not collected")
+        return self.xtx * (2.0 / max(1, self.count))
+
+
+class CalibratedMethod(Method):
+    """A one-shot method that needs calibration statistics of each layer's inputs.
+
+    It is run by :func:`nmsparse.calibrate.prune_calibrated`, layer by layer (block by block for
+    transformers); :meth:`prune_weight` returns the new weight (dense with zeros; methods such as
+    sparsegpt also update kept weights) and its mask.
+    """
+
+    one_shot = True
+    grad_rule = "masked"
+    needs_hessian: ClassVar[bool] = False
+
+    def prune_weight(
+        self, weight: torch.Tensor, patterns: tuple, stats: LayerStats
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def mask(self, layer: LayerState) -> torch.Tensor:
+        raise MethodError(
+            f"method {self.name!r} needs calibration data: use nmsparse.calibrate.prune_calibrated "
+            "(or `nmsparse prune --calib ...`), not a Sparsifier"
+        )
 
 
 METHODS: Registry[type[Method]] = Registry("method")

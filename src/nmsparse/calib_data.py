@@ -1,0 +1,163 @@
+"""Calibration data for one-shot pruning, and held-out text for fidelity checks.
+
+Specs (``--calib``):
+
+* ``text:builtin`` -- English text shipped with Python (``pydoc_data.topics``), split into a
+  calibration part and held-out sentences that calibration never sees.
+* ``text:PATH`` -- a UTF-8 text file.
+* ``hf-dataset:NAME[:CONFIG[:SPLIT]]`` -- a Hugging Face dataset's ``text`` column (needs the
+  ``datasets`` package and access to the data).
+* ``images:DIR`` -- image files under DIR (any depth), for vision models.
+* ``digits`` / ``mnist5k`` -- the built-in real digits, for vision models.
+
+Text becomes ``samples`` windows of ``seq_len`` tokens at seeded random offsets of the tokenised
+corpus (as SparseGPT and Wanda sample C4).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["CalibrationError", "builtin_text", "load_texts", "token_windows", "sentence_batches",
+           "image_batches", "build_calibration", "load_tokenizer"]
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
+
+
+class CalibrationError(ValueError):
+    """A calibration source is missing, empty or does not fit the model."""
+
+
+def builtin_text() -> tuple[str, list[str]]:
+    """(calibration text, held-out sentences) from ``pydoc_data.topics``, split by topic.
+
+    Every fourth topic (in sorted order) is held out; its sentences are never calibration data.
+    """
+    from pydoc_data.topics import topics
+
+    calibration, held_out = [], []
+    for index, key in enumerate(sorted(topics)):
+        (held_out if index % 4 == 3 else calibration).append(topics[key])
+    sentences = []
+    for text in held_out:
+        for piece in re.split(r"(?<=[.!?])\s+", " ".join(text.split())):
+            if 40 <= len(piece) <= 300 and piece[0].isupper() and piece.count("  ") == 0:
+                sentences.append(piece)
+    return "\n".join(calibration), sentences
+
+
+def load_texts(spec: str) -> str:
+    kind, _, rest = spec.partition(":")
+    if kind == "text" and rest == "builtin":
+        return builtin_text()[0]
+    if kind == "text":
+        path = Path(rest)
+        if not path.is_file():
+            raise CalibrationError(f"calibration text file {rest!r} does not exist (use text:builtin or text:PATH)")
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if not text.strip():
+            raise CalibrationError(f"calibration text file {rest!r} is empty")
+        return text
+    if kind == "hf-dataset":
+        try:
+            import datasets
+        except ImportError as exc:
+            raise CalibrationError("hf-dataset: needs the 'datasets' package (pip install datasets)") from exc
+        name, _, tail = rest.partition(":")
+        config, _, split = tail.partition(":")
+        data = datasets.load_dataset(name, config or None, split=split or "train")
+        if "text" not in data.column_names:
+            raise CalibrationError(f"dataset {name!r} has no 'text' column (columns: {data.column_names})")
+        return "\n".join(data["text"][:20000])
+    raise CalibrationError(f"unknown text calibration source {spec!r}; expected text:builtin, text:PATH or "
+                           "hf-dataset:NAME[:CONFIG[:SPLIT]]")
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def token_windows(tokenizer, text: str, samples: int, seq_len: int, seed: int = 0,
+                  batch_size: int = 16) -> list[dict[str, torch.Tensor]]:
+    """``samples`` windows of ``seq_len`` tokens (special tokens included) in batches of ``batch_size``."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    inner = seq_len - (cls_id is not None) - (sep_id is not None)
+    if inner < 1 or len(ids) <= inner:
+        raise CalibrationError(f"calibration text has {len(ids)} tokens: too few for windows of {seq_len}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - inner, (samples,), generator=gen).tolist()
+    rows = []
+    for start in starts:
+        row = ids[start : start + inner]
+        rows.append(([cls_id] if cls_id is not None else []) + row + ([sep_id] if sep_id is not None else []))
+    batches = []
+    for i in range(0, len(rows), batch_size):
+        input_ids = torch.tensor(rows[i : i + batch_size])
+        batches.append({"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)})
+    return batches
+
+
+def sentence_batches(tokenizer, sentences: list[str], batch_size: int = 32, max_length: int = 128):
+    """Padded batches of whole sentences (for embeddings)."""
+    return [dict(tokenizer(sentences[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
+                           return_tensors="pt")) for i in range(0, len(sentences), batch_size)]
+
+
+def image_batches(spec: str, input_size: tuple[int, int, int], samples: int, batch_size: int = 16,
+                  seed: int = 0) -> list[torch.Tensor]:
+    """Calibration images resized to the model's ``(C, H, W)``, normalised, in batches."""
+    chans, height, width = input_size
+    if spec in ("digits", "mnist5k"):
+        from .config.schema import build
+        from .config.sections import DataConfig
+        from .train.data import build_data
+
+        bundle = build_data(build(DataConfig, {"name": spec}))
+        count = min(samples, len(bundle.train))
+        images = torch.stack([bundle.train[i][0] for i in range(count)])  # [N, 1, h, w], normalised
+        images = F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False)
+        images = images.expand(-1, chans, -1, -1).contiguous()
+    elif spec.startswith("images:"):
+        from PIL import Image
+
+        root = Path(spec[7:])
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if root.is_dir() else []
+        if not files:
+            raise CalibrationError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {str(root)!r}")
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(files), generator=gen)[:samples].tolist()
+        mean = torch.tensor([0.485, 0.456, 0.406][:chans] or [0.5]).view(-1, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225][:chans] or [0.25]).view(-1, 1, 1)
+        tensors = []
+        for i in order:
+            image = Image.open(files[i]).convert("RGB" if chans == 3 else "L").resize((width, height))
+            x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).float().reshape(height, width, -1)
+            tensors.append((x.permute(2, 0, 1) / 255.0 - mean) / std)
+        images = torch.stack(tensors)
+    else:
+        raise CalibrationError(f"unknown image calibration source {spec!r}; expected images:DIR, digits or mnist5k")
+    return [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+
+
+def build_calibration(spec: str, model: Any, source: Any, samples: int, seq_len: int, seed: int = 0) -> list[Any]:
+    """Calibration batches that ``model`` (built from ``source``) accepts."""
+    if source.source.startswith("hf:"):
+        if not spec.startswith(("text:", "hf-dataset:")):
+            raise CalibrationError(f"{source.source} is a text model: use --calib text:builtin, text:PATH or hf-dataset:...")
+        tokenizer = load_tokenizer(source.source[3:])
+        return token_windows(tokenizer, load_texts(spec), samples, seq_len, seed)
+    if spec.startswith(("text:", "hf-dataset:")):
+        raise CalibrationError(f"{source.source} is a vision model: use --calib digits, mnist5k or images:DIR")
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    chans, height, width = cfg.get("input_size", (3, 224, 224))
+    chans = source.options.get("in_chans", chans)
+    return image_batches(spec, (chans, height, width), samples, seed=seed)

@@ -1,0 +1,124 @@
+"""Calibrated one-shot pruning: wanda, sparsegpt (and magnitude with the same report), recovery."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from nmsparse.calibrate import find_blocks, prune_calibrated
+from nmsparse.mask import is_nm, nm_mask
+from nmsparse.method import LayerStats, MethodError, build_method
+from nmsparse.method.sparsegpt import sparsegpt_prune
+from nmsparse.pattern import NMPattern
+from nmsparse.recover import recover
+from nmsparse.select import Selection
+from nmsparse.sparsifier import Sparsifier
+
+from .conftest import TinyCNN, TinyViT
+
+
+def _correlated_inputs(n=512, cols=32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    scales = torch.linspace(0.1, 3.0, cols)  # input features of very different size: Wanda's point
+    mix = torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=gen)  # correlated: SparseGPT's point
+    return (torch.randn(n, cols, generator=gen) * scales) @ mix
+
+
+def _error(w, w_pruned, x):
+    return float(((x @ w.t() - x @ w_pruned.t()) ** 2).sum() / (x @ w.t()).pow(2).sum())
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])
+def test_sparsegpt_beats_wanda_beats_magnitude_on_a_layer(n, m):
+    torch.manual_seed(0)
+    x = _correlated_inputs()
+    w = torch.randn(16, 32)
+    stats = LayerStats(32, hessian=True)
+    stats.add(x)
+    pattern = (NMPattern(n, m),)
+    mag = w * nm_mask(w, pattern[0], absolute=True)
+    wanda_w, wanda_mask = build_method("wanda").prune_weight(w, pattern, stats)
+    sgpt_w, sgpt_mask = build_method("sparsegpt").prune_weight(w, pattern, stats)
+    for weight in (wanda_w, sgpt_w):
+        assert is_nm(weight, pattern[0])
+    errors = {"magnitude": _error(w, mag, x), "wanda": _error(w, wanda_w, x), "sparsegpt": _error(w, sgpt_w, x)}
+    assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
+
+
+def test_sparsegpt_single_elimination_is_the_least_squares_optimum():
+    # one row, four columns, 3:4: the pruned column is the first processed; OBS compensation over the
+    # remaining columns must equal the least-squares solution with that weight forced to zero.
+    x = _correlated_inputs(n=256, cols=4, seed=1)
+    w = torch.tensor([[0.01, 1.0, -0.8, 0.6]])
+    h = 2.0 / x.shape[0] * x.t() @ x
+    pruned, mask = sparsegpt_prune(w, h, n=3, m=4, dampening=0.0)
+    assert mask.tolist() == [[False, True, True, True]]
+    rest = x[:, 1:]
+    target = x @ w.t()
+    solution = torch.linalg.lstsq(rest.double(), target.double()).solution.float().t()
+    assert torch.allclose(pruned[:, 1:], solution, atol=1e-4)
+    assert pruned[0, 0] == 0
+
+
+def test_wanda_mask_by_hand():
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    stats = LayerStats(4, hessian=False)
+    stats.add(torch.tensor([[10.0, 4.0, 1.0, 0.5]]))  # norms 10, 4, 1, 0.5 -> scores 10, 8, 3, 2
+    _, mask = build_method("wanda").prune_weight(w, (NMPattern(2, 4),), stats)
+    assert mask.tolist() == [[True, True, False, False]]
+
+
+def test_reported_error_equals_direct_computation():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8))
+    x = _correlated_inputs(n=64)
+    dense = copy.deepcopy(model)
+    result = prune_calibrated(model, [x[:32], x[32:]], "2:4", "wanda", Selection(keep_classifier=False), progress="none")
+    row = next(r for r in result.report if r["fqn"] == "0")
+    direct = _error(dense[0].weight.detach(), model[0].weight.detach(), x)
+    assert row["reconstruction_error"] == pytest.approx(direct, rel=1e-3)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_block_by_block_on_a_transformer(method):
+    model = TinyViT()
+    assert [name for name, _ in find_blocks(model, ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"])] == ["blocks.0", "blocks.1"]
+    batches = [torch.randn(4, 3, 8, 8) for _ in range(3)]
+    result = prune_calibrated(model, batches, "2:4", method, Selection(layers=("ff", "attention")), progress="none")
+    sparse = [r for r in result.report if r["skip_reason"] is None]
+    assert len(sparse) == 8 and all(r["verified"] for r in sparse)
+    assert all(r["reconstruction_error"] is not None and r["reconstruction_error"] >= 0 for r in sparse)
+    modules = dict(model.named_modules())
+    assert all(is_nm(modules[e["fqn"]].weight, NMPattern(2, 4)) for e in result.layers)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_one_pass_on_a_cnn_including_convs(method):
+    model = TinyCNN()
+    assert find_blocks(model, ["conv2", "conv3"]) is None
+    batches = [torch.randn(4, 1, 8, 8) for _ in range(2)]
+    result = prune_calibrated(model, batches, "2:4", method, progress="none")
+    modules = dict(model.named_modules())
+    assert {e["fqn"] for e in result.layers} == {"conv2", "conv3"}
+    assert all(is_nm(modules[e["fqn"]].weight, NMPattern(2, 4)) for e in result.layers)
+
+
+def test_sparsegpt_refuses_output_axis_and_sparsifier_use():
+    with pytest.raises(MethodError, match="axis 'in' or 'flat'"):
+        prune_calibrated(TinyCNN(), [torch.randn(2, 1, 8, 8)], "2:4@out", "sparsegpt", progress="none")
+    with pytest.raises(MethodError, match="needs calibration data"):
+        Sparsifier("wanda", "2:4").prepare(TinyCNN())
+
+
+def test_recovery_holds_masks_and_reduces_distillation_loss():
+    torch.manual_seed(0)
+    teacher = TinyViT()
+    student = copy.deepcopy(teacher)
+    batches = [torch.randn(8, 3, 8, 8) for _ in range(4)]
+    result = prune_calibrated(student, batches, "1:4", "magnitude", Selection(layers=("ff",)), progress="none")
+    info = recover(student, teacher, result.layers, batches, steps=40, lr=3e-3, progress="none")
+    assert info["steps"] == 40 and info["last_loss"] < info["first_loss"]
+    modules = dict(student.named_modules())
+    assert all(is_nm(modules[e["fqn"]].weight, NMPattern(1, 4)) for e in result.layers)
+    assert not any("parametrizations" in k for k in student.state_dict())
