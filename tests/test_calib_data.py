@@ -21,8 +21,8 @@ def test_text_sources_errors(tmp_path):
 
 
 def test_image_sources(tmp_path):
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     with pytest.raises(CalibrationError, match="no images"):
         image_batches(f"images:{tmp_path}", (3, 32, 32), 4)

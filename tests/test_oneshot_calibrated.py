@@ -8,7 +8,7 @@ from torch import nn
 
 from nmsparse.calibrate import find_blocks, prune_calibrated
 from nmsparse.mask import is_nm, nm_mask
-from nmsparse.method import LayerStats, MethodError, build_method
+from nmsparse.method import METHODS, LayerStats, MethodError, build_method, list_methods
 from nmsparse.method.sparsegpt import sparsegpt_prune
 from nmsparse.pattern import NMPattern
 from nmsparse.recover import recover
@@ -80,8 +80,12 @@ def test_reported_error_equals_direct_computation():
     assert row["reconstruction_error"] == pytest.approx(direct, rel=1e-3)
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+ONE_SHOT = [name for name in list_methods() if METHODS.get(name).one_shot]
+
+
+@pytest.mark.parametrize("method", ONE_SHOT)
 def test_block_by_block_on_a_transformer(method):
+    """The contract of every one-shot method: valid patterns and an error report on a transformer."""
     model = TinyViT()
     assert [name for name, _ in find_blocks(model, ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"])] == ["blocks.0", "blocks.1"]
     batches = [torch.randn(4, 3, 8, 8) for _ in range(3)]

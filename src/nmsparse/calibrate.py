@@ -13,6 +13,7 @@ inputs is reported (computed from ``X^T X`` where it was collected).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,10 +101,8 @@ def _capture_inputs(model: nn.Module, first: nn.Module, batches: list[Any]) -> l
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for batch in batches:
-            try:
+            with contextlib.suppress(_StopForward):
                 run_model(model, batch)
-            except _StopForward:
-                pass
     finally:
         handle.remove()
     return captured
@@ -218,7 +217,7 @@ def prune_calibrated(
             here = [c for c in selected if c.fqn.startswith(prefix + ".")]
             in_blocks.update(c.fqn for c in here)
             if here:
-                stats = _collect(here, built, lambda blk=block: [blk(*a, **k) for a, k in inputs],
+                stats = _collect(here, built, lambda blk=block, ins=inputs: [blk(*a, **k) for a, k in ins],
                                  _HESSIAN_MAX_COLUMNS_BLOCK)
                 report += [_prune_layer(c, built, stats[c.fqn]) for c in here]
             with torch.no_grad():

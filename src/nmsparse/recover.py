@@ -35,6 +35,7 @@ def recover(
     max_seconds: float | None = None,
     lr: float = 1e-4,
     progress: str = "auto",
+    objective: str = "hidden",
 ) -> dict[str, Any]:
     """Fine-tune ``student`` to match ``teacher``'s outputs (hidden states or logits), masks fixed.
 
@@ -45,12 +46,17 @@ def recover(
         batches: training inputs (cycled).
         steps: optimizer steps budget; ``max_seconds``: wall-clock budget (either or both).
         lr: AdamW learning rate.
+        objective: ``hidden`` -- MSE between output hidden states (or logits) over real tokens;
+            ``pooled`` -- 1 - cosine between mean-pooled outputs (sentence embeddings), which is
+            what sentence-embedding models are used for.
 
     Returns:
         ``{"steps", "seconds", "first_loss", "last_loss"}``; the student is squashed again.
     """
     if not steps and not max_seconds:
         raise ValueError("recovery needs a step or time budget")
+    if objective not in ("hidden", "pooled"):
+        raise ValueError(f"recovery objective must be 'hidden' or 'pooled', got {objective!r}")
     rules = tuple(
         Rule(e["fqn"], slices=tuple(e["pattern"].split(","))) if "," in e["pattern"] else Rule(e["fqn"], pattern=e["pattern"])
         for e in layers
@@ -70,7 +76,14 @@ def recover(
         with torch.no_grad():
             target = _main_output(run_model(teacher, batch)).float()
         output = _main_output(run_model(student, batch)).float()
-        if isinstance(batch, dict) and "attention_mask" in batch and output.dim() == 3:
+        if objective == "pooled" and output.dim() == 3:
+            weights = batch["attention_mask"].unsqueeze(-1).to(output.dtype) if isinstance(batch, dict) else None
+            if weights is None:
+                weights = torch.ones_like(output[..., :1])
+            pooled_s = (output * weights).sum(1) / weights.sum(1)
+            pooled_t = (target * weights).sum(1) / weights.sum(1)
+            loss = (1.0 - F.cosine_similarity(pooled_s, pooled_t, dim=-1)).mean()
+        elif isinstance(batch, dict) and "attention_mask" in batch and output.dim() == 3:
             weights = batch["attention_mask"].unsqueeze(-1).to(output.dtype)
             loss = ((output - target) ** 2 * weights).sum() / (weights.sum() * output.shape[-1])
         else:

@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recover-steps", type=int, help="distil from the dense model for N steps, masks fixed")
     parser.add_argument("--recover-minutes", type=float, help="time budget of the recovery")
     parser.add_argument("--recover-lr", type=float, default=1e-4, help="AdamW learning rate of the recovery")
+    parser.add_argument("--recover-objective", choices=["hidden", "pooled"], default="hidden",
+                        help="hidden: MSE of output hidden states/logits; pooled: cosine of mean-pooled outputs "
+                             "(sentence-embedding models)")
     parser.add_argument("--checkpoint", help="local weights to load first (.safetensors or torch file)")
     parser.add_argument("--num-classes", type=int, help="classifier outputs of a vision model")
     parser.add_argument("--in-chans", type=int, help="input channels of a vision model")
@@ -90,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
         spec = args.calib or ("text:builtin" if source.source.startswith("hf:") else "digits")
         batches = build_calibration(spec, model, source, args.samples, args.seq_len, args.seed)
         report["calibration"] = {"source": spec, "samples": args.samples, "seq_len": args.seq_len}
-        result = prune_calibrated(model, batches, args.pattern, args.method, selection)
+        result = prune_calibrated(model, batches, args.pattern, args.method, selection,
+                                  progress="none" if args.json else "auto")
         rows, layers, skipped = result.report, result.layers, result.skipped
     else:
         plain = prune(model, args.pattern, args.method, selection)
@@ -108,8 +112,12 @@ def run(args: argparse.Namespace) -> int:
     if recovering:
         from ..recover import recover
 
-        report["recovery"] = recover(model, reference, layers, batches, args.recover_steps,
-                                     args.recover_minutes * 60 if args.recover_minutes else None, args.recover_lr)
+        train_batches = batches
+        if source.source.startswith("hf:"):  # fresh windows (another seed): more text than calibration used
+            train_batches = build_calibration(spec, model, source, max(args.samples, 2000), args.seq_len, args.seed + 1)
+        report["recovery"] = recover(model, reference, layers, train_batches, args.recover_steps,
+                                     args.recover_minutes * 60 if args.recover_minutes else None, args.recover_lr,
+                                     objective=args.recover_objective, progress="none" if args.json else "auto")
         if sentences is not None:
             report["fidelity_recovered"] = embedding_fidelity(dense_emb, sentence_embeddings(model, sentences))
     out = save_export(model, args.out, layers, source.as_dict(), skipped, extra={"method": args.method},

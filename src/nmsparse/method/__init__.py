@@ -1,6 +1,16 @@
 """Registered sparsity methods. Importing this package registers every built-in method."""
 
 from . import magnitude, sparsegpt, srste, wanda  # noqa: F401  (registration side effect)
-from .base import METHODS, CalibratedMethod, LayerStats, Method, MethodError, NoOptions, build_method, list_methods, register_method
+from .base import (
+    METHODS,
+    CalibratedMethod,
+    LayerStats,
+    Method,
+    MethodError,
+    NoOptions,
+    build_method,
+    list_methods,
+    register_method,
+)
 
 __all__ = ["METHODS", "CalibratedMethod", "LayerStats", "Method", "MethodError", "NoOptions", "build_method", "list_methods", "register_method"]
