@@ -26,26 +26,26 @@ def _progress(step: int, start_step: int, end_step: int) -> float:
 
 
 @dataclass(frozen=True)
-class Linear:
-    """Linear from ``start`` at ``start_step`` to ``end`` at ``end_step``, constant outside."""
+class _Ramp:
+    """A move from ``start`` (until ``start_step``) to ``end`` (from ``end_step`` on)."""
 
     start: float
     end: float
     start_step: int
     end_step: int
+
+
+@dataclass(frozen=True)
+class Linear(_Ramp):
+    """Linear from ``start`` at ``start_step`` to ``end`` at ``end_step``, constant outside."""
 
     def __call__(self, step: int) -> float:
         return self.start + (self.end - self.start) * _progress(step, self.start_step, self.end_step)
 
 
 @dataclass(frozen=True)
-class Cosine:
+class Cosine(_Ramp):
     r"""Half cosine: :math:`v = end + (start - end)(1 + \cos(\pi p)) / 2`, p the progress in [0, 1]."""
-
-    start: float
-    end: float
-    start_step: int
-    end_step: int
 
     def __call__(self, step: int) -> float:
         p = _progress(step, self.start_step, self.end_step)
@@ -65,13 +65,8 @@ class Exponential:
 
 
 @dataclass(frozen=True)
-class Cubic:
+class Cubic(_Ramp):
     r"""Zhu & Gupta (2017) cubic ramp: :math:`v = end + (start - end)(1 - p)^3`."""
-
-    start: float
-    end: float
-    start_step: int
-    end_step: int
 
     def __call__(self, step: int) -> float:
         p = _progress(step, self.start_step, self.end_step)
