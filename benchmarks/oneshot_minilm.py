@@ -29,6 +29,7 @@ from nmsparse.calibrate import prune_calibrated
 from nmsparse.fidelity import embedding_fidelity, sentence_embeddings
 from nmsparse.models import build_model, minilm_path
 from nmsparse.recover import recover
+from nmsparse.select import Selection
 
 
 def rss_mb() -> float:
@@ -44,6 +45,10 @@ def memory_probe(method: str, pattern: str, samples: int) -> None:
     model, _ = build_model("hf:minilm")
     batches = token_windows(load_tokenizer(minilm_path()), load_texts("text:builtin"), samples, 128)
     size = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    # warm-up on a throw-away layer: first use of LAPACK (Cholesky), einsum and the JIT kernels maps
+    # library code and per-thread buffers once per process; that is not memory the pruning holds
+    warm = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    prune_calibrated(warm, [torch.randn(8, 64)], pattern, method, Selection(keep_classifier=False), progress="none")
     base = rss_mb()
     prune_calibrated(model, batches, pattern, method, progress="none")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
