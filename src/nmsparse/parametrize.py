@@ -48,8 +48,6 @@ class MaskedWeight(nn.Module):
         self.keep.copy_(mask)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.keep.dtype != weight.dtype:
-            self.keep = self.keep.to(weight.dtype)
         return apply_rule(self.rule, weight, self.keep, self.dense_factor, self.decay)
 
     def extra_repr(self) -> str:
@@ -81,6 +79,7 @@ def dense_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
 @torch.no_grad()
 def squash_module(module: nn.Module, mask: torch.Tensor, name: str = "weight") -> None:
     """Bake ``mask`` into the weight (pruned entries become exact zeros) and drop the parametrization."""
-    original = dense_weight(module, name).detach().clone()
+    # leave_parametrized=False hands back the original dense Parameter itself: mask it in place
     parametrize.remove_parametrizations(module, name, leave_parametrized=False)
-    getattr(module, name).copy_(original * mask.to(original.device))
+    weight = getattr(module, name)
+    weight.mul_(mask.to(device=weight.device, dtype=weight.dtype))

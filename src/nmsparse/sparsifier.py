@@ -261,7 +261,7 @@ class Sparsifier:
             shape = tuple(weight.shape)
             if choice.fqn in self.layers and is_attached(choice.module):
                 layer = self.layers[choice.fqn]
-                hard = dense_weight(choice.module) * layer.mask
+                hard = dense_weight(choice.module) * layer.parametrization.keep  # 0/1 in the weight's dtype
                 rows.append(
                     LayerReport(
                         choice.fqn,

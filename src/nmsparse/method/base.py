@@ -7,6 +7,7 @@ schedule and an optional loss penalty -- and may keep state of its own, which it
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -128,7 +129,7 @@ class LayerStats:
         return self.xtx * (2.0 / max(1, self.count))
 
 
-class CalibratedMethod(Method):
+class CalibratedMethod(Method, abc.ABC):
     """A one-shot method that needs calibration statistics of each layer's inputs.
 
     It is run by :func:`nmsparse.calibrate.prune_calibrated`, layer by layer (block by block for
@@ -140,10 +141,11 @@ class CalibratedMethod(Method):
     grad_rule = "masked"
     needs_hessian: ClassVar[bool] = False
 
+    @abc.abstractmethod
     def prune_weight(
         self, weight: torch.Tensor, patterns: tuple, stats: LayerStats
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """``(new_weight, mask)`` for one layer from its calibration statistics."""
 
     def mask(self, layer: LayerState) -> torch.Tensor:
         raise MethodError(

@@ -1,5 +1,5 @@
-"""What a run shows and leaves behind: progress (bar or lines), metrics.csv, train_log.csv,
-TensorBoard events and PNG plots. Only the main process writes."""
+"""What a run leaves behind: metrics.csv, train_log.csv, TensorBoard events and PNG plots.
+Only the main process writes. (The progress display is :mod:`nmsparse.progress`.)"""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Progress", "RunLog", "plot_curves", "plot_density"]
-
-from ..progress import Progress  # noqa: E402  (re-exported for the loop)
+__all__ = ["RunLog", "plot_curves", "plot_density"]
 
 
 class RunLog:

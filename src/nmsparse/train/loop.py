@@ -24,12 +24,13 @@ from ..config.load import dump_config
 from ..config.schema import to_dict
 from ..config.sections import Config
 from ..export import load_export, save_export
+from ..progress import Progress
 from ..select import Rule, Selection
 from ..sparsifier import Sparsifier
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import EpochSampler, SeededDataset, build_data
 from .distributed import DistInfo, all_reduce_sum, broadcast_masks, setup_distributed, teardown_distributed
-from .logs import Progress, RunLog, plot_curves, plot_density
+from .logs import RunLog, plot_curves, plot_density
 from .plan import lr_schedule, make_plan
 from .setup import Ema, autocast, build_optimizer, build_run_model, eval_loader, evaluate, finalize_eval
 
@@ -258,14 +259,9 @@ def _train(config: Config, run_dir: Path | None, resume: bool, dist_info: DistIn
                 checkpoint("best.pt")
     bar.close()
     digests = _mask_digests(sparsifier, dist_info)
-    summary = _finish(config, run_dir, model, ema, sparsifier, source, log, bundle, device, main, t_start)
-    if digests is not None:
-        summary["mask_digest_per_rank"] = digests
-        if len(set(digests)) != 1:
-            raise RuntimeError(f"masks differ between ranks: {digests}")
-        if main:
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    if digests is not None and len(set(digests)) != 1:
+        raise RuntimeError(f"masks differ between ranks: {digests}")
+    return _finish(config, run_dir, model, ema, sparsifier, source, log, bundle, device, main, t_start, digests)
 
 
 def _mask_digests(sparsifier: Sparsifier | None, dist_info: DistInfo) -> list[str] | None:
@@ -301,10 +297,13 @@ def _evaluate_all(config, model, ema, val_loader, device, progress, epoch, lr_at
     return row
 
 
-def _finish(config, run_dir, model, ema, sparsifier, source, log, bundle, device, main, t_start) -> dict[str, Any]:
+def _finish(config, run_dir, model, ema, sparsifier, source, log, bundle, device, main, t_start,
+            digests) -> dict[str, Any]:
     final = log.metrics[-1] if log.metrics else {}
     summary: dict[str, Any] = {"run_dir": str(run_dir), "final": final, "best_top1": max(
         (r.get("ema_top1", r["top1"]) for r in log.metrics), default=None)}
+    if digests is not None:
+        summary["mask_digest_per_rank"] = digests
     if main and config.train.export:
         source_model = ema.model if ema is not None else model
         export_model = copy.deepcopy(source_model).cpu().eval()
