@@ -68,7 +68,8 @@ def _adapt_in_chans(model: nn.Module, in_chans: int) -> None:
 
 
 def build_model(
-    spec: str, num_classes: int | None = None, in_chans: int | None = None, pretrained: bool = False
+    spec: str, num_classes: int | None = None, in_chans: int | None = None, pretrained: bool = False,
+    options: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, ModelSource]:
     """Build a model from a spec (see module docstring).
 
@@ -77,12 +78,14 @@ def build_model(
         num_classes: classifier outputs (vision models).
         in_chans: input channels (vision models).
         pretrained: download hub weights (timm/torchvision); needs network access.
+        options: extra constructor arguments (timm ``create_model`` / torchvision ``get_model``
+            keyword arguments such as ``img_size``, ``patch_size``, ``depth``); recorded in exports.
 
     Raises:
         ModelError: unknown name, missing optional dependency, or missing path.
     """
     kind, name = parse_model_spec(spec)
-    options: dict[str, Any] = {k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans)) if v}
+    options = {**(options or {}), **{k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans)) if v}}
     if kind == "timm":
         try:
             import timm
@@ -91,7 +94,10 @@ def build_model(
         if not timm.is_model(name):
             close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
             raise ModelError(f"unknown timm model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
-        model = timm.create_model(name, pretrained=pretrained, **options)
+        try:
+            model = timm.create_model(name, pretrained=pretrained, **options)
+        except TypeError as exc:
+            raise ModelError(f"timm model {name!r} does not accept the options {sorted(options)}: {exc}") from None
     elif kind == "torchvision":
         try:
             import torchvision
@@ -99,8 +105,11 @@ def build_model(
             raise ModelError("torchvision models need torchvision (pip install 'nmsparse[vision]')") from exc
         if name not in torchvision.models.list_models():
             raise ModelError(f"unknown torchvision model {name!r}; e.g. resnet18, resnet50, mobilenet_v2, vit_b_16")
-        kwargs = {"num_classes": num_classes} if num_classes else {}
-        model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
+        kwargs = {k: v for k, v in options.items() if k != "in_chans"}
+        try:
+            model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
+        except TypeError as exc:
+            raise ModelError(f"torchvision model {name!r} does not accept the options {sorted(kwargs)}: {exc}") from None
         if in_chans and in_chans != 3:
             _adapt_in_chans(model, in_chans)
     elif kind == "hf":

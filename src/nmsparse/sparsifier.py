@@ -15,6 +15,7 @@ Masks and the method's state live here and round-trip exactly through :meth:`sta
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,8 +94,10 @@ class Sparsifier:
         method: registered method name (see :func:`nmsparse.method.list_methods`) or instance.
         pattern: default pattern, e.g. ``"2:4"`` or ``"1x16:0.25"``.
         selection: which layers, with rule overrides and guards.
-        allocation: per-layer pattern overrides ``{fqn: pattern}`` (e.g. from an allocator); they
-            take precedence over the default pattern for layers the selection keeps.
+        allocation: per-layer pattern overrides ``{fqn: pattern}`` (e.g. a searched scheme), or an
+            allocator called at :meth:`prepare` with ``{fqn: weight shape}`` of the selected layers
+            (e.g. :class:`nmsparse.allocate.ERKAllocator`); either takes precedence over the default
+            pattern for layers no rule names.
         method_options: options of ``method`` when it is given by name.
     """
 
@@ -103,21 +106,27 @@ class Sparsifier:
         method: str | Method = "magnitude",
         pattern: str | Pattern = "2:4",
         selection: Selection | None = None,
-        allocation: dict[str, str] | None = None,
+        allocation: dict[str, str] | Callable[..., dict[str, Any]] | None = None,
         method_options: dict[str, Any] | None = None,
     ) -> None:
         self.method = build_method(method, method_options) if isinstance(method, str) else method
         self.pattern = parse_pattern(pattern)
         self.selection = selection or Selection()
-        self.allocation = {fqn: parse_pattern(p) for fqn, p in (allocation or {}).items()}
+        self.allocator = allocation if callable(allocation) else None
+        self.allocation = {} if callable(allocation) else {fqn: parse_pattern(p) for fqn, p in (allocation or {}).items()}
         self.layers: dict[str, LayerState] = {}
         self.choices: list[LayerChoice] = []
         self.model: nn.Module | None = None
         self.last_step: int | None = None
 
     # ----------------------------------------------------------------------------------- lifecycle
-    def prepare(self, model: nn.Module) -> list[LayerReport]:
+    def prepare(self, model: nn.Module, total_steps: int | None = None) -> list[LayerReport]:
         """Select layers, compute initial masks and attach the parametrizations.
+
+        Args:
+            model: the model to sparsify (its class is not changed).
+            total_steps: the run's length in optimizer steps, for methods whose schedule depends on
+                it (phases, pattern stages); may also be given later with :meth:`set_horizon`.
 
         Returns:
             The per-layer report (:meth:`report`).
@@ -126,6 +135,10 @@ class Sparsifier:
             raise SparsifierError("prepare() was already called; build a new Sparsifier per model")
         self.model = model
         self.choices = select_layers(model, self.selection, self.pattern)
+        if self.allocator is not None:
+            shapes = {c.fqn: tuple(c.module.weight.shape) for c in self.choices if c.selected and c.rule is None}
+            axis = getattr(self.pattern, "axis", "in")
+            self.allocation = {f: parse_pattern(p) for f, p in self.allocator(shapes, axis=axis).items()}
         unknown = set(self.allocation) - {c.fqn for c in self.choices}
         if unknown:
             raise SparsifierError(f"allocation names layers the model does not have: {', '.join(sorted(unknown))}")
@@ -142,8 +155,26 @@ class Sparsifier:
                 mask = self.method.mask(layer)
             attach(choice.module, MaskedWeight(mask, self.method.grad_rule, self.method.decay, choice.module.weight.dtype))
             self.layers[choice.fqn] = layer
+        if total_steps is not None:
+            self.method.set_horizon(int(total_steps))
         self.method.on_prepare(self)
+        self._configure(0, update=True)
         return self.report()
+
+    def set_horizon(self, total_steps: int) -> None:
+        """Tell the method how many optimizer steps the run has (phases and stages depend on it)."""
+        self.method.set_horizon(int(total_steps))
+        if self.model is not None and self.layers:
+            self._configure(0 if self.last_step is None else self.last_step + 1, update=self.last_step is None)
+
+    def _configure(self, next_step: int, update: bool) -> None:
+        """Set patterns, rules and the dense factor for the forward of optimizer step ``next_step``."""
+        changed = self.method.advance(self, next_step)
+        if changed and update:
+            self.update_masks()
+        factor = float(self.method.dense_factor(next_step))
+        for layer in self.layers.values():
+            layer.parametrization.dense_factor = factor
 
     def _require_prepared(self) -> None:
         if self.model is None:
@@ -159,18 +190,28 @@ class Sparsifier:
             layer.parametrization.set_mask(self.method.mask(layer))
 
     def step(self, step: int) -> None:
-        """Advance to optimizer step ``step``: update masks when due and the dense factor.
+        """Finish optimizer step ``step`` and set the model up for the forward of step ``step + 1``.
 
-        Call right after ``optimizer.step()``; ``step`` counts optimizer steps from 0.
+        Call right after ``optimizer.step()``; ``step`` counts optimizer steps from 0. The method
+        first moves its schedule to ``step + 1`` (phases, pattern stages, rules); masks are then
+        recomputed when the schedule changed or the method's cadence says so, and the dense factor
+        of the next forward is set.
         """
         self._require_prepared()
-        if self.method.masks_due(step):
+        changed = self.method.advance(self, step + 1)
+        if changed or self.method.masks_due(step):
             self.update_masks()
-        factor = float(self.method.dense_factor(step))
+        factor = float(self.method.dense_factor(step + 1))
         for layer in self.layers.values():
             layer.parametrization.dense_factor = factor
         self.method.on_step(self, step)
         self.last_step = step
+
+    def set_rule(self, rule: str, decay: float = 0.0, fqns: list[str] | None = None) -> None:
+        """Switch the gradient rule (and its decay) of some or all layers, e.g. at a phase change."""
+        for fqn in fqns if fqns is not None else list(self.layers):
+            param = self.layers[fqn].parametrization
+            param.rule, param.decay = rule, float(decay)
 
     def penalty(self) -> torch.Tensor:
         """The method's extra loss term (a zero scalar when it has none)."""
@@ -246,10 +287,8 @@ class Sparsifier:
             layer.parametrization.set_mask(mask)
         self.last_step = state.get("last_step")
         self.method.load_state_dict(state.get("method_state", {}))
-        if self.last_step is not None:
-            factor = float(self.method.dense_factor(self.last_step))
-            for layer in self.layers.values():
-                layer.parametrization.dense_factor = factor
+        # the masks are restored exactly: re-derive only rules and the dense factor
+        self._configure(0 if self.last_step is None else self.last_step + 1, update=False)
 
     # ------------------------------------------------------------------------------------ report
     @torch.no_grad()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .._registry import RegistryError
+from ..allocate import AllocationError
 from ..config.schema import ConfigError
 from ..export import ExportError
 from ..method import MethodError
@@ -17,7 +18,7 @@ class CliError(ValueError):
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    CliError, ConfigError, ExportError, MethodError, ModelError, PatternError, RegistryError, SelectionError,
+    AllocationError, CliError, ConfigError, ExportError, MethodError, ModelError, PatternError, RegistryError, SelectionError,
     SparsifierError, FileNotFoundError, FileExistsError, NotADirectoryError,
 )
 

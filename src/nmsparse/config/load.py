@@ -123,6 +123,16 @@ def validate_semantics(config: Config) -> list[str]:
             Rule(rule.match, rule.pattern, rule.skip, rule.slices)
         except (SelectionError, PatternError) as exc:
             errors.append(f"sparsity.rules[{i}]: {exc}")
+    al = sp.allocate
+    if al.kind != "none":
+        if not 0.0 < al.sparsity < 1.0:
+            errors.append(f"sparsity.allocate.sparsity: must be in (0, 1), got {al.sparsity}")
+        if al.m < 1 or any(not 1 <= c <= al.m for c in al.candidates):
+            errors.append(f"sparsity.allocate: m must be >= 1 and candidates in [1, m], got m={al.m}, "
+                          f"candidates={list(al.candidates)}")
+        if sp.allocation or sp.allocation_file:
+            errors.append("sparsity.allocate: give either a computed allocation (allocate.kind) or a fixed one "
+                          "(allocation / allocation_file), not both")
     checks = [
         (config.train.epochs >= 1, "train.epochs: must be >= 1"),
         (config.data.batch_size >= 1, "data.batch_size: must be >= 1"),

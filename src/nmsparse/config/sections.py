@@ -31,6 +31,7 @@ class ModelConfig:
     name: str = _f("timm:resnet18", "timm:NAME or torchvision:NAME")
     num_classes: int | None = _f(None, "classifier outputs; null = the dataset's class count")
     in_chans: int | None = _f(None, "input channels; null = the dataset's channel count")
+    options: dict[str, Any] = _f(dict, "extra constructor arguments (timm: img_size, patch_size, depth ...)", factory=True)
     checkpoint: str | None = _f(None, "local dense weights to start from (.safetensors or torch file)")
     pretrained: bool = _f(False, "download hub weights (needs network)")
     channels_last: bool = _f(False, "train in channels-last memory format")
@@ -93,6 +94,15 @@ class RuleConfig:
 
 
 @dataclass
+class AllocateConfig:
+    kind: Literal["none", "erk"] = _f("none", "none = every layer at its pattern; erk = ERK per-layer n:m")
+    sparsity: float = _f(0.75, "erk: global sparsity over the selected layers (rules keep their own patterns)")
+    m: int = _f(8, "erk: group size of every allocated pattern")
+    candidates: tuple[int, ...] = _f((), "erk: allowed n (empty = 1..m)")
+    power_scale: float = _f(1.0, "erk: exponent of the ERK ratio")
+
+
+@dataclass
 class SparsityConfig:
     enabled: bool = _f(True, "false trains the dense baseline with the same recipe")
     method: str = _f("srste", "registered method (nmsparse.method.list_methods())")
@@ -104,6 +114,8 @@ class SparsityConfig:
     keep_classifier: bool = _f(True, "keep the classifier dense")
     skip_grouped_conv: bool = _f(True, "keep grouped/depthwise convs dense")
     allocation: dict[str, str] | None = _f(None, "per-layer patterns {fqn: 'n:m'} (e.g. a usd scheme)")
+    allocation_file: str | None = _f(None, "JSON scheme {fqn: 'n:m'} (e.g. a usd run's scheme.json)")
+    allocate: AllocateConfig = _f(AllocateConfig, "computed per-layer allocation", factory=True)
 
 
 @dataclass

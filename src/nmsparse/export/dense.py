@@ -98,7 +98,9 @@ def load_export(directory: str | Path, model: nn.Module | None = None) -> tuple[
 
         source = manifest["model"]
         try:
-            model, _ = build_model(source["source"], **source.get("options", {}))
+            options = dict(source.get("options", {}))
+            model, _ = build_model(source["source"], num_classes=options.pop("num_classes", None),
+                                   in_chans=options.pop("in_chans", None), options=options)
         except ModelError as exc:
             raise ExportError(f"cannot rebuild the exported model: {exc}") from None
     try:

@@ -50,6 +50,7 @@ class Method:
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
+        self.total_steps: int | None = None
 
     @property
     def decay(self) -> float:
@@ -67,12 +68,32 @@ class Method:
         return sliced_mask(self.score(layer), layer.patterns)
 
     def masks_due(self, step: int) -> bool:
-        """Whether :meth:`Sparsifier.step` recomputes masks at optimizer step ``step``."""
+        """Whether :meth:`Sparsifier.step` recomputes masks after optimizer step ``step``."""
         return False
 
     def dense_factor(self, step: int) -> float:
-        """d(step): the factor pruned weights are multiplied by in the forward (0 = hard mask)."""
+        """d: the factor pruned weights are multiplied by in the forward of optimizer step ``step``
+        (0 = hard mask, 1 = dense)."""
         return 0.0
+
+    def set_horizon(self, total_steps: int) -> None:
+        """The run's length in optimizer steps (for schedules defined as fractions of the run)."""
+        self.total_steps = total_steps
+
+    def advance(self, sparsifier: Sparsifier, step: int) -> bool:
+        """Move the method's schedule to the forward of optimizer step ``step`` (patterns, rules).
+
+        Called at :meth:`Sparsifier.prepare` (step 0), by every :meth:`Sparsifier.step` (with the
+        next step) and after a state restore. Must be idempotent for a given step and state.
+
+        Returns:
+            True when masks must be recomputed now (e.g. a layer's pattern changed).
+        """
+        return False
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able facts the run summary should record (e.g. a searched scheme)."""
+        return {}
 
     def on_prepare(self, sparsifier: Sparsifier) -> None:
         """Called once after masks are attached."""

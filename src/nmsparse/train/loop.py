@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..allocate import ERKAllocator, load_scheme, save_scheme
 from ..config.load import dump_config
 from ..config.schema import to_dict
 from ..config.sections import Config
@@ -77,7 +78,13 @@ def _build_sparsifier(config: Config) -> Sparsifier | None:
         layers=tuple(sp.layers), rules=tuple(Rule(r.match, r.pattern, r.skip, r.slices) for r in sp.rules),
         keep_first_conv=sp.keep_first_conv, keep_classifier=sp.keep_classifier, skip_grouped_conv=sp.skip_grouped_conv,
     )
-    return Sparsifier(sp.method, sp.pattern, selection, sp.allocation, sp.options)
+    allocation: Any = dict(sp.allocation or {})
+    if sp.allocation_file:
+        allocation.update(load_scheme(sp.allocation_file))
+    if sp.allocate.kind == "erk":
+        al = sp.allocate
+        allocation = ERKAllocator(al.sparsity, al.m, tuple(al.candidates) or None, al.power_scale)
+    return Sparsifier(sp.method, sp.pattern, selection, allocation or None, sp.options)
 
 
 def _criterion(config: Config, num_classes: int):
@@ -135,10 +142,6 @@ def _train(config: Config, run_dir: Path | None, resume: bool, dist_info: DistIn
     if config.model.channels_last:
         model.to(memory_format=torch.channels_last)
     sparsifier = _build_sparsifier(config)
-    if sparsifier is not None:
-        sparsifier.prepare(model)
-    optimizer = build_optimizer(config, model)
-    ema = Ema(model, config.train.ema_decay) if config.train.ema_decay else None
     augmented = config.data.augment.kind != "none"
     train_set = SeededDataset(bundle.train, seed, augmented)
     sampler = EpochSampler(len(bundle.train), seed, dist_info.rank, dist_info.world)  # type: ignore[arg-type]
@@ -151,6 +154,10 @@ def _train(config: Config, run_dir: Path | None, resume: bool, dist_info: DistIn
                          "samples per process; lower it")
     plan = make_plan(config, steps_per_epoch)
     lr_at = lr_schedule(config, plan)
+    if sparsifier is not None:  # phases and stages span the configured epochs, like the LR schedule
+        sparsifier.prepare(model, total_steps=plan.steps_per_epoch * config.train.epochs)
+    optimizer = build_optimizer(config, model)
+    ema = Ema(model, config.train.ema_decay) if config.train.ema_decay else None
     mixup, criterion = _criterion(config, bundle.num_classes)
     log = RunLog(run_dir, main, config.logging.tensorboard)
 
@@ -304,6 +311,11 @@ def _finish(config, run_dir, model, ema, sparsifier, source, log, bundle, device
         (r.get("ema_top1", r["top1"]) for r in log.metrics), default=None)}
     if digests is not None:
         summary["mask_digest_per_rank"] = digests
+    if sparsifier is not None:
+        summary["method"] = sparsifier.method.summary()
+        scheme = summary["method"].get("scheme")
+        if main and scheme:
+            save_scheme(run_dir / "scheme.json", scheme)
     if main and config.train.export:
         source_model = ema.model if ema is not None else model
         export_model = copy.deepcopy(source_model).cpu().eval()

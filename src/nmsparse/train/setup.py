@@ -21,7 +21,7 @@ def build_run_model(config: Config, bundle: DataBundle) -> tuple[nn.Module, Mode
     mc = config.model
     model, source = build_model(
         mc.name, num_classes=mc.num_classes or bundle.num_classes, in_chans=mc.in_chans or bundle.in_chans,
-        pretrained=mc.pretrained,
+        pretrained=mc.pretrained, options=mc.options,
     )
     if mc.checkpoint:
         load_weights(model, mc.checkpoint)
