@@ -5,10 +5,10 @@ import torch
 
 from nmsparse._registry import RegistryError
 from nmsparse.config.schema import ConfigError
-from nmsparse.mask import is_nm
+from nmsparse.mask import is_nm, satisfies
 from nmsparse.method import METHODS, CalibratedMethod, build_method, list_methods
 from nmsparse.parametrize import is_attached
-from nmsparse.pattern import NMPattern
+from nmsparse.pattern import NMPattern, parse_pattern
 from nmsparse.select import Selection
 from nmsparse.sparsifier import Sparsifier, SparsifierError
 
@@ -32,22 +32,31 @@ def test_every_method_is_covered_by_a_contract():
     assert set(SPARSIFIER_METHODS) >= {"magnitude", "srste"} and set(calibrated) >= {"wanda", "sparsegpt"}
 
 
+# methods whose patterns or options differ from the plain "2:4" contract
+CONTRACT = {
+    "block_1xn": ("1x4:0.5", {"ramp_start_epoch": 0, "ramp_end_epoch": 0}),  # full rate from the start
+}
+
+
 @pytest.mark.parametrize("name", SPARSIFIER_METHODS)
 def test_every_method_contract(name, tiny_vit):
     """Every Sparsifier method: prepare -> step -> state round trip -> squash gives valid patterns.
 
     Calibrated one-shot methods have their own contract in test_oneshot_calibrated.py.
     """
+    pattern, options = CONTRACT.get(name, ("2:4", {}))
+    horizon = {"total_steps": 12, "steps_per_epoch": 2}
     model = tiny_vit
-    sparsifier = Sparsifier(name, "2:4")
-    report = sparsifier.prepare(model)
+    sparsifier = Sparsifier(name, pattern, method_options=options)
+    report = sparsifier.prepare(model, **horizon)
     assert sparsifier.layers, "no layer selected"
     assert all(r.verified for r in report if r.skip_reason is None)
     _train_steps(model, sparsifier)
     state = sparsifier.state_dict()
-    other = Sparsifier(build_method(name), "2:4")
+    other = Sparsifier(build_method(name, options), pattern)
     fresh = type(tiny_vit)()
-    other.prepare(fresh)
+    other.prepare(fresh, **horizon)
+    fresh.load_state_dict(model.state_dict())  # model weights (and learned logits) travel with the model
     other.load_state_dict(state)
     for fqn, layer in sparsifier.layers.items():
         assert torch.equal(layer.mask, other.layers[fqn].mask)
@@ -56,7 +65,7 @@ def test_every_method_contract(name, tiny_vit):
     assert not any(is_attached(layer.module) for layer in sparsifier.layers.values())
     modules = dict(model.named_modules())
     for entry in entries:
-        assert is_nm(modules[entry["fqn"]].weight, NMPattern(2, 4))
+        assert satisfies(modules[entry["fqn"]].weight, parse_pattern(pattern))
 
 
 def test_prepare_does_not_change_model_class_and_masks_forward(tiny_cnn):

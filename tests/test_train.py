@@ -156,3 +156,34 @@ def test_ddp_two_processes_identical_masks(tmp_path):
     assert summary["export"]["sparse_layers"] > 0
     # only rank 0 wrote: one run directory
     assert [p.name for p in tmp_path.iterdir()] == ["default"]
+
+
+def test_usd_run_writes_a_scheme_that_trains_back_as_an_allocation(tmp_path):
+    usd = TINY + [f"run.out_dir={tmp_path}", "run.name=usd", "sparsity.method=usd", "sparsity.pattern=8:8",
+                  "sparsity.options.target_sparsity=0.6", "sparsity.options.check_every_steps=2",
+                  "sparsity.options.penalty_every_steps=1", "sparsity.options.penalty_strength=1.0",
+                  "sparsity.options.finetune_steps=20", "logging.plots=false"]
+    summary = run_training(load_config(None, usd))
+    method = summary["method"]
+    assert method["target_reached"] and method["achieved_sparsity"] >= 0.6 - 1e-3
+    scheme = json.loads((Path(summary["run_dir"]) / "scheme.json").read_text())
+    assert scheme == method["scheme"] and all(p.endswith(":8") for p in scheme.values())
+    fixed = TINY + [f"run.out_dir={tmp_path}", "run.name=fixed", "sparsity.method=srste",
+                    f"sparsity.allocation_file={Path(summary['run_dir']) / 'scheme.json'}", "train.max_steps=4",
+                    "logging.plots=false"]
+    again = run_training(load_config(None, fixed))
+    manifest = json.loads((Path(again["export"]["dir"]) / "manifest.json").read_text())
+    assert {e["fqn"]: e["pattern"] for e in manifest["layers"]} == scheme
+
+
+def test_progressive_run_records_its_schedule(tmp_path):
+    cfg = TINY + [f"run.out_dir={tmp_path}", "sparsity.method=progressive", "sparsity.pattern=2:8",
+                  "sparsity.options.stages=stepwise", "sparsity.options.decay=step",
+                  "sparsity.options.dense_fraction=0.25", "sparsity.options.finetune_fraction=0.25",
+                  "logging.plots=false"]
+    summary = run_training(load_config(None, cfg))
+    total = summary["final"]["step"]
+    assert summary["method"]["sparse_start_step"] == total // 4
+    assert summary["method"]["finetune_start_step"] == total - total // 4
+    manifest = json.loads((Path(summary["export"]["dir"]) / "manifest.json").read_text())
+    assert {e["pattern"] for e in manifest["layers"]} == {"2:8"}

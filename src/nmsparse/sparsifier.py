@@ -120,13 +120,15 @@ class Sparsifier:
         self.last_step: int | None = None
 
     # ----------------------------------------------------------------------------------- lifecycle
-    def prepare(self, model: nn.Module, total_steps: int | None = None) -> list[LayerReport]:
+    def prepare(self, model: nn.Module, total_steps: int | None = None,
+                steps_per_epoch: int | None = None) -> list[LayerReport]:
         """Select layers, compute initial masks and attach the parametrizations.
 
         Args:
             model: the model to sparsify (its class is not changed).
             total_steps: the run's length in optimizer steps, for methods whose schedule depends on
                 it (phases, pattern stages); may also be given later with :meth:`set_horizon`.
+            steps_per_epoch: the epoch length, for methods that update on an epoch cadence.
 
         Returns:
             The per-layer report (:meth:`report`).
@@ -153,17 +155,17 @@ class Sparsifier:
             layer = LayerState(choice.fqn, choice.module, patterns)
             with torch.no_grad():
                 mask = self.method.mask(layer)
-            attach(choice.module, MaskedWeight(mask, self.method.grad_rule, self.method.decay, choice.module.weight.dtype))
+            attach(choice.module, self.method.parametrization(layer, mask))
             self.layers[choice.fqn] = layer
         if total_steps is not None:
-            self.method.set_horizon(int(total_steps))
+            self.method.set_horizon(int(total_steps), steps_per_epoch)
         self.method.on_prepare(self)
         self._configure(0, update=True)
         return self.report()
 
-    def set_horizon(self, total_steps: int) -> None:
+    def set_horizon(self, total_steps: int, steps_per_epoch: int | None = None) -> None:
         """Tell the method how many optimizer steps the run has (phases and stages depend on it)."""
-        self.method.set_horizon(int(total_steps))
+        self.method.set_horizon(int(total_steps), steps_per_epoch)
         if self.model is not None and self.layers:
             self._configure(0 if self.last_step is None else self.last_step + 1, update=self.last_step is None)
 

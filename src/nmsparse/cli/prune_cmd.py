@@ -55,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recover-objective", choices=["hidden", "pooled"], default="hidden",
                         help="hidden: MSE of output hidden states/logits; pooled: cosine of mean-pooled outputs "
                              "(sentence-embedding models)")
+    parser.add_argument("--permute", action="store_true",
+                        help="search input-channel permutations that raise the kept magnitude and fold them into "
+                             "the producing layers first (function unchanged)")
+    parser.add_argument("--permute-sweeps", type=int, default=3, help="swap sweeps of the permutation search")
     parser.add_argument("--checkpoint", help="local weights to load first (.safetensors or torch file)")
     parser.add_argument("--num-classes", type=int, help="classifier outputs of a vision model")
     parser.add_argument("--in-chans", type=int, help="input channels of a vision model")
@@ -87,6 +91,11 @@ def run(args: argparse.Namespace) -> int:
     recovering = bool(args.recover_steps or args.recover_minutes)
     calibrated = isinstance(method, CalibratedMethod) or args.calib or recovering
     report: dict = {"model": args.model, "method": args.method, "pattern": args.pattern}
+    if args.permute:
+        from ..permute import permute_channels
+
+        perms = permute_channels(model, args.pattern, selection, args.permute_sweeps)
+        report["permutation"] = [p.as_dict() for p in perms]
     if calibrated:
         from ..calibrate import prune_calibrated
 

@@ -116,6 +116,7 @@ class SparsityConfig:
     allocation: dict[str, str] | None = _f(None, "per-layer patterns {fqn: 'n:m'} (e.g. a usd scheme)")
     allocation_file: str | None = _f(None, "JSON scheme {fqn: 'n:m'} (e.g. a usd run's scheme.json)")
     allocate: AllocateConfig = _f(AllocateConfig, "computed per-layer allocation", factory=True)
+    permute: bool = _f(False, "permute input channels to raise the kept magnitude first (folded, function unchanged)")
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Registered sparsity methods. Importing this package registers every built-in method."""
 
-from . import magnitude, progressive, sparsegpt, srste, usd, wanda  # noqa: F401  (registration side effect)
+from . import block_1xn, learned_nm, magnitude, progressive, sparsegpt, srste, usd, wanda  # noqa: F401  (registration side effect)
 from .base import (
     METHODS,
     CalibratedMethod,

@@ -16,6 +16,7 @@ import torch
 from .._registry import Registry
 from ..config.schema import build
 from ..mask import sliced_mask
+from ..parametrize import MaskedWeight
 from ..score import magnitude
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ class Method:
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
         self.total_steps: int | None = None
+        self.steps_per_epoch: int | None = None
 
     @property
     def decay(self) -> float:
@@ -67,6 +69,11 @@ class Method:
             return sliced_mask(layer.dense_weight.detach(), layer.patterns, absolute=True)
         return sliced_mask(self.score(layer), layer.patterns)
 
+    def parametrization(self, layer: LayerState, mask: torch.Tensor) -> torch.nn.Module:
+        """The module attached to ``layer``'s weight: by default a :class:`MaskedWeight` with the
+        method's gradient rule; methods that learn masks attach their own."""
+        return MaskedWeight(mask, self.grad_rule, self.decay, layer.module.weight.dtype)
+
     def masks_due(self, step: int) -> bool:
         """Whether :meth:`Sparsifier.step` recomputes masks after optimizer step ``step``."""
         return False
@@ -76,9 +83,11 @@ class Method:
         (0 = hard mask, 1 = dense)."""
         return 0.0
 
-    def set_horizon(self, total_steps: int) -> None:
-        """The run's length in optimizer steps (for schedules defined as fractions of the run)."""
+    def set_horizon(self, total_steps: int, steps_per_epoch: int | None = None) -> None:
+        """The run's length in optimizer steps (for schedules defined as fractions of the run) and,
+        when the caller trains in epochs, the epoch length (for methods with an epoch cadence)."""
         self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
 
     def advance(self, sparsifier: Sparsifier, step: int) -> bool:
         """Move the method's schedule to the forward of optimizer step ``step`` (patterns, rules).

@@ -154,8 +154,15 @@ def _train(config: Config, run_dir: Path | None, resume: bool, dist_info: DistIn
                          "samples per process; lower it")
     plan = make_plan(config, steps_per_epoch)
     lr_at = lr_schedule(config, plan)
+    if sparsifier is not None and config.sparsity.permute and not resume:
+        from ..permute import permute_channels
+
+        rows = permute_channels(model, sparsifier.pattern, sparsifier.selection)
+        if main:
+            (run_dir / "permutation.json").write_text(json.dumps([r.as_dict() for r in rows], indent=1) + "\n")
     if sparsifier is not None:  # phases and stages span the configured epochs, like the LR schedule
-        sparsifier.prepare(model, total_steps=plan.steps_per_epoch * config.train.epochs)
+        sparsifier.prepare(model, total_steps=plan.steps_per_epoch * config.train.epochs,
+                           steps_per_epoch=plan.steps_per_epoch)
     optimizer = build_optimizer(config, model)
     ema = Ema(model, config.train.ema_decay) if config.train.ema_decay else None
     mixup, criterion = _criterion(config, bundle.num_classes)

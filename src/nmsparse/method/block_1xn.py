@@ -1,0 +1,199 @@
+r"""``block_1xn``: soft uniform 1xN block pruning (SUBP; Xiang et al., NeurIPS 2023).
+
+A 1xN block is N consecutive output channels x 1 input channel x the whole kernel; every block row
+(N output channels) keeps the same number of blocks, so CPU threads owning block rows get equal
+work. The pattern is written ``1xN:density`` (e.g. ``1x16:0.25`` keeps a quarter of the blocks).
+
+At the start of every epoch e, per block row with :math:`C_{in}` blocks and final prune rate p:
+
+1. score the blocks (``l1``, ``l2`` or ``bpar``), of the currently masked weights by default (SUBP's
+   V2; ``score_masked: false`` scores the raw weights, V1);
+2. prune the :math:`\lfloor p C_{in} \rfloor` lowest-scoring blocks (the *final* rate);
+3. regrow :math:`R = \lfloor (p - p_e) C_{in} \rfloor` of them, :math:`p_e = p\,\rho(e)`, by importance
+   sampling without replacement with probabilities :math:`\mathrm{softmax}(u / \tau)`, u the
+   L2-normalised ascending scores of the pruned blocks; :math:`\rho` ramps from 0 at
+   ``ramp_start_epoch`` to 1 at ``ramp_end_epoch`` (linear, cos, exp or cubic, the seed's curves).
+
+``soft`` mode trains pruned weights straight-through with the SR-STE decay
+:math:`\lambda (1 - M) \odot W` (exact here: nmsparse trains without fp16 loss scaling); ``hard`` mode
+gives pruned weights no gradient. BPAR (block pruning via angular redundancy) scores
+:math:`S = a - \alpha b`: a the block's share of the row's L1 norm, b its share of the row's summed
+absolute cosine similarity between masked blocks (pruned blocks count 1), so small blocks that point
+the same way as many others go first.
+
+Sampling is seeded by (seed, epoch, layer): runs and resumes are reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from ..grad import SRSTE_DEFAULT_DECAY
+from ..mask import block_scores, expand_block_mask
+from ..pattern import BlockPattern
+from .base import Method, MethodError, register_method
+
+if TYPE_CHECKING:
+    from ..sparsifier import LayerState, Sparsifier
+
+__all__ = ["Block1xNOptions", "Block1xN", "ramp_value", "bpar_scores", "regrow_count", "block_row_mask"]
+
+
+def ramp_value(kind: str, epoch: float, start: int, end: int) -> float:
+    """rho(e) in [0, 1] of SUBP's prune-rate schedules (start = end = 0: the full rate from epoch 0)."""
+    if start == end == 0 or epoch >= end:
+        return 1.0
+    if epoch < start:
+        return 0.0
+    t = (epoch - start) / (end - start)
+    if kind == "linear":
+        return t
+    if kind == "cos":
+        return 1.0 - math.cos(math.pi * t / 2.0)
+    if kind == "cubic":
+        return t**3
+    if kind == "exp":
+        return (1.0 - math.exp(-0.05 * (epoch - start))) / (1.0 - math.exp(-0.05 * (end - start - 1)))
+    raise MethodError(f"unknown ramp {kind!r}; expected linear, cos, exp or cubic")
+
+
+def regrow_count(pruned: int, rho: float) -> int:
+    """Blocks regrown per row: floor((p - p_e) C_in) with p C_in = ``pruned`` and p_e = p rho."""
+    return math.floor(pruned * (1.0 - rho) + 1e-9)
+
+
+def _block_vectors(weight: torch.Tensor, block: int) -> torch.Tensor:
+    """``[rows, in, block * kh * kw]``: each 1xN block as a vector."""
+    out, inp = weight.shape[:2]
+    blocks = weight.reshape(out // block, block, inp, -1)
+    return blocks.permute(0, 2, 1, 3).reshape(out // block, inp, -1)
+
+
+def bpar_scores(weight: torch.Tensor, row_mask: torch.Tensor, block: int, alpha: float = 1.0) -> torch.Tensor:
+    """BPAR block scores ``[rows, in]`` (see module docstring)."""
+    vectors = _block_vectors(weight.detach().float(), block)
+    l1 = vectors.abs().sum(-1)
+    a = l1 / l1.sum(-1, keepdim=True).clamp_min(1e-12)
+    unit = torch.nn.functional.normalize(vectors * row_mask[..., None].float(), dim=-1)
+    redundancy = (unit @ unit.transpose(1, 2)).abs().sum(-1)  # [rows, in]
+    b = redundancy / redundancy.sum(-1, keepdim=True).clamp_min(1e-12)
+    b = torch.where(b == 0, torch.ones_like(b), b)
+    return a - alpha * b
+
+
+def block_row_mask(scores: torch.Tensor, pruned: int, regrow: int, temperature: float,
+                   generator: torch.Generator | None) -> torch.Tensor:
+    """``[rows, in]`` bool: drop the ``pruned`` lowest blocks per row, then regrow ``regrow`` by sampling."""
+    rows, inp = scores.shape
+    order = torch.argsort(scores, dim=1, stable=True)  # ascending
+    mask = torch.ones(rows, inp, dtype=torch.bool)
+    if pruned == 0:
+        return mask
+    low = order[:, :pruned]
+    mask.scatter_(1, low, False)
+    if regrow > 0:
+        low_scores = torch.gather(scores.float(), 1, low)
+        u = torch.nn.functional.normalize(low_scores, dim=1)
+        probs = torch.softmax(u / temperature, dim=1)
+        picks = torch.multinomial(probs, regrow, replacement=False, generator=generator)
+        mask.scatter_(1, torch.gather(low, 1, picks), True)
+    return mask
+
+
+@dataclass
+class Block1xNOptions:
+    criterion: Literal["l1", "l2", "bpar"] = field(default="l1", metadata={"help": "block importance"})
+    score_masked: bool = field(default=True, metadata={"help": "score masked weights (SUBP V2) or raw ones (V1)"})
+    mode: Literal["soft", "hard"] = field(default="soft", metadata={"help": "soft: STE + decay; hard: no gradient to pruned"})
+    decay: float = field(default=SRSTE_DEFAULT_DECAY, metadata={"help": "SR-STE lambda on pruned weights (soft)"})
+    ramp: Literal["linear", "exp", "cos", "cubic"] = field(default="cubic", metadata={"help": "prune-rate ramp"})
+    ramp_start_epoch: int = field(default=10, metadata={"help": "epoch the ramp starts (dense before, with regrowth)"})
+    ramp_end_epoch: int = field(default=180, metadata={"help": "epoch the full rate is reached (must be < the run's epochs)"})
+    regrow_temperature: float = field(default=1.0, metadata={"help": "tau of the regrowth softmax"})
+    bpar_alpha: float = field(default=1.0, metadata={"help": "weight of the redundancy term of bpar"})
+    seed: int = field(default=0, metadata={"help": "seed of the regrowth sampling"})
+
+    def __post_init__(self) -> None:
+        if self.decay < 0 or self.regrow_temperature <= 0:
+            raise ValueError("decay must be >= 0 and regrow_temperature > 0")
+        if not (self.ramp_start_epoch == self.ramp_end_epoch == 0) and not (
+                0 <= self.ramp_start_epoch < self.ramp_end_epoch):
+            raise ValueError(f"need 0 <= ramp_start_epoch < ramp_end_epoch (or both 0), got "
+                             f"{self.ramp_start_epoch}, {self.ramp_end_epoch}")
+
+
+@register_method("block_1xn")
+class Block1xN(Method):
+    Options = Block1xNOptions
+
+    def __init__(self, options: Block1xNOptions | None = None) -> None:
+        super().__init__(options)
+        self.grad_rule = "srste" if self.options.mode == "soft" else "masked"
+        self.epoch = 0
+        self.order: dict[str, int] = {}
+
+    @property
+    def decay(self) -> float:
+        return self.options.decay if self.options.mode == "soft" else 0.0
+
+    def set_horizon(self, total_steps: int, steps_per_epoch: int | None = None) -> None:
+        super().set_horizon(total_steps, steps_per_epoch)
+        end = self.options.ramp_end_epoch
+        if steps_per_epoch and end and end >= total_steps // steps_per_epoch:
+            raise MethodError(
+                f"block_1xn ramp_end_epoch={end} is not before the run's end ({total_steps // steps_per_epoch} "
+                "epochs); lower it so the final masks are reached and then fine-tuned")
+
+    def _epoch_len(self) -> int:
+        if not self.steps_per_epoch:
+            raise MethodError("block_1xn updates masks once per epoch: pass steps_per_epoch to Sparsifier.prepare() "
+                              "(nmsparse train does)")
+        return self.steps_per_epoch
+
+    def on_prepare(self, sparsifier: Sparsifier) -> None:
+        for index, fqn in enumerate(sorted(sparsifier.layers)):
+            self.order[fqn] = index
+
+    def masks_due(self, step: int) -> bool:
+        return (step + 1) % self._epoch_len() == 0
+
+    def advance(self, sparsifier: Sparsifier, step: int) -> bool:
+        if self.steps_per_epoch:
+            self.epoch = step // self.steps_per_epoch
+        return False
+
+    def mask(self, layer: LayerState) -> torch.Tensor:
+        o = self.options
+        pattern = layer.patterns[0]
+        if not isinstance(pattern, BlockPattern) or len(set(layer.patterns)) != 1:
+            raise MethodError(f"block_1xn needs a 1xN pattern such as '1x16:0.25'; {layer.fqn} has {layer.pattern_text}")
+        weight = layer.dense_weight.detach()
+        attached = layer.fqn in self.order  # False while the Sparsifier attaches: no current mask yet
+        current = layer.mask if attached else torch.ones_like(weight, dtype=torch.bool)
+        row_mask = current.reshape(weight.shape[0] // pattern.block, pattern.block, weight.shape[1], -1)[:, 0, :, 0]
+        scored = weight * current if o.score_masked else weight
+        if o.criterion == "bpar":
+            scores = bpar_scores(weight, row_mask if o.score_masked else torch.ones_like(row_mask), pattern.block, o.bpar_alpha)
+        else:
+            scores = block_scores(scored, pattern.block, o.criterion)
+        inp = weight.shape[1]
+        pruned = inp - pattern.kept_per_row(inp)
+        rho = ramp_value(o.ramp, self.epoch, o.ramp_start_epoch, o.ramp_end_epoch) if self.steps_per_epoch else 1.0
+        generator = torch.Generator().manual_seed(
+            (o.seed * 1_000_003 + self.epoch * 7919 + self.order.get(layer.fqn, 0)) % (2**63))
+        rows = block_row_mask(scores, pruned, regrow_count(pruned, rho), o.regrow_temperature, generator)
+        return expand_block_mask(rows, weight.shape, pattern.block)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state.get("epoch", 0))
+
+    def summary(self) -> dict:
+        o = self.options
+        return {"epoch": self.epoch, "rho": ramp_value(o.ramp, self.epoch, o.ramp_start_epoch, o.ramp_end_epoch)}

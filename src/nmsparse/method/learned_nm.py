@@ -1,0 +1,211 @@
+r"""``learned_nm``: learned n:m masks (semi-structured sparsity by masking; Danhofer, arXiv 2411.00288).
+
+Every group of m weights gets learnable logits over its C(m, n) valid patterns (the six 2:4
+patterns for 2:4). Training draws a pattern per group with the straight-through Gumbel-softmax:
+:math:`y = \mathrm{softmax}((z + g)/\tau)`, the forward uses the exact one-hot pattern of
+:math:`\arg\max y` and the gradient flows to z through y. When C(m, n) exceeds
+``max_patterns`` (e.g. 4:16), a top-n Gumbel relaxation over per-weight logits is used instead
+(hard top-n forward, gradient through :math:`n\,\mathrm{softmax}((z + g)/\tau)`).
+
+Differences from the reference code, on purpose:
+
+* logits can start from the magnitude pattern (``init: magnitude``, the default), so training starts
+  at the one-shot magnitude mask instead of a random one;
+* evaluation, :attr:`LearnedMask.mask`, squash and export use the deterministic argmax pattern
+  (the reference evaluates with a random draw);
+* the pattern table is a constant, never trained (the reference let the optimizer drift it);
+* with ``train: masks`` (weights frozen, the dense model kept intact) batch-norm statistics can be
+  frozen too (``freeze_bn_stats``), so every original tensor is bit-identical after training.
+
+Groups run along input channels (``2:4``) or, with the ``flat`` axis (``2:4@flat``), along each
+output row in PyTorch's (in, kh, kw) flatten order, the K order of an im2col GEMM.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import nn
+
+from ..mask import from_groups, nm_mask, to_groups
+from ..pattern import NMPattern
+from ..schedule import Cosine, Linear
+from .base import Method, MethodError, register_method
+
+if TYPE_CHECKING:
+    from ..sparsifier import LayerState, Sparsifier
+
+__all__ = ["LearnedNMOptions", "LearnedNM", "LearnedMask", "pattern_table"]
+
+
+def pattern_table(n: int, m: int) -> torch.Tensor:
+    """All C(m, n) binary rows with n ones, ``[C(m, n), m]`` float, in lexicographic order."""
+    rows = []
+    for kept in itertools.combinations(range(m), n):
+        row = [0.0] * m
+        for k in kept:
+            row[k] = 1.0
+        rows.append(row)
+    return torch.tensor(rows)
+
+
+class LearnedMask(nn.Module):
+    """Parametrization ``W -> W * mask(logits)`` with a learned n:m mask (see module docstring).
+
+    In training mode the mask is a straight-through Gumbel sample; in eval mode it is the argmax
+    pattern. ``mask``/``keep`` always give the argmax pattern.
+    """
+
+    def __init__(self, weight: torch.Tensor, pattern: NMPattern, relaxation: str, init: str, init_scale: float) -> None:
+        super().__init__()
+        self.pattern = pattern
+        self.shape = tuple(weight.shape)
+        self.relaxation = relaxation
+        groups = to_groups(weight.detach().abs().float(), pattern)  # [G, m]
+        if relaxation == "patterns":
+            table = pattern_table(pattern.n, pattern.m)
+            self.register_buffer("table", table, persistent=False)
+            logits = torch.zeros(groups.shape[0], table.shape[0])
+            if init == "magnitude":
+                kept = nm_mask(groups, NMPattern(pattern.n, pattern.m, "in"), absolute=True).float()  # [G, m]
+                best = (kept @ table.t()).argmax(dim=1)  # the pattern equal to the magnitude mask
+                logits[torch.arange(groups.shape[0]), best] = init_scale
+        else:
+            self.table = None
+            logits = torch.zeros_like(groups)
+            if init == "magnitude":
+                logits = init_scale * groups / groups.amax(dim=1, keepdim=True).clamp_min(1e-12)
+        self.logits = nn.Parameter(logits)
+        self.temperature = 1.0
+        self.dense_factor, self.rule, self.decay = 0.0, "learned", 0.0  # Sparsifier bookkeeping
+
+    def _hard(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.table is not None:
+            return nn.functional.one_hot(scores.argmax(dim=1), self.table.shape[0]).to(scores.dtype)
+        return nm_mask(scores.detach(), NMPattern(self.pattern.n, self.pattern.m, "in")).to(scores.dtype)
+
+    def group_mask(self) -> torch.Tensor:
+        """``[G, m]`` mask: a straight-through Gumbel sample in training, the argmax in eval."""
+        logits = self.logits
+        if not self.training:
+            hard = self._hard(logits.detach())
+            return hard @ self.table if self.table is not None else hard
+        uniform = torch.rand_like(logits).clamp_(1e-10, 1.0 - 1e-7)
+        perturbed = (logits - torch.log(-torch.log(uniform))) / self.temperature
+        if self.table is not None:
+            soft = torch.softmax(perturbed, dim=1)
+            choice = self._hard(perturbed.detach()) - soft.detach() + soft
+            return choice @ self.table
+        soft = self.pattern.n * torch.softmax(perturbed, dim=1)
+        return self._hard(perturbed.detach()) - soft.detach() + soft
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        mask = from_groups(self.group_mask().to(weight.dtype), self.shape, self.pattern)
+        return weight * mask
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """The deterministic (argmax) mask, bool, shaped like the weight."""
+        hard = self._hard(self.logits.detach())
+        groups = hard @ self.table if self.table is not None else hard
+        return from_groups(groups, self.shape, self.pattern) > 0.5
+
+    @property
+    def keep(self) -> torch.Tensor:
+        return self.mask.to(self.logits.dtype)
+
+    def set_mask(self, mask: torch.Tensor) -> None:
+        """Masks come from the logits (saved with the model's state): nothing to restore."""
+
+    def entropy(self) -> float:
+        """Mean entropy of the pattern distributions (0 = every group decided)."""
+        p = torch.softmax(self.logits.detach(), dim=1)  # over patterns, or over positions (top-n)
+        return float(-(p * p.clamp_min(1e-12).log()).sum(1).mean())
+
+    def extra_repr(self) -> str:
+        return f"pattern={self.pattern}, relaxation={self.relaxation}, temperature={self.temperature:g}"
+
+
+@dataclass
+class LearnedNMOptions:
+    train: Literal["masks", "masks_and_weights"] = field(
+        default="masks", metadata={"help": "masks: weights frozen (the dense model stays intact); or both"})
+    freeze_bn_stats: bool = field(default=True, metadata={"help": "masks mode: batch norm uses and keeps its running stats"})
+    init: Literal["magnitude", "uniform"] = field(default="magnitude", metadata={"help": "logits start at the magnitude pattern or uniform"})
+    init_scale: float = field(default=3.0, metadata={"help": "logit of the magnitude pattern at the start"})
+    temperature: float = field(default=1.0, metadata={"help": "Gumbel-softmax temperature"})
+    temperature_end: float | None = field(default=None, metadata={"help": "anneal to this temperature over the run"})
+    anneal: Literal["linear", "cosine", "exp"] = field(default="exp", metadata={"help": "shape of the anneal"})
+    max_patterns: int = field(default=70, metadata={"help": "above this C(m, n), use the top-n relaxation"})
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0 or (self.temperature_end is not None and self.temperature_end <= 0):
+            raise ValueError("temperatures must be > 0")
+        if self.max_patterns < 2:
+            raise ValueError(f"max_patterns must be >= 2, got {self.max_patterns}")
+
+
+@register_method("learned_nm")
+class LearnedNM(Method):
+    Options = LearnedNMOptions
+    grad_rule = "ste"
+
+    def __init__(self, options: LearnedNMOptions | None = None) -> None:
+        super().__init__(options)
+        self._bn_hooks: list = []
+
+    def parametrization(self, layer: LayerState, mask: torch.Tensor) -> nn.Module:
+        patterns = set(layer.patterns)
+        pattern = layer.patterns[0]
+        if len(patterns) != 1 or not isinstance(pattern, NMPattern):
+            raise MethodError(f"learned_nm learns one n:m pattern per layer; {layer.fqn} has {layer.pattern_text}")
+        count = math.comb(pattern.m, pattern.n)
+        relaxation = "patterns" if count <= self.options.max_patterns else "topn"
+        return LearnedMask(layer.dense_weight, pattern, relaxation, self.options.init, self.options.init_scale)
+
+    def on_prepare(self, sparsifier: Sparsifier) -> None:
+        model = sparsifier.model
+        assert model is not None
+        if self.options.train == "masks":
+            learned = {id(layer.parametrization.logits) for layer in sparsifier.layers.values()}
+            for param in model.parameters():
+                if id(param) not in learned:
+                    param.requires_grad_(False)
+            if self.options.freeze_bn_stats:
+                for module in model.modules():
+                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                        self._bn_hooks.append(module.register_forward_pre_hook(_use_running_stats))
+
+    def temperature_at(self, step: int) -> float:
+        o = self.options
+        if o.temperature_end is None or self.total_steps is None:
+            return o.temperature
+        if o.anneal == "linear":
+            return Linear(o.temperature, o.temperature_end, 0, self.total_steps)(step)
+        if o.anneal == "cosine":
+            return Cosine(o.temperature, o.temperature_end, 0, self.total_steps)(step)
+        p = min(1.0, step / max(1, self.total_steps))
+        return o.temperature * (o.temperature_end / o.temperature) ** p
+
+    def advance(self, sparsifier: Sparsifier, step: int) -> bool:
+        tau = self.temperature_at(step)
+        for layer in sparsifier.layers.values():
+            layer.parametrization.temperature = tau
+        return False
+
+    def mask(self, layer: LayerState) -> torch.Tensor:
+        try:
+            return layer.parametrization.mask
+        except (AttributeError, IndexError):  # before attach: the magnitude mask
+            return super().mask(layer)
+
+    def summary(self) -> dict:
+        return {"temperature_end": self.temperature_at(self.total_steps or 0)}
+
+
+def _use_running_stats(module: nn.Module, inputs) -> None:
+    module.training = False  # normalise with, and do not update, the running statistics

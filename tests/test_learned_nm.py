@@ -1,0 +1,119 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from nmsparse.mask import is_nm, nm_mask
+from nmsparse.method import MethodError
+from nmsparse.method.learned_nm import LearnedMask, pattern_table
+from nmsparse.pattern import NMPattern, parse_pattern
+from nmsparse.select import Selection
+from nmsparse.sparsifier import Sparsifier
+
+
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def _train(model, sp, steps, lr=0.5):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
+    model.train()
+    for step in range(steps):
+        x = torch.randn(8, 3, 8, 8)
+        loss = nn.functional.cross_entropy(model(x), torch.randint(0, 8, (8,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sp.step(step)
+
+
+def test_pattern_table():
+    table = pattern_table(2, 4)
+    assert table.shape == (6, 4) and bool((table.sum(1) == 2).all()) and len({tuple(r.tolist()) for r in table}) == 6
+    assert pattern_table(4, 8).shape == (math.comb(8, 4), 8)
+
+
+@pytest.mark.parametrize("spec", ["2:4", "1:4", "2:8", "2:4@flat", "4:16"])
+def test_every_sample_is_a_valid_pattern_and_argmax_starts_at_magnitude(spec):
+    pattern = parse_pattern(spec)
+    weight = torch.randn(8, 16, 3, 3)
+    relax = "patterns" if math.comb(pattern.m, pattern.n) <= 70 else "topn"
+    module = LearnedMask(weight, pattern, relax, "magnitude", 3.0)
+    assert torch.equal(module.mask, nm_mask(weight, pattern, absolute=True))  # logits start at the magnitude mask
+    module.train()
+    for _ in range(5):
+        sampled = module(torch.ones_like(weight))
+        assert is_nm(sampled, pattern) and set(sampled.unique().tolist()) <= {0.0, 1.0}
+    module.eval()
+    first = module(weight)
+    assert torch.equal(first, module(weight))  # eval is deterministic (argmax), not a random draw
+    assert torch.equal(first, weight * module.mask)
+
+
+def test_gradient_reaches_logits_only_through_the_soft_sample():
+    weight = torch.randn(4, 8)
+    module = LearnedMask(weight, NMPattern(2, 4), "patterns", "uniform", 0.0)
+    module.train()
+    (module(weight) * torch.randn(4, 8)).sum().backward()
+    assert module.logits.grad is not None and module.logits.grad.abs().sum() > 0
+    assert not module.table.requires_grad  # the pattern table is a constant
+
+
+def test_masks_mode_keeps_weights_and_bn_statistics_bit_identical():
+    torch.manual_seed(0)
+    model = ConvBN()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sp = Sparsifier("learned_nm", "2:4", Selection(keep_first_conv=False, keep_classifier=False))
+    sp.prepare(model, total_steps=10)
+    masks0 = {f: layer.mask.clone() for f, layer in sp.layers.items()}
+    _train(model, sp, 10)
+    changed = any(not torch.equal(masks0[f], layer.mask) for f, layer in sp.layers.items())
+    assert changed, "the masks did not learn anything"
+    for fqn, layer in sp.layers.items():
+        assert is_nm(layer.dense_weight * layer.mask, NMPattern(2, 4))
+    sp.squash()
+    after = model.state_dict()
+    for key, value in before.items():
+        if key.endswith("weight") and key.split(".")[0] in ("conv1", "conv2", "fc"):
+            masked = after[key]
+            assert torch.equal(masked[masked != 0], value[masked != 0])  # kept weights untouched
+        else:
+            assert torch.equal(after[key], value), key  # biases, BN affine and running stats untouched
+
+
+def test_bn_stats_update_when_not_frozen_and_weights_train_together():
+    torch.manual_seed(0)
+    model = ConvBN()
+    mean0 = model.bn2.running_mean.clone()
+    sp = Sparsifier("learned_nm", "2:4", Selection(), method_options={"train": "masks_and_weights"})
+    sp.prepare(model, total_steps=4)
+    w0 = sp.layers["conv2"].dense_weight.detach().clone()
+    _train(model, sp, 4, lr=0.01)
+    assert not torch.equal(model.bn2.running_mean, mean0)
+    assert not torch.equal(sp.layers["conv2"].dense_weight.detach(), w0)
+
+
+def test_temperature_anneal_and_errors(tiny_vit):
+    sp = Sparsifier("learned_nm", "2:4", Selection(), method_options={"temperature": 2.0, "temperature_end": 0.5})
+    sp.prepare(ConvBN(), total_steps=10)
+    assert sp.method.temperature_at(0) == 2.0 and sp.method.temperature_at(10) == pytest.approx(0.5)
+    assert sp.method.temperature_at(5) == pytest.approx(1.0)
+    sp.step(4)
+    assert all(layer.parametrization.temperature == pytest.approx(1.0) for layer in sp.layers.values())
+    from nmsparse.select import Rule
+
+    bad = Sparsifier("learned_nm", "2:4", Selection(layers=("qkv",), rules=(Rule.parse("re:.*qkv=2:4,2:4,1:4"),)))
+    with pytest.raises(MethodError, match="one n:m pattern per layer"):
+        bad.prepare(tiny_vit)

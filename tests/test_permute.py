@@ -1,0 +1,86 @@
+import pytest
+import torch
+from torch import nn
+
+from nmsparse.pattern import NMPattern
+from nmsparse.permute import kept_magnitude, permute_channels, search_permutation
+from nmsparse.select import Selection
+
+
+class Chain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.conv3 = nn.Conv2d(16, 16, 1)  # its input also feeds the residual: not foldable
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(x)))
+        y = self.conv3(y) + y
+        return self.fc(y.mean((2, 3)))
+
+
+def _randomise_bn(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+
+
+def test_search_never_lowers_and_finds_a_known_better_grouping():
+    # channels 0,1 strong / 2,3 weak in every row: identity groups (0,1,2,3) keep the strong pair only once
+    w = torch.tensor([[5.0, 5.0, 0.1, 0.1, 5.0, 5.0, 0.1, 0.1]]).repeat(3, 1)
+    result = search_permutation(w, NMPattern(2, 4))
+    assert result.after >= result.before
+    ideal = kept_magnitude(w, NMPattern(2, 4))
+    assert result.after == pytest.approx(ideal)  # already optimal: nothing to gain
+    w2 = torch.tensor([[5.0, 5.0, 5.0, 0.1, 0.1, 0.1, 5.0, 0.1]]).repeat(3, 1)
+    result2 = search_permutation(w2, NMPattern(2, 4))
+    assert result2.before == pytest.approx(3 * (10 + 5.1))
+    assert result2.after == pytest.approx(3 * (10 + 10))
+    assert sorted(result2.perm.tolist()) == list(range(8))
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        w3 = torch.randn(16, 32, 3, 3, generator=g) * torch.rand(1, 32, 1, 1, generator=g)
+        r = search_permutation(w3, NMPattern(2, 4), max_sweeps=2)
+        assert r.after >= r.before and r.gain >= 0
+        assert r.after == pytest.approx(kept_magnitude(w3, NMPattern(2, 4), r.perm), rel=1e-5)
+
+
+def test_folded_permutation_keeps_the_function_and_raises_kept_magnitude():
+    torch.manual_seed(0)
+    model = Chain().eval()
+    _randomise_bn(model)
+    with torch.no_grad():  # uneven channel scales so that grouping matters
+        model.conv2.weight.mul_(torch.linspace(0.1, 3.0, 16).view(1, 16, 1, 1)[:, torch.randperm(16)])
+    x = torch.randn(3, 4, 8, 8)
+    reference = model(x)
+    before = model.conv2.weight.detach().clone()
+    rows = {r.fqn: r for r in permute_channels(model, "2:4", Selection(keep_first_conv=False))}
+    assert rows["conv2"].folded_into == "conv1" and rows["conv2"].gain > 0
+    assert rows["conv3"].folded_into is None and "used elsewhere" in rows["conv3"].reason
+    assert not torch.equal(model.conv2.weight, before)
+    assert torch.allclose(model(x), reference, atol=1e-5, rtol=1e-5)
+    assert kept_magnitude(model.conv2.weight, NMPattern(2, 4)) == pytest.approx(rows["conv2"].kept_after, rel=1e-5)
+
+
+def test_prune_cli_reports_permutation(tmp_path, capsys):
+    pytest.importorskip("timm")
+    import json
+
+    from nmsparse.cli.main import main
+
+    code = main(["prune", "timm:test_resnet", "--permute", "--permute-sweeps", "1", "--out", str(tmp_path / "e"),
+                 "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = report["permutation"]
+    assert rows and all(r["kept_after"] >= r["kept_before"] for r in rows)
+    assert any(r["folded_into"] for r in rows)
