@@ -56,7 +56,7 @@ def run(name: str, overrides: list[str], epochs: int, rows: list[dict], out_dir:
            "seconds": round(time.perf_counter() - t0, 1), "overrides": overrides, "run_dir": summary["run_dir"],
            "method": summary.get("method", {})}
     rows.append(row)
-    print(f"{name:28s} top1 {row['top1']:.4f}  ({row['seconds']:.0f} s)", flush=True)
+    print(f"{name:28s} top1 {row['top1']:.1f}%  ({row['seconds']:.0f} s)", flush=True)
     return row
 
 
@@ -89,8 +89,8 @@ def main() -> None:
             run(f"resnet usd {sparsity:.3g} from dense", start + usd, epochs, rows, out_dir)
     suffix = f"_{args.only}" if args.only else ""
     (OUT / f"study_methods_i{suffix}.json").write_text(json.dumps(rows, indent=1) + "\n")
-    lines = ["| run | top-1 (held-out) | seconds |", "|---|---|---|"]
-    lines += [f"| {r['run']} | {r['top1']:.4f} | {r['seconds']:.0f} |" for r in rows]
+    lines = ["| run | top-1 % (held-out) | seconds |", "|---|---|---|"]
+    lines += [f"| {r['run']} | {r['top1']:.1f} | {r['seconds']:.0f} |" for r in rows]
     (OUT / f"study_methods_i{suffix}.md").write_text("\n".join(lines) + "\n")
     plot(rows, OUT / f"study_methods_i{suffix}.png")
     print("\n".join(lines))
@@ -105,8 +105,8 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1))
     ax.barh([r["run"] for r in rows][::-1], [r["top1"] for r in rows][::-1], color="#4c72b0")
     low = min(r["top1"] for r in rows)
-    ax.set_xlim(max(0.0, low - 0.05), 1.0)
-    ax.set_xlabel("held-out top-1 (MNIST digits)")
+    ax.set_xlim(max(0.0, low - 5.0), 100.0)
+    ax.set_xlabel("held-out top-1 % (MNIST digits)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -85,3 +85,26 @@ def test_epochs_convert_to_steps_once():
     assert lr(35) == pytest.approx(config.optim.lr * 0.01)
     capped = make_plan(load_config(None, ["train.max_steps=7"]), steps_per_epoch=10)
     assert capped.total_steps == 7
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_every_recipe_prepares_its_model(name):
+    """The recipe's selection, patterns and method options fit its real architecture (random weights)."""
+    pytest.importorskip("timm")
+    from nmsparse.models import build_model
+    from nmsparse.train.loop import _build_sparsifier
+
+    config = load_config(name)
+    if config.sparsity.allocation_file:
+        pytest.skip("needs a scheme file")
+    model, _ = build_model(config.model.name, num_classes=config.model.num_classes or 10,
+                           in_chans=config.model.in_chans or (1 if config.data.name == "mnist5k" else 3),
+                           options=config.model.options)
+    sparsifier = _build_sparsifier(config)
+    if sparsifier is None:
+        return
+    steps_per_epoch = 10
+    report = sparsifier.prepare(model, total_steps=steps_per_epoch * config.train.epochs,
+                                steps_per_epoch=steps_per_epoch)
+    assert sparsifier.layers, f"{name}: no layer selected"
+    assert all(row.verified is not False for row in report)

@@ -81,7 +81,7 @@ def test_masks_mode_keeps_weights_and_bn_statistics_bit_identical():
     _train(model, sp, 10)
     changed = any(not torch.equal(masks0[f], layer.mask) for f, layer in sp.layers.items())
     assert changed, "the masks did not learn anything"
-    for fqn, layer in sp.layers.items():
+    for _fqn, layer in sp.layers.items():
         assert is_nm(layer.dense_weight * layer.mask, NMPattern(2, 4))
     sp.squash()
     after = model.state_dict()

@@ -72,7 +72,7 @@ def test_first_vote_drops_to_m_minus_one_without_a_scheme_change():
     for s in sp.method.search.values():
         assert s.n_live == 7 and s.n == 8 and s.frozen
     assert all(str(layer.patterns[0]) == "7:8" for layer in sp.layers.values())
-    for fqn, layer in sp.layers.items():
+    for fqn, _layer in sp.layers.items():
         assert is_nm(dict(model.named_modules())[fqn].weight, NMPattern(7, 8))
 
 
