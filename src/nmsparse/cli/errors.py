@@ -9,6 +9,7 @@ from ..export import ExportError
 from ..method import MethodError
 from ..models import ModelError
 from ..pattern import PatternError
+from ..runtime.formats import FormatError
 from ..select import SelectionError
 from ..sparsifier import SparsifierError
 
@@ -18,7 +19,7 @@ class CliError(ValueError):
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    AllocationError, CliError, ConfigError, ExportError, MethodError, ModelError, PatternError, RegistryError, SelectionError,
+    AllocationError, CliError, ConfigError, FormatError, ExportError, MethodError, ModelError, PatternError, RegistryError, SelectionError,
     SparsifierError, FileNotFoundError, FileExistsError, NotADirectoryError,
 )
 

@@ -20,6 +20,8 @@ COMMANDS = {
     "eval": "evaluate a checkpoint or export on a dataset",
     "configs": "list, show or validate the shipped recipes",
     "env": "versions and available backends",
+    "bench": "time dense PyTorch against the sparse CPU runtime (layers or whole models)",
+    "compress": "write an export in the compressed layout (kept values + indices) and report its size",
 }
 
 

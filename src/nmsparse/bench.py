@@ -1,0 +1,252 @@
+"""``nmsparse bench``: dense PyTorch against the sparse runtime, same process, same harness.
+
+Every case is timed with warm-up calls, then ``repeats`` timed calls; the report gives the median
+and the 10th/90th percentiles. Layer cases with small batches (1 and 8 rows or images) rotate
+through enough copies of the weight to exceed the last-level cache, as a real model's layers do,
+so they measure memory, not the cache (the report says how many copies). Writes JSON, a Markdown
+table and a PNG plot of the speedups.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .mask import compute_mask
+from .pattern import parse_pattern
+from .progress import Progress
+from .runtime import convert
+
+__all__ = ["LayerCase", "layer_cases", "run_layer_suite", "run_model_suite", "write_report", "last_level_cache_bytes"]
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    name: str
+    kind: str  # "linear" or "conv"
+    in_ch: int
+    out_ch: int
+    kernel: int = 1
+    stride: int = 1
+    size: int = 1  # conv input height = width
+
+
+def layer_cases() -> list[LayerCase]:
+    """The layer suite: ResNet-50 convs, ViT-B and MiniLM projections, LLM-sized linears."""
+    return [
+        LayerCase("resnet50 layer1 conv2 3x3 64->64 @56", "conv", 64, 64, 3, 1, 56),
+        LayerCase("resnet50 layer2 conv1 1x1 256->128 @56", "conv", 256, 128, 1, 1, 56),
+        LayerCase("resnet50 layer3 conv2 3x3 256->256 @14", "conv", 256, 256, 3, 1, 14),
+        LayerCase("resnet50 layer4 conv3 1x1 512->2048 @7", "conv", 512, 2048, 1, 1, 7),
+        LayerCase("vit-b qkv 768->2304", "linear", 768, 2304),
+        LayerCase("vit-b attn proj 768->768", "linear", 768, 768),
+        LayerCase("vit-b mlp fc1 768->3072", "linear", 768, 3072),
+        LayerCase("vit-b mlp fc2 3072->768", "linear", 3072, 768),
+        LayerCase("minilm ffn 384->1536", "linear", 384, 1536),
+        LayerCase("minilm ffn 1536->384", "linear", 1536, 384),
+        LayerCase("linear 4096->4096", "linear", 4096, 4096),
+        LayerCase("linear 4096->11008", "linear", 4096, 11008),
+    ]
+
+
+def last_level_cache_bytes() -> int:
+    """Size of the largest CPU cache (from sysfs), or 32 MiB when it cannot be read."""
+    best = 0
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    for index in base.glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        unit = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1], 1)
+        best = max(best, int(text.rstrip("KMG")) * unit)
+    return best or 32 * 1024**2
+
+
+def _time(fn: Callable[[int], Any], warmup: int, repeats: int) -> list[float]:
+    for i in range(warmup):
+        fn(i)
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _summary(times: list[float]) -> dict[str, float]:
+    qs = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    return {"median_ms": 1e3 * statistics.median(times), "p10_ms": 1e3 * qs[0], "p90_ms": 1e3 * qs[-1]}
+
+
+def _rotating(layers: list[nn.Module], x: torch.Tensor) -> Callable[[int], Any]:
+    """Call i runs copy i mod len(layers): consecutive calls never find the weights in cache."""
+    return lambda i: layers[i % len(layers)](x)
+
+
+def _caller(net: nn.Module, inputs: Any) -> Callable[[int], Any]:
+    return (lambda i: net(**inputs)) if isinstance(inputs, dict) else (lambda i: net(inputs))
+
+
+def _sparse_layer(case: LayerCase, pattern, seed: int) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    if case.kind == "linear":
+        layer = nn.Linear(case.in_ch, case.out_ch)
+    else:
+        layer = nn.Conv2d(case.in_ch, case.out_ch, case.kernel, case.stride, case.kernel // 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * 0.02)
+        layer.weight.mul_(compute_mask(layer.weight, pattern, absolute=True))
+    return layer.eval()
+
+
+def _fits(case: LayerCase, pattern) -> bool:
+    try:
+        shape = (case.out_ch, case.in_ch) if case.kind == "linear" else (case.out_ch, case.in_ch, case.kernel, case.kernel)
+        pattern.check_shape(shape)
+        return True
+    except ValueError:
+        return False
+
+
+def run_layer_suite(patterns: list[str], batches: list[int], repeats: int = 20, warmup: int = 3,
+                    cases: list[LayerCase] | None = None, progress: str = "auto") -> list[dict[str, Any]]:
+    """Time every (case, pattern, batch): dense nn.Linear/Conv2d vs the converted sparse module."""
+    llc = last_level_cache_bytes()
+    cases = cases or layer_cases()
+    plan = [(c, parse_pattern(p), b) for c in cases for p in patterns for b in batches if _fits(c, parse_pattern(p))]
+    bar = Progress(len(plan), 0, progress, 1, True)
+    rows = []
+    for index, (case, pattern, batch) in enumerate(plan):
+        dense = _sparse_layer(case, pattern, index)
+        weight_bytes = dense.weight.numel() * 4
+        rotate = batch <= 8
+        copies = max(1, math.ceil(2 * llc / weight_bytes)) if rotate else 1
+        dense_layers = [dense] + [copy.deepcopy(dense) for _ in range(copies - 1)]
+        sparse_layers = [convert(nn.Sequential(copy.deepcopy(d)), {"0": pattern})[0][0] for d in dense_layers]
+        sparse_copies = max(1, math.ceil(2 * llc / sparse_layers[0].weight_nbytes)) if rotate else 1
+        while len(sparse_layers) < sparse_copies:
+            sparse_layers.append(copy.deepcopy(sparse_layers[len(sparse_layers) % copies]))
+        if case.kind == "linear":
+            x = torch.randn(batch, case.in_ch)
+        else:
+            x = torch.randn(batch, case.in_ch, case.size, case.size)
+        with torch.no_grad():
+            err = float((sparse_layers[0](x) - dense_layers[0](x)).abs().max() / dense_layers[0](x).abs().max())
+            t_dense = _time(_rotating(dense_layers, x), warmup, repeats)
+            t_sparse = _time(_rotating(sparse_layers, x), warmup, repeats)
+        d, s = _summary(t_dense), _summary(t_sparse)
+        rows.append({
+            "case": case.name, "pattern": str(pattern), "batch": batch, "dense": d, "sparse": s,
+            "speedup": d["median_ms"] / s["median_ms"], "max_rel_error": err,
+            "weight_bytes_dense": weight_bytes, "weight_bytes_sparse": sparse_layers[0].weight_nbytes,
+            "rotated_copies": {"dense": len(dense_layers), "sparse": len(sparse_layers)} if rotate else None,
+        })
+        bar.update(index + 1, f"{case.name} {pattern} b{batch}: {rows[-1]['speedup']:.2f}x")
+        del dense_layers, sparse_layers
+    bar.close()
+    return rows
+
+
+def _model(name: str):
+    """``(model, example input, Selection)`` of a model-suite entry (random weights, offline)."""
+    from .models import build_model, example_input
+    from .select import Selection
+
+    if name == "minilm":
+        model, source = build_model("hf:minilm")
+        layers: tuple[str, ...] = ("ff", "attention")
+    else:
+        model, source = build_model(f"timm:{name}")
+        layers = ("conv",) if "resnet" in name else ("ff", "attention")
+    model.eval()
+    return model, example_input(model, source, batch=1), Selection(layers=layers)
+
+
+def run_model_suite(patterns: list[str], models: list[str], repeats: int = 10, warmup: int = 2,
+                    progress: str = "auto") -> list[dict[str, Any]]:
+    """End-to-end batch-1 latency of whole models: dense vs magnitude-pruned and converted."""
+    from .oneshot import prune
+
+    rows = []
+    plan = [(m, p) for m in models for p in patterns]
+    bar = Progress(len(plan), 0, progress, 1, True)
+    for index, (name, spec) in enumerate(plan):
+        model, inputs, selection = _model(name)
+        result = prune(model, spec, "magnitude", selection)
+        dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        sparse_model, conv_rows = convert(copy.deepcopy(model), {e["fqn"]: e["pattern"] for e in result.layers},
+                                          infer=False)
+        with torch.no_grad():
+            t_dense = _summary(_time(_caller(model, inputs), warmup, repeats))
+            t_sparse = _summary(_time(_caller(sparse_model, inputs), warmup, repeats))
+        converted = [r for r in conv_rows if r.converted]
+        sparse_bytes = dense_bytes - sum(r.dense_bytes - r.packed_bytes for r in converted)
+        rows.append({"model": name, "pattern": spec, "layers": ",".join(selection.layers), "batch": 1,
+                     "dense": t_dense, "sparse": t_sparse, "speedup": t_dense["median_ms"] / t_sparse["median_ms"],
+                     "converted_layers": len(converted), "sparse_layers": len(result.layers),
+                     "weight_bytes_dense": dense_bytes, "weight_bytes_sparse": sparse_bytes,
+                     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+        bar.update(index + 1, f"{name} {spec}: {rows[-1]['speedup']:.2f}x")
+        del model, sparse_model
+    bar.close()
+    return rows
+
+
+def write_report(rows: list[dict[str, Any]], out_dir: str | Path, suite: str, meta: dict[str, Any]) -> dict[str, Path]:
+    """JSON, Markdown and PNG of a suite's rows."""
+    from ._io import atomic_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"bench_{suite}.json", "md": out / f"bench_{suite}.md", "png": out / f"bench_{suite}.png"}
+    with atomic_file(paths["json"]) as tmp:
+        tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    key = "case" if suite == "layers" else "model"
+    lines = [f"threads {meta['threads']}, float32; {meta['note']}", "",
+             f"| {key} | pattern | batch | dense ms (p10-p90) | sparse ms (p10-p90) | speedup | weight MB dense -> sparse |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        d, s = r["dense"], r["sparse"]
+        lines.append(f"| {r[key]} | {r['pattern']} | {r['batch']} | {d['median_ms']:.3f} ({d['p10_ms']:.3f}-{d['p90_ms']:.3f}) "
+                     f"| {s['median_ms']:.3f} ({s['p10_ms']:.3f}-{s['p90_ms']:.3f}) | {r['speedup']:.2f}x "
+                     f"| {r['weight_bytes_dense'] / 1e6:.1f} -> {r['weight_bytes_sparse'] / 1e6:.1f} |")
+    with atomic_file(paths["md"]) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    _plot(rows, key, paths["png"])
+    return paths
+
+
+def _plot(rows: list[dict[str, Any]], key: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r[key]} | {r['pattern']} | b{r['batch']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 0.28 * len(rows) + 1.2))
+    colors = ["#4c72b0" if r["speedup"] >= 1 else "#c44e52" for r in rows]
+    ax.barh(labels[::-1], [r["speedup"] for r in rows][::-1], color=colors[::-1])
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("speedup over dense PyTorch (median)")
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine_meta(threads: int, note: str) -> dict[str, Any]:
+    return {"threads": threads, "torch": torch.__version__, "cpu_count": os.cpu_count(),
+            "last_level_cache_bytes": last_level_cache_bytes(), "note": note}

@@ -1,0 +1,67 @@
+"""``nmsparse bench``: dense PyTorch vs the sparse runtime, timed in one process and harness."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .errors import CliError
+
+DEFAULT_PATTERNS = {"layers": "1x16:0.25,1x16:0.5,2:4", "models": "1x16:0.25,2:4"}
+DEFAULT_BATCHES = "1,8,64"
+DEFAULT_MODELS = "resnet50,vit_small_patch16_224,minilm"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--suite", choices=["layers", "models"], default="layers",
+                        help="layers: single layers of real models; models: whole models end to end at batch 1")
+    parser.add_argument("--pattern", help="comma-separated patterns (default: layers "
+                        f"{DEFAULT_PATTERNS['layers']}; models {DEFAULT_PATTERNS['models']})")
+    parser.add_argument("--batch", default=DEFAULT_BATCHES, help="comma-separated batch sizes (rows or images)")
+    parser.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated models of the model suite "
+                        "(timm names, or minilm)")
+    parser.add_argument("--case", action="append", default=[], help="only layer cases whose name contains this")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls per case")
+    parser.add_argument("--out", default="bench", help="directory for bench_<suite>.{json,md,png}")
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CliError(f"--{what} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise CliError(f"--{what} needs positive integers, got {text!r}")
+    return values
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench import layer_cases, machine_meta, run_layer_suite, run_model_suite, write_report
+    from ..pattern import parse_pattern
+
+    if args.threads:
+        if args.threads < 1:
+            raise CliError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    patterns = [p.strip() for p in (args.pattern or DEFAULT_PATTERNS[args.suite]).split(",") if p.strip()]
+    for p in patterns:
+        parse_pattern(p)  # PatternError is a one-line user error
+    if args.repeats < 2:
+        raise CliError("--repeats must be >= 2 (the report gives a median and a spread)")
+    threads = torch.get_num_threads()
+    if args.suite == "layers":
+        cases = [c for c in layer_cases() if not args.case or any(k in c.name for k in args.case)]
+        if not cases:
+            raise CliError(f"no layer case matches {args.case}; cases: {', '.join(c.name for c in layer_cases())}")
+        rows = run_layer_suite(patterns, _ints(args.batch, "batch"), args.repeats, cases=cases)
+        note = "batch <= 8 cases rotate weight copies beyond the last-level cache"
+    else:
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        rows = run_model_suite(patterns, models, args.repeats)
+        note = "whole models at batch 1, random weights pruned by magnitude; eligible layers converted"
+    paths = write_report(rows, args.out, args.suite, machine_meta(threads, note))
+    print(paths["md"].read_text())
+    print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
+    return 0

@@ -1,0 +1,142 @@
+"""CPU kernels of the sparse runtime (numba, parallel over output rows, float32).
+
+Why numba: it is already the project's CPU kernel technology (the mask kernels), compiles at first
+use without a C++ toolchain on the user's machine, caches the machine code on disk, and its
+``prange`` gives OpenMP-style threading over output block rows, where the uniform 1xN layout puts
+equal work on every thread.
+
+Layouts (see :mod:`nmsparse.runtime.formats`):
+
+* 1xN blocks: ``cols[R, K]`` int32 input columns kept by block row r, ``vals[R, K, B]`` the B output
+  weights of each kept block, contiguous. ``y[b, r*B + t] = sum_k x[b, cols[r, k]] * vals[r, k, t]``.
+* n:m: ``vals[O, J]`` kept weights of output row o (n per group of m, J = in * n / m) and
+  ``offs[O, J]`` uint8 positions inside their group: the input column of entry j is
+  ``(j // n) * m + offs[o, j]``. One byte of index per kept value.
+
+Inputs arrive transposed, ``xt[in, batch]``, so the values a kept column contributes to a tile of
+batch rows are contiguous. Block kernels keep a ``[batch tile, B]`` accumulator that stays in
+vector registers (B and the tile are compile-time constants of each specialised kernel) and reuse
+every loaded weight vector across the batch tile.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+_BATCH_TILE = 8
+
+
+def _make_block_kernel(block: int):
+    tile = _BATCH_TILE
+
+    @njit(parallel=True, fastmath=True, cache=False, nogil=True)
+    def kernel(xt, cols, vals, out):  # pragma: no cover - compiled
+        rows, kept = cols.shape
+        batch = xt.shape[1]
+        for r in prange(rows):
+            acc = np.zeros((tile, block), dtype=np.float32)
+            for b0 in range(0, batch, tile):
+                nb = min(tile, batch - b0)
+                acc[:, :] = 0.0
+                if nb == tile:
+                    for k in range(kept):
+                        c = cols[r, k]
+                        for bb in range(tile):
+                            xv = xt[c, b0 + bb]
+                            for t in range(block):
+                                acc[bb, t] += xv * vals[r, k, t]
+                else:
+                    for k in range(kept):
+                        c = cols[r, k]
+                        for bb in range(nb):
+                            xv = xt[c, b0 + bb]
+                            for t in range(block):
+                                acc[bb, t] += xv * vals[r, k, t]
+                for bb in range(nb):
+                    for t in range(block):
+                        out[b0 + bb, r * block + t] = acc[bb, t]
+
+    return kernel
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _block_gemv(x, cols, vals, out):  # pragma: no cover - compiled
+    """Batch-1 1xN product: one weight vector per kept block, one input scalar."""
+    rows, kept = cols.shape
+    block = vals.shape[2]
+    for r in prange(rows):
+        acc = np.zeros(block, dtype=np.float32)
+        for k in range(kept):
+            xv = x[cols[r, k]]
+            for t in range(block):
+                acc[t] += xv * vals[r, k, t]
+        for t in range(block):
+            out[r * block + t] = acc[t]
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _nm_gemv(x, offs, vals, n, m, out):  # pragma: no cover - compiled
+    """Batch-1 n:m product: per output row, a gather of the n kept inputs of every group of m."""
+    rows, kept = offs.shape
+    groups = kept // n
+    for o in prange(rows):
+        acc = np.float32(0.0)
+        for g in range(groups):
+            base = g * m
+            for q in range(n):
+                j = g * n + q
+                acc += vals[o, j] * x[base + offs[o, j]]
+        out[o] = acc
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _nm_gemm(xt, offs, vals, n, m, out):  # pragma: no cover - compiled
+    """n:m product for a batch: each kept weight scales one contiguous input row slice."""
+    rows, kept = offs.shape
+    groups = kept // n
+    batch = xt.shape[1]
+    for o in prange(rows):
+        acc = np.zeros(batch, dtype=np.float32)
+        for g in range(groups):
+            base = g * m
+            for q in range(n):
+                j = g * n + q
+                w = vals[o, j]
+                c = base + offs[o, j]
+                for b in range(batch):
+                    acc[b] += w * xt[c, b]
+        for b in range(batch):
+            out[b, o] = acc[b]
+
+
+_BLOCK_KERNELS: dict[int, object] = {}
+
+
+def block_matmul(x: np.ndarray, cols: np.ndarray, vals: np.ndarray) -> np.ndarray:
+    """``x[batch, in] @ W.T`` for a 1xN-packed W; returns ``[batch, out]`` float32."""
+    rows, _, block = vals.shape
+    batch = x.shape[0]
+    if batch == 1:
+        out = np.empty(rows * block, dtype=np.float32)
+        _block_gemv(np.ascontiguousarray(x[0]), cols, vals, out)
+        return out.reshape(1, -1)
+    kernel = _BLOCK_KERNELS.get(block)
+    if kernel is None:
+        kernel = _BLOCK_KERNELS[block] = _make_block_kernel(block)
+    out = np.empty((batch, rows * block), dtype=np.float32)
+    kernel(np.ascontiguousarray(x.T), cols, vals, out)
+    return out
+
+
+def nm_matmul(x: np.ndarray, offs: np.ndarray, vals: np.ndarray, n: int, m: int) -> np.ndarray:
+    """``x[batch, in] @ W.T`` for an n:m-packed W; returns ``[batch, out]`` float32."""
+    rows = offs.shape[0]
+    batch = x.shape[0]
+    if batch == 1:
+        out = np.empty(rows, dtype=np.float32)
+        _nm_gemv(np.ascontiguousarray(x[0]), offs, vals, n, m, out)
+        return out.reshape(1, -1)
+    out = np.empty((batch, rows), dtype=np.float32)
+    _nm_gemm(np.ascontiguousarray(x.T), offs, vals, n, m, out)
+    return out

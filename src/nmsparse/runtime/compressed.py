@@ -1,0 +1,132 @@
+"""The compressed export layout: kept values plus compact indices, with the manifest.
+
+``model.safetensors`` holds, for every converted layer, ``<fqn>.vals`` and ``<fqn>.cols`` (1xN
+blocks) or ``<fqn>.offs`` (n:m, one uint8 per kept value), and every other tensor as in a dense
+export. ``manifest.json`` is the dense export's manifest with ``layout: compressed`` and, per
+converted layer, how it was packed. :func:`load_compressed` rebuilds the architecture from the
+manifest's model source and puts the packed layers in place: it needs the model library (timm,
+torchvision or transformers), numba and safetensors, not nmsparse's training stack.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._io import atomic_dir
+from ..export.manifest import MANIFEST_NAME, WEIGHTS_NAME, ExportError
+from .convert import _set_module, convert
+from .formats import BlockPacked, NMPacked
+from .modules import SparseConv2d, SparseLinear
+
+__all__ = ["save_compressed", "load_compressed", "LAYOUT", "pack_bits", "unpack_bits"]
+
+LAYOUT = "compressed"
+
+
+def offset_bits(m: int) -> int:
+    """Bits stored per n:m offset in the file: ceil(log2 m) rounded up to 1, 2, 4 or 8."""
+    need = max(1, (m - 1).bit_length())
+    return next(b for b in (1, 2, 4, 8) if b >= need)
+
+
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack small unsigned integers (< 2**bits) into bytes, 8 / bits per byte, little end first."""
+    per = 8 // bits
+    flat = values.astype(np.uint8).ravel()
+    padded = np.zeros(-(-flat.size // per) * per, dtype=np.uint8)
+    padded[: flat.size] = flat
+    lanes = padded.reshape(-1, per).astype(np.uint16) << (np.arange(per, dtype=np.uint16) * bits)
+    return lanes.sum(axis=1).astype(np.uint8)
+
+
+def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits` for ``count`` values."""
+    per = 8 // bits
+    lanes = (packed[:, None].astype(np.uint16) >> (np.arange(per, dtype=np.uint16) * bits)) & ((1 << bits) - 1)
+    return lanes.ravel()[:count].astype(np.uint8)
+
+
+def _is_compressed(path: Path) -> bool:
+    try:
+        return json.loads((path / MANIFEST_NAME).read_text()).get("layout") == LAYOUT
+    except (OSError, ValueError):
+        return False
+
+
+def save_compressed(export_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """Write the compressed layout of a (dense-with-zeros) export; returns the size report."""
+    from safetensors.torch import save_file
+
+    from ..export import read_manifest
+
+    export_dir, out_dir = Path(export_dir), Path(out_dir)
+    manifest = read_manifest(export_dir)
+    model, rows = convert(export_dir, infer=False)  # patterns from the manifest
+    packing = {}
+    for fqn, module in model.named_modules():
+        if isinstance(module, (SparseLinear, SparseConv2d)):
+            packed = module.packed
+            packing[fqn] = {"kind": module.kind, "order": getattr(module, "order", "chw"), "shape": list(packed.shape),
+                            **({"n": packed.n, "m": packed.m} if isinstance(packed, NMPacked) else {"block": packed.block})}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    for fqn, info in packing.items():  # n:m offsets: a few bits each in the file, a byte each in memory
+        if info["kind"] == "nm":
+            bits = offset_bits(info["m"])
+            info["offset_bits"] = bits
+            state[f"{fqn}.offs"] = torch.from_numpy(pack_bits(state[f"{fqn}.offs"].numpy(), bits))
+    new_manifest = dict(manifest, layout=LAYOUT, packing=packing)
+    with atomic_dir(out_dir, replaceable=_is_compressed) as tmp:
+        save_file(state, str(tmp / WEIGHTS_NAME))
+        (tmp / MANIFEST_NAME).write_text(json.dumps(new_manifest, indent=1) + "\n")
+    dense_size = (export_dir / WEIGHTS_NAME).stat().st_size
+    size = (out_dir / WEIGHTS_NAME).stat().st_size
+    return {"dense_bytes": dense_size, "compressed_bytes": size, "ratio": size / dense_size,
+            "packed_layers": len(packing), "layers_left_dense": [r.as_dict() for r in rows if not r.converted and r.pattern]}
+
+
+@torch.no_grad()
+def load_compressed(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model from a compressed export, packed layers running on the CPU kernels.
+
+    Raises:
+        ExportError: not a compressed export, or tensors that do not fit the architecture.
+    """
+    from safetensors.torch import load_file
+
+    from ..models import ModelError, build_model
+
+    directory = Path(directory)
+    if not _is_compressed(directory):
+        raise ExportError(f"{directory} is not a compressed nmsparse export (manifest layout != '{LAYOUT}')")
+    manifest = json.loads((directory / MANIFEST_NAME).read_text())
+    options = dict(manifest["model"].get("options", {}))
+    try:
+        model, _ = build_model(manifest["model"]["source"], num_classes=options.pop("num_classes", None),
+                               in_chans=options.pop("in_chans", None), options=options)
+    except ModelError as exc:
+        raise ExportError(f"cannot rebuild the exported model: {exc}") from None
+    state = load_file(str(directory / WEIGHTS_NAME))
+    for fqn, info in manifest["packing"].items():
+        module = model.get_submodule(fqn)
+        shape = tuple(info["shape"])
+        vals = state.pop(f"{fqn}.vals").numpy().copy()
+        if info["kind"] == "block":
+            packed: Any = BlockPacked(state.pop(f"{fqn}.cols").numpy().copy(), vals, shape)
+        else:
+            offs = unpack_bits(state.pop(f"{fqn}.offs").numpy(), info["offset_bits"], vals.size).reshape(vals.shape)
+            packed = NMPacked(offs, vals, info["n"], info["m"], shape)
+        bias = state.pop(f"{fqn}.bias", None)
+        new = SparseLinear(packed, bias) if isinstance(module, nn.Linear) else SparseConv2d(packed, bias, module, info["order"])
+        _set_module(model, fqn, new)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    packed_keys = {f"{f}.{k}" for f in manifest["packing"] for k in ("vals", "cols", "offs", "bias")}
+    missing = [k for k in missing if k not in packed_keys]
+    if missing or unexpected:
+        raise ExportError(f"compressed weights do not fit the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval(), manifest

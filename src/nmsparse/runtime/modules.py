@@ -1,0 +1,119 @@
+"""Inference modules that run packed sparse weights with the CPU kernels (float32, no autograd).
+
+:class:`SparseLinear` multiplies ``[..., in]`` inputs directly. :class:`SparseConv2d` runs a 1x1
+convolution (stride 1, no padding) as a per-pixel GEMM without im2col, and other kernels through
+``unfold`` (im2col) in the column order the packed weight uses. Both accept any input layout
+(non-contiguous, channels-last) and any batch size, and give the dense-with-zeros layer's output
+within float32 summation-order differences.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._topk_cpu import torch_threads
+from . import _kernels
+from .formats import BlockPacked, NMPacked
+
+__all__ = ["SparseLinear", "SparseConv2d", "packed_matmul"]
+
+Packed = BlockPacked | NMPacked
+
+
+def packed_matmul(x2d: torch.Tensor, packed: Packed) -> torch.Tensor:
+    """``x2d[rows, columns] @ W.T`` for a packed W (CPU, float32)."""
+    x = x2d.detach().to(torch.float32).contiguous().numpy()
+    with torch_threads():
+        if isinstance(packed, BlockPacked):
+            y = _kernels.block_matmul(x, packed.cols, packed.vals)
+        else:
+            y = _kernels.nm_matmul(x, packed.offs, packed.vals, packed.n, packed.m)
+    return torch.from_numpy(y)
+
+
+class _PackedModule(nn.Module):
+    def _register_packed(self, packed: Packed, bias: torch.Tensor | None) -> None:
+        self.packed = packed
+        self.kind = "block" if isinstance(packed, BlockPacked) else "nm"
+        # the packed arrays are also buffers, so .state_dict() and .to() see them
+        if isinstance(packed, BlockPacked):
+            self.register_buffer("cols", torch.from_numpy(packed.cols), persistent=True)
+        else:
+            self.register_buffer("offs", torch.from_numpy(packed.offs), persistent=True)
+        self.register_buffer("vals", torch.from_numpy(packed.vals), persistent=True)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.device.type != "cpu":
+            raise RuntimeError(f"{type(self).__name__} runs on the CPU; got an input on {x.device}")
+
+    @property
+    def weight_nbytes(self) -> int:
+        return self.packed.nbytes
+
+
+class SparseLinear(_PackedModule):
+    """A Linear layer with a packed sparse weight."""
+
+    def __init__(self, packed: Packed, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = packed.shape
+        self._register_packed(packed, bias)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        lead = x.shape[:-1]
+        y = packed_matmul(x.reshape(-1, self.in_features), self.packed)
+        if self.bias is not None:
+            y += self.bias
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, kind={self.kind}"
+
+
+class SparseConv2d(_PackedModule):
+    """A Conv2d (groups = 1, zero padding) with a packed sparse weight.
+
+    Args:
+        packed: the packed ``[out, in * kh * kw]`` matrix, columns in ``order``.
+        order: ``"chw"`` (PyTorch's flatten order, 1xN blocks) or ``"hwc"`` (n:m along input channels).
+    """
+
+    def __init__(self, packed: Packed, bias: torch.Tensor | None, conv: nn.Conv2d, order: str) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride = conv.kernel_size, conv.stride
+        self.padding, self.dilation = conv.padding, conv.dilation
+        self.order = order
+        self._register_packed(packed, bias)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        batch, _, height, width = x.shape
+        kh, kw = self.kernel_size
+        pointwise = (kh, kw) == (1, 1) and self.padding in ((0, 0), 0) and self.dilation == (1, 1)
+        if pointwise:
+            xs = x[:, :, :: self.stride[0], :: self.stride[1]]
+            oh, ow = xs.shape[2], xs.shape[3]
+            rows = xs.permute(0, 2, 3, 1).reshape(-1, self.in_channels)  # [N*H*W, in]
+        else:
+            if isinstance(self.padding, str):
+                raise RuntimeError("string padding is not supported by SparseConv2d")
+            cols = nn.functional.unfold(x.float(), (kh, kw), self.dilation, self.padding, self.stride)  # [N, in*k*k, L]
+            oh = (height + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+            ow = (width + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+            if self.order == "hwc":
+                cols = cols.view(batch, self.in_channels, kh * kw, -1).transpose(1, 2)
+            rows = cols.reshape(batch, -1, oh * ow).transpose(1, 2).reshape(batch * oh * ow, -1)
+        y = packed_matmul(rows, self.packed)
+        if self.bias is not None:
+            y += self.bias
+        return y.view(batch, oh, ow, self.out_channels).permute(0, 3, 1, 2).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"kind={self.kind}, order={self.order}")
