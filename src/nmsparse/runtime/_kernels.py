@@ -13,10 +13,11 @@ Layouts (see :mod:`nmsparse.runtime.formats`):
   ``offs[O, J]`` uint8 positions inside their group: the input column of entry j is
   ``(j // n) * m + offs[o, j]``. One byte of index per kept value.
 
-Inputs arrive transposed, ``xt[in, batch]``, so the values a kept column contributes to a tile of
-batch rows are contiguous. Block kernels keep a ``[batch tile, B]`` accumulator that stays in
-vector registers (B and the tile are compile-time constants of each specialised kernel) and reuse
-every loaded weight vector across the batch tile.
+Inputs of batched calls arrive transposed, ``xt[in, batch]``, so the values a kept column
+contributes to a tile of batch rows are contiguous and the update loops vectorise. Measured limit
+(docs/runtime.md): numba keeps the accumulator tile in memory, not in registers (about 5 GFLOP/s
+per thread against MKL's ~90 for dense sgemm), so batched products are slower than dense; the
+batch-1 products are bandwidth-bound and beat dense.
 """
 
 from __future__ import annotations
@@ -24,70 +25,64 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-_BATCH_TILE = 8
+_BATCH_TILE = 16
 
 
-def _make_block_kernel(block: int):
-    tile = _BATCH_TILE
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _block_gemm(xt, cols, vals, out):  # pragma: no cover - compiled
+    """Batch 1xN product: per block row and tile of batch rows, rank-1 updates of a [B, tile]
+    accumulator (batch innermost and contiguous, so the update loop vectorises)."""
+    rows, kept = cols.shape
+    block = vals.shape[2]
+    batch = xt.shape[1]
+    for r in prange(rows):
+        acc = np.empty((block, _BATCH_TILE), dtype=np.float32)
+        for b0 in range(0, batch, _BATCH_TILE):
+            nb = min(_BATCH_TILE, batch - b0)
+            acc[:, :] = 0.0
+            for k in range(kept):
+                c = cols[r, k]
+                for t in range(block):
+                    w = vals[r, k, t]
+                    for b in range(nb):
+                        acc[t, b] += w * xt[c, b0 + b]
+            for b in range(nb):
+                for t in range(block):
+                    out[b0 + b, r * block + t] = acc[t, b]
 
+
+def _make_block_gemv(block: int):
     @njit(parallel=True, fastmath=True, cache=False, nogil=True)
-    def kernel(xt, cols, vals, out):  # pragma: no cover - compiled
+    def kernel(x, cols, vals, out):  # pragma: no cover - compiled
+        """Batch-1 1xN product: one weight vector per kept block, one input scalar."""
         rows, kept = cols.shape
-        batch = xt.shape[1]
         for r in prange(rows):
-            acc = np.zeros((tile, block), dtype=np.float32)
-            for b0 in range(0, batch, tile):
-                nb = min(tile, batch - b0)
-                acc[:, :] = 0.0
-                if nb == tile:
-                    for k in range(kept):
-                        c = cols[r, k]
-                        for bb in range(tile):
-                            xv = xt[c, b0 + bb]
-                            for t in range(block):
-                                acc[bb, t] += xv * vals[r, k, t]
-                else:
-                    for k in range(kept):
-                        c = cols[r, k]
-                        for bb in range(nb):
-                            xv = xt[c, b0 + bb]
-                            for t in range(block):
-                                acc[bb, t] += xv * vals[r, k, t]
-                for bb in range(nb):
-                    for t in range(block):
-                        out[b0 + bb, r * block + t] = acc[bb, t]
+            acc = np.zeros(block, dtype=np.float32)
+            for k in range(kept):
+                xv = x[cols[r, k]]
+                for t in range(block):
+                    acc[t] += xv * vals[r, k, t]
+            for t in range(block):
+                out[r * block + t] = acc[t]
 
     return kernel
 
 
-@njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _block_gemv(x, cols, vals, out):  # pragma: no cover - compiled
-    """Batch-1 1xN product: one weight vector per kept block, one input scalar."""
-    rows, kept = cols.shape
-    block = vals.shape[2]
-    for r in prange(rows):
-        acc = np.zeros(block, dtype=np.float32)
-        for k in range(kept):
-            xv = x[cols[r, k]]
-            for t in range(block):
-                acc[t] += xv * vals[r, k, t]
-        for t in range(block):
-            out[r * block + t] = acc[t]
+def _make_nm_gemv(n: int, m: int):
+    @njit(parallel=True, fastmath=True, cache=False, nogil=True)
+    def kernel(x, offs, vals, out):  # pragma: no cover - compiled
+        """Batch-1 n:m product: per output row, a gather of the n kept inputs of every group of m."""
+        rows, kept = offs.shape
+        groups = kept // n
+        for o in prange(rows):
+            acc = np.float32(0.0)
+            for g in range(groups):
+                for q in range(n):
+                    j = g * n + q
+                    acc += vals[o, j] * x[g * m + offs[o, j]]
+            out[o] = acc
 
-
-@njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _nm_gemv(x, offs, vals, n, m, out):  # pragma: no cover - compiled
-    """Batch-1 n:m product: per output row, a gather of the n kept inputs of every group of m."""
-    rows, kept = offs.shape
-    groups = kept // n
-    for o in prange(rows):
-        acc = np.float32(0.0)
-        for g in range(groups):
-            base = g * m
-            for q in range(n):
-                j = g * n + q
-                acc += vals[o, j] * x[base + offs[o, j]]
-        out[o] = acc
+    return kernel
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
@@ -110,7 +105,15 @@ def _nm_gemm(xt, offs, vals, n, m, out):  # pragma: no cover - compiled
             out[b, o] = acc[b]
 
 
-_BLOCK_KERNELS: dict[int, object] = {}
+_KERNELS: dict[tuple, object] = {}
+
+
+def _kernel(key: tuple, make):
+    """Kernels specialised on their small constants (block size, n, m) so loops unroll and vectorise."""
+    kernel = _KERNELS.get(key)
+    if kernel is None:
+        kernel = _KERNELS[key] = make(*key[1:])
+    return kernel
 
 
 def block_matmul(x: np.ndarray, cols: np.ndarray, vals: np.ndarray) -> np.ndarray:
@@ -119,13 +122,10 @@ def block_matmul(x: np.ndarray, cols: np.ndarray, vals: np.ndarray) -> np.ndarra
     batch = x.shape[0]
     if batch == 1:
         out = np.empty(rows * block, dtype=np.float32)
-        _block_gemv(np.ascontiguousarray(x[0]), cols, vals, out)
+        _kernel(("block_gemv", block), _make_block_gemv)(np.ascontiguousarray(x[0]), cols, vals, out)
         return out.reshape(1, -1)
-    kernel = _BLOCK_KERNELS.get(block)
-    if kernel is None:
-        kernel = _BLOCK_KERNELS[block] = _make_block_kernel(block)
     out = np.empty((batch, rows * block), dtype=np.float32)
-    kernel(np.ascontiguousarray(x.T), cols, vals, out)
+    _block_gemm(np.ascontiguousarray(x.T), cols, vals, out)
     return out
 
 
@@ -135,7 +135,7 @@ def nm_matmul(x: np.ndarray, offs: np.ndarray, vals: np.ndarray, n: int, m: int)
     batch = x.shape[0]
     if batch == 1:
         out = np.empty(rows, dtype=np.float32)
-        _nm_gemv(np.ascontiguousarray(x[0]), offs, vals, n, m, out)
+        _kernel(("nm_gemv", n, m), _make_nm_gemv)(np.ascontiguousarray(x[0]), offs, vals, out)
         return out.reshape(1, -1)
     out = np.empty((batch, rows), dtype=np.float32)
     _nm_gemm(np.ascontiguousarray(x.T), offs, vals, n, m, out)
