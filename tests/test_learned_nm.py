@@ -117,3 +117,34 @@ def test_temperature_anneal_and_errors(tiny_vit):
     bad = Sparsifier("learned_nm", "2:4", Selection(layers=("qkv",), rules=(Rule.parse("re:.*qkv=2:4,2:4,1:4"),)))
     with pytest.raises(MethodError, match="one n:m pattern per layer"):
         bad.prepare(tiny_vit)
+
+
+def test_padded_im2col_groups_on_a_stem_conv(tmp_path):
+    """'2:4@flat+pad': a 3x7x7 stem (147 columns per row) is padded to 148 instead of skipped."""
+    from nmsparse.export import load_export, save_export
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 7, padding=3), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    fresh = copy_of(model)
+    plain = Sparsifier("learned_nm", "2:4@flat", Selection(keep_first_conv=False))
+    plain.prepare(copy_of(model), total_steps=4)
+    assert "0" not in plain.layers  # not a multiple of 4: skipped with the reason
+    sp = Sparsifier("learned_nm", "2:4@flat+pad", Selection(keep_first_conv=False))
+    sp.prepare(model, total_steps=4)
+    assert "0" in sp.layers and str(sp.layers["0"].patterns[0]) == "2:4@flat+pad"
+    pattern = parse_pattern("2:4@flat+pad")
+    for _ in range(3):
+        sample = sp.layers["0"].parametrization(torch.ones(8, 3, 7, 7))
+        assert is_nm(sample, pattern)
+    rows = sp.layers["0"].mask.reshape(8, -1)
+    assert rows.shape[1] == 147 and int(rows[:, 144:].sum(1).max()) <= 2  # the last group spans the pad
+    entries = sp.squash()
+    out = save_export(model, tmp_path / "e", entries, {"source": "test", "options": {}})
+    reloaded, manifest = load_export(out, model=fresh)
+    assert {e["pattern"] for e in manifest["layers"]} == {"2:4@flat+pad"}
+
+
+def copy_of(model):
+    import copy
+
+    return copy.deepcopy(model)

@@ -84,3 +84,38 @@ def test_prune_cli_reports_permutation(tmp_path, capsys):
     rows = report["permutation"]
     assert rows and all(r["kept_after"] >= r["kept_before"] for r in rows)
     assert any(r["folded_into"] for r in rows)
+
+
+def test_unfoldable_layers_get_an_input_map_that_travels_through_export_and_runtime(tmp_path):
+    from nmsparse.export import load_export, save_export
+    from nmsparse.oneshot import prune
+    from nmsparse.permute import input_map
+    from nmsparse.runtime import SparseConv2d, convert
+
+    torch.manual_seed(0)
+    model = Chain().eval()
+    _randomise_bn(model)
+    with torch.no_grad():
+        model.conv3.weight.mul_(torch.linspace(0.1, 3.0, 16).view(1, 16, 1, 1)[:, torch.randperm(16)])
+    fresh = Chain()
+    fresh.load_state_dict(model.state_dict())
+    x = torch.randn(3, 4, 8, 8)
+    reference = model(x)
+    rows = {r.fqn: r for r in permute_channels(model, "2:4", Selection(keep_first_conv=False))}
+    assert rows["conv3"].input_map and rows["conv3"].gain > 0 and input_map(model.conv3) is not None
+    assert torch.allclose(model(x), reference, atol=1e-5)
+    skipped = Chain()
+    skipped.load_state_dict(fresh.state_dict())
+    assert not {r.fqn: r for r in permute_channels(skipped, "2:4", Selection(keep_first_conv=False),
+                                                   unfoldable="skip")}["conv3"].input_map
+    result = prune(model, "2:4", "magnitude", Selection(keep_first_conv=False))
+    entry = next(e for e in result.layers if e["fqn"] == "conv3")
+    assert entry["input_permutation"] == input_map(model.conv3)
+    pruned_out = model(x)
+    out = save_export(model, tmp_path / "e", result.layers, {"source": "test", "options": {}})
+    reloaded, _ = load_export(out, model=Chain())
+    assert torch.allclose(reloaded(x), pruned_out, atol=1e-6)
+    runtime, conv_rows = convert(reloaded)
+    assert isinstance(runtime.conv3, SparseConv2d) and runtime.conv3.input_perm is not None
+    with torch.no_grad():
+        assert torch.allclose(runtime(x), pruned_out, atol=1e-4, rtol=1e-4)

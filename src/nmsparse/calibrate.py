@@ -27,6 +27,7 @@ from .method import CalibratedMethod, LayerStats, Method, MethodError, build_met
 from .pattern import Pattern
 from .progress import Progress
 from .select import LayerChoice, Selection, select_layers
+from .permute import input_map
 from .sparsifier import layer_entry
 
 __all__ = ["CalibratedResult", "prune_calibrated", "find_blocks", "run_model"]
@@ -228,7 +229,7 @@ def prune_calibrated(
         if rest:  # e.g. a pooler or head outside the blocks: one pass with the blocks already pruned
             stats = _collect(rest, built, lambda: [run_model(model, b) for b in batches], _HESSIAN_MAX_COLUMNS_BLOCK)
             report += [_prune_layer(c, built, stats[c.fqn]) for c in rest]
-    layers = [layer_entry(c.fqn, c.module.weight, c.patterns) for c in selected]
+    layers = [layer_entry(c.fqn, c.module.weight, c.patterns, input_map(c.module)) for c in selected]
     skipped = [{"fqn": c.fqn, "reason": c.skip_reason or ""} for c in choices if not c.selected]
     report += [{"fqn": c.fqn, "shape": list(c.module.weight.shape), "pattern": None,
                 "density": float((c.module.weight != 0).float().mean()), "verified": None,

@@ -44,7 +44,11 @@ def to_groups(tensor: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
     pattern.check_shape(tuple(tensor.shape))
     axis = _moved_axis(pattern)
     if axis is None:  # flat: each output row in PyTorch (in, kh, kw) order
-        return tensor.reshape(-1, pattern.m)
+        rows = tensor.reshape(tensor.shape[0], -1)
+        extra = -rows.shape[1] % pattern.m
+        if extra:  # '+pad': zeros at the end of every row
+            rows = torch.nn.functional.pad(rows, (0, extra))
+        return rows.reshape(-1, pattern.m)
     # e.g. conv [out, in, kh, kw] -> [out, kh, kw, in] -> [G, m]
     return tensor.movedim(axis, -1).reshape(-1, pattern.m)
 
@@ -53,7 +57,10 @@ def from_groups(groups: torch.Tensor, shape: tuple[int, ...] | torch.Size, patte
     """Inverse of :func:`to_groups` for a weight of ``shape``."""
     axis = _moved_axis(pattern)
     if axis is None:
-        return groups.reshape(shape)
+        width = 1
+        for d in shape[1:]:
+            width *= d
+        return groups.reshape(shape[0], -1)[:, :width].reshape(shape)
     moved = list(shape)
     moved.append(moved.pop(axis))  # shape after movedim(axis, -1)
     return groups.reshape(moved).movedim(-1, axis)
@@ -110,7 +117,7 @@ def nm_mask(scores: torch.Tensor, pattern: NMPattern, absolute: bool = False) ->
         PatternError: if the grouped width is not a multiple of m.
     """
     pattern.check_shape(tuple(scores.shape))
-    if scores.device.type == "cpu" and pattern.m <= 64:
+    if scores.device.type == "cpu" and pattern.m <= 64 and not pattern.pad:
         from . import _topk_cpu
 
         if _topk_cpu.available():  # fused kernel on the weight's own layout, no permuted copies

@@ -18,7 +18,10 @@ The *axis* says along which dimension a group of m runs:
   channels-last sparse kernels consume (NVIDIA ASP, cuSPARSELt).
 * ``"out"``: along output channels, at one ``(in, kh, kw)`` position.
 * ``"flat"``: along the flattened ``(in, kh, kw)`` order of each output row, as an im2col GEMM
-  sees it (SR-STE's original layout). Equals ``"in"`` for Linear and 1x1 convs.
+  sees it (SR-STE's original layout). Equals ``"in"`` for Linear and 1x1 convs. With ``+pad``
+  (``"2:4@flat+pad"``) a row whose length is not a multiple of m is padded with zeros at its end,
+  so its last group spans the padding (e.g. the 3x7x7 = 147 columns of a ResNet stem become 148),
+  as an im2col GEMM with a padded K dimension would hold it.
 
 This module is pure: no tensors are touched here.
 """
@@ -53,6 +56,7 @@ class NMPattern:
     n: int
     m: int
     axis: Axis = "in"
+    pad: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.n, int) or not isinstance(self.m, int) or isinstance(self.n, bool):
@@ -65,6 +69,8 @@ class NMPattern:
             )
         if self.axis not in AXES:
             raise PatternError(f"axis must be one of {', '.join(AXES)}; got {self.axis!r}")
+        if self.pad and self.axis != "flat":
+            raise PatternError(f"'+pad' applies to the flat (im2col) axis only: write '{self.n}:{self.m}@flat+pad'")
 
     @property
     def density(self) -> float:
@@ -80,10 +86,11 @@ class NMPattern:
         return self.n == self.m
 
     def with_axis(self, axis: Axis) -> NMPattern:
-        return NMPattern(self.n, self.m, axis)
+        return NMPattern(self.n, self.m, axis, self.pad and axis == "flat")
 
     def __str__(self) -> str:
-        return f"{self.n}:{self.m}" if self.axis == "in" else f"{self.n}:{self.m}@{self.axis}"
+        text = f"{self.n}:{self.m}" if self.axis == "in" else f"{self.n}:{self.m}@{self.axis}"
+        return text + ("+pad" if self.pad else "")
 
     def group_width(self, shape: tuple[int, ...]) -> int:
         """Length of the dimension the groups run along, for a weight of ``shape``."""
@@ -100,10 +107,11 @@ class NMPattern:
     def check_shape(self, shape: tuple[int, ...]) -> None:
         """Raise :class:`PatternError` unless the grouped width of ``shape`` is a multiple of m."""
         width = self.group_width(shape)
-        if width % self.m:
+        if width % self.m and not self.pad:
             raise PatternError(
                 f"grouped width {width} (axis '{self.axis}' of shape {list(shape)}) is not a multiple "
-                f"of m={self.m}; use an m that divides {width} or another axis"
+                f"of m={self.m}; use an m that divides {width}, another axis, or pad the im2col rows "
+                f"('{self.n}:{self.m}@flat+pad')"
             )
 
 
@@ -159,7 +167,7 @@ class BlockPattern:
 
 Pattern = NMPattern | BlockPattern
 
-_NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(?:@\s*(\w+))?\s*$")
+_NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(?:@\s*(\w+))?\s*(\+\s*pad)?\s*$")
 _BLOCK_RE = re.compile(r"^\s*1\s*[xX]\s*(\d+)\s*:\s*([0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)\s*$")
 
 
@@ -182,7 +190,7 @@ def parse_pattern(spec: str | Pattern, axis: Axis | None = None) -> Pattern:
     match = _NM_RE.match(spec)
     if match:
         n, m, text_axis = int(match.group(1)), int(match.group(2)), match.group(3)
-        return NMPattern(n, m, axis or text_axis or "in")  # type: ignore[arg-type]
+        return NMPattern(n, m, axis or text_axis or "in", bool(match.group(4)))  # type: ignore[arg-type]
     match = _BLOCK_RE.match(spec)
     if match:
         return BlockPattern(int(match.group(1)), float(match.group(2)))

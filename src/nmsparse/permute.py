@@ -11,7 +11,11 @@ A permutation changes the function unless the channels are permuted where they a
 its producer when the path between them is private and per-channel: producer conv/linear ->
 (batch norm, activations, dropout)* -> layer, each node with one user (the conv -> bn -> act -> conv
 chains inside timm/torchvision ResNet blocks). Layers whose input comes from a residual sum or a
-shared tensor are left in their order and reported with the reason.
+shared tensor get an *input index map* instead (``unfoldable="index_map"``, the default): their
+weight columns are permuted and a forward pre-hook gathers the input channels in the same order,
+so the function is unchanged; squash writes the map into the manifest entry
+(``input_permutation``), :func:`nmsparse.export.load_export` re-attaches the gather, and the
+runtime applies it before its kernel. With ``unfoldable="skip"`` such layers keep their order.
 """
 
 from __future__ import annotations
@@ -26,7 +30,31 @@ from torch import nn
 from .pattern import NMPattern, parse_pattern
 from .select import Selection, select_layers
 
-__all__ = ["PermutationResult", "LayerPermutation", "kept_magnitude", "search_permutation", "permute_channels"]
+__all__ = ["PermutationResult", "LayerPermutation", "kept_magnitude", "search_permutation", "permute_channels",
+           "attach_input_map", "input_map"]
+
+_ATTR = "_nmsparse_input_perm"
+
+
+def _gather_hook(module: nn.Module, args: tuple) -> tuple:
+    perm = getattr(module, _ATTR)
+    x = args[0]
+    dim = 1 if isinstance(module, nn.Conv2d) else x.dim() - 1
+    return (x.index_select(dim, perm.to(x.device)),) + tuple(args[1:])
+
+
+def attach_input_map(module: nn.Module, perm: torch.Tensor | list[int]) -> None:
+    """Make ``module`` read its input channels in the order ``perm`` (a forward pre-hook)."""
+    if getattr(module, _ATTR, None) is not None:
+        raise ValueError("this layer already has an input index map")
+    setattr(module, _ATTR, torch.as_tensor(perm, dtype=torch.long))
+    module.register_forward_pre_hook(_gather_hook)
+
+
+def input_map(module: nn.Module) -> list[int] | None:
+    """The layer's input index map, if :func:`permute_channels` gave it one."""
+    perm = getattr(module, _ATTR, None)
+    return None if perm is None else [int(i) for i in perm]
 
 
 def _columns(weight: torch.Tensor) -> torch.Tensor:
@@ -193,25 +221,31 @@ class LayerPermutation:
     kept_before: float
     kept_after: float
     reason: str = ""
+    input_map: bool = False
 
     @property
     def gain(self) -> float:
         return self.kept_after / self.kept_before - 1.0 if self.kept_before > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"fqn": self.fqn, "folded_into": self.folded_into, "kept_before": round(self.kept_before, 6),
-                "kept_after": round(self.kept_after, 6), "gain": round(self.gain, 6), "reason": self.reason}
+        return {"fqn": self.fqn, "folded_into": self.folded_into, "input_map": self.input_map,
+                "kept_before": round(self.kept_before, 6), "kept_after": round(self.kept_after, 6),
+                "gain": round(self.gain, 6), "reason": self.reason}
 
 
 @torch.no_grad()
 def permute_channels(
     model: nn.Module, pattern: str | NMPattern = "2:4", selection: Selection | None = None, max_sweeps: int = 3,
+    unfoldable: str = "index_map",
 ) -> list[LayerPermutation]:
-    """Permute the input channels of every selected n:m layer whose producer can absorb it.
+    """Permute the input channels of every selected n:m layer (folded into its producer, or through
+    an input index map; see module docstring).
 
     The model computes the same function afterwards (up to float summation order). Run it before
-    :meth:`Sparsifier.prepare`. Returns one row per selected layer (gain, producer, or why not).
+    :meth:`Sparsifier.prepare`. Returns one row per selected layer (gain, producer or map, or why not).
     """
+    if unfoldable not in ("index_map", "skip"):
+        raise ValueError(f"unfoldable must be 'index_map' or 'skip', got {unfoldable!r}")
     pattern = parse_pattern(pattern)
     choices = [c for c in select_layers(model, selection or Selection(), pattern) if c.selected]
     try:
@@ -234,12 +268,19 @@ def permute_channels(
             rows.append(LayerPermutation(choice.fqn, None, before, before, "not a plain layer call in the traced graph"))
             continue
         producer, norms, reason = _producer_chain(node, modules)
-        if producer is None or producer in claimed:
-            rows.append(LayerPermutation(choice.fqn, None, before, before, reason or "producer already permuted"))
+        if producer is not None and producer in claimed:
+            producer, reason = None, "producer already permuted for another layer"
+        if producer is None and unfoldable == "skip":
+            rows.append(LayerPermutation(choice.fqn, None, before, before, reason))
             continue
         result = search_permutation(weight, layer_pattern, max_sweeps)
         if result.after <= result.before:
             rows.append(LayerPermutation(choice.fqn, None, before, before, "no swap raised the kept magnitude"))
+            continue
+        if producer is None:  # residual or shared input: gather the input channels instead
+            choice.module.weight.data = choice.module.weight.data[:, result.perm].clone()
+            attach_input_map(choice.module, result.perm)
+            rows.append(LayerPermutation(choice.fqn, None, result.before, result.after, reason, input_map=True))
             continue
         _permute_outputs(modules[producer], result.perm)
         for norm in norms:

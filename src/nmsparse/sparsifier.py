@@ -26,6 +26,7 @@ from .mask import sliced_satisfies
 from .method import Method, build_method
 from .parametrize import MaskedWeight, attach, dense_weight, get_parametrization, is_attached, squash_module
 from .pattern import Pattern, parse_pattern
+from .permute import input_map
 from .select import LayerChoice, Selection, select_layers
 from .version import __version__
 
@@ -245,7 +246,7 @@ class Sparsifier:
         for layer in self.layers.values():
             module = modules[layer.fqn] if modules is not None else layer.module
             squash_module(module, layer.mask)
-            entries.append(layer_entry(layer.fqn, module.weight, layer.patterns))
+            entries.append(layer_entry(layer.fqn, module.weight, layer.patterns, input_map(module)))
         return entries
 
     # ------------------------------------------------------------------------------------- state
@@ -322,9 +323,11 @@ class Sparsifier:
         return rows
 
 
-def layer_entry(fqn: str, weight: torch.Tensor, patterns: tuple[Pattern, ...]) -> dict[str, Any]:
-    """A manifest entry for one sparse layer."""
+def layer_entry(fqn: str, weight: torch.Tensor, patterns: tuple[Pattern, ...],
+                input_permutation: list[int] | None = None) -> dict[str, Any]:
+    """A manifest entry for one sparse layer (with its input index map, when it has one)."""
     first = patterns[0]
+    extra = {"input_permutation": input_permutation} if input_permutation is not None else {}
     return {
         "fqn": fqn,
         "param": "weight",
@@ -333,4 +336,5 @@ def layer_entry(fqn: str, weight: torch.Tensor, patterns: tuple[Pattern, ...]) -
         "pattern": ",".join(str(p) for p in patterns) if len({str(p) for p in patterns}) > 1 else str(first),
         "slices": len(patterns),
         "axis": first.axis,
+        **extra,
     }

@@ -111,6 +111,11 @@ def load_export(directory: str | Path, model: nn.Module | None = None) -> tuple[
         raise ExportError(
             f"{weights} does not fit the model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
+    from ..permute import attach_input_map
+
+    for entry in manifest["layers"]:  # layers whose input channels are read in a permuted order
+        if entry.get("input_permutation") is not None:
+            attach_input_map(model.get_submodule(entry["fqn"]), entry["input_permutation"])
     bad = verify_weights(model, manifest["layers"])
     if bad:
         raise ExportError(f"{directory}: {len(bad)} layer(s) break the pattern in the manifest: {', '.join(bad[:5])}")

@@ -49,7 +49,7 @@ def pattern_stages(target: NMPattern, kind: str, count: int = 4) -> list[NMPatte
         kind: ``stepwise``, ``geometric``, ``densify`` or ``none`` (just the target).
         count: number of stages of ``geometric`` and ``densify``.
     """
-    n, m, axis = target.n, target.m, target.axis
+    n, m, axis, pad = target.n, target.m, target.axis, target.pad
     if kind == "none" or target.is_dense:
         return [target]
     if kind == "stepwise":
@@ -61,11 +61,11 @@ def pattern_stages(target: NMPattern, kind: str, count: int = 4) -> list[NMPatte
             half //= 2
         if ns[-1] != n:
             ns.append(n)
-        return [NMPattern(k, m, axis) for k in ns]
+        return [NMPattern(k, m, axis, pad) for k in ns]
     if kind == "geometric":
-        return [NMPattern(n * 2**j, m * 2**j, axis) for j in range(count - 1, -1, -1)]
+        return [NMPattern(n * 2**j, m * 2**j, axis, pad) for j in range(count - 1, -1, -1)]
     if kind == "densify":
-        return [NMPattern(n, m * 2**j, axis) for j in range(count - 1, -1, -1)]
+        return [NMPattern(n, m * 2**j, axis, pad) for j in range(count - 1, -1, -1)]
     raise MethodError(f"unknown stage kind {kind!r}; expected none, stepwise, geometric, densify or explicit")
 
 

@@ -131,6 +131,7 @@ class UsdOptions:
 class _LayerSearch:
     m: int
     axis: str
+    pad: bool
     candidates: tuple[int, ...]
     n: int  # scheme n (a candidate)
     n_live: int  # n of the forward mask during the search
@@ -177,7 +178,7 @@ class Usd(Method):
             cands = tuple(c for c in cands if c <= first.n)
             if not cands:
                 raise MethodError(f"{fqn}: no candidate n <= its starting {first}; candidates {list(o.candidates)}")
-            self.search[fqn] = _LayerSearch(first.m, first.axis, cands, first.n, first.n)
+            self.search[fqn] = _LayerSearch(first.m, first.axis, first.pad, cands, first.n, first.n)
             shapes[fqn] = tuple(layer.module.weight.shape)
             self.params[fqn] = layer.module.weight.numel()
         if not shapes:
@@ -217,7 +218,7 @@ class Usd(Method):
         return 1.0 - sum(weights[f] * self.density(f) for f in self.search) / total
 
     def scheme(self) -> dict[str, str]:
-        return {f: str(NMPattern(s.n, s.m, s.axis)) for f, s in self.search.items()}  # type: ignore[arg-type]
+        return {f: str(NMPattern(s.n, s.m, s.axis, s.pad)) for f, s in self.search.items()}  # type: ignore[arg-type]
 
     def _update_factors(self) -> None:
         flops = {f: self.flops.get(f, float(self.params[f])) for f in self.search}
@@ -230,7 +231,7 @@ class Usd(Method):
         changed = False
         for fqn, s in self.search.items():
             n = s.n_live if self.phase != "finetune" else s.n
-            want = (NMPattern(n, s.m, s.axis),) * len(sparsifier.layers[fqn].patterns)  # type: ignore[arg-type]
+            want = (NMPattern(n, s.m, s.axis, s.pad),) * len(sparsifier.layers[fqn].patterns)  # type: ignore[arg-type]
             if sparsifier.layers[fqn].patterns != want:
                 sparsifier.set_patterns(fqn, want)
                 changed = True
@@ -314,7 +315,7 @@ class Usd(Method):
             if s.n <= s.candidates[0]:
                 continue
             groups = to_groups(sparsifier.layers[fqn].dense_weight.detach().abs().float(),
-                               NMPattern(s.m, s.m, s.axis))  # type: ignore[arg-type]
+                               NMPattern(s.m, s.m, s.axis, s.pad))  # type: ignore[arg-type]
             if s.thresholds is None or not s.frozen:
                 s.thresholds = domino_thresholds(groups)
             if votes_to_lower(groups, s.thresholds, s.n_live, o.vote_ratio):

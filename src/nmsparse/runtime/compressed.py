@@ -72,7 +72,9 @@ def save_compressed(export_dir: str | Path, out_dir: str | Path) -> dict[str, An
     for fqn, module in model.named_modules():
         if isinstance(module, (SparseLinear, SparseConv2d)):
             packed = module.packed
+            perm = None if module.input_perm is None else [int(i) for i in module.input_perm]
             packing[fqn] = {"kind": module.kind, "order": getattr(module, "order", "chw"), "shape": list(packed.shape),
+                            "input_permutation": perm,
                             **({"n": packed.n, "m": packed.m} if isinstance(packed, NMPacked) else {"block": packed.block})}
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     for fqn, info in packing.items():  # n:m offsets: a few bits each in the file, a byte each in memory
@@ -122,7 +124,9 @@ def load_compressed(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
             offs = unpack_bits(state.pop(f"{fqn}.offs").numpy(), info["offset_bits"], vals.size).reshape(vals.shape)
             packed = NMPacked(offs, vals, info["n"], info["m"], shape)
         bias = state.pop(f"{fqn}.bias", None)
-        new = SparseLinear(packed, bias) if isinstance(module, nn.Linear) else SparseConv2d(packed, bias, module, info["order"])
+        perm = info.get("input_permutation")
+        new = (SparseLinear(packed, bias, perm) if isinstance(module, nn.Linear)
+               else SparseConv2d(packed, bias, module, info["order"], perm))
         _set_module(model, fqn, new)
     missing, unexpected = model.load_state_dict(state, strict=False)
     packed_keys = {f"{f}.{k}" for f in manifest["packing"] for k in ("vals", "cols", "offs", "bias")}

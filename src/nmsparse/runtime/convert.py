@@ -21,6 +21,7 @@ from torch import nn
 from ..export.manifest import entry_patterns
 from ..mask import is_nm
 from ..pattern import BlockPattern, NMPattern, Pattern, parse_pattern
+from ..permute import input_map
 from .formats import FormatError, gemm_matrix, pack_block, pack_nm
 from .modules import SparseConv2d, SparseLinear
 
@@ -77,9 +78,10 @@ def _convert_layer(module: nn.Module, pattern: Pattern) -> nn.Module:
             raise FormatError("n:m along output channels has no CPU kernel (use axis 'in')")
         order = "chw" if pattern.axis == "flat" else "hwc"
         packed = pack_nm(gemm_matrix(weight, order), pattern.n, pattern.m)
+    perm = input_map(module)
     if isinstance(module, nn.Linear):
-        return SparseLinear(packed, bias)
-    return SparseConv2d(packed, bias, module, order)
+        return SparseLinear(packed, bias, perm)
+    return SparseConv2d(packed, bias, module, order, perm)
 
 
 def _eligible(module: nn.Module) -> str:

@@ -33,8 +33,9 @@ def packed_matmul(x2d: torch.Tensor, packed: Packed) -> torch.Tensor:
 
 
 class _PackedModule(nn.Module):
-    def _register_packed(self, packed: Packed, bias: torch.Tensor | None) -> None:
+    def _register_packed(self, packed: Packed, bias: torch.Tensor | None, input_perm: list[int] | None) -> None:
         self.packed = packed
+        self.input_perm = None if input_perm is None else torch.as_tensor(input_perm, dtype=torch.long)
         self.kind = "block" if isinstance(packed, BlockPacked) else "nm"
         # the packed arrays are also buffers, so .state_dict() and .to() see them
         if isinstance(packed, BlockPacked):
@@ -44,9 +45,11 @@ class _PackedModule(nn.Module):
         self.register_buffer("vals", torch.from_numpy(packed.vals), persistent=True)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
 
-    def _check(self, x: torch.Tensor) -> None:
+    def _check(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         if x.device.type != "cpu":
             raise RuntimeError(f"{type(self).__name__} runs on the CPU; got an input on {x.device}")
+        # an input index map (channel permutation that could not be folded): gather first
+        return x if self.input_perm is None else x.index_select(dim, self.input_perm)
 
     @property
     def weight_nbytes(self) -> int:
@@ -56,14 +59,14 @@ class _PackedModule(nn.Module):
 class SparseLinear(_PackedModule):
     """A Linear layer with a packed sparse weight."""
 
-    def __init__(self, packed: Packed, bias: torch.Tensor | None) -> None:
+    def __init__(self, packed: Packed, bias: torch.Tensor | None, input_perm: list[int] | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = packed.shape
-        self._register_packed(packed, bias)
+        self._register_packed(packed, bias, input_perm)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
+        x = self._check(x, x.dim() - 1)
         lead = x.shape[:-1]
         y = packed_matmul(x.reshape(-1, self.in_features), self.packed)
         if self.bias is not None:
@@ -82,17 +85,18 @@ class SparseConv2d(_PackedModule):
         order: ``"chw"`` (PyTorch's flatten order, 1xN blocks) or ``"hwc"`` (n:m along input channels).
     """
 
-    def __init__(self, packed: Packed, bias: torch.Tensor | None, conv: nn.Conv2d, order: str) -> None:
+    def __init__(self, packed: Packed, bias: torch.Tensor | None, conv: nn.Conv2d, order: str,
+                 input_perm: list[int] | None = None) -> None:
         super().__init__()
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride = conv.kernel_size, conv.stride
         self.padding, self.dilation = conv.padding, conv.dilation
         self.order = order
-        self._register_packed(packed, bias)
+        self._register_packed(packed, bias, input_perm)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check(x)
+        x = self._check(x, 1)
         batch, _, height, width = x.shape
         kh, kw = self.kernel_size
         pointwise = (kh, kw) == (1, 1) and self.padding in ((0, 0), 0) and self.dilation == (1, 1)

@@ -154,12 +154,20 @@ def _train(config: Config, run_dir: Path | None, resume: bool, dist_info: DistIn
                          "samples per process; lower it")
     plan = make_plan(config, steps_per_epoch)
     lr_at = lr_schedule(config, plan)
-    if sparsifier is not None and config.sparsity.permute and not resume:
-        from ..permute import permute_channels
+    if sparsifier is not None and config.sparsity.permute:
+        from ..permute import attach_input_map, input_map, permute_channels
 
-        rows = permute_channels(model, sparsifier.pattern, sparsifier.selection)
-        if main:
-            (run_dir / "permutation.json").write_text(json.dumps([r.as_dict() for r in rows], indent=1) + "\n")
+        maps_file = run_dir / "input_maps.json"
+        if resume:  # folded permutations live in the weights; input index maps are re-attached
+            maps = json.loads(maps_file.read_text()) if maps_file.exists() else {}
+            for fqn, perm in maps.items():
+                attach_input_map(model.get_submodule(fqn), perm)
+        else:
+            rows = permute_channels(model, sparsifier.pattern, sparsifier.selection)
+            maps = {r.fqn: input_map(model.get_submodule(r.fqn)) for r in rows if r.input_map}
+            if main:
+                (run_dir / "permutation.json").write_text(json.dumps([r.as_dict() for r in rows], indent=1) + "\n")
+                maps_file.write_text(json.dumps(maps) + "\n")
     if sparsifier is not None:  # phases and stages span the configured epochs, like the LR schedule
         sparsifier.prepare(model, total_steps=plan.steps_per_epoch * config.train.epochs,
                            steps_per_epoch=plan.steps_per_epoch)
