@@ -25,9 +25,9 @@ from torch import nn
 from .mask import sliced_mask, sliced_satisfies
 from .method import CalibratedMethod, LayerStats, Method, MethodError, build_method
 from .pattern import Pattern
+from .permute import input_map
 from .progress import Progress
 from .select import LayerChoice, Selection, select_layers
-from .permute import input_map
 from .sparsifier import layer_entry
 
 __all__ = ["CalibratedResult", "prune_calibrated", "find_blocks", "run_model"]
