@@ -21,8 +21,29 @@ __all__ = ["SparseLinear", "SparseConv2d", "packed_matmul"]
 Packed = BlockPacked | NMPacked
 
 
+def _block_batched(x2d: torch.Tensor, packed: BlockPacked) -> torch.Tensor:
+    """Batched 1xN product through PyTorch's batched GEMM: gather the kept input columns of every
+    block row (``[R, K, batch]``), then one ``[B, K] x [K, batch]`` product per block row. Measured
+    faster than the numba rank-1 kernel for batch > 1 (docs/runtime.md)."""
+    cols = torch.from_numpy(packed.cols).long()
+    vals = torch.from_numpy(packed.vals)  # [R, K, B]
+    rows, kept, block = vals.shape
+    batch = x2d.shape[0]
+    xt = x2d.t().contiguous()  # [in, batch]
+    out = torch.empty(rows, block, batch)
+    # chunks of block rows whose gathered inputs stay cache-resident (~0.5 MB)
+    step = max(1, min(rows, (1 << 17) // max(1, kept * batch)))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        gathered = xt.index_select(0, cols[r0:r1].reshape(-1)).view(r1 - r0, kept, batch)  # [r, K, batch]
+        torch.bmm(vals[r0:r1].transpose(1, 2), gathered, out=out[r0:r1])  # [r, B, batch]
+    return out.view(rows * block, batch).t()
+
+
 def packed_matmul(x2d: torch.Tensor, packed: Packed) -> torch.Tensor:
     """``x2d[rows, columns] @ W.T`` for a packed W (CPU, float32)."""
+    if isinstance(packed, BlockPacked) and x2d.shape[0] > 1:
+        return _block_batched(x2d.detach().to(torch.float32), packed).contiguous()
     x = x2d.detach().to(torch.float32).contiguous().numpy()
     with torch_threads():
         if isinstance(packed, BlockPacked):
