@@ -46,9 +46,9 @@ def _block_gemm(xt, cols, vals, out):  # pragma: no cover - compiled
                     w = vals[r, k, t]
                     for b in range(nb):
                         acc[t, b] += w * xt[c, b0 + b]
-            for b in range(nb):
-                for t in range(block):
-                    out[b0 + b, r * block + t] = acc[t, b]
+            for t in range(block):
+                for b in range(nb):
+                    out[r * block + t, b0 + b] = acc[t, b]
 
 
 def _make_block_gemv(block: int):
@@ -102,7 +102,7 @@ def _nm_gemm(xt, offs, vals, n, m, out):  # pragma: no cover - compiled
                 for b in range(batch):
                     acc[b] += w * xt[c, b]
         for b in range(batch):
-            out[b, o] = acc[b]
+            out[o, b] = acc[b]
 
 
 _KERNELS: dict[tuple, object] = {}
@@ -116,27 +116,27 @@ def _kernel(key: tuple, make):
     return kernel
 
 
-def block_matmul(x: np.ndarray, cols: np.ndarray, vals: np.ndarray) -> np.ndarray:
-    """``x[batch, in] @ W.T`` for a 1xN-packed W; returns ``[batch, out]`` float32."""
+def block_matmul_t(xt: np.ndarray, cols: np.ndarray, vals: np.ndarray) -> np.ndarray:
+    """``W @ xt`` for a 1xN-packed W and ``xt[in, batch]``; returns ``[out, batch]`` float32."""
     rows, _, block = vals.shape
-    batch = x.shape[0]
+    batch = xt.shape[1]
     if batch == 1:
         out = np.empty(rows * block, dtype=np.float32)
-        _kernel(("block_gemv", block), _make_block_gemv)(np.ascontiguousarray(x[0]), cols, vals, out)
-        return out.reshape(1, -1)
-    out = np.empty((batch, rows * block), dtype=np.float32)
-    _block_gemm(np.ascontiguousarray(x.T), cols, vals, out)
+        _kernel(("block_gemv", block), _make_block_gemv)(np.ascontiguousarray(xt[:, 0]), cols, vals, out)
+        return out.reshape(-1, 1)
+    out = np.empty((rows * block, batch), dtype=np.float32)
+    _block_gemm(np.ascontiguousarray(xt), cols, vals, out)
     return out
 
 
-def nm_matmul(x: np.ndarray, offs: np.ndarray, vals: np.ndarray, n: int, m: int) -> np.ndarray:
-    """``x[batch, in] @ W.T`` for an n:m-packed W; returns ``[batch, out]`` float32."""
+def nm_matmul_t(xt: np.ndarray, offs: np.ndarray, vals: np.ndarray, n: int, m: int) -> np.ndarray:
+    """``W @ xt`` for an n:m-packed W and ``xt[in, batch]``; returns ``[out, batch]`` float32."""
     rows = offs.shape[0]
-    batch = x.shape[0]
+    batch = xt.shape[1]
     if batch == 1:
         out = np.empty(rows, dtype=np.float32)
-        _kernel(("nm_gemv", n, m), _make_nm_gemv)(np.ascontiguousarray(x[0]), offs, vals, out)
-        return out.reshape(1, -1)
-    out = np.empty((batch, rows), dtype=np.float32)
-    _nm_gemm(np.ascontiguousarray(x.T), offs, vals, n, m, out)
+        _kernel(("nm_gemv", n, m), _make_nm_gemv)(np.ascontiguousarray(xt[:, 0]), offs, vals, out)
+        return out.reshape(-1, 1)
+    out = np.empty((rows, batch), dtype=np.float32)
+    _nm_gemm(np.ascontiguousarray(xt), offs, vals, n, m, out)
     return out

@@ -13,44 +13,52 @@ import torch
 from torch import nn
 
 from .._topk_cpu import torch_threads
-from . import _kernels
 from .formats import BlockPacked, NMPacked
 
-__all__ = ["SparseLinear", "SparseConv2d", "packed_matmul"]
+__all__ = ["SparseLinear", "SparseConv2d", "packed_matmul", "packed_matmul_t"]
 
 Packed = BlockPacked | NMPacked
 
 
-def _block_batched(x2d: torch.Tensor, packed: BlockPacked) -> torch.Tensor:
-    """Batched 1xN product through PyTorch's batched GEMM: gather the kept input columns of every
-    block row (``[R, K, batch]``), then one ``[B, K] x [K, batch]`` product per block row. Measured
-    faster than the numba rank-1 kernel for batch > 1 (docs/runtime.md)."""
+def _block_batched_t(xt: torch.Tensor, packed: BlockPacked) -> torch.Tensor:
+    """Batched 1xN product through PyTorch's batched GEMM: gather the kept input rows of a
+    cache-sized chunk of block rows (``[r, K, batch]``), then one ``[B, K] x [K, batch]`` product per
+    block row. Measured faster than the numba rank-1 kernel for batch > 1 (docs/runtime.md)."""
     cols = torch.from_numpy(packed.cols).long()
     vals = torch.from_numpy(packed.vals)  # [R, K, B]
     rows, kept, block = vals.shape
-    batch = x2d.shape[0]
-    xt = x2d.t().contiguous()  # [in, batch]
+    batch = xt.shape[1]
     out = torch.empty(rows, block, batch)
-    # chunks of block rows whose gathered inputs stay cache-resident (~0.5 MB)
-    step = max(1, min(rows, (1 << 17) // max(1, kept * batch)))
+    step = max(1, min(rows, (1 << 17) // max(1, kept * batch)))  # gathered chunk ~0.5 MB
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        gathered = xt.index_select(0, cols[r0:r1].reshape(-1)).view(r1 - r0, kept, batch)  # [r, K, batch]
-        torch.bmm(vals[r0:r1].transpose(1, 2), gathered, out=out[r0:r1])  # [r, B, batch]
-    return out.view(rows * block, batch).t()
+        gathered = xt.index_select(0, cols[r0:r1].reshape(-1)).view(r1 - r0, kept, batch)
+        torch.bmm(vals[r0:r1].transpose(1, 2), gathered, out=out[r0:r1])
+    return out.view(rows * block, batch)
+
+
+def packed_matmul_t(xt: torch.Tensor, packed: Packed) -> torch.Tensor:
+    """``W @ xt`` for a packed W and ``xt[columns, batch]`` (CPU, float32): ``[out, batch]``.
+
+    The transposed form lets convolutions hand over their NCHW / im2col buffers without copies.
+    """
+    xt = xt.detach().to(torch.float32)
+    if isinstance(packed, BlockPacked) and xt.shape[1] > 1:
+        return _block_batched_t(xt.contiguous(), packed)
+    from . import _kernels  # numba is imported at the first packed call, not with the package
+
+    x = xt.contiguous().numpy()
+    with torch_threads():
+        if isinstance(packed, BlockPacked):
+            y = _kernels.block_matmul_t(x, packed.cols, packed.vals)
+        else:
+            y = _kernels.nm_matmul_t(x, packed.offs, packed.vals, packed.n, packed.m)
+    return torch.from_numpy(y)
 
 
 def packed_matmul(x2d: torch.Tensor, packed: Packed) -> torch.Tensor:
-    """``x2d[rows, columns] @ W.T`` for a packed W (CPU, float32)."""
-    if isinstance(packed, BlockPacked) and x2d.shape[0] > 1:
-        return _block_batched(x2d.detach().to(torch.float32), packed).contiguous()
-    x = x2d.detach().to(torch.float32).contiguous().numpy()
-    with torch_threads():
-        if isinstance(packed, BlockPacked):
-            y = _kernels.block_matmul(x, packed.cols, packed.vals)
-        else:
-            y = _kernels.nm_matmul(x, packed.offs, packed.vals, packed.n, packed.m)
-    return torch.from_numpy(y)
+    """``x2d[rows, columns] @ W.T`` for a packed W (CPU, float32): ``[rows, out]``."""
+    return packed_matmul_t(x2d.t(), packed).t()
 
 
 class _PackedModule(nn.Module):
@@ -122,9 +130,10 @@ class SparseConv2d(_PackedModule):
         kh, kw = self.kernel_size
         pointwise = (kh, kw) == (1, 1) and self.padding in ((0, 0), 0) and self.dilation == (1, 1)
         if pointwise:
-            xs = x[:, :, :: self.stride[0], :: self.stride[1]]
+            xs = x[:, :, :: self.stride[0], :: self.stride[1]].float()
             oh, ow = xs.shape[2], xs.shape[3]
-            rows = xs.permute(0, 2, 3, 1).reshape(-1, self.in_channels)  # [N*H*W, in]
+            # [in, N*H*W]: a free view of an NCHW batch of one
+            xt = xs[0].reshape(self.in_channels, -1) if batch == 1 else xs.transpose(0, 1).reshape(self.in_channels, -1)
         else:
             if isinstance(self.padding, str):
                 raise RuntimeError("string padding is not supported by SparseConv2d")
@@ -133,11 +142,12 @@ class SparseConv2d(_PackedModule):
             ow = (width + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
             if self.order == "hwc":
                 cols = cols.view(batch, self.in_channels, kh * kw, -1).transpose(1, 2)
-            rows = cols.reshape(batch, -1, oh * ow).transpose(1, 2).reshape(batch * oh * ow, -1)
-        y = packed_matmul(rows, self.packed)
+            cols = cols.reshape(batch, -1, oh * ow)
+            xt = cols[0] if batch == 1 else cols.transpose(0, 1).reshape(cols.shape[1], -1)  # [in*k*k, N*L]
+        y = packed_matmul_t(xt, self.packed)  # [out, N*L]
         if self.bias is not None:
-            y += self.bias
-        return y.view(batch, oh, ow, self.out_channels).permute(0, 3, 1, 2).to(x.dtype)
+            y += self.bias.unsqueeze(1)
+        return y.view(self.out_channels, batch, oh, ow).transpose(0, 1).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
