@@ -121,3 +121,21 @@ def test_semi_structured_refuses_without_cuda():
         pytest.skip("CUDA present")
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         to_semi_structured(nn.Sequential(nn.Linear(4, 4)))
+
+
+def test_bench_cli_writes_reports_and_rejects_bad_input(tmp_path, capsys):
+    import json
+
+    from nmsparse.cli.main import main
+
+    assert main(["bench", "--batch", "x"]) == 2
+    assert "--batch must be comma-separated integers" in capsys.readouterr().err
+    assert main(["bench", "--pattern", "5:4"]) == 2
+    code = main(["bench", "--case", "minilm ffn 1536->384", "--pattern", "1x16:0.25", "--batch", "3",
+                 "--repeats", "3", "--out", str(tmp_path)])
+    assert code == 0
+    report = json.loads((tmp_path / "bench_layers.json").read_text())
+    row = report["rows"][0]
+    assert row["batch"] == 3 and row["max_rel_error"] < 1e-4 and row["speedup"] > 0
+    assert row["weight_bytes_sparse"] < row["weight_bytes_dense"] / 2
+    assert (tmp_path / "bench_layers.md").read_text().count("|") > 10 and (tmp_path / "bench_layers.png").stat().st_size > 0
