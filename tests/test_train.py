@@ -187,3 +187,18 @@ def test_progressive_run_records_its_schedule(tmp_path):
     assert summary["method"]["finetune_start_step"] == total - total // 4
     manifest = json.loads((Path(summary["export"]["dir"]) / "manifest.json").read_text())
     assert {e["pattern"] for e in manifest["layers"]} == {"2:8"}
+
+
+def test_training_with_channel_permutation_records_it_and_resumes(tmp_path):
+    cfg = TINY + [f"run.out_dir={tmp_path}", "sparsity.permute=true", "sparsity.method=srste",
+                  "train.checkpoint_every_steps=10", "logging.plots=false", "train.epochs=1"]
+    summary = run_training(load_config(None, cfg))
+    run_dir = Path(summary["run_dir"])
+    rows = json.loads((run_dir / "permutation.json").read_text())
+    maps = json.loads((run_dir / "input_maps.json").read_text())
+    assert rows and all(r["kept_after"] >= r["kept_before"] for r in rows)
+    assert set(maps) == {r["fqn"] for r in rows if r["input_map"]}
+    manifest = json.loads((Path(summary["export"]["dir"]) / "manifest.json").read_text())
+    mapped = {e["fqn"] for e in manifest["layers"] if e.get("input_permutation")}
+    assert mapped == set(maps)
+    assert main(["train", "--resume", str(run_dir)]) == 0  # re-attaches the maps; the export still verifies
