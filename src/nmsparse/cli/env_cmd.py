@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 from importlib import metadata
@@ -37,6 +38,7 @@ def environment() -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         "backends": {
             "cpu_dense_with_zeros": True,
+            "cpu_sparse_runtime": importlib.util.find_spec("numba") is not None,  # 1xN and n:m kernels
             "cuda": cuda,
             "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
             "cusparselt": cusparselt,
