@@ -40,10 +40,10 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def memory_probe(method: str, pattern: str, samples: int) -> None:
+def memory_probe(method: str, pattern: str, samples: int, batch_size: int = 16) -> None:
     """Run in a fresh process: print baseline RSS, peak RSS and model size (MB) as JSON."""
     model, _ = build_model("hf:minilm")
-    batches = token_windows(load_tokenizer(minilm_path()), load_texts("text:builtin"), samples, 128)
+    batches = token_windows(load_tokenizer(minilm_path()), load_texts("text:builtin"), samples, 128, batch_size=batch_size)
     size = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     # warm-up on a throw-away layer: first use of LAPACK (Cholesky), einsum and the JIT kernels maps
     # library code and per-thread buffers once per process; that is not memory the pruning holds
@@ -61,11 +61,12 @@ def main() -> None:
     parser.add_argument("--recover-minutes", type=float, default=2.0)
     parser.add_argument("--patterns", default="2:4,4:8,1:4")
     parser.add_argument("--methods", default="magnitude,wanda,sparsegpt")
+    parser.add_argument("--calib-batch", type=int, default=16, help="calibration batch size of the memory probe")
     parser.add_argument("--memory-probe", nargs=2, metavar=("METHOD", "PATTERN"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default="benchmarks/results/oneshot_minilm")
     args = parser.parse_args()
     if args.memory_probe:
-        memory_probe(*args.memory_probe, args.samples)
+        memory_probe(*args.memory_probe, args.samples, args.calib_batch)
         return
     torch.manual_seed(0)
     dense, _ = build_model("hf:minilm")

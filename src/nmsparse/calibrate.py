@@ -102,11 +102,33 @@ def _capture_inputs(model: nn.Module, first: nn.Module, batches: list[Any]) -> l
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for batch in batches:
-            with contextlib.suppress(_StopForward):
+            with contextlib.suppress(_StopForward), torch.no_grad():  # no autograd graph kept with the inputs
                 run_model(model, batch)
     finally:
         handle.remove()
     return captured
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by the last block back to the OS (glibc keeps freed blocks in its arenas,
+    so resident memory would otherwise creep up block after block). A no-op off glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _run_all(model: nn.Module, batches: list[Any]) -> None:
+    """Run every calibration batch, keeping no outputs (only the statistics hooks see them)."""
+    for batch in batches:
+        run_model(model, batch)
+
+
+def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> None:
+    for args, kwargs in inputs:
+        block(*args, **kwargs)
 
 
 def _next_inputs(args: tuple, kwargs: dict, output: Any) -> tuple[tuple, dict]:
@@ -205,29 +227,33 @@ def prune_calibrated(
     blocks = find_blocks(model, [c.fqn for c in selected])
     if blocks is None:
         bar = Progress(1, 0, progress, every=1)
-        stats = _collect(selected, built, lambda: [run_model(model, b) for b in batches],
-                         _HESSIAN_MAX_COLUMNS_ONE_PASS)
+        stats = _collect(selected, built, lambda: _run_all(model, batches), _HESSIAN_MAX_COLUMNS_ONE_PASS)
         report += [_prune_layer(c, built, stats[c.fqn]) for c in selected]
         bar.update(1, f"{len(selected)} layers pruned in one pass")
         bar.close()
     else:
         inputs = _capture_inputs(model, blocks[0][1], batches)
+        _release_freed_memory()
         in_blocks = set()
         bar = Progress(len(blocks), 0, progress, every=1)
         for index, (prefix, block) in enumerate(blocks):
             here = [c for c in selected if c.fqn.startswith(prefix + ".")]
             in_blocks.update(c.fqn for c in here)
             if here:
-                stats = _collect(here, built, lambda blk=block, ins=inputs: [blk(*a, **k) for a, k in ins],
+                stats = _collect(here, built, lambda blk=block, ins=inputs: _run_block(blk, ins),
                                  _HESSIAN_MAX_COLUMNS_BLOCK)
                 report += [_prune_layer(c, built, stats[c.fqn]) for c in here]
-            with torch.no_grad():
-                inputs = [_next_inputs(a, k, block(*a, **k)) for a, k in inputs]
+                del stats
+                _release_freed_memory()
+            with torch.no_grad():  # replace each batch's input by the block's output as we go
+                for i, (a, k) in enumerate(inputs):
+                    inputs[i] = _next_inputs(a, k, block(*a, **k))
+            _release_freed_memory()
             bar.update(index + 1, f"block {prefix}: {len(here)} layers")
         bar.close()
         rest = [c for c in selected if c.fqn not in in_blocks]
         if rest:  # e.g. a pooler or head outside the blocks: one pass with the blocks already pruned
-            stats = _collect(rest, built, lambda: [run_model(model, b) for b in batches], _HESSIAN_MAX_COLUMNS_BLOCK)
+            stats = _collect(rest, built, lambda: _run_all(model, batches), _HESSIAN_MAX_COLUMNS_BLOCK)
             report += [_prune_layer(c, built, stats[c.fqn]) for c in rest]
     layers = [layer_entry(c.fqn, c.module.weight, c.patterns, input_map(c.module)) for c in selected]
     skipped = [{"fqn": c.fqn, "reason": c.skip_reason or ""} for c in choices if not c.selected]

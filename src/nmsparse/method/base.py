@@ -144,7 +144,8 @@ class LayerStats:
         """Add a batch of input rows ``[N, columns]``."""
         x = x.detach().reshape(-1, self.columns).float()
         self.count += x.shape[0]
-        self.sq_sum += x.double().pow(2).sum(0)
+        for chunk in x.split(256):  # bounded temporaries; the squares are summed in float64
+            self.sq_sum += chunk.pow(2).sum(0, dtype=torch.float64)
         if self.xtx is not None:
             self.xtx.addmm_(x.t(), x)
 
