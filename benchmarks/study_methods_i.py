@@ -87,12 +87,16 @@ def main() -> None:
                    "sparsity.options.check_every_steps=5", "sparsity.options.penalty_strength=0.5",
                    "sparsity.options.penalty_every_steps=1", f"sparsity.options.finetune_steps={STEPS_PER_EPOCH * epochs // 2}"]
             run(f"resnet usd {sparsity:.3g} from dense", start + usd, epochs, rows, out_dir)
-    suffix = f"_{args.only}" if args.only else ""
-    (OUT / f"study_methods_i{suffix}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_results(rows, "study_methods_i" + (f"_{args.only}" if args.only else ""))
+
+
+def write_results(rows: list[dict], stem: str) -> None:
+    """benchmarks/results/<stem>.{json,md,png}, and the table on stdout."""
+    (OUT / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
     lines = ["| run | top-1 % (held-out) | seconds |", "|---|---|---|"]
     lines += [f"| {r['run']} | {r['top1']:.1f} | {r['seconds']:.0f} |" for r in rows]
-    (OUT / f"study_methods_i{suffix}.md").write_text("\n".join(lines) + "\n")
-    plot(rows, OUT / f"study_methods_i{suffix}.png")
+    (OUT / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    plot(rows, OUT / f"{stem}.png")
     print("\n".join(lines))
 
 

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 
 import torch
-from study_methods_i import OUT, plot, run
+from study_methods_i import OUT, run, write_results
 
 from nmsparse.config.load import load_config
 from nmsparse.models import build_model, load_weights
@@ -87,13 +86,7 @@ def main() -> None:
                                       f"sparsity.options.criterion={criterion}", f"sparsity.options.mode={mode}",
                                       "sparsity.options.ramp_start_epoch=0", "sparsity.options.ramp_end_epoch=2"]
                     run(f"1x16 {1 - density:.0%} {criterion} {mode}", block, 4, rows, out_dir)
-    suffix = f"_{args.only}" if args.only else ""
-    (OUT / f"study_methods_ii{suffix}.json").write_text(json.dumps(rows, indent=1) + "\n")
-    lines = ["| run | top-1 % (held-out) | seconds |", "|---|---|---|"]
-    lines += [f"| {r['run']} | {r['top1']:.1f} | {r['seconds']:.0f} |" for r in rows]
-    (OUT / f"study_methods_ii{suffix}.md").write_text("\n".join(lines) + "\n")
-    plot(rows, OUT / f"study_methods_ii{suffix}.png")
-    print("\n".join(lines))
+    write_results(rows, "study_methods_ii" + (f"_{args.only}" if args.only else ""))
 
 
 if __name__ == "__main__":

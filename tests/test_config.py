@@ -95,8 +95,6 @@ def test_every_recipe_prepares_its_model(name):
     from nmsparse.train.loop import _build_sparsifier
 
     config = load_config(name)
-    if config.sparsity.allocation_file:
-        pytest.skip("needs a scheme file")
     model, _ = build_model(config.model.name, num_classes=config.model.num_classes or 10,
                            in_chans=config.model.in_chans or (1 if config.data.name == "mnist5k" else 3),
                            options=config.model.options)

@@ -14,6 +14,7 @@ inputs is reported (computed from ``X^T X`` where it was collected).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,15 +110,22 @@ def _capture_inputs(model: nn.Module, first: nn.Module, batches: list[Any]) -> l
     return captured
 
 
-def _release_freed_memory() -> None:
-    """Hand memory freed by the last block back to the OS (glibc keeps freed blocks in its arenas,
-    so resident memory would otherwise creep up block after block). A no-op off glibc."""
+@functools.cache
+def _malloc_trim():
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
-        pass
+        return None
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by the last block back to the OS (glibc keeps freed blocks in its arenas,
+    so resident memory would otherwise creep up block after block). A no-op off glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _run_all(model: nn.Module, batches: list[Any]) -> None:

@@ -20,7 +20,6 @@ runtime applies it before its kernel. With ``unfoldable="skip"`` such layers kee
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,7 +160,7 @@ def search_permutation(weight: torch.Tensor, pattern: NMPattern, max_sweeps: int
 _PASSTHROUGH_MODULES = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish,
                         nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Tanh, nn.Sigmoid)
 _PASSTHROUGH_FUNCTIONS = (torch.relu, nn.functional.relu, nn.functional.gelu, nn.functional.silu, torch.sigmoid,
-                          torch.tanh, nn.functional.relu6, nn.functional.dropout, operator.getitem)
+                          torch.tanh, nn.functional.relu6, nn.functional.dropout)
 
 
 def _is_passthrough(node: Any, modules: dict[str, nn.Module]) -> bool:
@@ -172,7 +171,7 @@ def _is_passthrough(node: Any, modules: dict[str, nn.Module]) -> bool:
         # timm wraps activations/norms (e.g. BatchNormAct2d is a BatchNorm subclass); plain elementwise modules
         return isinstance(module, _PASSTHROUGH_MODULES)
     if node.op == "call_function":
-        return node.target in _PASSTHROUGH_FUNCTIONS and node.target is not operator.getitem
+        return node.target in _PASSTHROUGH_FUNCTIONS
     if node.op == "call_method":
         return node.target in ("relu", "relu_", "sigmoid", "tanh")
     return False

@@ -170,10 +170,11 @@ class Sparsifier:
         if self.model is not None and self.layers:
             self._configure(0 if self.last_step is None else self.last_step + 1, update=self.last_step is None)
 
-    def _configure(self, next_step: int, update: bool) -> None:
-        """Set patterns, rules and the dense factor for the forward of optimizer step ``next_step``."""
+    def _configure(self, next_step: int, update: bool, due: bool = False) -> None:
+        """Set patterns, rules and the dense factor for the forward of optimizer step ``next_step``;
+        with ``update``, recompute masks when the schedule changed or the cadence (``due``) says so."""
         changed = self.method.advance(self, next_step)
-        if changed and update:
+        if update and (changed or due):
             self.update_masks()
         factor = float(self.method.dense_factor(next_step))
         for layer in self.layers.values():
@@ -201,12 +202,7 @@ class Sparsifier:
         of the next forward is set.
         """
         self._require_prepared()
-        changed = self.method.advance(self, step + 1)
-        if changed or self.method.masks_due(step):
-            self.update_masks()
-        factor = float(self.method.dense_factor(step + 1))
-        for layer in self.layers.values():
-            layer.parametrization.dense_factor = factor
+        self._configure(step + 1, update=True, due=self.method.masks_due(step))
         self.method.on_step(self, step)
         self.last_step = step
 

@@ -14,6 +14,7 @@ Both unpack to the exact dense matrix (tested), and report their size in bytes.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,11 @@ class BlockPacked:
     @property
     def block(self) -> int:
         return int(self.vals.shape[2])
+
+    @functools.cached_property
+    def cols_index(self) -> torch.Tensor:
+        """``cols`` as an int64 tensor for ``index_select`` (built once, not per call)."""
+        return torch.from_numpy(self.cols).long()
 
     @property
     def nbytes(self) -> int:

@@ -24,7 +24,7 @@ def _block_batched_t(xt: torch.Tensor, packed: BlockPacked) -> torch.Tensor:
     """Batched 1xN product through PyTorch's batched GEMM: gather the kept input rows of a
     cache-sized chunk of block rows (``[r, K, batch]``), then one ``[B, K] x [K, batch]`` product per
     block row. Measured faster than the numba rank-1 kernel for batch > 1 (docs/runtime.md)."""
-    cols = torch.from_numpy(packed.cols).long()
+    cols = packed.cols_index
     vals = torch.from_numpy(packed.vals)  # [R, K, B]
     rows, kept, block = vals.shape
     batch = xt.shape[1]
