@@ -20,7 +20,7 @@ from nmsparse.runtime import (
     save_compressed,
     to_semi_structured,
 )
-from nmsparse.runtime.compressed import pack_bits, unpack_bits
+from nmsparse.runtime.formats import pack_bits, unpack_bits
 
 PATTERNS = ["2:4", "1:4", "2:8", "4:8", "1:8", "1x8:0.5", "1x16:0.25", "1x32:0.25"]
 

@@ -10,6 +10,15 @@ from importlib import metadata
 from typing import Any
 
 
+def _sparse_runtime() -> dict[str, object]:
+    from ..runtime import _native
+
+    info = _native.status()
+    if info["backend"] == "numba" and importlib.util.find_spec("numba") is None:
+        info = dict(info, backend=None, reason=f"{info['reason']}; numba is not installed either")
+    return info
+
+
 def environment() -> dict[str, Any]:
     """Versions of the stack and the availability of each backend (never initialises CUDA needlessly)."""
     import torch
@@ -38,7 +47,7 @@ def environment() -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         "backends": {
             "cpu_dense_with_zeros": True,
-            "cpu_sparse_runtime": importlib.util.find_spec("numba") is not None,  # 1xN and n:m kernels
+            "cpu_sparse_runtime": _sparse_runtime(),  # 1xN and n:m kernels: C++ (AVX-512 or portable) or numba
             "cuda": cuda,
             "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
             "cusparselt": cusparselt,

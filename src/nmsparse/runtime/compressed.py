@@ -1,7 +1,8 @@
 """The compressed export layout: kept values plus compact indices, with the manifest.
 
 ``model.safetensors`` holds, for every converted layer, ``<fqn>.vals`` and ``<fqn>.cols`` (1xN
-blocks) or ``<fqn>.offs`` (n:m, one uint8 per kept value), and every other tensor as in a dense
+blocks) or ``<fqn>.codes`` (n:m offsets, ceil(log2 m) bits each, the in-memory layout of
+:class:`~nmsparse.runtime.formats.NMPacked`), and every other tensor as in a dense
 export. ``manifest.json`` is the dense export's manifest with ``layout: compressed`` and, per
 converted layer, how it was packed. :func:`load_compressed` rebuilds the architecture from the
 manifest's model source and puts the packed layers in place: it needs the model library (timm,
@@ -24,32 +25,9 @@ from .convert import _set_module, convert
 from .formats import BlockPacked, NMPacked
 from .modules import SparseConv2d, SparseLinear
 
-__all__ = ["save_compressed", "load_compressed", "LAYOUT", "pack_bits", "unpack_bits"]
+__all__ = ["save_compressed", "load_compressed", "LAYOUT"]
 
 LAYOUT = "compressed"
-
-
-def offset_bits(m: int) -> int:
-    """Bits stored per n:m offset in the file: ceil(log2 m) rounded up to 1, 2, 4 or 8."""
-    need = max(1, (m - 1).bit_length())
-    return next(b for b in (1, 2, 4, 8) if b >= need)
-
-
-def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
-    """Pack small unsigned integers (< 2**bits) into bytes, 8 / bits per byte, little end first."""
-    per = 8 // bits
-    flat = values.astype(np.uint8).ravel()
-    padded = np.zeros(-(-flat.size // per) * per, dtype=np.uint8)
-    padded[: flat.size] = flat
-    lanes = padded.reshape(-1, per).astype(np.uint16) << (np.arange(per, dtype=np.uint16) * bits)
-    return lanes.sum(axis=1).astype(np.uint8)
-
-
-def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Inverse of :func:`pack_bits` for ``count`` values."""
-    per = 8 // bits
-    lanes = (packed[:, None].astype(np.uint16) >> (np.arange(per, dtype=np.uint16) * bits)) & ((1 << bits) - 1)
-    return lanes.ravel()[:count].astype(np.uint8)
 
 
 def _is_compressed(path: Path) -> bool:
@@ -75,13 +53,9 @@ def save_compressed(export_dir: str | Path, out_dir: str | Path) -> dict[str, An
             perm = None if module.input_perm is None else [int(i) for i in module.input_perm]
             packing[fqn] = {"kind": module.kind, "order": getattr(module, "order", "chw"), "shape": list(packed.shape),
                             "input_permutation": perm,
-                            **({"n": packed.n, "m": packed.m} if isinstance(packed, NMPacked) else {"block": packed.block})}
+                            **({"n": packed.n, "m": packed.m, "offset_bits": packed.bits, "chunk": packed.chunk}
+                               if isinstance(packed, NMPacked) else {"block": packed.block})}
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    for fqn, info in packing.items():  # n:m offsets: a few bits each in the file, a byte each in memory
-        if info["kind"] == "nm":
-            bits = offset_bits(info["m"])
-            info["offset_bits"] = bits
-            state[f"{fqn}.offs"] = torch.from_numpy(pack_bits(state[f"{fqn}.offs"].numpy(), bits))
     new_manifest = dict(manifest, layout=LAYOUT, packing=packing)
     with atomic_dir(out_dir, replaceable=_is_compressed) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME))
@@ -121,15 +95,18 @@ def load_compressed(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         if info["kind"] == "block":
             packed: Any = BlockPacked(state.pop(f"{fqn}.cols").numpy().copy(), vals, shape)
         else:
-            offs = unpack_bits(state.pop(f"{fqn}.offs").numpy(), info["offset_bits"], vals.size).reshape(vals.shape)
-            packed = NMPacked(offs, vals, info["n"], info["m"], shape)
+            packed = NMPacked(state.pop(f"{fqn}.codes").numpy().copy(), vals, info["n"], info["m"], shape)
+            if info.get("chunk") != packed.chunk or info.get("offset_bits") != packed.bits:
+                raise ExportError(f"{fqn}: the file's n:m layout (chunk {info.get('chunk')}, {info.get('offset_bits')} "
+                                  f"bits) is not the one this nmsparse reads (chunk {packed.chunk}, {packed.bits} bits); "
+                                  "compress the export again")
         bias = state.pop(f"{fqn}.bias", None)
         perm = info.get("input_permutation")
         new = (SparseLinear(packed, bias, perm) if isinstance(module, nn.Linear)
                else SparseConv2d(packed, bias, module, info["order"], perm))
         _set_module(model, fqn, new)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    packed_keys = {f"{f}.{k}" for f in manifest["packing"] for k in ("vals", "cols", "offs", "bias")}
+    packed_keys = {f"{f}.{k}" for f in manifest["packing"] for k in ("vals", "cols", "codes", "bias")}
     missing = [k for k in missing if k not in packed_keys]
     if missing or unexpected:
         raise ExportError(f"compressed weights do not fit the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -7,7 +7,12 @@ along input channels, so that every group of m is m consecutive columns.
 * :class:`BlockPacked` (1xN): per block row of B output channels, the kept columns and their
   B-vectors. Rows with fewer kept columns than the longest row are padded with zero vectors (a
   uniform 1xN weight needs none).
-* :class:`NMPacked` (n:m): per output row, n values and n uint8 in-group offsets per group of m.
+* :class:`NMPacked` (n:m): per output row, n values per group of m and their in-group offsets,
+  ``bits`` = ceil(log2 m) (rounded to 1, 2, 4 or 8) each, bit-packed. Stored chunk-major: the columns
+  are cut into chunks of about 128 (:func:`nm_chunk`), and for every chunk the kept values of all
+  rows follow each other (flat arrays, the last chunk narrower), so a batched product reads the
+  weights as one stream while a chunk's inputs stay in L1 (``csrc/kernels.cpp``). A 2:4 weight
+  costs 4 bytes + 2 bits per kept value.
 
 Both unpack to the exact dense matrix (tested), and report their size in bytes.
 """
@@ -22,7 +27,8 @@ import torch
 
 from ..pattern import BlockPattern, NMPattern, PatternError
 
-__all__ = ["BlockPacked", "NMPacked", "pack_block", "pack_nm", "gemm_matrix", "FormatError"]
+__all__ = ["BlockPacked", "NMPacked", "pack_block", "pack_nm", "gemm_matrix", "FormatError", "offset_bits",
+           "pack_bits", "unpack_bits"]
 
 
 class FormatError(ValueError):
@@ -66,25 +72,105 @@ class BlockPacked:
         return torch.from_numpy(dense.transpose(0, 2, 1).reshape(out, columns).copy())
 
 
+def offset_bits(m: int) -> int:
+    """Bits per n:m offset: ceil(log2 m) rounded up to 1, 2, 4 or 8."""
+    need = max(1, (m - 1).bit_length())
+    return next(b for b in (1, 2, 4, 8) if b >= need)
+
+
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack small unsigned integers (< 2**bits) along the last axis into bytes, 8 / bits per byte,
+    the first value in the lowest bits; the last axis is zero-padded to whole bytes."""
+    per = 8 // bits
+    values = values.astype(np.uint8)
+    lead, count = values.shape[:-1], values.shape[-1]
+    padded = np.zeros((*lead, -(-count // per) * per), dtype=np.uint8)
+    padded[..., :count] = values
+    lanes = padded.reshape(*lead, -1, per).astype(np.uint16) << (np.arange(per, dtype=np.uint16) * bits)
+    return lanes.sum(axis=-1).astype(np.uint8)
+
+
+def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: the first ``count`` values along the last axis."""
+    per = 8 // bits
+    lanes = (packed[..., None].astype(np.uint16) >> (np.arange(per, dtype=np.uint16) * bits)) & ((1 << bits) - 1)
+    return lanes.reshape(*packed.shape[:-1], -1)[..., :count].astype(np.uint8)
+
+
+def nm_chunk(columns: int, n: int, m: int) -> int:
+    """Kept values per row and chunk: the chunk spans at least 128 columns and 16 kept values (one
+    vector), and no more than the row."""
+    groups = max(-(-128 // m), -(-16 // n))
+    return min(groups * n, columns // m * n)
+
+
 @dataclass
 class NMPacked:
-    offs: np.ndarray  # [O, J] uint8
-    vals: np.ndarray  # [O, J] float32
+    codes: np.ndarray  # flat uint8: bit-packed offsets, chunk-major (see the module docstring)
+    vals: np.ndarray  # flat float32: kept values, chunk-major
     n: int
     m: int
     shape: tuple[int, int]
 
     @property
+    def bits(self) -> int:
+        return offset_bits(self.m)
+
+    @property
+    def chunk(self) -> int:
+        """Kept values per row and chunk (``jc``; the last chunk may hold fewer)."""
+        return nm_chunk(self.shape[1], self.n, self.m)
+
+    @property
+    def kept(self) -> int:
+        """Kept values per row (``J``)."""
+        return self.shape[1] // self.m * self.n
+
+    @property
     def nbytes(self) -> int:
-        return int(self.offs.nbytes + self.vals.nbytes)
+        return int(self.codes.nbytes + self.vals.nbytes)
+
+    def _widths(self) -> list[int]:
+        jc, kept = self.chunk, self.kept
+        return [min(jc, kept - c) for c in range(0, kept, jc)]
+
+    def row_major(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(offs[O, J] uint8, vals[O, J] float32)``: per row, the kept values in column order."""
+        out = self.shape[0]
+        offs, vals, at_v, at_c = [], [], 0, 0
+        for width in self._widths():
+            cbytes = -(-width * self.bits // 8)
+            vals.append(self.vals[at_v: at_v + out * width].reshape(out, width))
+            offs.append(unpack_bits(self.codes[at_c: at_c + out * cbytes].reshape(out, cbytes), self.bits, width))
+            at_v, at_c = at_v + out * width, at_c + out * cbytes
+        return np.ascontiguousarray(np.concatenate(offs, axis=1)), np.ascontiguousarray(np.concatenate(vals, axis=1))
+
+    @functools.cached_property
+    def row_major_cached(self) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`row_major`, kept (the numba fallback kernels read this layout)."""
+        return self.row_major()
 
     def dense(self) -> torch.Tensor:
         out, columns = self.shape
-        j = np.arange(self.offs.shape[1])
-        cols = (j // self.n) * self.m + self.offs.astype(np.int64)
+        offs, vals = self.row_major()
+        j = np.arange(offs.shape[1])
+        cols = (j // self.n) * self.m + offs.astype(np.int64)
         dense = np.zeros((out, columns), dtype=np.float32)
-        np.put_along_axis(dense, cols, self.vals, axis=1)
+        np.put_along_axis(dense, cols, vals, axis=1)
         return torch.from_numpy(dense)
+
+    @classmethod
+    def from_row_major(cls, offs: np.ndarray, vals: np.ndarray, n: int, m: int, shape: tuple[int, int]) -> NMPacked:
+        out, columns = shape
+        packed = cls(np.zeros(0, np.uint8), np.zeros(0, np.float32), n, m, (out, columns))
+        codes_parts, vals_parts, at = [], [], 0
+        for width in packed._widths():
+            vals_parts.append(np.ascontiguousarray(vals[:, at: at + width], dtype=np.float32).ravel())
+            codes_parts.append(pack_bits(offs[:, at: at + width], packed.bits).ravel())
+            at += width
+        packed.codes = np.concatenate(codes_parts) if codes_parts else packed.codes
+        packed.vals = np.concatenate(vals_parts) if vals_parts else packed.vals
+        return packed
 
 
 def pack_block(matrix: torch.Tensor, block: int) -> BlockPacked:
@@ -117,7 +203,7 @@ def pack_nm(matrix: torch.Tensor, n: int, m: int) -> NMPacked:
     order = torch.argsort((~nonzero).to(torch.int8), dim=-1, stable=True)[..., :n]
     offs = order.reshape(out, -1).to(torch.uint8)
     vals = torch.gather(groups, -1, order).reshape(out, -1)
-    return NMPacked(offs.numpy().copy(), vals.numpy().astype(np.float32).copy(), n, m, (out, columns))
+    return NMPacked.from_row_major(offs.numpy(), vals.numpy(), n, m, (out, columns))
 
 
 def check_pattern_fits(pattern: NMPattern | BlockPattern, shape: tuple[int, ...]) -> None:

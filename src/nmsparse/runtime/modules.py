@@ -40,9 +40,16 @@ def _block_batched_t(xt: torch.Tensor, packed: BlockPacked) -> torch.Tensor:
 def packed_matmul_t(xt: torch.Tensor, packed: Packed) -> torch.Tensor:
     """``W @ xt`` for a packed W and ``xt[columns, batch]`` (CPU, float32): ``[out, batch]``.
 
+    Runs the C++ kernels (:mod:`nmsparse.runtime._native`) where they build, else the numba ones.
     The transposed form lets convolutions hand over their NCHW / im2col buffers without copies.
     """
     xt = xt.detach().to(torch.float32)
+    from . import _native
+
+    if _native.available():
+        if isinstance(packed, BlockPacked):
+            return _native.block_mm(xt, packed)
+        return _native.nm_mm(xt, packed)
     if isinstance(packed, BlockPacked) and xt.shape[1] > 1:
         return _block_batched_t(xt.contiguous(), packed)
     from . import _kernels  # numba is imported at the first packed call, not with the package
@@ -52,7 +59,8 @@ def packed_matmul_t(xt: torch.Tensor, packed: Packed) -> torch.Tensor:
         if isinstance(packed, BlockPacked):
             y = _kernels.block_matmul_t(x, packed.cols, packed.vals)
         else:
-            y = _kernels.nm_matmul_t(x, packed.offs, packed.vals, packed.n, packed.m)
+            offs, vals = packed.row_major_cached
+            y = _kernels.nm_matmul_t(x, offs, vals, packed.n, packed.m)
     return torch.from_numpy(y)
 
 
@@ -70,7 +78,7 @@ class _PackedModule(nn.Module):
         if isinstance(packed, BlockPacked):
             self.register_buffer("cols", torch.from_numpy(packed.cols), persistent=True)
         else:
-            self.register_buffer("offs", torch.from_numpy(packed.offs), persistent=True)
+            self.register_buffer("codes", torch.from_numpy(packed.codes), persistent=True)
         self.register_buffer("vals", torch.from_numpy(packed.vals), persistent=True)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
 

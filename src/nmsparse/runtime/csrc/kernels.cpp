@@ -1,0 +1,447 @@
+// CPU kernels of nmsparse's sparse runtime: 1xN block and n:m products, float32.
+//
+// Built at first use by nmsparse/runtime/_native.py (g++ -O3 -march=native -fopenmp) and called
+// through ctypes with raw buffers; no PyTorch headers, so the build takes seconds. With AVX-512 the
+// products run register-blocked micro-kernels; without it a portable loop nest (same results).
+//
+// Conventions (see nmsparse/runtime/formats.py):
+//   xt[c * ldx + b]   input, column c of the weight's GEMM matrix, batch item b (b contiguous)
+//   out[o * ldo + b]  output row o, batch item b
+// 1xN blocks: block row r keeps `kept` columns cols[r*kept + k] (ascending, then padding);
+//   vals[(r*kept + k)*block + t] is the weight of output r*block + t at that column (padded entries
+//   carry zero values). kstart[r*(chunks+1) + c] is the first k of block row r whose column lies in
+//   chunk c (columns c*cc .. c*cc+cc-1); kstart[r*(chunks+1) + chunks] = kept.
+// n:m, chunk-major: the columns are cut into chunks of cc = jc/n*m columns; row o keeps jc values
+//   per chunk (J in all; the last chunk keeps count = J - c*jc <= jc): value j of row o in chunk c
+//   is vals[c*rows*jc + o*count + j], in column c*cc + (j/n)*m + code, the code a `bits`-wide field
+//   at bit j*bits of the row's ceil(count*bits/8) code bytes (see nm_val_off / nm_code_off). Chunk-major order makes the batched kernel's weight reads one
+//   sequential stream while the chunk's input rows stay in L1 for all rows.
+
+#include <cstdint>
+#include <cstring>
+#include <algorithm>
+#include <cstdlib>
+#include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+typedef int64_t i64;
+
+namespace {
+
+// Start of row o's values / code bytes in chunk c of an n:m layout (the last chunk may be narrower).
+inline i64 nm_val_off(i64 c, i64 o, i64 rows, i64 jc, i64 count) { return c * rows * jc + o * count; }
+inline i64 nm_code_off(i64 c, i64 o, i64 rows, i64 jc, i64 count, int bits) {
+  return c * rows * ((jc * bits + 7) / 8) + o * ((count * bits + 7) / 8);
+}
+
+inline int decode_one(const uint8_t* row, i64 j, int bits) {
+  const i64 bit = j * bits;
+  return (row[bit >> 3] >> (bit & 7)) & ((1 << bits) - 1);
+}
+
+// ---------------------------------------------------------------- portable loop nests
+void block_mm_portable(const float* xt, i64 ldx, const int32_t* cols, const float* vals, i64 rows, i64 kept,
+                       i64 block, i64 batch, float* out, i64 ldo) {
+#pragma omp parallel for schedule(static)
+  for (i64 r = 0; r < rows; ++r) {
+    for (i64 t = 0; t < block; ++t) std::fill(out + (r * block + t) * ldo, out + (r * block + t) * ldo + batch, 0.f);
+    for (i64 k = 0; k < kept; ++k) {
+      const float* x = xt + (i64)cols[r * kept + k] * ldx;
+      const float* w = vals + (r * kept + k) * block;
+      for (i64 t = 0; t < block; ++t) {
+        float* y = out + (r * block + t) * ldo;
+        const float wt = w[t];
+#pragma omp simd
+        for (i64 b = 0; b < batch; ++b) y[b] += wt * x[b];
+      }
+    }
+  }
+}
+
+void nm_mm_portable(const float* xt, i64 ldx, const uint8_t* codes, const float* vals, i64 rows, i64 J,
+                    i64 jc, int n, int m, int bits, i64 batch, float* out, i64 ldo) {
+  const i64 chunks = (J + jc - 1) / jc, cc = jc / n * m;
+#pragma omp parallel for schedule(static)
+  for (i64 o = 0; o < rows; ++o) {
+    float* y = out + o * ldo;
+    std::fill(y, y + batch, 0.f);
+    for (i64 c = 0; c < chunks; ++c) {
+      const i64 count = std::min(jc, J - c * jc);
+      const uint8_t* row = codes + nm_code_off(c, o, rows, jc, count, bits);
+      const float* w = vals + nm_val_off(c, o, rows, jc, count);
+      for (i64 j = 0; j < count; ++j) {
+        const float* x = xt + (c * cc + (j / n) * m + decode_one(row, j, bits)) * ldx;
+        const float wj = w[j];
+#pragma omp simd
+        for (i64 b = 0; b < batch; ++b) y[b] += wj * x[b];
+      }
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+// ---------------------------------------------------------------- AVX-512: 1xN blocks
+inline __mmask16 tail_mask(i64 left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
+
+// Batch 1: y[r*B + t] = sum_k x[cols[r,k]] * vals[r,k,t]. Streams vals once; 4 accumulator chains.
+template <int B>
+void block_gemv_avx512(const float* x, const int32_t* cols, const float* vals, i64 rows, i64 kept, float* out) {
+  constexpr int V = B / 16;  // vectors per block vector
+#pragma omp parallel for schedule(static)
+  for (i64 r = 0; r < rows; ++r) {
+    const int32_t* c = cols + r * kept;
+    const float* w = vals + r * kept * B;
+    __m512 acc[4][V];
+    #pragma GCC unroll 16
+    for (int u = 0; u < 4; ++u)
+      #pragma GCC unroll 16
+      for (int v = 0; v < V; ++v) acc[u][v] = _mm512_setzero_ps();
+    i64 k = 0;
+    for (; k + 4 <= kept; k += 4) {
+#pragma GCC unroll 16
+      for (int l = 0; l < 4 * V; ++l) _mm_prefetch((const char*)(w + (k + 64) * B + 16 * l), _MM_HINT_T0);
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) {
+        const __m512 xv = _mm512_set1_ps(x[c[k + u]]);
+        #pragma GCC unroll 16
+        for (int v = 0; v < V; ++v)
+          acc[u][v] = _mm512_fmadd_ps(_mm512_loadu_ps(w + (k + u) * B + 16 * v), xv, acc[u][v]);
+      }
+    }
+    for (; k < kept; ++k) {
+      const __m512 xv = _mm512_set1_ps(x[c[k]]);
+      #pragma GCC unroll 16
+      for (int v = 0; v < V; ++v) acc[0][v] = _mm512_fmadd_ps(_mm512_loadu_ps(w + k * B + 16 * v), xv, acc[0][v]);
+    }
+    #pragma GCC unroll 16
+    for (int v = 0; v < V; ++v)
+      _mm512_storeu_ps(out + r * B + 16 * v,
+                       _mm512_add_ps(_mm512_add_ps(acc[0][v], acc[1][v]), _mm512_add_ps(acc[2][v], acc[3][v])));
+  }
+}
+
+// Batched: a T x (16*NB) register tile of outputs (T outputs of a block row, 16*NB batch items).
+// Per kept column: NB input vectors, T broadcast weights, T*NB FMAs. Kept columns run in chunks
+// of KC so the input rows a chunk touches stay in L1 while the T-tiles of the block row reuse them.
+template <int T, int NB>
+__attribute__((always_inline)) inline void block_tile(const float* xt, i64 ldx, const int32_t* c, const float* w, i64 block, i64 k0, i64 k1,
+                       i64 b0, i64 batch, float* y, i64 ldo, bool first) {
+  __m512 acc[T][NB];
+  __mmask16 mk[NB];
+  #pragma GCC unroll 16
+  for (int v = 0; v < NB; ++v) mk[v] = tail_mask(batch - b0 - 16 * v > 0 ? batch - b0 - 16 * v : 0);
+  #pragma GCC unroll 16
+  for (int t = 0; t < T; ++t)
+    #pragma GCC unroll 16
+    for (int v = 0; v < NB; ++v)
+      acc[t][v] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mk[v], y + t * ldo + b0 + 16 * v);
+  for (i64 k = k0; k < k1; ++k) {
+    const float* x = xt + (i64)c[k] * ldx + b0;
+    __m512 xv[NB];
+    #pragma GCC unroll 16
+    for (int v = 0; v < NB; ++v) xv[v] = _mm512_maskz_loadu_ps(mk[v], x + 16 * v);
+    const float* wk = w + k * block;
+    #pragma GCC unroll 16
+    for (int t = 0; t < T; ++t) {
+      const __m512 wt = _mm512_set1_ps(wk[t]);
+      #pragma GCC unroll 16
+      for (int v = 0; v < NB; ++v) acc[t][v] = _mm512_fmadd_ps(wt, xv[v], acc[t][v]);
+    }
+  }
+  #pragma GCC unroll 16
+  for (int t = 0; t < T; ++t)
+    #pragma GCC unroll 16
+    for (int v = 0; v < NB; ++v) _mm512_mask_storeu_ps(y + t * ldo + b0 + 16 * v, mk[v], acc[t][v]);
+}
+
+#ifndef NMS_BT
+#define NMS_BT 4
+#define NMS_BNB 4
+#define NMS_KC 64
+#endif
+#ifndef NMS_NR
+#define NMS_NR 3
+#define NMS_NNB 4
+#define NMS_NCOLS 128
+#endif
+constexpr int BT = NMS_BT, BNB = NMS_BNB, KC = NMS_KC;
+
+void block_mm_avx512(const float* xt, i64 ldx, const int32_t* cols, const float* vals, i64 rows, i64 kept,
+                     i64 block, i64 batch, float* out, i64 ldo) {
+  const i64 tiles = (batch + 16 * BNB - 1) / (16 * BNB);
+  const bool exact = block % BT == 0;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (i64 r = 0; r < rows; ++r) {
+    for (i64 bt = 0; bt < tiles; ++bt) {
+      const int32_t* c = cols + r * kept;
+      const float* w = vals + r * kept * block;
+      const i64 b0 = bt * 16 * BNB;
+      if (kept == 0) {
+        for (i64 t = 0; t < block; ++t)
+          std::fill(out + (r * block + t) * ldo + b0, out + (r * block + t) * ldo + std::min(batch, b0 + 16 * BNB), 0.f);
+        continue;
+      }
+      for (i64 k0 = 0; k0 < kept; k0 += KC) {
+        const i64 k1 = std::min(kept, k0 + KC);
+        i64 t0 = 0;
+        if (exact)
+          for (; t0 < block; t0 += BT)
+            block_tile<BT, BNB>(xt, ldx, c, w + t0, block, k0, k1, b0, batch, out + (r * block + t0) * ldo, ldo, k0 == 0);
+        else
+          for (; t0 < block; ++t0)
+            block_tile<1, BNB>(xt, ldx, c, w + t0, block, k0, k1, b0, batch, out + (r * block + t0) * ldo, ldo, k0 == 0);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- AVX-512: n:m
+// Offsets of the 16 values j0..j0+15 (j0 a multiple of 16) as 16 int32 lanes.
+inline __m512i decode16(const uint8_t* row, i64 j0, int bits) {
+  const uint8_t* p = row + ((j0 * bits) >> 3);
+  if (bits == 8) return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+  if (bits == 4) {
+    uint64_t q;
+    std::memcpy(&q, p, 8);
+    const __m512i lanes = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32((int)(uint32_t)q)),
+                                             _mm256_set1_epi32((int)(uint32_t)(q >> 32)), 1);
+    const __m512i sh = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+    return _mm512_and_si512(_mm512_srlv_epi32(lanes, sh), _mm512_set1_epi32(15));
+  }
+  uint32_t word;
+  if (bits == 2) {
+    std::memcpy(&word, p, 4);
+  } else {
+    uint16_t half;
+    std::memcpy(&half, p, 2);
+    word = half;
+  }
+  const __m512i sh = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                        _mm512_set1_epi32(bits));
+  return _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)word), sh), _mm512_set1_epi32((1 << bits) - 1));
+}
+
+// In-chunk column base of value i of a 16-value chunk: (i / n) * m (n divides 16).
+inline __m512i chunk_base(int n, int m) {
+  alignas(64) int32_t b[16];
+  for (int i = 0; i < 16; ++i) b[i] = (i / n) * m;
+  return _mm512_load_si512(b);
+}
+
+// Batch 1: 16 kept values at a time; their inputs come from a window of 16*m/n columns: one
+// permute for windows of 16 or 32 (2:4, 4:8, 8:16), a gather otherwise. Chunk-major like the
+// batched kernel, so each thread streams one contiguous run of weights per chunk; a row's partial
+// sums wait in a vector per row until the last chunk.
+void nm_gemv_avx512(const float* x, const uint8_t* codes, const float* vals, i64 rows, i64 J, i64 jc, int n,
+                    int m, int bits, float* out) {
+  const __m512i base = chunk_base(n, m);
+  const i64 window = 16 * m / n, chunks = (J + jc - 1) / jc, cc = jc / n * m;
+#pragma omp parallel
+  {
+    const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+    const i64 o0 = rows * tid / nth, o1 = rows * (tid + 1) / nth;
+    float* part = (float*)aligned_alloc(64, std::max<i64>(1, o1 - o0) * 16 * sizeof(float));
+    for (i64 o = o0; o < o1; ++o) {
+      _mm512_store_ps(part + (o - o0) * 16, _mm512_setzero_ps());
+      out[o] = 0.f;
+    }
+    for (i64 c = 0; c < chunks; ++c) {
+      const i64 count = std::min(jc, J - c * jc), steps = count / 16;
+      const float* xc = x + c * cc;
+      i64 o = o0;
+      for (; o + 4 <= o1; o += 4) {  // four rows at once: four independent accumulator chains
+        const uint8_t* row = codes + nm_code_off(c, o, rows, jc, count, bits);
+        const float* w = vals + nm_val_off(c, o, rows, jc, count);
+        const i64 cb = (count * bits + 7) / 8;
+        _mm_prefetch((const char*)(w + 16 * count), _MM_HINT_T0);
+        __m512 acc[4];
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) acc[q] = _mm512_load_ps(part + (o + q - o0) * 16);
+        for (i64 s = 0; s < steps; ++s) {
+          const float* xs = xc + s * window;
+          const __m512 xlo = _mm512_loadu_ps(xs);
+          const __m512 xhi = window == 32 ? _mm512_loadu_ps(xs + 16) : xlo;
+#pragma GCC unroll 4
+          for (int q = 0; q < 4; ++q) {
+            const __m512i idx = _mm512_add_epi32(decode16(row + q * cb, s * 16, bits), base);
+            __m512 xv;
+            if (window == 32) xv = _mm512_permutex2var_ps(xlo, idx, xhi);
+            else if (window == 16) xv = _mm512_permutexvar_ps(idx, xlo);
+            else xv = _mm512_i32gather_ps(idx, xs, 4);
+            acc[q] = _mm512_fmadd_ps(_mm512_loadu_ps(w + q * count + s * 16), xv, acc[q]);
+          }
+        }
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) {
+          _mm512_store_ps(part + (o + q - o0) * 16, acc[q]);
+          for (i64 j = steps * 16; j < count; ++j)
+            out[o + q] += w[q * count + j] * xc[(j / n) * m + decode_one(row + q * cb, j, bits)];
+        }
+      }
+      for (; o < o1; ++o) {
+        const uint8_t* row = codes + nm_code_off(c, o, rows, jc, count, bits);
+        const float* w = vals + nm_val_off(c, o, rows, jc, count);
+        __m512 acc = _mm512_load_ps(part + (o - o0) * 16);
+        for (i64 s = 0; s < steps; ++s) {
+          const __m512i idx = _mm512_add_epi32(decode16(row, s * 16, bits), base);
+          const float* xs = xc + s * window;
+          __m512 xv;
+          if (window == 32) xv = _mm512_permutex2var_ps(_mm512_loadu_ps(xs), idx, _mm512_loadu_ps(xs + 16));
+          else if (window == 16) xv = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(xs));
+          else xv = _mm512_i32gather_ps(idx, xs, 4);
+          acc = _mm512_fmadd_ps(_mm512_loadu_ps(w + s * 16), xv, acc);
+        }
+        _mm512_store_ps(part + (o - o0) * 16, acc);
+        for (i64 j = steps * 16; j < count; ++j) out[o] += w[j] * xc[(j / n) * m + decode_one(row, j, bits)];
+      }
+    }
+    for (i64 o = o0; o < o1; ++o) out[o] += _mm512_reduce_add_ps(_mm512_load_ps(part + (o - o0) * 16));
+    free(part);
+  }
+}
+
+// Batched: R rows x (16*NB) batch items of accumulators; every kept value scales one input row
+// slice. `col`/`w` point at the chunk's first kept value of the tile's first row (row stride cs/ws).
+template <int R, int NB, bool MASK>
+__attribute__((always_inline)) inline void nm_tile(const float* xt, i64 ldx, const int32_t* col, i64 cs,
+                                                   const float* w, i64 ws, i64 count, i64 b0, i64 batch, float* y,
+                                                   i64 ldo, bool first) {
+  __m512 acc[R][NB];
+  __mmask16 mk[NB];
+#pragma GCC unroll 16
+  for (int v = 0; v < NB; ++v) mk[v] = MASK ? tail_mask(batch - b0 - 16 * v > 0 ? batch - b0 - 16 * v : 0) : 0xFFFF;
+#pragma GCC unroll 16
+  for (int q = 0; q < R; ++q)
+#pragma GCC unroll 16
+    for (int v = 0; v < NB; ++v)
+      acc[q][v] = first ? _mm512_setzero_ps()
+                        : (MASK ? _mm512_maskz_loadu_ps(mk[v], y + q * ldo + b0 + 16 * v)
+                                : _mm512_loadu_ps(y + q * ldo + b0 + 16 * v));
+  for (i64 j = 0; j < count; ++j) {
+#pragma GCC unroll 16
+    for (int q = 0; q < R; ++q) {
+      const float* x = xt + (i64)col[q * cs + j] * ldx + b0;
+      const __m512 wq = _mm512_set1_ps(w[q * ws + j]);
+#pragma GCC unroll 16
+      for (int v = 0; v < NB; ++v)
+        acc[q][v] = _mm512_fmadd_ps(wq, MASK ? _mm512_maskz_loadu_ps(mk[v], x + 16 * v) : _mm512_loadu_ps(x + 16 * v),
+                                    acc[q][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int q = 0; q < R; ++q)
+#pragma GCC unroll 16
+    for (int v = 0; v < NB; ++v) {
+      if (MASK) _mm512_mask_storeu_ps(y + q * ldo + b0 + 16 * v, mk[v], acc[q][v]);
+      else _mm512_storeu_ps(y + q * ldo + b0 + 16 * v, acc[q][v]);
+    }
+}
+
+constexpr int NR = NMS_NR, NNB = NMS_NNB;
+
+template <bool MASK>
+inline void nm_tile_rows(const float* xt, i64 ldx, const int32_t* col, i64 cs, const float* w, i64 J, i64 count,
+                         i64 nr, i64 b0, i64 batch, float* y, i64 ldo, bool first) {
+  if (nr == NR) return nm_tile<NR, NNB, MASK>(xt, ldx, col, cs, w, J, count, b0, batch, y, ldo, first);
+  for (i64 q = 0; q < nr; ++q)
+    nm_tile<1, NNB, MASK>(xt, ldx, col + q * cs, cs, w + q * J, J, count, b0, batch, y + q * ldo, ldo, first);
+}
+
+// Loop order per thread (a contiguous range of rows): batch tile, then a chunk of input columns,
+// then the rows. The chunk's input rows (cc x 16*NNB floats, 32 KB for 128 columns) stay in L1 while
+// every row of the thread uses them; the weights arrive as one sequential stream (chunk-major);
+// accumulators go back to the output between chunks.
+void nm_mm_avx512(const float* xt, i64 ldx, const uint8_t* codes, const float* vals, i64 rows, i64 J, i64 jc,
+                  int n, int m, int bits, i64 batch, float* out, i64 ldo) {
+  const i64 tiles = (batch + 16 * NNB - 1) / (16 * NNB);
+  const i64 chunks = (J + jc - 1) / jc, cc = jc / n * m;
+  const bool vec = (16 % n) == 0 && jc % 16 == 0;
+  const i64 row_blocks = (rows + NR - 1) / NR;
+  const __m512i base = chunk_base(vec ? n : 1, m);
+  if (J == 0) {
+    for (i64 o = 0; o < rows; ++o) std::fill(out + o * ldo, out + o * ldo + batch, 0.f);
+    return;
+  }
+#pragma omp parallel
+  {
+    const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+    const i64 rb0 = row_blocks * tid / nth, rb1 = row_blocks * (tid + 1) / nth;
+    int32_t* col = new int32_t[NR * jc];
+    for (i64 bt = 0; bt < tiles; ++bt) {
+      const i64 b0 = bt * 16 * NNB;
+      const bool full = b0 + 16 * NNB <= batch;
+      for (i64 c = 0; c < chunks; ++c) {
+        const i64 count = std::min(jc, J - c * jc);
+        for (i64 rb = rb0; rb < rb1; ++rb) {
+          const i64 o0 = rb * NR;
+          const i64 nr = std::min<i64>(NR, rows - o0);
+          for (i64 q = 0; q < nr; ++q) {  // absolute input columns of this chunk's kept values
+            const uint8_t* row = codes + nm_code_off(c, o0 + q, rows, jc, count, bits);
+            i64 j = 0;
+            if (vec)
+              for (; j + 16 <= count; j += 16)
+                _mm512_storeu_si512(col + q * jc + j,
+                                    _mm512_add_epi32(_mm512_add_epi32(decode16(row, j, bits), base),
+                                                     _mm512_set1_epi32((int)(c * cc + (j / n) * m))));
+            for (; j < count; ++j) col[q * jc + j] = (int32_t)(c * cc + (j / n) * m + decode_one(row, j, bits));
+          }
+          const float* w = vals + nm_val_off(c, o0, rows, jc, count);
+          if (full) nm_tile_rows<false>(xt, ldx, col, jc, w, count, count, nr, b0, batch, out + o0 * ldo, ldo, c == 0);
+          else nm_tile_rows<true>(xt, ldx, col, jc, w, count, count, nr, b0, batch, out + o0 * ldo, ldo, c == 0);
+        }
+      }
+    }
+    delete[] col;
+  }
+}
+#endif
+
+}  // namespace
+
+extern "C" {
+
+// 512 when the AVX-512 micro-kernels are compiled in, 0 for the portable loop nests.
+int nms_isa() {
+#if defined(__AVX512F__)
+  return 512;
+#else
+  return 0;
+#endif
+}
+
+// out[rows*block, batch] = W @ xt for a 1xN-packed W; `portable` forces the portable loop nest.
+void nms_block_mm(const float* xt, i64 ldx, const int32_t* cols, const float* vals, i64 rows, i64 kept, i64 block,
+                  i64 batch, float* out, i64 ldo, int threads, int portable) {
+  omp_set_num_threads(threads);
+#if defined(__AVX512F__)
+  if (!portable) {
+    if (batch == 1 && ldx == 1 && ldo == 1) {
+      if (block == 16) return block_gemv_avx512<16>(xt, cols, vals, rows, kept, out);
+      if (block == 32) return block_gemv_avx512<32>(xt, cols, vals, rows, kept, out);
+      if (block == 64) return block_gemv_avx512<64>(xt, cols, vals, rows, kept, out);
+    }
+    return block_mm_avx512(xt, ldx, cols, vals, rows, kept, block, batch, out, ldo);
+  }
+#endif
+  (void)portable;
+  block_mm_portable(xt, ldx, cols, vals, rows, kept, block, batch, out, ldo);
+}
+
+// out[rows, batch] = W @ xt for an n:m-packed W (chunk-major layout, see the top of the file).
+void nms_nm_mm(const float* xt, i64 ldx, const uint8_t* codes, const float* vals, i64 rows, i64 J, i64 jc,
+               int n, int m, int bits, i64 batch, float* out, i64 ldo, int threads, int portable) {
+  omp_set_num_threads(threads);
+#if defined(__AVX512F__)
+  if (!portable) {
+    if (batch == 1 && ldx == 1 && ldo == 1 && (16 % n) == 0)
+      return nm_gemv_avx512(xt, codes, vals, rows, J, jc, n, m, bits, out);
+    return nm_mm_avx512(xt, ldx, codes, vals, rows, J, jc, n, m, bits, batch, out, ldo);
+  }
+#endif
+  (void)portable;
+  nm_mm_portable(xt, ldx, codes, vals, rows, J, jc, n, m, bits, batch, out, ldo);
+}
+
+}  // extern "C"
