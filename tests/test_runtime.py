@@ -139,3 +139,100 @@ def test_bench_cli_writes_reports_and_rejects_bad_input(tmp_path, capsys):
     assert row["batch"] == 3 and row["max_rel_error"] < 1e-4 and row["speedup"] > 0
     assert row["weight_bytes_sparse"] < row["weight_bytes_dense"] / 2
     assert (tmp_path / "bench_layers.md").read_text().count("|") > 10 and (tmp_path / "bench_layers.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------- C++ kernels and the numba fallback
+def _random_packed(kind, out, columns, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, columns, generator=g)
+    if kind[0] == "block":
+        block, keep = kind[1], torch.rand(out // kind[1], 1, columns, generator=g) < 0.3
+        w = (w.view(out // block, block, columns) * keep).view(out, columns)
+        return w, pack_block(w, block)
+    n, m = kind[1], kind[2]
+    order = torch.rand(out, columns // m, m, generator=g).argsort(-1)[..., :n]
+    w = (w.view(out, -1, m) * torch.zeros(out, columns // m, m).scatter(-1, order, 1)).view(out, columns)
+    return w, pack_nm(w, n, m)
+
+
+KERNEL_CASES = [("block", 8), ("block", 16), ("block", 32), ("nm", 2, 4), ("nm", 1, 4), ("nm", 2, 8), ("nm", 4, 8),
+                ("nm", 1, 8), ("nm", 3, 8), ("nm", 1, 16), ("nm", 4, 16), ("nm", 1, 2)]
+
+
+@pytest.mark.parametrize("variant", ["native", "portable"])
+@pytest.mark.parametrize("kind", KERNEL_CASES, ids=lambda k: "x".join(map(str, k)))
+def test_cpp_kernels_match_dense_for_every_layout(variant, kind):
+    """Both builds of the C++ library (this CPU's, and one without AVX-512) against a dense product:
+    shapes with partial chunks, batches that are not a multiple of the vector or tile width, a
+    strided input (a column slice), and the batch-1 paths."""
+    from nmsparse.runtime import _native
+
+    if _native.library(variant) is None:
+        pytest.skip(f"C++ kernels unavailable here: {_native.status()['reason']}")
+    for out, columns in [(64, 128), (32, 576), (96, 48), (16, 1040)]:
+        if columns % (kind[2] if kind[0] == "nm" else 1) or out % (kind[1] if kind[0] == "block" else 1):
+            continue
+        w, packed = _random_packed(kind, out, columns, seed=out + columns)
+        assert torch.equal(packed.dense(), w)
+        for batch in (1, 3, 17, 64, 70):
+            x = torch.randn(columns, batch + 5)[:, 2: 2 + batch]  # row stride != batch
+            run = _native.block_mm if kind[0] == "block" else _native.nm_mm
+            y = run(x, packed, variant)
+            assert _rel(y, w @ x) < 1e-5, (out, columns, batch)
+
+
+def test_numba_fallback_gives_the_same_outputs(monkeypatch):
+    """NMSPARSE_RUNTIME_BACKEND=numba (or no compiler) runs the numba kernels, with the same results."""
+    from nmsparse.runtime import _native
+
+    monkeypatch.setenv("NMSPARSE_RUNTIME_BACKEND", "numba")
+    _native._load.cache_clear()
+    try:
+        assert _native.status()["backend"] == "numba" and "NMSPARSE_RUNTIME_BACKEND" in _native.status()["reason"]
+        for kind in [("block", 16), ("nm", 2, 4), ("nm", 1, 8)]:
+            w, packed = _random_packed(kind, 32, 128, seed=1)
+            layer = SparseLinear(packed, None)
+            for batch in (1, 5):
+                x = torch.randn(batch, 128)
+                assert _rel(layer(x), x @ w.t()) < 1e-5
+    finally:
+        monkeypatch.delenv("NMSPARSE_RUNTIME_BACKEND")
+        _native._load.cache_clear()
+
+
+def test_kernel_build_failure_is_reported_not_raised(monkeypatch, tmp_path):
+    """A compiler that fails leaves the runtime on numba, with the compiler's first line as the reason."""
+    from nmsparse.runtime import _native
+
+    bad = tmp_path / "badcxx"
+    bad.write_text("#!/bin/sh\necho 'badcxx: error: no such target' >&2\nexit 1\n")
+    bad.chmod(0o755)
+    monkeypatch.setenv("CXX", str(bad))
+    monkeypatch.setenv("NMSPARSE_CACHE", str(tmp_path / "cache"))
+    _native._load.cache_clear()
+    try:
+        info = _native.status()
+        assert info["backend"] == "numba" and "no such target" in info["reason"], info
+        assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-written left behind
+    finally:
+        monkeypatch.undo()
+        _native._load.cache_clear()
+
+
+@pytest.mark.parametrize("variant", ["native", "portable"])
+def test_cpp_im2col_matches_unfold_in_both_orders(variant):
+    from nmsparse.runtime import _native
+
+    if _native.library(variant) is None:
+        pytest.skip(f"C++ kernels unavailable here: {_native.status()['reason']}")
+    x = torch.randn(2, 5, 9, 11)
+    for kernel, stride, padding, dilation in [((3, 3), (1, 1), (1, 1), (1, 1)), ((3, 3), (2, 2), (1, 1), (1, 1)),
+                                              ((7, 7), (2, 2), (3, 3), (1, 1)), ((3, 2), (1, 2), (0, 1), (2, 1)),
+                                              ((1, 1), (2, 2), (0, 0), (1, 1)), ((5, 5), (1, 1), (4, 4), (1, 1))]:
+        ref = nn.functional.unfold(x, kernel, dilation, padding, stride)  # [N, C*k, L]
+        expect_chw = ref.transpose(0, 1).reshape(ref.shape[1], -1)
+        got = _native.im2col(x, kernel, stride, padding, dilation, "chw", variant)
+        assert torch.equal(got, expect_chw), (kernel, stride, padding, dilation)
+        k = kernel[0] * kernel[1]
+        hwc = ref.view(2, 5, k, -1).transpose(1, 2).reshape(2, 5 * k, -1).transpose(0, 1).reshape(5 * k, -1)
+        assert torch.equal(_native.im2col(x, kernel, stride, padding, dilation, "hwc", variant), hwc)

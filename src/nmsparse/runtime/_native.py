@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["available", "status", "block_mm", "nm_mm", "library"]
+__all__ = ["available", "status", "block_mm", "nm_mm", "im2col", "library"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
@@ -101,6 +101,7 @@ def _load(variant: str) -> tuple[ctypes.CDLL | None, str]:
     lib.nms_block_mm.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, ctypes.c_int, ctypes.c_int]
     lib.nms_nm_mm.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                               _I64, _PTR, _I64, ctypes.c_int, ctypes.c_int]
+    lib.nms_im2col.argtypes = [_PTR, _I64, _I64, _I64, _I64, *([ctypes.c_int] * 9), _PTR, ctypes.c_int]
     return lib, ""
 
 
@@ -157,4 +158,19 @@ def nm_mm(xt: torch.Tensor, packed, variant: str = "native") -> torch.Tensor:
     lib.nms_nm_mm(_ptr(xt), xt.stride(0), _ptr(packed.codes), _ptr(packed.vals), rows,
                   packed.kept, packed.chunk, packed.n, packed.m, packed.bits, batch, _ptr(out), batch,
                   torch.get_num_threads(), int(variant == "portable"))
+    return out
+
+
+def im2col(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+           dilation: tuple[int, int], order: str, variant: str = "native") -> torch.Tensor:
+    """``[C*kh*kw, N*oh*ow]`` columns of ``x[N, C, H, W]`` (zero padding) in ``order`` ``"chw"`` (PyTorch's
+    ``unfold`` row order) or ``"hwc"`` (kernel position major, channel minor)."""
+    lib = library(variant)
+    x = x.to(torch.float32).contiguous()
+    n, c, h, w = x.shape
+    oh = (h + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    out = torch.empty(c * kernel[0] * kernel[1], n * oh * ow)
+    lib.nms_im2col(_ptr(x), n, c, h, w, *kernel, *stride, *padding, *dilation, int(order == "hwc"), _ptr(out),
+                   torch.get_num_threads())
     return out

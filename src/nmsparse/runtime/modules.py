@@ -145,13 +145,18 @@ class SparseConv2d(_PackedModule):
         else:
             if isinstance(self.padding, str):
                 raise RuntimeError("string padding is not supported by SparseConv2d")
-            cols = nn.functional.unfold(x.float(), (kh, kw), self.dilation, self.padding, self.stride)  # [N, in*k*k, L]
             oh = (height + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
             ow = (width + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-            if self.order == "hwc":
-                cols = cols.view(batch, self.in_channels, kh * kw, -1).transpose(1, 2)
-            cols = cols.reshape(batch, -1, oh * ow)
-            xt = cols[0] if batch == 1 else cols.transpose(0, 1).reshape(cols.shape[1], -1)  # [in*k*k, N*L]
+            from . import _native
+
+            if _native.available():  # straight into [in*k*k, N*L] in the weight's column order
+                xt = _native.im2col(x, (kh, kw), self.stride, self.padding, self.dilation, self.order)
+            else:
+                cols = nn.functional.unfold(x.float(), (kh, kw), self.dilation, self.padding, self.stride)  # [N, in*k*k, L]
+                if self.order == "hwc":
+                    cols = cols.view(batch, self.in_channels, kh * kw, -1).transpose(1, 2)
+                cols = cols.reshape(batch, -1, oh * ow)
+                xt = cols[0] if batch == 1 else cols.transpose(0, 1).reshape(cols.shape[1], -1)  # [in*k*k, N*L]
         y = packed_matmul_t(xt, self.packed)  # [out, N*L]
         if self.bias is not None:
             y += self.bias.unsqueeze(1)

@@ -398,6 +398,43 @@ void nm_mm_avx512(const float* xt, i64 ldx, const uint8_t* codes, const float* v
 }
 #endif
 
+// ---------------------------------------------------------------- im2col
+// out[row * ldo + oy*ow + ox] for one image x[C, H, W] (contiguous planes); row = c*kh*kw + dy*kw + dx
+// ("chw", PyTorch's weight order) or (dy*kw + dx)*C + c ("hwc"). Zero padding. Memory-bound: rows
+// are written once, with straight copies where the stride is 1.
+void im2col_image(const float* x, i64 C, i64 H, i64 W, int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw,
+                  bool hwc, float* out, i64 ldo) {
+  const i64 oh = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1, ow = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (i64 c = 0; c < C; ++c) {
+    for (int k = 0; k < kh * kw; ++k) {
+      const int dy = k / kw, dx = k % kw;
+      const i64 row = hwc ? (i64)k * C + c : c * kh * kw + k;
+      float* dst = out + row * ldo;
+      const float* plane = x + c * H * W;
+      for (i64 oy = 0; oy < oh; ++oy) {
+        const i64 iy = oy * sh - ph + (i64)dy * dh;
+        float* d = dst + oy * ow;
+        if (iy < 0 || iy >= H) {
+          std::fill(d, d + ow, 0.f);
+          continue;
+        }
+        const float* src = plane + iy * W;
+        // output columns whose input column ix = ox*sw - pw + dx*dw lies inside [0, W)
+        const i64 off = (i64)dx * dw - pw;
+        i64 lo = off >= 0 ? 0 : (-off + sw - 1) / sw;
+        i64 hi = W - 1 - off < 0 ? 0 : std::min<i64>(ow, (W - 1 - off) / sw + 1);
+        if (lo > hi) lo = hi;
+        std::fill(d, d + lo, 0.f);
+        if (sw == 1) std::memcpy(d + lo, src + lo + off, (hi - lo) * sizeof(float));
+        else
+          for (i64 ox = lo; ox < hi; ++ox) d[ox] = src[ox * sw + off];
+        std::fill(d + hi, d + ow, 0.f);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -442,6 +479,16 @@ void nms_nm_mm(const float* xt, i64 ldx, const uint8_t* codes, const float* vals
 #endif
   (void)portable;
   nm_mm_portable(xt, ldx, codes, vals, rows, J, jc, n, m, bits, batch, out, ldo);
+}
+
+// im2col of a batch x[N, C, H, W] (contiguous) into out[C*kh*kw, N*oh*ow]: image n fills columns
+// n*oh*ow .. (n+1)*oh*ow - 1, the transposed layout the products read.
+void nms_im2col(const float* x, i64 N, i64 C, i64 H, i64 W, int kh, int kw, int sh, int sw, int ph, int pw, int dh,
+                int dw, int hwc, float* out, int threads) {
+  omp_set_num_threads(threads);
+  const i64 oh = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1, ow = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  for (i64 n = 0; n < N; ++n)
+    im2col_image(x + n * C * H * W, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, hwc != 0, out + n * oh * ow, N * oh * ow);
 }
 
 }  // extern "C"
