@@ -98,7 +98,8 @@ def _load(variant: str) -> tuple[ctypes.CDLL | None, str]:
         except (OSError, subprocess.SubprocessError) as exc:
             return None, str(exc).splitlines()[0]
     lib.nms_isa.restype = ctypes.c_int
-    lib.nms_block_mm.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, ctypes.c_int, ctypes.c_int]
+    lib.nms_block_mm.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, ctypes.c_int,
+                                 ctypes.c_int]
     lib.nms_nm_mm.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                               _I64, _PTR, _I64, ctypes.c_int, ctypes.c_int]
     lib.nms_im2col.argtypes = [_PTR, _I64, _I64, _I64, _I64, *([ctypes.c_int] * 9), _PTR, ctypes.c_int]
@@ -143,7 +144,9 @@ def block_mm(xt: torch.Tensor, packed, variant: str = "native") -> torch.Tensor:
     if batch == 1 and xt.stride(0) != 1:
         xt = xt.contiguous()
     out = torch.empty(rows * block, batch)
-    lib.nms_block_mm(_ptr(xt), xt.stride(0), _ptr(packed.cols), _ptr(packed.vals), rows, kept, block, batch,
+    kstart = packed.kstart
+    lib.nms_block_mm(_ptr(xt), xt.stride(0), _ptr(packed.cols), _ptr(kstart), kstart.shape[1] - 1, _ptr(packed.vals),
+                     rows, kept, block, batch,
                      _ptr(out), batch, torch.get_num_threads(), int(variant == "portable"))
     return out
 

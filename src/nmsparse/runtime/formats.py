@@ -44,6 +44,9 @@ def gemm_matrix(weight: torch.Tensor, order: str) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
+BLOCK_CHUNK_COLS = 128  # columns per chunk of the batched 1xN kernel: 128 input rows x 64 batch = 32 KB of L1
+
+
 @dataclass
 class BlockPacked:
     cols: np.ndarray  # [R, K] int32
@@ -62,6 +65,27 @@ class BlockPacked:
     @property
     def nbytes(self) -> int:
         return int(self.cols.nbytes + self.vals.nbytes)
+
+    def __post_init__(self) -> None:
+        # built with the layout, not at the first call: a first call should cost what every call costs
+        self.kstart = self._chunk_starts()
+
+    def _chunk_starts(self) -> np.ndarray:
+        """``[R, C + 1]`` int32: the first kept entry of each block row in each chunk of
+        :data:`BLOCK_CHUNK_COLS` columns (the batched C++ kernel walks the columns chunk by chunk).
+        Kept columns ascend; a padded tail (zero values) counts to the last chunk."""
+        rows, kept = self.cols.shape
+        chunks = max(1, -(-self.shape[1] // BLOCK_CHUNK_COLS))
+        bounds = np.arange(chunks) * BLOCK_CHUNK_COLS
+        out = np.empty((rows, chunks + 1), dtype=np.int32)
+        for r in range(rows):
+            row = self.cols[r]
+            drops = np.flatnonzero(np.diff(row) < 0)
+            prefix = row[: drops[0] + 1] if drops.size else row
+            out[r, :chunks] = np.searchsorted(prefix, bounds, side="left")
+            out[r, chunks] = kept
+        out[:, 0] = 0
+        return out
 
     def dense(self) -> torch.Tensor:
         out, columns = self.shape

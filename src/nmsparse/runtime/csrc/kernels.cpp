@@ -168,30 +168,31 @@ __attribute__((always_inline)) inline void block_tile(const float* xt, i64 ldx, 
 #endif
 constexpr int BT = NMS_BT, BNB = NMS_BNB, KC = NMS_KC;
 
-void block_mm_avx512(const float* xt, i64 ldx, const int32_t* cols, const float* vals, i64 rows, i64 kept,
-                     i64 block, i64 batch, float* out, i64 ldo) {
+// Loop order per thread (a contiguous range of block rows): batch tile, column chunk, block row.
+// A chunk's input rows (cc x 16*BNB floats) stay in L1 while all block rows of the thread use them;
+// kstart says which kept columns of a block row fall into the chunk.
+void block_mm_avx512(const float* xt, i64 ldx, const int32_t* cols, const int32_t* kstart, i64 chunks,
+                     const float* vals, i64 rows, i64 kept, i64 block, i64 batch, float* out, i64 ldo) {
   const i64 tiles = (batch + 16 * BNB - 1) / (16 * BNB);
   const bool exact = block % BT == 0;
-#pragma omp parallel for collapse(2) schedule(static)
-  for (i64 r = 0; r < rows; ++r) {
+#pragma omp parallel
+  {
+    const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+    const i64 r0 = rows * tid / nth, r1 = rows * (tid + 1) / nth;
     for (i64 bt = 0; bt < tiles; ++bt) {
-      const int32_t* c = cols + r * kept;
-      const float* w = vals + r * kept * block;
       const i64 b0 = bt * 16 * BNB;
-      if (kept == 0) {
-        for (i64 t = 0; t < block; ++t)
-          std::fill(out + (r * block + t) * ldo + b0, out + (r * block + t) * ldo + std::min(batch, b0 + 16 * BNB), 0.f);
-        continue;
-      }
-      for (i64 k0 = 0; k0 < kept; k0 += KC) {
-        const i64 k1 = std::min(kept, k0 + KC);
-        i64 t0 = 0;
-        if (exact)
-          for (; t0 < block; t0 += BT)
-            block_tile<BT, BNB>(xt, ldx, c, w + t0, block, k0, k1, b0, batch, out + (r * block + t0) * ldo, ldo, k0 == 0);
-        else
-          for (; t0 < block; ++t0)
-            block_tile<1, BNB>(xt, ldx, c, w + t0, block, k0, k1, b0, batch, out + (r * block + t0) * ldo, ldo, k0 == 0);
+      for (i64 c = 0; c < chunks; ++c) {
+        for (i64 r = r0; r < r1; ++r) {
+          const int32_t* cr = cols + r * kept;
+          const float* w = vals + r * kept * block;
+          const i64 k0 = kstart[r * (chunks + 1) + c], k1 = kstart[r * (chunks + 1) + c + 1];
+          if (exact)
+            for (i64 t0 = 0; t0 < block; t0 += BT)
+              block_tile<BT, BNB>(xt, ldx, cr, w + t0, block, k0, k1, b0, batch, out + (r * block + t0) * ldo, ldo, c == 0);
+          else
+            for (i64 t0 = 0; t0 < block; ++t0)
+              block_tile<1, BNB>(xt, ldx, cr, w + t0, block, k0, k1, b0, batch, out + (r * block + t0) * ldo, ldo, c == 0);
+        }
       }
     }
   }
@@ -449,8 +450,9 @@ int nms_isa() {
 }
 
 // out[rows*block, batch] = W @ xt for a 1xN-packed W; `portable` forces the portable loop nest.
-void nms_block_mm(const float* xt, i64 ldx, const int32_t* cols, const float* vals, i64 rows, i64 kept, i64 block,
-                  i64 batch, float* out, i64 ldo, int threads, int portable) {
+// kstart[rows, chunks + 1]: see the top of the file (read by the AVX-512 batched kernel only).
+void nms_block_mm(const float* xt, i64 ldx, const int32_t* cols, const int32_t* kstart, i64 chunks, const float* vals,
+                  i64 rows, i64 kept, i64 block, i64 batch, float* out, i64 ldo, int threads, int portable) {
   omp_set_num_threads(threads);
 #if defined(__AVX512F__)
   if (!portable) {
@@ -459,7 +461,7 @@ void nms_block_mm(const float* xt, i64 ldx, const int32_t* cols, const float* va
       if (block == 32) return block_gemv_avx512<32>(xt, cols, vals, rows, kept, out);
       if (block == 64) return block_gemv_avx512<64>(xt, cols, vals, rows, kept, out);
     }
-    return block_mm_avx512(xt, ldx, cols, vals, rows, kept, block, batch, out, ldo);
+    return block_mm_avx512(xt, ldx, cols, kstart, chunks, vals, rows, kept, block, batch, out, ldo);
   }
 #endif
   (void)portable;
