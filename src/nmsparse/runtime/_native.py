@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +74,7 @@ def _build(compiler: str, out: Path, extra: list[str]) -> None:
             os.unlink(tmp)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load(variant: str) -> tuple[ctypes.CDLL | None, str]:
     """``(library, reason)``; the library is None with the reason it could not be built or loaded."""
     if os.environ.get("NMSPARSE_RUNTIME_BACKEND", "").lower() == "numba":

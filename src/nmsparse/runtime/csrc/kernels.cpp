@@ -123,8 +123,8 @@ void block_gemv_avx512(const float* x, const int32_t* cols, const float* vals, i
 }
 
 // Batched: a T x (16*NB) register tile of outputs (T outputs of a block row, 16*NB batch items).
-// Per kept column: NB input vectors, T broadcast weights, T*NB FMAs. Kept columns run in chunks
-// of KC so the input rows a chunk touches stay in L1 while the T-tiles of the block row reuse them.
+// Per kept column: NB input vectors, T broadcast weights, T*NB FMAs, over kept columns k0..k1
+// (one column chunk; `first` starts from zero, otherwise from the partial sums in y).
 template <int T, int NB>
 __attribute__((always_inline)) inline void block_tile(const float* xt, i64 ldx, const int32_t* c, const float* w, i64 block, i64 k0, i64 k1,
                        i64 b0, i64 batch, float* y, i64 ldo, bool first) {
@@ -156,17 +156,7 @@ __attribute__((always_inline)) inline void block_tile(const float* xt, i64 ldx, 
     for (int v = 0; v < NB; ++v) _mm512_mask_storeu_ps(y + t * ldo + b0 + 16 * v, mk[v], acc[t][v]);
 }
 
-#ifndef NMS_BT
-#define NMS_BT 4
-#define NMS_BNB 4
-#define NMS_KC 64
-#endif
-#ifndef NMS_NR
-#define NMS_NR 3
-#define NMS_NNB 4
-#define NMS_NCOLS 128
-#endif
-constexpr int BT = NMS_BT, BNB = NMS_BNB, KC = NMS_KC;
+constexpr int BT = 4, BNB = 4;  // 1xN tile: 4 outputs x 64 batch items (16 accumulators)
 
 // Loop order per thread (a contiguous range of block rows): batch tile, column chunk, block row.
 // A chunk's input rows (cc x 16*BNB floats) stay in L1 while all block rows of the thread use them;
@@ -251,40 +241,10 @@ void nm_gemv_avx512(const float* x, const uint8_t* codes, const float* vals, i64
     for (i64 c = 0; c < chunks; ++c) {
       const i64 count = std::min(jc, J - c * jc), steps = count / 16;
       const float* xc = x + c * cc;
-      i64 o = o0;
-      for (; o + 4 <= o1; o += 4) {  // four rows at once: four independent accumulator chains
+      for (i64 o = o0; o < o1; ++o) {
         const uint8_t* row = codes + nm_code_off(c, o, rows, jc, count, bits);
         const float* w = vals + nm_val_off(c, o, rows, jc, count);
-        const i64 cb = (count * bits + 7) / 8;
-        _mm_prefetch((const char*)(w + 16 * count), _MM_HINT_T0);
-        __m512 acc[4];
-#pragma GCC unroll 4
-        for (int q = 0; q < 4; ++q) acc[q] = _mm512_load_ps(part + (o + q - o0) * 16);
-        for (i64 s = 0; s < steps; ++s) {
-          const float* xs = xc + s * window;
-          const __m512 xlo = _mm512_loadu_ps(xs);
-          const __m512 xhi = window == 32 ? _mm512_loadu_ps(xs + 16) : xlo;
-#pragma GCC unroll 4
-          for (int q = 0; q < 4; ++q) {
-            const __m512i idx = _mm512_add_epi32(decode16(row + q * cb, s * 16, bits), base);
-            __m512 xv;
-            if (window == 32) xv = _mm512_permutex2var_ps(xlo, idx, xhi);
-            else if (window == 16) xv = _mm512_permutexvar_ps(idx, xlo);
-            else xv = _mm512_i32gather_ps(idx, xs, 4);
-            acc[q] = _mm512_fmadd_ps(_mm512_loadu_ps(w + q * count + s * 16), xv, acc[q]);
-          }
-        }
-#pragma GCC unroll 4
-        for (int q = 0; q < 4; ++q) {
-          _mm512_store_ps(part + (o + q - o0) * 16, acc[q]);
-          for (i64 j = steps * 16; j < count; ++j)
-            out[o + q] += w[q * count + j] * xc[(j / n) * m + decode_one(row + q * cb, j, bits)];
-        }
-      }
-      for (; o < o1; ++o) {
-        const uint8_t* row = codes + nm_code_off(c, o, rows, jc, count, bits);
-        const float* w = vals + nm_val_off(c, o, rows, jc, count);
-        __m512 acc = _mm512_load_ps(part + (o - o0) * 16);
+        __m512 acc0 = _mm512_load_ps(part + (o - o0) * 16), acc1 = _mm512_setzero_ps();  // two FMA chains
         for (i64 s = 0; s < steps; ++s) {
           const __m512i idx = _mm512_add_epi32(decode16(row, s * 16, bits), base);
           const float* xs = xc + s * window;
@@ -292,9 +252,10 @@ void nm_gemv_avx512(const float* x, const uint8_t* codes, const float* vals, i64
           if (window == 32) xv = _mm512_permutex2var_ps(_mm512_loadu_ps(xs), idx, _mm512_loadu_ps(xs + 16));
           else if (window == 16) xv = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(xs));
           else xv = _mm512_i32gather_ps(idx, xs, 4);
-          acc = _mm512_fmadd_ps(_mm512_loadu_ps(w + s * 16), xv, acc);
+          if (s & 1) acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + s * 16), xv, acc1);
+          else acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + s * 16), xv, acc0);
         }
-        _mm512_store_ps(part + (o - o0) * 16, acc);
+        _mm512_store_ps(part + (o - o0) * 16, _mm512_add_ps(acc0, acc1));
         for (i64 j = steps * 16; j < count; ++j) out[o] += w[j] * xc[(j / n) * m + decode_one(row, j, bits)];
       }
     }
@@ -340,7 +301,7 @@ __attribute__((always_inline)) inline void nm_tile(const float* xt, i64 ldx, con
     }
 }
 
-constexpr int NR = NMS_NR, NNB = NMS_NNB;
+constexpr int NR = 3, NNB = 4;  // n:m tile: 3 rows x 64 batch items (12 accumulators)
 
 template <bool MASK>
 inline void nm_tile_rows(const float* xt, i64 ldx, const int32_t* col, i64 cs, const float* w, i64 J, i64 count,
