@@ -61,6 +61,20 @@ def test_sparsegpt_single_elimination_is_the_least_squares_optimum():
     assert pruned[0, 0] == 0
 
 
+def test_sparsegpt_in_place_hessian_is_restored_and_scale_free():
+    x = _correlated_inputs(n=512, cols=16, seed=2)
+    x[:, 5] = 0.0  # a dead input: its diagonal entry is 0 and must come back as 0
+    w = torch.randn(6, 16, generator=torch.Generator().manual_seed(3))
+    gram = x.t() @ x
+    before = gram.clone()
+    ref_w, ref_mask = sparsegpt_prune(w, 2.0 / x.shape[0] * gram, n=2, m=4)
+    got_w, got_mask = sparsegpt_prune(w, gram, n=2, m=4, reuse_hessian=True)
+    assert torch.equal(gram, before)  # dampening undone, dead entry restored
+    assert torch.equal(got_mask, ref_mask)
+    assert torch.allclose(got_w, ref_w, atol=1e-5)
+    assert (got_w[:, 5] == 0).all()
+
+
 def test_wanda_mask_by_hand():
     w = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     stats = LayerStats(4, hessian=False)

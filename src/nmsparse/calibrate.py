@@ -134,13 +134,58 @@ def _run_all(model: nn.Module, batches: list[Any]) -> None:
         run_model(model, batch)
 
 
-def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> None:
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A block's hidden-state input: its first positional argument, else ``hidden_states`` or the first kwarg."""
+    if args:
+        return args[0]
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else next(iter(kwargs.values()))
+
+
+def _take(obj: Any, start: int, end: int, batch: int) -> Any:
+    """``obj`` with every tensor whose first dim is the batch cut to samples ``start:end``."""
+    if isinstance(obj, torch.Tensor):
+        return obj[start:end] if obj.dim() >= 1 and obj.shape[0] == batch else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_take(o, start, end, batch) for o in obj)
+    if isinstance(obj, dict):
+        return {key: _take(value, start, end, batch) for key, value in obj.items()}
+    return obj
+
+
+def _pieces(args: tuple, kwargs: dict, micro_batch: int | None):
+    """The captured call ``(args, kwargs)`` cut into micro-batches of at most ``micro_batch`` samples."""
+    batch = _hidden(args, kwargs).shape[0]
+    size = batch if not micro_batch or micro_batch >= batch else micro_batch
+    for start in range(0, batch, size):
+        end = min(start + size, batch)
+        yield (args, kwargs) if size == batch else (_take(args, start, end, batch), _take(kwargs, start, end, batch))
+
+
+def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]], micro_batch: int | None) -> None:
     for args, kwargs in inputs:
-        block(*args, **kwargs)
+        for piece_args, piece_kwargs in _pieces(args, kwargs, micro_batch):
+            block(*piece_args, **piece_kwargs)
 
 
-def _next_inputs(args: tuple, kwargs: dict, output: Any) -> tuple[tuple, dict]:
-    hidden = output[0] if isinstance(output, (tuple, list)) else output
+@torch.no_grad()
+def _advance(block: nn.Module, inputs: list[tuple[tuple, dict]], micro_batch: int | None) -> None:
+    """Replace each captured input by the (pruned) block's output. An output of the input's shape is
+    written over the input in place, micro-batch by micro-batch, so no second copy is held."""
+    for i, (args, kwargs) in enumerate(inputs):
+        outputs = []
+        for piece_args, piece_kwargs in _pieces(args, kwargs, micro_batch):
+            out = block(*piece_args, **piece_kwargs)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            hidden = _hidden(piece_args, piece_kwargs)
+            if out.shape == hidden.shape and out.dtype == hidden.dtype:
+                hidden.copy_(out)
+            else:
+                outputs.append(out)
+        if outputs:  # the block changes the shape (e.g. a downsampling stage): a new tensor
+            inputs[i] = _next_inputs(args, kwargs, torch.cat(outputs))
+
+
+def _next_inputs(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
     if args:
         return (hidden,) + tuple(args[1:]), kwargs
     key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
@@ -173,6 +218,16 @@ def _collect(choices: list[LayerChoice], method: Method, run: Callable[[], None]
     return stats
 
 
+def _relative_error(weight: torch.Tensor, new_weight: torch.Tensor, xtx: torch.Tensor) -> float:
+    """``||(W - W') X||^2 / ||W X||^2`` from ``X^T X``, over row chunks (bounded temporaries)."""
+    num = den = 0.0
+    for w0, w1 in zip(weight.split(256), new_weight.split(256)):
+        den += float(((w0 @ xtx) * w0).sum())
+        delta = w0 - w1
+        num += float(((delta @ xtx) * delta).sum())
+    return num / max(den, 1e-30)
+
+
 @torch.no_grad()
 def _prune_layer(choice: LayerChoice, method: Method, stats: LayerStats) -> dict[str, Any]:
     module = choice.module
@@ -183,18 +238,16 @@ def _prune_layer(choice: LayerChoice, method: Method, stats: LayerStats) -> dict
     else:  # magnitude: same report, masks from |W|
         mask = sliced_mask(weight, patterns, absolute=True)
         new_weight = weight * mask
-    new_weight = (new_weight * mask).to(weight.dtype)
+    new_weight = new_weight.mul_(mask).to(weight.dtype)  # the methods return new tensors
+    del mask
     error = None
     if stats.xtx is not None:
-        w0 = weight.reshape(weight.shape[0], -1).float()
-        delta = w0 - new_weight.reshape(weight.shape[0], -1).float()
-        h = stats.xtx
-        base = float(torch.einsum("ij,jk,ik->", w0, h, w0))
-        error = float(torch.einsum("ij,jk,ik->", delta, h, delta)) / max(base, 1e-30)
+        rows = weight.shape[0]
+        error = _relative_error(weight.reshape(rows, -1).float(), new_weight.reshape(rows, -1).float(), stats.xtx)
     module.weight.copy_(new_weight)
     return {"fqn": choice.fqn, "shape": list(weight.shape), "pattern": ",".join(sorted({str(p) for p in patterns})),
-            "density": float((new_weight != 0).float().mean()), "verified": sliced_satisfies(new_weight, patterns),
-            "reconstruction_error": error, "skip_reason": None}
+            "density": int(torch.count_nonzero(new_weight)) / new_weight.numel(),
+            "verified": sliced_satisfies(new_weight, patterns), "reconstruction_error": error, "skip_reason": None}
 
 
 def prune_calibrated(
@@ -205,6 +258,7 @@ def prune_calibrated(
     selection: Selection | None = None,
     method_options: dict[str, Any] | None = None,
     progress: str = "auto",
+    micro_batch: int | None = 4,
 ) -> CalibratedResult:
     """Prune ``model`` in place with calibration data.
 
@@ -217,6 +271,9 @@ def prune_calibrated(
         selection: layer sets, rules and guards.
         method_options: options of the method.
         progress: ``auto``, ``bar``, ``lines`` or ``none`` (one tick per block).
+        micro_batch: samples per block forward in block-by-block mode (each calibration batch is
+            cut into micro-batches, so only a few samples' attention and MLP activations exist at
+            once); None runs whole batches. The statistics are the same sums either way.
 
     Returns:
         :class:`CalibratedResult`; the model is left dense with zeros, without parametrizations.
@@ -248,14 +305,13 @@ def prune_calibrated(
             here = [c for c in selected if c.fqn.startswith(prefix + ".")]
             in_blocks.update(c.fqn for c in here)
             if here:
-                stats = _collect(here, built, lambda blk=block, ins=inputs: _run_block(blk, ins),
+                stats = _collect(here, built, lambda blk=block, ins=inputs: _run_block(blk, ins, micro_batch),
                                  _HESSIAN_MAX_COLUMNS_BLOCK)
-                report += [_prune_layer(c, built, stats[c.fqn]) for c in here]
-                del stats
                 _release_freed_memory()
-            with torch.no_grad():  # replace each batch's input by the block's output as we go
-                for i, (a, k) in enumerate(inputs):
-                    inputs[i] = _next_inputs(a, k, block(*a, **k))
+                for choice in here:
+                    report.append(_prune_layer(choice, built, stats.pop(choice.fqn)))
+                    _release_freed_memory()
+            _advance(block, inputs, micro_batch)
             _release_freed_memory()
             bar.update(index + 1, f"block {prefix}: {len(here)} layers")
         bar.close()

@@ -153,11 +153,11 @@ class LayerStats:
         """||X_j||_2 over all calibration rows, per column (float32)."""
         return self.sq_sum.sqrt().float()
 
-    def hessian_matrix(self) -> torch.Tensor:
-        """H = 2/N X^T X (the layer-wise reconstruction objective's Hessian)."""
+    def gram(self) -> torch.Tensor:
+        """``X^T X`` itself (not a copy): float32 ``[columns, columns]``."""
         if self.xtx is None:
             raise MethodError("this layer's Hessian was not collected")
-        return self.xtx * (2.0 / max(1, self.count))
+        return self.xtx
 
 
 class CalibratedMethod(Method, abc.ABC):

@@ -12,6 +12,7 @@ upper Cholesky factor of :math:`H^{-1}` (lazy batch updates over blocks of colum
 
 so the kept weights compensate for the pruned ones. Dampening adds ``dampening * mean(diag H)`` to
 the diagonal; inputs that never fire (H_cc = 0) get their weights pruned first.
+Every choice and update is a ratio of entries of :math:`H^{-1}`, so H's scale does not matter.
 """
 
 from __future__ import annotations
@@ -47,25 +48,38 @@ def _column_order(shape: torch.Size, pattern: NMPattern) -> torch.Tensor | None:
 
 @torch.no_grad()
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int, dampening: float = 0.01,
-                    block_columns: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+                    block_columns: int = 128, *, reuse_hessian: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """N:M SparseGPT on a 2-D weight ``[rows, cols]`` with groups of m consecutive columns.
+
+    ``hessian`` may be ``X^T X`` at any positive scale (every choice and update is a ratio of its
+    inverse's entries). With ``reuse_hessian`` a float32 ``hessian`` is dampened in place and its
+    diagonal restored on return, instead of copied: one ``cols x cols`` workspace instead of three.
 
     Returns:
         ``(pruned_weight, mask)``; float32, mask True = kept, exactly n kept per group.
     """
     w = weight.detach().clone().float()
     rows, cols = w.shape
-    h = hessian.detach().clone().float()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
+    h = hessian.detach()
+    if not (reuse_hessian and h.dtype == torch.float32):
+        h = h.clone().float()
+    diag = h.diagonal()
+    saved = diag.clone()
+    dead = saved == 0
     w[:, dead] = 0.0
-    h += dampening * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype)
+    hinv = torch.empty_like(h).t()  # column-major: LAPACK then works in this buffer, no temporaries
     try:
-        hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-        hinv = torch.linalg.cholesky(hinv, upper=True)
+        live_mean = saved[~dead].mean() if bool((~dead).any()) else torch.tensor(1.0)
+        diag[dead] = live_mean  # dead inputs are decoupled; any positive value of H's scale will do
+        diag += dampening * live_mean
+        torch.linalg.cholesky(h, out=hinv)
+        torch.cholesky_inverse(hinv, out=hinv)  # H^-1, then its upper Cholesky factor, in one buffer
+        torch.linalg.cholesky(hinv, upper=True, out=hinv)
     except torch.linalg.LinAlgError:
         raise MethodError("sparsegpt: the calibration Hessian is not positive definite even after dampening; "
                           "raise sparsegpt dampening or use more calibration samples") from None
+    finally:
+        diag.copy_(saved)
     mask = torch.zeros(rows, cols, dtype=torch.bool)
     block = max(m, (block_columns // m) * m)
     for start in range(0, cols, block):
@@ -84,11 +98,12 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
             q = col * mask[:, start + i]
             q1[:, i] = q
             err = (col - q) / hinv1[i, i]
-            w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1.0)
             err1[:, i] = err
         w[:, start:end] = q1
-        w[:, end:] -= err1 @ hinv[start:end, end:]
-    return w * mask, mask
+        if end < cols:
+            w[:, end:].addmm_(err1, hinv[start:end, end:], alpha=-1.0)
+    return w.mul_(mask), mask
 
 
 @register_method("sparsegpt")
@@ -101,22 +116,23 @@ class SparseGPT(CalibratedMethod):
         self, weight: torch.Tensor, patterns: tuple[Pattern, ...], stats: LayerStats
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rows = weight.shape[0] // len(patterns)
-        hessian = stats.hessian_matrix()
-        out_w, out_mask = weight.detach().clone().float(), torch.zeros(weight.shape, dtype=torch.bool)
+        gram = stats.gram()  # X^T X, shared by the slices; used in place (sparsegpt is scale-free)
+        weights, masks = [], []
         for index, pattern in enumerate(patterns):
             if not isinstance(pattern, NMPattern) or pattern.axis == "out":
                 raise MethodError(f"sparsegpt prunes n:m groups along inputs (axis 'in' or 'flat'); got {pattern}")
-            part = slice(index * rows, (index + 1) * rows)
-            w2d = weight[part].detach().reshape(rows, -1).float()  # [rows, in * kh * kw]
+            w2d = weight[index * rows : (index + 1) * rows].detach().reshape(rows, -1).float()  # [rows, in*kh*kw]
             order = _column_order(weight.shape, pattern)
-            h = hessian
+            h = gram
             if order is not None:
-                w2d, h = w2d[:, order], hessian[order][:, order]
+                w2d, h = w2d[:, order], gram[order][:, order]
             pruned, mask = sparsegpt_prune(w2d, h, pattern.n, pattern.m, self.options.dampening,
-                                           self.options.block_columns)
+                                           self.options.block_columns, reuse_hessian=True)
             if order is not None:
                 inverse = torch.argsort(order)
                 pruned, mask = pruned[:, inverse], mask[:, inverse]
-            out_w[part] = pruned.reshape(out_w[part].shape)
-            out_mask[part] = mask.reshape(out_mask[part].shape)
-        return out_w.to(weight.dtype), out_mask
+            weights.append(pruned.reshape(rows, *weight.shape[1:]))
+            masks.append(mask.reshape(rows, *weight.shape[1:]))
+        if len(patterns) == 1:
+            return weights[0].to(weight.dtype), masks[0]
+        return torch.cat(weights).to(weight.dtype), torch.cat(masks)
