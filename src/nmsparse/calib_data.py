@@ -23,7 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CalibrationError", "builtin_text", "load_texts", "token_windows", "sentence_batches",
+__all__ = ["CalibrationError", "builtin_text", "split_sentences", "load_texts", "token_windows", "sentence_batches",
+           "sentence_training_batches",
            "image_batches", "build_calibration", "load_tokenizer"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
@@ -43,12 +44,13 @@ def builtin_text() -> tuple[str, list[str]]:
     calibration, held_out = [], []
     for index, key in enumerate(sorted(topics)):
         (held_out if index % 4 == 3 else calibration).append(topics[key])
-    sentences = []
-    for text in held_out:
-        for piece in re.split(r"(?<=[.!?])\s+", " ".join(text.split())):
-            if 40 <= len(piece) <= 300 and piece[0].isupper() and piece.count("  ") == 0:
-                sentences.append(piece)
-    return "\n".join(calibration), sentences
+    return "\n".join(calibration), [s for text in held_out for s in split_sentences(text)]
+
+
+def split_sentences(text: str, min_chars: int = 40, max_chars: int = 300) -> list[str]:
+    """Sentences of ``text`` (split after . ! ?) that start with a capital and have a sensible length."""
+    pieces = re.split(r"(?<=[.!?])\s+", " ".join(text.split()))
+    return [p for p in pieces if min_chars <= len(p) <= max_chars and p[0].isupper()]
 
 
 def load_texts(spec: str) -> str:
@@ -110,6 +112,23 @@ def sentence_batches(tokenizer, sentences: list[str], batch_size: int = 32, max_
     """Padded batches of whole sentences (for embeddings)."""
     return [dict(tokenizer(sentences[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
                            return_tensors="pt")) for i in range(0, len(sentences), batch_size)]
+
+
+def sentence_training_batches(tokenizer, text: str, batch_size: int = 32, max_length: int = 128,
+                              seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """The sentences of ``text`` in padded batches of similar length (little padding), seeded random order.
+
+    Raises:
+        CalibrationError: if ``text`` has no usable sentence.
+    """
+    sentences = split_sentences(text, 20, 400)
+    if not sentences:
+        raise CalibrationError("the training text has no sentences of 20-400 characters")
+    lengths = [len(ids) for ids in tokenizer(sentences, truncation=True, max_length=max_length)["input_ids"]]
+    ordered = [sentences[i] for i in sorted(range(len(sentences)), key=lambda i: (lengths[i], i))]
+    batches = sentence_batches(tokenizer, ordered, batch_size, max_length)
+    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [batches[i] for i in order]
 
 
 def image_batches(spec: str, input_size: tuple[int, int, int], samples: int, batch_size: int = 16,

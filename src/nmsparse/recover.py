@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -17,6 +18,9 @@ from .sparsifier import Sparsifier
 __all__ = ["recover"]
 
 
+OBJECTIVES = ("auto", "hidden", "pooled", "layers")
+
+
 def _main_output(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
@@ -26,6 +30,47 @@ def _main_output(out: Any) -> torch.Tensor:
     return hidden if hidden is not None else out[0]
 
 
+def _token_weights(batch: Any, output: torch.Tensor) -> torch.Tensor:
+    """``[B, T, 1]`` weights of real tokens (the attention mask), ones without one."""
+    if isinstance(batch, dict) and "attention_mask" in batch:
+        return batch["attention_mask"].unsqueeze(-1).to(output.dtype)
+    return torch.ones_like(output[..., :1])
+
+
+def _pooled_cosine_loss(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    pooled_s = (student * weights).sum(1) / weights.sum(1)
+    pooled_t = (teacher * weights).sum(1) / weights.sum(1)
+    return (1.0 - F.cosine_similarity(pooled_s, pooled_t, dim=-1)).mean()
+
+
+def _normalised_mse(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """MSE over real tokens divided by the teacher's mean square (each layer counts alike)."""
+    count = weights.sum() * teacher.shape[-1]
+    scale = ((teacher**2) * weights).sum() / count
+    return ((student - teacher) ** 2 * weights).sum() / (count * scale.clamp_min(1e-12))
+
+
+def _loss(objective: str, batch: Any, student_out: Any, teacher_out: Any) -> torch.Tensor:
+    output, target = _main_output(student_out).float(), _main_output(teacher_out).float()
+    if objective == "layers":
+        s_states, t_states = student_out.hidden_states, teacher_out.hidden_states
+        weights = _token_weights(batch, output)
+        layers = sum(_normalised_mse(hs.float(), ht.float(), weights) for hs, ht in zip(s_states, t_states))
+        return _pooled_cosine_loss(output, target, weights) + layers / len(s_states)
+    if objective == "pooled" and output.dim() == 3:
+        return _pooled_cosine_loss(output, target, _token_weights(batch, output))
+    if output.dim() == 3:
+        weights = _token_weights(batch, output)
+        return ((output - target) ** 2 * weights).sum() / (weights.sum() * output.shape[-1])
+    return F.mse_loss(output, target)
+
+
+def _forward(model: nn.Module, batch: Any, hidden_states: bool) -> Any:
+    if hidden_states:
+        return model(**batch, output_hidden_states=True)
+    return run_model(model, batch)
+
+
 def recover(
     student: nn.Module,
     teacher: nn.Module,
@@ -33,9 +78,11 @@ def recover(
     batches: list[Any],
     steps: int | None = None,
     max_seconds: float | None = None,
-    lr: float = 1e-4,
+    lr: float = 2e-4,
     progress: str = "auto",
-    objective: str = "hidden",
+    objective: str = "auto",
+    dropout: bool = False,
+    schedule: str = "cosine",
 ) -> dict[str, Any]:
     """Fine-tune ``student`` to match ``teacher``'s outputs (hidden states or logits), masks fixed.
 
@@ -45,18 +92,34 @@ def recover(
         layers: manifest entries of the pruned layers; their patterns are held exactly.
         batches: training inputs (cycled).
         steps: optimizer steps budget; ``max_seconds``: wall-clock budget (either or both).
-        lr: AdamW learning rate.
+        lr: peak AdamW learning rate.
         objective: ``hidden`` -- MSE between output hidden states (or logits) over real tokens;
-            ``pooled`` -- 1 - cosine between mean-pooled outputs (sentence embeddings), which is
-            what sentence-embedding models are used for.
+            ``pooled`` -- 1 - cosine between mean-pooled outputs (sentence embeddings);
+            ``layers`` -- ``pooled`` plus the MSE of every layer's hidden states, each divided by
+            the teacher's mean square (Hugging Face models: ``output_hidden_states``);
+            ``auto`` -- ``layers`` for models called with an attention mask, else ``hidden``.
+        dropout: keep the student's dropout active (off by default: the target is the teacher's
+            deterministic output, and dropout noise slows the match down).
+        schedule: ``cosine`` decay of the learning rate to 0 over the budget (by time when only
+            ``max_seconds`` is given), or ``constant``.
 
     Returns:
-        ``{"steps", "seconds", "first_loss", "last_loss"}``; the student is squashed again.
+        ``{"steps", "seconds", "first_loss", "last_loss", "objective"}``; the student is squashed again.
     """
     if not steps and not max_seconds:
         raise ValueError("recovery needs a step or time budget")
-    if objective not in ("hidden", "pooled"):
-        raise ValueError(f"recovery objective must be 'hidden' or 'pooled', got {objective!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"recovery objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"recovery schedule must be 'cosine' or 'constant', got {schedule!r}")
+    if not batches:
+        raise ValueError("recovery needs at least one training batch")
+    masked_text = isinstance(batches[0], dict) and "attention_mask" in batches[0]
+    if objective == "auto":
+        objective = "layers" if masked_text else "hidden"
+    if objective == "layers" and not isinstance(batches[0], dict):
+        raise ValueError("recovery objective 'layers' needs a Hugging Face model called with keyword inputs "
+                         "(it reads output_hidden_states); use 'hidden' or 'pooled'")
     rules = tuple(
         Rule(e["fqn"], slices=tuple(e["pattern"].split(","))) if "," in e["pattern"] else Rule(e["fqn"], pattern=e["pattern"])
         for e in layers
@@ -65,29 +128,25 @@ def recover(
     sparsifier = Sparsifier("magnitude", "2:4", Selection(layers=(), rules=rules))
     sparsifier.prepare(student)
     teacher.eval()
-    student.train()
+    student.train(dropout)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     total = steps or 10**9
     bar = Progress(steps or 0, 0, progress, every=max(1, (steps or 100) // 10))
+    hidden_states = objective == "layers"
     start, step, first, last = time.perf_counter(), 0, None, None
-    while step < total and (max_seconds is None or time.perf_counter() - start < max_seconds):
+    while step < total:
+        elapsed = time.perf_counter() - start
+        if max_seconds is not None and elapsed >= max_seconds:
+            break
+        if schedule == "cosine":
+            done = max(step / total if steps else 0.0, elapsed / max_seconds if max_seconds else 0.0)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
         batch = batches[step % len(batches)]
         with torch.no_grad():
-            target = _main_output(run_model(teacher, batch)).float()
-        output = _main_output(run_model(student, batch)).float()
-        if objective == "pooled" and output.dim() == 3:
-            weights = batch["attention_mask"].unsqueeze(-1).to(output.dtype) if isinstance(batch, dict) else None
-            if weights is None:
-                weights = torch.ones_like(output[..., :1])
-            pooled_s = (output * weights).sum(1) / weights.sum(1)
-            pooled_t = (target * weights).sum(1) / weights.sum(1)
-            loss = (1.0 - F.cosine_similarity(pooled_s, pooled_t, dim=-1)).mean()
-        elif isinstance(batch, dict) and "attention_mask" in batch and output.dim() == 3:
-            weights = batch["attention_mask"].unsqueeze(-1).to(output.dtype)
-            loss = ((output - target) ** 2 * weights).sum() / (weights.sum() * output.shape[-1])
-        else:
-            loss = F.mse_loss(output, target)
+            teacher_out = _forward(teacher, batch, hidden_states)
+        loss = _loss(objective, batch, _forward(student, batch, hidden_states), teacher_out)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -99,4 +158,5 @@ def recover(
     bar.close()
     student.eval()
     sparsifier.squash()
-    return {"steps": step, "seconds": round(time.perf_counter() - start, 1), "first_loss": first, "last_loss": last}
+    return {"steps": step, "seconds": round(time.perf_counter() - start, 1), "first_loss": first, "last_loss": last,
+            "objective": objective}

@@ -51,10 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling")
     parser.add_argument("--recover-steps", type=int, help="distil from the dense model for N steps, masks fixed")
     parser.add_argument("--recover-minutes", type=float, help="time budget of the recovery")
-    parser.add_argument("--recover-lr", type=float, default=1e-4, help="AdamW learning rate of the recovery")
-    parser.add_argument("--recover-objective", choices=["hidden", "pooled"], default="hidden",
-                        help="hidden: MSE of output hidden states/logits; pooled: cosine of mean-pooled outputs "
-                             "(sentence-embedding models)")
+    parser.add_argument("--recover-lr", type=float, default=2e-4, help="AdamW learning rate of the recovery")
+    parser.add_argument("--recover-objective", choices=["auto", "hidden", "pooled", "layers"], default="auto",
+                        help="hidden: MSE of output hidden states/logits; pooled: cosine of mean-pooled outputs; "
+                             "layers: pooled plus every layer's hidden states (Hugging Face models); "
+                             "auto: layers for text models, hidden otherwise")
     parser.add_argument("--permute", action="store_true",
                         help="search input-channel permutations that raise the kept magnitude and fold them into "
                              "the producing layers first (function unchanged)")
@@ -122,8 +123,11 @@ def run(args: argparse.Namespace) -> int:
         from ..recover import recover
 
         train_batches = batches
-        if source.source.startswith("hf:"):  # fresh windows (another seed): more text than calibration used
-            train_batches = build_calibration(spec, model, source, max(args.samples, 2000), args.seq_len, args.seed + 1)
+        if source.source.startswith("hf:"):  # whole sentences of the calibration text, batched by length
+            from ..calib_data import load_texts, load_tokenizer, sentence_training_batches
+
+            train_batches = sentence_training_batches(load_tokenizer(source.source[3:]), load_texts(spec),
+                                                      max_length=args.seq_len, seed=args.seed + 1)
         report["recovery"] = recover(model, reference, layers, train_batches, args.recover_steps,
                                      args.recover_minutes * 60 if args.recover_minutes else None, args.recover_lr,
                                      objective=args.recover_objective, progress="none" if args.json else "auto")

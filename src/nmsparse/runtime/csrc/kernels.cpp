@@ -264,6 +264,97 @@ void nm_gemv_avx512(const float* x, const uint8_t* codes, const float* vals, i64
   }
 }
 
+// Batch 1 for windows of 32 columns (1:2, 2:4, 4:8, 8:16), specialised on the code width so the
+// decode is a broadcast, a variable shift and one ternary-logic op ((codes & mask) | base), and
+// R rows at a time share each loaded input window. The thread's weights are one sequential stream
+// per chunk; a software prefetch 4 KB ahead measured +10-20% from DRAM on 2 threads (14 -> 16-17 GB/s).
+constexpr int NM_GEMV_PREFETCH = 1024;  // floats
+
+template <int BITS>
+__attribute__((always_inline)) inline __m512i codes16(const uint8_t* p) {
+  if constexpr (BITS == 4) {
+    uint64_t q;
+    std::memcpy(&q, p, 8);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32((int)(uint32_t)q)),
+                              _mm256_set1_epi32((int)(uint32_t)(q >> 32)), 1);
+  } else if constexpr (BITS == 2) {
+    uint32_t word;
+    std::memcpy(&word, p, 4);
+    return _mm512_set1_epi32((int)word);
+  } else {
+    uint16_t half;
+    std::memcpy(&half, p, 2);
+    return _mm512_set1_epi32((int)half);
+  }
+}
+
+template <int BITS>
+inline __m512i code_shifts() {
+  if constexpr (BITS == 4) return _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+  else return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                 _mm512_set1_epi32(BITS));
+}
+
+template <int BITS, int R>
+__attribute__((always_inline)) inline void nm_gemv32_rows(const float* xc, const uint8_t* row, i64 cstride,
+                                                          const float* w, i64 wstride, i64 steps, __m512i base,
+                                                          __m512i shifts, float* part) {
+  const __m512i low = _mm512_set1_epi32((1 << BITS) - 1);
+  __m512 acc[R];
+#pragma GCC unroll 8
+  for (int q = 0; q < R; ++q) acc[q] = _mm512_load_ps(part + q * 16);
+  for (i64 s = 0; s < steps; ++s) {
+    const __m512 lo = _mm512_loadu_ps(xc + s * 32), hi = _mm512_loadu_ps(xc + s * 32 + 16);
+#pragma GCC unroll 8
+    for (int q = 0; q < R; ++q) {
+      const __m512i idx = _mm512_ternarylogic_epi32(
+          _mm512_srlv_epi32(codes16<BITS>(row + q * cstride + s * 2 * BITS), shifts), low, base, 0xEA);
+      _mm_prefetch((const char*)(w + q * wstride + s * 16 + NM_GEMV_PREFETCH), _MM_HINT_T0);
+      acc[q] = _mm512_fmadd_ps(_mm512_loadu_ps(w + q * wstride + s * 16), _mm512_permutex2var_ps(lo, idx, hi), acc[q]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int q = 0; q < R; ++q) _mm512_store_ps(part + q * 16, acc[q]);
+}
+
+template <int BITS>
+void nm_gemv32_avx512(const float* x, const uint8_t* codes, const float* vals, i64 rows, i64 J, i64 jc, int n,
+                      int m, float* out) {
+  constexpr int R = 4;
+  const __m512i base = chunk_base(n, m), shifts = code_shifts<BITS>();
+  const i64 chunks = (J + jc - 1) / jc, cc = jc / n * m;
+#pragma omp parallel
+  {
+    const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+    const i64 o0 = rows * tid / nth, o1 = rows * (tid + 1) / nth;
+    float* part = (float*)aligned_alloc(64, std::max<i64>(1, o1 - o0) * 16 * sizeof(float));
+    for (i64 o = o0; o < o1; ++o) {
+      _mm512_store_ps(part + (o - o0) * 16, _mm512_setzero_ps());
+      out[o] = 0.f;
+    }
+    for (i64 c = 0; c < chunks; ++c) {
+      const i64 count = std::min(jc, J - c * jc), steps = count / 16, cstride = (count * BITS + 7) / 8;
+      const float* xc = x + c * cc;
+      const uint8_t* row = codes + nm_code_off(c, o0, rows, jc, count, BITS);
+      const float* w = vals + nm_val_off(c, o0, rows, jc, count);
+      i64 o = o0;
+      for (; o + R <= o1; o += R, row += R * cstride, w += R * count)
+        nm_gemv32_rows<BITS, R>(xc, row, cstride, w, count, steps, base, shifts, part + (o - o0) * 16);
+      for (; o < o1; ++o, row += cstride, w += count)
+        nm_gemv32_rows<BITS, 1>(xc, row, cstride, w, count, steps, base, shifts, part + (o - o0) * 16);
+      if (steps * 16 < count) {  // a narrower last chunk: the values past the last whole vector
+        const uint8_t* r0 = codes + nm_code_off(c, o0, rows, jc, count, BITS);
+        const float* w0 = vals + nm_val_off(c, o0, rows, jc, count);
+        for (i64 q = o0; q < o1; ++q)
+          for (i64 j = steps * 16; j < count; ++j)
+            out[q] += w0[(q - o0) * count + j] * xc[(j / n) * m + decode_one(r0 + (q - o0) * cstride, j, BITS)];
+      }
+    }
+    for (i64 o = o0; o < o1; ++o) out[o] += _mm512_reduce_add_ps(_mm512_load_ps(part + (o - o0) * 16));
+    free(part);
+  }
+}
+
 // Batched: R rows x (16*NB) batch items of accumulators; every kept value scales one input row
 // slice. `col`/`w` point at the chunk's first kept value of the tile's first row (row stride cs/ws).
 template <int R, int NB, bool MASK>
@@ -435,8 +526,12 @@ void nms_nm_mm(const float* xt, i64 ldx, const uint8_t* codes, const float* vals
   omp_set_num_threads(threads);
 #if defined(__AVX512F__)
   if (!portable) {
-    if (batch == 1 && ldx == 1 && ldo == 1 && (16 % n) == 0)
+    if (batch == 1 && ldx == 1 && ldo == 1 && (16 % n) == 0) {
+      if (16 * m / n == 32 && bits == 1) return nm_gemv32_avx512<1>(xt, codes, vals, rows, J, jc, n, m, out);
+      if (16 * m / n == 32 && bits == 2) return nm_gemv32_avx512<2>(xt, codes, vals, rows, J, jc, n, m, out);
+      if (16 * m / n == 32 && bits == 4) return nm_gemv32_avx512<4>(xt, codes, vals, rows, J, jc, n, m, out);
       return nm_gemv_avx512(xt, codes, vals, rows, J, jc, n, m, bits, out);
+    }
     return nm_mm_avx512(xt, ldx, codes, vals, rows, J, jc, n, m, bits, batch, out, ldo);
   }
 #endif
