@@ -24,8 +24,14 @@ from pathlib import Path
 
 import torch
 
-from nmsparse.calib_data import (builtin_text, load_texts, load_tokenizer, sentence_batches, sentence_training_batches,
-                                 token_windows)
+from nmsparse.calib_data import (
+    builtin_text,
+    load_texts,
+    load_tokenizer,
+    sentence_batches,
+    sentence_training_batches,
+    token_windows,
+)
 from nmsparse.calibrate import _release_freed_memory, prune_calibrated
 from nmsparse.fidelity import embedding_fidelity, sentence_embeddings
 from nmsparse.models import build_model, minilm_path

