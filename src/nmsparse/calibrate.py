@@ -134,11 +134,14 @@ def _run_all(model: nn.Module, batches: list[Any]) -> None:
         run_model(model, batch)
 
 
+def _hidden_key(kwargs: dict) -> str:
+    """The keyword of a block's hidden-state input when it has no positional one."""
+    return "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+
+
 def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
-    """A block's hidden-state input: its first positional argument, else ``hidden_states`` or the first kwarg."""
-    if args:
-        return args[0]
-    return kwargs["hidden_states"] if "hidden_states" in kwargs else next(iter(kwargs.values()))
+    """A block's hidden-state input: its first positional argument, else :func:`_hidden_key`'s kwarg."""
+    return args[0] if args else kwargs[_hidden_key(kwargs)]
 
 
 def _take(obj: Any, start: int, end: int, batch: int) -> Any:
@@ -188,8 +191,7 @@ def _advance(block: nn.Module, inputs: list[tuple[tuple, dict]], micro_batch: in
 def _next_inputs(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
     if args:
         return (hidden,) + tuple(args[1:]), kwargs
-    key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
-    return args, {**kwargs, key: hidden}
+    return args, {**kwargs, _hidden_key(kwargs): hidden}
 
 
 def _collect(choices: list[LayerChoice], method: Method, run: Callable[[], None], max_columns: int) -> dict[str, LayerStats]:

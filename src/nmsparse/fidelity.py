@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["sentence_embeddings", "embedding_fidelity"]
+__all__ = ["mean_pool", "sentence_embeddings", "embedding_fidelity"]
+
+
+def mean_pool(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``[B, D]`` mean of ``hidden[B, T, D]`` over the tokens that ``weights[B, T, 1]`` marks as real."""
+    weights = weights.to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
 @torch.no_grad()
@@ -18,9 +24,7 @@ def sentence_embeddings(model: nn.Module, batches: list[dict[str, torch.Tensor]]
     out = []
     for batch in batches:
         hidden = model(**batch).last_hidden_state  # [B, T, D]
-        weights = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-        out.append(F.normalize(pooled.float(), dim=-1))
+        out.append(F.normalize(mean_pool(hidden, batch["attention_mask"].unsqueeze(-1)).float(), dim=-1))
     return torch.cat(out)
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .calibrate import run_model
+from .fidelity import mean_pool
 from .progress import Progress
 from .select import Rule, Selection
 from .sparsifier import Sparsifier
@@ -38,16 +39,18 @@ def _token_weights(batch: Any, output: torch.Tensor) -> torch.Tensor:
 
 
 def _pooled_cosine_loss(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    pooled_s = (student * weights).sum(1) / weights.sum(1)
-    pooled_t = (teacher * weights).sum(1) / weights.sum(1)
-    return (1.0 - F.cosine_similarity(pooled_s, pooled_t, dim=-1)).mean()
+    return (1.0 - F.cosine_similarity(mean_pool(student, weights), mean_pool(teacher, weights), dim=-1)).mean()
+
+
+def _masked_mse(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference over the real tokens' features."""
+    return ((student - teacher) ** 2 * weights).sum() / (weights.sum() * teacher.shape[-1])
 
 
 def _normalised_mse(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """MSE over real tokens divided by the teacher's mean square (each layer counts alike)."""
-    count = weights.sum() * teacher.shape[-1]
-    scale = ((teacher**2) * weights).sum() / count
-    return ((student - teacher) ** 2 * weights).sum() / (count * scale.clamp_min(1e-12))
+    """:func:`_masked_mse` divided by the teacher's mean square (each layer counts alike)."""
+    scale = (teacher**2 * weights).sum() / (weights.sum() * teacher.shape[-1])
+    return _masked_mse(student, teacher, weights) / scale.clamp_min(1e-12)
 
 
 def _loss(objective: str, batch: Any, student_out: Any, teacher_out: Any) -> torch.Tensor:
@@ -60,8 +63,7 @@ def _loss(objective: str, batch: Any, student_out: Any, teacher_out: Any) -> tor
     if objective == "pooled" and output.dim() == 3:
         return _pooled_cosine_loss(output, target, _token_weights(batch, output))
     if output.dim() == 3:
-        weights = _token_weights(batch, output)
-        return ((output - target) ** 2 * weights).sum() / (weights.sum() * output.shape[-1])
+        return _masked_mse(output, target, _token_weights(batch, output))
     return F.mse_loss(output, target)
 
 

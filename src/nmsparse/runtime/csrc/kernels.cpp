@@ -221,14 +221,11 @@ inline __m512i chunk_base(int n, int m) {
   return _mm512_load_si512(b);
 }
 
-// Batch 1: 16 kept values at a time; their inputs come from a window of 16*m/n columns: one
-// permute for windows of 16 or 32 (2:4, 4:8, 8:16), a gather otherwise. Chunk-major like the
-// batched kernel, so each thread streams one contiguous run of weights per chunk; a row's partial
-// sums wait in a vector per row until the last chunk.
-void nm_gemv_avx512(const float* x, const uint8_t* codes, const float* vals, i64 rows, i64 J, i64 jc, int n,
-                    int m, int bits, float* out) {
-  const __m512i base = chunk_base(n, m);
-  const i64 window = 16 * m / n, chunks = (J + jc - 1) / jc, cc = jc / n * m;
+// The threads of a batch-1 n:m product: each takes rows o0..o1-1 and keeps a 16-lane partial sum
+// per row in `part`; body(o0, o1, part) adds to them chunk by chunk (and may add scalar tails to
+// out[o]); the partial sums are reduced into out at the end.
+template <class Body>
+void nm_gemv_threads(i64 rows, float* out, Body body) {
 #pragma omp parallel
   {
     const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
@@ -238,6 +235,20 @@ void nm_gemv_avx512(const float* x, const uint8_t* codes, const float* vals, i64
       _mm512_store_ps(part + (o - o0) * 16, _mm512_setzero_ps());
       out[o] = 0.f;
     }
+    body(o0, o1, part);
+    for (i64 o = o0; o < o1; ++o) out[o] += _mm512_reduce_add_ps(_mm512_load_ps(part + (o - o0) * 16));
+    free(part);
+  }
+}
+
+// Batch 1, generic: 16 kept values at a time; their inputs come from a window of 16*m/n columns:
+// one permute for windows of 16, a gather otherwise (windows of 32 go to nm_gemv32_avx512).
+// Chunk-major like the batched kernel, so each thread streams one contiguous run of weights per chunk.
+void nm_gemv_avx512(const float* x, const uint8_t* codes, const float* vals, i64 rows, i64 J, i64 jc, int n,
+                    int m, int bits, float* out) {
+  const __m512i base = chunk_base(n, m);
+  const i64 window = 16 * m / n, chunks = (J + jc - 1) / jc, cc = jc / n * m;
+  nm_gemv_threads(rows, out, [&](i64 o0, i64 o1, float* part) {
     for (i64 c = 0; c < chunks; ++c) {
       const i64 count = std::min(jc, J - c * jc), steps = count / 16;
       const float* xc = x + c * cc;
@@ -249,8 +260,7 @@ void nm_gemv_avx512(const float* x, const uint8_t* codes, const float* vals, i64
           const __m512i idx = _mm512_add_epi32(decode16(row, s * 16, bits), base);
           const float* xs = xc + s * window;
           __m512 xv;
-          if (window == 32) xv = _mm512_permutex2var_ps(_mm512_loadu_ps(xs), idx, _mm512_loadu_ps(xs + 16));
-          else if (window == 16) xv = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(xs));
+          if (window == 16) xv = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(xs));
           else xv = _mm512_i32gather_ps(idx, xs, 4);
           if (s & 1) acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + s * 16), xv, acc1);
           else acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + s * 16), xv, acc0);
@@ -259,9 +269,7 @@ void nm_gemv_avx512(const float* x, const uint8_t* codes, const float* vals, i64
         for (i64 j = steps * 16; j < count; ++j) out[o] += w[j] * xc[(j / n) * m + decode_one(row, j, bits)];
       }
     }
-    for (i64 o = o0; o < o1; ++o) out[o] += _mm512_reduce_add_ps(_mm512_load_ps(part + (o - o0) * 16));
-    free(part);
-  }
+  });
 }
 
 // Batch 1 for windows of 32 columns (1:2, 2:4, 4:8, 8:16), specialised on the code width so the
@@ -323,15 +331,7 @@ void nm_gemv32_avx512(const float* x, const uint8_t* codes, const float* vals, i
   constexpr int R = 4;
   const __m512i base = chunk_base(n, m), shifts = code_shifts<BITS>();
   const i64 chunks = (J + jc - 1) / jc, cc = jc / n * m;
-#pragma omp parallel
-  {
-    const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
-    const i64 o0 = rows * tid / nth, o1 = rows * (tid + 1) / nth;
-    float* part = (float*)aligned_alloc(64, std::max<i64>(1, o1 - o0) * 16 * sizeof(float));
-    for (i64 o = o0; o < o1; ++o) {
-      _mm512_store_ps(part + (o - o0) * 16, _mm512_setzero_ps());
-      out[o] = 0.f;
-    }
+  nm_gemv_threads(rows, out, [&](i64 o0, i64 o1, float* part) {
     for (i64 c = 0; c < chunks; ++c) {
       const i64 count = std::min(jc, J - c * jc), steps = count / 16, cstride = (count * BITS + 7) / 8;
       const float* xc = x + c * cc;
@@ -350,9 +350,7 @@ void nm_gemv32_avx512(const float* x, const uint8_t* codes, const float* vals, i
             out[q] += w0[(q - o0) * count + j] * xc[(j / n) * m + decode_one(r0 + (q - o0) * cstride, j, BITS)];
       }
     }
-    for (i64 o = o0; o < o1; ++o) out[o] += _mm512_reduce_add_ps(_mm512_load_ps(part + (o - o0) * 16));
-    free(part);
-  }
+  });
 }
 
 // Batched: R rows x (16*NB) batch items of accumulators; every kept value scales one input row
