@@ -35,6 +35,30 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
+def test_stride_one_block_convs_run_without_im2col(monkeypatch):
+    """1xN stride-1 convolutions go through the implicit GEMM (no im2col buffer), with the bias."""
+    from nmsparse.runtime import _native
+
+    if not _native.available():
+        pytest.skip(f"C++ kernels unavailable here: {_native.status()['reason']}")
+
+    def no_im2col(*args, **kwargs):
+        raise AssertionError("im2col called for a stride-1 1xN convolution")
+
+    monkeypatch.setattr(_native, "im2col", no_im2col)
+    torch.manual_seed(0)
+    for layer, size in [(nn.Conv2d(16, 32, 3, padding=1), (7, 7)), (nn.Conv2d(16, 32, 5, padding=1), (6, 9)),
+                        (nn.Conv2d(16, 32, 3, padding=2, dilation=2, bias=False), (8, 5))]:
+        dense = nn.Sequential(_sparse(layer, "1x16:0.25"))
+        sparse, _ = convert(copy.deepcopy(dense), {"0": "1x16:0.25"})
+        for batch in (1, 2):
+            x = torch.randn(batch, 16, *size)
+            with torch.no_grad():
+                y = sparse(x)
+                assert y.is_contiguous() and y.shape == dense(x).shape
+                assert _rel(y, dense(x)) < 1e-5
+
+
 @pytest.mark.parametrize("spec", PATTERNS)
 def test_pack_round_trip_is_exact(spec):
     pattern = parse_pattern(spec)
@@ -55,7 +79,8 @@ def test_pack_round_trip_is_exact(spec):
 def test_converted_layers_match_dense_with_zeros(spec, batch):
     torch.manual_seed(batch)
     layers = [nn.Linear(64, 64), nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.Conv2d(32, 64, 1),
-              nn.Conv2d(32, 64, 3, padding=2, dilation=2)]
+              nn.Conv2d(32, 64, 3, padding=2, dilation=2), nn.Conv2d(32, 64, 3, padding=1),
+              nn.Conv2d(32, 64, (3, 5), padding=(0, 2))]
     for layer in layers:
         dense = nn.Sequential(_sparse(layer, spec))
         sparse, rows = convert(copy.deepcopy(dense), {"0": spec})
@@ -63,7 +88,7 @@ def test_converted_layers_match_dense_with_zeros(spec, batch):
         if isinstance(layer, nn.Linear):
             x = torch.randn(batch, 5, 128)[:, :, ::2]  # non-contiguous, extra leading dim
         else:
-            x = torch.randn(batch, 9, 9, 32).permute(0, 3, 1, 2)  # channels-last memory
+            x = torch.randn(batch, 9, 11, 32).permute(0, 3, 1, 2)  # channels-last memory
         with torch.no_grad():
             assert _rel(sparse(x), dense(x)) < 1e-4
 
@@ -164,12 +189,13 @@ KERNEL_CASES = [("block", 8), ("block", 16), ("block", 32), ("nm", 2, 4), ("nm",
 def test_cpp_kernels_match_dense_for_every_layout(variant, kind):
     """Both builds of the C++ library (this CPU's, and one without AVX-512) against a dense product:
     shapes with partial chunks, batches that are not a multiple of the vector or tile width, a
-    strided input (a column slice), and the batch-1 paths."""
+    strided input (a column slice), and the batch-1 paths (whose threads split their rows into
+    several streams: row counts that do not divide evenly leave rows over)."""
     from nmsparse.runtime import _native
 
     if _native.library(variant) is None:
         pytest.skip(f"C++ kernels unavailable here: {_native.status()['reason']}")
-    for out, columns in [(64, 128), (32, 576), (96, 48), (16, 1040), (22, 96)]:
+    for out, columns in [(64, 128), (32, 576), (96, 48), (16, 1040), (22, 96), (176, 64)]:
         if columns % (kind[2] if kind[0] == "nm" else 1) or out % (kind[1] if kind[0] == "block" else 1):
             continue
         w, packed = _random_packed(kind, out, columns, seed=out + columns)

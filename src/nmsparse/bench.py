@@ -1,7 +1,8 @@
 """``nmsparse bench``: dense PyTorch against the sparse runtime, same process, same harness.
 
-Every case is timed with warm-up calls, then ``repeats`` timed calls; the report gives the median
-and the 10th/90th percentiles. Layer cases with small batches (1 and 8 rows or images) rotate
+Every case is timed with warm-up calls, then ``repeats`` timed calls of dense and sparse,
+interleaved call by call so that drift in the machine's speed falls on both alike; the report gives
+the median and the 10th/90th percentiles. Layer cases with small batches (1 and 8 rows or images) rotate
 through enough copies of the weight to exceed the last-level cache, as a real model's layers do,
 so they measure memory, not the cache (the report says how many copies). Writes JSON, a Markdown
 table and a PNG plot of the speedups.
@@ -75,14 +76,19 @@ def last_level_cache_bytes() -> int:
     return best or 32 * 1024**2
 
 
-def _time(fn: Callable[[int], Any], warmup: int, repeats: int) -> list[float]:
+def _time_interleaved(fns: list[Callable[[int], Any]], warmup: int, repeats: int) -> list[list[float]]:
+    """Times of ``repeats`` calls of each function, interleaved call by call (a, b, then b, a, ...) so
+    that drift in the machine's speed (other tenants, clocks) falls on all alike."""
     for i in range(warmup):
-        fn(i)
-    times = []
+        for fn in fns:
+            fn(i)
+    times: list[list[float]] = [[] for _ in fns]
     for i in range(repeats):
-        t0 = time.perf_counter()
-        fn(i)
-        times.append(time.perf_counter() - t0)
+        order = list(enumerate(fns)) if i % 2 == 0 else list(enumerate(fns))[::-1]
+        for slot, fn in order:
+            t0 = time.perf_counter()
+            fn(i)
+            times[slot].append(time.perf_counter() - t0)
     return times
 
 
@@ -145,8 +151,8 @@ def run_layer_suite(patterns: list[str], batches: list[int], repeats: int = 20, 
             x = torch.randn(batch, case.in_ch, case.size, case.size)
         with torch.no_grad():
             err = float((sparse_layers[0](x) - dense_layers[0](x)).abs().max() / dense_layers[0](x).abs().max())
-            t_dense = _time(_rotating(dense_layers, x), warmup, repeats)
-            t_sparse = _time(_rotating(sparse_layers, x), warmup, repeats)
+            t_dense, t_sparse = _time_interleaved([_rotating(dense_layers, x), _rotating(sparse_layers, x)], warmup,
+                                                  repeats)
         d, s = _summary(t_dense), _summary(t_sparse)
         rows.append({
             "case": case.name, "pattern": str(pattern), "batch": batch, "dense": d, "sparse": s,
@@ -175,6 +181,21 @@ def _model(name: str):
     return model, example_input(model, source, batch=1), Selection(layers=layers)
 
 
+def _dense_folded(model: nn.Module) -> nn.Module | None:
+    """The dense model with its batch norms folded into the convolutions before them (PyTorch's own
+    ``torch.fx.experimental.optimization.fuse``): the baseline that gets the same folding the sparse
+    runtime does, so the speedup that sparsity alone brings is in the report too. None for models
+    without batch norm or that do not trace."""
+    if not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        return None
+    from torch.fx.experimental.optimization import fuse as fx_fuse
+
+    try:
+        return fx_fuse(copy.deepcopy(model))
+    except Exception:  # noqa: BLE001 - an untraceable model just has no folded baseline
+        return None
+
+
 def run_model_suite(patterns: list[str], models: list[str], repeats: int = 10, warmup: int = 2,
                     progress: str = "auto") -> list[dict[str, Any]]:
     """End-to-end batch-1 latency of whole models: dense vs magnitude-pruned and converted."""
@@ -189,13 +210,21 @@ def run_model_suite(patterns: list[str], models: list[str], repeats: int = 10, w
         dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         sparse_model, conv_rows = convert(copy.deepcopy(model), {e["fqn"]: e["pattern"] for e in result.layers},
                                           infer=False)
+        folded = _dense_folded(model)
+        callers = [_caller(model, inputs), _caller(sparse_model, inputs)]
+        if folded is not None:
+            callers.append(_caller(folded, inputs))
         with torch.no_grad():
-            t_dense = _summary(_time(_caller(model, inputs), warmup, repeats))
-            t_sparse = _summary(_time(_caller(sparse_model, inputs), warmup, repeats))
+            times = [_summary(t) for t in _time_interleaved(callers, warmup, repeats)]
+        t_dense, t_sparse = times[0], times[1]
+        t_folded = times[2] if folded is not None else None
         converted = [r for r in conv_rows if r.converted]
         sparse_bytes = dense_bytes - sum(r.dense_bytes - r.packed_bytes for r in converted)
         rows.append({"model": name, "pattern": spec, "layers": ",".join(selection.layers), "batch": 1,
                      "dense": t_dense, "sparse": t_sparse, "speedup": t_dense["median_ms"] / t_sparse["median_ms"],
+                     "dense_bn_folded": t_folded,
+                     "speedup_vs_bn_folded": t_folded["median_ms"] / t_sparse["median_ms"] if t_folded else None,
+                     "fused_layers": sum(bool(r.fused) for r in converted),
                      "converted_layers": len(converted), "sparse_layers": len(result.layers),
                      "weight_bytes_dense": dense_bytes, "weight_bytes_sparse": sparse_bytes,
                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
@@ -215,14 +244,24 @@ def write_report(rows: list[dict[str, Any]], out_dir: str | Path, suite: str, me
     with atomic_file(paths["json"]) as tmp:
         tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     key = "case" if suite == "layers" else "model"
+    folded = suite == "models"
     lines = [f"threads {meta['threads']}, float32; {meta['note']}", "",
-             f"| {key} | pattern | batch | dense ms (p10-p90) | sparse ms (p10-p90) | speedup | weight MB dense -> sparse |",
-             "|---|---|---|---|---|---|---|"]
+             f"| {key} | pattern | batch | dense ms (p10-p90) | sparse ms (p10-p90) | speedup |"
+             + (" dense, BN folded ms | speedup vs BN-folded dense |" if folded else "")
+             + " weight MB dense -> sparse |",
+             "|---|---|---|---|---|---|" + ("---|---|" if folded else "") + "---|"]
+
+    def span(t: dict[str, float]) -> str:
+        return f"{t['median_ms']:.3f} ({t['p10_ms']:.3f}-{t['p90_ms']:.3f})"
+
     for r in rows:
-        d, s = r["dense"], r["sparse"]
-        lines.append(f"| {r[key]} | {r['pattern']} | {r['batch']} | {d['median_ms']:.3f} ({d['p10_ms']:.3f}-{d['p90_ms']:.3f}) "
-                     f"| {s['median_ms']:.3f} ({s['p10_ms']:.3f}-{s['p90_ms']:.3f}) | {r['speedup']:.2f}x "
-                     f"| {r['weight_bytes_dense'] / 1e6:.1f} -> {r['weight_bytes_sparse'] / 1e6:.1f} |")
+        extra = ""
+        if folded:
+            f = r.get("dense_bn_folded")
+            extra = f" {span(f)} | {r['speedup_vs_bn_folded']:.2f}x |" if f else " - | - |"
+        lines.append(f"| {r[key]} | {r['pattern']} | {r['batch']} | {span(r['dense'])} | {span(r['sparse'])} "
+                     f"| {r['speedup']:.2f}x |{extra} {r['weight_bytes_dense'] / 1e6:.1f} -> "
+                     f"{r['weight_bytes_sparse'] / 1e6:.1f} |")
     with atomic_file(paths["md"]) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     _plot(rows, key, paths["png"])

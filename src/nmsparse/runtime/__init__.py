@@ -6,7 +6,8 @@ Importing this package does not compile anything; kernels compile at their first
 from .compressed import load_compressed, save_compressed
 from .convert import ConvertRow, convert, infer_pattern, to_semi_structured
 from .formats import BlockPacked, FormatError, NMPacked, gemm_matrix, pack_block, pack_nm
+from .fuse import FuseResult, fuse
 from .modules import SparseConv2d, SparseLinear
 
-__all__ = ["BlockPacked", "ConvertRow", "FormatError", "NMPacked", "SparseConv2d", "SparseLinear", "convert",
-           "gemm_matrix", "infer_pattern", "load_compressed", "pack_block", "pack_nm", "save_compressed", "to_semi_structured"]
+__all__ = ["BlockPacked", "ConvertRow", "FormatError", "FuseResult", "NMPacked", "SparseConv2d", "SparseLinear",
+           "convert", "fuse", "gemm_matrix", "infer_pattern", "load_compressed", "pack_block", "pack_nm", "save_compressed", "to_semi_structured"]

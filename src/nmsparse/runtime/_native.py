@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["available", "status", "block_mm", "nm_mm", "im2col", "library"]
+__all__ = ["available", "status", "block_mm", "block_conv", "nm_mm", "im2col", "library"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
@@ -98,8 +98,8 @@ def _load(variant: str) -> tuple[ctypes.CDLL | None, str]:
         except (OSError, subprocess.SubprocessError) as exc:
             return None, str(exc).splitlines()[0]
     lib.nms_isa.restype = ctypes.c_int
-    lib.nms_block_mm.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, ctypes.c_int,
-                                 ctypes.c_int]
+    lib.nms_block_mm.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR,
+                                 ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.nms_nm_mm.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                               _I64, _PTR, _I64, ctypes.c_int, ctypes.c_int]
     lib.nms_im2col.argtypes = [_PTR, _I64, _I64, _I64, _I64, *([ctypes.c_int] * 9), _PTR, ctypes.c_int]
@@ -135,8 +135,14 @@ def _rows(xt: torch.Tensor) -> torch.Tensor:
     return xt
 
 
-def block_mm(xt: torch.Tensor, packed, variant: str = "native") -> torch.Tensor:
-    """``W @ xt`` for a :class:`~nmsparse.runtime.formats.BlockPacked` W and ``xt[columns, batch]``."""
+def _bias_ptr(bias: torch.Tensor | None) -> int | None:
+    return None if bias is None else bias.data_ptr()
+
+
+def block_mm(xt: torch.Tensor, packed, variant: str = "native", bias: torch.Tensor | None = None,
+             relu: bool = False) -> torch.Tensor:
+    """``W @ xt`` for a :class:`~nmsparse.runtime.formats.BlockPacked` W and ``xt[columns, batch]``;
+    ``bias`` (contiguous float32 ``[out]``) is added and ``relu`` applied as the kernel stores the output."""
     lib = library(variant)
     rows, kept, block = packed.vals.shape
     xt = _rows(xt)
@@ -146,9 +152,61 @@ def block_mm(xt: torch.Tensor, packed, variant: str = "native") -> torch.Tensor:
     out = torch.empty(rows * block, batch)
     kstart = packed.kstart
     lib.nms_block_mm(_ptr(xt), xt.stride(0), _ptr(packed.cols), _ptr(kstart), kstart.shape[1] - 1, _ptr(packed.vals),
-                     rows, kept, block, batch,
-                     _ptr(out), batch, torch.get_num_threads(), int(variant == "portable"))
+                     rows, kept, block, batch, _ptr(out), batch, _bias_ptr(bias), int(relu), torch.get_num_threads(),
+                     int(variant == "portable"))
     return out
+
+
+def conv_offsets(cols: np.ndarray, kernel: tuple[int, int], dilation: tuple[int, int], plane: int,
+                 width: int) -> np.ndarray | None:
+    """Element offsets, in a padded ``[C, plane]`` input of row width ``width``, of the weight columns
+    ``cols`` (``"chw"`` order: ``c * kh * kw + dy * kw + dx``); None where they overflow int32."""
+    kh, kw = kernel
+    c, rest = np.divmod(cols.astype(np.int64), kh * kw)
+    dy, dx = np.divmod(rest, kw)
+    offs = c * plane + dy * dilation[0] * width + dx * dilation[1]
+    return offs.astype(np.int32) if offs.size == 0 or offs.max() < 2**31 else None
+
+
+def block_conv(x: torch.Tensor, packed, kernel: tuple[int, int], padding: tuple[int, int],
+               dilation: tuple[int, int], cache: dict, variant: str = "native", bias: torch.Tensor | None = None,
+               relu: bool = False) -> torch.Tensor | None:
+    """Stride-1 convolution of ``x[N, C, H, W]`` by a 1xN-packed ``[out, C*kh*kw]`` weight without im2col:
+    ``[out, N, oh, ow]`` (a strided view), or None where the offsets would overflow int32.
+
+    Implicit GEMM: the input is zero-padded once into ``[C, N, Hp, Wp]``, and output pixel ``(n, oy, ox)``
+    is computed at flat position ``p = (n*Hp + oy)*Wp + ox``; the input of weight column
+    ``(c, dy, dx)`` for it sits at ``p + offset(c, dy, dx)``, so every kept column is a contiguous row
+    of the padded input at a fixed offset, and the batched kernel runs on it with ``ldx = 1`` and the
+    offsets as its column indices. Positions past a row's last output (``ox >= ow``) are computed
+    and dropped. The padded input is 1/(kh*kw) the size of an im2col buffer, and the kh*kw shifted
+    rows of a channel share cache lines. ``bias`` and ``relu`` as in :func:`block_mm`.
+    """
+    lib = library(variant)
+    n, c, h, w = x.shape
+    (kh, kw), (ph, pw), (dh, dw) = kernel, padding, dilation
+    hp, wp = h + 2 * ph, w + 2 * pw
+    oh, ow = hp - dh * (kh - 1), wp - dw * (kw - 1)
+    plane = n * hp * wp
+    key = (plane, wp)
+    if key not in cache:
+        cache.clear()  # one input geometry at a time: a model sees the same one call after call
+        cache[key] = conv_offsets(packed.cols, kernel, dilation, plane, wp)
+    offs = cache[key]
+    if offs is None:
+        return None
+    xin = x.to(torch.float32)
+    xin = xin if n == 1 else xin.transpose(0, 1)
+    padded = torch.nn.functional.pad(xin, (pw, pw, ph, ph)).contiguous()  # [C or 1, N or C, Hp, Wp]
+    rows, kept, block = packed.vals.shape
+    # the last position computed is the last real output: every read stays inside the padded input
+    positions = ((n - 1) * hp + oh - 1) * wp + ow
+    out = torch.empty(rows * block, plane)
+    kstart = packed.kstart
+    lib.nms_block_mm(_ptr(padded), 1, _ptr(offs), _ptr(kstart), kstart.shape[1] - 1, _ptr(packed.vals), rows, kept,
+                     block, positions, _ptr(out), plane, _bias_ptr(bias), int(relu), torch.get_num_threads(),
+                     int(variant == "portable"))
+    return out.view(rows * block, n, hp, wp)[:, :, :oh, :ow]
 
 
 def nm_mm(xt: torch.Tensor, packed, variant: str = "native") -> torch.Tensor:

@@ -20,7 +20,7 @@ from torch import nn
 
 from .._io import atomic_dir
 from ..export.manifest import MANIFEST_NAME, WEIGHTS_NAME, ExportError
-from .convert import _set_module, convert
+from .convert import convert
 from .formats import BlockPacked, NMPacked
 from .modules import SparseConv2d, SparseLinear
 
@@ -44,7 +44,7 @@ def save_compressed(export_dir: str | Path, out_dir: str | Path) -> dict[str, An
 
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     manifest = read_manifest(export_dir)
-    model, rows = convert(export_dir, infer=False)  # patterns from the manifest
+    model, rows = convert(export_dir, infer=False, fuse=False)  # patterns from the manifest; state dict kept whole
     packing = {}
     for fqn, module in model.named_modules():
         if isinstance(module, (SparseLinear, SparseConv2d)):
@@ -66,8 +66,11 @@ def save_compressed(export_dir: str | Path, out_dir: str | Path) -> dict[str, An
 
 
 @torch.no_grad()
-def load_compressed(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+def load_compressed(directory: str | Path, fuse: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model from a compressed export, packed layers running on the CPU kernels.
+
+    With ``fuse``, batch norms and ReLUs that follow packed layers are folded into them
+    (:func:`nmsparse.runtime.fuse.fuse`), as :func:`~nmsparse.runtime.convert.convert` does.
 
     Raises:
         ExportError: not a compressed export, or tensors that do not fit the architecture.
@@ -103,10 +106,15 @@ def load_compressed(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         perm = info.get("input_permutation")
         new = (SparseLinear(packed, bias, perm) if isinstance(module, nn.Linear)
                else SparseConv2d(packed, bias, module, info["order"], perm))
-        _set_module(model, fqn, new)
+        model.set_submodule(fqn, new)
     missing, unexpected = model.load_state_dict(state, strict=False)
     packed_keys = {f"{f}.{k}" for f in manifest["packing"] for k in ("vals", "cols", "codes", "bias")}
     missing = [k for k in missing if k not in packed_keys]
     if missing or unexpected:
         raise ExportError(f"compressed weights do not fit the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model.eval(), manifest
+    model.eval()
+    if fuse:
+        from .fuse import fuse as fuse_following
+
+        fuse_following(model)
+    return model, manifest

@@ -11,7 +11,7 @@ PyTorch's semi-structured sparse tensors (cuSPARSELt/CUTLASS), per PyTorch's doc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ class ConvertRow:
     reason: str = ""
     dense_bytes: int = 0
     packed_bytes: int = 0
+    fused: list[str] = field(default_factory=list)  # modules folded into this layer (runtime.fuse)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -96,15 +97,10 @@ def _eligible(module: nn.Module) -> str:
     return ""
 
 
-def _set_module(model: nn.Module, fqn: str, new: nn.Module) -> None:
-    parent_name, _, child = fqn.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 @torch.no_grad()
 def convert(
     model_or_export: nn.Module | str | Path, patterns: dict[str, str | Pattern] | None = None, infer: bool = True,
+    fuse: bool = True,
 ) -> tuple[nn.Module, list[ConvertRow]]:
     """Swap eligible layers for :class:`SparseLinear` / :class:`SparseConv2d` (in place for a model).
 
@@ -112,6 +108,9 @@ def convert(
         model_or_export: a model (dense with zeros) or an export directory (its manifest names the patterns).
         patterns: ``{fqn: pattern}`` for layers to convert (overrides the manifest).
         infer: with no pattern given for a layer, infer one from its zeros.
+        fuse: fold eval-mode batch norms and ReLUs that follow converted layers into them
+            (:func:`nmsparse.runtime.fuse.fuse`; the absorbed modules become ``nn.Identity``, so the
+            state dict loses their entries). Off for a model whose state dict must keep them.
 
     Returns:
         ``(model, rows)``: the model (eval mode) and one row per Linear/Conv2d layer.
@@ -148,8 +147,14 @@ def convert(
         except FormatError as exc:
             rows.append(ConvertRow(fqn, str(pattern), False, str(exc), dense_bytes, dense_bytes))
             continue
-        _set_module(model, fqn, new)
+        model.set_submodule(fqn, new)
         rows.append(ConvertRow(fqn, str(pattern), True, "", dense_bytes, new.weight_nbytes))
+    if fuse and any(row.converted for row in rows):
+        from .fuse import fuse as fuse_following
+
+        fused = fuse_following(model).fused
+        for row in rows:
+            row.fused = fused.get(row.fqn, [])
     return model, rows
 
 

@@ -1,8 +1,9 @@
 """Inference modules that run packed sparse weights with the CPU kernels (float32, no autograd).
 
 :class:`SparseLinear` multiplies ``[..., in]`` inputs directly. :class:`SparseConv2d` runs a 1x1
-convolution (stride 1, no padding) as a per-pixel GEMM without im2col, and other kernels through
-``unfold`` (im2col) in the column order the packed weight uses. Both accept any input layout
+convolution (stride 1, no padding) as a per-pixel GEMM without im2col, stride-1 1xN-block kernels
+as an implicit GEMM on the padded input, and other kernels through im2col in the column order the
+packed weight uses. Both accept any input layout
 (non-contiguous, channels-last) and any batch size, and give the dense-with-zeros layer's output
 within float32 summation-order differences.
 """
@@ -37,21 +38,30 @@ def _block_batched_t(xt: torch.Tensor, packed: BlockPacked) -> torch.Tensor:
     return out.view(rows * block, batch)
 
 
-def packed_matmul_t(xt: torch.Tensor, packed: Packed) -> torch.Tensor:
-    """``W @ xt`` for a packed W and ``xt[columns, batch]`` (CPU, float32): ``[out, batch]``.
+def _epilogue(y: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    if bias is not None:
+        y += bias.unsqueeze(1)
+    return y.relu_() if relu else y
+
+
+def packed_matmul_t(xt: torch.Tensor, packed: Packed, bias: torch.Tensor | None = None,
+                    relu: bool = False) -> torch.Tensor:
+    """``W @ xt`` (+ ``bias[out]``, then ReLU with ``relu``) for a packed W and ``xt[columns, batch]``
+    (CPU, float32): ``[out, batch]``.
 
     Runs the C++ kernels (:mod:`nmsparse.runtime._native`) where they build, else the numba ones.
-    The transposed form lets convolutions hand over their NCHW / im2col buffers without copies.
+    The transposed form lets convolutions hand over their NCHW / im2col buffers without copies. The
+    1xN C++ kernels add the bias and apply the ReLU as they store the output (no extra pass).
     """
     xt = xt.detach().to(torch.float32)
     from . import _native
 
     if _native.available():
         if isinstance(packed, BlockPacked):
-            return _native.block_mm(xt, packed)
-        return _native.nm_mm(xt, packed)
+            return _native.block_mm(xt, packed, bias=bias, relu=relu)
+        return _epilogue(_native.nm_mm(xt, packed), bias, relu)
     if isinstance(packed, BlockPacked) and xt.shape[1] > 1:
-        return _block_batched_t(xt.contiguous(), packed)
+        return _epilogue(_block_batched_t(xt.contiguous(), packed), bias, relu)
     from . import _kernels  # numba is imported at the first packed call, not with the package
 
     x = xt.contiguous().numpy()
@@ -61,12 +71,13 @@ def packed_matmul_t(xt: torch.Tensor, packed: Packed) -> torch.Tensor:
         else:
             offs, vals = packed.row_major_cached
             y = _kernels.nm_matmul_t(x, offs, vals, packed.n, packed.m)
-    return torch.from_numpy(y)
+    return _epilogue(torch.from_numpy(y), bias, relu)
 
 
-def packed_matmul(x2d: torch.Tensor, packed: Packed) -> torch.Tensor:
-    """``x2d[rows, columns] @ W.T`` for a packed W (CPU, float32): ``[rows, out]``."""
-    return packed_matmul_t(x2d.t(), packed).t()
+def packed_matmul(x2d: torch.Tensor, packed: Packed, bias: torch.Tensor | None = None,
+                  relu: bool = False) -> torch.Tensor:
+    """``x2d[rows, columns] @ W.T`` (+ bias, ReLU) for a packed W (CPU, float32): ``[rows, out]``."""
+    return packed_matmul_t(x2d.t(), packed, bias, relu).t()
 
 
 class _PackedModule(nn.Module):
@@ -81,6 +92,15 @@ class _PackedModule(nn.Module):
             self.register_buffer("codes", torch.from_numpy(packed.codes), persistent=True)
         self.register_buffer("vals", torch.from_numpy(packed.vals), persistent=True)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self.activation: str | None = None  # "relu": applied as the output is stored (see runtime.fuse)
+
+    @property
+    def _relu(self) -> bool:
+        return self.activation == "relu"
+
+    @property
+    def _bias(self) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.detach().float().contiguous()
 
     def _check(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         if x.device.type != "cpu":
@@ -105,17 +125,19 @@ class SparseLinear(_PackedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._check(x, x.dim() - 1)
         lead = x.shape[:-1]
-        y = packed_matmul(x.reshape(-1, self.in_features), self.packed)
-        if self.bias is not None:
-            y += self.bias
+        y = packed_matmul(x.reshape(-1, self.in_features), self.packed, self._bias, self._relu)
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, kind={self.kind}"
+        act = f", activation={self.activation}" if self.activation else ""
+        return f"in={self.in_features}, out={self.out_features}, kind={self.kind}{act}"
 
 
 class SparseConv2d(_PackedModule):
     """A Conv2d (groups = 1, zero padding) with a packed sparse weight.
+
+    1xN-block convolutions with stride 1 run as an implicit GEMM on the padded input
+    (:func:`nmsparse.runtime._native.block_conv`, no im2col buffer); others through im2col.
 
     Args:
         packed: the packed ``[out, in * kh * kw]`` matrix, columns in ``order``.
@@ -129,6 +151,7 @@ class SparseConv2d(_PackedModule):
         self.kernel_size, self.stride = conv.kernel_size, conv.stride
         self.padding, self.dilation = conv.padding, conv.dilation
         self.order = order
+        self._offsets: dict = {}  # input offsets of the implicit-GEMM path, per input geometry
         self._register_packed(packed, bias, input_perm)
 
     @torch.no_grad()
@@ -145,6 +168,14 @@ class SparseConv2d(_PackedModule):
         else:
             if isinstance(self.padding, str):
                 raise RuntimeError("string padding is not supported by SparseConv2d")
+            if self.kind == "block" and self.stride == (1, 1):
+                from . import _native
+
+                if _native.available():
+                    y = _native.block_conv(x, self.packed, (kh, kw), self.padding, self.dilation, self._offsets,
+                                           bias=self._bias, relu=self._relu)
+                    if y is not None:  # [out, N, oh, ow] view: one copy makes it NCHW
+                        return y.transpose(0, 1).contiguous().to(x.dtype)
             oh = (height + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
             ow = (width + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
             from . import _native
@@ -157,11 +188,10 @@ class SparseConv2d(_PackedModule):
                     cols = cols.view(batch, self.in_channels, kh * kw, -1).transpose(1, 2)
                 cols = cols.reshape(batch, -1, oh * ow)
                 xt = cols[0] if batch == 1 else cols.transpose(0, 1).reshape(cols.shape[1], -1)  # [in*k*k, N*L]
-        y = packed_matmul_t(xt, self.packed)  # [out, N*L]
-        if self.bias is not None:
-            y += self.bias.unsqueeze(1)
+        y = packed_matmul_t(xt, self.packed, self._bias, self._relu)  # [out, N*L]
         return y.view(self.out_channels, batch, oh, ow).transpose(0, 1).to(x.dtype)
 
     def extra_repr(self) -> str:
+        act = f", activation={self.activation}" if self.activation else ""
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"kind={self.kind}, order={self.order}")
+                f"kind={self.kind}, order={self.order}{act}")

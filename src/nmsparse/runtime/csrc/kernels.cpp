@@ -42,8 +42,14 @@ inline int decode_one(const uint8_t* row, i64 j, int bits) {
 }
 
 // ---------------------------------------------------------------- portable loop nests
+// The epilogue of a finished output row: + bias (when given), then max(., 0) when relu.
+inline void epilogue_row(float* y, i64 batch, const float* bias, i64 o, bool relu) {
+  if (bias) for (i64 b = 0; b < batch; ++b) y[b] += bias[o];
+  if (relu) for (i64 b = 0; b < batch; ++b) y[b] = y[b] > 0.f ? y[b] : 0.f;
+}
+
 void block_mm_portable(const float* xt, i64 ldx, const int32_t* cols, const float* vals, i64 rows, i64 kept,
-                       i64 block, i64 batch, float* out, i64 ldo) {
+                       i64 block, i64 batch, float* out, i64 ldo, const float* bias, bool relu) {
 #pragma omp parallel for schedule(static)
   for (i64 r = 0; r < rows; ++r) {
     for (i64 t = 0; t < block; ++t) std::fill(out + (r * block + t) * ldo, out + (r * block + t) * ldo + batch, 0.f);
@@ -57,6 +63,7 @@ void block_mm_portable(const float* xt, i64 ldx, const int32_t* cols, const floa
         for (i64 b = 0; b < batch; ++b) y[b] += wt * x[b];
       }
     }
+    for (i64 t = 0; t < block; ++t) epilogue_row(out + (r * block + t) * ldo, batch, bias, r * block + t, relu);
   }
 }
 
@@ -85,40 +92,66 @@ void nm_mm_portable(const float* xt, i64 ldx, const uint8_t* codes, const float*
 // ---------------------------------------------------------------- AVX-512: 1xN blocks
 inline __mmask16 tail_mask(i64 left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
 
-// Batch 1: y[r*B + t] = sum_k x[cols[r,k]] * vals[r,k,t]. Streams vals once; 4 accumulator chains.
-template <int B>
-void block_gemv_avx512(const float* x, const int32_t* cols, const float* vals, i64 rows, i64 kept, float* out) {
+// Batch 1: y[r*B + t] = sum_k x[cols[r,k]] * vals[r,k,t], S block rows at a time. The S rows come
+// from S equal parts of the thread's range, so the thread reads S separate weight streams: one
+// stream per core measured 11-17 GB/s on 2 threads against 15-24 GB/s for four (the hardware
+// prefetcher runs ahead per stream); a software prefetch 4 KB ahead adds a little more.
+constexpr int GEMV_STREAMS = 4;
+constexpr int GEMV_PREFETCH = 1024;  // floats ahead in each stream
+
+template <int B, int S>
+__attribute__((always_inline)) inline void block_gemv_rows(const float* x, const int32_t* const* c,
+                                                           const float* const* w, i64 kept, float* const* y,
+                                                           const float* const* bias, bool relu) {
   constexpr int V = B / 16;  // vectors per block vector
-#pragma omp parallel for schedule(static)
-  for (i64 r = 0; r < rows; ++r) {
-    const int32_t* c = cols + r * kept;
-    const float* w = vals + r * kept * B;
-    __m512 acc[4][V];
-    #pragma GCC unroll 16
-    for (int u = 0; u < 4; ++u)
-      #pragma GCC unroll 16
-      for (int v = 0; v < V; ++v) acc[u][v] = _mm512_setzero_ps();
-    i64 k = 0;
-    for (; k + 4 <= kept; k += 4) {
+  __m512 acc[S][V];
 #pragma GCC unroll 16
-      for (int l = 0; l < 4 * V; ++l) _mm_prefetch((const char*)(w + (k + 64) * B + 16 * l), _MM_HINT_T0);
-#pragma GCC unroll 4
-      for (int u = 0; u < 4; ++u) {
-        const __m512 xv = _mm512_set1_ps(x[c[k + u]]);
-        #pragma GCC unroll 16
-        for (int v = 0; v < V; ++v)
-          acc[u][v] = _mm512_fmadd_ps(_mm512_loadu_ps(w + (k + u) * B + 16 * v), xv, acc[u][v]);
+  for (int s = 0; s < S; ++s)
+#pragma GCC unroll 16
+    for (int v = 0; v < V; ++v) acc[s][v] = _mm512_setzero_ps();
+  for (i64 k = 0; k < kept; ++k) {
+#pragma GCC unroll 16
+    for (int s = 0; s < S; ++s) {
+      const float* wk = w[s] + k * B;
+#pragma GCC unroll 16
+      for (int v = 0; v < V; ++v) _mm_prefetch((const char*)(wk + GEMV_PREFETCH + 16 * v), _MM_HINT_T0);
+      const __m512 xv = _mm512_set1_ps(x[c[s][k]]);
+#pragma GCC unroll 16
+      for (int v = 0; v < V; ++v) acc[s][v] = _mm512_fmadd_ps(_mm512_loadu_ps(wk + 16 * v), xv, acc[s][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int s = 0; s < S; ++s)
+#pragma GCC unroll 16
+    for (int v = 0; v < V; ++v) {
+      __m512 r = bias[s] ? _mm512_add_ps(acc[s][v], _mm512_loadu_ps(bias[s] + 16 * v)) : acc[s][v];
+      _mm512_storeu_ps(y[s] + 16 * v, relu ? _mm512_max_ps(r, _mm512_setzero_ps()) : r);
+    }
+}
+
+template <int B>
+void block_gemv_avx512(const float* x, const int32_t* cols, const float* vals, i64 rows, i64 kept, float* out,
+                       const float* bias, bool relu) {
+  constexpr int S = GEMV_STREAMS;
+#pragma omp parallel
+  {
+    const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+    const i64 r0 = rows * tid / nth, r1 = rows * (tid + 1) / nth, part = (r1 - r0) / S;
+    const int32_t* c[S];
+    const float* w[S];
+    float* y[S];
+    const float* bs[S];
+    for (i64 i = 0; i < part; ++i) {  // row i of each of the S parts
+      for (int s = 0; s < S; ++s) {
+        const i64 r = r0 + s * part + i;
+        c[s] = cols + r * kept, w[s] = vals + r * kept * B, y[s] = out + r * B, bs[s] = bias ? bias + r * B : nullptr;
       }
+      block_gemv_rows<B, S>(x, c, w, kept, y, bs, relu);
     }
-    for (; k < kept; ++k) {
-      const __m512 xv = _mm512_set1_ps(x[c[k]]);
-      #pragma GCC unroll 16
-      for (int v = 0; v < V; ++v) acc[0][v] = _mm512_fmadd_ps(_mm512_loadu_ps(w + k * B + 16 * v), xv, acc[0][v]);
+    for (i64 r = r0 + S * part; r < r1; ++r) {  // the rows left over
+      c[0] = cols + r * kept, w[0] = vals + r * kept * B, y[0] = out + r * B, bs[0] = bias ? bias + r * B : nullptr;
+      block_gemv_rows<B, 1>(x, c, w, kept, y, bs, relu);
     }
-    #pragma GCC unroll 16
-    for (int v = 0; v < V; ++v)
-      _mm512_storeu_ps(out + r * B + 16 * v,
-                       _mm512_add_ps(_mm512_add_ps(acc[0][v], acc[1][v]), _mm512_add_ps(acc[2][v], acc[3][v])));
   }
 }
 
@@ -127,7 +160,7 @@ void block_gemv_avx512(const float* x, const int32_t* cols, const float* vals, i
 // (one column chunk; `first` starts from zero, otherwise from the partial sums in y).
 template <int T, int NB>
 __attribute__((always_inline)) inline void block_tile(const float* xt, i64 ldx, const int32_t* c, const float* w, i64 block, i64 k0, i64 k1,
-                       i64 b0, i64 batch, float* y, i64 ldo, bool first) {
+                       i64 b0, i64 batch, float* y, i64 ldo, bool first, bool last, const float* bias, bool relu) {
   __m512 acc[T][NB];
   __mmask16 mk[NB];
   #pragma GCC unroll 16
@@ -153,35 +186,61 @@ __attribute__((always_inline)) inline void block_tile(const float* xt, i64 ldx, 
   #pragma GCC unroll 16
   for (int t = 0; t < T; ++t)
     #pragma GCC unroll 16
-    for (int v = 0; v < NB; ++v) _mm512_mask_storeu_ps(y + t * ldo + b0 + 16 * v, mk[v], acc[t][v]);
+    for (int v = 0; v < NB; ++v) {
+      __m512 r = acc[t][v];
+      if (last && bias) r = _mm512_add_ps(r, _mm512_set1_ps(bias[t]));
+      if (last && relu) r = _mm512_max_ps(r, _mm512_setzero_ps());
+      _mm512_mask_storeu_ps(y + t * ldo + b0 + 16 * v, mk[v], r);
+    }
 }
 
 constexpr int BT = 4, BNB = 4;  // 1xN tile: 4 outputs x 64 batch items (16 accumulators)
 
+// One block row's outputs over kept columns k0..k1, for the batch items b0 .. b0 + 16*NB - 1.
+template <int NB>
+inline void block_row(const float* xt, i64 ldx, const int32_t* cr, const float* w, i64 block, i64 k0, i64 k1,
+                      i64 b0, i64 batch, float* y, i64 ldo, bool first, bool last, const float* bias, bool relu) {
+  if (block % BT == 0)
+    for (i64 t0 = 0; t0 < block; t0 += BT)
+      block_tile<BT, NB>(xt, ldx, cr, w + t0, block, k0, k1, b0, batch, y + t0 * ldo, ldo, first, last,
+                         bias ? bias + t0 : nullptr, relu);
+  else
+    for (i64 t0 = 0; t0 < block; ++t0)
+      block_tile<1, NB>(xt, ldx, cr, w + t0, block, k0, k1, b0, batch, y + t0 * ldo, ldo, first, last,
+                        bias ? bias + t0 : nullptr, relu);
+}
+
 // Loop order per thread (a contiguous range of block rows): batch tile, column chunk, block row.
 // A chunk's input rows (cc x 16*BNB floats) stay in L1 while all block rows of the thread use them;
-// kstart says which kept columns of a block row fall into the chunk.
+// kstart says which kept columns of a block row fall into the chunk. The last tile is only as wide
+// as the batch items left (in vectors of 16): 196 items cost 13 vectors, not 16. Input rows are
+// addressed as xt + cols[k] * ldx: with ldx = 1, cols may hold element offsets (the implicit-GEMM
+// convolution of _native.block_conv).
 void block_mm_avx512(const float* xt, i64 ldx, const int32_t* cols, const int32_t* kstart, i64 chunks,
-                     const float* vals, i64 rows, i64 kept, i64 block, i64 batch, float* out, i64 ldo) {
+                     const float* vals, i64 rows, i64 kept, i64 block, i64 batch, float* out, i64 ldo,
+                     const float* bias, bool relu) {
   const i64 tiles = (batch + 16 * BNB - 1) / (16 * BNB);
-  const bool exact = block % BT == 0;
 #pragma omp parallel
   {
     const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
     const i64 r0 = rows * tid / nth, r1 = rows * (tid + 1) / nth;
     for (i64 bt = 0; bt < tiles; ++bt) {
       const i64 b0 = bt * 16 * BNB;
+      const i64 vectors = std::min<i64>(BNB, (batch - b0 + 15) / 16);
       for (i64 c = 0; c < chunks; ++c) {
         for (i64 r = r0; r < r1; ++r) {
           const int32_t* cr = cols + r * kept;
           const float* w = vals + r * kept * block;
           const i64 k0 = kstart[r * (chunks + 1) + c], k1 = kstart[r * (chunks + 1) + c + 1];
-          if (exact)
-            for (i64 t0 = 0; t0 < block; t0 += BT)
-              block_tile<BT, BNB>(xt, ldx, cr, w + t0, block, k0, k1, b0, batch, out + (r * block + t0) * ldo, ldo, c == 0);
-          else
-            for (i64 t0 = 0; t0 < block; ++t0)
-              block_tile<1, BNB>(xt, ldx, cr, w + t0, block, k0, k1, b0, batch, out + (r * block + t0) * ldo, ldo, c == 0);
+          float* y = out + r * block * ldo;
+          const float* br = bias ? bias + r * block : nullptr;
+          const bool first = c == 0, last = c == chunks - 1;
+          switch (vectors) {
+            case 1: block_row<1>(xt, ldx, cr, w, block, k0, k1, b0, batch, y, ldo, first, last, br, relu); break;
+            case 2: block_row<2>(xt, ldx, cr, w, block, k0, k1, b0, batch, y, ldo, first, last, br, relu); break;
+            case 3: block_row<3>(xt, ldx, cr, w, block, k0, k1, b0, batch, y, ldo, first, last, br, relu); break;
+            default: block_row<BNB>(xt, ldx, cr, w, block, k0, k1, b0, batch, y, ldo, first, last, br, relu);
+          }
         }
       }
     }
@@ -274,9 +333,9 @@ void nm_gemv_avx512(const float* x, const uint8_t* codes, const float* vals, i64
 
 // Batch 1 for windows of 32 columns (1:2, 2:4, 4:8, 8:16), specialised on the code width so the
 // decode is a broadcast, a variable shift and one ternary-logic op ((codes & mask) | base), and
-// R rows at a time share each loaded input window. The thread's weights are one sequential stream
-// per chunk; a software prefetch 4 KB ahead measured +10-20% from DRAM on 2 threads (14 -> 16-17 GB/s).
-constexpr int NM_GEMV_PREFETCH = 1024;  // floats
+// R rows at a time share each loaded input window. The R rows come from R equal parts of the
+// thread's rows, so within a chunk the thread reads R separate weight streams (see GEMV_STREAMS),
+// each prefetched 4 KB ahead.
 
 template <int BITS>
 __attribute__((always_inline)) inline __m512i codes16(const uint8_t* p) {
@@ -306,29 +365,29 @@ inline __m512i code_shifts() {
 template <int BITS, int R>
 __attribute__((always_inline)) inline void nm_gemv32_rows(const float* xc, const uint8_t* row, i64 cstride,
                                                           const float* w, i64 wstride, i64 steps, __m512i base,
-                                                          __m512i shifts, float* part) {
+                                                          __m512i shifts, float* part, i64 pstride) {
   const __m512i low = _mm512_set1_epi32((1 << BITS) - 1);
   __m512 acc[R];
 #pragma GCC unroll 8
-  for (int q = 0; q < R; ++q) acc[q] = _mm512_load_ps(part + q * 16);
+  for (int q = 0; q < R; ++q) acc[q] = _mm512_load_ps(part + q * pstride);
   for (i64 s = 0; s < steps; ++s) {
     const __m512 lo = _mm512_loadu_ps(xc + s * 32), hi = _mm512_loadu_ps(xc + s * 32 + 16);
 #pragma GCC unroll 8
     for (int q = 0; q < R; ++q) {
       const __m512i idx = _mm512_ternarylogic_epi32(
           _mm512_srlv_epi32(codes16<BITS>(row + q * cstride + s * 2 * BITS), shifts), low, base, 0xEA);
-      _mm_prefetch((const char*)(w + q * wstride + s * 16 + NM_GEMV_PREFETCH), _MM_HINT_T0);
+      _mm_prefetch((const char*)(w + q * wstride + s * 16 + GEMV_PREFETCH), _MM_HINT_T0);
       acc[q] = _mm512_fmadd_ps(_mm512_loadu_ps(w + q * wstride + s * 16), _mm512_permutex2var_ps(lo, idx, hi), acc[q]);
     }
   }
 #pragma GCC unroll 8
-  for (int q = 0; q < R; ++q) _mm512_store_ps(part + q * 16, acc[q]);
+  for (int q = 0; q < R; ++q) _mm512_store_ps(part + q * pstride, acc[q]);
 }
 
 template <int BITS>
 void nm_gemv32_avx512(const float* x, const uint8_t* codes, const float* vals, i64 rows, i64 J, i64 jc, int n,
                       int m, float* out) {
-  constexpr int R = 4;
+  constexpr int R = GEMV_STREAMS;
   const __m512i base = chunk_base(n, m), shifts = code_shifts<BITS>();
   const i64 chunks = (J + jc - 1) / jc, cc = jc / n * m;
   nm_gemv_threads(rows, out, [&](i64 o0, i64 o1, float* part) {
@@ -337,11 +396,12 @@ void nm_gemv32_avx512(const float* x, const uint8_t* codes, const float* vals, i
       const float* xc = x + c * cc;
       const uint8_t* row = codes + nm_code_off(c, o0, rows, jc, count, BITS);
       const float* w = vals + nm_val_off(c, o0, rows, jc, count);
-      i64 o = o0;
-      for (; o + R <= o1; o += R, row += R * cstride, w += R * count)
-        nm_gemv32_rows<BITS, R>(xc, row, cstride, w, count, steps, base, shifts, part + (o - o0) * 16);
-      for (; o < o1; ++o, row += cstride, w += count)
-        nm_gemv32_rows<BITS, 1>(xc, row, cstride, w, count, steps, base, shifts, part + (o - o0) * 16);
+      const i64 len = (o1 - o0) / R;  // row i of each of the R parts, then the rows left over
+      for (i64 i = 0; i < len; ++i)
+        nm_gemv32_rows<BITS, R>(xc, row + i * cstride, len * cstride, w + i * count, len * count, steps, base, shifts,
+                                part + i * 16, len * 16);
+      for (i64 i = R * len; i < o1 - o0; ++i)
+        nm_gemv32_rows<BITS, 1>(xc, row + i * cstride, 0, w + i * count, 0, steps, base, shifts, part + i * 16, 0);
       if (steps * 16 < count) {  // a narrower last chunk: the values past the last whole vector
         const uint8_t* r0 = codes + nm_code_off(c, o0, rows, jc, count, BITS);
         const float* w0 = vals + nm_val_off(c, o0, rows, jc, count);
@@ -499,23 +559,25 @@ int nms_isa() {
 #endif
 }
 
-// out[rows*block, batch] = W @ xt for a 1xN-packed W; `portable` forces the portable loop nest.
-// kstart[rows, chunks + 1]: see the top of the file (read by the AVX-512 batched kernel only).
+// out[rows*block, batch] = W @ xt (+ bias[o], then max(., 0) with relu) for a 1xN-packed W; `portable`
+// forces the portable loop nest. kstart[rows, chunks + 1]: see the top of the file (read by the AVX-512
+// batched kernel only). bias may be null.
 void nms_block_mm(const float* xt, i64 ldx, const int32_t* cols, const int32_t* kstart, i64 chunks, const float* vals,
-                  i64 rows, i64 kept, i64 block, i64 batch, float* out, i64 ldo, int threads, int portable) {
+                  i64 rows, i64 kept, i64 block, i64 batch, float* out, i64 ldo, const float* bias, int relu,
+                  int threads, int portable) {
   omp_set_num_threads(threads);
 #if defined(__AVX512F__)
   if (!portable) {
     if (batch == 1 && ldx == 1 && ldo == 1) {
-      if (block == 16) return block_gemv_avx512<16>(xt, cols, vals, rows, kept, out);
-      if (block == 32) return block_gemv_avx512<32>(xt, cols, vals, rows, kept, out);
-      if (block == 64) return block_gemv_avx512<64>(xt, cols, vals, rows, kept, out);
+      if (block == 16) return block_gemv_avx512<16>(xt, cols, vals, rows, kept, out, bias, relu != 0);
+      if (block == 32) return block_gemv_avx512<32>(xt, cols, vals, rows, kept, out, bias, relu != 0);
+      if (block == 64) return block_gemv_avx512<64>(xt, cols, vals, rows, kept, out, bias, relu != 0);
     }
-    return block_mm_avx512(xt, ldx, cols, kstart, chunks, vals, rows, kept, block, batch, out, ldo);
+    return block_mm_avx512(xt, ldx, cols, kstart, chunks, vals, rows, kept, block, batch, out, ldo, bias, relu != 0);
   }
 #endif
   (void)portable;
-  block_mm_portable(xt, ldx, cols, vals, rows, kept, block, batch, out, ldo);
+  block_mm_portable(xt, ldx, cols, vals, rows, kept, block, batch, out, ldo, bias, relu != 0);
 }
 
 // out[rows, batch] = W @ xt for an n:m-packed W (chunk-major layout, see the top of the file).
