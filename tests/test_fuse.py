@@ -11,7 +11,7 @@ from torch import nn
 from nmsparse.mask import compute_mask
 from nmsparse.pattern import parse_pattern
 from nmsparse.runtime import convert, fuse
-from nmsparse.runtime.formats import gemm_matrix, pack_block, pack_nm
+from nmsparse.runtime.formats import pack_block, pack_nm
 from nmsparse.runtime.fuse import scale_rows
 from nmsparse.runtime.modules import SparseConv2d, SparseLinear
 
