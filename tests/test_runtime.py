@@ -35,8 +35,9 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-def test_stride_one_block_convs_run_without_im2col(monkeypatch):
-    """1xN stride-1 convolutions go through the implicit GEMM (no im2col buffer), with the bias."""
+def test_block_convs_run_without_im2col(monkeypatch):
+    """1xN convolutions go through the implicit GEMM (no im2col buffer), strided ones through phase
+    planes; with the bias, any batch, odd sizes."""
     from nmsparse.runtime import _native
 
     if not _native.available():
@@ -48,7 +49,11 @@ def test_stride_one_block_convs_run_without_im2col(monkeypatch):
     monkeypatch.setattr(_native, "im2col", no_im2col)
     torch.manual_seed(0)
     for layer, size in [(nn.Conv2d(16, 32, 3, padding=1), (7, 7)), (nn.Conv2d(16, 32, 5, padding=1), (6, 9)),
-                        (nn.Conv2d(16, 32, 3, padding=2, dilation=2, bias=False), (8, 5))]:
+                        (nn.Conv2d(16, 32, 3, padding=2, dilation=2, bias=False), (8, 5)),
+                        (nn.Conv2d(16, 32, 3, stride=2, padding=1), (9, 8)),
+                        (nn.Conv2d(16, 32, (3, 5), stride=(2, 3), padding=(1, 2)), (11, 13)),
+                        (nn.Conv2d(16, 32, 3, stride=2, padding=2, dilation=2), (10, 7)),
+                        (nn.Conv2d(16, 32, 2, stride=2), (8, 8))]:
         dense = nn.Sequential(_sparse(layer, "1x16:0.25"))
         sparse, _ = convert(copy.deepcopy(dense), {"0": "1x16:0.25"})
         for batch in (1, 2):
@@ -57,6 +62,27 @@ def test_stride_one_block_convs_run_without_im2col(monkeypatch):
                 y = sparse(x)
                 assert y.is_contiguous() and y.shape == dense(x).shape
                 assert _rel(y, dense(x)) < 1e-5
+
+
+@pytest.mark.parametrize("variant", ["native", "portable"])
+def test_implicit_gemm_convolution_matches_conv2d_in_both_builds(variant):
+    """_native.block_conv (phase planes + offsets) against F.conv2d, with bias and ReLU in the store."""
+    from nmsparse.runtime import _native
+
+    if _native.library(variant) is None:
+        pytest.skip(f"C++ kernels unavailable here: {_native.status()['reason']}")
+    torch.manual_seed(3)
+    for k, stride, padding, dilation, size in [(3, (1, 1), (1, 1), (1, 1), (6, 7)), (3, (2, 2), (1, 1), (1, 1), (9, 8)),
+                                               (5, (2, 1), (2, 0), (1, 2), (10, 11))]:
+        conv = _sparse(nn.Conv2d(16, 32, k, stride, padding, dilation), "1x16:0.25")
+        packed = pack_block(gemm_matrix(conv.weight.detach(), "chw"), 16)
+        for batch in (1, 3):
+            x = torch.randn(batch, 16, *size)
+            y = _native.block_conv(x, packed, (k, k), stride, padding, dilation, {}, variant,
+                                   bias=conv.bias.detach(), relu=True)
+            with torch.no_grad():
+                ref = torch.relu(conv(x))
+            assert _rel(y.transpose(0, 1), ref) < 1e-5, (k, stride, batch)
 
 
 @pytest.mark.parametrize("spec", PATTERNS)

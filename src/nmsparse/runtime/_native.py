@@ -103,6 +103,8 @@ def _load(variant: str) -> tuple[ctypes.CDLL | None, str]:
     lib.nms_nm_mm.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                               _I64, _PTR, _I64, ctypes.c_int, ctypes.c_int]
     lib.nms_im2col.argtypes = [_PTR, _I64, _I64, _I64, _I64, *([ctypes.c_int] * 9), _PTR, ctypes.c_int]
+    lib.nms_phase_planes.argtypes = [_PTR, _I64, _I64, _I64, _I64, *([ctypes.c_int] * 4), _I64, _I64, _PTR,
+                                     ctypes.c_int]
     return lib, ""
 
 
@@ -157,56 +159,63 @@ def block_mm(xt: torch.Tensor, packed, variant: str = "native", bias: torch.Tens
     return out
 
 
-def conv_offsets(cols: np.ndarray, kernel: tuple[int, int], dilation: tuple[int, int], plane: int,
-                 width: int) -> np.ndarray | None:
-    """Element offsets, in a padded ``[C, plane]`` input of row width ``width``, of the weight columns
-    ``cols`` (``"chw"`` order: ``c * kh * kw + dy * kw + dx``); None where they overflow int32."""
+def conv_offsets(cols: np.ndarray, channels: int, kernel: tuple[int, int], stride: tuple[int, int],
+                 dilation: tuple[int, int], plane: int, width: int) -> np.ndarray | None:
+    """Element offsets of the weight columns ``cols`` (``"chw"`` order: ``c * kh * kw + dy * kw + dx``) in
+    the phase planes of :func:`block_conv` (``[sh, sw, C, plane]``, rows ``width`` wide); None where
+    they overflow int32."""
     kh, kw = kernel
     c, rest = np.divmod(cols.astype(np.int64), kh * kw)
     dy, dx = np.divmod(rest, kw)
-    offs = c * plane + dy * dilation[0] * width + dx * dilation[1]
+    ry, rx = dy * dilation[0], dx * dilation[1]  # input row / column offsets from the window's corner
+    phase = (ry % stride[0]) * stride[1] + rx % stride[1]
+    offs = (phase * channels + c) * plane + (ry // stride[0]) * width + rx // stride[1]
     return offs.astype(np.int32) if offs.size == 0 or offs.max() < 2**31 else None
 
 
-def block_conv(x: torch.Tensor, packed, kernel: tuple[int, int], padding: tuple[int, int],
-               dilation: tuple[int, int], cache: dict, variant: str = "native", bias: torch.Tensor | None = None,
-               relu: bool = False) -> torch.Tensor | None:
-    """Stride-1 convolution of ``x[N, C, H, W]`` by a 1xN-packed ``[out, C*kh*kw]`` weight without im2col:
+def block_conv(x: torch.Tensor, packed, kernel: tuple[int, int], stride: tuple[int, int],
+               padding: tuple[int, int], dilation: tuple[int, int], cache: dict, variant: str = "native",
+               bias: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor | None:
+    """Convolution of ``x[N, C, H, W]`` by a 1xN-packed ``[out, C*kh*kw]`` weight without im2col:
     ``[out, N, oh, ow]`` (a strided view), or None where the offsets would overflow int32.
 
-    Implicit GEMM: the input is zero-padded once into ``[C, N, Hp, Wp]``, and output pixel ``(n, oy, ox)``
-    is computed at flat position ``p = (n*Hp + oy)*Wp + ox``; the input of weight column
-    ``(c, dy, dx)`` for it sits at ``p + offset(c, dy, dx)``, so every kept column is a contiguous row
-    of the padded input at a fixed offset, and the batched kernel runs on it with ``ldx = 1`` and the
-    offsets as its column indices. Positions past a row's last output (``ox >= ow``) are computed
-    and dropped. The padded input is 1/(kh*kw) the size of an im2col buffer, and the kh*kw shifted
-    rows of a channel share cache lines. ``bias`` and ``relu`` as in :func:`block_mm`.
+    Implicit GEMM. The input is zero-padded once and cut into ``sh*sw`` phase planes (plane
+    ``(py, px)`` holds padded rows ``py, py+sh, ...`` and columns ``px, px+sw, ...``; one plane for
+    stride 1), laid out ``[sh, sw, C, N, Hq, Wq]``. Output pixel ``(n, oy, ox)`` is computed at flat
+    position ``p = (n*Hq + oy)*Wq + ox``, and the input of weight column ``(c, dy, dx)`` for it sits
+    at ``p + offset(c, dy, dx)`` in phase ``(dy*dh % sh, dx*dw % sw)``: every kept column is a
+    contiguous run of one phase plane at a fixed offset, so the batched kernel runs on it with
+    ``ldx = 1`` and the offsets as its column indices. Positions past a row's last output
+    (``ox >= ow``) are computed and dropped. The phase planes are the size of the input, 1/(kh*kw)
+    of an im2col buffer, and the shifted runs of a channel share cache lines. ``bias`` and ``relu``
+    as in :func:`block_mm`.
     """
     lib = library(variant)
     n, c, h, w = x.shape
-    (kh, kw), (ph, pw), (dh, dw) = kernel, padding, dilation
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
     hp, wp = h + 2 * ph, w + 2 * pw
-    oh, ow = hp - dh * (kh - 1), wp - dw * (kw - 1)
-    plane = n * hp * wp
-    key = (plane, wp)
+    oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    hq, wq = -(-hp // sh), -(-wp // sw)  # phase plane rows and columns (bottom/right zero-extended)
+    plane = n * hq * wq
+    key = (plane, wq, c)
     if key not in cache:
         cache.clear()  # one input geometry at a time: a model sees the same one call after call
-        cache[key] = conv_offsets(packed.cols, kernel, dilation, plane, wp)
+        cache[key] = conv_offsets(packed.cols, c, kernel, stride, dilation, plane, wq)
     offs = cache[key]
     if offs is None:
         return None
-    xin = x.to(torch.float32)
-    xin = xin if n == 1 else xin.transpose(0, 1)
-    padded = torch.nn.functional.pad(xin, (pw, pw, ph, ph)).contiguous()  # [C or 1, N or C, Hp, Wp]
+    xin = x.to(torch.float32).contiguous()
+    planes = torch.empty(sh * sw * c * plane)
+    lib.nms_phase_planes(_ptr(xin), n, c, h, w, sh, sw, ph, pw, hq, wq, _ptr(planes), torch.get_num_threads())
     rows, kept, block = packed.vals.shape
-    # the last position computed is the last real output: every read stays inside the padded input
-    positions = ((n - 1) * hp + oh - 1) * wp + ow
+    # the last position computed is the last real output: every read stays inside the planes
+    positions = ((n - 1) * hq + oh - 1) * wq + ow
     out = torch.empty(rows * block, plane)
     kstart = packed.kstart
-    lib.nms_block_mm(_ptr(padded), 1, _ptr(offs), _ptr(kstart), kstart.shape[1] - 1, _ptr(packed.vals), rows, kept,
+    lib.nms_block_mm(_ptr(planes), 1, _ptr(offs), _ptr(kstart), kstart.shape[1] - 1, _ptr(packed.vals), rows, kept,
                      block, positions, _ptr(out), plane, _bias_ptr(bias), int(relu), torch.get_num_threads(),
                      int(variant == "portable"))
-    return out.view(rows * block, n, hp, wp)[:, :, :oh, :ow]
+    return out.view(rows * block, n, hq, wq)[:, :, :oh, :ow]
 
 
 def nm_mm(xt: torch.Tensor, packed, variant: str = "native") -> torch.Tensor:

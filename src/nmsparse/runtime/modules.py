@@ -1,8 +1,8 @@
 """Inference modules that run packed sparse weights with the CPU kernels (float32, no autograd).
 
 :class:`SparseLinear` multiplies ``[..., in]`` inputs directly. :class:`SparseConv2d` runs a 1x1
-convolution (stride 1, no padding) as a per-pixel GEMM without im2col, stride-1 1xN-block kernels
-as an implicit GEMM on the padded input, and other kernels through im2col in the column order the
+convolution (stride 1, no padding) as a per-pixel GEMM without im2col, other 1xN-block kernels as
+an implicit GEMM on the padded input, and n:m kernels through im2col in the column order the
 packed weight uses. Both accept any input layout
 (non-contiguous, channels-last) and any batch size, and give the dense-with-zeros layer's output
 within float32 summation-order differences.
@@ -136,8 +136,9 @@ class SparseLinear(_PackedModule):
 class SparseConv2d(_PackedModule):
     """A Conv2d (groups = 1, zero padding) with a packed sparse weight.
 
-    1xN-block convolutions with stride 1 run as an implicit GEMM on the padded input
-    (:func:`nmsparse.runtime._native.block_conv`, no im2col buffer); others through im2col.
+    1xN-block convolutions run as an implicit GEMM on the padded input (cut into phase planes
+    for strides > 1; :func:`nmsparse.runtime._native.block_conv`, no im2col buffer); n:m ones
+    through im2col (their column order interleaves channels).
 
     Args:
         packed: the packed ``[out, in * kh * kw]`` matrix, columns in ``order``.
@@ -168,12 +169,12 @@ class SparseConv2d(_PackedModule):
         else:
             if isinstance(self.padding, str):
                 raise RuntimeError("string padding is not supported by SparseConv2d")
-            if self.kind == "block" and self.stride == (1, 1):
+            if self.kind == "block":
                 from . import _native
 
                 if _native.available():
-                    y = _native.block_conv(x, self.packed, (kh, kw), self.padding, self.dilation, self._offsets,
-                                           bias=self._bias, relu=self._relu)
+                    y = _native.block_conv(x, self.packed, (kh, kw), self.stride, self.padding, self.dilation,
+                                           self._offsets, bias=self._bias, relu=self._relu)
                     if y is not None:  # [out, N, oh, ow] view: one copy makes it NCHW
                         return y.transpose(0, 1).contiguous().to(x.dtype)
             oh = (height + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
