@@ -57,7 +57,7 @@ def layer_rows(tokens: list[int], repeats: int) -> list[dict]:
         for t in tokens:
             x = torch.randn(t, cin, dtype=torch.half, device="cuda")
             err = float((sparse(x) - dense(x)).abs().max() / dense(x).abs().max())
-            d, s = _time([lambda: dense(x), lambda: sparse(x)], repeats)
+            d, s = _time([lambda d=dense, x=x: d(x), lambda s=sparse, x=x: s(x)], repeats)
             rows.append({"case": f"{name} {cin}->{cout}", "tokens": t, "dense_ms": d, "sparse_ms": s,
                          "speedup": d / s, "max_rel_error": err})
             print(f"{name} {cin}->{cout} tokens {t}: dense {d:.4f} ms, 2:4 {s:.4f} ms, {d / s:.2f}x", flush=True)
@@ -72,7 +72,7 @@ def minilm_rows(batches: list[int], seq: int, repeats: int) -> list[dict]:
     config = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
     dense = BertModel(config).half().cuda().eval()
     pattern = parse_pattern("2:4")
-    for name, module in dense.encoder.named_modules():
+    for module in dense.encoder.modules():
         if isinstance(module, nn.Linear):
             module.weight.mul_(compute_mask(module.weight, pattern, absolute=True))
     sparse = copy.deepcopy(dense)
@@ -80,7 +80,7 @@ def minilm_rows(batches: list[int], seq: int, repeats: int) -> list[dict]:
     rows = []
     for b in batches:
         ids = torch.randint(1000, 20000, (b, seq), device="cuda")
-        d, s = _time([lambda: dense(input_ids=ids), lambda: sparse(input_ids=ids)], repeats)
+        d, s = _time([lambda ids=ids: dense(input_ids=ids), lambda ids=ids: sparse(input_ids=ids)], repeats)
         rows.append({"case": f"minilm encoder ({len(converted)} linears 2:4)", "tokens": b * seq, "dense_ms": d,
                      "sparse_ms": s, "speedup": d / s})
         print(f"minilm batch {b} x {seq}: dense {d:.3f} ms, 2:4 {s:.3f} ms, {d / s:.2f}x", flush=True)
