@@ -101,7 +101,7 @@ def _load(variant: str) -> tuple[ctypes.CDLL | None, str]:
     lib.nms_block_mm.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR,
                                  ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.nms_nm_mm.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                              _I64, _PTR, _I64, ctypes.c_int, ctypes.c_int]
+                              _I64, _PTR, _I64, _PTR, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.nms_im2col.argtypes = [_PTR, _I64, _I64, _I64, _I64, *([ctypes.c_int] * 9), _PTR, ctypes.c_int]
     lib.nms_phase_planes.argtypes = [_PTR, _I64, _I64, _I64, _I64, *([ctypes.c_int] * 4), _I64, _I64, _PTR,
                                      ctypes.c_int]
@@ -141,21 +141,36 @@ def _bias_ptr(bias: torch.Tensor | None) -> int | None:
     return None if bias is None else bias.data_ptr()
 
 
+def _layout_args(packed) -> tuple:
+    """The kernel arguments a packed layout fixes (pointers, sizes), built once per layout: a batch-1
+    call is short enough that recomputing them showed in its time. Rebuilt if the arrays are replaced."""
+    arrays = (packed.vals, getattr(packed, "codes", None), getattr(packed, "cols", None))
+    cached = packed.__dict__.get("_native_args")
+    if cached is None or any(a is not b for a, b in zip(cached[0], arrays)):
+        if hasattr(packed, "codes"):  # n:m
+            args: tuple = (_ptr(packed.codes), _ptr(packed.vals), packed.shape[0], packed.kept, packed.chunk,
+                           packed.n, packed.m, packed.bits)
+        else:
+            rows, kept, block = packed.vals.shape
+            args = (_ptr(packed.cols), _ptr(packed.kstart), packed.kstart.shape[1] - 1, _ptr(packed.vals), rows, kept,
+                    block)
+        cached = packed.__dict__["_native_args"] = (arrays, args)
+    return cached[1]
+
+
 def block_mm(xt: torch.Tensor, packed, variant: str = "native", bias: torch.Tensor | None = None,
              relu: bool = False) -> torch.Tensor:
     """``W @ xt`` for a :class:`~nmsparse.runtime.formats.BlockPacked` W and ``xt[columns, batch]``;
     ``bias`` (contiguous float32 ``[out]``) is added and ``relu`` applied as the kernel stores the output."""
     lib = library(variant)
-    rows, kept, block = packed.vals.shape
+    args = _layout_args(packed)
     xt = _rows(xt)
     batch = xt.shape[1]
     if batch == 1 and xt.stride(0) != 1:
         xt = xt.contiguous()
-    out = torch.empty(rows * block, batch)
-    kstart = packed.kstart
-    lib.nms_block_mm(_ptr(xt), xt.stride(0), _ptr(packed.cols), _ptr(kstart), kstart.shape[1] - 1, _ptr(packed.vals),
-                     rows, kept, block, batch, _ptr(out), batch, _bias_ptr(bias), int(relu), torch.get_num_threads(),
-                     int(variant == "portable"))
+    out = torch.empty(args[4] * args[6], batch)
+    lib.nms_block_mm(xt.data_ptr(), xt.stride(0), *args, batch, out.data_ptr(), batch, _bias_ptr(bias), int(relu),
+                     torch.get_num_threads(), int(variant == "portable"))
     return out
 
 
@@ -207,26 +222,25 @@ def block_conv(x: torch.Tensor, packed, kernel: tuple[int, int], stride: tuple[i
     xin = x.to(torch.float32).contiguous()
     planes = torch.empty(sh * sw * c * plane)
     lib.nms_phase_planes(_ptr(xin), n, c, h, w, sh, sw, ph, pw, hq, wq, _ptr(planes), torch.get_num_threads())
-    rows, kept, block = packed.vals.shape
+    _, *layout = _layout_args(packed)  # the columns' offsets replace the column indices
     # the last position computed is the last real output: every read stays inside the planes
     positions = ((n - 1) * hq + oh - 1) * wq + ow
-    out = torch.empty(rows * block, plane)
-    kstart = packed.kstart
-    lib.nms_block_mm(_ptr(planes), 1, _ptr(offs), _ptr(kstart), kstart.shape[1] - 1, _ptr(packed.vals), rows, kept,
-                     block, positions, _ptr(out), plane, _bias_ptr(bias), int(relu), torch.get_num_threads(),
-                     int(variant == "portable"))
-    return out.view(rows * block, n, hq, wq)[:, :, :oh, :ow]
+    out = torch.empty(layout[3] * layout[5], plane)
+    lib.nms_block_mm(planes.data_ptr(), 1, _ptr(offs), *layout, positions, out.data_ptr(), plane, _bias_ptr(bias),
+                     int(relu), torch.get_num_threads(), int(variant == "portable"))
+    return out.view(layout[3] * layout[5], n, hq, wq)[:, :, :oh, :ow]
 
 
-def nm_mm(xt: torch.Tensor, packed, variant: str = "native") -> torch.Tensor:
-    """``W @ xt`` for an :class:`~nmsparse.runtime.formats.NMPacked` W and ``xt[columns, batch]``."""
+def nm_mm(xt: torch.Tensor, packed, variant: str = "native", bias: torch.Tensor | None = None,
+          relu: bool = False) -> torch.Tensor:
+    """``W @ xt`` for an :class:`~nmsparse.runtime.formats.NMPacked` W and ``xt[columns, batch]``;
+    ``bias`` and ``relu`` as in :func:`block_mm`."""
     lib = library(variant)
+    args = _layout_args(packed)
     xt = _rows(xt)
     batch = xt.shape[1]
-    rows = packed.shape[0]
-    out = torch.empty(rows, batch)
-    lib.nms_nm_mm(_ptr(xt), xt.stride(0), _ptr(packed.codes), _ptr(packed.vals), rows,
-                  packed.kept, packed.chunk, packed.n, packed.m, packed.bits, batch, _ptr(out), batch,
+    out = torch.empty(args[2], batch)
+    lib.nms_nm_mm(xt.data_ptr(), xt.stride(0), *args, batch, out.data_ptr(), batch, _bias_ptr(bias), int(relu),
                   torch.get_num_threads(), int(variant == "portable"))
     return out
 

@@ -51,7 +51,7 @@ def packed_matmul_t(xt: torch.Tensor, packed: Packed, bias: torch.Tensor | None 
 
     Runs the C++ kernels (:mod:`nmsparse.runtime._native`) where they build, else the numba ones.
     The transposed form lets convolutions hand over their NCHW / im2col buffers without copies. The
-    1xN C++ kernels add the bias and apply the ReLU as they store the output (no extra pass).
+    C++ kernels add the bias and apply the ReLU themselves (the 1xN ones as they store the output).
     """
     xt = xt.detach().to(torch.float32)
     from . import _native
@@ -59,7 +59,7 @@ def packed_matmul_t(xt: torch.Tensor, packed: Packed, bias: torch.Tensor | None 
     if _native.available():
         if isinstance(packed, BlockPacked):
             return _native.block_mm(xt, packed, bias=bias, relu=relu)
-        return _epilogue(_native.nm_mm(xt, packed), bias, relu)
+        return _native.nm_mm(xt, packed, bias=bias, relu=relu)
     if isinstance(packed, BlockPacked) and xt.shape[1] > 1:
         return _epilogue(_block_batched_t(xt.contiguous(), packed), bias, relu)
     from . import _kernels  # numba is imported at the first packed call, not with the package
@@ -100,7 +100,8 @@ class _PackedModule(nn.Module):
 
     @property
     def _bias(self) -> torch.Tensor | None:
-        return None if self.bias is None else self.bias.detach().float().contiguous()
+        b = self.bias
+        return b if b is None or (b.dtype == torch.float32 and b.is_contiguous()) else b.detach().float().contiguous()
 
     def _check(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         if x.device.type != "cpu":
@@ -121,8 +122,7 @@ class SparseLinear(_PackedModule):
         self.out_features, self.in_features = packed.shape
         self._register_packed(packed, bias, input_perm)
 
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # no autograd: the kernels read raw buffers
         x = self._check(x, x.dim() - 1)
         lead = x.shape[:-1]
         y = packed_matmul(x.reshape(-1, self.in_features), self.packed, self._bias, self._relu)
@@ -155,8 +155,7 @@ class SparseConv2d(_PackedModule):
         self._offsets: dict = {}  # input offsets of the implicit-GEMM path, per input geometry
         self._register_packed(packed, bias, input_perm)
 
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # no autograd: the kernels read raw buffers
         x = self._check(x, 1)
         batch, _, height, width = x.shape
         kh, kw = self.kernel_size

@@ -289,7 +289,7 @@ inline __m512i chunk_base(int n, int m) {
 // per row in `part`; body(o0, o1, part) adds to them chunk by chunk (and may add scalar tails to
 // out[o]); the partial sums are reduced into out at the end.
 template <class Body>
-void nm_gemv_threads(i64 rows, float* out, Body body) {
+void nm_gemv_threads(i64 rows, float* out, const float* bias, bool relu, Body body) {
 #pragma omp parallel
   {
     const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
@@ -300,7 +300,10 @@ void nm_gemv_threads(i64 rows, float* out, Body body) {
       out[o] = 0.f;
     }
     body(o0, o1, part);
-    for (i64 o = o0; o < o1; ++o) out[o] += _mm512_reduce_add_ps(_mm512_load_ps(part + (o - o0) * 16));
+    for (i64 o = o0; o < o1; ++o) {
+      const float y = out[o] + _mm512_reduce_add_ps(_mm512_load_ps(part + (o - o0) * 16)) + (bias ? bias[o] : 0.f);
+      out[o] = relu && y < 0.f ? 0.f : y;
+    }
     free(part);
   }
 }
@@ -309,10 +312,10 @@ void nm_gemv_threads(i64 rows, float* out, Body body) {
 // one permute for windows of 16, a gather otherwise (windows of 32 go to nm_gemv32_avx512).
 // Chunk-major like the batched kernel, so each thread streams one contiguous run of weights per chunk.
 void nm_gemv_avx512(const float* x, const uint8_t* codes, const float* vals, i64 rows, i64 J, i64 jc, int n,
-                    int m, int bits, float* out) {
+                    int m, int bits, float* out, const float* bias, bool relu) {
   const __m512i base = chunk_base(n, m);
   const i64 window = 16 * m / n, chunks = (J + jc - 1) / jc, cc = jc / n * m;
-  nm_gemv_threads(rows, out, [&](i64 o0, i64 o1, float* part) {
+  nm_gemv_threads(rows, out, bias, relu, [&](i64 o0, i64 o1, float* part) {
     for (i64 c = 0; c < chunks; ++c) {
       const i64 count = std::min(jc, J - c * jc), steps = count / 16;
       const float* xc = x + c * cc;
@@ -391,11 +394,11 @@ __attribute__((always_inline)) inline void nm_gemv32_rows(const float* xc, const
 
 template <int BITS>
 void nm_gemv32_avx512(const float* x, const uint8_t* codes, const float* vals, i64 rows, i64 J, i64 jc, int n,
-                      int m, float* out) {
+                      int m, float* out, const float* bias, bool relu) {
   constexpr int R = GEMV_STREAMS;
   const __m512i base = chunk_base(n, m), shifts = code_shifts<BITS>();
   const i64 chunks = (J + jc - 1) / jc, cc = jc / n * m;
-  nm_gemv_threads(rows, out, [&](i64 o0, i64 o1, float* part) {
+  nm_gemv_threads(rows, out, bias, relu, [&](i64 o0, i64 o1, float* part) {
     for (i64 c = 0; c < chunks; ++c) {
       const i64 count = std::min(jc, J - c * jc), steps = count / 16, cstride = (count * BITS + 7) / 8;
       const float* xc = x + c * cc;
@@ -621,23 +624,33 @@ void nms_block_mm(const float* xt, i64 ldx, const int32_t* cols, const int32_t* 
   block_mm_portable(xt, ldx, cols, vals, rows, kept, block, batch, out, ldo, bias, relu != 0);
 }
 
-// out[rows, batch] = W @ xt for an n:m-packed W (chunk-major layout, see the top of the file).
+// out[rows, batch] = W @ xt (+ bias[o], then max(., 0) with relu; bias may be null) for an n:m-packed W
+// (chunk-major layout, see the top of the file). The batch-1 kernels apply the epilogue as they
+// reduce each row; the batched ones in a pass over the just-written (cache-resident) output.
 void nms_nm_mm(const float* xt, i64 ldx, const uint8_t* codes, const float* vals, i64 rows, i64 J, i64 jc,
-               int n, int m, int bits, i64 batch, float* out, i64 ldo, int threads, int portable) {
+               int n, int m, int bits, i64 batch, float* out, i64 ldo, const float* bias, int relu, int threads,
+               int portable) {
   omp_set_num_threads(threads);
 #if defined(__AVX512F__)
   if (!portable) {
     if (batch == 1 && ldx == 1 && ldo == 1 && (16 % n) == 0) {
-      if (16 * m / n == 32 && bits == 1) return nm_gemv32_avx512<1>(xt, codes, vals, rows, J, jc, n, m, out);
-      if (16 * m / n == 32 && bits == 2) return nm_gemv32_avx512<2>(xt, codes, vals, rows, J, jc, n, m, out);
-      if (16 * m / n == 32 && bits == 4) return nm_gemv32_avx512<4>(xt, codes, vals, rows, J, jc, n, m, out);
-      return nm_gemv_avx512(xt, codes, vals, rows, J, jc, n, m, bits, out);
+      if (16 * m / n == 32 && bits == 1) return nm_gemv32_avx512<1>(xt, codes, vals, rows, J, jc, n, m, out, bias, relu);
+      if (16 * m / n == 32 && bits == 2) return nm_gemv32_avx512<2>(xt, codes, vals, rows, J, jc, n, m, out, bias, relu);
+      if (16 * m / n == 32 && bits == 4) return nm_gemv32_avx512<4>(xt, codes, vals, rows, J, jc, n, m, out, bias, relu);
+      return nm_gemv_avx512(xt, codes, vals, rows, J, jc, n, m, bits, out, bias, relu);
     }
-    return nm_mm_avx512(xt, ldx, codes, vals, rows, J, jc, n, m, bits, batch, out, ldo);
+    nm_mm_avx512(xt, ldx, codes, vals, rows, J, jc, n, m, bits, batch, out, ldo);
+  } else {
+    nm_mm_portable(xt, ldx, codes, vals, rows, J, jc, n, m, bits, batch, out, ldo);
   }
-#endif
+#else
   (void)portable;
   nm_mm_portable(xt, ldx, codes, vals, rows, J, jc, n, m, bits, batch, out, ldo);
+#endif
+  if (bias || relu) {
+#pragma omp parallel for schedule(static)
+    for (i64 o = 0; o < rows; ++o) epilogue_row(out + o * ldo, batch, bias, o, relu != 0);
+  }
 }
 
 // im2col of a batch x[N, C, H, W] (contiguous) into out[C*kh*kw, N*oh*ow]: image n fills columns
