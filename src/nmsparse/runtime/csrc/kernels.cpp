@@ -460,24 +460,32 @@ __attribute__((always_inline)) inline void nm_tile(const float* xt, i64 ldx, con
 
 constexpr int NR = 3, NNB = 4;  // n:m tile: 3 rows x 64 batch items (12 accumulators)
 
-template <bool MASK>
+template <bool MASK, int NB, int R = NR>
 inline void nm_tile_rows(const float* xt, i64 ldx, const int32_t* col, i64 cs, const float* w, i64 J, i64 count,
                          i64 nr, i64 b0, i64 batch, float* y, i64 ldo, bool first) {
-  if (nr == NR) return nm_tile<NR, NNB, MASK>(xt, ldx, col, cs, w, J, count, b0, batch, y, ldo, first);
+  if (nr == R) return nm_tile<R, NB, MASK>(xt, ldx, col, cs, w, J, count, b0, batch, y, ldo, first);
   for (i64 q = 0; q < nr; ++q)
-    nm_tile<1, NNB, MASK>(xt, ldx, col + q * cs, cs, w + q * J, J, count, b0, batch, y + q * ldo, ldo, first);
+    nm_tile<1, NB, MASK>(xt, ldx, col + q * cs, cs, w + q * J, J, count, b0, batch, y + q * ldo, ldo, first);
 }
 
 // Loop order per thread (a contiguous range of rows): batch tile, then a chunk of input columns,
 // then the rows. The chunk's input rows (cc x 16*NNB floats, 32 KB for 128 columns) stay in L1 while
 // every row of the thread uses them; the weights arrive as one sequential stream (chunk-major);
-// accumulators go back to the output between chunks.
+// accumulators go back to the output between chunks. A tile is only as many vectors wide as the
+// batch items it holds; up to 16 items (one vector) a tile takes 8 rows, so that 8 independent
+// accumulator chains hide the FMA latency (4096x4096 2:4 at batch 8: 15.6 ms with four mostly
+// masked vectors and 3 rows, 9.2 with one vector and 3 rows, see docs/benchmarks.md for 8 rows).
 void nm_mm_avx512(const float* xt, i64 ldx, const uint8_t* codes, const float* vals, i64 rows, i64 J, i64 jc,
                   int n, int m, int bits, i64 batch, float* out, i64 ldo) {
   const i64 tiles = (batch + 16 * NNB - 1) / (16 * NNB);
   const i64 chunks = (J + jc - 1) / jc, cc = jc / n * m;
   const bool vec = (16 % n) == 0 && jc % 16 == 0;
-  const i64 row_blocks = (rows + NR - 1) / NR;
+  const i64 RB = batch <= 16 ? 8 : NR;  // rows per tile
+  // col holds element offsets (row * ldx) where they fit in int32: no multiply per loaded input row
+  const bool offsets = (J / n * m + m) * ldx < (i64(1) << 31);
+  const __m512i scale = _mm512_set1_epi32(offsets ? (int)ldx : 1);
+  const i64 lx = offsets ? 1 : ldx;
+  const i64 row_blocks = (rows + RB - 1) / RB;
   const __m512i base = chunk_base(vec ? n : 1, m);
   if (J == 0) {
     for (i64 o = 0; o < rows; ++o) std::fill(out + o * ldo, out + o * ldo + batch, 0.f);
@@ -487,28 +495,36 @@ void nm_mm_avx512(const float* xt, i64 ldx, const uint8_t* codes, const float* v
   {
     const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
     const i64 rb0 = row_blocks * tid / nth, rb1 = row_blocks * (tid + 1) / nth;
-    int32_t* col = new int32_t[NR * jc];
+    int32_t* col = new int32_t[RB * jc];
     for (i64 bt = 0; bt < tiles; ++bt) {
       const i64 b0 = bt * 16 * NNB;
       const bool full = b0 + 16 * NNB <= batch;
+      const i64 vectors = std::min<i64>(NNB, (batch - b0 + 15) / 16);
       for (i64 c = 0; c < chunks; ++c) {
         const i64 count = std::min(jc, J - c * jc);
         for (i64 rb = rb0; rb < rb1; ++rb) {
-          const i64 o0 = rb * NR;
-          const i64 nr = std::min<i64>(NR, rows - o0);
-          for (i64 q = 0; q < nr; ++q) {  // absolute input columns of this chunk's kept values
+          const i64 o0 = rb * RB;
+          const i64 nr = std::min<i64>(RB, rows - o0);
+          for (i64 q = 0; q < nr; ++q) {  // input rows (or their element offsets) of this chunk's kept values
             const uint8_t* row = codes + nm_code_off(c, o0 + q, rows, jc, count, bits);
             i64 j = 0;
             if (vec)
               for (; j + 16 <= count; j += 16)
                 _mm512_storeu_si512(col + q * jc + j,
-                                    _mm512_add_epi32(_mm512_add_epi32(decode16(row, j, bits), base),
-                                                     _mm512_set1_epi32((int)(c * cc + (j / n) * m))));
-            for (; j < count; ++j) col[q * jc + j] = (int32_t)(c * cc + (j / n) * m + decode_one(row, j, bits));
+                                    _mm512_mullo_epi32(_mm512_add_epi32(_mm512_add_epi32(decode16(row, j, bits), base),
+                                                                        _mm512_set1_epi32((int)(c * cc + (j / n) * m))),
+                                                       scale));
+            for (; j < count; ++j)
+              col[q * jc + j] = (int32_t)((c * cc + (j / n) * m + decode_one(row, j, bits)) * (offsets ? ldx : 1));
           }
           const float* w = vals + nm_val_off(c, o0, rows, jc, count);
-          if (full) nm_tile_rows<false>(xt, ldx, col, jc, w, count, count, nr, b0, batch, out + o0 * ldo, ldo, c == 0);
-          else nm_tile_rows<true>(xt, ldx, col, jc, w, count, count, nr, b0, batch, out + o0 * ldo, ldo, c == 0);
+          float* y = out + o0 * ldo;
+          if (RB == 8) nm_tile_rows<true, 1, 8>(xt, lx, col, jc, w, count, count, nr, b0, batch, y, ldo, c == 0);
+          else if (full) nm_tile_rows<false, NNB>(xt, lx, col, jc, w, count, count, nr, b0, batch, y, ldo, c == 0);
+          else if (vectors == 1) nm_tile_rows<true, 1>(xt, lx, col, jc, w, count, count, nr, b0, batch, y, ldo, c == 0);
+          else if (vectors == 2) nm_tile_rows<true, 2>(xt, lx, col, jc, w, count, count, nr, b0, batch, y, ldo, c == 0);
+          else if (vectors == 3) nm_tile_rows<true, 3>(xt, lx, col, jc, w, count, count, nr, b0, batch, y, ldo, c == 0);
+          else nm_tile_rows<true, NNB>(xt, lx, col, jc, w, count, count, nr, b0, batch, y, ldo, c == 0);
         }
       }
     }
