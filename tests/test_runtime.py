@@ -1,4 +1,5 @@
 import copy
+import itertools
 
 import numpy as np
 import pytest
@@ -35,16 +36,17 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-def test_block_convs_run_without_im2col(monkeypatch):
-    """1xN convolutions go through the implicit GEMM (no im2col buffer), strided ones through phase
-    planes; with the bias, any batch, odd sizes."""
+@pytest.mark.parametrize("spec", ["1x16:0.25", "2:4"])
+def test_convs_run_without_im2col(monkeypatch, spec):
+    """Convolutions go through the implicit GEMM (no im2col buffer), strided ones through phase
+    planes; 1xN and n:m, with the bias, any batch, odd sizes."""
     from nmsparse.runtime import _native
 
     if not _native.available():
         pytest.skip(f"C++ kernels unavailable here: {_native.status()['reason']}")
 
     def no_im2col(*args, **kwargs):
-        raise AssertionError("im2col called for a stride-1 1xN convolution")
+        raise AssertionError("im2col called for a convolution the implicit GEMM handles")
 
     monkeypatch.setattr(_native, "im2col", no_im2col)
     torch.manual_seed(0)
@@ -54,8 +56,8 @@ def test_block_convs_run_without_im2col(monkeypatch):
                         (nn.Conv2d(16, 32, (3, 5), stride=(2, 3), padding=(1, 2)), (11, 13)),
                         (nn.Conv2d(16, 32, 3, stride=2, padding=2, dilation=2), (10, 7)),
                         (nn.Conv2d(16, 32, 2, stride=2), (8, 8))]:
-        dense = nn.Sequential(_sparse(layer, "1x16:0.25"))
-        sparse, _ = convert(copy.deepcopy(dense), {"0": "1x16:0.25"})
+        dense = nn.Sequential(_sparse(layer, spec))
+        sparse, _ = convert(copy.deepcopy(dense), {"0": spec})
         for batch in (1, 2):
             x = torch.randn(batch, 16, *size)
             with torch.no_grad():
@@ -66,23 +68,33 @@ def test_block_convs_run_without_im2col(monkeypatch):
 
 @pytest.mark.parametrize("variant", ["native", "portable"])
 def test_implicit_gemm_convolution_matches_conv2d_in_both_builds(variant):
-    """_native.block_conv (phase planes + offsets) against F.conv2d, with bias and ReLU in the store."""
+    """_native.implicit_conv (phase planes + offsets) against F.conv2d, 1xN and n:m, with bias and ReLU."""
     from nmsparse.runtime import _native
 
     if _native.library(variant) is None:
         pytest.skip(f"C++ kernels unavailable here: {_native.status()['reason']}")
     torch.manual_seed(3)
-    for k, stride, padding, dilation, size in [(3, (1, 1), (1, 1), (1, 1), (6, 7)), (3, (2, 2), (1, 1), (1, 1), (9, 8)),
-                                               (5, (2, 1), (2, 0), (1, 2), (10, 11))]:
-        conv = _sparse(nn.Conv2d(16, 32, k, stride, padding, dilation), "1x16:0.25")
-        packed = pack_block(gemm_matrix(conv.weight.detach(), "chw"), 16)
+    geometries = [(3, (1, 1), (1, 1), (1, 1), (6, 7)), (3, (2, 2), (1, 1), (1, 1), (9, 8)),
+                  (5, (2, 1), (2, 0), (1, 2), (10, 11))]
+    layouts = [("1x16:0.25", "chw"), ("2:4", "hwc"), ("1:8", "hwc"), ("2:4", "chw")]
+    for (k, stride, padding, dilation, size), (spec, order) in itertools.product(geometries, layouts):
+        conv = _sparse(nn.Conv2d(16, 32, k, stride, padding, dilation), spec)
+        matrix = gemm_matrix(conv.weight.detach(), order)
+        pattern = parse_pattern(spec)
+        if hasattr(pattern, "block"):
+            packed = pack_block(matrix, pattern.block)
+        else:
+            if order == "chw":  # n:m along the flattened columns: prune that matrix itself
+                matrix = matrix * compute_mask(matrix, pattern, absolute=True)
+                conv.weight.data.copy_(matrix.view_as(conv.weight))
+            packed = pack_nm(matrix, pattern.n, pattern.m)
         for batch in (1, 3):
             x = torch.randn(batch, 16, *size)
-            y = _native.block_conv(x, packed, (k, k), stride, padding, dilation, {}, variant,
-                                   bias=conv.bias.detach(), relu=True)
+            y = _native.implicit_conv(x, packed, (k, k), stride, padding, dilation, order, {}, variant,
+                                      bias=conv.bias.detach(), relu=True)
             with torch.no_grad():
                 ref = torch.relu(conv(x))
-            assert _rel(y.transpose(0, 1), ref) < 1e-5, (k, stride, batch)
+            assert _rel(y.transpose(0, 1), ref) < 1e-5, (k, stride, spec, order, batch)
 
 
 @pytest.mark.parametrize("spec", PATTERNS)
@@ -190,6 +202,32 @@ def test_bench_cli_writes_reports_and_rejects_bad_input(tmp_path, capsys):
     assert row["batch"] == 3 and row["max_rel_error"] < 1e-4 and row["speedup"] > 0
     assert row["weight_bytes_sparse"] < row["weight_bytes_dense"] / 2
     assert (tmp_path / "bench_layers.md").read_text().count("|") > 10 and (tmp_path / "bench_layers.png").stat().st_size > 0
+
+
+def test_bench_timing_alternates_blocks_and_skips_each_blocks_first_call():
+    from nmsparse.bench import _time_interleaved
+
+    log: list[str] = []
+    times = _time_interleaved([lambda i: log.append("a"), lambda i: log.append("b")], warmup=1, repeats=12, block=5)
+    assert [len(t) for t in times] == [12, 12]
+    # warm-up (a, b), then rounds of 1 untimed + up to 5 timed calls: a-block, b-block, b-block, a-block, ...
+    assert log[:2] == ["a", "b"]
+    runs = "".join(log[2:])
+    assert runs == "a" * 6 + "b" * 6 + "b" * 6 + "a" * 6 + "a" * 3 + "b" * 3
+
+
+def test_bench_folds_batch_norm_for_the_dense_baseline():
+    from nmsparse.bench import _dense_folded
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    net[1].running_mean.uniform_(-1, 1)
+    net[1].running_var.uniform_(0.5, 2)
+    folded = _dense_folded(net)
+    assert folded is not None and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        assert _rel(folded(x), net(x)) < 1e-5
+    assert _dense_folded(nn.Sequential(nn.Linear(4, 4))) is None  # nothing to fold: no baseline
 
 
 # ---------------------------------------------------------------- C++ kernels and the numba fallback

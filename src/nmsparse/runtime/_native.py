@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["available", "status", "block_mm", "block_conv", "nm_mm", "im2col", "library"]
+__all__ = ["available", "status", "block_mm", "implicit_conv", "nm_mm", "im2col", "library"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
@@ -101,7 +101,7 @@ def _load(variant: str) -> tuple[ctypes.CDLL | None, str]:
     lib.nms_block_mm.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR,
                                  ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.nms_nm_mm.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                              _I64, _PTR, _I64, _PTR, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+                              _I64, _PTR, _I64, _PTR, ctypes.c_int, _PTR, ctypes.c_int, ctypes.c_int]
     lib.nms_im2col.argtypes = [_PTR, _I64, _I64, _I64, _I64, *([ctypes.c_int] * 9), _PTR, ctypes.c_int]
     lib.nms_phase_planes.argtypes = [_PTR, _I64, _I64, _I64, _I64, *([ctypes.c_int] * 4), _I64, _I64, _PTR,
                                      ctypes.c_int]
@@ -175,33 +175,39 @@ def block_mm(xt: torch.Tensor, packed, variant: str = "native", bias: torch.Tens
 
 
 def conv_offsets(cols: np.ndarray, channels: int, kernel: tuple[int, int], stride: tuple[int, int],
-                 dilation: tuple[int, int], plane: int, width: int) -> np.ndarray | None:
-    """Element offsets of the weight columns ``cols`` (``"chw"`` order: ``c * kh * kw + dy * kw + dx``) in
-    the phase planes of :func:`block_conv` (``[sh, sw, C, plane]``, rows ``width`` wide); None where
-    they overflow int32."""
+                 dilation: tuple[int, int], plane: int, width: int, order: str) -> np.ndarray | None:
+    """Element offsets of the weight columns ``cols`` in the phase planes of :func:`implicit_conv`
+    (``[sh, sw, C, plane]``, rows ``width`` wide); column order ``"chw"`` (``c * kh * kw + dy * kw + dx``)
+    or ``"hwc"`` (``(dy * kw + dx) * C + c``). None where they overflow int32."""
     kh, kw = kernel
-    c, rest = np.divmod(cols.astype(np.int64), kh * kw)
-    dy, dx = np.divmod(rest, kw)
+    cols = cols.astype(np.int64)
+    if order == "hwc":
+        tap, c = np.divmod(cols, channels)
+    else:
+        c, tap = np.divmod(cols, kh * kw)
+    dy, dx = np.divmod(tap, kw)
     ry, rx = dy * dilation[0], dx * dilation[1]  # input row / column offsets from the window's corner
     phase = (ry % stride[0]) * stride[1] + rx % stride[1]
     offs = (phase * channels + c) * plane + (ry // stride[0]) * width + rx // stride[1]
     return offs.astype(np.int32) if offs.size == 0 or offs.max() < 2**31 else None
 
 
-def block_conv(x: torch.Tensor, packed, kernel: tuple[int, int], stride: tuple[int, int],
-               padding: tuple[int, int], dilation: tuple[int, int], cache: dict, variant: str = "native",
-               bias: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor | None:
-    """Convolution of ``x[N, C, H, W]`` by a 1xN-packed ``[out, C*kh*kw]`` weight without im2col:
-    ``[out, N, oh, ow]`` (a strided view), or None where the offsets would overflow int32.
+def implicit_conv(x: torch.Tensor, packed, kernel: tuple[int, int], stride: tuple[int, int],
+                  padding: tuple[int, int], dilation: tuple[int, int], order: str, cache: dict,
+                  variant: str = "native", bias: torch.Tensor | None = None,
+                  relu: bool = False) -> torch.Tensor | None:
+    """Convolution of ``x[N, C, H, W]`` by a packed ``[out, C*kh*kw]`` weight (columns in ``order``)
+    without im2col: ``[out, N, oh, ow]`` (a strided view), or None where the offsets would overflow int32.
 
     Implicit GEMM. The input is zero-padded once and cut into ``sh*sw`` phase planes (plane
     ``(py, px)`` holds padded rows ``py, py+sh, ...`` and columns ``px, px+sw, ...``; one plane for
     stride 1), laid out ``[sh, sw, C, N, Hq, Wq]``. Output pixel ``(n, oy, ox)`` is computed at flat
     position ``p = (n*Hq + oy)*Wq + ox``, and the input of weight column ``(c, dy, dx)`` for it sits
-    at ``p + offset(c, dy, dx)`` in phase ``(dy*dh % sh, dx*dw % sw)``: every kept column is a
-    contiguous run of one phase plane at a fixed offset, so the batched kernel runs on it with
-    ``ldx = 1`` and the offsets as its column indices. Positions past a row's last output
-    (``ox >= ow``) are computed and dropped. The phase planes are the size of the input, 1/(kh*kw)
+    at ``p + offset(c, dy, dx)`` in phase ``(dy*dh % sh, dx*dw % sw)``: every weight column is a
+    contiguous run of one phase plane at a fixed offset, so the batched kernels run on the planes
+    with ``ldx = 1`` and the offsets in place of column indices (1xN: per kept entry; n:m: a map
+    from each column, applied as the chunk's columns are decoded). Positions past a row's last
+    output (``ox >= ow``) are computed and dropped. The planes are the size of the input, 1/(kh*kw)
     of an im2col buffer, and the shifted runs of a channel share cache lines. ``bias`` and ``relu``
     as in :func:`block_mm`.
     """
@@ -212,23 +218,29 @@ def block_conv(x: torch.Tensor, packed, kernel: tuple[int, int], stride: tuple[i
     oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
     hq, wq = -(-hp // sh), -(-wp // sw)  # phase plane rows and columns (bottom/right zero-extended)
     plane = n * hq * wq
+    block = hasattr(packed, "cols")
     key = (plane, wq, c)
     if key not in cache:
         cache.clear()  # one input geometry at a time: a model sees the same one call after call
-        cache[key] = conv_offsets(packed.cols, c, kernel, stride, dilation, plane, wq)
+        cols = packed.cols if block else np.arange(packed.shape[1])
+        cache[key] = conv_offsets(cols, c, kernel, stride, dilation, plane, wq, order)
     offs = cache[key]
     if offs is None:
         return None
     xin = x.to(torch.float32).contiguous()
     planes = torch.empty(sh * sw * c * plane)
     lib.nms_phase_planes(_ptr(xin), n, c, h, w, sh, sw, ph, pw, hq, wq, _ptr(planes), torch.get_num_threads())
-    _, *layout = _layout_args(packed)  # the columns' offsets replace the column indices
     # the last position computed is the last real output: every read stays inside the planes
     positions = ((n - 1) * hq + oh - 1) * wq + ow
-    out = torch.empty(layout[3] * layout[5], plane)
-    lib.nms_block_mm(planes.data_ptr(), 1, _ptr(offs), *layout, positions, out.data_ptr(), plane, _bias_ptr(bias),
-                     int(relu), torch.get_num_threads(), int(variant == "portable"))
-    return out.view(layout[3] * layout[5], n, hq, wq)[:, :, :oh, :ow]
+    out = torch.empty(packed.shape[0], plane)
+    if block:
+        _, *layout = _layout_args(packed)  # the kept entries' offsets replace their column indices
+        lib.nms_block_mm(planes.data_ptr(), 1, _ptr(offs), *layout, positions, out.data_ptr(), plane,
+                         _bias_ptr(bias), int(relu), torch.get_num_threads(), int(variant == "portable"))
+    else:
+        lib.nms_nm_mm(planes.data_ptr(), 1, *_layout_args(packed), positions, out.data_ptr(), plane, _bias_ptr(bias),
+                      int(relu), _ptr(offs), torch.get_num_threads(), int(variant == "portable"))
+    return out.view(packed.shape[0], n, hq, wq)[:, :, :oh, :ow]
 
 
 def nm_mm(xt: torch.Tensor, packed, variant: str = "native", bias: torch.Tensor | None = None,
@@ -240,7 +252,7 @@ def nm_mm(xt: torch.Tensor, packed, variant: str = "native", bias: torch.Tensor 
     xt = _rows(xt)
     batch = xt.shape[1]
     out = torch.empty(args[2], batch)
-    lib.nms_nm_mm(xt.data_ptr(), xt.stride(0), *args, batch, out.data_ptr(), batch, _bias_ptr(bias), int(relu),
+    lib.nms_nm_mm(xt.data_ptr(), xt.stride(0), *args, batch, out.data_ptr(), batch, _bias_ptr(bias), int(relu), None,
                   torch.get_num_threads(), int(variant == "portable"))
     return out
 

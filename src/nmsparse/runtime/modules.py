@@ -1,9 +1,9 @@
 """Inference modules that run packed sparse weights with the CPU kernels (float32, no autograd).
 
 :class:`SparseLinear` multiplies ``[..., in]`` inputs directly. :class:`SparseConv2d` runs a 1x1
-convolution (stride 1, no padding) as a per-pixel GEMM without im2col, other 1xN-block kernels as
-an implicit GEMM on the padded input, and n:m kernels through im2col in the column order the
-packed weight uses. Both accept any input layout
+convolution (stride 1, no padding) as a per-pixel GEMM without im2col, and other kernels as an
+implicit GEMM on the padded input (the numba fallback through im2col in the column order the
+packed weight uses). Both accept any input layout
 (non-contiguous, channels-last) and any batch size, and give the dense-with-zeros layer's output
 within float32 summation-order differences.
 """
@@ -136,9 +136,9 @@ class SparseLinear(_PackedModule):
 class SparseConv2d(_PackedModule):
     """A Conv2d (groups = 1, zero padding) with a packed sparse weight.
 
-    1xN-block convolutions run as an implicit GEMM on the padded input (cut into phase planes
-    for strides > 1; :func:`nmsparse.runtime._native.block_conv`, no im2col buffer); n:m ones
-    through im2col (their column order interleaves channels).
+    Convolutions other than stride-1 1x1 ones run as an implicit GEMM on the padded input (cut
+    into phase planes for strides > 1; :func:`nmsparse.runtime._native.implicit_conv`, no im2col
+    buffer); im2col remains the path of the numba fallback.
 
     Args:
         packed: the packed ``[out, in * kh * kw]`` matrix, columns in ``order``.
@@ -152,7 +152,7 @@ class SparseConv2d(_PackedModule):
         self.kernel_size, self.stride = conv.kernel_size, conv.stride
         self.padding, self.dilation = conv.padding, conv.dilation
         self.order = order
-        self._offsets: dict = {}  # input offsets of the implicit-GEMM path, per input geometry
+        self._offsets: dict = {}  # input offsets of the implicit GEMM, per input geometry
         self._register_packed(packed, bias, input_perm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # no autograd: the kernels read raw buffers
@@ -168,19 +168,16 @@ class SparseConv2d(_PackedModule):
         else:
             if isinstance(self.padding, str):
                 raise RuntimeError("string padding is not supported by SparseConv2d")
-            if self.kind == "block":
-                from . import _native
-
-                if _native.available():
-                    y = _native.block_conv(x, self.packed, (kh, kw), self.stride, self.padding, self.dilation,
-                                           self._offsets, bias=self._bias, relu=self._relu)
-                    if y is not None:  # [out, N, oh, ow] view: one copy makes it NCHW
-                        return y.transpose(0, 1).contiguous().to(x.dtype)
-            oh = (height + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-            ow = (width + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
             from . import _native
 
-            if _native.available():  # straight into [in*k*k, N*L] in the weight's column order
+            if _native.available():
+                y = _native.implicit_conv(x, self.packed, (kh, kw), self.stride, self.padding, self.dilation, self.order,
+                                          self._offsets, bias=self._bias, relu=self._relu)
+                if y is not None:  # [out, N, oh, ow] view: one copy makes it NCHW
+                    return y.transpose(0, 1).contiguous().to(x.dtype)
+            oh = (height + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+            ow = (width + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+            if _native.available():  # offsets past int32: im2col straight into [in*k*k, N*L], weight's order
                 xt = _native.im2col(x, (kh, kw), self.stride, self.padding, self.dilation, self.order)
             else:
                 cols = nn.functional.unfold(x.float(), (kh, kw), self.dilation, self.padding, self.stride)  # [N, in*k*k, L]

@@ -68,7 +68,7 @@ void block_mm_portable(const float* xt, i64 ldx, const int32_t* cols, const floa
 }
 
 void nm_mm_portable(const float* xt, i64 ldx, const uint8_t* codes, const float* vals, i64 rows, i64 J,
-                    i64 jc, int n, int m, int bits, i64 batch, float* out, i64 ldo) {
+                    i64 jc, int n, int m, int bits, i64 batch, float* out, i64 ldo, const int32_t* colmap) {
   const i64 chunks = (J + jc - 1) / jc, cc = jc / n * m;
 #pragma omp parallel for schedule(static)
   for (i64 o = 0; o < rows; ++o) {
@@ -79,7 +79,8 @@ void nm_mm_portable(const float* xt, i64 ldx, const uint8_t* codes, const float*
       const uint8_t* row = codes + nm_code_off(c, o, rows, jc, count, bits);
       const float* w = vals + nm_val_off(c, o, rows, jc, count);
       for (i64 j = 0; j < count; ++j) {
-        const float* x = xt + (c * cc + (j / n) * m + decode_one(row, j, bits)) * ldx;
+        const i64 col = c * cc + (j / n) * m + decode_one(row, j, bits);
+        const float* x = xt + (colmap ? (i64)colmap[col] : col) * ldx;
         const float wj = w[j];
 #pragma omp simd
         for (i64 b = 0; b < batch; ++b) y[b] += wj * x[b];
@@ -476,13 +477,14 @@ inline void nm_tile_rows(const float* xt, i64 ldx, const int32_t* col, i64 cs, c
 // accumulator chains hide the FMA latency (4096x4096 2:4 at batch 8: 15.6 ms with four mostly
 // masked vectors and 3 rows, 9.2 with one vector and 3 rows, see docs/benchmarks.md for 8 rows).
 void nm_mm_avx512(const float* xt, i64 ldx, const uint8_t* codes, const float* vals, i64 rows, i64 J, i64 jc,
-                  int n, int m, int bits, i64 batch, float* out, i64 ldo) {
+                  int n, int m, int bits, i64 batch, float* out, i64 ldo, const int32_t* colmap) {
   const i64 tiles = (batch + 16 * NNB - 1) / (16 * NNB);
   const i64 chunks = (J + jc - 1) / jc, cc = jc / n * m;
   const bool vec = (16 % n) == 0 && jc % 16 == 0;
   const i64 RB = batch <= 16 ? 8 : NR;  // rows per tile
-  // col holds element offsets (row * ldx) where they fit in int32: no multiply per loaded input row
-  const bool offsets = (J / n * m + m) * ldx < (i64(1) << 31);
+  // col holds element offsets (row * ldx) where they fit in int32: no multiply per loaded input row.
+  // colmap (may be null) maps a weight column to its input row: the implicit-GEMM convolution's offsets.
+  const bool offsets = !colmap && (J / n * m + m) * ldx < (i64(1) << 31);
   const __m512i scale = _mm512_set1_epi32(offsets ? (int)ldx : 1);
   const i64 lx = offsets ? 1 : ldx;
   const i64 row_blocks = (rows + RB - 1) / RB;
@@ -509,13 +511,16 @@ void nm_mm_avx512(const float* xt, i64 ldx, const uint8_t* codes, const float* v
             const uint8_t* row = codes + nm_code_off(c, o0 + q, rows, jc, count, bits);
             i64 j = 0;
             if (vec)
-              for (; j + 16 <= count; j += 16)
-                _mm512_storeu_si512(col + q * jc + j,
-                                    _mm512_mullo_epi32(_mm512_add_epi32(_mm512_add_epi32(decode16(row, j, bits), base),
-                                                                        _mm512_set1_epi32((int)(c * cc + (j / n) * m))),
-                                                       scale));
-            for (; j < count; ++j)
-              col[q * jc + j] = (int32_t)((c * cc + (j / n) * m + decode_one(row, j, bits)) * (offsets ? ldx : 1));
+              for (; j + 16 <= count; j += 16) {
+                __m512i v = _mm512_add_epi32(_mm512_add_epi32(decode16(row, j, bits), base),
+                                             _mm512_set1_epi32((int)(c * cc + (j / n) * m)));
+                if (colmap) v = _mm512_i32gather_epi32(v, colmap, 4);
+                _mm512_storeu_si512(col + q * jc + j, _mm512_mullo_epi32(v, scale));
+              }
+            for (; j < count; ++j) {
+              const i64 cj = c * cc + (j / n) * m + decode_one(row, j, bits);
+              col[q * jc + j] = (int32_t)((colmap ? (i64)colmap[cj] : cj) * (offsets ? ldx : 1));
+            }
           }
           const float* w = vals + nm_val_off(c, o0, rows, jc, count);
           float* y = out + o0 * ldo;
@@ -643,25 +648,27 @@ void nms_block_mm(const float* xt, i64 ldx, const int32_t* cols, const int32_t* 
 // out[rows, batch] = W @ xt (+ bias[o], then max(., 0) with relu; bias may be null) for an n:m-packed W
 // (chunk-major layout, see the top of the file). The batch-1 kernels apply the epilogue as they
 // reduce each row; the batched ones in a pass over the just-written (cache-resident) output.
+// colmap (may be null): input row of each weight column, in place of the column itself (the
+// implicit-GEMM convolution passes element offsets into its phase planes, with ldx = 1).
 void nms_nm_mm(const float* xt, i64 ldx, const uint8_t* codes, const float* vals, i64 rows, i64 J, i64 jc,
-               int n, int m, int bits, i64 batch, float* out, i64 ldo, const float* bias, int relu, int threads,
-               int portable) {
+               int n, int m, int bits, i64 batch, float* out, i64 ldo, const float* bias, int relu,
+               const int32_t* colmap, int threads, int portable) {
   omp_set_num_threads(threads);
 #if defined(__AVX512F__)
   if (!portable) {
-    if (batch == 1 && ldx == 1 && ldo == 1 && (16 % n) == 0) {
+    if (batch == 1 && ldx == 1 && ldo == 1 && (16 % n) == 0 && !colmap) {
       if (16 * m / n == 32 && bits == 1) return nm_gemv32_avx512<1>(xt, codes, vals, rows, J, jc, n, m, out, bias, relu);
       if (16 * m / n == 32 && bits == 2) return nm_gemv32_avx512<2>(xt, codes, vals, rows, J, jc, n, m, out, bias, relu);
       if (16 * m / n == 32 && bits == 4) return nm_gemv32_avx512<4>(xt, codes, vals, rows, J, jc, n, m, out, bias, relu);
       return nm_gemv_avx512(xt, codes, vals, rows, J, jc, n, m, bits, out, bias, relu);
     }
-    nm_mm_avx512(xt, ldx, codes, vals, rows, J, jc, n, m, bits, batch, out, ldo);
+    nm_mm_avx512(xt, ldx, codes, vals, rows, J, jc, n, m, bits, batch, out, ldo, colmap);
   } else {
-    nm_mm_portable(xt, ldx, codes, vals, rows, J, jc, n, m, bits, batch, out, ldo);
+    nm_mm_portable(xt, ldx, codes, vals, rows, J, jc, n, m, bits, batch, out, ldo, colmap);
   }
 #else
   (void)portable;
-  nm_mm_portable(xt, ldx, codes, vals, rows, J, jc, n, m, bits, batch, out, ldo);
+  nm_mm_portable(xt, ldx, codes, vals, rows, J, jc, n, m, bits, batch, out, ldo, colmap);
 #endif
   if (bias || relu) {
 #pragma omp parallel for schedule(static)
