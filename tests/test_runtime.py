@@ -271,6 +271,22 @@ def test_cpp_kernels_match_dense_for_every_layout(variant, kind):
             assert _rel(y, w @ x) < 1e-5, (out, columns, batch)
 
 
+@pytest.mark.parametrize("variant", ["native", "portable"])
+def test_linear_inputs_are_transposed_exactly_into_padded_rows(variant):
+    """A linear layer's [tokens, in] input becomes [in, tokens] with rows padded to 16 floats (C++ tiles
+    for a row-major input, PyTorch's copy for other strides)."""
+    from nmsparse.runtime import _native
+
+    lib = _native.library(variant)
+    if lib is None:
+        pytest.skip(f"C++ kernels unavailable here: {_native.status()['reason']}")
+    for tokens, features in [(197, 384), (16, 32), (5, 33), (33, 17), (2, 1)]:
+        x = torch.randn(tokens, features)
+        for source in (x, torch.randn(tokens, 2 * features)[:, ::2]):
+            xt = _native._rows(source.t(), lib)
+            assert torch.equal(xt, source.t()) and xt.stride(1) == 1 and xt.stride(0) % 16 == 0
+
+
 def test_numba_fallback_gives_the_same_outputs(monkeypatch):
     """NMSPARSE_RUNTIME_BACKEND=numba (or no compiler) runs the numba kernels, with the same results."""
     from nmsparse.runtime import _native
