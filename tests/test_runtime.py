@@ -194,6 +194,9 @@ def test_bench_cli_writes_reports_and_rejects_bad_input(tmp_path, capsys):
     assert main(["bench", "--batch", "x"]) == 2
     assert "--batch must be comma-separated integers" in capsys.readouterr().err
     assert main(["bench", "--pattern", "5:4"]) == 2
+    (tmp_path / "afile").write_text("x")
+    assert main(["bench", "--out", str(tmp_path / "afile")]) == 2
+    assert "is a file; give a directory" in capsys.readouterr().err
     code = main(["bench", "--case", "minilm ffn 1536->384", "--pattern", "1x16:0.25", "--batch", "3",
                  "--repeats", "3", "--out", str(tmp_path)])
     assert code == 0

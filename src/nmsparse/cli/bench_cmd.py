@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -50,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
         parse_pattern(p)  # PatternError is a one-line user error
     if args.repeats < 2:
         raise CliError("--repeats must be >= 2 (the report gives a median and a spread)")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():  # checked before minutes of timing, not after
+        raise CliError(f"--out {out} is a file; give a directory for bench_{args.suite}.json/.md/.png")
     threads = torch.get_num_threads()
     if args.suite == "layers":
         cases = [c for c in layer_cases() if not args.case or any(k in c.name for k in args.case)]
