@@ -258,8 +258,8 @@ def write_report(rows: list[dict[str, Any]], out_dir: str | Path, suite: str, me
     lines = [f"threads {meta['threads']}, float32; {meta['note']}", "",
              f"| {key} | pattern | batch | dense ms (p10-p90) | sparse ms (p10-p90) | speedup |"
              + (" dense, BN folded ms | speedup vs BN-folded dense |" if folded else "")
-             + " weight MB dense -> sparse |",
-             "|---|---|---|---|---|---|" + ("---|---|" if folded else "") + "---|"]
+             + " weight MB dense -> sparse |" + (" process peak RSS MB |" if folded else ""),
+             "|---|---|---|---|---|---|" + ("---|---|" if folded else "") + "---|" + ("---|" if folded else "")]
 
     def span(t: dict[str, float]) -> str:
         return f"{t['median_ms']:.3f} ({t['p10_ms']:.3f}-{t['p90_ms']:.3f})"
@@ -269,9 +269,10 @@ def write_report(rows: list[dict[str, Any]], out_dir: str | Path, suite: str, me
         if folded:
             f = r.get("dense_bn_folded")
             extra = f" {span(f)} | {r['speedup_vs_bn_folded']:.2f}x |" if f else " - | - |"
+        rss = f" {r['peak_rss_mb']:.0f} |" if folded else ""
         lines.append(f"| {r[key]} | {r['pattern']} | {r['batch']} | {span(r['dense'])} | {span(r['sparse'])} "
                      f"| {r['speedup']:.2f}x |{extra} {r['weight_bytes_dense'] / 1e6:.1f} -> "
-                     f"{r['weight_bytes_sparse'] / 1e6:.1f} |")
+                     f"{r['weight_bytes_sparse'] / 1e6:.1f} |{rss}")
     with atomic_file(paths["md"]) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     _plot(rows, key, paths["png"])
