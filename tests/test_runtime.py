@@ -274,6 +274,27 @@ def test_cpp_kernels_match_dense_for_every_layout(variant, kind):
             assert _rel(y, w @ x) < 1e-5, (out, columns, batch)
 
 
+@pytest.mark.parametrize("spec", ["1x16:0.25", "2:4"])
+def test_loading_another_state_dict_refreshes_what_the_kernels_derive(spec):
+    """A converted model loading another converted model's state dict (same shapes, another mask)
+    computes with the new mask: chunk starts, offsets and caches are rebuilt."""
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(32, 64, 3, padding=1), nn.Linear(256, 64)]
+    a = [convert(nn.Sequential(_sparse(copy.deepcopy(m), spec)), {"0": spec})[0] for m in layers]
+    b_dense = []
+    for m in layers:  # the same shapes, new weights and so another mask
+        other = copy.deepcopy(m)
+        with torch.no_grad():
+            other.weight.copy_(torch.randn_like(other.weight))
+        b_dense.append(nn.Sequential(_sparse(other, spec)))
+    b = [convert(copy.deepcopy(d), {"0": spec})[0] for d in b_dense]
+    for sparse_a, sparse_b, dense, x in zip(a, b, b_dense, [torch.randn(2, 32, 9, 9), torch.randn(40, 256)]):
+        with torch.no_grad():
+            sparse_a(x)  # fill the caches with the old mask first
+            sparse_a.load_state_dict(sparse_b.state_dict())
+            assert _rel(sparse_a(x), dense(x)) < 1e-4
+
+
 @pytest.mark.parametrize("variant", ["native", "portable"])
 def test_linear_inputs_are_transposed_exactly_into_padded_rows(variant):
     """A linear layer's [tokens, in] input becomes [in, tokens] with rows padded to 16 floats (C++ tiles

@@ -93,6 +93,19 @@ class _PackedModule(nn.Module):
         self.register_buffer("vals", torch.from_numpy(packed.vals), persistent=True)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         self.activation: str | None = None  # "relu": applied as the output is stored (see runtime.fuse)
+        self.register_load_state_dict_post_hook(_PackedModule._refresh_derived)
+
+    @staticmethod
+    def _refresh_derived(module: _PackedModule, incompatible_keys) -> None:
+        """``load_state_dict`` copies new values into the packed arrays in place (the buffers share
+        their memory): rebuild what is derived from them (chunk starts, caches), which would
+        otherwise describe the old mask."""
+        packed = module.packed
+        if isinstance(packed, BlockPacked):
+            packed.kstart = packed._chunk_starts()
+        for key in ("row_major_cached", "_native_args", "cols_index"):
+            packed.__dict__.pop(key, None)
+        getattr(module, "_offsets", {}).clear()
 
     @property
     def _relu(self) -> bool:
