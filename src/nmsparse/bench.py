@@ -2,8 +2,8 @@
 
 Every case is timed with warm-up calls, then ``repeats`` timed calls of dense and sparse, in
 alternating blocks of five consecutive calls (the first call of a block untimed) so that drift in
-the machine's speed falls on both alike; the report gives the median and the 10th/90th percentiles. Layer cases with small batches (1 and 8 rows or images) rotate
-through enough copies of the weight to exceed the last-level cache, as a real model's layers do,
+the machine's speed falls on both alike; the report gives the median and the 10th/90th
+percentiles. Layer cases with small batches (1 and 8 rows or images) rotate through enough copies of the weight to exceed the last-level cache, as a real model's layers do,
 so they measure memory, not the cache (the report says how many copies). Writes JSON, a Markdown
 table and a PNG plot of the speedups.
 """

@@ -143,7 +143,7 @@ def _rows(xt: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor:
         padded = torch.empty(rows, -(-batch // 16) * 16)
         if xt.stride(0) == 1 and xt.stride(1) >= rows:  # a transposed row-major [batch, rows]: C++ tiles
             lib.nms_transpose(xt.data_ptr(), batch, rows, xt.stride(1), padded.data_ptr(), padded.stride(0),
-                                    torch.get_num_threads())
+                              torch.get_num_threads())
             return padded[:, :batch]
         padded = padded[:, :batch]
         padded.copy_(xt)

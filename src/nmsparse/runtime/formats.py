@@ -44,6 +44,10 @@ def gemm_matrix(weight: torch.Tensor, order: str) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
+# cached attributes derived from a layout's arrays: cached properties, and the C++ callers'
+# per-layout argument tuple (runtime._native._layout_args)
+_DERIVED = ("cols_index", "row_major_cached", "_native_args")
+
 BLOCK_CHUNK_COLS = 128  # columns per chunk of the batched 1xN kernel: 128 input rows x 64 batch = 32 KB of L1
 
 
@@ -86,6 +90,13 @@ class BlockPacked:
             out[r, chunks] = kept
         out[:, 0] = 0
         return out
+
+    def refresh(self) -> None:
+        """Rebuild what is derived from the arrays after they changed in place (a new mask loaded
+        into them, values rescaled): the chunk starts, and the caches of the kernels' callers."""
+        self.kstart = self._chunk_starts()
+        for key in _DERIVED:
+            self.__dict__.pop(key, None)
 
     def dense(self) -> torch.Tensor:
         out, columns = self.shape
@@ -168,6 +179,11 @@ class NMPacked:
             offs.append(unpack_bits(self.codes[at_c: at_c + out * cbytes].reshape(out, cbytes), self.bits, width))
             at_v, at_c = at_v + out * width, at_c + out * cbytes
         return np.ascontiguousarray(np.concatenate(offs, axis=1)), np.ascontiguousarray(np.concatenate(vals, axis=1))
+
+    def refresh(self) -> None:
+        """Drop what is derived from the arrays after they changed in place (see BlockPacked.refresh)."""
+        for key in _DERIVED:
+            self.__dict__.pop(key, None)
 
     @functools.cached_property
     def row_major_cached(self) -> tuple[np.ndarray, np.ndarray]:

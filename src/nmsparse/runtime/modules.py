@@ -100,11 +100,7 @@ class _PackedModule(nn.Module):
         """``load_state_dict`` copies new values into the packed arrays in place (the buffers share
         their memory): rebuild what is derived from them (chunk starts, caches), which would
         otherwise describe the old mask."""
-        packed = module.packed
-        if isinstance(packed, BlockPacked):
-            packed.kstart = packed._chunk_starts()
-        for key in ("row_major_cached", "_native_args", "cols_index"):
-            packed.__dict__.pop(key, None)
+        module.packed.refresh()
         getattr(module, "_offsets", {}).clear()
 
     @property

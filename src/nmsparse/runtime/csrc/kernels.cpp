@@ -524,12 +524,15 @@ void nm_mm_avx512(const float* xt, i64 ldx, const uint8_t* codes, const float* v
           }
           const float* w = vals + nm_val_off(c, o0, rows, jc, count);
           float* y = out + o0 * ldo;
-          if (RB == 8) nm_tile_rows<true, 1, 8>(xt, lx, col, jc, w, count, count, nr, b0, batch, y, ldo, c == 0);
-          else if (full) nm_tile_rows<false, NNB>(xt, lx, col, jc, w, count, count, nr, b0, batch, y, ldo, c == 0);
-          else if (vectors == 1) nm_tile_rows<true, 1>(xt, lx, col, jc, w, count, count, nr, b0, batch, y, ldo, c == 0);
-          else if (vectors == 2) nm_tile_rows<true, 2>(xt, lx, col, jc, w, count, count, nr, b0, batch, y, ldo, c == 0);
-          else if (vectors == 3) nm_tile_rows<true, 3>(xt, lx, col, jc, w, count, count, nr, b0, batch, y, ldo, c == 0);
-          else nm_tile_rows<true, NNB>(xt, lx, col, jc, w, count, count, nr, b0, batch, y, ldo, c == 0);
+          const int kind = RB == 8 ? 0 : full ? NNB + 1 : (int)vectors;  // which tile shape runs
+          switch (kind) {
+            case 0: nm_tile_rows<true, 1, 8>(xt, lx, col, jc, w, count, count, nr, b0, batch, y, ldo, c == 0); break;
+            case 1: nm_tile_rows<true, 1>(xt, lx, col, jc, w, count, count, nr, b0, batch, y, ldo, c == 0); break;
+            case 2: nm_tile_rows<true, 2>(xt, lx, col, jc, w, count, count, nr, b0, batch, y, ldo, c == 0); break;
+            case 3: nm_tile_rows<true, 3>(xt, lx, col, jc, w, count, count, nr, b0, batch, y, ldo, c == 0); break;
+            case NNB: nm_tile_rows<true, NNB>(xt, lx, col, jc, w, count, count, nr, b0, batch, y, ldo, c == 0); break;
+            default: nm_tile_rows<false, NNB>(xt, lx, col, jc, w, count, count, nr, b0, batch, y, ldo, c == 0);
+          }
         }
       }
     }
@@ -542,6 +545,23 @@ void nm_mm_avx512(const float* xt, i64 ldx, const uint8_t* codes, const float* v
 // out[row * ldo + oy*ow + ox] for one image x[C, H, W] (contiguous planes); row = c*kh*kw + dy*kw + dx
 // ("chw", PyTorch's weight order) or (dy*kw + dx)*C + c ("hwc"). Zero padding. Memory-bound: rows
 // are written once, with straight copies where the stride is 1.
+// d[j] = src[j*step + off] where that column lies inside [0, W), else 0, for j < count: one output
+// row of im2col or of a phase plane (a straight copy where the step is 1). src null: a padding row.
+inline void padded_row(const float* src, i64 W, i64 off, int step, i64 count, float* d) {
+  if (!src) {
+    std::fill(d, d + count, 0.f);
+    return;
+  }
+  i64 lo = off >= 0 ? 0 : (-off + step - 1) / step;
+  i64 hi = W - 1 - off < 0 ? 0 : std::min<i64>(count, (W - 1 - off) / step + 1);
+  if (lo > hi) lo = hi;
+  std::fill(d, d + lo, 0.f);
+  if (step == 1) std::memcpy(d + lo, src + lo + off, (hi - lo) * sizeof(float));
+  else
+    for (i64 j = lo; j < hi; ++j) d[j] = src[j * step + off];
+  std::fill(d + hi, d + count, 0.f);
+}
+
 void im2col_image(const float* x, i64 C, i64 H, i64 W, int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw,
                   bool hwc, float* out, i64 ldo) {
   const i64 oh = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1, ow = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
@@ -552,24 +572,9 @@ void im2col_image(const float* x, i64 C, i64 H, i64 W, int kh, int kw, int sh, i
       const i64 row = hwc ? (i64)k * C + c : c * kh * kw + k;
       float* dst = out + row * ldo;
       const float* plane = x + c * H * W;
-      for (i64 oy = 0; oy < oh; ++oy) {
+      for (i64 oy = 0; oy < oh; ++oy) {  // input column of output ox: ox*sw + dx*dw - pw
         const i64 iy = oy * sh - ph + (i64)dy * dh;
-        float* d = dst + oy * ow;
-        if (iy < 0 || iy >= H) {
-          std::fill(d, d + ow, 0.f);
-          continue;
-        }
-        const float* src = plane + iy * W;
-        // output columns whose input column ix = ox*sw - pw + dx*dw lies inside [0, W)
-        const i64 off = (i64)dx * dw - pw;
-        i64 lo = off >= 0 ? 0 : (-off + sw - 1) / sw;
-        i64 hi = W - 1 - off < 0 ? 0 : std::min<i64>(ow, (W - 1 - off) / sw + 1);
-        if (lo > hi) lo = hi;
-        std::fill(d, d + lo, 0.f);
-        if (sw == 1) std::memcpy(d + lo, src + lo + off, (hi - lo) * sizeof(float));
-        else
-          for (i64 ox = lo; ox < hi; ++ox) d[ox] = src[ox * sw + off];
-        std::fill(d + hi, d + ow, 0.f);
+        padded_row(iy < 0 || iy >= H ? nullptr : plane + iy * W, W, (i64)dx * dw - pw, sw, ow, dst + oy * ow);
       }
     }
   }
@@ -636,23 +641,9 @@ void phase_planes(const float* x, i64 N, i64 C, i64 H, i64 W, int sh, int sw, in
       for (i64 n = 0; n < N; ++n) {
         const float* src = x + (n * C + c) * H * W;
         float* dst = out + ((phase * C + c) * N + n) * hq * wq;
-        // columns j whose input column ix = j*sw + px - pw lies inside [0, W)
-        i64 lo = px - pw >= 0 ? 0 : (pw - px + sw - 1) / sw;
-        i64 hi = W - 1 - px + pw < 0 ? 0 : std::min<i64>(wq, (W - 1 - px + pw) / sw + 1);
-        if (lo > hi) lo = hi;
-        for (i64 i = 0; i < hq; ++i) {
-          float* d = dst + i * wq;
+        for (i64 i = 0; i < hq; ++i) {  // input column of plane column j: j*sw + px - pw
           const i64 iy = i * sh + py - ph;
-          if (iy < 0 || iy >= H) {
-            std::fill(d, d + wq, 0.f);
-            continue;
-          }
-          const float* row = src + iy * W + px - pw;
-          std::fill(d, d + lo, 0.f);
-          if (sw == 1) std::memcpy(d + lo, row + lo, (hi - lo) * sizeof(float));
-          else
-            for (i64 j = lo; j < hi; ++j) d[j] = row[j * sw];
-          std::fill(d + hi, d + wq, 0.f);
+          padded_row(iy < 0 || iy >= H ? nullptr : src + iy * W, W, px - pw, sw, wq, dst + i * wq);
         }
       }
     }
