@@ -66,7 +66,7 @@ def test_convs_run_without_im2col(monkeypatch, spec):
                 assert _rel(y, dense(x)) < 1e-5
 
 
-@pytest.mark.parametrize("variant", ["native", "portable"])
+@pytest.mark.parametrize("variant", ["native", "avx2", "generic"])
 def test_implicit_gemm_convolution_matches_conv2d_in_both_builds(variant):
     """_native.implicit_conv (phase planes + offsets) against F.conv2d, 1xN and n:m, with bias and ReLU."""
     from nmsparse.runtime import _native
@@ -251,7 +251,7 @@ KERNEL_CASES = [("block", 8), ("block", 16), ("block", 32), ("nm", 2, 4), ("nm",
                 ("nm", 1, 8), ("nm", 3, 8), ("nm", 1, 16), ("nm", 4, 16), ("nm", 1, 2)]
 
 
-@pytest.mark.parametrize("variant", ["native", "portable"])
+@pytest.mark.parametrize("variant", ["native", "avx2", "generic"])
 @pytest.mark.parametrize("kind", KERNEL_CASES, ids=lambda k: "x".join(map(str, k)))
 def test_cpp_kernels_match_dense_for_every_layout(variant, kind):
     """Both builds of the C++ library (this CPU's, and one without AVX-512) against a dense product:
@@ -295,7 +295,7 @@ def test_loading_another_state_dict_refreshes_what_the_kernels_derive(spec):
             assert _rel(sparse_a(x), dense(x)) < 1e-4
 
 
-@pytest.mark.parametrize("variant", ["native", "portable"])
+@pytest.mark.parametrize("variant", ["native", "avx2", "generic"])
 def test_linear_inputs_are_transposed_exactly_into_padded_rows(variant):
     """A linear layer's [tokens, in] input becomes [in, tokens] with rows padded to 16 floats (C++ tiles
     for a row-major input, PyTorch's copy for other strides)."""
@@ -349,7 +349,7 @@ def test_kernel_build_failure_is_reported_not_raised(monkeypatch, tmp_path):
         _native._load.cache_clear()
 
 
-@pytest.mark.parametrize("variant", ["native", "portable"])
+@pytest.mark.parametrize("variant", ["native", "avx2", "generic"])
 def test_cpp_im2col_matches_unfold_in_both_orders(variant):
     from nmsparse.runtime import _native
 

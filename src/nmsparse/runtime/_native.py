@@ -31,7 +31,11 @@ import torch
 __all__ = ["available", "status", "block_mm", "implicit_conv", "nm_mm", "im2col", "library"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
+_FLAGS = ["-O3", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
+# -march of each build: "native" runs here; the others build the same source for another instruction
+# set (the tests compile each, and run those this CPU supports)
+VARIANTS = {"native": ["-march=native"], "avx512": ["-march=skylake-avx512"], "avx2": ["-march=haswell"],
+            "generic": ["-march=x86-64"], "neon": ["-march=armv8-a"]}
 _LOCK = threading.Lock()
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
@@ -82,7 +86,9 @@ def _load(variant: str) -> tuple[ctypes.CDLL | None, str]:
     compiler = _compiler()
     if compiler is None:
         return None, "no C++ compiler (g++/c++/clang++) on PATH"
-    extra = ["-mno-avx512f"] if variant == "portable" else []
+    extra = VARIANTS[variant]
+    if variant != "native" and (variant == "neon") != platform.machine().lower().startswith(("arm", "aarch")):
+        return None, f"the {variant} build is for another architecture than {platform.machine()}"
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
@@ -97,11 +103,12 @@ def _load(variant: str) -> tuple[ctypes.CDLL | None, str]:
             lib = ctypes.CDLL(str(path))
         except (OSError, subprocess.SubprocessError) as exc:
             return None, str(exc).splitlines()[0]
-    lib.nms_isa.restype = ctypes.c_int
+    lib.nms_isa.restype = ctypes.c_char_p
     lib.nms_block_mm.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR,
-                                 ctypes.c_int, ctypes.c_int, ctypes.c_int]
+                                 ctypes.c_int, ctypes.c_int]
     lib.nms_nm_mm.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                              _I64, _PTR, _I64, _PTR, ctypes.c_int, _PTR, ctypes.c_int, ctypes.c_int]
+                              _I64, _PTR, _I64, _PTR, ctypes.c_int, _PTR, ctypes.c_int]
+    lib.nms_conv_offsets.argtypes = [_PTR, _I64, _I64, *([ctypes.c_int] * 6), _I64, _I64, ctypes.c_int, _PTR]
     lib.nms_im2col.argtypes = [_PTR, _I64, _I64, _I64, _I64, *([ctypes.c_int] * 9), _PTR, ctypes.c_int]
     lib.nms_transpose.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, ctypes.c_int]
     lib.nms_phase_planes.argtypes = [_PTR, _I64, _I64, _I64, _I64, *([ctypes.c_int] * 4), _I64, _I64, _PTR,
@@ -110,7 +117,7 @@ def _load(variant: str) -> tuple[ctypes.CDLL | None, str]:
 
 
 def library(variant: str = "native") -> ctypes.CDLL | None:
-    """The loaded kernel library (``"native"``: built for this CPU; ``"portable"``: without AVX-512)."""
+    """The loaded kernel library (``"native"``: built for this CPU; or a key of :data:`VARIANTS`)."""
     return _load(variant)[0]
 
 
@@ -123,7 +130,7 @@ def status() -> dict[str, object]:
     lib, reason = _load("native")
     if lib is None:
         return {"backend": "numba", "isa": None, "reason": reason}
-    return {"backend": "cpp", "isa": "avx512" if lib.nms_isa() == 512 else "portable", "reason": ""}
+    return {"backend": "cpp", "isa": lib.nms_isa().decode(), "reason": ""}
 
 
 def _ptr(a: np.ndarray | torch.Tensor) -> int:
@@ -184,26 +191,21 @@ def block_mm(xt: torch.Tensor, packed, variant: str = "native", bias: torch.Tens
         xt = xt.contiguous()
     out = torch.empty(args[4] * args[6], batch)
     lib.nms_block_mm(xt.data_ptr(), xt.stride(0), *args, batch, out.data_ptr(), batch, _bias_ptr(bias), int(relu),
-                     torch.get_num_threads(), int(variant == "portable"))
+                     torch.get_num_threads())
     return out
 
 
-def conv_offsets(cols: np.ndarray, channels: int, kernel: tuple[int, int], stride: tuple[int, int],
-                 dilation: tuple[int, int], plane: int, width: int, order: str) -> np.ndarray | None:
-    """Element offsets of the weight columns ``cols`` in the phase planes of :func:`implicit_conv`
-    (``[sh, sw, C, plane]``, rows ``width`` wide); column order ``"chw"`` (``c * kh * kw + dy * kw + dx``)
-    or ``"hwc"`` (``(dy * kw + dx) * C + c``). None where they overflow int32."""
-    kh, kw = kernel
-    cols = cols.astype(np.int64)
-    if order == "hwc":
-        tap, c = np.divmod(cols, channels)
-    else:
-        c, tap = np.divmod(cols, kh * kw)
-    dy, dx = np.divmod(tap, kw)
-    ry, rx = dy * dilation[0], dx * dilation[1]  # input row / column offsets from the window's corner
-    phase = (ry % stride[0]) * stride[1] + rx % stride[1]
-    offs = (phase * channels + c) * plane + (ry // stride[0]) * width + rx // stride[1]
-    return offs.astype(np.int32) if offs.size == 0 or offs.max() < 2**31 else None
+def conv_offsets(cols: torch.Tensor | None, count: int, channels: int, kernel: tuple[int, int],
+                 stride: tuple[int, int], dilation: tuple[int, int], plane: int, width: int, order: str,
+                 lib: ctypes.CDLL) -> torch.Tensor | None:
+    """Element offsets (int32) of the weight columns ``cols`` (None: columns ``0..count-1``) in the phase
+    planes of :func:`implicit_conv` (``[sh, sw, C, plane]``, rows ``width`` wide); column order
+    ``"chw"`` (``c * kh * kw + dy * kw + dx``) or ``"hwc"`` (``(dy * kw + dx) * C + c``). None where they
+    overflow int32. Computed in C++ at every call (one pass over the kept columns)."""
+    out = torch.empty(count, dtype=torch.int32)
+    ok = lib.nms_conv_offsets(None if cols is None else cols.data_ptr(), count, channels, *kernel, *stride, *dilation,
+                              plane, width, int(order == "hwc"), out.data_ptr())
+    return out if ok else None
 
 
 def implicit_conv(x: torch.Tensor, packed, kernel: tuple[int, int], stride: tuple[int, int],
@@ -233,12 +235,9 @@ def implicit_conv(x: torch.Tensor, packed, kernel: tuple[int, int], stride: tupl
     hq, wq = -(-hp // sh), -(-wp // sw)  # phase plane rows and columns (bottom/right zero-extended)
     plane = n * hq * wq
     block = hasattr(packed, "cols")
-    key = (plane, wq, c)
-    if key not in cache:
-        cache.clear()  # one input geometry at a time: a model sees the same one call after call
-        cols = packed.cols if block else np.arange(packed.shape[1])
-        cache[key] = conv_offsets(cols, c, kernel, stride, dilation, plane, wq, order)
-    offs = cache[key]
+    cols = torch.from_numpy(packed.cols) if block else None
+    offs = conv_offsets(cols, packed.cols.size if block else packed.shape[1], c, kernel, stride, dilation, plane, wq,
+                        order, lib)
     if offs is None:
         return None
     xin = x.to(torch.float32).contiguous()
@@ -250,10 +249,10 @@ def implicit_conv(x: torch.Tensor, packed, kernel: tuple[int, int], stride: tupl
     if block:
         _, *layout = _layout_args(packed)  # the kept entries' offsets replace their column indices
         lib.nms_block_mm(planes.data_ptr(), 1, _ptr(offs), *layout, positions, out.data_ptr(), plane,
-                         _bias_ptr(bias), int(relu), torch.get_num_threads(), int(variant == "portable"))
+                         _bias_ptr(bias), int(relu), torch.get_num_threads())
     else:
         lib.nms_nm_mm(planes.data_ptr(), 1, *_layout_args(packed), positions, out.data_ptr(), plane, _bias_ptr(bias),
-                      int(relu), _ptr(offs), torch.get_num_threads(), int(variant == "portable"))
+                      int(relu), _ptr(offs), torch.get_num_threads())
     return out.view(packed.shape[0], n, hq, wq)[:, :, :oh, :ow]
 
 
@@ -267,7 +266,7 @@ def nm_mm(xt: torch.Tensor, packed, variant: str = "native", bias: torch.Tensor 
     batch = xt.shape[1]
     out = torch.empty(args[2], batch)
     lib.nms_nm_mm(xt.data_ptr(), xt.stride(0), *args, batch, out.data_ptr(), batch, _bias_ptr(bias), int(relu), None,
-                  torch.get_num_threads(), int(variant == "portable"))
+                  torch.get_num_threads())
     return out
 
 

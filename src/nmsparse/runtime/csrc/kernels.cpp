@@ -1,8 +1,15 @@
 // CPU kernels of nmsparse's sparse runtime: 1xN block and n:m products, float32.
 //
-// Built at first use by nmsparse/runtime/_native.py (g++ -O3 -march=native -fopenmp) and called
-// through ctypes with raw buffers; no PyTorch headers, so the build takes seconds. With AVX-512 the
-// products run register-blocked micro-kernels; without it a portable loop nest (same results).
+// One source for every CPU. The products are written once over a vector type of the GNU vector
+// extensions (`vf`, VW floats wide, supported by GCC and Clang alike), so the same micro-kernels
+// compile to AVX-512 (VW 16), AVX2 + FMA (VW 8), NEON (VW 4) or SSE2 (VW 4) code depending on
+// the -march the library is built with (nmsparse/runtime/_native.py builds it for the machine it
+// runs on). Only three operations are ISA-specific, each behind one small inline function with a
+// portable fallback: masked loads/stores of a vector's first lanes (`vload_n`, `vstore_n`), the
+// two-vector variable permute of the batch-1 n:m kernel (`select2`) and the gather of its generic
+// path (`gather`); plus a register transpose (AVX-512 / AVX2) of linear inputs.
+//
+// Called through ctypes with raw buffers; no PyTorch headers, so the build takes seconds.
 //
 // Conventions (see nmsparse/runtime/formats.py):
 //   xt[c * ldx + b]   input, column c of the weight's GEMM matrix, batch item b (b contiguous)
@@ -14,15 +21,16 @@
 // n:m, chunk-major: the columns are cut into chunks of cc = jc/n*m columns; row o keeps jc values
 //   per chunk (J in all; the last chunk keeps count = J - c*jc <= jc): value j of row o in chunk c
 //   is vals[c*rows*jc + o*count + j], in column c*cc + (j/n)*m + code, the code a `bits`-wide field
-//   at bit j*bits of the row's ceil(count*bits/8) code bytes (see nm_val_off / nm_code_off). Chunk-major order makes the batched kernel's weight reads one
-//   sequential stream while the chunk's input rows stay in L1 for all rows.
+//   at bit j*bits of the row's ceil(count*bits/8) code bytes (see nm_val_off / nm_code_off).
+//   Chunk-major order makes the batched kernel's weight reads one sequential stream while the
+//   chunk's input rows stay in L1 for all rows.
 
-#include <cstdint>
-#include <cstring>
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <omp.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -30,6 +38,97 @@ typedef int64_t i64;
 
 namespace {
 
+// ---------------------------------------------------------------- the vector type
+#if defined(__AVX512F__)
+constexpr int VW = 16, REGS = 32;
+#define NMS_ISA "avx512"
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int VW = 8, REGS = 16;
+#define NMS_ISA "avx2"
+#elif defined(__aarch64__) || defined(__ARM_NEON)
+constexpr int VW = 4, REGS = 32;
+#define NMS_ISA "neon"
+#else
+constexpr int VW = 4, REGS = 16;
+#define NMS_ISA "generic"
+#endif
+
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef uint32_t vu __attribute__((vector_size(VW * 4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+
+inline vf vload(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vf vsplat(float s) { return vf{} + s; }
+inline vu lane_ids() {
+  vu v;
+  for (int i = 0; i < VW; ++i) v[i] = (uint32_t)i;
+  return v;
+}
+inline vf vrelu(vf v) { return (vf)((vi)v & (v > vf{})); }
+inline float vsum(vf v) {
+  float s = 0.f;
+  for (int i = 0; i < VW; ++i) s += v[i];
+  return s;
+}
+
+// The first n lanes (0 <= n <= VW) of p; the other lanes zero. Only tails of a batch use these.
+inline vf vload_n(const float* p, i64 n) {
+  if (n >= VW) return vload(p);
+#if defined(__AVX512F__)
+  return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p);
+#elif defined(__AVX2__)
+  return _mm256_maskload_ps(p, (__m256i)(lane_ids() < (uint32_t)n));
+#else
+  vf v = {};
+  std::memcpy(&v, p, n * sizeof(float));
+  return v;
+#endif
+}
+inline void vstore_n(float* p, vf v, i64 n) {
+  if (n >= VW) return vstore(p, v);
+#if defined(__AVX512F__)
+  _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), v);
+#else
+  std::memcpy(p, &v, n * sizeof(float));
+#endif
+}
+
+// r[i] = (idx[i] < VW ? lo : hi)[idx[i] % VW] for idx[i] < 2*VW: the inputs of VW kept values drawn
+// from a window of 2*VW consecutive columns (2:4, 4:8, 1:2, 8:16).
+inline vf select2(vf lo, vf hi, vu idx) {
+#if defined(__AVX512F__)
+  return _mm512_permutex2var_ps(lo, (__m512i)idx, hi);
+#elif defined(__AVX2__)
+  const __m256 a = _mm256_permutevar8x32_ps(lo, (__m256i)idx), b = _mm256_permutevar8x32_ps(hi, (__m256i)idx);
+  return _mm256_blendv_ps(a, b, (__m256)(idx << 28));  // lane bit 3 -> sign bit selects hi
+#elif defined(__GNUC__) && !defined(__clang__)
+  return __builtin_shuffle(lo, hi, (vi)idx);
+#else
+  vf r;
+  for (int i = 0; i < VW; ++i) r[i] = idx[i] < (uint32_t)VW ? lo[idx[i]] : hi[idx[i] - VW];
+  return r;
+#endif
+}
+
+// r[i] = p[idx[i]]
+inline vf gather(const float* p, vu idx) {
+#if defined(__AVX512F__)
+  return _mm512_i32gather_ps((__m512i)idx, p, 4);
+#else
+  vf r;
+  for (int i = 0; i < VW; ++i) r[i] = p[idx[i]];
+  return r;
+#endif
+}
+
+inline void prefetch(const float* p) { __builtin_prefetch(p, 0, 3); }
+
+// ---------------------------------------------------------------- n:m layout helpers
 // Start of row o's values / code bytes in chunk c of an n:m layout (the last chunk may be narrower).
 inline i64 nm_val_off(i64 c, i64 o, i64 rows, i64 jc, i64 count) { return c * rows * jc + o * count; }
 inline i64 nm_code_off(i64 c, i64 o, i64 rows, i64 jc, i64 count, int bits) {
@@ -41,99 +140,91 @@ inline int decode_one(const uint8_t* row, i64 j, int bits) {
   return (row[bit >> 3] >> (bit & 7)) & ((1 << bits) - 1);
 }
 
-// ---------------------------------------------------------------- portable loop nests
+// The VW codes starting at byte p (VW*BITS a multiple of 8): a broadcast of the 32-bit word(s)
+// holding them, one variable shift and a mask.
+template <int BITS>
+inline vu decode(const uint8_t* p) {
+  constexpr int PER = 32 / BITS;  // codes per 32-bit word
+  vu word, shift;
+  if constexpr (VW <= PER) {
+    uint32_t w = 0;
+    std::memcpy(&w, p, VW * BITS / 8);
+    word = vu{} + w;
+  } else {
+    uint32_t ws[VW / PER];
+    std::memcpy(ws, p, sizeof ws);
+    for (int i = 0; i < VW; ++i) word[i] = ws[i / PER];
+  }
+  for (int i = 0; i < VW; ++i) shift[i] = (uint32_t)((i % PER) * BITS);
+  return (word >> shift) & (uint32_t)((1u << BITS) - 1);
+}
+
+inline vu decode_bits(const uint8_t* p, int bits) {
+  switch (bits) {
+    case 1: return decode<1>(p);
+    case 2: return decode<2>(p);
+    case 4: return decode<4>(p);
+    default: return decode<8>(p);
+  }
+}
+
+// In-window column base of kept value i of a vector: (i / n) * m (n divides VW).
+inline vu group_base(int n, int m) {
+  vu b;
+  for (int i = 0; i < VW; ++i) b[i] = (uint32_t)((i / n) * m);
+  return b;
+}
+
 // The epilogue of a finished output row: + bias (when given), then max(., 0) when relu.
 inline void epilogue_row(float* y, i64 batch, const float* bias, i64 o, bool relu) {
   if (bias) for (i64 b = 0; b < batch; ++b) y[b] += bias[o];
   if (relu) for (i64 b = 0; b < batch; ++b) y[b] = y[b] > 0.f ? y[b] : 0.f;
 }
 
-void block_mm_portable(const float* xt, i64 ldx, const int32_t* cols, const float* vals, i64 rows, i64 kept,
-                       i64 block, i64 batch, float* out, i64 ldo, const float* bias, bool relu) {
-#pragma omp parallel for schedule(static)
-  for (i64 r = 0; r < rows; ++r) {
-    for (i64 t = 0; t < block; ++t) std::fill(out + (r * block + t) * ldo, out + (r * block + t) * ldo + batch, 0.f);
-    for (i64 k = 0; k < kept; ++k) {
-      const float* x = xt + (i64)cols[r * kept + k] * ldx;
-      const float* w = vals + (r * kept + k) * block;
-      for (i64 t = 0; t < block; ++t) {
-        float* y = out + (r * block + t) * ldo;
-        const float wt = w[t];
-#pragma omp simd
-        for (i64 b = 0; b < batch; ++b) y[b] += wt * x[b];
-      }
-    }
-    for (i64 t = 0; t < block; ++t) epilogue_row(out + (r * block + t) * ldo, batch, bias, r * block + t, relu);
-  }
-}
-
-void nm_mm_portable(const float* xt, i64 ldx, const uint8_t* codes, const float* vals, i64 rows, i64 J,
-                    i64 jc, int n, int m, int bits, i64 batch, float* out, i64 ldo, const int32_t* colmap) {
-  const i64 chunks = (J + jc - 1) / jc, cc = jc / n * m;
-#pragma omp parallel for schedule(static)
-  for (i64 o = 0; o < rows; ++o) {
-    float* y = out + o * ldo;
-    std::fill(y, y + batch, 0.f);
-    for (i64 c = 0; c < chunks; ++c) {
-      const i64 count = std::min(jc, J - c * jc);
-      const uint8_t* row = codes + nm_code_off(c, o, rows, jc, count, bits);
-      const float* w = vals + nm_val_off(c, o, rows, jc, count);
-      for (i64 j = 0; j < count; ++j) {
-        const i64 col = c * cc + (j / n) * m + decode_one(row, j, bits);
-        const float* x = xt + (colmap ? (i64)colmap[col] : col) * ldx;
-        const float wj = w[j];
-#pragma omp simd
-        for (i64 b = 0; b < batch; ++b) y[b] += wj * x[b];
-      }
-    }
-  }
-}
-
-#if defined(__AVX512F__)
-// ---------------------------------------------------------------- AVX-512: 1xN blocks
-inline __mmask16 tail_mask(i64 left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
-
-// Batch 1: y[r*B + t] = sum_k x[cols[r,k]] * vals[r,k,t], S block rows at a time. The S rows come
-// from S equal parts of the thread's range, so the thread reads S separate weight streams: one
-// stream per core measured 11-17 GB/s on 2 threads against 15-24 GB/s for four (the hardware
-// prefetcher runs ahead per stream); a software prefetch 4 KB ahead adds a little more.
+// ---------------------------------------------------------------- 1xN blocks, batch 1
+// y[r*B + t] = sum_k x[cols[r,k]] * vals[r,k,t], S block rows at a time. The S rows come from S
+// equal parts of the thread's range, so the thread reads S separate weight streams: one stream per
+// core measured 11-17 GB/s on 2 threads against 15-24 GB/s for four (the hardware prefetcher runs
+// ahead per stream); a software prefetch 4 KB ahead adds a little more.
 constexpr int GEMV_STREAMS = 4;
 constexpr int GEMV_PREFETCH = 1024;  // floats ahead in each stream
+
+constexpr int gemv_streams(int vectors) { return std::max(1, std::min(GEMV_STREAMS, REGS / 2 / vectors)); }
 
 template <int B, int S>
 __attribute__((always_inline)) inline void block_gemv_rows(const float* x, const int32_t* const* c,
                                                            const float* const* w, i64 kept, float* const* y,
                                                            const float* const* bias, bool relu) {
-  constexpr int V = B / 16;  // vectors per block vector
-  __m512 acc[S][V];
+  constexpr int V = B / VW;  // vectors per block vector
+  vf acc[S][V];
 #pragma GCC unroll 16
   for (int s = 0; s < S; ++s)
 #pragma GCC unroll 16
-    for (int v = 0; v < V; ++v) acc[s][v] = _mm512_setzero_ps();
+    for (int v = 0; v < V; ++v) acc[s][v] = vf{};
   for (i64 k = 0; k < kept; ++k) {
 #pragma GCC unroll 16
     for (int s = 0; s < S; ++s) {
       const float* wk = w[s] + k * B;
 #pragma GCC unroll 16
-      for (int v = 0; v < V; ++v) _mm_prefetch((const char*)(wk + GEMV_PREFETCH + 16 * v), _MM_HINT_T0);
-      const __m512 xv = _mm512_set1_ps(x[c[s][k]]);
+      for (int l = 0; l < B; l += 16) prefetch(wk + GEMV_PREFETCH + l);  // one per cache line
+      const vf xv = vsplat(x[c[s][k]]);
 #pragma GCC unroll 16
-      for (int v = 0; v < V; ++v) acc[s][v] = _mm512_fmadd_ps(_mm512_loadu_ps(wk + 16 * v), xv, acc[s][v]);
+      for (int v = 0; v < V; ++v) acc[s][v] = vload(wk + VW * v) * xv + acc[s][v];
     }
   }
 #pragma GCC unroll 16
   for (int s = 0; s < S; ++s)
 #pragma GCC unroll 16
     for (int v = 0; v < V; ++v) {
-      __m512 r = bias[s] ? _mm512_add_ps(acc[s][v], _mm512_loadu_ps(bias[s] + 16 * v)) : acc[s][v];
-      _mm512_storeu_ps(y[s] + 16 * v, relu ? _mm512_max_ps(r, _mm512_setzero_ps()) : r);
+      const vf r = bias[s] ? acc[s][v] + vload(bias[s] + VW * v) : acc[s][v];
+      vstore(y[s] + VW * v, relu ? vrelu(r) : r);
     }
 }
 
 template <int B>
-void block_gemv_avx512(const float* x, const int32_t* cols, const float* vals, i64 rows, i64 kept, float* out,
-                       const float* bias, bool relu) {
-  constexpr int S = GEMV_STREAMS;
+void block_gemv(const float* x, const int32_t* cols, const float* vals, i64 rows, i64 kept, float* out,
+                const float* bias, bool relu) {
+  constexpr int S = gemv_streams(B / VW);
 #pragma omp parallel
   {
     const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
@@ -156,86 +247,96 @@ void block_gemv_avx512(const float* x, const int32_t* cols, const float* vals, i
   }
 }
 
-// Batched: a T x (16*NB) register tile of outputs (T outputs of a block row, 16*NB batch items).
-// Per kept column: NB input vectors, T broadcast weights, T*NB FMAs, over kept columns k0..k1
-// (one column chunk; `first` starts from zero, otherwise from the partial sums in y).
-template <int T, int NB>
-__attribute__((always_inline)) inline void block_tile(const float* xt, i64 ldx, const int32_t* c, const float* w, i64 block, i64 k0, i64 k1,
-                       i64 b0, i64 batch, float* y, i64 ldo, bool first, bool last, const float* bias, bool relu) {
-  __m512 acc[T][NB];
-  __mmask16 mk[NB];
-  #pragma GCC unroll 16
-  for (int v = 0; v < NB; ++v) mk[v] = tail_mask(batch - b0 - 16 * v > 0 ? batch - b0 - 16 * v : 0);
-  #pragma GCC unroll 16
+// ---------------------------------------------------------------- 1xN blocks, batched
+// A T x (VW*NB) register tile of outputs (T outputs of a block row, VW*NB batch items). Per kept
+// column: NB input vectors, T broadcast weights, T*NB FMAs, over kept columns k0..k1 (one column
+// chunk; `first` starts from zero, otherwise from the partial sums in y). MASK: the tile holds the
+// batch's last items and its last vector may be partial.
+template <int T, int NB, bool MASK>
+__attribute__((always_inline)) inline void block_tile(const float* xt, i64 ldx, const int32_t* c, const float* w,
+                                                      i64 block, i64 k0, i64 k1, i64 b0, i64 batch, float* y, i64 ldo,
+                                                      bool first, bool last, const float* bias, bool relu) {
+  vf acc[T][NB];
+  i64 left[NB];
+#pragma GCC unroll 16
+  for (int v = 0; v < NB; ++v) left[v] = std::max<i64>(0, std::min<i64>(VW, batch - b0 - VW * v));
+#pragma GCC unroll 16
   for (int t = 0; t < T; ++t)
-    #pragma GCC unroll 16
-    for (int v = 0; v < NB; ++v)
-      acc[t][v] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mk[v], y + t * ldo + b0 + 16 * v);
+#pragma GCC unroll 16
+    for (int v = 0; v < NB; ++v) {
+      const float* p = y + t * ldo + b0 + VW * v;
+      acc[t][v] = first ? vf{} : (MASK ? vload_n(p, left[v]) : vload(p));
+    }
   for (i64 k = k0; k < k1; ++k) {
     const float* x = xt + (i64)c[k] * ldx + b0;
-    __m512 xv[NB];
-    #pragma GCC unroll 16
-    for (int v = 0; v < NB; ++v) xv[v] = _mm512_maskz_loadu_ps(mk[v], x + 16 * v);
+    vf xv[NB];
+#pragma GCC unroll 16
+    for (int v = 0; v < NB; ++v) xv[v] = MASK ? vload_n(x + VW * v, left[v]) : vload(x + VW * v);
     const float* wk = w + k * block;
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int t = 0; t < T; ++t) {
-      const __m512 wt = _mm512_set1_ps(wk[t]);
-      #pragma GCC unroll 16
-      for (int v = 0; v < NB; ++v) acc[t][v] = _mm512_fmadd_ps(wt, xv[v], acc[t][v]);
+      const vf wt = vsplat(wk[t]);
+#pragma GCC unroll 16
+      for (int v = 0; v < NB; ++v) acc[t][v] = wt * xv[v] + acc[t][v];
     }
   }
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int t = 0; t < T; ++t)
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int v = 0; v < NB; ++v) {
-      __m512 r = acc[t][v];
-      if (last && bias) r = _mm512_add_ps(r, _mm512_set1_ps(bias[t]));
-      if (last && relu) r = _mm512_max_ps(r, _mm512_setzero_ps());
-      _mm512_mask_storeu_ps(y + t * ldo + b0 + 16 * v, mk[v], r);
+      vf r = acc[t][v];
+      if (last && bias) r = r + bias[t];
+      if (last && relu) r = vrelu(r);
+      float* p = y + t * ldo + b0 + VW * v;
+      if (MASK) vstore_n(p, r, left[v]);
+      else vstore(p, r);
     }
 }
 
-constexpr int BT = 4, BNB = 4;  // 1xN tile: 4 outputs x 64 batch items (16 accumulators)
+// 1xN tile: 4 outputs x NB vectors of batch items (16 accumulators with 32 registers, 8 with 16)
+constexpr int BT = 4, BNB = REGS == 32 ? 4 : 2;
+// batch items whose chunk of inputs (128 columns) is walked by all rows before the next: 32 KB
+constexpr i64 SUPER = 64;
 
-// One block row's outputs over kept columns k0..k1, for the batch items b0 .. b0 + 16*NB - 1.
-template <int NB>
+// One block row's outputs over kept columns k0..k1, for the batch items b0 .. b0 + VW*NB - 1.
+template <int NB, bool MASK>
 inline void block_row(const float* xt, i64 ldx, const int32_t* cr, const float* w, i64 block, i64 k0, i64 k1,
                       i64 b0, i64 batch, float* y, i64 ldo, bool first, bool last, const float* bias, bool relu) {
   if (block % BT == 0)
     for (i64 t0 = 0; t0 < block; t0 += BT)
-      block_tile<BT, NB>(xt, ldx, cr, w + t0, block, k0, k1, b0, batch, y + t0 * ldo, ldo, first, last,
-                         bias ? bias + t0 : nullptr, relu);
+      block_tile<BT, NB, MASK>(xt, ldx, cr, w + t0, block, k0, k1, b0, batch, y + t0 * ldo, ldo, first, last,
+                               bias ? bias + t0 : nullptr, relu);
   else
     for (i64 t0 = 0; t0 < block; ++t0)
-      block_tile<1, NB>(xt, ldx, cr, w + t0, block, k0, k1, b0, batch, y + t0 * ldo, ldo, first, last,
-                        bias ? bias + t0 : nullptr, relu);
+      block_tile<1, NB, MASK>(xt, ldx, cr, w + t0, block, k0, k1, b0, batch, y + t0 * ldo, ldo, first, last,
+                              bias ? bias + t0 : nullptr, relu);
 }
 
-// Loop order per thread (a contiguous range of block rows): batch tile, column chunk, block row.
-// A chunk's input rows (cc x 16*BNB floats) stay in L1 while all block rows of the thread use them;
-// kstart says which kept columns of a block row fall into the chunk. With a single chunk (at most
-// 128 columns) the order is block row, then batch tile: each output row is then written front to
-// back (measured 1.7x faster on a 64 -> 256 1x1 convolution of 3136 pixels, whose output traffic
-// dominates). The last tile is only as wide as the batch items left (in vectors of 16): 196 items
-// cost 13 vectors, not 16. Input rows are addressed as xt + cols[k] * ldx: with ldx = 1, cols may
-// hold element offsets (the implicit-GEMM convolution of _native.block_conv).
-void block_mm_avx512(const float* xt, i64 ldx, const int32_t* cols, const int32_t* kstart, i64 chunks,
-                     const float* vals, i64 rows, i64 kept, i64 block, i64 batch, float* out, i64 ldo,
-                     const float* bias, bool relu) {
-  const i64 tiles = (batch + 16 * BNB - 1) / (16 * BNB);
-  auto step = [&](i64 bt, i64 c, i64 r) {
-    const i64 b0 = bt * 16 * BNB;
+// Loop order per thread (a contiguous range of block rows): batch super-tile (SUPER items), column
+// chunk, block row, batch tile. A chunk's input rows (cc x SUPER floats) stay in L1 while all block
+// rows of the thread use them, and a block row's weights of the chunk stay in L1 across the batch
+// tiles; kstart says which kept columns of a block row fall into the chunk. With a single chunk (at
+// most 128 columns) the order is block row, then batch tile: each output row is then written front
+// to back (measured 1.7x faster on a 64 -> 256 1x1 convolution of 3136 pixels, whose output traffic
+// dominates). The last tile is only as wide as the batch items left (in vectors). Input rows are
+// addressed as xt + cols[k] * ldx: with ldx = 1, cols may hold element offsets (the implicit-GEMM
+// convolution of _native.implicit_conv).
+void block_mm(const float* xt, i64 ldx, const int32_t* cols, const int32_t* kstart, i64 chunks, const float* vals,
+              i64 rows, i64 kept, i64 block, i64 batch, float* out, i64 ldo, const float* bias, bool relu) {
+  constexpr i64 TILE = VW * BNB;
+  auto step = [&](i64 b0, i64 c, i64 r) {
     const i64 k0 = kstart[r * (chunks + 1) + c], k1 = kstart[r * (chunks + 1) + c + 1];
     const int32_t* cr = cols + r * kept;
     const float* w = vals + r * kept * block;
     float* y = out + r * block * ldo;
     const float* br = bias ? bias + r * block : nullptr;
     const bool first = c == 0, last = c == chunks - 1;
-    switch (std::min<i64>(BNB, (batch - b0 + 15) / 16)) {
-      case 1: return block_row<1>(xt, ldx, cr, w, block, k0, k1, b0, batch, y, ldo, first, last, br, relu);
-      case 2: return block_row<2>(xt, ldx, cr, w, block, k0, k1, b0, batch, y, ldo, first, last, br, relu);
-      case 3: return block_row<3>(xt, ldx, cr, w, block, k0, k1, b0, batch, y, ldo, first, last, br, relu);
-      default: return block_row<BNB>(xt, ldx, cr, w, block, k0, k1, b0, batch, y, ldo, first, last, br, relu);
+    const i64 items = std::min(TILE, batch - b0);
+    if (items == TILE) return block_row<BNB, false>(xt, ldx, cr, w, block, k0, k1, b0, batch, y, ldo, first, last, br, relu);
+    switch ((items + VW - 1) / VW) {
+      case 1: return block_row<1, true>(xt, ldx, cr, w, block, k0, k1, b0, batch, y, ldo, first, last, br, relu);
+      case 2: return block_row<2, true>(xt, ldx, cr, w, block, k0, k1, b0, batch, y, ldo, first, last, br, relu);
+      default: return block_row<BNB, true>(xt, ldx, cr, w, block, k0, k1, b0, batch, y, ldo, first, last, br, relu);
     }
   };
 #pragma omp parallel
@@ -244,251 +345,188 @@ void block_mm_avx512(const float* xt, i64 ldx, const int32_t* cols, const int32_
     const i64 r0 = rows * tid / nth, r1 = rows * (tid + 1) / nth;
     if (chunks == 1) {
       for (i64 r = r0; r < r1; ++r)
-        for (i64 bt = 0; bt < tiles; ++bt) step(bt, 0, r);
+        for (i64 b0 = 0; b0 < batch; b0 += TILE) step(b0, 0, r);
     } else {
-      for (i64 bt = 0; bt < tiles; ++bt)
+      for (i64 sb = 0; sb < batch; sb += SUPER)
         for (i64 c = 0; c < chunks; ++c)
-          for (i64 r = r0; r < r1; ++r) step(bt, c, r);
+          for (i64 r = r0; r < r1; ++r)
+            for (i64 b0 = sb; b0 < std::min(batch, sb + SUPER); b0 += TILE) step(b0, c, r);
     }
   }
 }
 
-// ---------------------------------------------------------------- AVX-512: n:m
-// Offsets of the 16 values j0..j0+15 (j0 a multiple of 16) as 16 int32 lanes.
-inline __m512i decode16(const uint8_t* row, i64 j0, int bits) {
-  const uint8_t* p = row + ((j0 * bits) >> 3);
-  if (bits == 8) return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
-  if (bits == 4) {
-    uint64_t q;
-    std::memcpy(&q, p, 8);
-    const __m512i lanes = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32((int)(uint32_t)q)),
-                                             _mm256_set1_epi32((int)(uint32_t)(q >> 32)), 1);
-    const __m512i sh = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
-    return _mm512_and_si512(_mm512_srlv_epi32(lanes, sh), _mm512_set1_epi32(15));
-  }
-  uint32_t word;
-  if (bits == 2) {
-    std::memcpy(&word, p, 4);
-  } else {
-    uint16_t half;
-    std::memcpy(&half, p, 2);
-    word = half;
-  }
-  const __m512i sh = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                        _mm512_set1_epi32(bits));
-  return _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)word), sh), _mm512_set1_epi32((1 << bits) - 1));
-}
-
-// In-chunk column base of value i of a 16-value chunk: (i / n) * m (n divides 16).
-inline __m512i chunk_base(int n, int m) {
-  alignas(64) int32_t b[16];
-  for (int i = 0; i < 16; ++i) b[i] = (i / n) * m;
-  return _mm512_load_si512(b);
-}
-
-// The threads of a batch-1 n:m product: each takes rows o0..o1-1 and keeps a 16-lane partial sum
+// ---------------------------------------------------------------- n:m, batch 1
+// The threads of a batch-1 n:m product: each takes rows o0..o1-1 and keeps a VW-lane partial sum
 // per row in `part`; body(o0, o1, part) adds to them chunk by chunk (and may add scalar tails to
-// out[o]); the partial sums are reduced into out at the end.
+// out[o]); the partial sums are reduced into out at the end, with the bias and the ReLU.
 template <class Body>
 void nm_gemv_threads(i64 rows, float* out, const float* bias, bool relu, Body body) {
 #pragma omp parallel
   {
     const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
     const i64 o0 = rows * tid / nth, o1 = rows * (tid + 1) / nth;
-    float* part = (float*)aligned_alloc(64, std::max<i64>(1, o1 - o0) * 16 * sizeof(float));
+    float* part = (float*)aligned_alloc(64, ((std::max<i64>(1, o1 - o0) * VW * sizeof(float) + 63) / 64) * 64);
     for (i64 o = o0; o < o1; ++o) {
-      _mm512_store_ps(part + (o - o0) * 16, _mm512_setzero_ps());
+      vstore(part + (o - o0) * VW, vf{});
       out[o] = 0.f;
     }
     body(o0, o1, part);
     for (i64 o = o0; o < o1; ++o) {
-      const float y = out[o] + _mm512_reduce_add_ps(_mm512_load_ps(part + (o - o0) * 16)) + (bias ? bias[o] : 0.f);
+      const float y = out[o] + vsum(vload(part + (o - o0) * VW)) + (bias ? bias[o] : 0.f);
       out[o] = relu && y < 0.f ? 0.f : y;
     }
     free(part);
   }
 }
 
-// Batch 1, generic: 16 kept values at a time; their inputs come from a window of 16*m/n columns:
-// one permute for windows of 16, a gather otherwise (windows of 32 go to nm_gemv32_avx512).
-// Chunk-major like the batched kernel, so each thread streams one contiguous run of weights per chunk.
-void nm_gemv_avx512(const float* x, const uint8_t* codes, const float* vals, i64 rows, i64 J, i64 jc, int n,
-                    int m, int bits, float* out, const float* bias, bool relu) {
-  const __m512i base = chunk_base(n, m);
-  const i64 window = 16 * m / n, chunks = (J + jc - 1) / jc, cc = jc / n * m;
+// Any n:m: VW kept values at a time (codes decoded as vectors where n divides VW), their inputs
+// gathered; scalar values past the last whole vector. Two FMA chains per row.
+void nm_gemv_any(const float* x, const uint8_t* codes, const float* vals, i64 rows, i64 J, i64 jc, int n, int m,
+                 int bits, float* out, const float* bias, bool relu) {
+  const bool vec = VW % n == 0 && (VW * bits) % 8 == 0;
+  const vu base = group_base(vec ? n : 1, m);
+  const i64 chunks = (J + jc - 1) / jc, cc = jc / n * m;
   nm_gemv_threads(rows, out, bias, relu, [&](i64 o0, i64 o1, float* part) {
     for (i64 c = 0; c < chunks; ++c) {
-      const i64 count = std::min(jc, J - c * jc), steps = count / 16;
+      const i64 count = std::min(jc, J - c * jc), steps = vec ? count / VW : 0;
       const float* xc = x + c * cc;
       for (i64 o = o0; o < o1; ++o) {
         const uint8_t* row = codes + nm_code_off(c, o, rows, jc, count, bits);
         const float* w = vals + nm_val_off(c, o, rows, jc, count);
-        __m512 acc0 = _mm512_load_ps(part + (o - o0) * 16), acc1 = _mm512_setzero_ps();  // two FMA chains
+        vf acc0 = vload(part + (o - o0) * VW), acc1 = vf{};
         for (i64 s = 0; s < steps; ++s) {
-          const __m512i idx = _mm512_add_epi32(decode16(row, s * 16, bits), base);
-          const float* xs = xc + s * window;
-          __m512 xv;
-          if (window == 16) xv = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(xs));
-          else xv = _mm512_i32gather_ps(idx, xs, 4);
-          if (s & 1) acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + s * 16), xv, acc1);
-          else acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + s * 16), xv, acc0);
+          const vu idx = decode_bits(row + s * VW * bits / 8, bits) + base;
+          const vf xv = gather(xc + s * VW / n * m, idx);
+          if (s & 1) acc1 = vload(w + s * VW) * xv + acc1;
+          else acc0 = vload(w + s * VW) * xv + acc0;
         }
-        _mm512_store_ps(part + (o - o0) * 16, _mm512_add_ps(acc0, acc1));
-        for (i64 j = steps * 16; j < count; ++j) out[o] += w[j] * xc[(j / n) * m + decode_one(row, j, bits)];
+        vstore(part + (o - o0) * VW, acc0 + acc1);
+        for (i64 j = steps * VW; j < count; ++j) out[o] += w[j] * xc[(j / n) * m + decode_one(row, j, bits)];
       }
     }
   });
 }
 
-// Batch 1 for windows of 32 columns (1:2, 2:4, 4:8, 8:16), specialised on the code width so the
-// decode is a broadcast, a variable shift and one ternary-logic op ((codes & mask) | base), and
-// R rows at a time share each loaded input window. The R rows come from R equal parts of the
-// thread's rows, so within a chunk the thread reads R separate weight streams (see GEMV_STREAMS),
-// each prefetched 4 KB ahead.
-
-template <int BITS>
-__attribute__((always_inline)) inline __m512i codes16(const uint8_t* p) {
-  if constexpr (BITS == 4) {
-    uint64_t q;
-    std::memcpy(&q, p, 8);
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32((int)(uint32_t)q)),
-                              _mm256_set1_epi32((int)(uint32_t)(q >> 32)), 1);
-  } else if constexpr (BITS == 2) {
-    uint32_t word;
-    std::memcpy(&word, p, 4);
-    return _mm512_set1_epi32((int)word);
-  } else {
-    uint16_t half;
-    std::memcpy(&half, p, 2);
-    return _mm512_set1_epi32((int)half);
-  }
-}
-
-template <int BITS>
-inline __m512i code_shifts() {
-  if constexpr (BITS == 4) return _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
-  else return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                 _mm512_set1_epi32(BITS));
-}
-
+// Windows of 2*VW columns (m = 2n: 1:2, 2:4, 4:8, 8:16), specialised on the code width: the decode
+// is a broadcast, a variable shift and a mask; the inputs one two-vector permute (select2). R rows
+// at a time share each loaded input window; the R rows come from R equal parts of the thread's
+// rows, so within a chunk the thread reads R separate weight streams (see GEMV_STREAMS), each
+// prefetched 4 KB ahead.
 template <int BITS, int R>
-__attribute__((always_inline)) inline void nm_gemv32_rows(const float* xc, const uint8_t* row, i64 cstride,
-                                                          const float* w, i64 wstride, i64 steps, __m512i base,
-                                                          __m512i shifts, float* part, i64 pstride) {
-  const __m512i low = _mm512_set1_epi32((1 << BITS) - 1);
-  __m512 acc[R];
+__attribute__((always_inline)) inline void nm_pair_rows(const float* xc, const uint8_t* row, i64 cstride,
+                                                        const float* w, i64 wstride, i64 steps, vu base, float* part,
+                                                        i64 pstride) {
+  vf acc[R];
 #pragma GCC unroll 8
-  for (int q = 0; q < R; ++q) acc[q] = _mm512_load_ps(part + q * pstride);
+  for (int q = 0; q < R; ++q) acc[q] = vload(part + q * pstride);
   for (i64 s = 0; s < steps; ++s) {
-    const __m512 lo = _mm512_loadu_ps(xc + s * 32), hi = _mm512_loadu_ps(xc + s * 32 + 16);
+    const vf lo = vload(xc + s * 2 * VW), hi = vload(xc + s * 2 * VW + VW);
 #pragma GCC unroll 8
     for (int q = 0; q < R; ++q) {
-      const __m512i idx = _mm512_ternarylogic_epi32(
-          _mm512_srlv_epi32(codes16<BITS>(row + q * cstride + s * 2 * BITS), shifts), low, base, 0xEA);
-      _mm_prefetch((const char*)(w + q * wstride + s * 16 + GEMV_PREFETCH), _MM_HINT_T0);
-      acc[q] = _mm512_fmadd_ps(_mm512_loadu_ps(w + q * wstride + s * 16), _mm512_permutex2var_ps(lo, idx, hi), acc[q]);
+      const vu idx = decode<BITS>(row + q * cstride + s * VW * BITS / 8) + base;
+      prefetch(w + q * wstride + s * VW + GEMV_PREFETCH);
+      acc[q] = vload(w + q * wstride + s * VW) * select2(lo, hi, idx) + acc[q];
     }
   }
 #pragma GCC unroll 8
-  for (int q = 0; q < R; ++q) _mm512_store_ps(part + q * pstride, acc[q]);
+  for (int q = 0; q < R; ++q) vstore(part + q * pstride, acc[q]);
 }
 
 template <int BITS>
-void nm_gemv32_avx512(const float* x, const uint8_t* codes, const float* vals, i64 rows, i64 J, i64 jc, int n,
-                      int m, float* out, const float* bias, bool relu) {
+void nm_gemv_pair(const float* x, const uint8_t* codes, const float* vals, i64 rows, i64 J, i64 jc, int n, int m,
+                  float* out, const float* bias, bool relu) {
   constexpr int R = GEMV_STREAMS;
-  const __m512i base = chunk_base(n, m), shifts = code_shifts<BITS>();
+  const vu base = group_base(n, m);
   const i64 chunks = (J + jc - 1) / jc, cc = jc / n * m;
   nm_gemv_threads(rows, out, bias, relu, [&](i64 o0, i64 o1, float* part) {
     for (i64 c = 0; c < chunks; ++c) {
-      const i64 count = std::min(jc, J - c * jc), steps = count / 16, cstride = (count * BITS + 7) / 8;
+      const i64 count = std::min(jc, J - c * jc), steps = count / VW, cstride = (count * BITS + 7) / 8;
       const float* xc = x + c * cc;
       const uint8_t* row = codes + nm_code_off(c, o0, rows, jc, count, BITS);
       const float* w = vals + nm_val_off(c, o0, rows, jc, count);
       const i64 len = (o1 - o0) / R;  // row i of each of the R parts, then the rows left over
       for (i64 i = 0; i < len; ++i)
-        nm_gemv32_rows<BITS, R>(xc, row + i * cstride, len * cstride, w + i * count, len * count, steps, base, shifts,
-                                part + i * 16, len * 16);
+        nm_pair_rows<BITS, R>(xc, row + i * cstride, len * cstride, w + i * count, len * count, steps, base,
+                              part + i * VW, len * VW);
       for (i64 i = R * len; i < o1 - o0; ++i)
-        nm_gemv32_rows<BITS, 1>(xc, row + i * cstride, 0, w + i * count, 0, steps, base, shifts, part + i * 16, 0);
-      if (steps * 16 < count) {  // a narrower last chunk: the values past the last whole vector
-        const uint8_t* r0 = codes + nm_code_off(c, o0, rows, jc, count, BITS);
-        const float* w0 = vals + nm_val_off(c, o0, rows, jc, count);
-        for (i64 q = o0; q < o1; ++q)
-          for (i64 j = steps * 16; j < count; ++j)
-            out[q] += w0[(q - o0) * count + j] * xc[(j / n) * m + decode_one(r0 + (q - o0) * cstride, j, BITS)];
-      }
+        nm_pair_rows<BITS, 1>(xc, row + i * cstride, 0, w + i * count, 0, steps, base, part + i * VW, 0);
+      if (steps * VW < count)  // a narrower last chunk: the values past the last whole vector
+        for (i64 q = 0; q < o1 - o0; ++q)
+          for (i64 j = steps * VW; j < count; ++j)
+            out[o0 + q] += w[q * count + j] * xc[(j / n) * m + decode_one(row + q * cstride, j, BITS)];
     }
   });
 }
 
-// Batched: R rows x (16*NB) batch items of accumulators; every kept value scales one input row
-// slice. `col`/`w` point at the chunk's first kept value of the tile's first row (row stride cs/ws).
+// ---------------------------------------------------------------- n:m, batched
+// R rows x (VW*NB) batch items of accumulators; every kept value scales one input row slice.
+// `col`/`w` point at the chunk's first kept value of the tile's first row (row stride cs / ws).
 template <int R, int NB, bool MASK>
 __attribute__((always_inline)) inline void nm_tile(const float* xt, i64 ldx, const int32_t* col, i64 cs,
                                                    const float* w, i64 ws, i64 count, i64 b0, i64 batch, float* y,
                                                    i64 ldo, bool first) {
-  __m512 acc[R][NB];
-  __mmask16 mk[NB];
+  vf acc[R][NB];
+  i64 left[NB];
 #pragma GCC unroll 16
-  for (int v = 0; v < NB; ++v) mk[v] = MASK ? tail_mask(batch - b0 - 16 * v > 0 ? batch - b0 - 16 * v : 0) : 0xFFFF;
+  for (int v = 0; v < NB; ++v) left[v] = std::max<i64>(0, std::min<i64>(VW, batch - b0 - VW * v));
 #pragma GCC unroll 16
   for (int q = 0; q < R; ++q)
 #pragma GCC unroll 16
-    for (int v = 0; v < NB; ++v)
-      acc[q][v] = first ? _mm512_setzero_ps()
-                        : (MASK ? _mm512_maskz_loadu_ps(mk[v], y + q * ldo + b0 + 16 * v)
-                                : _mm512_loadu_ps(y + q * ldo + b0 + 16 * v));
+    for (int v = 0; v < NB; ++v) {
+      const float* p = y + q * ldo + b0 + VW * v;
+      acc[q][v] = first ? vf{} : (MASK ? vload_n(p, left[v]) : vload(p));
+    }
   for (i64 j = 0; j < count; ++j) {
 #pragma GCC unroll 16
     for (int q = 0; q < R; ++q) {
       const float* x = xt + (i64)col[q * cs + j] * ldx + b0;
-      const __m512 wq = _mm512_set1_ps(w[q * ws + j]);
+      const vf wq = vsplat(w[q * ws + j]);
 #pragma GCC unroll 16
       for (int v = 0; v < NB; ++v)
-        acc[q][v] = _mm512_fmadd_ps(wq, MASK ? _mm512_maskz_loadu_ps(mk[v], x + 16 * v) : _mm512_loadu_ps(x + 16 * v),
-                                    acc[q][v]);
+        acc[q][v] = wq * (MASK ? vload_n(x + VW * v, left[v]) : vload(x + VW * v)) + acc[q][v];
     }
   }
 #pragma GCC unroll 16
   for (int q = 0; q < R; ++q)
 #pragma GCC unroll 16
     for (int v = 0; v < NB; ++v) {
-      if (MASK) _mm512_mask_storeu_ps(y + q * ldo + b0 + 16 * v, mk[v], acc[q][v]);
-      else _mm512_storeu_ps(y + q * ldo + b0 + 16 * v, acc[q][v]);
+      float* p = y + q * ldo + b0 + VW * v;
+      if (MASK) vstore_n(p, acc[q][v], left[v]);
+      else vstore(p, acc[q][v]);
     }
 }
 
-constexpr int NR = 3, NNB = 4;  // n:m tile: 3 rows x 64 batch items (12 accumulators)
+// n:m tile: NR rows x NNB vectors (AVX-512: 3 x 4 = 12 accumulators; 16 registers: 4 x 2)
+constexpr int NR = VW == 16 ? 3 : 4, NNB = REGS == 32 ? 4 : 2;
 
 template <bool MASK, int NB, int R = NR>
-inline void nm_tile_rows(const float* xt, i64 ldx, const int32_t* col, i64 cs, const float* w, i64 J, i64 count,
-                         i64 nr, i64 b0, i64 batch, float* y, i64 ldo, bool first) {
-  if (nr == R) return nm_tile<R, NB, MASK>(xt, ldx, col, cs, w, J, count, b0, batch, y, ldo, first);
+inline void nm_tile_rows(const float* xt, i64 ldx, const int32_t* col, i64 cs, const float* w, i64 count, i64 nr,
+                         i64 b0, i64 batch, float* y, i64 ldo, bool first) {
+  if (nr == R) return nm_tile<R, NB, MASK>(xt, ldx, col, cs, w, count, count, b0, batch, y, ldo, first);
   for (i64 q = 0; q < nr; ++q)
-    nm_tile<1, NB, MASK>(xt, ldx, col + q * cs, cs, w + q * J, J, count, b0, batch, y + q * ldo, ldo, first);
+    nm_tile<1, NB, MASK>(xt, ldx, col + q * cs, cs, w + q * count, count, count, b0, batch, y + q * ldo, ldo, first);
 }
 
-// Loop order per thread (a contiguous range of rows): batch tile, then a chunk of input columns,
-// then the rows. The chunk's input rows (cc x 16*NNB floats, 32 KB for 128 columns) stay in L1 while
-// every row of the thread uses them; the weights arrive as one sequential stream (chunk-major);
+// Loop order per thread (a contiguous range of rows): batch super-tile (SUPER items), a chunk of
+// input columns, a block of rows, then the batch tiles. The chunk's input rows (cc x SUPER floats,
+// 32 KB for 128 columns) stay in L1 while every row of the thread uses them; the weights arrive as
+// one sequential stream (chunk-major), each row block's decoded columns serve all batch tiles;
 // accumulators go back to the output between chunks. A tile is only as many vectors wide as the
-// batch items it holds; up to 16 items (one vector) a tile takes 8 rows, so that 8 independent
-// accumulator chains hide the FMA latency (4096x4096 2:4 at batch 8: 15.6 ms with four mostly
-// masked vectors and 3 rows, 9.2 with one vector and 3 rows, see docs/benchmarks.md for 8 rows).
-void nm_mm_avx512(const float* xt, i64 ldx, const uint8_t* codes, const float* vals, i64 rows, i64 J, i64 jc,
-                  int n, int m, int bits, i64 batch, float* out, i64 ldo, const int32_t* colmap) {
-  const i64 tiles = (batch + 16 * NNB - 1) / (16 * NNB);
+// batch items it holds; up to VW items (one vector) a tile takes 8 rows, so that 8 independent
+// accumulator chains hide the FMA latency.
+void nm_mm(const float* xt, i64 ldx, const uint8_t* codes, const float* vals, i64 rows, i64 J, i64 jc, int n, int m,
+           int bits, i64 batch, float* out, i64 ldo, const int32_t* colmap) {
+  constexpr i64 TILE = VW * NNB;
   const i64 chunks = (J + jc - 1) / jc, cc = jc / n * m;
-  const bool vec = (16 % n) == 0 && jc % 16 == 0;
-  const i64 RB = batch <= 16 ? 8 : NR;  // rows per tile
+  const bool vec = VW % n == 0 && jc % VW == 0 && (VW * bits) % 8 == 0;
+  const i64 RB = batch <= VW ? 8 : NR;  // rows per tile
   // col holds element offsets (row * ldx) where they fit in int32: no multiply per loaded input row.
   // colmap (may be null) maps a weight column to its input row: the implicit-GEMM convolution's offsets.
   const bool offsets = !colmap && (J / n * m + m) * ldx < (i64(1) << 31);
-  const __m512i scale = _mm512_set1_epi32(offsets ? (int)ldx : 1);
+  const uint32_t scale = offsets ? (uint32_t)ldx : 1u;
   const i64 lx = offsets ? 1 : ldx;
   const i64 row_blocks = (rows + RB - 1) / RB;
-  const __m512i base = chunk_base(vec ? n : 1, m);
+  const vu base = group_base(vec ? n : 1, m);
   if (J == 0) {
     for (i64 o = 0; o < rows; ++o) std::fill(out + o * ldo, out + o * ldo + batch, 0.f);
     return;
@@ -498,10 +536,8 @@ void nm_mm_avx512(const float* xt, i64 ldx, const uint8_t* codes, const float* v
     const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
     const i64 rb0 = row_blocks * tid / nth, rb1 = row_blocks * (tid + 1) / nth;
     int32_t* col = new int32_t[RB * jc];
-    for (i64 bt = 0; bt < tiles; ++bt) {
-      const i64 b0 = bt * 16 * NNB;
-      const bool full = b0 + 16 * NNB <= batch;
-      const i64 vectors = std::min<i64>(NNB, (batch - b0 + 15) / 16);
+    for (i64 sb = 0; sb < batch; sb += SUPER) {
+      const i64 se = std::min(batch, sb + SUPER);
       for (i64 c = 0; c < chunks; ++c) {
         const i64 count = std::min(jc, J - c * jc);
         for (i64 rb = rb0; rb < rb1; ++rb) {
@@ -509,29 +545,38 @@ void nm_mm_avx512(const float* xt, i64 ldx, const uint8_t* codes, const float* v
           const i64 nr = std::min<i64>(RB, rows - o0);
           for (i64 q = 0; q < nr; ++q) {  // input rows (or their element offsets) of this chunk's kept values
             const uint8_t* row = codes + nm_code_off(c, o0 + q, rows, jc, count, bits);
+            int32_t* cq = col + q * jc;
             i64 j = 0;
             if (vec)
-              for (; j + 16 <= count; j += 16) {
-                __m512i v = _mm512_add_epi32(_mm512_add_epi32(decode16(row, j, bits), base),
-                                             _mm512_set1_epi32((int)(c * cc + (j / n) * m)));
-                if (colmap) v = _mm512_i32gather_epi32(v, colmap, 4);
-                _mm512_storeu_si512(col + q * jc + j, _mm512_mullo_epi32(v, scale));
+              for (; j + VW <= count; j += VW) {
+                vu v = decode_bits(row + j * bits / 8, bits) + base + (uint32_t)(c * cc + (j / n) * m);
+                if (colmap)
+                  for (int i = 0; i < VW; ++i) v[i] = (uint32_t)colmap[v[i]];
+                v = v * scale;
+                std::memcpy(cq + j, &v, sizeof v);
               }
             for (; j < count; ++j) {
               const i64 cj = c * cc + (j / n) * m + decode_one(row, j, bits);
-              col[q * jc + j] = (int32_t)((colmap ? (i64)colmap[cj] : cj) * (offsets ? ldx : 1));
+              cq[j] = (int32_t)((colmap ? (i64)colmap[cj] : cj) * (offsets ? ldx : 1));
             }
           }
           const float* w = vals + nm_val_off(c, o0, rows, jc, count);
           float* y = out + o0 * ldo;
-          const int kind = RB == 8 ? 0 : full ? NNB + 1 : (int)vectors;  // which tile shape runs
-          switch (kind) {
-            case 0: nm_tile_rows<true, 1, 8>(xt, lx, col, jc, w, count, count, nr, b0, batch, y, ldo, c == 0); break;
-            case 1: nm_tile_rows<true, 1>(xt, lx, col, jc, w, count, count, nr, b0, batch, y, ldo, c == 0); break;
-            case 2: nm_tile_rows<true, 2>(xt, lx, col, jc, w, count, count, nr, b0, batch, y, ldo, c == 0); break;
-            case 3: nm_tile_rows<true, 3>(xt, lx, col, jc, w, count, count, nr, b0, batch, y, ldo, c == 0); break;
-            case NNB: nm_tile_rows<true, NNB>(xt, lx, col, jc, w, count, count, nr, b0, batch, y, ldo, c == 0); break;
-            default: nm_tile_rows<false, NNB>(xt, lx, col, jc, w, count, count, nr, b0, batch, y, ldo, c == 0);
+          const bool first = c == 0;
+          for (i64 b0 = sb; b0 < se; b0 += TILE) {
+            const i64 items = std::min(TILE, batch - b0);
+            if (RB == 8) {  // batch <= VW: one vector, 8 rows
+              nm_tile_rows<true, 1, 8>(xt, lx, col, jc, w, count, nr, b0, batch, y, ldo, first);
+            } else if (items == TILE) {
+              nm_tile_rows<false, NNB>(xt, lx, col, jc, w, count, nr, b0, batch, y, ldo, first);
+            } else {
+              switch ((items + VW - 1) / VW) {
+                case 1: nm_tile_rows<true, 1>(xt, lx, col, jc, w, count, nr, b0, batch, y, ldo, first); break;
+                case 2: nm_tile_rows<true, 2>(xt, lx, col, jc, w, count, nr, b0, batch, y, ldo, first); break;
+                case 3: nm_tile_rows<true, 3>(xt, lx, col, jc, w, count, nr, b0, batch, y, ldo, first); break;
+                default: nm_tile_rows<true, NNB>(xt, lx, col, jc, w, count, nr, b0, batch, y, ldo, first);
+              }
+            }
           }
         }
       }
@@ -539,12 +584,8 @@ void nm_mm_avx512(const float* xt, i64 ldx, const uint8_t* codes, const float* v
     delete[] col;
   }
 }
-#endif
 
 // ---------------------------------------------------------------- im2col
-// out[row * ldo + oy*ow + ox] for one image x[C, H, W] (contiguous planes); row = c*kh*kw + dy*kw + dx
-// ("chw", PyTorch's weight order) or (dy*kw + dx)*C + c ("hwc"). Zero padding. Memory-bound: rows
-// are written once, with straight copies where the stride is 1.
 // d[j] = src[j*step + off] where that column lies inside [0, W), else 0, for j < count: one output
 // row of im2col or of a phase plane (a straight copy where the step is 1). src null: a padding row.
 inline void padded_row(const float* src, i64 W, i64 off, int step, i64 count, float* d) {
@@ -562,6 +603,9 @@ inline void padded_row(const float* src, i64 W, i64 off, int step, i64 count, fl
   std::fill(d + hi, d + count, 0.f);
 }
 
+// out[row * ldo + oy*ow + ox] for one image x[C, H, W] (contiguous planes); row = c*kh*kw + dy*kw + dx
+// ("chw", PyTorch's weight order) or (dy*kw + dx)*C + c ("hwc"). Zero padding. Memory-bound: rows
+// are written once, with straight copies where the stride is 1.
 void im2col_image(const float* x, i64 C, i64 H, i64 W, int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw,
                   bool hwc, float* out, i64 ldo) {
   const i64 oh = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1, ow = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
@@ -582,10 +626,11 @@ void im2col_image(const float* x, i64 C, i64 H, i64 W, int kh, int kw, int sh, i
 
 // ---------------------------------------------------------------- transpose
 // dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols: a linear layer's [tokens, in] input as
-// the [in, tokens] matrix the products read. 16x16 tiles through registers (AVX-512) or a tiled loop;
-// PyTorch's strided copy measured ~4 GB/s for this.
+// the [in, tokens] matrix the products read. Square tiles through registers (AVX-512 16x16, AVX2
+// 8x8) or a tiled loop; PyTorch's strided copy measured ~4 GB/s for this.
 #if defined(__AVX512F__)
-inline void transpose16(const float* src, i64 lds, float* dst, i64 ldd) {
+constexpr int TT = 16;
+inline void transpose_tile(const float* src, i64 lds, float* dst, i64 ldd) {
   __m512 r[16], t[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
   for (int i = 0; i < 16; i += 2) {  // 2x2 blocks of scalars
@@ -610,20 +655,42 @@ inline void transpose16(const float* src, i64 lds, float* dst, i64 ldd) {
   }
   for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ldd, t[i]);
 }
+#elif defined(__AVX2__)
+constexpr int TT = 8;
+inline void transpose_tile(const float* src, i64 lds, float* dst, i64 ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {  // 4x4 blocks within each 128-bit half
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int k = 0; k < 4; ++k) {  // r[k] rows 0-3, r[4+k] rows 4-7: halves hold columns k and k+4
+    _mm256_storeu_ps(dst + k * ldd, _mm256_permute2f128_ps(r[k], r[4 + k], 0x20));
+    _mm256_storeu_ps(dst + (k + 4) * ldd, _mm256_permute2f128_ps(r[k], r[4 + k], 0x31));
+  }
+}
+#else
+constexpr int TT = 16;
 #endif
 
 void transpose(const float* src, i64 rows, i64 cols, i64 lds, float* dst, i64 ldd) {
 #pragma omp parallel for schedule(static)
-  for (i64 c0 = 0; c0 < cols; c0 += 16) {
-    for (i64 r0 = 0; r0 < rows; r0 += 16) {
-#if defined(__AVX512F__)
-      if (r0 + 16 <= rows && c0 + 16 <= cols) {
-        transpose16(src + r0 * lds + c0, lds, dst + c0 * ldd + r0, ldd);
+  for (i64 c0 = 0; c0 < cols; c0 += TT) {
+    for (i64 r0 = 0; r0 < rows; r0 += TT) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+      if (r0 + TT <= rows && c0 + TT <= cols) {
+        transpose_tile(src + r0 * lds + c0, lds, dst + c0 * ldd + r0, ldd);
         continue;
       }
 #endif
-      for (i64 c = c0; c < std::min(cols, c0 + 16); ++c)
-        for (i64 r = r0; r < std::min(rows, r0 + 16); ++r) dst[c * ldd + r] = src[r * lds + c];
+      for (i64 c = c0; c < std::min<i64>(cols, c0 + TT); ++c)
+        for (i64 r = r0; r < std::min<i64>(rows, r0 + TT); ++r) dst[c * ldd + r] = src[r * lds + c];
     }
   }
 }
@@ -654,34 +721,29 @@ void phase_planes(const float* x, i64 N, i64 C, i64 H, i64 W, int sh, int sw, in
 
 extern "C" {
 
-// 512 when the AVX-512 micro-kernels are compiled in, 0 for the portable loop nests.
-int nms_isa() {
-#if defined(__AVX512F__)
-  return 512;
-#else
-  return 0;
-#endif
-}
+// The instruction set the products were compiled for: "avx512", "avx2", "neon" or "generic".
+const char* nms_isa() { return NMS_ISA; }
 
-// out[rows*block, batch] = W @ xt (+ bias[o], then max(., 0) with relu) for a 1xN-packed W; `portable`
-// forces the portable loop nest. kstart[rows, chunks + 1]: see the top of the file (read by the AVX-512
-// batched kernel only). bias may be null.
+// Floats per vector of the compiled products.
+int nms_vector_width() { return VW; }
+
+// out[rows*block, batch] = W @ xt (+ bias[o], then max(., 0) with relu) for a 1xN-packed W.
+// kstart[rows, chunks + 1]: see the top of the file. bias may be null.
 void nms_block_mm(const float* xt, i64 ldx, const int32_t* cols, const int32_t* kstart, i64 chunks, const float* vals,
                   i64 rows, i64 kept, i64 block, i64 batch, float* out, i64 ldo, const float* bias, int relu,
-                  int threads, int portable) {
+                  int threads) {
   omp_set_num_threads(threads);
-#if defined(__AVX512F__)
-  if (!portable) {
-    if (batch == 1 && ldx == 1 && ldo == 1) {
-      if (block == 16) return block_gemv_avx512<16>(xt, cols, vals, rows, kept, out, bias, relu != 0);
-      if (block == 32) return block_gemv_avx512<32>(xt, cols, vals, rows, kept, out, bias, relu != 0);
-      if (block == 64) return block_gemv_avx512<64>(xt, cols, vals, rows, kept, out, bias, relu != 0);
+  if (batch == 1 && ldx == 1 && ldo == 1) {
+    switch (block) {
+      case 4: if constexpr (4 % VW == 0) return block_gemv<4>(xt, cols, vals, rows, kept, out, bias, relu != 0); break;
+      case 8: if constexpr (8 % VW == 0) return block_gemv<8>(xt, cols, vals, rows, kept, out, bias, relu != 0); break;
+      case 16: return block_gemv<16>(xt, cols, vals, rows, kept, out, bias, relu != 0);
+      case 32: return block_gemv<32>(xt, cols, vals, rows, kept, out, bias, relu != 0);
+      case 64: return block_gemv<64>(xt, cols, vals, rows, kept, out, bias, relu != 0);
+      default: break;
     }
-    return block_mm_avx512(xt, ldx, cols, kstart, chunks, vals, rows, kept, block, batch, out, ldo, bias, relu != 0);
   }
-#endif
-  (void)portable;
-  block_mm_portable(xt, ldx, cols, vals, rows, kept, block, batch, out, ldo, bias, relu != 0);
+  block_mm(xt, ldx, cols, kstart, chunks, vals, rows, kept, block, batch, out, ldo, bias, relu != 0);
 }
 
 // out[rows, batch] = W @ xt (+ bias[o], then max(., 0) with relu; bias may be null) for an n:m-packed W
@@ -689,30 +751,43 @@ void nms_block_mm(const float* xt, i64 ldx, const int32_t* cols, const int32_t* 
 // reduce each row; the batched ones in a pass over the just-written (cache-resident) output.
 // colmap (may be null): input row of each weight column, in place of the column itself (the
 // implicit-GEMM convolution passes element offsets into its phase planes, with ldx = 1).
-void nms_nm_mm(const float* xt, i64 ldx, const uint8_t* codes, const float* vals, i64 rows, i64 J, i64 jc,
-               int n, int m, int bits, i64 batch, float* out, i64 ldo, const float* bias, int relu,
-               const int32_t* colmap, int threads, int portable) {
+void nms_nm_mm(const float* xt, i64 ldx, const uint8_t* codes, const float* vals, i64 rows, i64 J, i64 jc, int n,
+               int m, int bits, i64 batch, float* out, i64 ldo, const float* bias, int relu, const int32_t* colmap,
+               int threads) {
   omp_set_num_threads(threads);
-#if defined(__AVX512F__)
-  if (!portable) {
-    if (batch == 1 && ldx == 1 && ldo == 1 && (16 % n) == 0 && !colmap) {
-      if (16 * m / n == 32 && bits == 1) return nm_gemv32_avx512<1>(xt, codes, vals, rows, J, jc, n, m, out, bias, relu);
-      if (16 * m / n == 32 && bits == 2) return nm_gemv32_avx512<2>(xt, codes, vals, rows, J, jc, n, m, out, bias, relu);
-      if (16 * m / n == 32 && bits == 4) return nm_gemv32_avx512<4>(xt, codes, vals, rows, J, jc, n, m, out, bias, relu);
-      return nm_gemv_avx512(xt, codes, vals, rows, J, jc, n, m, bits, out, bias, relu);
+  if (batch == 1 && ldx == 1 && ldo == 1 && !colmap) {
+    if (m == 2 * n && VW % n == 0 && (VW * bits) % 8 == 0) {
+      switch (bits) {
+        case 1: return nm_gemv_pair<1>(xt, codes, vals, rows, J, jc, n, m, out, bias, relu != 0);
+        case 2: return nm_gemv_pair<2>(xt, codes, vals, rows, J, jc, n, m, out, bias, relu != 0);
+        case 4: return nm_gemv_pair<4>(xt, codes, vals, rows, J, jc, n, m, out, bias, relu != 0);
+        default: return nm_gemv_pair<8>(xt, codes, vals, rows, J, jc, n, m, out, bias, relu != 0);
+      }
     }
-    nm_mm_avx512(xt, ldx, codes, vals, rows, J, jc, n, m, bits, batch, out, ldo, colmap);
-  } else {
-    nm_mm_portable(xt, ldx, codes, vals, rows, J, jc, n, m, bits, batch, out, ldo, colmap);
+    return nm_gemv_any(xt, codes, vals, rows, J, jc, n, m, bits, out, bias, relu != 0);
   }
-#else
-  (void)portable;
-  nm_mm_portable(xt, ldx, codes, vals, rows, J, jc, n, m, bits, batch, out, ldo, colmap);
-#endif
+  nm_mm(xt, ldx, codes, vals, rows, J, jc, n, m, bits, batch, out, ldo, colmap);
   if (bias || relu) {
 #pragma omp parallel for schedule(static)
     for (i64 o = 0; o < rows; ++o) epilogue_row(out + o * ldo, batch, bias, o, relu != 0);
   }
+}
+
+// Element offsets, in the phase planes of the implicit-GEMM convolution (_native.implicit_conv), of
+// the weight columns cols[0..count) (cols null: columns 0..count-1). Column order "chw"
+// (c*kh*kw + dy*kw + dx) or, with hwc, (dy*kw + dx)*C + c. Returns 0 where an offset overflows int32.
+int nms_conv_offsets(const int32_t* cols, i64 count, i64 C, int kh, int kw, int sh, int sw, int dh, int dw, i64 plane,
+                     i64 width, int hwc, int32_t* out) {
+  for (i64 i = 0; i < count; ++i) {
+    const i64 col = cols ? cols[i] : i;
+    const i64 c = hwc ? col % C : col / (kh * kw), tap = hwc ? col / C : col % (kh * kw);
+    const i64 ry = (tap / kw) * dh, rx = (tap % kw) * dw;  // row / column offsets from the window's corner
+    const i64 phase = (ry % sh) * sw + rx % sw;
+    const i64 off = (phase * C + c) * plane + (ry / sh) * width + rx / sw;
+    if (off >= (i64(1) << 31)) return 0;
+    out[i] = (int32_t)off;
+  }
+  return 1;
 }
 
 // im2col of a batch x[N, C, H, W] (contiguous) into out[C*kh*kw, N*oh*ow]: image n fills columns
