@@ -26,6 +26,15 @@ from nmsparse.runtime.formats import pack_bits, unpack_bits
 PATTERNS = ["2:4", "1:4", "2:8", "4:8", "1:8", "1x8:0.5", "1x16:0.25", "1x32:0.25"]
 
 
+def _runnable() -> list[str]:
+    from nmsparse.runtime import _native
+
+    return _native.runnable_variants()
+
+
+RUNNABLE = _runnable()
+
+
 def _sparse(layer, spec):
     with torch.no_grad():
         layer.weight.mul_(compute_mask(layer.weight, parse_pattern(spec), absolute=True))
@@ -66,7 +75,7 @@ def test_convs_run_without_im2col(monkeypatch, spec):
                 assert _rel(y, dense(x)) < 1e-5
 
 
-@pytest.mark.parametrize("variant", ["native", "avx2", "generic"])
+@pytest.mark.parametrize("variant", RUNNABLE)
 def test_implicit_gemm_convolution_matches_conv2d_in_both_builds(variant):
     """_native.implicit_conv (phase planes + offsets) against F.conv2d, 1xN and n:m, with bias and ReLU."""
     from nmsparse.runtime import _native
@@ -90,8 +99,8 @@ def test_implicit_gemm_convolution_matches_conv2d_in_both_builds(variant):
             packed = pack_nm(matrix, pattern.n, pattern.m)
         for batch in (1, 3):
             x = torch.randn(batch, 16, *size)
-            y = _native.implicit_conv(x, packed, (k, k), stride, padding, dilation, order, {}, variant,
-                                      bias=conv.bias.detach(), relu=True)
+            y = _native.implicit_conv(x, _native.arrays_of(packed), (k, k), stride, padding, dilation, order,
+                                      conv.bias.detach(), True, lib=_native.library(variant))
             with torch.no_grad():
                 ref = torch.relu(conv(x))
             assert _rel(y.transpose(0, 1), ref) < 1e-5, (k, stride, spec, order, batch)
@@ -208,7 +217,7 @@ def test_bench_cli_writes_reports_and_rejects_bad_input(tmp_path, capsys):
 
 
 def test_bench_timing_alternates_blocks_and_skips_each_blocks_first_call():
-    from nmsparse.bench import _time_interleaved
+    from nmsparse.runtime.timing import time_interleaved as _time_interleaved
 
     log: list[str] = []
     times = _time_interleaved([lambda i: log.append("a"), lambda i: log.append("b")], warmup=1, repeats=12, block=5)
@@ -251,10 +260,11 @@ KERNEL_CASES = [("block", 8), ("block", 16), ("block", 32), ("nm", 2, 4), ("nm",
                 ("nm", 1, 8), ("nm", 3, 8), ("nm", 1, 16), ("nm", 4, 16), ("nm", 1, 2)]
 
 
-@pytest.mark.parametrize("variant", ["native", "avx2", "generic"])
+@pytest.mark.parametrize("variant", RUNNABLE)
 @pytest.mark.parametrize("kind", KERNEL_CASES, ids=lambda k: "x".join(map(str, k)))
 def test_cpp_kernels_match_dense_for_every_layout(variant, kind):
-    """Both builds of the C++ library (this CPU's, and one without AVX-512) against a dense product:
+    """Every build of the C++ library this CPU runs (native, and the AVX2 / SSE2 / AVX-512 builds of the
+    same source where the CPU has them) against a dense product:
     shapes with partial chunks, batches that are not a multiple of the vector or tile width, a
     strided input (a column slice), and the batch-1 paths (whose threads split their rows into
     several streams: row counts that do not divide evenly leave rows over)."""
@@ -270,7 +280,7 @@ def test_cpp_kernels_match_dense_for_every_layout(variant, kind):
         for batch in (1, 3, 17, 64, 70):
             x = torch.randn(columns, batch + 5)[:, 2: 2 + batch]  # row stride != batch
             run = _native.block_mm if kind[0] == "block" else _native.nm_mm
-            y = run(x, packed, variant)
+            y = run(x, _native.arrays_of(packed), lib=_native.library(variant))
             assert _rel(y, w @ x) < 1e-5, (out, columns, batch)
 
 
@@ -295,7 +305,7 @@ def test_loading_another_state_dict_refreshes_what_the_kernels_derive(spec):
             assert _rel(sparse_a(x), dense(x)) < 1e-4
 
 
-@pytest.mark.parametrize("variant", ["native", "avx2", "generic"])
+@pytest.mark.parametrize("variant", RUNNABLE)
 def test_linear_inputs_are_transposed_exactly_into_padded_rows(variant):
     """A linear layer's [tokens, in] input becomes [in, tokens] with rows padded to 16 floats (C++ tiles
     for a row-major input, PyTorch's copy for other strides)."""
@@ -311,27 +321,33 @@ def test_linear_inputs_are_transposed_exactly_into_padded_rows(variant):
             assert torch.equal(xt, source.t()) and xt.stride(1) == 1 and xt.stride(0) % 16 == 0
 
 
-def test_numba_fallback_gives_the_same_outputs(monkeypatch):
-    """NMSPARSE_RUNTIME_BACKEND=numba (or no compiler) runs the numba kernels, with the same results."""
+def test_without_kernels_layers_stay_dense_with_the_reason_and_the_fix(monkeypatch, tmp_path):
+    """No compiler on PATH: convert leaves every layer dense (rows say why and how to fix it), the
+    model still runs and gives the same outputs; constructing a sparse module raises the typed error."""
     from nmsparse.runtime import _native
 
-    monkeypatch.setenv("NMSPARSE_RUNTIME_BACKEND", "numba")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++/c++/clang++ here
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(_native, "_LOADED", None)
     _native._load.cache_clear()
     try:
-        assert _native.status()["backend"] == "numba" and "NMSPARSE_RUNTIME_BACKEND" in _native.status()["reason"]
-        for kind in [("block", 16), ("nm", 2, 4), ("nm", 1, 8)]:
-            w, packed = _random_packed(kind, 32, 128, seed=1)
-            layer = SparseLinear(packed, None)
-            for batch in (1, 5):
-                x = torch.randn(batch, 128)
-                assert _rel(layer(x), x @ w.t()) < 1e-5
+        assert _native.status()["backend"] is None and "apt-get install g++" in _native.status()["reason"]
+        dense = nn.Sequential(_sparse(nn.Linear(64, 32), "2:4"))
+        x = torch.randn(3, 64)
+        model, rows = convert(copy.deepcopy(dense), {"0": "2:4"})
+        assert isinstance(model[0], nn.Linear) and not rows[0].converted
+        assert "no C++ compiler" in rows[0].reason and "\n" not in rows[0].reason
+        assert torch.equal(model(x), dense(x))
+        w, packed = _random_packed(("nm", 2, 4), 32, 64, seed=1)
+        with pytest.raises(_native.KernelsUnavailable, match="no C\\+\\+ compiler"):
+            SparseLinear(packed, None)
     finally:
-        monkeypatch.delenv("NMSPARSE_RUNTIME_BACKEND")
+        monkeypatch.undo()
         _native._load.cache_clear()
 
 
 def test_kernel_build_failure_is_reported_not_raised(monkeypatch, tmp_path):
-    """A compiler that fails leaves the runtime on numba, with the compiler's first line as the reason."""
+    """A compiler that fails leaves the runtime without kernels, with the compiler's first line as the reason."""
     from nmsparse.runtime import _native
 
     bad = tmp_path / "badcxx"
@@ -342,14 +358,14 @@ def test_kernel_build_failure_is_reported_not_raised(monkeypatch, tmp_path):
     _native._load.cache_clear()
     try:
         info = _native.status()
-        assert info["backend"] == "numba" and "no such target" in info["reason"], info
+        assert info["backend"] is None and "no such target" in info["reason"], info
         assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-written left behind
     finally:
         monkeypatch.undo()
         _native._load.cache_clear()
 
 
-@pytest.mark.parametrize("variant", ["native", "avx2", "generic"])
+@pytest.mark.parametrize("variant", RUNNABLE)
 def test_cpp_im2col_matches_unfold_in_both_orders(variant):
     from nmsparse.runtime import _native
 
@@ -361,8 +377,9 @@ def test_cpp_im2col_matches_unfold_in_both_orders(variant):
                                               ((1, 1), (2, 2), (0, 0), (1, 1)), ((5, 5), (1, 1), (4, 4), (1, 1))]:
         ref = nn.functional.unfold(x, kernel, dilation, padding, stride)  # [N, C*k, L]
         expect_chw = ref.transpose(0, 1).reshape(ref.shape[1], -1)
-        got = _native.im2col(x, kernel, stride, padding, dilation, "chw", variant)
+        lib = _native.library(variant)
+        got = _native.im2col(x, kernel, stride, padding, dilation, "chw", lib)
         assert torch.equal(got, expect_chw), (kernel, stride, padding, dilation)
         k = kernel[0] * kernel[1]
         hwc = ref.view(2, 5, k, -1).transpose(1, 2).reshape(2, 5 * k, -1).transpose(0, 1).reshape(5 * k, -1)
-        assert torch.equal(_native.im2col(x, kernel, stride, padding, dilation, "hwc", variant), hwc)
+        assert torch.equal(_native.im2col(x, kernel, stride, padding, dilation, "hwc", lib), hwc)

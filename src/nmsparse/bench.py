@@ -15,8 +15,6 @@ import json
 import math
 import os
 import resource
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,8 @@ from .mask import compute_mask
 from .pattern import parse_pattern
 from .progress import Progress
 from .runtime import convert
+from .runtime.timing import summary as _summary
+from .runtime.timing import time_interleaved as _time_interleaved
 
 __all__ = ["LayerCase", "layer_cases", "run_layer_suite", "run_model_suite", "write_report", "last_level_cache_bytes"]
 
@@ -74,37 +74,6 @@ def last_level_cache_bytes() -> int:
         unit = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1], 1)
         best = max(best, int(text.rstrip("KMG")) * unit)
     return best or 32 * 1024**2
-
-
-def _time_interleaved(fns: list[Callable[[int], Any]], warmup: int, repeats: int, block: int = 5) -> list[list[float]]:
-    """Times of ``repeats`` calls of each function, taken in blocks of ``block`` consecutive calls that
-    alternate between the functions (a, b, then b, a, ...), so that drift in the machine's speed
-    (other tenants, clocks) falls on all alike. Each block starts with one untimed call: the first
-    call after a switch pays for the other function's cache state (measured +0.3 ms on a 1 ms
-    batch-1 sparse 4096x4096 linear right after dense ones), which a model running its own layers
-    back to back does not."""
-    for i in range(warmup):
-        for fn in fns:
-            fn(i)
-    times: list[list[float]] = [[] for _ in fns]
-    calls = 0
-    rounds = -(-repeats // block)
-    for r in range(rounds):
-        order = list(enumerate(fns)) if r % 2 == 0 else list(enumerate(fns))[::-1]
-        for slot, fn in order:
-            fn(calls)
-            calls += 1
-            for _ in range(min(block, repeats - r * block)):
-                t0 = time.perf_counter()
-                fn(calls)
-                times[slot].append(time.perf_counter() - t0)
-                calls += 1
-    return times
-
-
-def _summary(times: list[float]) -> dict[str, float]:
-    qs = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
-    return {"median_ms": 1e3 * statistics.median(times), "p10_ms": 1e3 * qs[0], "p90_ms": 1e3 * qs[-1]}
 
 
 def _rotating(layers: list[nn.Module], x: torch.Tensor) -> Callable[[int], Any]:
@@ -176,7 +145,7 @@ def run_layer_suite(patterns: list[str], batches: list[int], repeats: int = 20, 
     return rows
 
 
-def _model(name: str):
+def _model(name: str, batch: int = 1):
     """``(model, example input, Selection)`` of a model-suite entry (random weights, offline)."""
     from .models import build_model, example_input
     from .select import Selection
@@ -188,7 +157,7 @@ def _model(name: str):
         model, source = build_model(f"timm:{name}")
         layers = ("conv",) if "resnet" in name else ("ff", "attention")
     model.eval()
-    return model, example_input(model, source, batch=1), Selection(layers=layers)
+    return model, example_input(model, source, batch=batch), Selection(layers=layers)
 
 
 def _dense_folded(model: nn.Module) -> nn.Module | None:
@@ -207,19 +176,24 @@ def _dense_folded(model: nn.Module) -> nn.Module | None:
 
 
 def run_model_suite(patterns: list[str], models: list[str], repeats: int = 10, warmup: int = 2,
-                    progress: str = "auto") -> list[dict[str, Any]]:
-    """End-to-end batch-1 latency of whole models: dense vs magnitude-pruned and converted."""
+                    progress: str = "auto", batches: tuple[int, ...] = (1, 32), choose: bool = True,
+                    ) -> list[dict[str, Any]]:
+    """End-to-end latency and throughput of whole models at each batch: dense vs magnitude-pruned and
+    converted. With ``choose`` (the default) ``convert`` times every layer at the model's real input
+    of that batch and keeps the faster of dense and sparse (the row counts both); without it every
+    eligible layer runs sparse."""
     from .oneshot import prune
 
     rows = []
-    plan = [(m, p) for m in models for p in patterns]
+    plan = [(m, p, b) for m in models for p in patterns for b in batches]
     bar = Progress(len(plan), 0, progress, 1, True)
-    for index, (name, spec) in enumerate(plan):
-        model, inputs, selection = _model(name)
+    for index, (name, spec, batch) in enumerate(plan):
+        model, inputs, selection = _model(name, batch)
         result = prune(model, spec, "magnitude", selection)
         dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         sparse_model, conv_rows = convert(copy.deepcopy(model), {e["fqn"]: e["pattern"] for e in result.layers},
-                                          infer=False)
+                                          infer=False, example_inputs=inputs if choose else None,
+                                          repeats=max(4, repeats // 2))
         folded = _dense_folded(model)
         callers = [_caller(model, inputs), _caller(sparse_model, inputs)]
         if folded is not None:
@@ -230,15 +204,18 @@ def run_model_suite(patterns: list[str], models: list[str], repeats: int = 10, w
         t_folded = times[2] if folded is not None else None
         converted = [r for r in conv_rows if r.converted]
         sparse_bytes = dense_bytes - sum(r.dense_bytes - r.packed_bytes for r in converted)
-        rows.append({"model": name, "pattern": spec, "layers": ",".join(selection.layers), "batch": 1,
+        rows.append({"model": name, "pattern": spec, "layers": ",".join(selection.layers), "batch": batch,
                      "dense": t_dense, "sparse": t_sparse, "speedup": t_dense["median_ms"] / t_sparse["median_ms"],
+                     "dense_items_per_s": 1e3 * batch / t_dense["median_ms"],
+                     "sparse_items_per_s": 1e3 * batch / t_sparse["median_ms"],
                      "dense_bn_folded": t_folded,
                      "speedup_vs_bn_folded": t_folded["median_ms"] / t_sparse["median_ms"] if t_folded else None,
-                     "fused_layers": sum(bool(r.fused) for r in converted),
+                     "fused_layers": sum(bool(r.fused) for r in converted), "layer_choice": choose,
+                     "kept_dense_by_choice": sum(r.reason.startswith("kept dense") for r in conv_rows),
                      "converted_layers": len(converted), "sparse_layers": len(result.layers),
                      "weight_bytes_dense": dense_bytes, "weight_bytes_sparse": sparse_bytes,
                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
-        bar.update(index + 1, f"{name} {spec}: {rows[-1]['speedup']:.2f}x")
+        bar.update(index + 1, f"{name} {spec} b{batch}: {rows[-1]['speedup']:.2f}x")
         del model, sparse_model
     bar.close()
     return rows
@@ -255,11 +232,13 @@ def write_report(rows: list[dict[str, Any]], out_dir: str | Path, suite: str, me
         tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     key = "case" if suite == "layers" else "model"
     folded = suite == "models"
-    lines = [f"threads {meta['threads']}, float32; {meta['note']}", "",
+    lines = [f"kernels {meta.get('isa')} ({meta.get('cpu', '')}), threads {meta['threads']}, float32; {meta['note']}",
+             "",
              f"| {key} | pattern | batch | dense ms (p10-p90) | sparse ms (p10-p90) | speedup |"
-             + (" dense, BN folded ms | speedup vs BN-folded dense |" if folded else "")
+             + (" items/s dense -> sparse | layers sparse (kept dense by choice) |"
+                " dense, BN folded ms | speedup vs BN-folded dense |" if folded else "")
              + " weight MB dense -> sparse |" + (" process peak RSS MB |" if folded else ""),
-             "|---|---|---|---|---|---|" + ("---|---|" if folded else "") + "---|" + ("---|" if folded else "")]
+             "|---|---|---|---|---|---|" + ("---|---|---|---|" if folded else "") + "---|" + ("---|" if folded else "")]
 
     def span(t: dict[str, float]) -> str:
         return f"{t['median_ms']:.3f} ({t['p10_ms']:.3f}-{t['p90_ms']:.3f})"
@@ -268,7 +247,9 @@ def write_report(rows: list[dict[str, Any]], out_dir: str | Path, suite: str, me
         extra = ""
         if folded:
             f = r.get("dense_bn_folded")
-            extra = f" {span(f)} | {r['speedup_vs_bn_folded']:.2f}x |" if f else " - | - |"
+            extra = (f" {r['dense_items_per_s']:.1f} -> {r['sparse_items_per_s']:.1f} |"
+                     f" {r['converted_layers']}/{r['sparse_layers']} ({r.get('kept_dense_by_choice', 0)}) |")
+            extra += f" {span(f)} | {r['speedup_vs_bn_folded']:.2f}x |" if f else " - | - |"
         rss = f" {r['peak_rss_mb']:.0f} |" if folded else ""
         lines.append(f"| {r[key]} | {r['pattern']} | {r['batch']} | {span(r['dense'])} | {span(r['sparse'])} "
                      f"| {r['speedup']:.2f}x |{extra} {r['weight_bytes_dense'] / 1e6:.1f} -> "
@@ -297,6 +278,23 @@ def _plot(rows: list[dict[str, Any]], key: str, path: Path) -> None:
     plt.close(fig)
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def machine_meta(threads: int, note: str) -> dict[str, Any]:
-    return {"threads": threads, "torch": torch.__version__, "cpu_count": os.cpu_count(),
+    """The run's machine: threads, versions, CPU, cache, and the ISA the sparse kernels were built for."""
+    from .runtime import _native
+
+    status = _native.status()
+    return {"threads": threads, "torch": torch.__version__, "cpu_count": os.cpu_count(), "cpu": _cpu_name(),
+            "isa": status["isa"] or f"none ({status['reason']})", "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "last_level_cache_bytes": last_level_cache_bytes(), "note": note}

@@ -10,16 +10,20 @@ import torch
 from .errors import CliError
 
 DEFAULT_PATTERNS = {"layers": "1x16:0.25,1x16:0.5,2:4", "models": "1x16:0.25,2:4"}
-DEFAULT_BATCHES = "1,8,64"
+DEFAULT_BATCHES = {"layers": "1,8,64", "models": "1,32"}
 DEFAULT_MODELS = "resnet50,vit_small_patch16_224,minilm"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", choices=["layers", "models"], default="layers",
-                        help="layers: single layers of real models; models: whole models end to end at batch 1")
+                        help="layers: single layers of real models; models: whole models end to end")
     parser.add_argument("--pattern", help="comma-separated patterns (default: layers "
                         f"{DEFAULT_PATTERNS['layers']}; models {DEFAULT_PATTERNS['models']})")
-    parser.add_argument("--batch", default=DEFAULT_BATCHES, help="comma-separated batch sizes (rows or images)")
+    parser.add_argument("--batch", help="comma-separated batch sizes (rows, images or sequences; default: layers "
+                        f"{DEFAULT_BATCHES['layers']}, models {DEFAULT_BATCHES['models']})")
+    parser.add_argument("--no-layer-choice", action="store_true",
+                        help="models: run every eligible layer sparse (default: each layer measured at its real "
+                        "input and kept dense where sparse was slower)")
     parser.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated models of the model suite "
                         "(timm names, or minilm)")
     parser.add_argument("--case", action="append", default=[], help="only layer cases whose name contains this")
@@ -59,12 +63,17 @@ def run(args: argparse.Namespace) -> int:
         cases = [c for c in layer_cases() if not args.case or any(k in c.name for k in args.case)]
         if not cases:
             raise CliError(f"no layer case matches {args.case}; cases: {', '.join(c.name for c in layer_cases())}")
-        rows = run_layer_suite(patterns, _ints(args.batch, "batch"), args.repeats, cases=cases)
+        rows = run_layer_suite(patterns, _ints(args.batch or DEFAULT_BATCHES["layers"], "batch"), args.repeats,
+                               cases=cases)
         note = "batch <= 8 cases rotate weight copies beyond the last-level cache"
     else:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
-        rows = run_model_suite(patterns, models, args.repeats)
-        note = "whole models at batch 1, random weights pruned by magnitude; eligible layers converted"
+        choose = not args.no_layer_choice
+        rows = run_model_suite(patterns, models, args.repeats, batches=tuple(_ints(args.batch or DEFAULT_BATCHES["models"],
+                                                                                   "batch")), choose=choose)
+        note = ("whole models, random weights pruned by magnitude; "
+                + ("layer choice on (each layer timed dense vs sparse at its input, the faster kept)" if choose
+                   else "every eligible layer sparse"))
     paths = write_report(rows, args.out, args.suite, machine_meta(threads, note))
     print(paths["md"].read_text())
     print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")

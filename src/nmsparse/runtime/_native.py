@@ -1,15 +1,24 @@
-"""The C++ kernels of the sparse runtime: built at first use, loaded with ctypes.
+"""The C++ kernels of the sparse runtime: built once per machine, loaded with ctypes.
 
-Why a plain C++ shared library (``csrc/kernels.cpp``) and not numba alone: batched sparse products
-need register-blocked micro-kernels (a tile of accumulators kept in vector registers while each
-loaded weight or input vector is reused across the tile), and numba spills such tiles to memory
-(measured about 5 GFLOP/s per thread against 60+ for the C++ tile, docs/runtime.md). Why ctypes and
-not ``torch.utils.cpp_extension``: the kernels touch only raw float buffers, so they need no PyTorch
-headers; without them g++ builds the library in a few seconds instead of most of a minute, and no
-``ninja`` is needed. The library is compiled for the machine it runs on (``-march=native``), cached
-under ``~/.cache/nmsparse`` (``NMSPARSE_CACHE`` overrides) keyed by the source, compiler and CPU, and
-written atomically. Where no compiler works, the runtime falls back to the numba kernels and
-:func:`status` says why. ``NMSPARSE_RUNTIME_BACKEND=numba`` forces the fallback.
+Why a plain C++ shared library (``csrc/kernels.cpp``): batched sparse products need
+register-blocked micro-kernels (a tile of accumulators kept in vector registers while each loaded
+weight or input vector is reused across the tile), which numba cannot express (it spills such tiles
+to memory: about 5 GFLOP/s per thread against 60+ for the C++ tile). One source serves every CPU:
+it is written over GCC/Clang vector extensions and compiled with ``-march=native``, so the same
+micro-kernels become AVX-512, AVX2 + FMA, NEON or SSE2 code (docs/runtime.md says why this and not
+``at::vec`` or a SIMD library). Why ctypes and not ``torch.utils.cpp_extension``: the kernels touch
+only raw float buffers, so they need no PyTorch headers; g++ builds the library in a few seconds
+instead of most of a minute, and no ``ninja`` is needed.
+
+The library is built by :func:`require` (called by ``convert``, ``load_compressed`` and the sparse
+modules' constructors, never inside ``forward``), cached under ``~/.cache/nmsparse``
+(``NMSPARSE_CACHE`` overrides) keyed by the source, compiler and CPU, written atomically, and works
+offline. Without a working compiler :func:`require` raises :class:`KernelsUnavailable` with a
+one-line reason and the fix, and ``convert`` leaves the layers dense. ``NMSPARSE_RUNTIME_BACKEND=dense``
+turns the kernels off the same way.
+
+The functions below take tensors and the integers of a layout; the PyTorch operators of
+:mod:`nmsparse.runtime.ops` call them.
 """
 
 from __future__ import annotations
@@ -24,11 +33,14 @@ import tempfile
 import threading
 from functools import cache
 from pathlib import Path
+from typing import NamedTuple
 
-import numpy as np
 import torch
 
-__all__ = ["available", "status", "block_mm", "implicit_conv", "nm_mm", "im2col", "library"]
+from .formats import nm_chunk, offset_bits
+
+__all__ = ["KernelsUnavailable", "available", "status", "require", "block_mm", "implicit_conv", "nm_mm", "im2col",
+           "library", "runnable_variants", "VARIANTS"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
 _FLAGS = ["-O3", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
@@ -81,11 +93,11 @@ def _build(compiler: str, out: Path, extra: list[str]) -> None:
 @cache
 def _load(variant: str) -> tuple[ctypes.CDLL | None, str]:
     """``(library, reason)``; the library is None with the reason it could not be built or loaded."""
-    if os.environ.get("NMSPARSE_RUNTIME_BACKEND", "").lower() == "numba":
-        return None, "NMSPARSE_RUNTIME_BACKEND=numba"
+    if os.environ.get("NMSPARSE_RUNTIME_BACKEND", "").lower() in ("dense", "none", "off"):
+        return None, f"NMSPARSE_RUNTIME_BACKEND={os.environ['NMSPARSE_RUNTIME_BACKEND']}"
     compiler = _compiler()
     if compiler is None:
-        return None, "no C++ compiler (g++/c++/clang++) on PATH"
+        return None, "no C++ compiler (g++/c++/clang++) on PATH; install one (e.g. apt-get install g++) or set CXX"
     extra = VARIANTS[variant]
     if variant != "native" and (variant == "neon") != platform.machine().lower().startswith(("arm", "aarch")):
         return None, f"the {variant} build is for another architecture than {platform.machine()}"
@@ -104,6 +116,7 @@ def _load(variant: str) -> tuple[ctypes.CDLL | None, str]:
         except (OSError, subprocess.SubprocessError) as exc:
             return None, str(exc).splitlines()[0]
     lib.nms_isa.restype = ctypes.c_char_p
+    lib.nms_vector_width.restype = ctypes.c_int
     lib.nms_block_mm.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR,
                                  ctypes.c_int, ctypes.c_int]
     lib.nms_nm_mm.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
@@ -121,20 +134,107 @@ def library(variant: str = "native") -> ctypes.CDLL | None:
     return _load(variant)[0]
 
 
+class KernelsUnavailable(RuntimeError):
+    """The sparse CPU kernels cannot be built or loaded here (the message says why and what fixes it)."""
+
+
+_LOADED: ctypes.CDLL | None = None
+
+
+def require() -> ctypes.CDLL:
+    """This machine's kernel library, built (once per machine, then cached on disk) and loaded now.
+
+    Raises:
+        KernelsUnavailable: no working compiler, a failed build, or kernels turned off.
+    """
+    global _LOADED
+    if _LOADED is None:
+        lib, reason = _load("native")
+        if lib is None:
+            raise KernelsUnavailable(f"sparse CPU kernels unavailable: {reason}")
+        _LOADED = lib
+    return _LOADED
+
+
+def loaded() -> ctypes.CDLL:
+    """The library :func:`require` loaded (loads it on a first call that came before any require)."""
+    return _LOADED if _LOADED is not None else require()
+
+
 def available() -> bool:
     return library() is not None
 
 
 def status() -> dict[str, object]:
-    """What the runtime runs on here: ``{"backend": "cpp"|"numba", "isa": ..., "reason": ...}``."""
+    """What the runtime runs on here: ``{"backend": "cpp"|None, "isa": "avx512"|"avx2"|"neon"|"generic",
+    "vector_floats": ..., "reason": ...}``; backend None means layers stay dense, for the reason given."""
     lib, reason = _load("native")
     if lib is None:
-        return {"backend": "numba", "isa": None, "reason": reason}
-    return {"backend": "cpp", "isa": lib.nms_isa().decode(), "reason": ""}
+        return {"backend": None, "isa": None, "vector_floats": None, "reason": reason}
+    return {"backend": "cpp", "isa": lib.nms_isa().decode(), "vector_floats": lib.nms_vector_width(), "reason": ""}
 
 
-def _ptr(a: np.ndarray | torch.Tensor) -> int:
-    return a.data_ptr() if isinstance(a, torch.Tensor) else a.ctypes.data
+def _cpu_flags() -> set[str]:
+    return set(_cpu_signature().split(":", 1)[-1].split())
+
+
+def runnable_variants() -> list[str]:
+    """The builds of :data:`VARIANTS` this CPU can run (always ``native``)."""
+    flags, arm = _cpu_flags(), platform.machine().lower().startswith(("arm", "aarch"))
+    need = {"avx512": {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"}, "avx2": {"avx2", "fma"},
+            "generic": set()}
+    out = ["native"]
+    if arm:
+        return out + ["neon"]
+    return out + [v for v, req in need.items() if req <= flags]
+
+
+def compile_only(variant: str, out_dir: Path) -> Path:
+    """Build the library for ``variant`` (any architecture the compiler targets) without loading it:
+    the tests compile the instruction sets this CPU cannot run.
+
+    Raises:
+        KernelsUnavailable: no compiler; OSError: the build failed (its first line of errors)."""
+    compiler = os.environ.get("NMSPARSE_CROSS_CXX") if variant == "neon" and not platform.machine().startswith(
+        ("arm", "aarch")) else _compiler()
+    if not compiler:
+        raise KernelsUnavailable(f"no compiler for the {variant} build")
+    path = out_dir / f"nmsparse_kernels_{variant}.so"
+    _build(compiler, path, VARIANTS[variant])
+    return path
+
+
+class BlockArrays(NamedTuple):
+    """A 1xN layout as tensors (see :class:`~nmsparse.runtime.formats.BlockPacked`)."""
+
+    cols: torch.Tensor  # [R, K] int32
+    kstart: torch.Tensor  # [R, chunks + 1] int32
+    vals: torch.Tensor  # [R, K, B] float32
+
+
+class NMArrays(NamedTuple):
+    """An n:m layout as tensors and integers (see :class:`~nmsparse.runtime.formats.NMPacked`)."""
+
+    codes: torch.Tensor  # flat uint8
+    vals: torch.Tensor  # flat float32
+    rows: int
+    columns: int
+    n: int
+    m: int
+
+
+def _opt(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _block_args(w: BlockArrays) -> tuple:
+    rows, kept, block = w.vals.shape
+    return w.cols.data_ptr(), w.kstart.data_ptr(), w.kstart.shape[1] - 1, w.vals.data_ptr(), rows, kept, block
+
+
+def _nm_args(w: NMArrays) -> tuple:
+    return (w.codes.data_ptr(), w.vals.data_ptr(), w.rows, w.columns // w.m * w.n, nm_chunk(w.columns, w.n, w.m),
+            w.n, w.m, offset_bits(w.m))
 
 
 def _rows(xt: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor:
@@ -155,43 +255,35 @@ def _rows(xt: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor:
         padded = padded[:, :batch]
         padded.copy_(xt)
         return padded
+    if xt.shape[1] == 1 and xt.stride(0) != 1:
+        return xt.contiguous()
     return xt
 
 
-def _bias_ptr(bias: torch.Tensor | None) -> int | None:
-    return None if bias is None else bias.data_ptr()
-
-
-def _layout_args(packed) -> tuple:
-    """The kernel arguments a packed layout fixes (pointers, sizes), built once per layout: a batch-1
-    call is short enough that recomputing them showed in its time. Rebuilt if the arrays are replaced."""
-    arrays = (packed.vals, getattr(packed, "codes", None), getattr(packed, "cols", None))
-    cached = packed.__dict__.get("_native_args")
-    if cached is None or any(a is not b for a, b in zip(cached[0], arrays)):
-        if hasattr(packed, "codes"):  # n:m
-            args: tuple = (_ptr(packed.codes), _ptr(packed.vals), packed.shape[0], packed.kept, packed.chunk,
-                           packed.n, packed.m, packed.bits)
-        else:
-            rows, kept, block = packed.vals.shape
-            args = (_ptr(packed.cols), _ptr(packed.kstart), packed.kstart.shape[1] - 1, _ptr(packed.vals), rows, kept,
-                    block)
-        cached = packed.__dict__["_native_args"] = (arrays, args)
-    return cached[1]
-
-
-def block_mm(xt: torch.Tensor, packed, variant: str = "native", bias: torch.Tensor | None = None,
-             relu: bool = False) -> torch.Tensor:
-    """``W @ xt`` for a :class:`~nmsparse.runtime.formats.BlockPacked` W and ``xt[columns, batch]``;
-    ``bias`` (contiguous float32 ``[out]``) is added and ``relu`` applied as the kernel stores the output."""
-    lib = library(variant)
-    args = _layout_args(packed)
+def block_mm(xt: torch.Tensor, w: BlockArrays, bias: torch.Tensor | None = None, relu: bool = False,
+             lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """``W @ xt`` (``[out, batch]``) for a 1xN layout W and ``xt[columns, batch]``; ``bias`` (contiguous
+    float32 ``[out]``) is added and ``relu`` applied as the kernel stores the output."""
+    lib = lib or loaded()
+    args = _block_args(w)
     xt = _rows(xt, lib)
     batch = xt.shape[1]
-    if batch == 1 and xt.stride(0) != 1:
-        xt = xt.contiguous()
     out = torch.empty(args[4] * args[6], batch)
-    lib.nms_block_mm(xt.data_ptr(), xt.stride(0), *args, batch, out.data_ptr(), batch, _bias_ptr(bias), int(relu),
+    lib.nms_block_mm(xt.data_ptr(), xt.stride(0), *args, batch, out.data_ptr(), batch, _opt(bias), int(relu),
                      torch.get_num_threads())
+    return out
+
+
+def nm_mm(xt: torch.Tensor, w: NMArrays, bias: torch.Tensor | None = None, relu: bool = False,
+          lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """``W @ xt`` (``[out, batch]``) for an n:m layout W and ``xt[columns, batch]``; ``bias`` and
+    ``relu`` as in :func:`block_mm`."""
+    lib = lib or loaded()
+    xt = _rows(xt, lib)
+    batch = xt.shape[1]
+    out = torch.empty(w.rows, batch)
+    lib.nms_nm_mm(xt.data_ptr(), xt.stride(0), *_nm_args(w), batch, out.data_ptr(), batch, _opt(bias), int(relu), None,
+                  torch.get_num_threads())
     return out
 
 
@@ -203,15 +295,14 @@ def conv_offsets(cols: torch.Tensor | None, count: int, channels: int, kernel: t
     ``"chw"`` (``c * kh * kw + dy * kw + dx``) or ``"hwc"`` (``(dy * kw + dx) * C + c``). None where they
     overflow int32. Computed in C++ at every call (one pass over the kept columns)."""
     out = torch.empty(count, dtype=torch.int32)
-    ok = lib.nms_conv_offsets(None if cols is None else cols.data_ptr(), count, channels, *kernel, *stride, *dilation,
-                              plane, width, int(order == "hwc"), out.data_ptr())
+    ok = lib.nms_conv_offsets(_opt(cols), count, channels, *kernel, *stride, *dilation, plane, width,
+                              int(order == "hwc"), out.data_ptr())
     return out if ok else None
 
 
-def implicit_conv(x: torch.Tensor, packed, kernel: tuple[int, int], stride: tuple[int, int],
-                  padding: tuple[int, int], dilation: tuple[int, int], order: str, cache: dict,
-                  variant: str = "native", bias: torch.Tensor | None = None,
-                  relu: bool = False) -> torch.Tensor | None:
+def implicit_conv(x: torch.Tensor, w: BlockArrays | NMArrays, kernel: tuple[int, int], stride: tuple[int, int],
+                  padding: tuple[int, int], dilation: tuple[int, int], order: str, bias: torch.Tensor | None = None,
+                  relu: bool = False, lib: ctypes.CDLL | None = None) -> torch.Tensor | None:
     """Convolution of ``x[N, C, H, W]`` by a packed ``[out, C*kh*kw]`` weight (columns in ``order``)
     without im2col: ``[out, N, oh, ow]`` (a strided view), or None where the offsets would overflow int32.
 
@@ -227,59 +318,54 @@ def implicit_conv(x: torch.Tensor, packed, kernel: tuple[int, int], stride: tupl
     of an im2col buffer, and the shifted runs of a channel share cache lines. ``bias`` and ``relu``
     as in :func:`block_mm`.
     """
-    lib = library(variant)
-    n, c, h, w = x.shape
+    lib = lib or loaded()
+    n, c, h, wd = x.shape
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
-    hp, wp = h + 2 * ph, w + 2 * pw
+    hp, wp = h + 2 * ph, wd + 2 * pw
     oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
     hq, wq = -(-hp // sh), -(-wp // sw)  # phase plane rows and columns (bottom/right zero-extended)
     plane = n * hq * wq
-    block = hasattr(packed, "cols")
-    cols = torch.from_numpy(packed.cols) if block else None
-    offs = conv_offsets(cols, packed.cols.size if block else packed.shape[1], c, kernel, stride, dilation, plane, wq,
-                        order, lib)
+    block = isinstance(w, BlockArrays)
+    offs = conv_offsets(w.cols if block else None, w.cols.numel() if block else w.columns, c, kernel, stride, dilation,
+                        plane, wq, order, lib)
     if offs is None:
         return None
     xin = x.to(torch.float32).contiguous()
     planes = torch.empty(sh * sw * c * plane)
-    lib.nms_phase_planes(_ptr(xin), n, c, h, w, sh, sw, ph, pw, hq, wq, _ptr(planes), torch.get_num_threads())
+    lib.nms_phase_planes(xin.data_ptr(), n, c, h, wd, sh, sw, ph, pw, hq, wq, planes.data_ptr(),
+                         torch.get_num_threads())
     # the last position computed is the last real output: every read stays inside the planes
     positions = ((n - 1) * hq + oh - 1) * wq + ow
-    out = torch.empty(packed.shape[0], plane)
+    rows = w.vals.shape[0] * w.vals.shape[2] if block else w.rows
+    out = torch.empty(rows, plane)
     if block:
-        _, *layout = _layout_args(packed)  # the kept entries' offsets replace their column indices
-        lib.nms_block_mm(planes.data_ptr(), 1, _ptr(offs), *layout, positions, out.data_ptr(), plane,
-                         _bias_ptr(bias), int(relu), torch.get_num_threads())
+        _, *layout = _block_args(w)  # the kept entries' offsets replace their column indices
+        lib.nms_block_mm(planes.data_ptr(), 1, offs.data_ptr(), *layout, positions, out.data_ptr(), plane, _opt(bias),
+                         int(relu), torch.get_num_threads())
     else:
-        lib.nms_nm_mm(planes.data_ptr(), 1, *_layout_args(packed), positions, out.data_ptr(), plane, _bias_ptr(bias),
-                      int(relu), _ptr(offs), torch.get_num_threads())
-    return out.view(packed.shape[0], n, hq, wq)[:, :, :oh, :ow]
-
-
-def nm_mm(xt: torch.Tensor, packed, variant: str = "native", bias: torch.Tensor | None = None,
-          relu: bool = False) -> torch.Tensor:
-    """``W @ xt`` for an :class:`~nmsparse.runtime.formats.NMPacked` W and ``xt[columns, batch]``;
-    ``bias`` and ``relu`` as in :func:`block_mm`."""
-    lib = library(variant)
-    args = _layout_args(packed)
-    xt = _rows(xt, lib)
-    batch = xt.shape[1]
-    out = torch.empty(args[2], batch)
-    lib.nms_nm_mm(xt.data_ptr(), xt.stride(0), *args, batch, out.data_ptr(), batch, _bias_ptr(bias), int(relu), None,
-                  torch.get_num_threads())
-    return out
+        lib.nms_nm_mm(planes.data_ptr(), 1, *_nm_args(w), positions, out.data_ptr(), plane, _opt(bias), int(relu),
+                      offs.data_ptr(), torch.get_num_threads())
+    return out.view(rows, n, hq, wq)[:, :, :oh, :ow]
 
 
 def im2col(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
-           dilation: tuple[int, int], order: str, variant: str = "native") -> torch.Tensor:
+           dilation: tuple[int, int], order: str, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """``[C*kh*kw, N*oh*ow]`` columns of ``x[N, C, H, W]`` (zero padding) in ``order`` ``"chw"`` (PyTorch's
     ``unfold`` row order) or ``"hwc"`` (kernel position major, channel minor)."""
-    lib = library(variant)
+    lib = lib or loaded()
     x = x.to(torch.float32).contiguous()
     n, c, h, w = x.shape
     oh = (h + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
     ow = (w + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
     out = torch.empty(c * kernel[0] * kernel[1], n * oh * ow)
-    lib.nms_im2col(_ptr(x), n, c, h, w, *kernel, *stride, *padding, *dilation, int(order == "hwc"), _ptr(out),
-                   torch.get_num_threads())
+    lib.nms_im2col(x.data_ptr(), n, c, h, w, *kernel, *stride, *padding, *dilation, int(order == "hwc"),
+                   out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def arrays_of(packed) -> BlockArrays | NMArrays:
+    """The tensors of a :class:`~nmsparse.runtime.formats.BlockPacked` / ``NMPacked`` layout (shared memory)."""
+    if hasattr(packed, "cols"):
+        return BlockArrays(torch.from_numpy(packed.cols), torch.from_numpy(packed.kstart), torch.from_numpy(packed.vals))
+    return NMArrays(torch.from_numpy(packed.codes), torch.from_numpy(packed.vals), packed.shape[0], packed.shape[1],
+                    packed.n, packed.m)

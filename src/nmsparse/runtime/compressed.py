@@ -12,6 +12,7 @@ torchvision or transformers), numba and safetensors, not nmsparse's training sta
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from .._io import atomic_dir
 from ..export.manifest import MANIFEST_NAME, WEIGHTS_NAME, ExportError
+from . import _native
 from .convert import convert
 from .formats import BlockPacked, NMPacked
 from .modules import SparseConv2d, SparseLinear
@@ -36,15 +38,31 @@ def _is_compressed(path: Path) -> bool:
         return False
 
 
-def save_compressed(export_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
-    """Write the compressed layout of a (dense-with-zeros) export; returns the size report."""
+def save_compressed(export_dir: str | Path, out_dir: str | Path, example_inputs: Any = None,
+                    keep_dense: dict[str, str] | None = None, min_speedup: float = 1.0) -> dict[str, Any]:
+    """Write the compressed layout of a (dense-with-zeros) export; returns the size report.
+
+    Args:
+        example_inputs: time every layer dense and sparse at this input (see :func:`convert`) and
+            store the layers that measured slower sparse as dense; the choice is saved in the
+            manifest (``kept_dense``: fqn -> reason with the measured ratio) and kept on reload.
+        keep_dense: ``{fqn: reason}`` of layers to store dense whatever they measure.
+
+    Raises:
+        KernelsUnavailable: the kernels cannot be built here (packing needs their layouts' checks).
+    """
     from safetensors.torch import save_file
 
     from ..export import read_manifest
 
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     manifest = read_manifest(export_dir)
-    model, rows = convert(export_dir, infer=False, fuse=False)  # patterns from the manifest; state dict kept whole
+    _native.require()
+    # patterns from the manifest; state dict kept whole (no fusion)
+    model, rows = convert(export_dir, infer=False, fuse=False, example_inputs=example_inputs, keep_dense=keep_dense,
+                          min_speedup=min_speedup)
+    kept = {r.fqn: r.reason for r in rows if not r.converted and r.pattern
+            and (r.reason.startswith("kept dense") or r.fqn in (keep_dense or {}))}
     packing = {}
     for fqn, module in model.named_modules():
         if isinstance(module, (SparseLinear, SparseConv2d)):
@@ -55,14 +73,34 @@ def save_compressed(export_dir: str | Path, out_dir: str | Path) -> dict[str, An
                             **({"n": packed.n, "m": packed.m, "offset_bits": packed.bits, "chunk": packed.chunk}
                                if isinstance(packed, NMPacked) else {"block": packed.block})}
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    new_manifest = dict(manifest, layout=LAYOUT, packing=packing)
+    new_manifest = dict(manifest, layout=LAYOUT, packing=packing, kept_dense=kept)
     with atomic_dir(out_dir, replaceable=_is_compressed) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME))
         (tmp / MANIFEST_NAME).write_text(json.dumps(new_manifest, indent=1) + "\n")
     dense_size = (export_dir / WEIGHTS_NAME).stat().st_size
     size = (out_dir / WEIGHTS_NAME).stat().st_size
     return {"dense_bytes": dense_size, "compressed_bytes": size, "ratio": size / dense_size,
-            "packed_layers": len(packing), "layers_left_dense": [r.as_dict() for r in rows if not r.converted and r.pattern]}
+            "packed_layers": len(packing), "kept_dense": kept,
+            "layers_left_dense": [r.as_dict() for r in rows if not r.converted and r.pattern]}
+
+
+@torch.no_grad()
+def _unpack_into(module: nn.Module, packed: Any, order: str, bias: torch.Tensor | None, perm: list[int] | None) -> None:
+    """Put a packed weight back into its dense module (no kernels here): the same function, dense speed."""
+    matrix = packed.dense()
+    if perm is not None:  # the packed weight reads inputs through a gather: scatter its columns back
+        if module.weight.dim() != 2:
+            raise ExportError("a permuted convolution cannot be unpacked without the kernels")
+        unpermuted = torch.zeros_like(matrix)
+        unpermuted[:, torch.as_tensor(perm)] = matrix
+        matrix = unpermuted
+    weight = module.weight
+    if weight.dim() == 4 and order == "hwc":
+        out, c, kh, kw = weight.shape
+        matrix = matrix.view(out, kh, kw, c).permute(0, 3, 1, 2)
+    weight.copy_(matrix.reshape(weight.shape))
+    if bias is not None and module.bias is not None:
+        module.bias.copy_(bias)
 
 
 @torch.no_grad()
@@ -70,7 +108,10 @@ def load_compressed(directory: str | Path, fuse: bool = True) -> tuple[nn.Module
     """Rebuild a model from a compressed export, packed layers running on the CPU kernels.
 
     With ``fuse``, batch norms and ReLUs that follow packed layers are folded into them
-    (:func:`nmsparse.runtime.fuse.fuse`), as :func:`~nmsparse.runtime.convert.convert` does.
+    (:func:`nmsparse.runtime.fuse.fuse`), as :func:`~nmsparse.runtime.convert.convert` does. Layers
+    the file keeps dense (``kept_dense``: a measured choice) load dense. Where the kernels cannot be
+    built here, packed layers are unpacked into their dense modules (same outputs, dense speed) and a
+    warning says why.
 
     Raises:
         ExportError: not a compressed export, or tensors that do not fit the architecture.
@@ -90,6 +131,12 @@ def load_compressed(directory: str | Path, fuse: bool = True) -> tuple[nn.Module
     except ModelError as exc:
         raise ExportError(f"cannot rebuild the exported model: {exc}") from None
     state = load_file(str(directory / WEIGHTS_NAME))
+    try:
+        _native.require()
+        unavailable = ""
+    except _native.KernelsUnavailable as exc:
+        unavailable = str(exc)
+        warnings.warn(f"{exc}; packed layers of {directory} run dense", RuntimeWarning, stacklevel=2)
     for fqn, info in manifest["packing"].items():
         module = model.get_submodule(fqn)
         shape = tuple(info["shape"])
@@ -104,11 +151,15 @@ def load_compressed(directory: str | Path, fuse: bool = True) -> tuple[nn.Module
                                   "compress the export again")
         bias = state.pop(f"{fqn}.bias", None)
         perm = info.get("input_permutation")
+        if unavailable:
+            _unpack_into(module, packed, info["order"], bias, perm)
+            continue
         new = (SparseLinear(packed, bias, perm) if isinstance(module, nn.Linear)
                else SparseConv2d(packed, bias, module, info["order"], perm))
         model.set_submodule(fqn, new)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    packed_keys = {f"{f}.{k}" for f in manifest["packing"] for k in ("vals", "cols", "codes", "bias")}
+    # popped above, or filled by _unpack_into
+    packed_keys = {f"{f}.{k}" for f in manifest["packing"] for k in ("vals", "cols", "codes", "bias", "weight")}
     missing = [k for k in missing if k not in packed_keys]
     if missing or unexpected:
         raise ExportError(f"compressed weights do not fit the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")

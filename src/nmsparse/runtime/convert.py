@@ -25,7 +25,7 @@ from ..permute import input_map
 from .formats import FormatError, gemm_matrix, pack_block, pack_nm
 from .modules import SparseConv2d, SparseLinear
 
-__all__ = ["ConvertRow", "convert", "infer_pattern", "to_semi_structured"]
+__all__ = ["ConvertReport", "ConvertRow", "convert", "infer_pattern", "to_semi_structured"]
 
 _NM_CANDIDATES = ("1:4", "2:4", "1:8", "2:8", "4:8", "1:16", "2:16", "4:16")
 _BLOCK_CANDIDATES = (32, 16, 8, 4)
@@ -33,6 +33,12 @@ _BLOCK_CANDIDATES = (32, 16, 8, 4)
 
 @dataclass
 class ConvertRow:
+    """One Linear/Conv2d layer of a :func:`convert` call.
+
+    ``converted`` says whether the layer runs sparse; ``reason`` why not. With ``example_inputs``,
+    ``dense_ms`` / ``sparse_ms`` are the layer's measured median times at its real input and
+    ``speedup`` their ratio (the layer stays dense where it is below ``min_speedup``)."""
+
     fqn: str
     pattern: str | None
     converted: bool
@@ -40,9 +46,23 @@ class ConvertRow:
     dense_bytes: int = 0
     packed_bytes: int = 0
     fused: list[str] = field(default_factory=list)  # modules folded into this layer (runtime.fuse)
+    dense_ms: float | None = None
+    sparse_ms: float | None = None
+    speedup: float | None = None
+    input_shape: list[int] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+class ConvertReport(list):
+    """The rows of :func:`convert` (a list of :class:`ConvertRow`), with the whole model's times when
+    it was measured: ``dense_ms``, ``sparse_ms`` (medians) and ``speedup``; and the kernels' ``isa``."""
+
+    dense_ms: float | None = None
+    sparse_ms: float | None = None
+    speedup: float | None = None
+    isa: str | None = None
 
 
 def infer_pattern(weight: torch.Tensor) -> Pattern | None:
@@ -97,12 +117,45 @@ def _eligible(module: nn.Module) -> str:
     return ""
 
 
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+
+
+def _capture_inputs(model: nn.Module, fqns: list[str], inputs: Any) -> dict[str, torch.Tensor]:
+    """The input each named layer receives at its first call when the model runs on ``inputs``."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = []
+    for fqn in fqns:
+        def hook(module, args, fqn=fqn):
+            if fqn not in seen and args and isinstance(args[0], torch.Tensor):
+                seen[fqn] = args[0].detach().clone()
+        hooks.append(model.get_submodule(fqn).register_forward_pre_hook(hook))
+    try:
+        _call(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _median_ms(fns: list, repeats: int) -> list[float]:
+    from .timing import summary, time_interleaved
+
+    return [summary(t)["median_ms"] for t in time_interleaved(fns, warmup=2, repeats=repeats)]
+
+
 @torch.no_grad()
 def convert(
     model_or_export: nn.Module | str | Path, patterns: dict[str, str | Pattern] | None = None, infer: bool = True,
-    fuse: bool = True,
-) -> tuple[nn.Module, list[ConvertRow]]:
+    fuse: bool = True, example_inputs: Any = None, min_speedup: float = 1.0, repeats: int = 10,
+    keep_dense: dict[str, str] | None = None, progress: str = "none",
+) -> tuple[nn.Module, ConvertReport]:
     """Swap eligible layers for :class:`SparseLinear` / :class:`SparseConv2d` (in place for a model).
+
+    The kernel library is built (once per machine) and loaded here, before any forward; where it
+    cannot be, every layer stays dense and each row says why, with the fix.
 
     Args:
         model_or_export: a model (dense with zeros) or an export directory (its manifest names the patterns).
@@ -111,10 +164,20 @@ def convert(
         fuse: fold eval-mode batch norms and ReLUs that follow converted layers into them
             (:func:`nmsparse.runtime.fuse.fuse`; the absorbed modules become ``nn.Identity``, so the
             state dict loses their entries). Off for a model whose state dict must keep them.
+        example_inputs: the model's input (a tensor, a tuple of positional inputs, or a dict of
+            keyword inputs) at the shape it will run. With it, each eligible layer is timed dense and
+            sparse at its real input on this machine (alternating blocks of calls, ``repeats`` each),
+            and stays dense where ``dense_ms / sparse_ms < min_speedup``; the whole model is timed
+            before and after, and the report carries both.
+        keep_dense: ``{fqn: reason}`` of layers to leave dense (a choice saved with a compressed export).
+        progress: ``"auto"`` shows progress (rate, ETA) while layers are timed; ``"none"`` is silent.
 
     Returns:
-        ``(model, rows)``: the model (eval mode) and one row per Linear/Conv2d layer.
+        ``(model, report)``: the model (eval mode) and a :class:`ConvertReport` with one row per
+        Linear/Conv2d layer.
     """
+    from . import _native
+
     given: dict[str, Pattern] = {}
     if isinstance(model_or_export, (str, Path)):
         from ..export import load_export
@@ -128,7 +191,13 @@ def convert(
         model = model_or_export
     given.update({f: parse_pattern(p) for f, p in (patterns or {}).items()})
     model.eval()
-    rows = []
+    report = ConvertReport()
+    unavailable = ""
+    try:
+        report.isa = _native.require().nms_isa().decode()
+    except _native.KernelsUnavailable as exc:
+        unavailable = str(exc)
+    plan: list[tuple[str, nn.Module, Pattern]] = []
     for fqn, module in list(model.named_modules()):
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
@@ -139,23 +208,53 @@ def convert(
             pattern = infer_pattern(module.weight)
         if not reason and pattern is None:
             reason = "dense (no pattern)"
-        if reason:
-            rows.append(ConvertRow(fqn, str(pattern) if pattern else None, False, reason, dense_bytes, dense_bytes))
-            continue
+        if not reason and unavailable:
+            reason = unavailable
+        if not reason and keep_dense and fqn in keep_dense:
+            reason = keep_dense[fqn]
+        report.append(ConvertRow(fqn, str(pattern) if pattern else None, False, reason, dense_bytes, dense_bytes))
+        if not reason:
+            plan.append((fqn, module, pattern))  # type: ignore[arg-type]
+    rows = {row.fqn: row for row in report}
+    inputs = {}
+    if example_inputs is not None and plan:
+        inputs = _capture_inputs(model, [fqn for fqn, _, _ in plan], example_inputs)
+        report.dense_ms = _median_ms([lambda i: _call(model, example_inputs)], repeats)[0]
+    from ..progress import Progress
+
+    bar = Progress(len(plan), 0, progress if inputs else "none", 1, True)
+    for index, (fqn, module, pattern) in enumerate(plan):
+        row = rows[fqn]
         try:
-            new = _convert_layer(module, pattern)  # type: ignore[arg-type]
+            new = _convert_layer(module, pattern)
         except FormatError as exc:
-            rows.append(ConvertRow(fqn, str(pattern), False, str(exc), dense_bytes, dense_bytes))
+            row.reason = str(exc)
             continue
+        row.packed_bytes = new.weight_nbytes
+        x = inputs.get(fqn)
+        if x is not None:
+            row.input_shape = list(x.shape)
+            row.dense_ms, row.sparse_ms = _median_ms([lambda i, f=module, x=x: f(x), lambda i, f=new, x=x: f(x)], repeats)
+            row.speedup = row.dense_ms / row.sparse_ms
+            bar.update(index + 1, f"{fqn}: {row.speedup:.2f}x")
+            if row.speedup < min_speedup:
+                row.reason = (f"kept dense: sparse measured {row.speedup:.2f}x of dense at input {row.input_shape} "
+                              f"(below {min_speedup:g}x)")
+                row.packed_bytes = row.dense_bytes
+                continue
         model.set_submodule(fqn, new)
-        rows.append(ConvertRow(fqn, str(pattern), True, "", dense_bytes, new.weight_nbytes))
-    if fuse and any(row.converted for row in rows):
+        row.converted = True
+    bar.close()
+    if fuse and any(row.converted for row in report):
         from .fuse import fuse as fuse_following
 
         fused = fuse_following(model).fused
-        for row in rows:
+        for row in report:
             row.fused = fused.get(row.fqn, [])
-    return model, rows
+    if example_inputs is not None and report.dense_ms is not None:
+        report.sparse_ms = _median_ms([lambda i: _call(model, example_inputs)], repeats)[0]
+        report.speedup = report.dense_ms / report.sparse_ms
+    return model, report
 
 
 @torch.no_grad()

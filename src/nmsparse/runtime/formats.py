@@ -19,7 +19,6 @@ Both unpack to the exact dense matrix (tested), and report their size in bytes.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,9 +43,6 @@ def gemm_matrix(weight: torch.Tensor, order: str) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
-# cached attributes derived from a layout's arrays: cached properties, and the C++ callers'
-# per-layout argument tuple (runtime._native._layout_args)
-_DERIVED = ("cols_index", "row_major_cached", "_native_args")
 
 BLOCK_CHUNK_COLS = 128  # columns per chunk of the batched 1xN kernel: 128 input rows x 64 batch = 32 KB of L1
 
@@ -60,11 +56,6 @@ class BlockPacked:
     @property
     def block(self) -> int:
         return int(self.vals.shape[2])
-
-    @functools.cached_property
-    def cols_index(self) -> torch.Tensor:
-        """``cols`` as an int64 tensor for ``index_select`` (built once, not per call)."""
-        return torch.from_numpy(self.cols).long()
 
     @property
     def nbytes(self) -> int:
@@ -93,10 +84,8 @@ class BlockPacked:
 
     def refresh(self) -> None:
         """Rebuild what is derived from the arrays after they changed in place (a new mask loaded
-        into them, values rescaled): the chunk starts, and the caches of the kernels' callers."""
+        into them): the chunk starts."""
         self.kstart = self._chunk_starts()
-        for key in _DERIVED:
-            self.__dict__.pop(key, None)
 
     def dense(self) -> torch.Tensor:
         out, columns = self.shape
@@ -181,14 +170,7 @@ class NMPacked:
         return np.ascontiguousarray(np.concatenate(offs, axis=1)), np.ascontiguousarray(np.concatenate(vals, axis=1))
 
     def refresh(self) -> None:
-        """Drop what is derived from the arrays after they changed in place (see BlockPacked.refresh)."""
-        for key in _DERIVED:
-            self.__dict__.pop(key, None)
-
-    @functools.cached_property
-    def row_major_cached(self) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`row_major`, kept (the numba fallback kernels read this layout)."""
-        return self.row_major()
+        """Nothing is derived from an n:m layout's arrays (the BlockPacked counterpart rebuilds chunk starts)."""
 
     def dense(self) -> torch.Tensor:
         out, columns = self.shape

@@ -58,7 +58,6 @@ def scale_rows(packed: BlockPacked | NMPacked, scale: np.ndarray) -> None:
     for width in packed._widths():  # chunk-major: each chunk holds [out, width] values
         packed.vals[at: at + out * width].reshape(out, width)[...] *= scale[:, None]
         at += out * width
-    packed.refresh()  # the numba fallback's row-major copy is stale now
 
 
 def _foldable_bn(module: nn.Module) -> bool:

@@ -1,0 +1,121 @@
+"""The sparse products as PyTorch operators (``torch.ops.nmsparse.*``), with fake implementations.
+
+Registered with :mod:`torch.library` so that PyTorch's own tools see one opaque operator per sparse
+layer instead of Python code that reads raw pointers: ``torch.compile(model, fullgraph=True)``
+traces a converted model without graph breaks, ``torch.export.export`` captures it (the exported
+program calls these operators; load it in a process that imported ``nmsparse.runtime``), and
+``torch.jit.trace`` records the operator calls, so a traced model computes what the eager one does.
+The fake (meta) implementations give each output's shape and strides from the inputs' alone.
+
+Every operator takes the input and the packed arrays (module buffers) plus the integers of the
+layout; bias (may be None) and ReLU are applied as the kernel stores its output. All run on CPU
+float32 tensors and return new tensors (no aliasing, no mutation). The kernel library must have
+been loaded before (``runtime._native.require``, which ``convert``, ``load_compressed`` and the
+modules' constructors call); nothing is built or looked up on disk inside a call.
+
+Schemas::
+
+    block_linear(x[T, in], cols, kstart, vals, bias?, relu) -> [T, out]      (a transposed view)
+    nm_linear(x[T, in], codes, vals, bias?, out, n, m, relu) -> [T, out]    (a transposed view)
+    block_conv2d(x[N, C, H, W], cols, kstart, vals, bias?, kernel, stride, padding, dilation, relu)
+        -> [N, out, oh, ow] (contiguous)
+    nm_conv2d(x[N, C, H, W], codes, vals, bias?, out, n, m, kernel, stride, padding, dilation, hwc, relu)
+        -> [N, out, oh, ow] (contiguous)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _native
+from ._native import BlockArrays, NMArrays
+
+__all__ = ["block_linear", "nm_linear", "block_conv2d", "nm_conv2d"]
+
+_CONV_ARGS = "SymInt[2] kernel, SymInt[2] stride, SymInt[2] padding, SymInt[2] dilation"
+_SCHEMAS = {
+    "block_linear": "(Tensor x, Tensor cols, Tensor kstart, Tensor vals, Tensor? bias, bool relu) -> Tensor",
+    "nm_linear": "(Tensor x, Tensor codes, Tensor vals, Tensor? bias, SymInt out_features, int n, int m, bool relu)"
+                 " -> Tensor",
+    "block_conv2d": f"(Tensor x, Tensor cols, Tensor kstart, Tensor vals, Tensor? bias, {_CONV_ARGS}, bool relu)"
+                    " -> Tensor",
+    "nm_conv2d": f"(Tensor x, Tensor codes, Tensor vals, Tensor? bias, SymInt out_channels, int n, int m, {_CONV_ARGS},"
+                 " bool hwc, bool relu) -> Tensor",
+}
+
+_LIB = torch.library.Library("nmsparse", "DEF")  # noqa: TOR901 - the project's own operator namespace
+for _name, _schema in _SCHEMAS.items():
+    _LIB.define(_name + _schema)
+
+
+def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+# ---------------------------------------------------------------- CPU implementations
+def _block_linear(x, cols, kstart, vals, bias, relu):
+    return _native.block_mm(x.t(), BlockArrays(cols, kstart, vals), bias, relu).t()
+
+
+def _nm_linear(x, codes, vals, bias, out_features, n, m, relu):
+    return _native.nm_mm(x.t(), NMArrays(codes, vals, out_features, x.shape[1], n, m), bias, relu).t()
+
+
+def _conv(x, w, out_ch, kernel, stride, padding, dilation, order, bias, relu):
+    batch, channels, height, width = x.shape
+    kh, kw = kernel
+    oh, ow = (_out_size(height, kh, stride[0], padding[0], dilation[0]),
+              _out_size(width, kw, stride[1], padding[1], dilation[1]))
+    mm = _native.block_mm if isinstance(w, BlockArrays) else _native.nm_mm
+    if (kh, kw) == (1, 1) and tuple(padding) == (0, 0):  # a per-pixel GEMM on the (strided) input itself
+        xs = x[:, :, :: stride[0], :: stride[1]].float()
+        # [in, N*H*W]: a free view of an NCHW batch of one
+        xt = xs[0].reshape(channels, -1) if batch == 1 else xs.transpose(0, 1).reshape(channels, -1)
+        y = mm(xt, w, bias, relu)
+    else:
+        y = _native.implicit_conv(x, w, (kh, kw), tuple(stride), tuple(padding), tuple(dilation), order, bias, relu)
+        if y is not None:  # [out, N, oh, ow] view: one copy makes it NCHW
+            return y.transpose(0, 1).contiguous()
+        # offsets past int32: im2col straight into [in*k*k, N*L], in the weight's column order
+        y = mm(_native.im2col(x, (kh, kw), tuple(stride), tuple(padding), tuple(dilation), order), w, bias, relu)
+    return y.view(out_ch, batch, oh, ow).transpose(0, 1).contiguous()
+
+
+def _block_conv2d(x, cols, kstart, vals, bias, kernel, stride, padding, dilation, relu):
+    return _conv(x, BlockArrays(cols, kstart, vals), vals.shape[0] * vals.shape[2], kernel, stride, padding, dilation,
+                 "chw", bias, relu)
+
+
+def _nm_conv2d(x, codes, vals, bias, out_channels, n, m, kernel, stride, padding, dilation, hwc, relu):
+    columns = x.shape[1] * kernel[0] * kernel[1]
+    return _conv(x, NMArrays(codes, vals, out_channels, columns, n, m), out_channels, kernel, stride, padding,
+                 dilation, "hwc" if hwc else "chw", bias, relu)
+
+
+# ---------------------------------------------------------------- fake implementations
+def _fake_linear(x, out_features):
+    return x.new_empty((out_features, x.shape[0])).t()
+
+
+def _fake_conv(x, out_ch, kernel, stride, padding, dilation):
+    oh = _out_size(x.shape[2], kernel[0], stride[0], padding[0], dilation[0])
+    ow = _out_size(x.shape[3], kernel[1], stride[1], padding[1], dilation[1])
+    return x.new_empty((x.shape[0], out_ch, oh, ow))
+
+
+_IMPLS = {
+    "block_linear": (_block_linear, lambda x, cols, kstart, vals, bias, relu: _fake_linear(x, vals.shape[0] * vals.shape[2])),
+    "nm_linear": (_nm_linear, lambda x, codes, vals, bias, out_features, n, m, relu: _fake_linear(x, out_features)),
+    "block_conv2d": (_block_conv2d, lambda x, cols, kstart, vals, bias, kernel, stride, padding, dilation, relu:
+                     _fake_conv(x, vals.shape[0] * vals.shape[2], kernel, stride, padding, dilation)),
+    "nm_conv2d": (_nm_conv2d, lambda x, codes, vals, bias, out_channels, n, m, kernel, stride, padding, dilation, hwc,
+                  relu: _fake_conv(x, out_channels, kernel, stride, padding, dilation)),
+}
+for _name, (_impl, _fake) in _IMPLS.items():
+    _LIB.impl(_name, _impl, "CPU")
+    torch.library.register_fake(f"nmsparse::{_name}", _fake, lib=_LIB)
+
+block_linear = torch.ops.nmsparse.block_linear
+nm_linear = torch.ops.nmsparse.nm_linear
+block_conv2d = torch.ops.nmsparse.block_conv2d
+nm_conv2d = torch.ops.nmsparse.nm_conv2d
