@@ -224,3 +224,24 @@ def test_models_suite_reports_both_batches_throughput_and_the_isa(tmp_path):
     paths = write_report(rows, tmp_path, "models", meta)
     header = paths["md"].read_text().splitlines()[0]
     assert header.startswith(f"kernels {meta['isa']}") and "items/s" in paths["md"].read_text()
+
+
+def test_compress_command_with_layer_choice_and_bad_input(tmp_path, capsys):
+    pytest.importorskip("timm")
+    import json
+
+    from nmsparse.cli.main import main
+
+    assert main(["prune", "timm:test_resnet", "--pattern", "1x8:0.5", "--out", str(tmp_path / "dense"), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["compress", str(tmp_path / "dense"), "--out", str(tmp_path / "c"), "--choose-batch", "0"]) == 2
+    assert "--choose-batch must be >= 1" in capsys.readouterr().err
+    assert main(["compress", str(tmp_path / "nothing"), "--out", str(tmp_path / "c")]) == 2
+    assert main(["compress", str(tmp_path / "dense"), "--out", str(tmp_path / "c"), "--choose-batch", "1",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["kept_dense"] == report["kept_dense"]
+    assert report["packed_layers"] + len(report["kept_dense"]) == len(manifest["layers"])
+    model, _ = load_compressed(tmp_path / "c")
+    assert sum(isinstance(m, SparseConv2d) for m in model.modules()) == report["packed_layers"]

@@ -10,12 +10,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("export", help="a dense-with-zeros export directory (from train, prune)")
     parser.add_argument("--out", required=True, help="directory to write (replaced atomically)")
     parser.add_argument("--json", action="store_true", help="print the size report as JSON")
+    parser.add_argument("--choose-batch", type=int, metavar="N",
+                        help="time every layer dense vs sparse on this machine at batch N of the model's example "
+                        "input and store the layers that were slower sparse as dense (saved in the manifest)")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..runtime.compressed import save_compressed
+    from .errors import CliError
 
-    report = save_compressed(args.export, args.out)
+    inputs = None
+    if args.choose_batch is not None:
+        if args.choose_batch < 1:
+            raise CliError(f"--choose-batch must be >= 1, got {args.choose_batch}")
+        from ..export import load_export
+        from ..models import ModelSource, example_input
+
+        model, manifest = load_export(args.export)
+        source = ModelSource(manifest["model"]["source"], dict(manifest["model"].get("options", {})))
+        inputs = example_input(model, source, batch=args.choose_batch)
+    report = save_compressed(args.export, args.out, example_inputs=inputs)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -23,4 +37,6 @@ def run(args: argparse.Namespace) -> int:
               f"({100 * report['ratio']:.1f}%), {report['packed_layers']} packed layers")
         for row in report["layers_left_dense"]:
             print(f"  left dense: {row['fqn']} ({row['pattern']}): {row['reason']}")
+        if report.get("kept_dense") is not None and args.choose_batch:
+            print(f"  layer choice at batch {args.choose_batch}: {len(report['kept_dense'])} layers stored dense")
     return 0

@@ -124,7 +124,7 @@ def _load(variant: str) -> tuple[ctypes.CDLL | None, str]:
     lib.nms_conv_offsets.argtypes = [_PTR, _I64, _I64, *([ctypes.c_int] * 6), _I64, _I64, ctypes.c_int, _PTR]
     lib.nms_im2col.argtypes = [_PTR, _I64, _I64, _I64, _I64, *([ctypes.c_int] * 9), _PTR, ctypes.c_int]
     lib.nms_transpose.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, ctypes.c_int]
-    lib.nms_phase_planes.argtypes = [_PTR, _I64, _I64, _I64, _I64, *([ctypes.c_int] * 4), _I64, _I64, _PTR,
+    lib.nms_phase_planes.argtypes = [_PTR, _I64, _I64, _I64, _I64, *([ctypes.c_int] * 4), _I64, _I64, _I64, _PTR,
                                      ctypes.c_int]
     return lib, ""
 
@@ -325,14 +325,19 @@ def implicit_conv(x: torch.Tensor, w: BlockArrays | NMArrays, kernel: tuple[int,
     oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
     hq, wq = -(-hp // sh), -(-wp // sw)  # phase plane rows and columns (bottom/right zero-extended)
     plane = n * hq * wq
+    # channels lie cstride floats apart: an odd number of 64-byte lines, so that the inputs of
+    # consecutive kept columns (other channels at the same spot) do not all fall into the same L1
+    # sets, as they would for planes of a multiple of 4 KB (16x16x8 floats: 8 KB)
+    cstride = -(-plane // 16) * 16
+    cstride += 16 * (1 - (cstride // 16) % 2)
     block = isinstance(w, BlockArrays)
     offs = conv_offsets(w.cols if block else None, w.cols.numel() if block else w.columns, c, kernel, stride, dilation,
-                        plane, wq, order, lib)
+                        cstride, wq, order, lib)
     if offs is None:
         return None
     xin = x.to(torch.float32).contiguous()
-    planes = torch.empty(sh * sw * c * plane)
-    lib.nms_phase_planes(xin.data_ptr(), n, c, h, wd, sh, sw, ph, pw, hq, wq, planes.data_ptr(),
+    planes = torch.empty(sh * sw * c * cstride)
+    lib.nms_phase_planes(xin.data_ptr(), n, c, h, wd, sh, sw, ph, pw, hq, wq, cstride, planes.data_ptr(),
                          torch.get_num_threads())
     # the last position computed is the last real output: every read stays inside the planes
     positions = ((n - 1) * hq + oh - 1) * wq + ow

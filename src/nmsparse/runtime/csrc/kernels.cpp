@@ -496,8 +496,13 @@ __attribute__((always_inline)) inline void nm_tile(const float* xt, i64 ldx, con
     }
 }
 
-// n:m tile: NR rows x NNB vectors (AVX-512: 3 x 4 = 12 accumulators; 16 registers: 4 x 2)
-constexpr int NR = VW == 16 ? 3 : 4, NNB = REGS == 32 ? 4 : 2;
+// n:m tile: NR rows x NNB vectors. Rows of an n:m weight share no input columns, so a row of the
+// tile costs an index load and a weight broadcast per kept value whatever the tile's height, and
+// only the width amortises them: one row x SUPER items (the inputs read as FMA memory operands;
+// AVX2: 1 x 8 vectors, 1.25 loads per FMA against 2 for 4 x 2). AVX-512 keeps the 3 x 4 tile it
+// was measured with.
+constexpr int NR = VW == 16 ? 3 : 1;
+constexpr int NNB = VW == 16 ? 4 : std::min<int>(SUPER / VW, REGS - 4);
 
 template <bool MASK, int NB, int R = NR>
 inline void nm_tile_rows(const float* xt, i64 ldx, const int32_t* col, i64 cs, const float* w, i64 count, i64 nr,
@@ -570,10 +575,11 @@ void nm_mm(const float* xt, i64 ldx, const uint8_t* codes, const float* vals, i6
             } else if (items == TILE) {
               nm_tile_rows<false, NNB>(xt, lx, col, jc, w, count, nr, b0, batch, y, ldo, first);
             } else {
-              switch ((items + VW - 1) / VW) {
+              switch ((items + VW - 1) / VW) {  // a tail tile: as many vectors as it holds, up to 4
                 case 1: nm_tile_rows<true, 1>(xt, lx, col, jc, w, count, nr, b0, batch, y, ldo, first); break;
                 case 2: nm_tile_rows<true, 2>(xt, lx, col, jc, w, count, nr, b0, batch, y, ldo, first); break;
                 case 3: nm_tile_rows<true, 3>(xt, lx, col, jc, w, count, nr, b0, batch, y, ldo, first); break;
+                case 4: nm_tile_rows<true, 4>(xt, lx, col, jc, w, count, nr, b0, batch, y, ldo, first); break;
                 default: nm_tile_rows<true, NNB>(xt, lx, col, jc, w, count, nr, b0, batch, y, ldo, first);
               }
             }
@@ -697,17 +703,19 @@ void transpose(const float* src, i64 rows, i64 cols, i64 lds, float* dst, i64 ld
 
 // ---------------------------------------------------------------- phase planes
 // The zero-padded input of the implicit-GEMM convolution, cut into sh*sw phase planes:
-// out[((py*sw + px)*C + c)*N + n][i][j] = x[n][c][i*sh + py - ph][j*sw + px - pw] (zero outside),
-// i < hq, j < wq. For stride 1 this is the padded input in [C, N, Hp, Wp] order. One pass.
+// out[(py*sw + px)*C + c) * cstride + (n*hq + i)*wq + j] = x[n][c][i*sh + py - ph][j*sw + px - pw]
+// (zero outside), i < hq, j < wq. For stride 1 this is the padded input in [C, N, Hp, Wp] order.
+// cstride >= N*hq*wq is the distance between channels (padded so that channels do not share cache
+// sets, see _native.implicit_conv). One pass.
 void phase_planes(const float* x, i64 N, i64 C, i64 H, i64 W, int sh, int sw, int ph, int pw, i64 hq, i64 wq,
-                  float* out) {
+                  i64 cstride, float* out) {
 #pragma omp parallel for collapse(2) schedule(static)
   for (i64 phase = 0; phase < (i64)sh * sw; ++phase) {
     for (i64 c = 0; c < C; ++c) {
       const int py = (int)(phase / sw), px = (int)(phase % sw);
       for (i64 n = 0; n < N; ++n) {
         const float* src = x + (n * C + c) * H * W;
-        float* dst = out + ((phase * C + c) * N + n) * hq * wq;
+        float* dst = out + (phase * C + c) * cstride + n * hq * wq;
         for (i64 i = 0; i < hq; ++i) {  // input column of plane column j: j*sw + px - pw
           const i64 iy = i * sh + py - ph;
           padded_row(iy < 0 || iy >= H ? nullptr : src + iy * W, W, px - pw, sw, wq, dst + i * wq);
@@ -802,9 +810,9 @@ void nms_im2col(const float* x, i64 N, i64 C, i64 H, i64 W, int kh, int kw, int 
 
 // Phase planes of x[N, C, H, W] (contiguous) for the implicit-GEMM convolution: see phase_planes.
 void nms_phase_planes(const float* x, i64 N, i64 C, i64 H, i64 W, int sh, int sw, int ph, int pw, i64 hq, i64 wq,
-                      float* out, int threads) {
+                      i64 cstride, float* out, int threads) {
   omp_set_num_threads(threads);
-  phase_planes(x, N, C, H, W, sh, sw, ph, pw, hq, wq, out);
+  phase_planes(x, N, C, H, W, sh, sw, ph, pw, hq, wq, cstride, out);
 }
 
 // dst[c * ldd + r] = src[r * lds + c]: see transpose.
