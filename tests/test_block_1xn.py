@@ -42,9 +42,11 @@ def test_bpar_matches_a_hand_computation():
     red = torch.tensor([2.0, 2.0, 1.0])  # |cos| sums: b0,b1 parallel (1+1+0), b2 orthogonal (0+0+1)
     b = red / 5
     assert torch.allclose(scores[0], a - b)
-    # a pruned block is a zero vector: its redundancy share is 0 and is replaced by 1
-    masked = bpar_scores(w, torch.tensor([[True, True, False]]), block=2)
-    assert torch.allclose(masked[0, 2], a[2] - 1.0)
+    # a pruned block is a zero vector: its redundancy share is 0 and is replaced by 1; its L1 share is
+    # of the masked weights (V2: 0) or of the raw ones (V1)
+    mask = torch.tensor([[True, True, False]])
+    assert torch.allclose(bpar_scores(w, mask, block=2)[0, 2], torch.tensor(-1.0))
+    assert torch.allclose(bpar_scores(w, mask, block=2, masked_l1=False)[0, 2], a[2] - 1.0)
 
 
 def test_block_row_mask_keeps_uniform_rows_and_regrows_exactly():
@@ -93,11 +95,11 @@ def test_epoch_cadence_ramp_and_uniform_rows(criterion, mode):
     assert layer.parametrization.rule == ("srste" if mode == "soft" else "masked")
 
 
-def test_hard_mode_gives_pruned_weights_no_gradient_and_soft_decays_them():
+def test_hard_mode_without_decay_gives_pruned_weights_no_gradient_and_soft_decays_them():
     for mode in ("hard", "soft"):
         model = _cnn()
         sp = Sparsifier("block_1xn", "1x8:0.5", Selection(),
-                        method_options={"mode": mode, "ramp_start_epoch": 0, "ramp_end_epoch": 0})
+                        method_options={"mode": mode, "ramp_start_epoch": 0, "ramp_end_epoch": 0, "hard_decay": False})
         sp.prepare(model, total_steps=10, steps_per_epoch=10)
         layer = sp.layers["2"]
         pruned = ~layer.mask
@@ -138,3 +140,62 @@ def test_errors():
     with pytest.raises(MethodError, match="steps_per_epoch"):
         sp.prepare(_cnn())
         sp.step(0)
+
+
+def test_bpar_by_hand_in_both_variants():
+    """One block row of three 2-long blocks [1, 0], [0, 2], [3, 4], the third pruned. Redundancy under the
+    mask (both variants): unit vectors e0, e1, 0 -> sums 1, 1, 0 -> shares 0.5, 0.5, (0 -> 1).
+    V1 L1 share of the raw blocks: 1/10, 2/10, 7/10; V2 of the masked ones: 1/3, 2/3, 0."""
+    from nmsparse.method.block_1xn import bpar_scores
+
+    weight = torch.tensor([[1.0, 0.0, 3.0], [0.0, 2.0, 4.0]]).reshape(2, 3, 1, 1)  # block 2: rows 0-1 form one block row
+    mask = torch.tensor([[True, True, False]])
+    v1 = bpar_scores(weight, mask, 2, masked_l1=False)
+    v2 = bpar_scores(weight, mask, 2, masked_l1=True)
+    assert torch.allclose(v1, torch.tensor([[0.1 - 0.5, 0.2 - 0.5, 0.7 - 1.0]]))
+    assert torch.allclose(v2, torch.tensor([[1 / 3 - 0.5, 2 / 3 - 0.5, 0.0 - 1.0]]))
+
+
+@pytest.mark.parametrize("score_masked", [False, True])
+def test_bpar_uses_the_current_mask_in_both_variants(score_masked, monkeypatch):
+    """V1 (score_masked false) scores raw weights but still applies the current block mask in the
+    redundancy term, as SUBP's V1 does."""
+    from nmsparse.method import block_1xn
+
+    seen: list = []
+    real = block_1xn.bpar_scores
+    monkeypatch.setattr(block_1xn, "bpar_scores", lambda w, m, b, a, masked_l1: seen.append((m.clone(), masked_l1))
+                        or real(w, m, b, a, masked_l1))
+    model = _cnn()
+    sp = Sparsifier("block_1xn", "1x8:0.5", Selection(), method_options={
+        "criterion": "bpar", "score_masked": score_masked, "ramp_start_epoch": 0, "ramp_end_epoch": 0})
+    sp.prepare(model, total_steps=8, steps_per_epoch=2)
+    _train(model, sp, 0, 2)  # the epoch-end update scores with the mask set at prepare
+    mask, masked_l1 = seen[-1]
+    assert masked_l1 is score_masked and not bool(mask.all())
+
+
+def test_kept_blocks_per_row_round_as_subp():
+    """SUBP prunes floor(p * C) blocks per row: keeping half of 5 keeps 3, not round(2.5) = 2."""
+    from nmsparse.pattern import BlockPattern
+
+    assert BlockPattern(16, 0.5).kept_per_row(5) == 3
+    assert BlockPattern(16, 0.25).kept_per_row(64) == 16 and BlockPattern(16, 0.25).kept_per_row(6) == 2
+    assert BlockPattern(16, 0.01).kept_per_row(8) == 1  # at least one block
+
+
+def test_hard_mode_decays_pruned_weights_as_hubp_unless_turned_off():
+    from nmsparse.grad import apply_rule
+
+    w = torch.tensor([[4.0, -3.0, 2.0, 1.0]], requires_grad=True)
+    mask = torch.tensor([[True, False, True, False]])
+    g = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    apply_rule("masked", w, mask, 0.0, 0.5).backward(g)
+    assert torch.allclose(w.grad, torch.tensor([[0.1, 0.5 * -3.0, 0.3, 0.5 * 1.0]]))  # g*M + 0.5*(1-M)*W
+    for hard_decay, expected in ((True, 2e-4), (False, 0.0)):
+        model = _cnn()
+        sp = Sparsifier("block_1xn", "1x8:0.5", Selection(), method_options={
+            "mode": "hard", "hard_decay": hard_decay, "ramp_start_epoch": 0, "ramp_end_epoch": 0})
+        sp.prepare(model, total_steps=8, steps_per_epoch=2)
+        layer = sp.layers["2"]
+        assert layer.parametrization.rule == "masked" and layer.parametrization.decay == expected

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import functools
 
-import numpy as np
 import torch
 
 __all__ = ["available", "topk_rows", "topk_strided"]
@@ -22,69 +21,11 @@ __all__ = ["available", "topk_rows", "topk_strided"]
 
 @functools.cache
 def _kernels():
-    import numba
+    # numba's kernels live at the top level of their own module, so that its on-disk cache (keyed by
+    # the function's module and qualified name) hits in every later process: no JIT after the first
+    from . import _topk_numba as k
 
-    def clean(v, absolute):
-        v = abs(v) if absolute else v
-        return v if v == v else -np.inf  # NaN ranks lowest
-
-    clean = numba.njit(inline="always")(clean)
-
-    def rank4(a0, a1, a2, a3, k, out, b, stride):
-        # rank_i = #{j: s_j > s_i} + #{j < i: s_j == s_i}; kept when rank_i < k
-        out[b] = np.int32(a1 > a0) + np.int32(a2 > a0) + np.int32(a3 > a0) < k
-        out[b + stride] = np.int32(a0 >= a1) + np.int32(a2 > a1) + np.int32(a3 > a1) < k
-        out[b + 2 * stride] = np.int32(a0 >= a2) + np.int32(a1 >= a2) + np.int32(a3 > a2) < k
-        out[b + 3 * stride] = np.int32(a0 >= a3) + np.int32(a1 >= a3) + np.int32(a2 >= a3) < k
-
-    rank4 = numba.njit(inline="always")(rank4)
-
-    def rank_m(flat, b, stride, m, k, absolute, out):
-        for i in range(m):
-            s_i = clean(flat[b + i * stride], absolute)
-            rank = 0
-            for j in range(m):
-                s_j = clean(flat[b + j * stride], absolute)
-                rank += np.int32(s_j > s_i) + np.int32((s_j == s_i) & (j < i))
-            out[b + i * stride] = rank < k
-
-    rank_m = numba.njit(inline="always")(rank_m)
-
-    # Contiguous groups (Linear weights, flat rows): group g is flat[m*g : m*g + m].
-    @numba.njit(parallel=True, cache=True, nogil=True)
-    def flat_4(flat, k, absolute, out):
-        for g in numba.prange(flat.shape[0] // 4):
-            b = 4 * g
-            rank4(clean(flat[b], absolute), clean(flat[b + 1], absolute), clean(flat[b + 2], absolute),
-                  clean(flat[b + 3], absolute), k, out, b, 1)
-
-    @numba.njit(parallel=True, cache=True, nogil=True)
-    def flat_m(flat, m, k, absolute, out):
-        for g in numba.prange(flat.shape[0] // m):
-            rank_m(flat, m * g, 1, m, k, absolute, out)
-
-    # Strided groups: the weight viewed as [outer, width, inner]; a group is m entries of `width`
-    # at one (outer, inner) position, `inner` apart (conv input channels: inner = kh*kw; output
-    # channels: outer = 1). One integer division per m*inner elements; no permuted copies.
-    @numba.njit(parallel=True, cache=True, nogil=True)
-    def strided_4(flat, outer, width, inner, k, absolute, out):
-        blocks = width // 4
-        for ob in numba.prange(outer * blocks):
-            base = (ob // blocks) * width * inner + (ob % blocks) * 4 * inner
-            for p in range(inner):
-                b = base + p
-                rank4(clean(flat[b], absolute), clean(flat[b + inner], absolute),
-                      clean(flat[b + 2 * inner], absolute), clean(flat[b + 3 * inner], absolute), k, out, b, inner)
-
-    @numba.njit(parallel=True, cache=True, nogil=True)
-    def strided_m(flat, outer, width, inner, m, k, absolute, out):
-        blocks = width // m
-        for ob in numba.prange(outer * blocks):
-            base = (ob // blocks) * width * inner + (ob % blocks) * m * inner
-            for p in range(inner):
-                rank_m(flat, base + p, inner, m, k, absolute, out)
-
-    return flat_4, flat_m, strided_4, strided_m
+    return k.flat_4, k.flat_m, k.strided_4, k.strided_m
 
 
 @functools.cache

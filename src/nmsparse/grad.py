@@ -11,7 +11,9 @@ the decaying masks of progressive gradient flow, Bambhaniya et al. 2024).
   only, which reduces mask flipping. The paper's default :math:`\lambda_W = 2 \cdot 10^{-4}`.
 * ``masked``: the true gradient of the forward,
   :math:`\partial L/\partial W = \partial L/\partial \tilde W \odot (M + (1 - M) d)`; with d = 0 pruned
-  weights receive no gradient (fixed-mask fine-tuning, ASP).
+  weights receive no gradient (fixed-mask fine-tuning, ASP). With a decay :math:`\lambda_W > 0` pruned
+  weights get only :math:`\lambda_W (1 - M) \odot W` (SUBP's hard mode, HUBP: the loss gradient is
+  masked, the decay still pulls pruned weights toward zero).
 
 With fp16 loss scaling the srste term would be added to a scaled gradient; nmsparse trains in bf16
 autocast (no loss scaling), where the rule is exact.
@@ -74,7 +76,25 @@ def srste(
     return _StraightThrough.apply(weight, mask, dense_factor, decay)
 
 
-def masked(weight: torch.Tensor, mask: torch.Tensor, dense_factor: float = 0.0) -> torch.Tensor:
+class _MaskedDecay(torch.autograd.Function):
+    """Forward W * M; backward g * M + decay * (1 - M) * W (SUBP's hard mode)."""
+
+    @staticmethod
+    def forward(ctx, weight, mask, decay):  # type: ignore[override]
+        ctx.decay = float(decay)
+        keep = _keep(weight, mask)
+        ctx.save_for_backward(weight, keep)
+        return weight * keep
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        weight, keep = ctx.saved_tensors
+        return grad_out * keep + ctx.decay * weight * (1.0 - keep), None, None
+
+
+def masked(weight: torch.Tensor, mask: torch.Tensor, dense_factor: float = 0.0, decay: float = 0.0) -> torch.Tensor:
+    if decay and dense_factor == 0.0:
+        return _MaskedDecay.apply(weight, mask, decay)
     # Plain autograd already gives the masked rule: d/dW [W * c] = c.
     return _forward_value(weight, mask, dense_factor)
 
@@ -89,12 +109,12 @@ def apply_rule(
         weight: the dense weight W.
         mask: bool mask, True = kept, shaped like ``weight``.
         dense_factor: d, the factor pruned weights are multiplied by in the forward.
-        decay: lambda_W of ``srste`` (ignored by the other rules).
+        decay: lambda_W of ``srste``, and of ``masked`` at d = 0 (SUBP's hard mode); ignored by ``ste``.
     """
     if rule == "srste":
         return srste(weight, mask, dense_factor, decay)
     if rule == "ste":
         return ste(weight, mask, dense_factor)
     if rule == "masked":
-        return masked(weight, mask, dense_factor)
+        return masked(weight, mask, dense_factor, decay)
     raise ValueError(f"unknown gradient rule {rule!r}; expected one of {', '.join(GRADIENT_RULES)}")

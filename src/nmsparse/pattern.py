@@ -28,6 +28,8 @@ This module is pure: no tensors are touched here.
 
 from __future__ import annotations
 
+import math
+
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -120,8 +122,10 @@ class BlockPattern:
     """1xN blocks: ``block`` consecutive output channels x 1 input channel x the whole kernel.
 
     Every block row (``block`` output channels) keeps the same number of blocks,
-    ``kept_per_row(in_channels) = max(1, round(density * in_channels))``, so threads that own
-    block rows get equal work (SUBP, Xiang et al., NeurIPS 2023).
+    ``kept_per_row(C) = max(1, C - floor((1 - density) * C))``: SUBP prunes floor(p * C) blocks of
+    each row at prune rate p = 1 - density, so a half kept on 5 channels keeps 3 (Python's
+    half-to-even ``round`` would keep 2). Threads that own block rows get equal work (SUBP, Xiang
+    et al., NeurIPS 2023).
 
     Args:
         block: output channels per block (SUBP uses 4, 8, 16, 32).
@@ -151,7 +155,8 @@ class BlockPattern:
         return self.density >= 1.0
 
     def kept_per_row(self, in_channels: int) -> int:
-        return max(1, min(in_channels, round(self.density * in_channels)))
+        pruned = math.floor((1.0 - self.density) * in_channels + 1e-9)  # SUBP: floor(p * C) pruned
+        return max(1, min(in_channels, in_channels - pruned))
 
     def __str__(self) -> str:
         return f"1x{self.block}:{self.density:g}"

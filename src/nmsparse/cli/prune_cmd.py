@@ -59,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--permute", action="store_true",
                         help="search input-channel permutations that raise the kept magnitude and fold them into "
                              "the producing layers first (function unchanged)")
-    parser.add_argument("--permute-sweeps", type=int, default=3, help="swap sweeps of the permutation search")
+    parser.add_argument("--permute-sweeps", type=int, default=100, help="cap on the swap sweeps of the permutation "
+                        "search (it stops at the first sweep that gains nothing)")
     parser.add_argument("--checkpoint", help="local weights to load first (.safetensors or torch file)")
     parser.add_argument("--num-classes", type=int, help="classifier outputs of a vision model")
     parser.add_argument("--in-chans", type=int, help="input channels of a vision model")
@@ -95,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     if args.permute:
         from ..permute import permute_channels
 
-        perms = permute_channels(model, args.pattern, selection, args.permute_sweeps)
+        perms = permute_channels(model, args.pattern, selection, args.permute_sweeps,
+                                 progress="none" if args.json else "auto")
         report["permutation"] = [p.as_dict() for p in perms]
     if calibrated:
         from ..calibrate import prune_calibrated

@@ -14,12 +14,15 @@ At the start of every epoch e, per block row with :math:`C_{in}` blocks and fina
    L2-normalised ascending scores of the pruned blocks; :math:`\rho` ramps from 0 at
    ``ramp_start_epoch`` to 1 at ``ramp_end_epoch`` (linear, cos, exp or cubic, the seed's curves).
 
-``soft`` mode trains pruned weights straight-through with the SR-STE decay
-:math:`\lambda (1 - M) \odot W` (exact here: nmsparse trains without fp16 loss scaling); ``hard`` mode
-gives pruned weights no gradient. BPAR (block pruning via angular redundancy) scores
-:math:`S = a - \alpha b`: a the block's share of the row's L1 norm, b its share of the row's summed
-absolute cosine similarity between masked blocks (pruned blocks count 1), so small blocks that point
-the same way as many others go first.
+``soft`` mode (SUBP) trains pruned weights straight-through with the SR-STE decay
+:math:`\lambda (1 - M) \odot W` (exact here: nmsparse trains without fp16 loss scaling). ``hard`` mode
+(HUBP) masks the loss gradient; as in SUBP's HUBP, pruned weights still get the decay
+:math:`\lambda (1 - M) \odot W` (``hard_decay: true``, the default), or no gradient at all with
+``hard_decay: false``. BPAR (block pruning via angular redundancy) scores :math:`S = a - \alpha b`:
+a the block's share of the row's L1 norm (of the masked weights with ``score_masked``, SUBP's V2; of
+the raw weights without, V1), b its share of the row's summed absolute cosine similarity between
+blocks under the current mask (both variants: pruned blocks are zero vectors and count 1), so small
+blocks that point the same way as many others go first.
 
 Sampling is seeded by (seed, epoch, layer): runs and resumes are reproducible.
 """
@@ -73,10 +76,12 @@ def _block_vectors(weight: torch.Tensor, block: int) -> torch.Tensor:
     return blocks.permute(0, 2, 1, 3).reshape(out // block, inp, -1)
 
 
-def bpar_scores(weight: torch.Tensor, row_mask: torch.Tensor, block: int, alpha: float = 1.0) -> torch.Tensor:
-    """BPAR block scores ``[rows, in]`` (see module docstring)."""
+def bpar_scores(weight: torch.Tensor, row_mask: torch.Tensor, block: int, alpha: float = 1.0,
+                masked_l1: bool = True) -> torch.Tensor:
+    """BPAR block scores ``[rows, in]`` (see module docstring): ``row_mask`` (``[rows, in]``, the current
+    block mask) always applies to the redundancy term; ``masked_l1`` (SUBP V2) also to the L1 share."""
     vectors = _block_vectors(weight.detach().float(), block)
-    l1 = vectors.abs().sum(-1)
+    l1 = (vectors * row_mask[..., None].float() if masked_l1 else vectors).abs().sum(-1)
     a = l1 / l1.sum(-1, keepdim=True).clamp_min(1e-12)
     unit = torch.nn.functional.normalize(vectors * row_mask[..., None].float(), dim=-1)
     redundancy = (unit @ unit.transpose(1, 2)).abs().sum(-1)  # [rows, in]
@@ -108,8 +113,11 @@ def block_row_mask(scores: torch.Tensor, pruned: int, regrow: int, temperature: 
 class Block1xNOptions:
     criterion: Literal["l1", "l2", "bpar"] = field(default="l1", metadata={"help": "block importance"})
     score_masked: bool = field(default=True, metadata={"help": "score masked weights (SUBP V2) or raw ones (V1)"})
-    mode: Literal["soft", "hard"] = field(default="soft", metadata={"help": "soft: STE + decay; hard: no gradient to pruned"})
-    decay: float = field(default=SRSTE_DEFAULT_DECAY, metadata={"help": "SR-STE lambda on pruned weights (soft)"})
+    mode: Literal["soft", "hard"] = field(default="soft", metadata={"help": "soft: STE + decay (SUBP); hard: masked "
+                                                                     "gradient (HUBP)"})
+    decay: float = field(default=SRSTE_DEFAULT_DECAY, metadata={"help": "lambda of the decay on pruned weights"})
+    hard_decay: bool = field(default=True, metadata={"help": "hard mode: pruned weights still get the decay, as in "
+                                                     "SUBP's HUBP (false: no gradient at all)"})
     ramp: Literal["linear", "exp", "cos", "cubic"] = field(default="cubic", metadata={"help": "prune-rate ramp"})
     ramp_start_epoch: int = field(default=10, metadata={"help": "epoch the ramp starts (dense before, with regrowth)"})
     ramp_end_epoch: int = field(default=180, metadata={"help": "epoch the full rate is reached (must be < the run's epochs)"})
@@ -138,7 +146,7 @@ class Block1xN(Method):
 
     @property
     def decay(self) -> float:
-        return self.options.decay if self.options.mode == "soft" else 0.0
+        return self.options.decay if self.options.mode == "soft" or self.options.hard_decay else 0.0
 
     def set_horizon(self, total_steps: int, steps_per_epoch: int | None = None) -> None:
         super().set_horizon(total_steps, steps_per_epoch)
@@ -177,7 +185,7 @@ class Block1xN(Method):
         row_mask = current.reshape(weight.shape[0] // pattern.block, pattern.block, weight.shape[1], -1)[:, 0, :, 0]
         scored = weight * current if o.score_masked else weight
         if o.criterion == "bpar":
-            scores = bpar_scores(weight, row_mask if o.score_masked else torch.ones_like(row_mask), pattern.block, o.bpar_alpha)
+            scores = bpar_scores(weight, row_mask, pattern.block, o.bpar_alpha, masked_l1=o.score_masked)
         else:
             scores = block_scores(scored, pattern.block, o.criterion)
         inp = weight.shape[1]

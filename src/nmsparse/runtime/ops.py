@@ -15,8 +15,8 @@ modules' constructors call); nothing is built or looked up on disk inside a call
 
 Schemas::
 
-    block_linear(x[T, in], cols, kstart, vals, bias?, relu) -> [T, out]      (a transposed view)
-    nm_linear(x[T, in], codes, vals, bias?, out, n, m, relu) -> [T, out]    (a transposed view)
+    block_linear(x[T, in], cols, kstart, vals, bias?, relu) -> [T, out]      (contiguous)
+    nm_linear(x[T, in], codes, vals, bias?, out, n, m, relu) -> [T, out]    (contiguous)
     block_conv2d(x[N, C, H, W], cols, kstart, vals, bias?, kernel, stride, padding, dilation, relu)
         -> [N, out, oh, ow] (contiguous)
     nm_conv2d(x[N, C, H, W], codes, vals, bias?, out, n, m, kernel, stride, padding, dilation, hwc, relu)
@@ -53,12 +53,26 @@ def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
 
 
 # ---------------------------------------------------------------- CPU implementations
+def _rows_major(y: torch.Tensor) -> torch.Tensor:
+    """``[out, T]`` kernel output as a contiguous ``[T, out]``: what nn.Linear returns, so the ops after
+    the layer (reshapes into heads, residual adds, norms) read it at full speed; a transposed view
+    made them copy it through PyTorch's strided path (vit_small at 1x16: 0.85x of dense -> see
+    docs/benchmarks.md). The C++ tile transpose costs one pass over the output."""
+    out, tokens = y.shape
+    if tokens == 1:
+        return y.view(1, out)
+    rows_major = torch.empty(tokens, out)
+    _native.loaded().nms_transpose(y.data_ptr(), out, tokens, y.stride(0), rows_major.data_ptr(), out,
+                                   torch.get_num_threads())
+    return rows_major
+
+
 def _block_linear(x, cols, kstart, vals, bias, relu):
-    return _native.block_mm(x.t(), BlockArrays(cols, kstart, vals), bias, relu).t()
+    return _rows_major(_native.block_mm(x.t(), BlockArrays(cols, kstart, vals), bias, relu))
 
 
 def _nm_linear(x, codes, vals, bias, out_features, n, m, relu):
-    return _native.nm_mm(x.t(), NMArrays(codes, vals, out_features, x.shape[1], n, m), bias, relu).t()
+    return _rows_major(_native.nm_mm(x.t(), NMArrays(codes, vals, out_features, x.shape[1], n, m), bias, relu))
 
 
 def _conv(x, w, out_ch, kernel, stride, padding, dilation, order, bias, relu):
@@ -94,7 +108,7 @@ def _nm_conv2d(x, codes, vals, bias, out_channels, n, m, kernel, stride, padding
 
 # ---------------------------------------------------------------- fake implementations
 def _fake_linear(x, out_features):
-    return x.new_empty((out_features, x.shape[0])).t()
+    return x.new_empty((x.shape[0], out_features))
 
 
 def _fake_conv(x, out_ch, kernel, stride, padding, dilation):

@@ -30,8 +30,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <omp.h>
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__SSE2__)
 #include <immintrin.h>
+#elif defined(__aarch64__) || defined(__ARM_NEON)
+#include <arm_neon.h>
 #endif
 
 typedef int64_t i64;
@@ -63,7 +65,23 @@ inline vf vload(const float* p) {
   return v;
 }
 inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline vf vsplat(float s) { return vf{} + s; }
+// The ISA's broadcast: GCC compiles `vf{} + s` with a scalar add of +0.0 before the broadcast (it may
+// not fold 0 + s, signed zeros) and a lane-fill loop into insert chains, in the innermost loops.
+inline vf vsplat(float s) {
+#if defined(__AVX512F__)
+  return _mm512_set1_ps(s);
+#elif defined(__AVX2__)
+  return _mm256_set1_ps(s);
+#elif defined(__aarch64__) || defined(__ARM_NEON)
+  return vdupq_n_f32(s);
+#elif defined(__SSE2__)
+  return _mm_set1_ps(s);
+#else
+  vf v;
+  for (int i = 0; i < VW; ++i) v[i] = s;
+  return v;
+#endif
+}
 inline vu lane_ids() {
   vu v;
   for (int i = 0; i < VW; ++i) v[i] = (uint32_t)i;
