@@ -24,6 +24,15 @@ __all__ = ["SparseLinear", "SparseConv2d"]
 Packed = BlockPacked | NMPacked
 
 
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    # a conversion only where needed: under torch.export a no-op .float() still becomes a graph op
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def _like(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
 class _PackedModule(nn.Module):
     def _register_packed(self, packed: Packed, bias: torch.Tensor | None, input_perm: list[int] | None) -> None:
         _native.require()  # built and loaded now, never inside forward
@@ -98,12 +107,12 @@ class SparseLinear(_PackedModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # no autograd: the kernels read raw buffers
         x = self._check(x, x.dim() - 1)
-        x2d = x.reshape(-1, self.in_features).float()
+        x2d = _as_float(x.reshape(-1, self.in_features))
         if self.kind == "block":
             y = ops.block_linear(x2d, self.cols, self.kstart, self.vals, self._bias, self._relu)
         else:
             y = ops.nm_linear(x2d, self.codes, self.vals, self._bias, self.out_features, self.n, self.m, self._relu)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return _like(y.reshape(*x.shape[:-1], self.out_features), x)
 
     def extra_repr(self) -> str:
         act = f", activation={self.activation}" if self.activation else ""
@@ -134,14 +143,15 @@ class SparseConv2d(_PackedModule):
         self._register_packed(packed, bias, input_perm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # no autograd: the kernels read raw buffers
-        x = self._check(x, 1).float()
+        x = self._check(x, 1)
+        xf = _as_float(x)
         geometry = (list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation))
         if self.kind == "block":
-            y = ops.block_conv2d(x, self.cols, self.kstart, self.vals, self._bias, *geometry, self._relu)
+            y = ops.block_conv2d(xf, self.cols, self.kstart, self.vals, self._bias, *geometry, self._relu)
         else:
-            y = ops.nm_conv2d(x, self.codes, self.vals, self._bias, self.out_channels, self.n, self.m, *geometry,
+            y = ops.nm_conv2d(xf, self.codes, self.vals, self._bias, self.out_channels, self.n, self.m, *geometry,
                               self.order == "hwc", self._relu)
-        return y.to(x.dtype)
+        return _like(y, x)
 
     def extra_repr(self) -> str:
         act = f", activation={self.activation}" if self.activation else ""
