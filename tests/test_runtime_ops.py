@@ -245,3 +245,11 @@ def test_compress_command_with_layer_choice_and_bad_input(tmp_path, capsys):
     assert report["packed_layers"] + len(report["kept_dense"]) == len(manifest["layers"])
     model, _ = load_compressed(tmp_path / "c")
     assert sum(isinstance(m, SparseConv2d) for m in model.modules()) == report["packed_layers"]
+
+
+def test_env_reports_the_isa_path_the_kernels_run(capsys):
+    from nmsparse.cli.main import main
+
+    assert main(["env"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "cpu_sparse_runtime" in x)
+    assert f"{_native.status()['isa']} path" in line

@@ -43,7 +43,8 @@ def environment() -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         "backends": {
             "cpu_dense_with_zeros": True,
-            "cpu_sparse_runtime": _sparse_runtime(),  # 1xN and n:m kernels: C++ for this CPU's ISA (avx512, avx2, neon, generic), or none: layers stay dense
+            # 1xN and n:m kernels: C++ built for this CPU's ISA (avx512, avx2, neon, generic), or none
+            "cpu_sparse_runtime": _sparse_runtime(),
             "cuda": cuda,
             "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
             "cusparselt": cusparselt,
@@ -66,5 +67,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:<13} {ver or 'not installed'}")
     print(f"  cpu threads   {env['cpu_threads']}")
     for name, ok in env["backends"].items():
-        print(f"  backend {name:<22} {ok if isinstance(ok, str) else ('available' if ok else 'not available')}")
+        if isinstance(ok, dict):  # the sparse runtime: which ISA path runs, or why none does
+            text = (f"C++ kernels, {ok['isa']} path ({ok['vector_floats']} floats per vector)" if ok["backend"]
+                    else f"none (layers stay dense): {ok['reason']}")
+        else:
+            text = ok if isinstance(ok, str) else ("available" if ok else "not available")
+        print(f"  backend {name:<22} {text}")
     return 0

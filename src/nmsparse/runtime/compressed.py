@@ -39,7 +39,7 @@ def _is_compressed(path: Path) -> bool:
 
 
 def save_compressed(export_dir: str | Path, out_dir: str | Path, example_inputs: Any = None,
-                    keep_dense: dict[str, str] | None = None, min_speedup: float = 1.0) -> dict[str, Any]:
+                    keep_dense: dict[str, str] | None = None, min_speedup: float = 1.05) -> dict[str, Any]:
     """Write the compressed layout of a (dense-with-zeros) export; returns the size report.
 
     Args:
