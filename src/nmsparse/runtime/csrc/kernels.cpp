@@ -311,10 +311,16 @@ __attribute__((always_inline)) inline void block_tile(const float* xt, i64 ldx, 
     }
 }
 
-// 1xN tile: 4 outputs x NB vectors of batch items (16 accumulators with 32 registers, 8 with 16)
-constexpr int BT = 4, BNB = REGS == 32 ? 4 : 2;
-// batch items whose chunk of inputs (128 columns) is walked by all rows before the next: 32 KB
-constexpr i64 SUPER = 64;
+// 1xN tile: 4 outputs x NB vectors of batch items (16 accumulators with 32 registers; with 16
+// registers 12: 4 x 3 keeps 12 FMA chains in flight, enough to cover the FMA latency on two ports,
+// where 4 x 2 left a third of the FMA throughput unused)
+#ifndef NMS_BNB
+#define NMS_BNB 3
+#endif
+constexpr int BT = 4, BNB = REGS == 32 ? 4 : NMS_BNB;
+// batch items whose chunk of inputs (128 columns) is walked by all rows before the next (about
+// 32 KB): a whole number of tiles
+constexpr i64 SUPER = (64 / (VW * BNB)) * VW * BNB;
 
 // One block row's outputs over kept columns k0..k1, for the batch items b0 .. b0 + VW*NB - 1.
 template <int NB, bool MASK>
@@ -516,11 +522,12 @@ __attribute__((always_inline)) inline void nm_tile(const float* xt, i64 ldx, con
 
 // n:m tile: NR rows x NNB vectors. Rows of an n:m weight share no input columns, so a row of the
 // tile costs an index load and a weight broadcast per kept value whatever the tile's height, and
-// only the width amortises them: one row x SUPER items (the inputs read as FMA memory operands;
+// only the width amortises them: one row x NM_SUPER items (the inputs read as FMA memory operands;
 // AVX2: 1 x 8 vectors, 1.25 loads per FMA against 2 for 4 x 2). AVX-512 keeps the 3 x 4 tile it
 // was measured with.
 constexpr int NR = VW == 16 ? 3 : 1;
-constexpr int NNB = VW == 16 ? 4 : std::min<int>(SUPER / VW, REGS - 4);
+constexpr i64 NM_SUPER = 64;  // batch items per super-tile of the n:m product
+constexpr int NNB = VW == 16 ? 4 : std::min<int>(NM_SUPER / VW, REGS - 4);
 
 template <bool MASK, int NB, int R = NR>
 inline void nm_tile_rows(const float* xt, i64 ldx, const int32_t* col, i64 cs, const float* w, i64 count, i64 nr,
@@ -530,8 +537,8 @@ inline void nm_tile_rows(const float* xt, i64 ldx, const int32_t* col, i64 cs, c
     nm_tile<1, NB, MASK>(xt, ldx, col + q * cs, cs, w + q * count, count, count, b0, batch, y + q * ldo, ldo, first);
 }
 
-// Loop order per thread (a contiguous range of rows): batch super-tile (SUPER items), a chunk of
-// input columns, a block of rows, then the batch tiles. The chunk's input rows (cc x SUPER floats,
+// Loop order per thread (a contiguous range of rows): batch super-tile (NM_SUPER items), a chunk of
+// input columns, a block of rows, then the batch tiles. The chunk's input rows (cc x NM_SUPER floats,
 // 32 KB for 128 columns) stay in L1 while every row of the thread uses them; the weights arrive as
 // one sequential stream (chunk-major), each row block's decoded columns serve all batch tiles;
 // accumulators go back to the output between chunks. A tile is only as many vectors wide as the
@@ -559,8 +566,8 @@ void nm_mm(const float* xt, i64 ldx, const uint8_t* codes, const float* vals, i6
     const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
     const i64 rb0 = row_blocks * tid / nth, rb1 = row_blocks * (tid + 1) / nth;
     int32_t* col = new int32_t[RB * jc];
-    for (i64 sb = 0; sb < batch; sb += SUPER) {
-      const i64 se = std::min(batch, sb + SUPER);
+    for (i64 sb = 0; sb < batch; sb += NM_SUPER) {
+      const i64 se = std::min(batch, sb + NM_SUPER);
       for (i64 c = 0; c < chunks; ++c) {
         const i64 count = std::min(jc, J - c * jc);
         for (i64 rb = rb0; rb < rb1; ++rb) {
