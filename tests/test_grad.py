@@ -74,3 +74,17 @@ def test_unknown_rule():
     w, mask, _ = _setup()
     with pytest.raises(ValueError, match="expected one of ste, srste, masked"):
         apply_rule("sr-ste", w, mask)
+
+
+def test_srste_fused_cpu_backward_matches_the_torch_formula():
+    """The one-pass numba backward (contiguous float32 CPU) equals g + decay * (W - W*M)."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 32, 3, 3, requires_grad=True)
+    mask = torch.rand(64, 32, 3, 3) > 0.5
+    g = torch.randn(64, 32, 3, 3)
+    srste(w, mask, decay=0.25).backward(g)
+    expected = g + 0.25 * (w.detach() - w.detach() * mask)
+    assert torch.allclose(w.grad, expected, rtol=1e-6, atol=1e-7)
+    w2 = w.detach().clone().requires_grad_()  # a non-contiguous gradient takes the torch path, same result
+    srste(w2, mask, decay=0.25).backward(g.transpose(0, 1).contiguous().transpose(0, 1))
+    assert torch.allclose(w2.grad, expected, rtol=1e-6, atol=1e-7)

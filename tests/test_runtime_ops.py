@@ -253,3 +253,23 @@ def test_env_reports_the_isa_path_the_kernels_run(capsys):
     assert main(["env"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if "cpu_sparse_runtime" in x)
     assert f"{_native.status()['isa']} path" in line
+
+
+def test_a_converted_model_slower_as_a_whole_is_put_back(monkeypatch):
+    """Every layer measured faster alone, but the model as a whole slower (here: a slow forward of the
+    sparse modules only when called inside the model): convert puts every module back, fusion included."""
+    import sys
+
+    conv = sys.modules["nmsparse.runtime.convert"]  # the module (the package exports the function by that name)
+    dense, _ = _converted("1x16:0.25")
+    net = copy.deepcopy(dense)
+    calls = iter([[1.0], [2.0, 1.0], [2.0, 1.0], [2.0, 1.0], [2.0, 1.0], [3.0]])  # model, 4 layers, model
+    monkeypatch.setattr(conv, "_best_ms", lambda fns, repeats: next(calls))
+    x = torch.randn(2, 16, 9, 9)
+    model, report = convert(net, {f: "1x16:0.25" for f in ("conv1", "conv2", "fc1", "fc2")}, example_inputs=x)
+    assert report.reverted and report.speedup == pytest.approx(1 / 3)
+    assert all(not r.converted and "as a whole" in r.reason for r in report if r.pattern)
+    assert not any(isinstance(m, (SparseConv2d, SparseLinear)) for m in model.modules())
+    assert isinstance(model.bn, nn.BatchNorm2d)  # the folded batch norm is back too
+    with torch.no_grad():
+        assert torch.equal(model(x), dense(x))

@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-__all__ = ["available", "topk_rows", "topk_strided"]
+__all__ = ["available", "decay_grad", "topk_rows", "topk_strided"]
 
 
 @functools.cache
@@ -26,6 +26,22 @@ def _kernels():
     from . import _topk_numba as k
 
     return k.flat_4, k.flat_m, k.strided_4, k.strided_m
+
+
+def decay_grad(grad_out: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, decay: float) -> torch.Tensor | None:
+    """``grad_out + decay * (weight - out)`` in one fused pass (contiguous float32 CPU tensors of one
+    shape), or None where that does not apply or numba is missing (the caller uses torch)."""
+    tensors = (grad_out, weight, out)
+    if not available() or any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()
+                              or t.shape != grad_out.shape for t in tensors):
+        return None
+    from . import _topk_numba
+
+    res = torch.empty_like(grad_out)
+    with torch_threads():
+        _topk_numba.decay_grad(grad_out.view(-1).numpy(), weight.detach().view(-1).numpy(), out.view(-1).numpy(),
+                               float(decay), res.view(-1).numpy())
+    return res
 
 
 @functools.cache

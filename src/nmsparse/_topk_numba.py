@@ -67,3 +67,11 @@ def strided_m(flat, outer, width, inner, m, k, absolute, out):
         base = (ob // blocks) * width * inner + (ob % blocks) * m * inner
         for p in range(inner):
             rank_m(flat, base + p, inner, m, k, absolute, out)
+
+
+# The SR-STE backward at d = 0 (nmsparse.grad): g + decay * (w - out) in one pass over the three
+# tensors (torch needs two: a temporary w - out, then the add), flat float32 arrays.
+@numba.njit(parallel=True, cache=True, nogil=True)
+def decay_grad(g, w, o, decay, res):
+    for i in numba.prange(g.shape[0]):
+        res[i] = g[i] + decay * (w[i] - o[i])

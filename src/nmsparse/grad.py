@@ -59,8 +59,13 @@ class _StraightThrough(torch.autograd.Function):
             return grad_out, None, None, None
         weight, saved = ctx.saved_tensors
         if ctx.dense_factor == 0.0:
-            # W - out is exactly W on pruned entries and exactly 0 on kept ones
-            grad = torch.add(grad_out, weight - saved, alpha=ctx.decay)
+            # W - out is exactly W on pruned entries and exactly 0 on kept ones; one fused pass on
+            # the CPU (numba) where torch needs two, the difference a temporary of the weight's size
+            from ._topk_cpu import decay_grad
+
+            grad = decay_grad(grad_out, weight, saved, ctx.decay)
+            if grad is None:
+                grad = torch.add(grad_out, weight - saved, alpha=ctx.decay)
         else:
             grad = torch.addcmul(grad_out, weight, 1.0 - saved, value=ctx.decay)
         return grad, None, None, None

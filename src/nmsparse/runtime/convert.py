@@ -63,6 +63,7 @@ class ConvertReport(list):
     sparse_ms: float | None = None
     speedup: float | None = None
     isa: str | None = None
+    reverted: bool = False  # the converted model measured slower than dense as a whole: all put back
 
 
 def infer_pattern(weight: torch.Tensor) -> Pattern | None:
@@ -174,7 +175,9 @@ def convert(
             the fastest call of each compared), and stays dense where ``dense_ms / sparse_ms <
             min_speedup`` (default 1.05: a margin against timing noise, since a layer that is not
             measurably faster gains nothing and a mis-measured one would lose); the whole model is
-            timed before and after, and the report carries both.
+            timed before and after, the report carries both, and where the converted model
+            measured slower than dense as a whole every layer is put back (``report.reverted``;
+            not with ``min_speedup < 1``, which asks for sparse layers even where slower).
         keep_dense: ``{fqn: reason}`` of layers to leave dense (a choice saved with a compressed export).
         progress: ``"auto"`` shows progress (rate, ETA) while layers are timed; ``"none"`` is silent.
 
@@ -222,6 +225,7 @@ def convert(
         if not reason:
             plan.append((fqn, module, pattern))  # type: ignore[arg-type]
     rows = {row.fqn: row for row in report}
+    replaced: dict[str, nn.Module] = {}  # fqn -> the module before conversion or fusion (for a revert)
     inputs = {}
     if example_inputs is not None and plan:
         inputs = _capture_inputs(model, [fqn for fqn, _, _ in plan], example_inputs)
@@ -248,18 +252,33 @@ def convert(
                               f"(below {min_speedup:g}x)")
                 row.packed_bytes = row.dense_bytes
                 continue
+        replaced[fqn] = module
         model.set_submodule(fqn, new)
         row.converted = True
     bar.close()
     if fuse and any(row.converted for row in report):
         from .fuse import fuse as fuse_following
 
+        before = dict(model.named_modules())
         fused = fuse_following(model).fused
         for row in report:
             row.fused = fused.get(row.fqn, [])
+            for absorbed in row.fused:
+                replaced[absorbed] = before[absorbed]
     if example_inputs is not None and report.dense_ms is not None:
         report.sparse_ms = _best_ms([lambda i: _call(model, example_inputs)], repeats)[0]
         report.speedup = report.dense_ms / report.sparse_ms
+        if replaced and report.speedup < 1.0 <= min_speedup:
+            # each layer was faster alone, the model as a whole was not (cache effects between layers,
+            # timing noise): put every replaced module back, so that the model is never slower
+            for fqn, module in replaced.items():
+                model.set_submodule(fqn, module)
+            for row in report:
+                if row.converted:
+                    row.converted, row.fused, row.packed_bytes = False, [], row.dense_bytes
+                    row.reason = (f"kept dense: the converted model measured {report.speedup:.2f}x of dense as a "
+                                  "whole, so every layer was put back")
+            report.reverted = True
     return model, report
 
 
