@@ -29,7 +29,6 @@ This module is pure: no tensors are touched here.
 from __future__ import annotations
 
 import math
-
 import re
 from dataclasses import dataclass
 from typing import Literal
