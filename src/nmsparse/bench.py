@@ -251,8 +251,10 @@ def write_report(rows: list[dict[str, Any]], out_dir: str | Path, suite: str, me
                      f" {r['converted_layers']}/{r['sparse_layers']} ({r.get('kept_dense_by_choice', 0)}) |")
             extra += f" {span(f)} | {r['speedup_vs_bn_folded']:.2f}x |" if f else " - | - |"
         rss = f" {r['peak_rss_mb']:.0f} |" if folded else ""
+        same = folded and r.get("converted_layers") == 0  # layer choice kept every layer dense
+        speed = f"{r['speedup']:.2f}x" + (" (no layer sparse: the dense model against itself)" if same else "")
         lines.append(f"| {r[key]} | {r['pattern']} | {r['batch']} | {span(r['dense'])} | {span(r['sparse'])} "
-                     f"| {r['speedup']:.2f}x |{extra} {r['weight_bytes_dense'] / 1e6:.1f} -> "
+                     f"| {speed} |{extra} {r['weight_bytes_dense'] / 1e6:.1f} -> "
                      f"{r['weight_bytes_sparse'] / 1e6:.1f} |{rss}")
     with atomic_file(paths["md"]) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
