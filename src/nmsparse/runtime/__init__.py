@@ -1,6 +1,8 @@
 """Sparse inference: packed layouts, CPU kernels, runtime modules, and :func:`convert`.
 
-Importing this package does not compile anything; kernels compile at their first call.
+Importing this package registers the ``torch.ops.nmsparse`` operators and compiles nothing; the
+kernel library is built (once per machine, then cached) by ``convert``, ``load_compressed`` or a
+sparse module's constructor, never inside ``forward``.
 """
 
 from .compressed import load_compressed, save_compressed

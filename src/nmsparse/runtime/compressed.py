@@ -6,7 +6,8 @@ blocks) or ``<fqn>.codes`` (n:m offsets, ceil(log2 m) bits each, the in-memory l
 export. ``manifest.json`` is the dense export's manifest with ``layout: compressed`` and, per
 converted layer, how it was packed. :func:`load_compressed` rebuilds the architecture from the
 manifest's model source and puts the packed layers in place: it needs the model library (timm,
-torchvision or transformers), numba and safetensors, not nmsparse's training stack.
+torchvision or transformers), safetensors and a C++ compiler for the kernels (without one the packed
+layers load dense), not nmsparse's training stack.
 """
 
 from __future__ import annotations
