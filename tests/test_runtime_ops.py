@@ -103,7 +103,7 @@ def test_fake_implementations_give_the_real_shapes_and_strides(spec):
             assert y.shape == real[name].shape and y.stride() == real[name].stride(), name
 
 
-def test_variants_of_other_instruction_sets_compile(tmp_path):
+def test_variants_of_other_instruction_sets_compile(tmp_path, monkeypatch):
     """The one kernel source builds for AVX-512, AVX2 and SSE2 on any x86 machine (the tests run those
     this CPU supports, test_runtime.py); NEON where an aarch64 cross compiler is given in
     NMSPARSE_CROSS_CXX (or natively on ARM)."""
@@ -116,9 +116,7 @@ def test_variants_of_other_instruction_sets_compile(tmp_path):
         variants.append("neon")
     for variant in variants:
         if variant == "neon" and not arm:
-            import os
-
-            os.environ["NMSPARSE_CROSS_CXX"] = cross
+            monkeypatch.setenv("NMSPARSE_CROSS_CXX", cross)
         path = _native.compile_only(variant, tmp_path)
         assert path.stat().st_size > 10_000, variant
 
