@@ -4,10 +4,11 @@ from torch import nn
 
 from nmsparse.mask import block_row_counts, is_block_uniform
 from nmsparse.method import MethodError, build_method
-from nmsparse.method.block_1xn import block_row_mask, bpar_scores, ramp_value, regrow_count
+from nmsparse.method.block_1xn import block_row_mask, bpar_scores, ramp_schedule, regrow_count
 from nmsparse.pattern import BlockPattern
 from nmsparse.select import Selection
 from nmsparse.sparsifier import Sparsifier
+from nmsparse.train.plan import options_in_steps
 
 
 @pytest.mark.parametrize(
@@ -20,10 +21,14 @@ from nmsparse.sparsifier import Sparsifier
     ],
 )
 def test_ramp_matches_the_seed_curves(kind, expected):
-    values = [ramp_value(kind, e, 10, 180) for e in (30, 60, 95, 130, 160)]
+    # in steps, with 50 steps per epoch (masks once per epoch): the seed's per-epoch values at epoch ends
+    spe = 50
+    ramp = ramp_schedule(kind, 10 * spe, 180 * spe, unit=spe)
+    values = [ramp(e * spe) for e in (30, 60, 95, 130, 160)]
     assert values == pytest.approx(expected, abs=0.006)
-    assert ramp_value(kind, 5, 10, 180) == 0.0 and ramp_value(kind, 180, 10, 180) == 1.0
-    assert ramp_value(kind, 0, 0, 0) == 1.0
+    assert ramp(5 * spe) == 0.0 and ramp(180 * spe) == 1.0
+    assert ramp_schedule(kind, 0, 0)(0) == 1.0
+    assert all(ramp(s) <= ramp(s + 7) for s in range(0, 200 * spe, 97))  # monotone
 
 
 def test_regrow_count_formula():
@@ -79,9 +84,11 @@ def _train(model, sp, start, stop):
 @pytest.mark.parametrize("mode", ["soft", "hard"])
 def test_epoch_cadence_ramp_and_uniform_rows(criterion, mode):
     model = _cnn()
-    opts = {"criterion": criterion, "mode": mode, "ramp": "linear", "ramp_start_epoch": 1, "ramp_end_epoch": 4}
+    opts = options_in_steps({"criterion": criterion, "mode": mode, "ramp": "linear", "ramp_start_epoch": 1,
+                             "ramp_end_epoch": 4, "update_every_epochs": 1}, steps_per_epoch=2)
+    assert opts["ramp_start_step"] == 2 and opts["ramp_end_step"] == 8 and opts["update_every_steps"] == 2
     sp = Sparsifier("block_1xn", "1x8:0.25", Selection(), method_options=opts)
-    sp.prepare(model, total_steps=12, steps_per_epoch=2)  # 6 epochs
+    sp.prepare(model, total_steps=12)  # 6 epochs
     layer = sp.layers["2"]
     kept = []
     for epoch in range(6):
@@ -99,8 +106,8 @@ def test_hard_mode_without_decay_gives_pruned_weights_no_gradient_and_soft_decay
     for mode in ("hard", "soft"):
         model = _cnn()
         sp = Sparsifier("block_1xn", "1x8:0.5", Selection(),
-                        method_options={"mode": mode, "ramp_start_epoch": 0, "ramp_end_epoch": 0, "hard_decay": False})
-        sp.prepare(model, total_steps=10, steps_per_epoch=10)
+                        method_options={"mode": mode, "hard_decay": False, "update_every_steps": 10})
+        sp.prepare(model, total_steps=10)
         layer = sp.layers["2"]
         pruned = ~layer.mask
         w0 = layer.dense_weight.detach()[pruned].clone()
@@ -110,15 +117,15 @@ def test_hard_mode_without_decay_gives_pruned_weights_no_gradient_and_soft_decay
 
 
 def test_resume_gives_identical_masks():
-    opts = {"ramp": "cubic", "ramp_start_epoch": 1, "ramp_end_epoch": 4, "criterion": "bpar"}
+    opts = {"ramp": "cubic", "ramp_start_step": 2, "ramp_end_step": 8, "criterion": "bpar", "update_every_steps": 2}
     model = _cnn()
     sp = Sparsifier("block_1xn", "1x8:0.25", Selection(), method_options=opts)
-    sp.prepare(model, total_steps=12, steps_per_epoch=2)
+    sp.prepare(model, total_steps=12)
     _train(model, sp, 0, 4)
     state = sp.state_dict()
     other_model = _cnn()
     other = Sparsifier("block_1xn", "1x8:0.25", Selection(), method_options=opts)
-    other.prepare(other_model, total_steps=12, steps_per_epoch=2)
+    other.prepare(other_model, total_steps=12)
     other_model.load_state_dict(model.state_dict())
     other.load_state_dict(state)
     torch.manual_seed(1)
@@ -130,16 +137,19 @@ def test_resume_gives_identical_masks():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="ramp_start_epoch < ramp_end_epoch"):
-        build_method("block_1xn", {"ramp_start_epoch": 10, "ramp_end_epoch": 5})
+    with pytest.raises(ValueError, match="ramp_start_step < ramp_end_step"):
+        build_method("block_1xn", {"ramp_start_step": 10, "ramp_end_step": 5})
+    with pytest.raises(ValueError, match="update_every_steps must be >= 1"):
+        build_method("block_1xn", {"update_every_steps": 0})
+    opts = {"ramp_start_step": 10, "ramp_end_step": 180}
     with pytest.raises(MethodError, match="not before the run's end"):
-        Sparsifier("block_1xn", "1x8:0.25", Selection()).prepare(_cnn(), total_steps=120, steps_per_epoch=1)
+        Sparsifier("block_1xn", "1x8:0.25", Selection(), method_options=opts).prepare(_cnn(), total_steps=120)
     with pytest.raises(MethodError, match="needs a 1xN pattern"):
-        Sparsifier("block_1xn", "2:4", Selection()).prepare(_cnn(), total_steps=100, steps_per_epoch=1)
-    sp = Sparsifier("block_1xn", "1x8:0.25", Selection(), method_options={"ramp_start_epoch": 0, "ramp_end_epoch": 0})
-    with pytest.raises(MethodError, match="steps_per_epoch"):
-        sp.prepare(_cnn())
-        sp.step(0)
+        Sparsifier("block_1xn", "2:4", Selection()).prepare(_cnn(), total_steps=100)
+    with pytest.raises(ValueError, match="both ramp_start_epoch and ramp_start_step"):
+        options_in_steps({"ramp_start_epoch": 1, "ramp_start_step": 3}, 10)
+    with pytest.raises(ValueError, match="non-negative number of epochs"):
+        options_in_steps({"ramp_start_epoch": "ten"}, 10)
 
 
 def test_bpar_by_hand_in_both_variants():
@@ -168,8 +178,8 @@ def test_bpar_uses_the_current_mask_in_both_variants(score_masked, monkeypatch):
                         or real(w, m, b, a, masked_l1))
     model = _cnn()
     sp = Sparsifier("block_1xn", "1x8:0.5", Selection(), method_options={
-        "criterion": "bpar", "score_masked": score_masked, "ramp_start_epoch": 0, "ramp_end_epoch": 0})
-    sp.prepare(model, total_steps=8, steps_per_epoch=2)
+        "criterion": "bpar", "score_masked": score_masked, "update_every_steps": 2})
+    sp.prepare(model, total_steps=8)
     _train(model, sp, 0, 2)  # the epoch-end update scores with the mask set at prepare
     mask, masked_l1 = seen[-1]
     assert masked_l1 is score_masked and not bool(mask.all())
@@ -195,7 +205,7 @@ def test_hard_mode_decays_pruned_weights_as_hubp_unless_turned_off():
     for hard_decay, expected in ((True, 2e-4), (False, 0.0)):
         model = _cnn()
         sp = Sparsifier("block_1xn", "1x8:0.5", Selection(), method_options={
-            "mode": "hard", "hard_decay": hard_decay, "ramp_start_epoch": 0, "ramp_end_epoch": 0})
-        sp.prepare(model, total_steps=8, steps_per_epoch=2)
+            "mode": "hard", "hard_decay": hard_decay})
+        sp.prepare(model, total_steps=8)
         layer = sp.layers["2"]
         assert layer.parametrization.rule == "masked" and layer.parametrization.decay == expected

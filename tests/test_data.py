@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from nmsparse.config.schema import build
 from nmsparse.config.sections import DataConfig
+from nmsparse.schema import build
 from nmsparse.train.data import DataError, EpochSampler, SeededDataset, build_data
 
 

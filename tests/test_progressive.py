@@ -6,7 +6,7 @@ from torch import nn
 
 from nmsparse.mask import is_nm
 from nmsparse.method import MethodError, build_method
-from nmsparse.method.progressive import decay_factor, frame_starts, pattern_stages, phase_bounds
+from nmsparse.method.progressive import decay_schedule, frame_starts, pattern_stages, phase_bounds
 from nmsparse.pattern import NMPattern, parse_pattern
 from nmsparse.select import Rule, Selection
 from nmsparse.sparsifier import Sparsifier
@@ -22,16 +22,16 @@ def _texts(stages):
 
 # ------------------------------------------------------------------------------------ formulas
 def test_decay_values_match_the_paper_settings():
-    assert decay_factor("exp", 1e-4, 5000) == pytest.approx(0.6065, abs=1e-4)
-    assert decay_factor("exp", 1e-4, 10000) == pytest.approx(0.3679, abs=1e-4)
-    assert decay_factor("exp", 1e-4, 50000) == pytest.approx(0.0067, abs=1e-4)
-    assert decay_factor("exp", 2e-4, 5000) == pytest.approx(math.exp(-1))
-    assert decay_factor("linear", 8e-4, 625) == pytest.approx(0.5)
-    assert decay_factor("linear", 8e-4, 1250) == 0.0 and decay_factor("linear", 8e-4, 5000) == 0.0
-    assert decay_factor("step", 1.0, 0) == 0.0
-    assert decay_factor("exp", 1e-4, -1) == 1.0  # dense phase
+    assert decay_schedule("exp", 1e-4, 100)(100 + 5000) == pytest.approx(0.6065, abs=1e-4)
+    assert decay_schedule("exp", 1e-4, 100)(100 + 10000) == pytest.approx(0.3679, abs=1e-4)
+    assert decay_schedule("exp", 1e-4, 100)(100 + 50000) == pytest.approx(0.0067, abs=1e-4)
+    assert decay_schedule("exp", 2e-4, 100)(100 + 5000) == pytest.approx(math.exp(-1))
+    assert decay_schedule("linear", 8e-4, 100)(100 + 625) == pytest.approx(0.5)
+    assert decay_schedule("linear", 8e-4, 100)(100 + 1250) == 0.0 and decay_schedule("linear", 8e-4, 100)(100 + 5000) == 0.0
+    assert decay_schedule("step", 1.0, 100)(100 + 0) == 0.0
+    assert decay_schedule("exp", 1e-4, 100)(100 + -1) == 1.0  # dense phase
     with pytest.raises(MethodError, match="unknown decay"):
-        decay_factor("cosine", 1.0, 3)
+        decay_schedule("cosine", 1.0, 100)(100 + 3)
 
 
 @pytest.mark.parametrize(

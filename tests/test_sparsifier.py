@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from nmsparse._registry import RegistryError
-from nmsparse.config.schema import ConfigError
 from nmsparse.mask import is_nm, satisfies
 from nmsparse.method import METHODS, CalibratedMethod, build_method, list_methods
 from nmsparse.parametrize import is_attached
 from nmsparse.pattern import NMPattern, parse_pattern
+from nmsparse.schema import ConfigError
 from nmsparse.select import Selection
 from nmsparse.sparsifier import Sparsifier, SparsifierError
 
@@ -34,7 +34,7 @@ def test_every_method_is_covered_by_a_contract():
 
 # methods whose patterns or options differ from the plain "2:4" contract
 CONTRACT = {
-    "block_1xn": ("1x4:0.5", {"ramp_start_epoch": 0, "ramp_end_epoch": 0}),  # full rate from the start
+    "block_1xn": ("1x4:0.5", {"update_every_steps": 2}),  # full rate from the start, masks every 2 steps
 }
 
 
@@ -45,7 +45,7 @@ def test_every_method_contract(name, tiny_vit):
     Calibrated one-shot methods have their own contract in test_oneshot_calibrated.py.
     """
     pattern, options = CONTRACT.get(name, ("2:4", {}))
-    horizon = {"total_steps": 12, "steps_per_epoch": 2}
+    horizon = {"total_steps": 12}
     model = tiny_vit
     sparsifier = Sparsifier(name, pattern, method_options=options)
     report = sparsifier.prepare(model, **horizon)

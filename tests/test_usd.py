@@ -4,8 +4,9 @@ from torch import nn
 
 from nmsparse.mask import is_nm
 from nmsparse.method import MethodError, build_method
-from nmsparse.method.usd import domino_thresholds, gmp_density, penalty_factors, votes_to_lower
+from nmsparse.method.usd import domino_thresholds, penalty_factors, votes_to_lower
 from nmsparse.pattern import NMPattern
+from nmsparse.schedule import Cubic
 from nmsparse.select import Rule, Selection
 from nmsparse.sparsifier import Sparsifier
 
@@ -37,10 +38,11 @@ def test_penalty_factors_hand_computed():
 
 
 def test_gmp_density_ramp():
-    assert gmp_density(0.25, 0, 100) == 1.0
-    assert gmp_density(0.25, 100, 100) == pytest.approx(0.25)
-    assert gmp_density(0.25, 50, 100) == pytest.approx(0.25 + 0.75 * 0.125)
-    assert gmp_density(0.25, 500, 100) == pytest.approx(0.25)
+    gmp = Cubic(1.0, 0.25, 0, 100)  # the unstructured phase's density ramp (Zhu & Gupta)
+    assert gmp(0) == 1.0
+    assert gmp(100) == pytest.approx(0.25)
+    assert gmp(50) == pytest.approx(0.25 + 0.75 * 0.125)
+    assert gmp(500) == pytest.approx(0.25)
 
 
 def _mlp():

@@ -1,4 +1,4 @@
-"""Build models by name: ``timm:NAME``, ``torchvision:NAME``, ``hf:PATH`` (or ``hf:minilm``), or an export.
+"""Build models by name: ``timm:NAME``, ``torchvision:NAME``, ``hf:PATH`` (or ``hf:minilm``).
 
 Weights are never downloaded here unless a hub name is asked for explicitly with ``pretrained``;
 local checkpoint files load with ``weights_only=True`` (or safetensors), never plain pickle.
@@ -41,12 +41,14 @@ def minilm_path() -> Path:
 
 
 def parse_model_spec(spec: str) -> tuple[str, str]:
-    """Split ``"timm:resnet18"`` into ``("timm", "resnet18")``; a bare existing path is ``("path", ...)``."""
+    """Split ``"timm:resnet18"`` into ``("timm", "resnet18")``.
+
+    An export directory is not a model spec at this level: :func:`nmsparse.export.open_model`
+    resolves it (``load_export``) and hands every other spec here.
+    """
     kind, sep, name = spec.partition(":")
     if sep and kind in ("timm", "torchvision", "hf") and name:
         return kind, name
-    if Path(spec).exists():
-        return "path", spec
     raise ModelError(
         f"unknown model {spec!r}: expected timm:NAME, torchvision:NAME, hf:PATH (a local Hugging Face "
         "directory, or hf:minilm) or an export directory"
@@ -74,7 +76,7 @@ def build_model(
     """Build a model from a spec (see module docstring).
 
     Args:
-        spec: ``timm:NAME``, ``torchvision:NAME``, ``hf:PATH``/``hf:minilm`` or an export directory.
+        spec: ``timm:NAME``, ``torchvision:NAME`` or ``hf:PATH``/``hf:minilm``.
         num_classes: classifier outputs (vision models).
         in_chans: input channels (vision models).
         pretrained: download hub weights (timm/torchvision); needs network access.
@@ -112,7 +114,7 @@ def build_model(
             raise ModelError(f"torchvision model {name!r} does not accept the options {sorted(kwargs)}: {exc}") from None
         if in_chans and in_chans != 3:
             _adapt_in_chans(model, in_chans)
-    elif kind == "hf":
+    else:  # hf
         path = minilm_path() if name == "minilm" else Path(name)
         try:
             from transformers import AutoModel
@@ -125,11 +127,6 @@ def build_model(
         model = AutoModel.from_pretrained(str(path), local_files_only=True)
         options = {}
         name = str(path)
-    else:
-        from .export import load_export
-
-        model, manifest = load_export(name)
-        return model, ModelSource(**manifest["model"])
     model.eval()
     return model, ModelSource(f"{kind}:{name}", options)
 

@@ -9,13 +9,45 @@ so the model's state_dict keeps only real parameters.
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from .grad import GRADIENT_RULES, apply_rule
 
-__all__ = ["MaskedWeight", "attach", "is_attached", "dense_weight", "squash_module", "get_parametrization"]
+__all__ = ["MaskParametrization", "MaskedWeight", "attach", "is_attached", "dense_weight", "squash_module",
+           "get_parametrization", "attach_input_map", "input_map"]
+
+
+@runtime_checkable
+class MaskParametrization(Protocol):
+    """What the Sparsifier needs of a parametrization it attaches (MaskedWeight, a learned mask).
+
+    Attributes:
+        rule: gradient rule name (``"ste"``, ``"srste"``, ``"masked"``, or the method's own, e.g. ``"learned"``).
+        decay: lambda_W of the ``srste`` rule.
+        dense_factor: the factor of pruned weights in the next forward (0 = hard mask).
+    """
+
+    rule: str
+    decay: float
+    dense_factor: float
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """Bool mask shaped like the weight, True = kept."""
+        ...
+
+    @property
+    def keep(self) -> torch.Tensor:
+        """The mask as 0/1 in the weight's dtype."""
+        ...
+
+    def set_mask(self, mask: torch.Tensor) -> None:
+        """Replace the mask (a no-op where the mask is derived from trained parameters)."""
+        ...
 
 
 class MaskedWeight(nn.Module):
@@ -83,3 +115,32 @@ def squash_module(module: nn.Module, mask: torch.Tensor, name: str = "weight") -
     parametrize.remove_parametrizations(module, name, leave_parametrized=False)
     weight = getattr(module, name)
     weight.mul_(mask.to(device=weight.device, dtype=weight.dtype))
+
+
+# ------------------------------------------------------------------------------ input index maps
+_INPUT_MAP = "_nmsparse_input_perm"
+
+
+def _gather_hook(module: nn.Module, args: tuple) -> tuple:
+    perm = getattr(module, _INPUT_MAP)
+    x = args[0]
+    dim = 1 if isinstance(module, nn.Conv2d) else x.dim() - 1
+    return (x.index_select(dim, perm.to(x.device)),) + tuple(args[1:])
+
+
+def attach_input_map(module: nn.Module, perm: torch.Tensor | list[int]) -> None:
+    """Make ``module`` read its input channels in the order ``perm`` (a forward pre-hook).
+
+    Used where a channel permutation cannot be folded into the producing layer
+    (:func:`nmsparse.permute.permute_channels`); the map travels in the manifest entry.
+    """
+    if getattr(module, _INPUT_MAP, None) is not None:
+        raise ValueError("this layer already has an input index map")
+    setattr(module, _INPUT_MAP, torch.as_tensor(perm, dtype=torch.long))
+    module.register_forward_pre_hook(_gather_hook)
+
+
+def input_map(module: nn.Module) -> list[int] | None:
+    """The layer's input index map, if it has one."""
+    perm = getattr(module, _INPUT_MAP, None)
+    return None if perm is None else [int(i) for i in perm]

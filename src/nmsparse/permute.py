@@ -26,35 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .parametrize import attach_input_map
 from .pattern import NMPattern, parse_pattern
 from .select import Selection, select_layers
 
-__all__ = ["PermutationResult", "LayerPermutation", "kept_magnitude", "search_permutation", "permute_channels",
-           "attach_input_map", "input_map"]
-
-_ATTR = "_nmsparse_input_perm"
-
-
-def _gather_hook(module: nn.Module, args: tuple) -> tuple:
-    perm = getattr(module, _ATTR)
-    x = args[0]
-    dim = 1 if isinstance(module, nn.Conv2d) else x.dim() - 1
-    return (x.index_select(dim, perm.to(x.device)),) + tuple(args[1:])
-
-
-def attach_input_map(module: nn.Module, perm: torch.Tensor | list[int]) -> None:
-    """Make ``module`` read its input channels in the order ``perm`` (a forward pre-hook)."""
-    if getattr(module, _ATTR, None) is not None:
-        raise ValueError("this layer already has an input index map")
-    setattr(module, _ATTR, torch.as_tensor(perm, dtype=torch.long))
-    module.register_forward_pre_hook(_gather_hook)
-
-
-def input_map(module: nn.Module) -> list[int] | None:
-    """The layer's input index map, if :func:`permute_channels` gave it one."""
-    perm = getattr(module, _ATTR, None)
-    return None if perm is None else [int(i) for i in perm]
-
+__all__ = ["PermutationResult", "LayerPermutation", "kept_magnitude", "search_permutation", "permute_channels"]
 
 def _columns(weight: torch.Tensor) -> torch.Tensor:
     """``[rows, in]``: |W| with one column per input channel (rows = out * kh * kw)."""

@@ -7,8 +7,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
-__all__ = ["Constant", "Linear", "Cosine", "Exponential", "Cubic", "StepDecay", "WarmupThen"]
+
+class Schedule(Protocol):
+    """Anything called with an optimizer step that returns a float."""
+
+    def __call__(self, step: int) -> float: ...
+
+__all__ = ["Schedule", "Constant", "Linear", "Cosine", "Exponential", "Cubic", "Power", "SineIn", "Geometric",
+           "SaturatingExp", "StepDecay", "WarmupThen"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,56 @@ class Cubic(_Ramp):
     def __call__(self, step: int) -> float:
         p = _progress(step, self.start_step, self.end_step)
         return self.end + (self.start - self.end) * (1.0 - p) ** 3
+
+
+@dataclass(frozen=True)
+class Power(_Ramp):
+    r""":math:`v = start + (end - start) p^{k}` (``exponent`` k; 1 = linear, 3 = SUBP's cubic prune-rate ramp)."""
+
+    exponent: float = 3.0
+
+    def __call__(self, step: int) -> float:
+        return self.start + (self.end - self.start) * _progress(step, self.start_step, self.end_step) ** self.exponent
+
+
+@dataclass(frozen=True)
+class SineIn(_Ramp):
+    r""":math:`v = start + (end - start)(1 - \cos(\pi p / 2))` (SUBP's ``cos`` prune-rate ramp)."""
+
+    def __call__(self, step: int) -> float:
+        p = _progress(step, self.start_step, self.end_step)
+        if p >= 1.0:
+            return self.end  # exactly (cos(pi / 2) is not exactly 0 in floating point)
+        return self.start + (self.end - self.start) * (1.0 - math.cos(0.5 * math.pi * p))
+
+
+@dataclass(frozen=True)
+class Geometric(_Ramp):
+    r""":math:`v = start (end / start)^{p}`: a constant ratio per step (an exponential anneal between two
+    positive values, e.g. a Gumbel-softmax temperature)."""
+
+    def __call__(self, step: int) -> float:
+        return self.start * (self.end / self.start) ** _progress(step, self.start_step, self.end_step)
+
+
+@dataclass(frozen=True)
+class SaturatingExp(_Ramp):
+    r"""A saturating exponential ramp (SUBP's ``exp`` prune-rate ramp):
+    :math:`v = start + (end - start) \min(1, (1 - e^{-r t}) / (1 - e^{-r (T - u)}))` with t = step -
+    start_step, T = end_step - start_step, ``rate`` r per step and ``unit`` u (SUBP reaches the end one
+    update before ``end_step``)."""
+
+    rate: float = 0.05
+    unit: int = 1
+
+    def __call__(self, step: int) -> float:
+        if step < self.start_step:
+            return self.start
+        if step >= self.end_step:
+            return self.end
+        t, span = step - self.start_step, max(1, self.end_step - self.start_step - self.unit)
+        frac = (1.0 - math.exp(-self.rate * t)) / (1.0 - math.exp(-self.rate * span))
+        return self.start + (self.end - self.start) * min(1.0, frac)
 
 
 @dataclass(frozen=True)

@@ -2,16 +2,15 @@
 
 * :func:`magnitude` -- |W| (SR-STE, ASP, one-shot magnitude pruning).
 * :func:`activation_weighted` -- |W| * ||X_j||_2 per input feature j (Wanda, Sun et al. 2023).
-* :func:`block_l1` / :func:`block_l2` -- per 1xN block norms ``[out / block, in]`` (SUBP).
+
+Per-block norms of 1xN blocks (SUBP) are :func:`nmsparse.mask.block_scores`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .mask import block_scores
-
-__all__ = ["magnitude", "activation_weighted", "block_l1", "block_l2"]
+__all__ = ["magnitude", "activation_weighted"]
 
 
 def magnitude(weight: torch.Tensor) -> torch.Tensor:
@@ -32,10 +31,3 @@ def activation_weighted(weight: torch.Tensor, input_norm: torch.Tensor) -> torch
         norm = norm.reshape(-1, *([1] * (weight.dim() - 2)))  # [in, 1, 1]
     return magnitude(weight) * norm.unsqueeze(0)
 
-
-def block_l1(weight: torch.Tensor, block: int) -> torch.Tensor:
-    return block_scores(weight.detach(), block, "l1")
-
-
-def block_l2(weight: torch.Tensor, block: int) -> torch.Tensor:
-    return block_scores(weight.detach(), block, "l2")

@@ -22,11 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .export.manifest import layer_entry
 from .mask import sliced_satisfies
-from .method import Method, build_method
-from .parametrize import MaskedWeight, attach, dense_weight, get_parametrization, is_attached, squash_module
+from .method import Method, MethodError, build_method
+from .method.base import LayerState, Plan
+from .parametrize import attach, dense_weight, input_map, is_attached, squash_module
 from .pattern import Pattern, parse_pattern
-from .permute import input_map
 from .select import LayerChoice, Selection, select_layers
 from .version import __version__
 
@@ -38,32 +39,6 @@ STATE_VERSION = 1
 
 class SparsifierError(RuntimeError):
     """The sparsifier was used out of order, or given state that does not fit the model."""
-
-
-@dataclass
-class LayerState:
-    """A selected layer: its module, its patterns (one per equal row slice) and its mask."""
-
-    fqn: str
-    module: nn.Module
-    patterns: tuple[Pattern, ...]
-
-    @property
-    def dense_weight(self) -> torch.Tensor:
-        return dense_weight(self.module)
-
-    @property
-    def parametrization(self) -> MaskedWeight:
-        return get_parametrization(self.module)  # type: ignore[return-value]
-
-    @property
-    def mask(self) -> torch.Tensor:
-        return self.parametrization.mask
-
-    @property
-    def pattern_text(self) -> str:
-        texts = [str(p) for p in self.patterns]
-        return texts[0] if len(set(texts)) == 1 else ",".join(texts)
 
 
 @dataclass
@@ -111,6 +86,9 @@ class Sparsifier:
         method_options: dict[str, Any] | None = None,
     ) -> None:
         self.method = build_method(method, method_options) if isinstance(method, str) else method
+        if not isinstance(self.method, Method):
+            raise MethodError(f"method {self.method.name!r} needs calibration data and decides masks once: use "
+                              "nmsparse.oneshot.prune (or `nmsparse prune`), not a Sparsifier")
         self.pattern = parse_pattern(pattern)
         self.selection = selection or Selection()
         self.allocator = allocation if callable(allocation) else None
@@ -121,15 +99,15 @@ class Sparsifier:
         self.last_step: int | None = None
 
     # ----------------------------------------------------------------------------------- lifecycle
-    def prepare(self, model: nn.Module, total_steps: int | None = None,
-                steps_per_epoch: int | None = None) -> list[LayerReport]:
+    def prepare(self, model: nn.Module, total_steps: int | None = None) -> list[LayerReport]:
         """Select layers, compute initial masks and attach the parametrizations.
 
         Args:
             model: the model to sparsify (its class is not changed).
             total_steps: the run's length in optimizer steps, for methods whose schedule depends on
                 it (phases, pattern stages); may also be given later with :meth:`set_horizon`.
-            steps_per_epoch: the epoch length, for methods that update on an epoch cadence.
+                Time is counted in optimizer steps only: callers that train in epochs convert at
+                their edge (``nmsparse.train.plan``).
 
         Returns:
             The per-layer report (:meth:`report`).
@@ -159,26 +137,45 @@ class Sparsifier:
             attach(choice.module, self.method.parametrization(layer, mask))
             self.layers[choice.fqn] = layer
         if total_steps is not None:
-            self.method.set_horizon(int(total_steps), steps_per_epoch)
-        self.method.on_prepare(self)
+            self.method.set_horizon(int(total_steps))
+        self.method.prepare(self.layers, model)
         self._configure(0, update=True)
         return self.report()
 
-    def set_horizon(self, total_steps: int, steps_per_epoch: int | None = None) -> None:
+    def set_horizon(self, total_steps: int) -> None:
         """Tell the method how many optimizer steps the run has (phases and stages depend on it)."""
-        self.method.set_horizon(int(total_steps), steps_per_epoch)
+        self.method.set_horizon(int(total_steps))
         if self.model is not None and self.layers:
             self._configure(0 if self.last_step is None else self.last_step + 1, update=self.last_step is None)
 
     def _configure(self, next_step: int, update: bool, due: bool = False) -> None:
         """Set patterns, rules and the dense factor for the forward of optimizer step ``next_step``;
         with ``update``, recompute masks when the schedule changed or the cadence (``due``) says so."""
-        changed = self.method.advance(self, next_step)
-        if update and (changed or due):
-            self.update_masks()
+        self._apply(self.method.advance(next_step, self.layers), update, due)
         factor = float(self.method.dense_factor(next_step))
         for layer in self.layers.values():
             layer.parametrization.dense_factor = factor
+
+    def _apply(self, plan: Plan, update: bool, due: bool = False) -> None:
+        """Apply a method's plan: patterns (checked against each weight), rule, then masks when the
+        patterns changed, the plan asks for a refresh, or the cadence (``due``) says so."""
+        changed = plan.refresh
+        for fqn, patterns in plan.patterns.items():
+            layer = self.layers[fqn]
+            patterns = tuple(patterns)
+            if patterns != layer.patterns:
+                rows = layer.module.weight.shape[0] // len(patterns)
+                for p in patterns:
+                    p.check_shape((rows,) + tuple(layer.module.weight.shape[1:]))
+                layer.patterns = patterns
+                changed = True
+        if plan.rule is not None:
+            rule, decay = plan.rule
+            for layer in self.layers.values():
+                param = layer.parametrization
+                param.rule, param.decay = rule, float(decay)
+        if update and (changed or due):
+            self.update_masks()
 
     def _require_prepared(self) -> None:
         if self.model is None:
@@ -203,27 +200,14 @@ class Sparsifier:
         """
         self._require_prepared()
         self._configure(step + 1, update=True, due=self.method.masks_due(step))
-        self.method.on_step(self, step)
+        self._apply(self.method.after_step(step, self.layers), update=True)
         self.last_step = step
-
-    def set_rule(self, rule: str, decay: float = 0.0, fqns: list[str] | None = None) -> None:
-        """Switch the gradient rule (and its decay) of some or all layers, e.g. at a phase change."""
-        for fqn in fqns if fqns is not None else list(self.layers):
-            param = self.layers[fqn].parametrization
-            param.rule, param.decay = rule, float(decay)
 
     def penalty(self) -> torch.Tensor:
         """The method's extra loss term (a zero scalar when it has none)."""
         self._require_prepared()
-        value = self.method.penalty(self)
+        value = self.method.penalty(0 if self.last_step is None else self.last_step + 1, self.layers)
         return value if value is not None else torch.zeros(())
-
-    def set_patterns(self, fqn: str, patterns: tuple[Pattern, ...]) -> None:
-        """Change one layer's patterns (methods that search per-layer patterns use this)."""
-        layer = self.layers[fqn]
-        for p in patterns:
-            p.check_shape((layer.module.weight.shape[0] // len(patterns),) + tuple(layer.module.weight.shape[1:]))
-        layer.patterns = tuple(patterns)
 
     @torch.no_grad()
     def squash(self, model: nn.Module | None = None) -> list[dict[str, Any]]:
@@ -318,19 +302,3 @@ class Sparsifier:
                 )
         return rows
 
-
-def layer_entry(fqn: str, weight: torch.Tensor, patterns: tuple[Pattern, ...],
-                input_permutation: list[int] | None = None) -> dict[str, Any]:
-    """A manifest entry for one sparse layer (with its input index map, when it has one)."""
-    first = patterns[0]
-    extra = {"input_permutation": input_permutation} if input_permutation is not None else {}
-    return {
-        "fqn": fqn,
-        "param": "weight",
-        "shape": list(weight.shape),
-        "dtype": str(weight.dtype).removeprefix("torch."),
-        "pattern": ",".join(str(p) for p in patterns) if len({str(p) for p in patterns}) > 1 else str(first),
-        "slices": len(patterns),
-        "axis": first.axis,
-        **extra,
-    }

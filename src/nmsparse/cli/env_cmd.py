@@ -4,53 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-from importlib import metadata
 from typing import Any
 
 
-def _sparse_runtime() -> dict[str, object]:
+def environment() -> dict[str, Any]:
+    """:func:`nmsparse.env.environment` plus the sparse runtime's status (builds the kernels once)."""
+    from ..env import environment as base
     from ..runtime import _native
 
-    return _native.status()
-
-
-def environment() -> dict[str, Any]:
-    """Versions of the stack and the availability of each backend (never initialises CUDA needlessly)."""
-    import torch
-
-    from ..version import __version__
-
-    def version(name: str) -> str | None:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return None
-
-    cuda = torch.cuda.is_available()
-    cusparselt = False
-    if cuda:
-        try:
-            cusparselt = bool(torch.backends.cusparselt.is_available())
-        except AttributeError:
-            cusparselt = False
-    packages = ["torch", "torchvision", "timm", "transformers", "safetensors", "numba", "numpy"]
-    return {
-        "nmsparse": __version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "packages": {name: version(name) for name in packages},
-        "cpu_threads": torch.get_num_threads(),
-        "backends": {
-            "cpu_dense_with_zeros": True,
-            # 1xN and n:m kernels: C++ built for this CPU's ISA (avx512, avx2, neon, generic), or none
-            "cpu_sparse_runtime": _sparse_runtime(),
-            "cuda": cuda,
-            "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
-            "cusparselt": cusparselt,
-            "semi_structured_2_4": cuda,
-        },
-    }
+    env = base()
+    # 1xN and n:m kernels: C++ built for this CPU's ISA (avx512, avx2, neon, generic), or none
+    env["backends"] = {"cpu_dense_with_zeros": True, "cpu_sparse_runtime": _native.status(),
+                       **{k: v for k, v in env["backends"].items() if k != "cpu_dense_with_zeros"}}
+    return env
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

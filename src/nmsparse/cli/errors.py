@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from .._registry import RegistryError
 from ..allocate import AllocationError
-from ..config.schema import ConfigError
 from ..export import ExportError
 from ..method import MethodError
 from ..models import ModelError
 from ..pattern import PatternError
 from ..runtime.formats import FormatError
+from ..schema import ConfigError
 from ..select import SelectionError
 from ..sparsifier import SparsifierError
 

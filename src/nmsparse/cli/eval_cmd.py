@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from ..config.schema import build
 from ..config.sections import Config, DataConfig
 from ..export import is_export, load_export
+from ..schema import build
 from .errors import CliError, register_user_error
 
 
@@ -26,14 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _model_from_checkpoint(path: Path):
     from ..train.checkpoint import load_checkpoint
     from ..train.data import build_data
-    from ..train.loop import _build_sparsifier
-    from ..train.setup import build_run_model
+    from ..train.setup import build_run_model, build_sparsifier
 
     ckpt = load_checkpoint(path)
     config = build(Config, ckpt["config"])
     bundle = build_data(config.data)
     model, _ = build_run_model(config, bundle)
-    sparsifier = _build_sparsifier(config)
+    sparsifier = build_sparsifier(config, ckpt.get("steps_per_epoch") or 1)
     if sparsifier is not None:
         sparsifier.prepare(model)
     model.load_state_dict(ckpt["model"])

@@ -7,9 +7,8 @@ import json
 
 import torch
 
-from ..export import entry_patterns, is_export, load_export
+from ..export import entry_patterns, is_export, load_export, open_model
 from ..mask import sliced_satisfies
-from ..models import build_model
 from ..select import select_layers
 from .display import print_table
 from .prune_cmd import add_selection_arguments, selection_from_args
@@ -42,7 +41,7 @@ def _rows_for_export(path: str) -> tuple[str, list[dict]]:
 
 @torch.no_grad()
 def _rows_for_model(args: argparse.Namespace) -> tuple[str, list[dict]]:
-    model, _ = build_model(args.target)
+    model, _ = open_model(args.target)
     rows = []
     for choice in select_layers(model, selection_from_args(args), args.pattern):
         weight = choice.module.weight

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 from pathlib import Path
 
-import torch
-
-from ..export import load_export, save_export
-from ..models import build_model, example_input, forward_output, load_weights
-from ..oneshot import prune
+from ..export import open_model
+from ..models import example_input, load_weights
 from ..select import LAYER_SETS, Rule, Selection
 from .display import print_table
-from .errors import CliError, register_user_error
+from .errors import register_user_error
 
 
 def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +36,8 @@ def selection_from_args(args: argparse.Namespace) -> Selection:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="timm:NAME, torchvision:NAME, hf:PATH (or hf:minilm), or an export directory")
+    parser.add_argument("model", help="timm:NAME, torchvision:NAME, hf:PATH (or hf:minilm), gguf:FILE, or an export "
+                        "directory")
     add_selection_arguments(parser)
     parser.add_argument("--method", default="magnitude", help="magnitude, wanda or sparsegpt")
     parser.add_argument("--calib", help="calibration data: text:builtin, text:PATH, hf-dataset:NAME[:CONFIG[:SPLIT]], "
@@ -52,10 +49,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recover-steps", type=int, help="distil from the dense model for N steps, masks fixed")
     parser.add_argument("--recover-minutes", type=float, help="time budget of the recovery")
     parser.add_argument("--recover-lr", type=float, default=2e-4, help="AdamW learning rate of the recovery")
-    parser.add_argument("--recover-objective", choices=["auto", "hidden", "pooled", "layers"], default="auto",
+    parser.add_argument("--recover-objective", choices=["auto", "hidden", "pooled", "layers", "causal"], default="auto",
                         help="hidden: MSE of output hidden states/logits; pooled: cosine of mean-pooled outputs; "
-                             "layers: pooled plus every layer's hidden states (Hugging Face models); "
-                             "auto: layers for text models, hidden otherwise")
+                             "layers: pooled plus every layer's hidden states (Hugging Face models); causal: KL of "
+                             "next-token distributions plus every layer's hidden states (causal LMs); "
+                             "auto: causal for causal LMs, layers for other text models, hidden otherwise")
+    parser.add_argument("--heldout", help="held-out data of the fidelity measure: text:heldout (default for causal "
+                        "LMs: built-in text calibration never sees), text:PATH, or an image spec for vision models")
+    parser.add_argument("--heldout-tokens", type=int, default=4096, help="held-out tokens for perplexity (causal LMs)")
+    parser.add_argument("--window", type=int, default=512, help="perplexity window in tokens (causal LMs)")
     parser.add_argument("--permute", action="store_true",
                         help="search input-channel permutations that raise the kept magnitude and fold them into "
                              "the producing layers first (function unchanged)")
@@ -68,92 +70,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-def _fidelity_setup(source):
-    """Held-out sentence batches for hf: text models (None for other models)."""
-    if not source.source.startswith("hf:"):
-        return None
-    from ..calib_data import builtin_text, load_tokenizer, sentence_batches
-
-    _, sentences = builtin_text()
-    return sentence_batches(load_tokenizer(source.source[3:]), sentences)
-
-
 def run(args: argparse.Namespace) -> int:
-    from ..calib_data import CalibrationError, build_calibration
     from ..method import CalibratedMethod, build_method
+    from ..oneshot import CalibrationError, Recovery, model_kind, prune
+    from ..oneshot.data import (
+        build_calibration,
+        heldout_data,
+        load_texts,
+        load_tokenizer,
+        sentence_training_batches,
+    )
 
     register_user_error(CalibrationError)
     selection = selection_from_args(args)
-    model, source = build_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans)
+    model, source = open_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans)
     if args.checkpoint:
         load_weights(model, args.checkpoint)
     model.eval()
-    reference = copy.deepcopy(model)  # the dense original: reload check, fidelity, recovery teacher
-    method = build_method(args.method)
+    kind = model_kind(model)
+    text_model = source.source.startswith("hf:")
     recovering = bool(args.recover_steps or args.recover_minutes)
-    calibrated = isinstance(method, CalibratedMethod) or args.calib or recovering
-    report: dict = {"model": args.model, "method": args.method, "pattern": args.pattern}
-    if args.permute:
-        from ..permute import permute_channels
-
-        perms = permute_channels(model, args.pattern, selection, args.permute_sweeps,
-                                 progress="none" if args.json else "auto")
-        report["permutation"] = [p.as_dict() for p in perms]
-    if calibrated:
-        from ..calibrate import prune_calibrated
-
-        spec = args.calib or ("text:builtin" if source.source.startswith("hf:") else "digits")
-        batches = build_calibration(spec, model, source, args.samples, args.seq_len, args.seed)
-        report["calibration"] = {"source": spec, "samples": args.samples, "seq_len": args.seq_len}
-        result = prune_calibrated(model, batches, args.pattern, args.method, selection,
-                                  progress="none" if args.json else "auto")
-        rows, layers, skipped = result.report, result.layers, result.skipped
-    else:
-        plain = prune(model, args.pattern, args.method, selection)
-        rows = [dict(r.as_dict(), reconstruction_error=None) for r in plain.report]
-        layers, skipped = plain.layers, plain.skipped
-    if not layers:
-        raise CliError(f"no layer of {args.model} was selected for pattern {args.pattern}; check --layers/--rule")
-    report["layers"] = rows
-    sentences = _fidelity_setup(source)
-    if sentences is not None:
-        from ..fidelity import embedding_fidelity, sentence_embeddings
-
-        dense_emb = sentence_embeddings(reference, sentences)
-        report["fidelity_one_shot"] = embedding_fidelity(dense_emb, sentence_embeddings(model, sentences))
+    calibrated = isinstance(build_method(args.method), CalibratedMethod) or args.calib or recovering
+    spec = args.calib or ("text:builtin" if text_model else "digits")
+    batches = build_calibration(spec, model, source, args.samples, args.seq_len, args.seed) if calibrated else None
+    recovery = None
     if recovering:
-        from ..recover import recover
-
         train_batches = batches
-        if source.source.startswith("hf:"):  # whole sentences of the calibration text, batched by length
-            from ..calib_data import load_texts, load_tokenizer, sentence_training_batches
-
+        if kind == "encoder":  # whole sentences of the calibration text, batched by length
             train_batches = sentence_training_batches(load_tokenizer(source.source[3:]), load_texts(spec),
                                                       max_length=args.seq_len, seed=args.seed + 1)
-        report["recovery"] = recover(model, reference, layers, train_batches, args.recover_steps,
-                                     args.recover_minutes * 60 if args.recover_minutes else None, args.recover_lr,
-                                     objective=args.recover_objective, progress="none" if args.json else "auto")
-        if sentences is not None:
-            report["fidelity_recovered"] = embedding_fidelity(dense_emb, sentence_embeddings(model, sentences))
-    out = save_export(model, args.out, layers, source.as_dict(), skipped, extra={"method": args.method},
-                      files={"report.json": json.dumps(report, indent=2) + "\n"})
-    # Verify the round trip: reload the export and compare with the pruned model in memory.
-    reloaded, _ = load_export(out, copy.deepcopy(reference))
-    inputs = example_input(model, source)
-    with torch.no_grad():
-        max_diff = float((forward_output(model, inputs) - forward_output(reloaded, inputs)).abs().max())
+        recovery = Recovery(train_batches, args.recover_steps, args.recover_minutes * 60 if args.recover_minutes else None,
+                            args.recover_lr, args.recover_objective)
+    heldout = None
+    if text_model or args.calib or calibrated:
+        heldout = heldout_data(model, source, kind, args.heldout, args.heldout_tokens, seed=args.seed)
+    progress = "none" if args.json else "auto"
+    result = prune(model, args.pattern, args.method, selection, calibration=batches,
+                   permute=args.permute_sweeps if args.permute else None, heldout=heldout, recover=recovery,
+                   out=args.out, source=source, example_inputs=example_input(model, source), progress=progress,
+                   window=args.window)
+    if batches is not None:
+        result.calibration = {"source": spec, "samples": args.samples, "seq_len": args.seq_len, **(result.calibration or {})}
     if args.json:
-        print(json.dumps({"export": str(out), **report, "reload_max_abs_diff": max_diff}, indent=2))
+        print(json.dumps({"model": args.model, **result.as_dict()}, indent=2))
         return 0
-    table = [(r["fqn"], r["shape"], r["pattern"], r["density"], r["verified"], r.get("reconstruction_error"),
-              r["skip_reason"]) for r in rows]
+    table = [(r.fqn, list(r.shape), r.pattern, round(r.density, 4), r.verified, r.reconstruction_error, r.skip_reason)
+             for r in result.rows]
     print_table(f"{args.model} pruned with {args.method}",
                 ["layer", "shape", "pattern", "density", "verified", "recon. error", "skipped"], table)
-    sparse = [r for r in rows if r["skip_reason"] is None]
-    print(f"{len(sparse)} sparse layers, {len(skipped)} kept dense; all verified: "
-          f"{all(r['verified'] for r in sparse)}; export reload max |diff| = {max_diff:.2e}")
-    for key in ("fidelity_one_shot", "fidelity_recovered"):
-        if key in report:
-            print(f"{key.replace('_', ' ')}: {report[key]}")
-    print(f"wrote {Path(out) / 'model.safetensors'}, manifest.json and report.json")
+    print(f"{len(result.sparse_rows)} sparse layers, {len(result.skipped)} kept dense; all verified: "
+          f"{all(r.verified for r in result.sparse_rows)}; export reload max |diff| = {result.reload_max_abs_diff:.2e}")
+    for key, value in (result.fidelity or {}).items():
+        print(f"fidelity {key.replace('_', ' ')}: {value}")
+    if result.recovery:
+        print(f"recovery: {result.recovery}")
+    print(f"wrote {Path(args.out)} (weights, manifest.json, report.json)")
     return 0

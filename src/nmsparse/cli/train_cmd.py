@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from ..config.load import load_config
-from ..config.schema import build, yaml_load
 from ..config.sections import Config
+from ..schema import build, yaml_load
 from .errors import CliError, register_user_error
 
 

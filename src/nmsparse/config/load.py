@@ -16,8 +16,9 @@ import yaml
 
 from ..method import METHODS, build_method
 from ..pattern import PatternError, parse_pattern
+from ..schema import ConfigError, build, parse_value, to_dict, yaml_load
 from ..select import Rule, SelectionError
-from .schema import ConfigError, build, parse_value, to_dict, yaml_load
+from .epochs import options_in_steps
 from .sections import Config
 
 __all__ = ["load_config", "list_recipes", "recipe_path", "recipe_text", "dump_config", "validate_semantics"]
@@ -110,7 +111,7 @@ def validate_semantics(config: Config) -> list[str]:
                       f"available: {', '.join(METHODS.names())}")
     else:
         try:
-            build_method(sp.method, sp.options)
+            build_method(sp.method, options_in_steps(dict(sp.options or {}), 1))
         except (ConfigError, ValueError) as exc:
             errors += [f"sparsity.options: {e}" for e in getattr(exc, "errors", [str(exc)])]
     for key, spec in [("sparsity.pattern", sp.pattern)] + [(f"sparsity.allocation.{k}", v) for k, v in (sp.allocation or {}).items()]:

@@ -18,11 +18,26 @@ from .._io import atomic_dir
 from ..mask import sliced_satisfies
 from .manifest import MANIFEST_NAME, WEIGHTS_NAME, ExportError, entry_patterns, make_manifest, read_manifest
 
-__all__ = ["save_export", "load_export", "verify_weights", "is_export"]
+__all__ = ["save_export", "load_export", "verify_weights", "is_export", "open_model"]
 
 
 def is_export(path: str | Path) -> bool:
     return (Path(path) / MANIFEST_NAME).is_file()
+
+
+def open_model(spec: str, **options: Any) -> tuple[nn.Module, Any]:
+    """A model spec as users write it: an export directory (loaded with its weights and manifest),
+    or anything :func:`nmsparse.models.build_model` builds (``options`` go to it).
+
+    Returns:
+        ``(model, ModelSource)``.
+    """
+    from ..models import ModelSource, build_model
+
+    if is_export(spec):
+        model, manifest = load_export(spec)
+        return model, ModelSource(**manifest["model"])
+    return build_model(spec, **options)
 
 
 def save_export(
@@ -111,7 +126,7 @@ def load_export(directory: str | Path, model: nn.Module | None = None) -> tuple[
         raise ExportError(
             f"{weights} does not fit the model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
-    from ..permute import attach_input_map
+    from ..parametrize import attach_input_map
 
     for entry in manifest["layers"]:  # layers whose input channels are read in a permuted order
         if entry.get("input_permutation") is not None:

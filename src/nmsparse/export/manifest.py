@@ -7,11 +7,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..pattern import Pattern, PatternError, parse_pattern
 from ..version import __version__
 
 __all__ = ["ExportError", "FORMAT", "FORMAT_VERSION", "MANIFEST_NAME", "WEIGHTS_NAME", "make_manifest",
-           "read_manifest", "entry_patterns"]
+           "read_manifest", "entry_patterns", "layer_entry"]
 
 FORMAT = "nmsparse-export"
 FORMAT_VERSION = 1
@@ -89,3 +91,21 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if not isinstance(manifest.get("model"), dict) or "source" not in manifest["model"]:
         raise ExportError(f"{path} is corrupt: 'model.source' is missing")
     return manifest
+
+
+
+def layer_entry(fqn: str, weight: torch.Tensor, patterns: tuple[Pattern, ...],
+                input_permutation: list[int] | None = None) -> dict[str, Any]:
+    """A manifest entry for one sparse layer (with its input index map, when it has one)."""
+    first = patterns[0]
+    extra = {"input_permutation": input_permutation} if input_permutation is not None else {}
+    return {
+        "fqn": fqn,
+        "param": "weight",
+        "shape": list(weight.shape),
+        "dtype": str(weight.dtype).removeprefix("torch."),
+        "pattern": ",".join(str(p) for p in patterns) if len({str(p) for p in patterns}) > 1 else str(first),
+        "slices": len(patterns),
+        "axis": first.axis,
+        **extra,
+    }

@@ -1,28 +1,36 @@
-"""The method contract: what a registered sparsity algorithm provides to the Sparsifier.
+"""The method contracts: what a registered sparsity algorithm provides.
 
-A method composes the pure parts -- a score, a gradient rule, a mask cadence, a dense-factor
-schedule and an optional loss penalty -- and may keep state of its own, which it returns from
-:meth:`Method.state_dict`. It never edits a model: the Sparsifier applies what it decides.
+Two kinds of method share one registry and one options mechanism (:class:`MethodBase`):
+
+* :class:`Method` -- a **training** method, driven by the Sparsifier. It composes the pure parts
+  (a score, a gradient rule, a mask cadence, a dense-factor schedule, an optional loss penalty)
+  and may keep state of its own (:meth:`Method.state_dict`). It never reaches into the Sparsifier:
+  :meth:`Method.advance` and :meth:`Method.after_step` return a :class:`Plan` (new patterns, a new
+  gradient rule, a mask refresh) that the Sparsifier applies. It reads layers through
+  :class:`LayerState` (module, patterns, attached :class:`~nmsparse.parametrize.MaskParametrization`).
+* :class:`CalibratedMethod` -- a **one-shot** method that needs statistics of each layer's inputs
+  (:class:`LayerStats`); :func:`nmsparse.oneshot.prune` runs it layer by layer.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from .._registry import Registry
-from ..config.schema import build
 from ..mask import sliced_mask
-from ..parametrize import MaskedWeight
+from ..parametrize import MaskedWeight, MaskParametrization, dense_weight, get_parametrization
+from ..pattern import Pattern
+from ..schema import build
 from ..score import magnitude
 
-if TYPE_CHECKING:
-    from ..sparsifier import LayerState, Sparsifier
-
-__all__ = ["MethodError", "Method", "CalibratedMethod", "LayerStats", "NoOptions", "METHODS", "register_method", "build_method", "list_methods"]
+__all__ = ["MethodError", "MethodBase", "Method", "CalibratedMethod", "LayerState", "Plan", "LayerStats", "NoOptions",
+           "METHODS", "register_method", "build_method", "list_methods"]
 
 
 class MethodError(ValueError):
@@ -34,25 +42,91 @@ class NoOptions:
     """This method has no options."""
 
 
-class Method:
-    """Base class: override only what differs from a fixed magnitude mask.
+@dataclasses.dataclass
+class LayerState:
+    """A selected layer as methods see it: its module, its patterns (one per equal row slice) and,
+    once attached, its mask parametrization. The Sparsifier owns and updates it."""
+
+    fqn: str
+    module: nn.Module
+    patterns: tuple[Pattern, ...]
+
+    @property
+    def dense_weight(self) -> torch.Tensor:
+        return dense_weight(self.module)
+
+    @property
+    def parametrization(self) -> MaskParametrization:
+        return get_parametrization(self.module)  # type: ignore[return-value]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.parametrization.mask
+
+    @property
+    def pattern_text(self) -> str:
+        texts = [str(p) for p in self.patterns]
+        return texts[0] if len(set(texts)) == 1 else ",".join(texts)
+
+
+Layers = Mapping[str, LayerState]
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a training method wants changed before the next forward; the Sparsifier applies it.
+
+    Attributes:
+        patterns: ``{fqn: patterns}`` for layers whose patterns change (one per row slice).
+        rule: ``(gradient rule, decay)`` for every layer, or None to leave the rules.
+        refresh: recompute every mask from the method's scores now (also implied when
+            ``patterns`` changes a layer's patterns).
+    """
+
+    patterns: dict[str, tuple[Pattern, ...]] = dataclasses.field(default_factory=dict)
+    rule: tuple[str, float] | None = None
+    refresh: bool = False
+
+    def then(self, later: Plan) -> Plan:
+        """This plan followed by ``later`` (later patterns and rule win; refresh if either asks)."""
+        return Plan({**self.patterns, **later.patterns}, later.rule or self.rule, self.refresh or later.refresh)
+
+
+class MethodBase:
+    """What every registered method has: a name, strictly validated options, summary facts.
 
     Class attributes:
         name: registry name.
         Options: dataclass of the method's hyperparameters (validated strictly).
-        grad_rule: ``"ste"``, ``"srste"`` or ``"masked"`` (see :mod:`nmsparse.grad`).
-        one_shot: True when the method decides masks once, at ``prepare``.
+        one_shot: True when the method decides masks once (one-shot pruning of a trained model).
     """
 
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
-    grad_rule: ClassVar[str] = "masked"
     one_shot: ClassVar[bool] = False
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able facts the run summary should record (e.g. a searched scheme)."""
+        return {}
+
+
+class Method(MethodBase):
+    """A training method run by the Sparsifier; override only what differs from a fixed magnitude mask.
+
+    Class attributes:
+        grad_rule: ``"ste"``, ``"srste"`` or ``"masked"`` (see :mod:`nmsparse.grad`).
+        one_shot: True when the masks it decides at ``prepare`` are final (``magnitude``), so it
+            also serves one-shot pruning.
+    """
+
+    grad_rule: ClassVar[str] = "masked"
+
+    def __init__(self, options: Any = None) -> None:
+        super().__init__(options)
         self.total_steps: int | None = None
-        self.steps_per_epoch: int | None = None
 
     @property
     def decay(self) -> float:
@@ -83,35 +157,31 @@ class Method:
         (0 = hard mask, 1 = dense)."""
         return 0.0
 
-    def set_horizon(self, total_steps: int, steps_per_epoch: int | None = None) -> None:
-        """The run's length in optimizer steps (for schedules defined as fractions of the run) and,
-        when the caller trains in epochs, the epoch length (for methods with an epoch cadence)."""
+    def set_horizon(self, total_steps: int) -> None:
+        """The run's length in optimizer steps (for schedules defined as fractions of the run)."""
         self.total_steps = total_steps
-        self.steps_per_epoch = steps_per_epoch
 
-    def advance(self, sparsifier: Sparsifier, step: int) -> bool:
-        """Move the method's schedule to the forward of optimizer step ``step`` (patterns, rules).
+    def advance(self, step: int, layers: Layers) -> Plan:
+        """Move the method's schedule to the forward of optimizer step ``step``.
 
         Called at :meth:`Sparsifier.prepare` (step 0), by every :meth:`Sparsifier.step` (with the
         next step) and after a state restore. Must be idempotent for a given step and state.
 
         Returns:
-            True when masks must be recomputed now (e.g. a layer's pattern changed).
+            The :class:`Plan` of patterns, rule and mask refresh for that forward.
         """
-        return False
+        return Plan()
 
-    def summary(self) -> dict[str, Any]:
-        """JSON-able facts the run summary should record (e.g. a searched scheme)."""
-        return {}
+    def prepare(self, layers: Layers, model: nn.Module) -> None:
+        """Called once after masks are attached (set up per-layer state, hooks on the model)."""
 
-    def on_prepare(self, sparsifier: Sparsifier) -> None:
-        """Called once after masks are attached."""
+    def after_step(self, step: int, layers: Layers) -> Plan:
+        """Called by every :meth:`Sparsifier.step` after masks are updated for optimizer step ``step``
+        (phase changes that depend on the weights just trained)."""
+        return Plan()
 
-    def on_step(self, sparsifier: Sparsifier, step: int) -> None:
-        """Called by every :meth:`Sparsifier.step`, after masks are updated."""
-
-    def penalty(self, sparsifier: Sparsifier) -> torch.Tensor | None:
-        """An extra loss term, or None."""
+    def penalty(self, step: int, layers: Layers) -> torch.Tensor | None:
+        """An extra loss term for the forward of optimizer step ``step``, or None."""
         return None
 
     def state_dict(self) -> dict[str, Any]:
@@ -160,16 +230,15 @@ class LayerStats:
         return self.xtx
 
 
-class CalibratedMethod(Method, abc.ABC):
+class CalibratedMethod(MethodBase, abc.ABC):
     """A one-shot method that needs calibration statistics of each layer's inputs.
 
-    It is run by :func:`nmsparse.calibrate.prune_calibrated`, layer by layer (block by block for
-    transformers); :meth:`prune_weight` returns the new weight (dense with zeros; methods such as
-    sparsegpt also update kept weights) and its mask.
+    It is run by :func:`nmsparse.oneshot.prune`, layer by layer (block by block for transformers);
+    :meth:`prune_weight` returns the new weight (dense with zeros; methods such as sparsegpt also
+    update kept weights) and its mask. It is not a training method: a Sparsifier refuses it.
     """
 
     one_shot = True
-    grad_rule = "masked"
     needs_hessian: ClassVar[bool] = False
 
     @abc.abstractmethod
@@ -178,27 +247,21 @@ class CalibratedMethod(Method, abc.ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(new_weight, mask)`` for one layer from its calibration statistics."""
 
-    def mask(self, layer: LayerState) -> torch.Tensor:
-        raise MethodError(
-            f"method {self.name!r} needs calibration data: use nmsparse.calibrate.prune_calibrated "
-            "(or `nmsparse prune --calib ...`), not a Sparsifier"
-        )
 
-
-METHODS: Registry[type[Method]] = Registry("method")
+METHODS: Registry[type[MethodBase]] = Registry("method")
 
 
 def register_method(name: str):
     """Class decorator: register a :class:`Method` subclass under ``name``."""
 
-    def decorate(cls: type[Method]) -> type[Method]:
+    def decorate(cls: type[MethodBase]) -> type[MethodBase]:
         cls.name = name
         return METHODS.register(name)(cls)
 
     return decorate
 
 
-def build_method(name: str, options: dict[str, Any] | None = None) -> Method:
+def build_method(name: str, options: dict[str, Any] | None = None) -> MethodBase:
     """Instantiate method ``name`` with validated ``options``.
 
     Raises:

@@ -4,15 +4,17 @@ A 1xN block is N consecutive output channels x 1 input channel x the whole kerne
 (N output channels) keeps the same number of blocks, so CPU threads owning block rows get equal
 work. The pattern is written ``1xN:density`` (e.g. ``1x16:0.25`` keeps a quarter of the blocks).
 
-At the start of every epoch e, per block row with :math:`C_{in}` blocks and final prune rate p:
+Every ``update_every_steps`` optimizer steps (once per epoch in SUBP; ``nmsparse train`` converts
+``update_every_epochs`` and ``ramp_*_epoch`` at the config edge), at step t, per block row with :math:`C_{in}` blocks and final prune rate p:
 
 1. score the blocks (``l1``, ``l2`` or ``bpar``), of the currently masked weights by default (SUBP's
    V2; ``score_masked: false`` scores the raw weights, V1);
 2. prune the :math:`\lfloor p C_{in} \rfloor` lowest-scoring blocks (the *final* rate);
-3. regrow :math:`R = \lfloor (p - p_e) C_{in} \rfloor` of them, :math:`p_e = p\,\rho(e)`, by importance
+3. regrow :math:`R = \lfloor (p - p_e) C_{in} \rfloor` of them, :math:`p_t = p\,\rho(t)`, by importance
    sampling without replacement with probabilities :math:`\mathrm{softmax}(u / \tau)`, u the
    L2-normalised ascending scores of the pruned blocks; :math:`\rho` ramps from 0 at
-   ``ramp_start_epoch`` to 1 at ``ramp_end_epoch`` (linear, cos, exp or cubic, the seed's curves).
+   ``ramp_start_step`` to 1 at ``ramp_end_step`` (linear, cos, exp or cubic: the seed's curves as
+   :mod:`nmsparse.schedule` objects).
 
 ``soft`` mode (SUBP) trains pruned weights straight-through with the SR-STE decay
 :math:`\lambda (1 - M) \odot W` (exact here: nmsparse trains without fp16 loss scaling). ``hard`` mode
@@ -24,43 +26,47 @@ the raw weights without, V1), b its share of the row's summed absolute cosine si
 blocks under the current mask (both variants: pruned blocks are zero vectors and count 1), so small
 blocks that point the same way as many others go first.
 
-Sampling is seeded by (seed, epoch, layer): runs and resumes are reproducible.
+Sampling is seeded by (seed, update index, layer): runs and resumes are reproducible.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 
 from ..grad import SRSTE_DEFAULT_DECAY
 from ..mask import block_scores, expand_block_mask
 from ..pattern import BlockPattern
-from .base import Method, MethodError, register_method
+from ..schedule import Constant, Power, SaturatingExp, Schedule, SineIn
+from .base import Layers, LayerState, Method, MethodError, Plan, register_method
 
-if TYPE_CHECKING:
-    from ..sparsifier import LayerState, Sparsifier
-
-__all__ = ["Block1xNOptions", "Block1xN", "ramp_value", "bpar_scores", "regrow_count", "block_row_mask"]
+__all__ = ["Block1xNOptions", "Block1xN", "ramp_schedule", "bpar_scores", "regrow_count", "block_row_mask"]
 
 
-def ramp_value(kind: str, epoch: float, start: int, end: int) -> float:
-    """rho(e) in [0, 1] of SUBP's prune-rate schedules (start = end = 0: the full rate from epoch 0)."""
-    if start == end == 0 or epoch >= end:
-        return 1.0
-    if epoch < start:
-        return 0.0
-    t = (epoch - start) / (end - start)
+def ramp_schedule(kind: str, start_step: int, end_step: int, unit: int = 1, exp_rate: float | None = None) -> Schedule:
+    """rho(t) in [0, 1] of SUBP's prune-rate ramps, as a schedule of the optimizer step.
+
+    Args:
+        kind: ``linear``, ``cos``, ``cubic`` or ``exp``.
+        start_step / end_step: rho is 0 before ``start_step`` and 1 from ``end_step`` on (both 0: 1 from
+            the start).
+        unit: steps between mask updates (SUBP updates once per epoch; its ``exp`` ramp reaches 1 one
+            update before the end).
+        exp_rate: rate of the ``exp`` ramp per step (default SUBP's 0.05 per update: 0.05 / unit).
+    """
+    if start_step == end_step == 0:
+        return Constant(1.0)
     if kind == "linear":
-        return t
-    if kind == "cos":
-        return 1.0 - math.cos(math.pi * t / 2.0)
+        return Power(0.0, 1.0, start_step, end_step, 1.0)
     if kind == "cubic":
-        return t**3
+        return Power(0.0, 1.0, start_step, end_step, 3.0)
+    if kind == "cos":
+        return SineIn(0.0, 1.0, start_step, end_step)
     if kind == "exp":
-        return (1.0 - math.exp(-0.05 * (epoch - start))) / (1.0 - math.exp(-0.05 * (end - start - 1)))
+        return SaturatingExp(0.0, 1.0, start_step, end_step, exp_rate if exp_rate is not None else 0.05 / unit, unit)
     raise MethodError(f"unknown ramp {kind!r}; expected linear, cos, exp or cubic")
 
 
@@ -119,8 +125,12 @@ class Block1xNOptions:
     hard_decay: bool = field(default=True, metadata={"help": "hard mode: pruned weights still get the decay, as in "
                                                      "SUBP's HUBP (false: no gradient at all)"})
     ramp: Literal["linear", "exp", "cos", "cubic"] = field(default="cubic", metadata={"help": "prune-rate ramp"})
-    ramp_start_epoch: int = field(default=10, metadata={"help": "epoch the ramp starts (dense before, with regrowth)"})
-    ramp_end_epoch: int = field(default=180, metadata={"help": "epoch the full rate is reached (must be < the run's epochs)"})
+    ramp_start_step: int = field(default=0, metadata={"help": "step the ramp starts (dense before, with regrowth)"})
+    ramp_end_step: int = field(default=0, metadata={"help": "step the full rate is reached (before the run's end; "
+                                                    "both 0: the full rate from the start)"})
+    update_every_steps: int = field(default=1000, metadata={"help": "steps between mask updates (SUBP: one epoch)"})
+    ramp_exp_rate: float | None = field(default=None, metadata={"help": "rate per step of the exp ramp "
+                                                                "(default 0.05 per update, SUBP's)"})
     regrow_temperature: float = field(default=1.0, metadata={"help": "tau of the regrowth softmax"})
     bpar_alpha: float = field(default=1.0, metadata={"help": "weight of the redundancy term of bpar"})
     seed: int = field(default=0, metadata={"help": "seed of the regrowth sampling"})
@@ -128,10 +138,12 @@ class Block1xNOptions:
     def __post_init__(self) -> None:
         if self.decay < 0 or self.regrow_temperature <= 0:
             raise ValueError("decay must be >= 0 and regrow_temperature > 0")
-        if not (self.ramp_start_epoch == self.ramp_end_epoch == 0) and not (
-                0 <= self.ramp_start_epoch < self.ramp_end_epoch):
-            raise ValueError(f"need 0 <= ramp_start_epoch < ramp_end_epoch (or both 0), got "
-                             f"{self.ramp_start_epoch}, {self.ramp_end_epoch}")
+        if not (self.ramp_start_step == self.ramp_end_step == 0) and not (
+                0 <= self.ramp_start_step < self.ramp_end_step):
+            raise ValueError(f"need 0 <= ramp_start_step < ramp_end_step (or both 0), got "
+                             f"{self.ramp_start_step}, {self.ramp_end_step}")
+        if self.update_every_steps < 1:
+            raise ValueError(f"update_every_steps must be >= 1, got {self.update_every_steps}")
 
 
 @register_method("block_1xn")
@@ -141,38 +153,35 @@ class Block1xN(Method):
     def __init__(self, options: Block1xNOptions | None = None) -> None:
         super().__init__(options)
         self.grad_rule = "srste" if self.options.mode == "soft" else "masked"
-        self.epoch = 0
+        self.updates = 0  # mask updates so far (seeds the regrowth sampling)
+        self.next_step = 0
         self.order: dict[str, int] = {}
+        o = self.options
+        self.ramp = ramp_schedule(o.ramp, o.ramp_start_step, o.ramp_end_step, o.update_every_steps, o.ramp_exp_rate)
 
     @property
     def decay(self) -> float:
         return self.options.decay if self.options.mode == "soft" or self.options.hard_decay else 0.0
 
-    def set_horizon(self, total_steps: int, steps_per_epoch: int | None = None) -> None:
-        super().set_horizon(total_steps, steps_per_epoch)
-        end = self.options.ramp_end_epoch
-        if steps_per_epoch and end and end >= total_steps // steps_per_epoch:
+    def set_horizon(self, total_steps: int) -> None:
+        super().set_horizon(total_steps)
+        end = self.options.ramp_end_step
+        if end and end >= total_steps:
             raise MethodError(
-                f"block_1xn ramp_end_epoch={end} is not before the run's end ({total_steps // steps_per_epoch} "
-                "epochs); lower it so the final masks are reached and then fine-tuned")
+                f"block_1xn ramp_end_step={end} is not before the run's end ({total_steps} steps); lower it so the "
+                "final masks are reached and then fine-tuned")
 
-    def _epoch_len(self) -> int:
-        if not self.steps_per_epoch:
-            raise MethodError("block_1xn updates masks once per epoch: pass steps_per_epoch to Sparsifier.prepare() "
-                              "(nmsparse train does)")
-        return self.steps_per_epoch
-
-    def on_prepare(self, sparsifier: Sparsifier) -> None:
-        for index, fqn in enumerate(sorted(sparsifier.layers)):
+    def prepare(self, layers: Layers, model: torch.nn.Module) -> None:
+        for index, fqn in enumerate(sorted(layers)):
             self.order[fqn] = index
 
     def masks_due(self, step: int) -> bool:
-        return (step + 1) % self._epoch_len() == 0
+        return (step + 1) % self.options.update_every_steps == 0
 
-    def advance(self, sparsifier: Sparsifier, step: int) -> bool:
-        if self.steps_per_epoch:
-            self.epoch = step // self.steps_per_epoch
-        return False
+    def advance(self, step: int, layers: Layers) -> Plan:
+        self.next_step = step
+        self.updates = step // self.options.update_every_steps
+        return Plan()
 
     def mask(self, layer: LayerState) -> torch.Tensor:
         o = self.options
@@ -190,18 +199,18 @@ class Block1xN(Method):
             scores = block_scores(scored, pattern.block, o.criterion)
         inp = weight.shape[1]
         pruned = inp - pattern.kept_per_row(inp)
-        rho = ramp_value(o.ramp, self.epoch, o.ramp_start_epoch, o.ramp_end_epoch) if self.steps_per_epoch else 1.0
+        rho = self.ramp(self.next_step)
         generator = torch.Generator().manual_seed(
-            (o.seed * 1_000_003 + self.epoch * 7919 + self.order.get(layer.fqn, 0)) % (2**63))
+            (o.seed * 1_000_003 + self.updates * 7919 + self.order.get(layer.fqn, 0)) % (2**63))
         rows = block_row_mask(scores, pruned, regrow_count(pruned, rho), o.regrow_temperature, generator)
         return expand_block_mask(rows, weight.shape, pattern.block)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch}
+        return {"updates": self.updates, "next_step": self.next_step}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch = int(state.get("epoch", 0))
+        self.updates = int(state.get("updates", 0))
+        self.next_step = int(state.get("next_step", 0))
 
     def summary(self) -> dict:
-        o = self.options
-        return {"epoch": self.epoch, "rho": ramp_value(o.ramp, self.epoch, o.ramp_start_epoch, o.ramp_end_epoch)}
+        return {"mask_updates": self.updates, "rho": self.ramp(self.next_step)}

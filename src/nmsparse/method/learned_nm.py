@@ -26,18 +26,15 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from torch import nn
 
 from ..mask import from_groups, nm_mask, to_groups
 from ..pattern import NMPattern
-from ..schedule import Cosine, Linear
-from .base import Method, MethodError, register_method
-
-if TYPE_CHECKING:
-    from ..sparsifier import LayerState, Sparsifier
+from ..schedule import Constant, Cosine, Geometric, Linear, Schedule
+from .base import Layers, LayerState, Method, MethodError, Plan, register_method
 
 __all__ = ["LearnedNMOptions", "LearnedNM", "LearnedMask", "pattern_table"]
 
@@ -81,7 +78,8 @@ class LearnedMask(nn.Module):
                 logits = init_scale * groups / groups.amax(dim=1, keepdim=True).clamp_min(1e-12)
         self.logits = nn.Parameter(logits)
         self.temperature = 1.0
-        self.dense_factor, self.rule, self.decay = 0.0, "learned", 0.0  # Sparsifier bookkeeping
+        # the MaskParametrization protocol: the rule is the method's own (straight-through Gumbel)
+        self.dense_factor, self.rule, self.decay = 0.0, "learned", 0.0
 
     def _hard(self, scores: torch.Tensor) -> torch.Tensor:
         if self.table is not None:
@@ -167,11 +165,9 @@ class LearnedNM(Method):
         relaxation = "patterns" if count <= self.options.max_patterns else "topn"
         return LearnedMask(layer.dense_weight, pattern, relaxation, self.options.init, self.options.init_scale)
 
-    def on_prepare(self, sparsifier: Sparsifier) -> None:
-        model = sparsifier.model
-        assert model is not None
+    def prepare(self, layers: Layers, model: nn.Module) -> None:
         if self.options.train == "masks":
-            learned = {id(layer.parametrization.logits) for layer in sparsifier.layers.values()}
+            learned = {id(layer.parametrization.logits) for layer in layers.values()}  # type: ignore[attr-defined]
             for param in model.parameters():
                 if id(param) not in learned:
                     param.requires_grad_(False)
@@ -180,22 +176,22 @@ class LearnedNM(Method):
                     if isinstance(module, nn.modules.batchnorm._BatchNorm):
                         self._bn_hooks.append(module.register_forward_pre_hook(_use_running_stats))
 
-    def temperature_at(self, step: int) -> float:
+    def temperature_schedule(self) -> Schedule:
+        """The Gumbel-softmax temperature over the run (constant without ``temperature_end`` or a horizon)."""
         o = self.options
         if o.temperature_end is None or self.total_steps is None:
-            return o.temperature
-        if o.anneal == "linear":
-            return Linear(o.temperature, o.temperature_end, 0, self.total_steps)(step)
-        if o.anneal == "cosine":
-            return Cosine(o.temperature, o.temperature_end, 0, self.total_steps)(step)
-        p = min(1.0, step / max(1, self.total_steps))
-        return o.temperature * (o.temperature_end / o.temperature) ** p
+            return Constant(o.temperature)
+        kind = {"linear": Linear, "cosine": Cosine, "exp": Geometric}[o.anneal]
+        return kind(o.temperature, o.temperature_end, 0, max(1, self.total_steps))
 
-    def advance(self, sparsifier: Sparsifier, step: int) -> bool:
+    def temperature_at(self, step: int) -> float:
+        return self.temperature_schedule()(step)
+
+    def advance(self, step: int, layers: Layers) -> Plan:
         tau = self.temperature_at(step)
-        for layer in sparsifier.layers.values():
-            layer.parametrization.temperature = tau
-        return False
+        for layer in layers.values():  # the method's own LearnedMask parametrizations
+            layer.parametrization.temperature = tau  # type: ignore[attr-defined]
+        return Plan()
 
     def mask(self, layer: LayerState) -> torch.Tensor:
         try:

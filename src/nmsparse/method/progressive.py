@@ -30,15 +30,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from ..pattern import NMPattern, PatternError, parse_pattern
-from .base import Method, MethodError, register_method
+from ..schedule import Exponential, Linear, Schedule, StepDecay
+from .base import Layers, Method, MethodError, Plan, register_method
 
-if TYPE_CHECKING:
-    from ..sparsifier import Sparsifier
-
-__all__ = ["ProgressiveOptions", "Progressive", "pattern_stages", "phase_bounds", "frame_starts", "decay_factor"]
+__all__ = ["ProgressiveOptions", "Progressive", "pattern_stages", "phase_bounds", "frame_starts", "decay_schedule"]
 
 
 def pattern_stages(target: NMPattern, kind: str, count: int = 4) -> list[NMPattern]:
@@ -80,16 +78,15 @@ def frame_starts(sparse_start: int, finetune_start: int, frames: int) -> list[in
     return [sparse_start + math.floor(i * length / frames) for i in range(frames)]
 
 
-def decay_factor(kind: str, rate: float, t: int) -> float:
-    """d(t) of MDGF, t in steps since the sparse phase began (t < 0 is the dense phase: 1)."""
-    if t < 0:
-        return 1.0
+def decay_schedule(kind: str, rate: float, sparse_start: int) -> Schedule:
+    """d(step) of MDGF: 1 in the dense phase (before ``sparse_start``), then ``step`` (0 at once),
+    ``linear`` (max(0, 1 - rate t)) or ``exp`` (exp(-rate t)), t the steps since ``sparse_start``."""
     if kind == "step":
-        return 0.0
+        return StepDecay(1.0, (sparse_start,), 0.0)
     if kind == "linear":
-        return max(0.0, 1.0 - rate * t)
+        return Linear(1.0, 0.0, sparse_start, sparse_start + 1.0 / rate)  # type: ignore[arg-type]
     if kind == "exp":
-        return math.exp(-rate * t)
+        return Exponential(1.0, rate, sparse_start)
     raise MethodError(f"unknown decay {kind!r}; expected step, linear or exp")
 
 
@@ -193,7 +190,7 @@ class Progressive(Method):
         sparse_start, _ = self.bounds()
         if self._in_finetune(step):
             return 0.0
-        return decay_factor(self.options.decay, self.options.decay_rate, step - sparse_start)
+        return decay_schedule(self.options.decay, self.options.decay_rate, sparse_start)(step)
 
     def masks_due(self, step: int) -> bool:
         sparse_start, finetune_start = self.bounds()
@@ -205,8 +202,8 @@ class Progressive(Method):
         return (nxt - sparse_start) % self.options.update_every_steps == 0
 
     # ---------------------------------------------------------------------------------- hooks
-    def on_prepare(self, sparsifier: Sparsifier) -> None:
-        for fqn, layer in sparsifier.layers.items():
+    def prepare(self, layers: Layers, model) -> None:
+        for fqn, layer in layers.items():
             for p in layer.patterns:
                 if not isinstance(p, NMPattern):
                     raise MethodError(f"progressive works with n:m patterns; {fqn} has {p}")
@@ -222,20 +219,16 @@ class Progressive(Method):
                         raise MethodError(f"{fqn}: stage pattern {stage} does not fit: {exc}") from None
             self.stage_lists[fqn] = lists
 
-    def advance(self, sparsifier: Sparsifier, step: int) -> bool:
+    def advance(self, step: int, layers: Layers) -> Plan:
         sparse_start, finetune_start = self.bounds()
-        changed = False
-        for fqn, layer in sparsifier.layers.items():
-            patterns = self.patterns_at(fqn, step)
-            if patterns != layer.patterns:
-                sparsifier.set_patterns(fqn, patterns)
-                changed = True
+        patterns = {fqn: self.patterns_at(fqn, step) for fqn in layers}
         if self._in_finetune(step) and self.options.finetune_masks == "fixed":
-            sparsifier.set_rule("masked")  # hard, fixed mask: pruned weights get no gradient
+            rule = ("masked", 0.0)  # hard, fixed mask: pruned weights get no gradient
         else:
-            sparsifier.set_rule(self.grad_rule, self.options.pruned_decay)
+            rule = (self.grad_rule, self.options.pruned_decay)
         # masks are (re)computed from the current weights when sparsity begins and when it freezes
-        return changed or step == sparse_start or (self._in_finetune(step) and step == finetune_start)
+        refresh = step == sparse_start or (self._in_finetune(step) and step == finetune_start)
+        return Plan(patterns, rule, refresh)
 
     def state_dict(self) -> dict:
         return {"total_steps": self.total_steps}

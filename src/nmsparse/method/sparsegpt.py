@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..mask import topk_groups
 from ..pattern import NMPattern, Pattern
 from .base import CalibratedMethod, LayerStats, MethodError, register_method
 
@@ -91,9 +92,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
         for i in range(end - start):
             if i % m == 0:  # choose the group's mask from the current (already updated) weights
                 group = w1[:, i : i + m] ** 2 / torch.diag(hinv1)[i : i + m].reshape(1, -1) ** 2
-                keep = torch.zeros_like(group, dtype=torch.bool)
-                keep.scatter_(1, torch.topk(group, n, dim=1).indices, True)
-                mask[:, start + i : start + i + m] = keep
+                mask[:, start + i : start + i + m] = topk_groups(group, n)  # mask.py's tie rule
             col = w1[:, i]
             q = col * mask[:, start + i]
             q1[:, i] = q
@@ -110,7 +109,6 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
 class SparseGPT(CalibratedMethod):
     Options = SparsegptOptions
     needs_hessian = True
-    updates_weights = True
 
     def prune_weight(
         self, weight: torch.Tensor, patterns: tuple[Pattern, ...], stats: LayerStats

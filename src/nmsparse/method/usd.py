@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 
@@ -43,12 +43,10 @@ from ..allocate import erk_densities, power_of_two_candidates
 from ..grad import SRSTE_DEFAULT_DECAY
 from ..mask import to_groups
 from ..pattern import NMPattern
-from .base import Method, MethodError, register_method
+from ..schedule import Cubic
+from .base import Layers, LayerState, Method, MethodError, Plan, register_method
 
-if TYPE_CHECKING:
-    from ..sparsifier import LayerState, Sparsifier
-
-__all__ = ["UsdOptions", "Usd", "domino_thresholds", "votes_to_lower", "penalty_factors", "gmp_density"]
+__all__ = ["UsdOptions", "Usd", "domino_thresholds", "votes_to_lower", "penalty_factors"]
 
 
 def domino_thresholds(groups_abs: torch.Tensor) -> torch.Tensor:
@@ -82,12 +80,6 @@ def penalty_factors(
     top_flops = max(live.values(), default=0.0)
     flops_norm = {f: (v / top_flops if top_flops > 0 else 0.0) for f, v in live.items()}
     return {f: erk_weight * erk_norm[f] + flops_weight * flops_norm[f] for f in densities}
-
-
-def gmp_density(final: float, step: int, steps: int) -> float:
-    """Zhu & Gupta's cubic ramp of density from 1 at step 0 to ``final`` at ``steps``."""
-    p = min(1.0, max(0.0, step / steps)) if steps > 0 else 1.0
-    return final + (1.0 - final) * (1.0 - p) ** 3
 
 
 @dataclass
@@ -164,10 +156,10 @@ class Usd(Method):
         self._hooks: list[Any] = []
 
     # --------------------------------------------------------------------------------- set-up
-    def on_prepare(self, sparsifier: Sparsifier) -> None:
+    def prepare(self, layers: Layers, model: torch.nn.Module) -> None:
         o = self.options
         shapes = {}
-        for fqn, layer in sparsifier.layers.items():
+        for fqn, layer in layers.items():
             patterns = set(layer.patterns)
             first = layer.patterns[0]
             if len(patterns) != 1 or not isinstance(first, NMPattern):
@@ -187,7 +179,7 @@ class Usd(Method):
         self.erk_sparsity = {f: 1.0 - d for f, d in densities.items()}
         unstructured = erk_densities(shapes, 1.0 - o.target_sparsity * o.unstructured_fraction, o.erk_power_scale)
         self.unstructured_density = unstructured
-        for fqn, layer in sparsifier.layers.items():
+        for fqn, layer in layers.items():
             self._hooks.append(layer.module.register_forward_hook(self._flops_hook(fqn)))
 
     def _flops_hook(self, fqn: str):
@@ -226,20 +218,14 @@ class Usd(Method):
                                        self.options.penalty_erk_weight, self.options.penalty_flops_weight)
 
     # ------------------------------------------------------------------------------- schedule
-    def advance(self, sparsifier: Sparsifier, step: int) -> bool:
+    def advance(self, step: int, layers: Layers) -> Plan:
         self.next_step = step
-        changed = False
+        patterns = {}
         for fqn, s in self.search.items():
             n = s.n_live if self.phase != "finetune" else s.n
-            want = (NMPattern(n, s.m, s.axis, s.pad),) * len(sparsifier.layers[fqn].patterns)  # type: ignore[arg-type]
-            if sparsifier.layers[fqn].patterns != want:
-                sparsifier.set_patterns(fqn, want)
-                changed = True
-        if self.phase == "finetune":
-            sparsifier.set_rule("srste", self.options.finetune_decay)
-        else:
-            sparsifier.set_rule("masked")
-        return changed
+            patterns[fqn] = (NMPattern(n, s.m, s.axis, s.pad),) * len(layers[fqn].patterns)  # type: ignore[arg-type]
+        rule = ("srste", self.options.finetune_decay) if self.phase == "finetune" else ("masked", 0.0)
+        return Plan(patterns, rule)
 
     def masks_due(self, step: int) -> bool:
         if self.phase == "unstructured":
@@ -251,23 +237,23 @@ class Usd(Method):
             return super().mask(layer)
         if layer.fqn not in self.unstructured_density:  # at attach time, before on_prepare: dense
             return torch.ones_like(layer.dense_weight, dtype=torch.bool)
-        density = gmp_density(self.unstructured_density[layer.fqn], self.next_step, self.options.unstructured_steps)
+        # Zhu & Gupta's gradual magnitude pruning: density from 1 to the layer's share along a cubic ramp
+        density = Cubic(1.0, self.unstructured_density[layer.fqn], 0, self.options.unstructured_steps)(self.next_step)
         weight = layer.dense_weight.detach().abs().flatten()
         keep = max(1, round(density * weight.numel()))
         mask = torch.zeros_like(weight, dtype=torch.bool)
         mask[torch.topk(weight, keep, sorted=False).indices] = True
         return mask.view_as(layer.dense_weight)
 
-    def penalty(self, sparsifier: Sparsifier) -> torch.Tensor | None:
+    def penalty(self, step: int, layers: Layers) -> torch.Tensor | None:
         o = self.options
-        step = 0 if sparsifier.last_step is None else sparsifier.last_step + 1
         if self.phase != "search" or o.penalty_strength == 0 or step % o.penalty_every_steps:
             return None
         if not self.factors:
             self._update_factors()
         strength = o.penalty_strength * 2.0 ** sum(1 for s in o.penalty_doubling_steps if s <= step)
         total = None
-        for fqn, layer in sparsifier.layers.items():
+        for fqn, layer in layers.items():
             factor = self.factors.get(fqn, 0.0)
             if factor == 0.0:
                 continue
@@ -275,7 +261,7 @@ class Usd(Method):
             total = term if total is None else total + term
         return total
 
-    def on_step(self, sparsifier: Sparsifier, step: int) -> None:
+    def after_step(self, step: int, layers: Layers) -> Plan:
         o = self.options
         nxt = step + 1
         if self._hooks and len(self.flops) == len(self.search):
@@ -283,38 +269,45 @@ class Usd(Method):
         if self.phase == "unstructured":
             if nxt % o.check_every_steps == 0:  # gradual magnitude pruning: pruned weights are zero
                 with torch.no_grad():
-                    for layer in sparsifier.layers.values():
+                    for layer in layers.values():
                         layer.dense_weight.mul_(layer.parametrization.keep)
             if nxt >= o.unstructured_steps:
                 with torch.no_grad():
-                    for layer in sparsifier.layers.values():
+                    for layer in layers.values():
                         layer.dense_weight.mul_(layer.parametrization.keep)
                 self.phase = "search"
-                self._refresh(sparsifier, nxt)
-            return
+                return self._refresh(nxt, layers)
+            return Plan()
         if self.phase != "search":
-            return
+            return Plan()
         deadline = self.total_steps - o.finetune_steps if (o.finetune_steps and self.total_steps) else None
+        plan = Plan()
         if nxt % o.check_every_steps == 0:
-            self.check(sparsifier, nxt)
+            plan = self.check(nxt, layers)
         if self.phase == "search" and deadline is not None and nxt >= deadline:
             self.force_completion()
-            self._finish_search(sparsifier, nxt)
+            plan = self._finish_search(nxt, layers)
+        return plan
 
-    def _refresh(self, sparsifier: Sparsifier, step: int) -> None:
+    def _refresh(self, step: int, layers: Layers) -> Plan:
         """Enter a new phase: patterns and rules for ``step``, masks recomputed from the weights now."""
-        self.advance(sparsifier, step)
-        sparsifier.update_masks()
+        plan = self.advance(step, layers)
+        plan.refresh = True
+        return plan
 
     @torch.no_grad()
-    def check(self, sparsifier: Sparsifier, step: int) -> None:
-        """One DominoSearch vote in every layer; stops the search when the scheme meets the target."""
+    def check(self, step: int, layers: Layers) -> Plan:
+        """One DominoSearch vote in every layer; stops the search when the scheme meets the target.
+
+        Returns:
+            The plan for ``step`` (masks follow when a layer's scheme changed).
+        """
         o = self.options
         changed = False
         for fqn, s in self.search.items():
             if s.n <= s.candidates[0]:
                 continue
-            groups = to_groups(sparsifier.layers[fqn].dense_weight.detach().abs().float(),
+            groups = to_groups(layers[fqn].dense_weight.detach().abs().float(),
                                NMPattern(s.m, s.m, s.axis, s.pad))  # type: ignore[arg-type]
             if s.thresholds is None or not s.frozen:
                 s.thresholds = domino_thresholds(groups)
@@ -328,10 +321,8 @@ class Usd(Method):
             self._update_factors()
             if self.current_sparsity() >= o.target_sparsity - o.stop_tolerance:
                 self.target_reached = True
-                self._finish_search(sparsifier, step)
-                return
-        if self.advance(sparsifier, step):
-            sparsifier.update_masks()
+                return self._finish_search(step, layers)
+        return self.advance(step, layers)
 
     def force_completion(self) -> None:
         """Lower schemes (strongest penalty factor first) until the target is met or no layer can go lower."""
@@ -349,10 +340,10 @@ class Usd(Method):
             self._update_factors()
         self.target_reached = self.current_sparsity() >= o.target_sparsity - o.stop_tolerance
 
-    def _finish_search(self, sparsifier: Sparsifier, step: int) -> None:
+    def _finish_search(self, step: int, layers: Layers) -> Plan:
         self.phase = "finetune"
         self.stop_step = step
-        self._refresh(sparsifier, step)
+        return self._refresh(step, layers)
 
     # ----------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

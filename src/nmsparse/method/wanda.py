@@ -12,6 +12,7 @@ import torch
 
 from ..mask import sliced_mask
 from ..pattern import Pattern
+from ..score import activation_weighted
 from .base import CalibratedMethod, LayerStats, register_method
 
 
@@ -23,6 +24,6 @@ class Wanda(CalibratedMethod):
         self, weight: torch.Tensor, patterns: tuple[Pattern, ...], stats: LayerStats
     ) -> tuple[torch.Tensor, torch.Tensor]:
         norms = stats.input_norm().reshape(weight.shape[1:])  # [in] or [in, kh, kw]: im2col column norms
-        scores = weight.detach().abs().float() * norms.unsqueeze(0)
+        scores = activation_weighted(weight, norms)
         mask = sliced_mask(scores, patterns)
         return weight.detach() * mask, mask

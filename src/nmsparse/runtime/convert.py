@@ -20,8 +20,8 @@ from torch import nn
 
 from ..export.manifest import entry_patterns
 from ..mask import is_nm
+from ..parametrize import input_map
 from ..pattern import BlockPattern, NMPattern, Pattern, parse_pattern
-from ..permute import input_map
 from .formats import FormatError, gemm_matrix, pack_block, pack_nm
 from .modules import SparseConv2d, SparseLinear
 

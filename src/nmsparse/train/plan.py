@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config.epochs import options_in_steps
 from ..config.sections import Config
 from ..schedule import Constant, Cosine, StepDecay, WarmupThen
 
-__all__ = ["Plan", "make_plan", "lr_schedule"]
+__all__ = ["Plan", "make_plan", "lr_schedule", "options_in_steps"]
 
 
 @dataclass(frozen=True)
@@ -41,3 +42,4 @@ def lr_schedule(config: Config, plan: Plan):
     else:
         after = Constant(peak)
     return WarmupThen(after, plan.warmup_steps) if plan.warmup_steps else after
+

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..allocate import ERKAllocator, load_scheme
 from ..config.sections import Config
 from ..models import ModelSource, build_model, load_weights
+from ..select import Rule, Selection
+from ..sparsifier import Sparsifier
 from .data import DataBundle
+from .plan import options_in_steps
 
-__all__ = ["build_run_model", "build_optimizer", "Ema", "evaluate", "eval_loader", "autocast"]
+__all__ = ["build_run_model", "build_sparsifier", "build_optimizer", "Ema", "evaluate", "eval_loader", "autocast"]
 
 
 def build_run_model(config: Config, bundle: DataBundle) -> tuple[nn.Module, ModelSource]:
@@ -26,6 +29,28 @@ def build_run_model(config: Config, bundle: DataBundle) -> tuple[nn.Module, Mode
     if mc.checkpoint:
         load_weights(model, mc.checkpoint)
     return model, source
+
+
+def build_sparsifier(config: Config, steps_per_epoch: int) -> Sparsifier | None:
+    """The run's Sparsifier from ``config.sparsity`` (None when sparsity is off); method options given
+    in epochs become steps here (:func:`nmsparse.train.plan.options_in_steps`)."""
+    sp = config.sparsity
+    if not sp.enabled:
+        return None
+    selection = Selection(
+        layers=tuple(sp.layers), rules=tuple(Rule(r.match, r.pattern, r.skip, r.slices) for r in sp.rules),
+        keep_first_conv=sp.keep_first_conv, keep_classifier=sp.keep_classifier, skip_grouped_conv=sp.skip_grouped_conv,
+    )
+    allocation: Any = dict(sp.allocation or {})
+    if sp.allocation_file:
+        allocation.update(load_scheme(sp.allocation_file))
+    if sp.allocate.kind == "erk":
+        al = sp.allocate
+        allocation = ERKAllocator(al.sparsity, al.m, tuple(al.candidates) or None, al.power_scale)
+    options = options_in_steps(dict(sp.options or {}), steps_per_epoch)
+    if sp.method == "block_1xn":
+        options.setdefault("update_every_steps", steps_per_epoch)  # SUBP re-draws masks once per epoch
+    return Sparsifier(sp.method, sp.pattern, selection, allocation or None, options)
 
 
 def build_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -111,6 +136,3 @@ def finalize_eval(sums: list[float]) -> dict[str, float]:
     count = max(count, 1.0)
     return {"loss": loss_sum / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count}
 
-
-def is_finite(value: float) -> bool:
-    return math.isfinite(value)

@@ -1,5 +1,7 @@
 """Calibrated one-shot pruning (wanda, sparsegpt; magnitude with the same report), layer by layer.
 
+The engine under :func:`nmsparse.oneshot.prune`; call that, not this module.
+
 Transformers are pruned **block by block**: the inputs of the first block are captured once, then
 for each block the selected layers' input statistics are collected over the calibration data, the
 layers are pruned, and the block is re-run to give the next block its inputs -- computed with the
@@ -16,22 +18,23 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mask import sliced_mask, sliced_satisfies
-from .method import CalibratedMethod, LayerStats, Method, MethodError, build_method
-from .pattern import Pattern
-from .permute import input_map
-from .progress import Progress
-from .select import LayerChoice, Selection, select_layers
-from .sparsifier import layer_entry
+from ..export.manifest import layer_entry
+from ..mask import sliced_satisfies
+from ..method import CalibratedMethod, LayerStats, Method, MethodError
+from ..method.base import LayerState, MethodBase
+from ..parametrize import input_map
+from ..pattern import Pattern
+from ..progress import Progress
+from ..select import LayerChoice, Selection, select_layers
+from .result import LayerRow
 
-__all__ = ["CalibratedResult", "prune_calibrated", "find_blocks", "run_model"]
+__all__ = ["prune_with_calibration", "find_blocks", "run_model"]
 
 # X^T X is collected for the error report up to this many input columns (per layer); in one-pass mode
 # every selected layer holds its statistics at once, so the limit is lower there.
@@ -39,22 +42,18 @@ _HESSIAN_MAX_COLUMNS_BLOCK = 8192
 _HESSIAN_MAX_COLUMNS_ONE_PASS = 2304
 
 
-@dataclass
-class CalibratedResult:
-    """Manifest entries, per-layer report rows (with reconstruction error) and skipped layers."""
-
-    layers: list[dict[str, Any]]
-    report: list[dict[str, Any]]
-    skipped: list[dict[str, str]] = field(default_factory=list)
-
-
 class _StopForward(Exception):
     pass
 
 
-def run_model(model: nn.Module, batch: Any) -> Any:
-    """Call ``model`` on a calibration batch (a tensor, or a dict of keyword tensors)."""
-    return model(**batch) if isinstance(batch, dict) else model(batch)
+def run_model(model: nn.Module, batch: Any, **kwargs: Any) -> Any:
+    """Call ``model`` on a batch (a tensor, or a dict of keyword tensors); Hugging Face models that
+    keep a KV cache are called with ``use_cache=False`` (nothing here decodes)."""
+    if not isinstance(batch, dict):
+        return model(batch, **kwargs)
+    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+        kwargs.setdefault("use_cache", False)
+    return model(**batch, **kwargs)
 
 
 def _columns(module: nn.Module) -> int:
@@ -194,7 +193,7 @@ def _next_inputs(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
     return args, {**kwargs, _hidden_key(kwargs): hidden}
 
 
-def _collect(choices: list[LayerChoice], method: Method, run: Callable[[], None], max_columns: int) -> dict[str, LayerStats]:
+def _collect(choices: list[LayerChoice], method: MethodBase, run: Callable[[], None], max_columns: int) -> dict[str, LayerStats]:
     stats, handles = {}, []
     needs_h = isinstance(method, CalibratedMethod) and method.needs_hessian
     for choice in choices:
@@ -231,14 +230,15 @@ def _relative_error(weight: torch.Tensor, new_weight: torch.Tensor, xtx: torch.T
 
 
 @torch.no_grad()
-def _prune_layer(choice: LayerChoice, method: Method, stats: LayerStats) -> dict[str, Any]:
+def _prune_layer(choice: LayerChoice, method: MethodBase, stats: LayerStats) -> LayerRow:
     module = choice.module
     weight = module.weight.detach()
     patterns: tuple[Pattern, ...] = choice.patterns
     if isinstance(method, CalibratedMethod):
         new_weight, mask = method.prune_weight(weight, patterns, stats)
-    else:  # magnitude: same report, masks from |W|
-        mask = sliced_mask(weight, patterns, absolute=True)
+    else:  # a one-shot training method (magnitude): its masks, with the same report
+        assert isinstance(method, Method)
+        mask = method.mask(LayerState(choice.fqn, module, patterns))
         new_weight = weight * mask
     new_weight = new_weight.mul_(mask).to(weight.dtype)  # the methods return new tensors
     del mask
@@ -247,42 +247,37 @@ def _prune_layer(choice: LayerChoice, method: Method, stats: LayerStats) -> dict
         rows = weight.shape[0]
         error = _relative_error(weight.reshape(rows, -1).float(), new_weight.reshape(rows, -1).float(), stats.xtx)
     module.weight.copy_(new_weight)
-    return {"fqn": choice.fqn, "shape": list(weight.shape), "pattern": ",".join(sorted({str(p) for p in patterns})),
-            "density": int(torch.count_nonzero(new_weight)) / new_weight.numel(),
-            "verified": sliced_satisfies(new_weight, patterns), "reconstruction_error": error, "skip_reason": None}
+    return LayerRow(choice.fqn, tuple(weight.shape), ",".join(sorted({str(p) for p in patterns})),
+                    int(torch.count_nonzero(new_weight)) / new_weight.numel(), sliced_satisfies(new_weight, patterns),
+                    error)
 
 
-def prune_calibrated(
+def prune_with_calibration(
     model: nn.Module,
     batches: list[Any],
-    pattern: str | Pattern = "2:4",
-    method: str = "sparsegpt",
+    pattern: str | Pattern,
+    method: MethodBase,
     selection: Selection | None = None,
-    method_options: dict[str, Any] | None = None,
     progress: str = "auto",
     micro_batch: int | None = 4,
-) -> CalibratedResult:
-    """Prune ``model`` in place with calibration data.
+) -> tuple[list[dict[str, Any]], list[LayerRow], list[dict[str, str]]]:
+    """Prune ``model`` in place with calibration data; see the module docstring.
 
     Args:
         model: any module whose selected layers are Linear or Conv2d (groups = 1).
         batches: calibration inputs, each a tensor or a dict of keyword tensors for ``model``.
         pattern: default pattern.
-        method: ``wanda``, ``sparsegpt`` or ``magnitude`` (magnitude ignores the data but reports
-            reconstruction errors on it).
+        method: a built one-shot method (``wanda``, ``sparsegpt``, or ``magnitude``, which ignores
+            the data but reports reconstruction errors on it).
         selection: layer sets, rules and guards.
-        method_options: options of the method.
         progress: ``auto``, ``bar``, ``lines`` or ``none`` (one tick per block).
         micro_batch: samples per block forward in block-by-block mode (each calibration batch is
             cut into micro-batches, so only a few samples' attention and MLP activations exist at
             once); None runs whole batches. The statistics are the same sums either way.
 
     Returns:
-        :class:`CalibratedResult`; the model is left dense with zeros, without parametrizations.
+        ``(manifest entries, report rows, skipped layers)``; the model is left dense with zeros.
     """
-    built = build_method(method, method_options)
-    if not built.one_shot:
-        raise MethodError(f"method {method!r} trains masks; use it with `nmsparse train`, not one-shot pruning")
     if not batches:
         raise MethodError("calibrated pruning needs at least one calibration batch")
     model.eval()
@@ -290,12 +285,12 @@ def prune_calibrated(
     selected = [c for c in choices if c.selected]
     if not selected:
         raise MethodError("no layer was selected for pruning; check the layer sets and rules")
-    report: list[dict[str, Any]] = []
+    rows: list[LayerRow] = []
     blocks = find_blocks(model, [c.fqn for c in selected])
     if blocks is None:
         bar = Progress(1, 0, progress, every=1)
-        stats = _collect(selected, built, lambda: _run_all(model, batches), _HESSIAN_MAX_COLUMNS_ONE_PASS)
-        report += [_prune_layer(c, built, stats[c.fqn]) for c in selected]
+        stats = _collect(selected, method, lambda: _run_all(model, batches), _HESSIAN_MAX_COLUMNS_ONE_PASS)
+        rows += [_prune_layer(c, method, stats[c.fqn]) for c in selected]
         bar.update(1, f"{len(selected)} layers pruned in one pass")
         bar.close()
     else:
@@ -307,11 +302,11 @@ def prune_calibrated(
             here = [c for c in selected if c.fqn.startswith(prefix + ".")]
             in_blocks.update(c.fqn for c in here)
             if here:
-                stats = _collect(here, built, lambda blk=block, ins=inputs: _run_block(blk, ins, micro_batch),
+                stats = _collect(here, method, lambda blk=block, ins=inputs: _run_block(blk, ins, micro_batch),
                                  _HESSIAN_MAX_COLUMNS_BLOCK)
                 _release_freed_memory()
                 for choice in here:
-                    report.append(_prune_layer(choice, built, stats.pop(choice.fqn)))
+                    rows.append(_prune_layer(choice, method, stats.pop(choice.fqn)))
                     _release_freed_memory()
             _advance(block, inputs, micro_batch)
             _release_freed_memory()
@@ -319,11 +314,10 @@ def prune_calibrated(
         bar.close()
         rest = [c for c in selected if c.fqn not in in_blocks]
         if rest:  # e.g. a pooler or head outside the blocks: one pass with the blocks already pruned
-            stats = _collect(rest, built, lambda: _run_all(model, batches), _HESSIAN_MAX_COLUMNS_BLOCK)
-            report += [_prune_layer(c, built, stats[c.fqn]) for c in rest]
+            stats = _collect(rest, method, lambda: _run_all(model, batches), _HESSIAN_MAX_COLUMNS_BLOCK)
+            rows += [_prune_layer(c, method, stats[c.fqn]) for c in rest]
     layers = [layer_entry(c.fqn, c.module.weight, c.patterns, input_map(c.module)) for c in selected]
     skipped = [{"fqn": c.fqn, "reason": c.skip_reason or ""} for c in choices if not c.selected]
-    report += [{"fqn": c.fqn, "shape": list(c.module.weight.shape), "pattern": None,
-                "density": float((c.module.weight != 0).float().mean()), "verified": None,
-                "reconstruction_error": None, "skip_reason": c.skip_reason} for c in choices if not c.selected]
-    return CalibratedResult(layers, report, skipped)
+    rows += [LayerRow(c.fqn, tuple(c.module.weight.shape), None, float((c.module.weight != 0).float().mean()), None,
+                      None, c.skip_reason) for c in choices if not c.selected]
+    return layers, rows, skipped

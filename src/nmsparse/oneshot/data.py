@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CalibrationError", "builtin_text", "split_sentences", "load_texts", "token_windows", "sentence_batches",
+__all__ = ["CalibrationError", "builtin_text", "heldout_text", "token_ids", "heldout_data", "split_sentences", "load_texts", "token_windows", "sentence_batches",
            "sentence_training_batches",
            "image_batches", "build_calibration", "load_tokenizer"]
 
@@ -34,17 +34,27 @@ class CalibrationError(ValueError):
     """A calibration source is missing, empty or does not fit the model."""
 
 
-def builtin_text() -> tuple[str, list[str]]:
-    """(calibration text, held-out sentences) from ``pydoc_data.topics``, split by topic.
-
-    Every fourth topic (in sorted order) is held out; its sentences are never calibration data.
-    """
+def _builtin_split() -> tuple[list[str], list[str]]:
     from pydoc_data.topics import topics
 
     calibration, held_out = [], []
     for index, key in enumerate(sorted(topics)):
         (held_out if index % 4 == 3 else calibration).append(topics[key])
+    return calibration, held_out
+
+
+def builtin_text() -> tuple[str, list[str]]:
+    """(calibration text, held-out sentences) from ``pydoc_data.topics``, split by topic.
+
+    Every fourth topic (in sorted order) is held out; its sentences are never calibration data.
+    """
+    calibration, held_out = _builtin_split()
     return "\n".join(calibration), [s for text in held_out for s in split_sentences(text)]
+
+
+def heldout_text() -> str:
+    """The held-out topics of ``pydoc_data.topics`` as running text (never calibration data)."""
+    return "\n".join(_builtin_split()[1])
 
 
 def split_sentences(text: str, min_chars: int = 40, max_chars: int = 300) -> list[str]:
@@ -57,6 +67,8 @@ def load_texts(spec: str) -> str:
     kind, _, rest = spec.partition(":")
     if kind == "text" and rest == "builtin":
         return builtin_text()[0]
+    if kind == "text" and rest == "heldout":
+        return heldout_text()
     if kind == "text":
         path = Path(rest)
         if not path.is_file():
@@ -136,13 +148,14 @@ def image_batches(spec: str, input_size: tuple[int, int, int], samples: int, bat
     """Calibration images resized to the model's ``(C, H, W)``, normalised, in batches."""
     chans, height, width = input_size
     if spec in ("digits", "mnist5k"):
-        from .config.schema import build
-        from .config.sections import DataConfig
-        from .train.data import build_data
+        from ..datasets import DatasetError, builtin_images
 
-        bundle = build_data(build(DataConfig, {"name": spec}))
-        count = min(samples, len(bundle.train))
-        images = torch.stack([bundle.train[i][0] for i in range(count)])  # [N, 1, h, w], normalised
+        try:
+            raw, _, mean, std = builtin_images(spec)
+        except DatasetError as exc:
+            raise CalibrationError(str(exc)) from None
+        order = torch.randperm(len(raw), generator=torch.Generator().manual_seed(seed))[:samples]
+        images = (raw[order] / 255.0 - mean[0]) / std[0]  # [N, 1, h, w], normalised
         images = F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False)
         images = images.expand(-1, chans, -1, -1).contiguous()
     elif spec.startswith("images:"):
@@ -180,3 +193,30 @@ def build_calibration(spec: str, model: Any, source: Any, samples: int, seq_len:
     chans, height, width = cfg.get("input_size", (3, 224, 224))
     chans = source.options.get("in_chans", chans)
     return image_batches(spec, (chans, height, width), samples, seed=seed)
+
+
+def token_ids(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
+    """``[N]`` token ids of ``text`` (no special tokens but a leading BOS where the tokenizer has one)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id] + ids
+    return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
+
+
+def heldout_data(model: Any, source: Any, kind: str, spec: str | None = None, max_tokens: int = 4096,
+                 samples: int = 64, seed: int = 0) -> Any:
+    """Held-out data for the fidelity measure of a model ``kind`` (see :mod:`nmsparse.oneshot.fidelity`).
+
+    Args:
+        kind: ``causal_lm`` -> ``[N]`` token ids (``max_tokens``) of ``spec`` (default: the built-in
+            held-out text, ``text:heldout``); ``encoder`` -> padded batches of the held-out sentences;
+            ``classifier`` -> ``samples`` images of ``spec`` (default ``digits``) drawn with another seed
+            than calibration's.
+    """
+    if kind == "causal_lm":
+        return token_ids(load_tokenizer(source.source[3:]), load_texts(spec or "text:heldout"), max_tokens)
+    if kind == "encoder":
+        _, sentences = builtin_text()
+        return sentence_batches(load_tokenizer(source.source[3:]), sentences)
+    spec = spec if spec and not spec.startswith(("text:", "hf-dataset:")) else "digits"
+    return build_calibration(spec, model, source, samples, 0, seed + 7919)

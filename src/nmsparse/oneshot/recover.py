@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -10,16 +9,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..progress import Progress
+from ..schedule import Constant, Cosine
+from ..select import Rule, Selection
+from ..sparsifier import Sparsifier
 from .calibrate import run_model
-from .fidelity import mean_pool
-from .progress import Progress
-from .select import Rule, Selection
-from .sparsifier import Sparsifier
+from .fidelity import mean_pool, model_kind
 
-__all__ = ["recover"]
+__all__ = ["recover", "OBJECTIVES"]
 
 
-OBJECTIVES = ("auto", "hidden", "pooled", "layers")
+OBJECTIVES = ("auto", "hidden", "pooled", "layers", "causal")
+_RESOLUTION = 100_000  # the learning-rate schedule runs over the budget's fraction in these steps
 
 
 def _main_output(out: Any) -> torch.Tensor:
@@ -53,13 +54,29 @@ def _normalised_mse(student: torch.Tensor, teacher: torch.Tensor, weights: torch
     return _masked_mse(student, teacher, weights) / scale.clamp_min(1e-12)
 
 
+def _hidden_layers_loss(batch: Any, student_out: Any, teacher_out: Any, output: torch.Tensor) -> torch.Tensor:
+    """Mean over layers of each hidden state's MSE divided by the teacher's mean square."""
+    s_states, t_states = student_out.hidden_states, teacher_out.hidden_states
+    weights = _token_weights(batch, output)
+    return sum(_normalised_mse(hs.float(), ht.float(), weights) for hs, ht in zip(s_states, t_states)) / len(s_states)
+
+
+def _kl_logits(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of next-token distributions, averaged over real tokens."""
+    log_s = F.log_softmax(student, dim=-1)
+    log_t = F.log_softmax(teacher, dim=-1)
+    per_token = (log_t.exp() * (log_t - log_s)).sum(-1, keepdim=True)  # [B, T, 1]
+    return (per_token * weights).sum() / weights.sum().clamp_min(1.0)
+
+
 def _loss(objective: str, batch: Any, student_out: Any, teacher_out: Any) -> torch.Tensor:
     output, target = _main_output(student_out).float(), _main_output(teacher_out).float()
-    if objective == "layers":
-        s_states, t_states = student_out.hidden_states, teacher_out.hidden_states
+    if objective == "causal":  # logits KL plus every layer's hidden states (held masks)
         weights = _token_weights(batch, output)
-        layers = sum(_normalised_mse(hs.float(), ht.float(), weights) for hs, ht in zip(s_states, t_states))
-        return _pooled_cosine_loss(output, target, weights) + layers / len(s_states)
+        return _kl_logits(output, target, weights) + _hidden_layers_loss(batch, student_out, teacher_out, output)
+    if objective == "layers":
+        weights = _token_weights(batch, output)
+        return _pooled_cosine_loss(output, target, weights) + _hidden_layers_loss(batch, student_out, teacher_out, output)
     if objective == "pooled" and output.dim() == 3:
         return _pooled_cosine_loss(output, target, _token_weights(batch, output))
     if output.dim() == 3:
@@ -69,7 +86,7 @@ def _loss(objective: str, batch: Any, student_out: Any, teacher_out: Any) -> tor
 
 def _forward(model: nn.Module, batch: Any, hidden_states: bool) -> Any:
     if hidden_states:
-        return model(**batch, output_hidden_states=True)
+        return run_model(model, batch, output_hidden_states=True)
     return run_model(model, batch)
 
 
@@ -99,7 +116,10 @@ def recover(
             ``pooled`` -- 1 - cosine between mean-pooled outputs (sentence embeddings);
             ``layers`` -- ``pooled`` plus the MSE of every layer's hidden states, each divided by
             the teacher's mean square (Hugging Face models: ``output_hidden_states``);
-            ``auto`` -- ``layers`` for models called with an attention mask, else ``hidden``.
+            ``causal`` -- KL(teacher || student) of the next-token distributions plus the
+            ``layers`` hidden-state term (causal language models);
+            ``auto`` -- ``causal`` for causal LMs, ``layers`` for other models called with an
+            attention mask, else ``hidden``.
         dropout: keep the student's dropout active (off by default: the target is the teacher's
             deterministic output, and dropout noise slows the match down).
         schedule: ``cosine`` decay of the learning rate to 0 over the budget (by time when only
@@ -118,8 +138,8 @@ def recover(
         raise ValueError("recovery needs at least one training batch")
     masked_text = isinstance(batches[0], dict) and "attention_mask" in batches[0]
     if objective == "auto":
-        objective = "layers" if masked_text else "hidden"
-    if objective == "layers" and not isinstance(batches[0], dict):
+        objective = "causal" if model_kind(student) == "causal_lm" else ("layers" if masked_text else "hidden")
+    if objective in ("layers", "causal") and not isinstance(batches[0], dict):
         raise ValueError("recovery objective 'layers' needs a Hugging Face model called with keyword inputs "
                          "(it reads output_hidden_states); use 'hidden' or 'pooled'")
     rules = tuple(
@@ -135,16 +155,16 @@ def recover(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     total = steps or 10**9
     bar = Progress(steps or 0, 0, progress, every=max(1, (steps or 100) // 10))
-    hidden_states = objective == "layers"
+    hidden_states = objective in ("layers", "causal")
+    lr_at = Cosine(lr, 0.0, 0, _RESOLUTION) if schedule == "cosine" else Constant(lr)
     start, step, first, last = time.perf_counter(), 0, None, None
     while step < total:
         elapsed = time.perf_counter() - start
         if max_seconds is not None and elapsed >= max_seconds:
             break
-        if schedule == "cosine":
-            done = max(step / total if steps else 0.0, elapsed / max_seconds if max_seconds else 0.0)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
+        done = max(step / total if steps else 0.0, elapsed / max_seconds if max_seconds else 0.0)
+        for group in optimizer.param_groups:  # the schedule runs over the fraction of the budget used
+            group["lr"] = lr_at(round(min(1.0, done) * _RESOLUTION))
         batch = batches[step % len(batches)]
         with torch.no_grad():
             teacher_out = _forward(teacher, batch, hidden_states)

@@ -14,9 +14,9 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from .._registry import nearest
+from ._registry import nearest
 
-__all__ = ["ConfigError", "build", "to_dict", "yaml_load", "parse_value", "field_help"]
+__all__ = ["ConfigError", "build", "to_dict", "yaml_load", "parse_value"]
 
 T = TypeVar("T")
 
@@ -185,8 +185,3 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
-
-
-def field_help(cls: type) -> dict[str, str]:
-    """Field name -> its ``help`` metadata (used by ``nmsparse configs show``)."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}

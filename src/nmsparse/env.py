@@ -1,0 +1,64 @@
+"""The software and hardware a run used: versions, threads, CPU ISA, CUDA (recorded in every run
+directory). Cheap and side-effect free: it never builds a kernel or initialises CUDA needlessly;
+``nmsparse env`` adds the sparse runtime's status on top."""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+from typing import Any
+
+__all__ = ["environment", "cpu_isa"]
+
+
+def cpu_isa() -> str:
+    """The widest SIMD family this CPU reports: avx512, avx2, neon, or generic (from /proc/cpuinfo)."""
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return "neon"
+    try:
+        flags = open("/proc/cpuinfo", encoding="ascii", errors="replace").read()  # noqa: SIM115
+    except OSError:
+        return "generic"
+    if " avx512f" in flags:
+        return "avx512"
+    if " avx2" in flags and " fma" in flags:
+        return "avx2"
+    return "generic"
+
+
+def environment() -> dict[str, Any]:
+    """Versions of the stack, thread count, CPU ISA and CUDA availability."""
+    import torch
+
+    from .version import __version__
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    cuda = torch.cuda.is_available()
+    cusparselt = False
+    if cuda:
+        try:
+            cusparselt = bool(torch.backends.cusparselt.is_available())
+        except AttributeError:
+            cusparselt = False
+    packages = ["torch", "torchvision", "timm", "transformers", "safetensors", "numba", "numpy"]
+    return {
+        "nmsparse": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_isa": cpu_isa(),
+        "packages": {name: version(name) for name in packages},
+        "cpu_threads": torch.get_num_threads(),
+        "backends": {
+            "cpu_dense_with_zeros": True,
+            "cuda": cuda,
+            "cuda_device": torch.cuda.get_device_name(0) if cuda else None,
+            "cusparselt": cusparselt,
+            "semi_structured_2_4": cuda,
+        },
+    }

@@ -1,0 +1,171 @@
+"""One-shot pruning of a trained model, the whole pipeline behind one call: permute -> calibrate and
+prune -> fidelity -> recover -> fidelity -> export -> reload check. No training loop."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..export import load_export, save_export
+from ..method import CalibratedMethod, Method, MethodError, build_method
+from ..pattern import Pattern, parse_pattern
+from ..select import Selection
+from ..sparsifier import Sparsifier
+from .calibrate import prune_with_calibration, run_model
+from .fidelity import FidelityCheck
+from .result import LayerRow, PruneResult
+
+__all__ = ["Recovery", "prune"]
+
+
+@dataclass
+class Recovery:
+    """Distillation from the dense model after pruning, masks held (:func:`nmsparse.oneshot.recover`).
+
+    Args:
+        batches: training inputs (cycled), of the same form as calibration batches.
+        steps / seconds: step and/or wall-clock budget (at least one).
+        lr: peak AdamW learning rate (cosine decay over the budget).
+        objective: see :func:`nmsparse.oneshot.recover` (``auto`` picks by model kind).
+    """
+
+    batches: list[Any]
+    steps: int | None = None
+    seconds: float | None = None
+    lr: float = 2e-4
+    objective: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.steps and not self.seconds:
+            raise ValueError("recovery needs a step or time budget (steps= or seconds=)")
+
+
+def _first_output(model: nn.Module, batch: Any) -> torch.Tensor:
+    out = run_model(model, batch)
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        value = getattr(out, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    return out[0]
+
+
+def prune(
+    model: nn.Module,
+    pattern: str | Pattern = "2:4",
+    method: str = "magnitude",
+    selection: Selection | None = None,
+    method_options: dict[str, Any] | None = None,
+    *,
+    calibration: list[Any] | None = None,
+    permute: int | None = None,
+    heldout: Any = None,
+    recover: Recovery | None = None,
+    out: str | Path | None = None,
+    source: Any = None,
+    example_inputs: Any = None,
+    extra: dict[str, Any] | None = None,
+    files: dict[str, str] | None = None,
+    save: Any = None,
+    progress: str = "auto",
+    micro_batch: int | None = 4,
+    window: int = 512,
+) -> PruneResult:
+    """Prune ``model`` in place, once, and bake the masks into its weights.
+
+    Args:
+        model: any ``nn.Module`` (its selected layers Linear or Conv2d for calibrated methods).
+        pattern: default pattern of selected layers (``"2:4"``, ``"1x16:0.25"``).
+        method: ``magnitude`` (no data needed), ``wanda`` or ``sparsegpt`` (need ``calibration``).
+        selection: layer sets, rules and guards.
+        method_options: options of the method (e.g. ``{"dampening": 0.01}`` for sparsegpt).
+        calibration: calibration batches (tensors, or dicts of keyword tensors), run block by block
+            through transformers; with ``magnitude`` they only feed the reconstruction-error report.
+        permute: search input-channel permutations first (at most this many sweeps; None = off).
+        heldout: held-out data for the fidelity measure of the model's kind
+            (:class:`~nmsparse.oneshot.fidelity.FidelityCheck`): token ids for causal LMs, sentence
+            batches for encoders, input batches for classifiers; measured on the dense model, after
+            pruning and after recovery.
+        recover: a :class:`Recovery` run after pruning (the dense model is the teacher).
+        out: write an export here (atomically) and check that it reloads to the same outputs;
+            needs ``source`` (a :class:`nmsparse.models.ModelSource`) and ``example_inputs``.
+        extra / files: more manifest keys / more files for the export (``report.json`` is added).
+        save: a callable ``save(model, out_dir, layers, source, skipped, extra, files)`` replacing
+            :func:`nmsparse.export.save_export` (e.g. a Hugging Face ``save_pretrained`` export);
+            it returns ``(directory, reload)`` with ``reload()`` giving the reloaded model.
+        progress: ``auto``, ``bar``, ``lines`` or ``none``.
+        micro_batch: samples per block forward of calibrated pruning.
+        window: perplexity window (causal LMs).
+
+    Returns:
+        :class:`PruneResult`; ``model`` is left dense with zeros and without parametrizations.
+
+    Raises:
+        MethodError: a training method, a calibrated method without calibration data, or no layer
+            selected.
+    """
+    built = build_method(method, method_options)
+    if not built.one_shot:
+        raise MethodError(f"method {method!r} trains masks; use it with `nmsparse train`, not one-shot pruning")
+    if isinstance(built, CalibratedMethod) and not calibration:
+        raise MethodError(f"method {method!r} needs calibration data (calibration=[batches]); magnitude does not")
+    if out is not None and (source is None or example_inputs is None):
+        raise ValueError("writing an export needs source= (how to rebuild the model) and example_inputs=")
+    text = str(parse_pattern(pattern)) if isinstance(pattern, str) else str(pattern)
+    result = PruneResult([], [], method=method, pattern=text)
+    need_reference = recover is not None or out is not None
+    reference = copy.deepcopy(model) if need_reference else None  # the dense original: teacher, reload check
+    model.eval()
+    check = FidelityCheck(model, heldout, window) if heldout is not None else None
+    if permute:
+        from ..permute import permute_channels
+
+        perms = permute_channels(model, pattern, selection, permute, progress=progress)
+        result.permutation = [p.as_dict() for p in perms]
+    if calibration:
+        result.calibration = {"batches": len(calibration)}
+        result.layers, result.rows, result.skipped = prune_with_calibration(
+            model, calibration, pattern, built, selection, progress, micro_batch)
+    else:
+        assert isinstance(built, Method)
+        sparsifier = Sparsifier(built, pattern, selection)
+        sparsifier.prepare(model)
+        report = sparsifier.report()
+        result.layers = sparsifier.squash()
+        result.rows = [LayerRow(r.fqn, r.shape, r.pattern, r.density, r.verified, None, r.skip_reason) for r in report]
+        result.skipped = [{"fqn": r.fqn, "reason": r.skip_reason} for r in report if r.skip_reason]
+    if not result.layers:
+        raise MethodError(f"no layer was selected for pattern {text}; check the layer sets and rules")
+    if check is not None:
+        result.fidelity = {"measure": check.measure, "dense": check.dense(), "one_shot": check(model)}
+    if recover is not None:
+        from .recover import recover as distil
+
+        assert reference is not None
+        result.recovery = distil(model, reference, result.layers, recover.batches, recover.steps, recover.seconds,
+                                 recover.lr, progress=progress, objective=recover.objective)
+        if check is not None:
+            result.fidelity["recovered"] = check(model)  # type: ignore[index]
+    if out is not None:
+        assert reference is not None
+        report = json.dumps(result.as_dict(), indent=2) + "\n"
+        all_files = {**(files or {}), "report.json": report}
+        if save is not None:
+            directory, reload = save(model, out, result.layers, source.as_dict(), result.skipped,
+                                     {"method": method, **(extra or {})}, all_files)
+            reloaded = reload()
+        else:
+            directory = save_export(model, out, result.layers, source.as_dict(), result.skipped,
+                                    extra={"method": method, **(extra or {})}, files=all_files)
+            reloaded, _ = load_export(directory, copy.deepcopy(reference))
+        with torch.no_grad():
+            diff = (_first_output(model, example_inputs).float() - _first_output(reloaded, example_inputs).float())
+        result.export, result.reload_max_abs_diff = str(directory), float(diff.abs().max())
+    return result
