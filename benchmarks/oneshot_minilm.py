@@ -24,7 +24,11 @@ from pathlib import Path
 
 import torch
 
-from nmsparse.calib_data import (
+from nmsparse.method import build_method
+from nmsparse.models import build_model, minilm_path
+from nmsparse.oneshot import prune, recover
+from nmsparse.oneshot.calibrate import _release_freed_memory, prune_with_calibration
+from nmsparse.oneshot.data import (
     builtin_text,
     load_texts,
     load_tokenizer,
@@ -32,10 +36,7 @@ from nmsparse.calib_data import (
     sentence_training_batches,
     token_windows,
 )
-from nmsparse.calibrate import _release_freed_memory, prune_calibrated
-from nmsparse.fidelity import embedding_fidelity, sentence_embeddings
-from nmsparse.models import build_model, minilm_path
-from nmsparse.recover import recover
+from nmsparse.oneshot.fidelity import embedding_fidelity, sentence_embeddings
 from nmsparse.select import Selection
 
 
@@ -76,11 +77,12 @@ def memory_probe(method: str, pattern: str, samples: int, batch_size: int = 16) 
     # warm-up on a throw-away layer: first use of LAPACK (Cholesky), einsum and the JIT kernels maps
     # library code and per-thread buffers once per process; that is not memory the pruning holds
     warm = torch.nn.Sequential(torch.nn.Linear(64, 64))
-    prune_calibrated(warm, [torch.randn(8, 64)], pattern, method, Selection(keep_classifier=False), progress="none")
+    prune_with_calibration(warm, [torch.randn(8, 64)], pattern, build_method(method), Selection(keep_classifier=False),
+                           progress="none")
     _release_freed_memory()
     base = rss_mb()
     fresh_peak = _reset_peak()
-    prune_calibrated(model, batches, pattern, method, progress="none")
+    prune_with_calibration(model, batches, pattern, build_method(method), progress="none")
     peak = _status_mb("VmHWM") if fresh_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"model_mb": size, "baseline_rss_mb": base, "peak_rss_mb": peak, "extra_mb": peak - base,
                       "peak_measure": "VmHWM reset at baseline" if fresh_peak else "ru_maxrss (process lifetime)",
@@ -114,9 +116,9 @@ def main() -> None:
         for method in args.methods.split(","):
             model = copy.deepcopy(dense)
             start = time.perf_counter()
-            result = prune_calibrated(model, batches, pattern, method, progress="none")
+            result = prune(model, pattern, method, calibration=batches, progress="none")
             seconds = time.perf_counter() - start
-            errors = [r["reconstruction_error"] for r in result.report if r["reconstruction_error"] is not None]
+            errors = [r.reconstruction_error for r in result.rows if r.reconstruction_error is not None]
             row = {"pattern": pattern, "method": method, "prune_s": round(seconds, 1),
                    "mean_layer_error": round(sum(errors) / len(errors), 5),
                    "one_shot": embedding_fidelity(dense_emb, sentence_embeddings(model, sentences))}

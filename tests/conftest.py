@@ -63,3 +63,24 @@ def tiny_vit():
 @pytest.fixture
 def tiny_cnn():
     return TinyCNN()
+
+
+def train_steps(model, sparsifier, steps, input_shape, *, start=0, lr=0.05, loss=None, optimizer=None, seed=None):
+    """The shared "train N steps with a sparsifier" loop of the method tests.
+
+    Optimizer steps ``start`` .. ``start + steps - 1`` on random inputs of ``input_shape`` (seeded by
+    ``seed`` when given), loss ``loss(model, x)`` (default: mean square of the output) plus the
+    sparsifier's penalty, then ``sparsifier.step(step)``; ``optimizer(params)`` builds the optimizer
+    (default SGD at ``lr``).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = optimizer(params) if optimizer is not None else torch.optim.SGD(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    for step in range(start, start + steps):
+        x = torch.randn(input_shape, generator=gen)
+        value = loss(model, x) if loss is not None else model(x).pow(2).mean()
+        value = value + sparsifier.penalty()
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        sparsifier.step(step)

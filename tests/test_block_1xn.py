@@ -10,6 +10,8 @@ from nmsparse.select import Selection
 from nmsparse.sparsifier import Sparsifier
 from nmsparse.train.plan import options_in_steps
 
+from .conftest import train_steps
+
 
 @pytest.mark.parametrize(
     "kind,expected",
@@ -70,14 +72,7 @@ def _cnn():
 
 
 def _train(model, sp, start, stop):
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    for step in range(start, stop):
-        x = torch.randn(4, 3, 4, 4)
-        loss = model(x).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sp.step(step)
+    train_steps(model, sp, stop - start, (4, 3, 4, 4), start=start)
 
 
 @pytest.mark.parametrize("criterion", ["l1", "l2", "bpar"])

@@ -11,6 +11,8 @@ from nmsparse.pattern import NMPattern, parse_pattern
 from nmsparse.select import Selection
 from nmsparse.sparsifier import Sparsifier
 
+from .conftest import train_steps
+
 
 class ConvBN(nn.Module):
     def __init__(self):
@@ -28,15 +30,9 @@ class ConvBN(nn.Module):
 
 
 def _train(model, sp, steps, lr=0.5):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
     model.train()
-    for step in range(steps):
-        x = torch.randn(8, 3, 8, 8)
-        loss = nn.functional.cross_entropy(model(x), torch.randint(0, 8, (8,)))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sp.step(step)
+    train_steps(model, sp, steps, (8, 3, 8, 8), loss=lambda m, x: nn.functional.cross_entropy(m(x), torch.randint(0, 8, (8,))),
+                optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=1e-4))
 
 
 def test_pattern_table():

@@ -11,6 +11,8 @@ from nmsparse.pattern import NMPattern, parse_pattern
 from nmsparse.select import Rule, Selection
 from nmsparse.sparsifier import Sparsifier
 
+from .conftest import train_steps
+
 
 def _p(text):
     return parse_pattern(text)
@@ -82,15 +84,7 @@ def _everything():
 
 
 def _run(model, sparsifier, start, stop, lr=0.05):
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(start)
-    for step in range(start, stop):
-        x = torch.randn(8, model[0].in_features, generator=gen)
-        loss = model(x).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sparsifier.step(step)
+    train_steps(model, sparsifier, stop - start, (8, model[0].in_features), start=start, lr=lr, seed=start)
 
 
 def test_dense_phase_is_exactly_dense_and_step_decay_is_the_hard_mask():

@@ -10,6 +10,8 @@ from nmsparse.schedule import Cubic
 from nmsparse.select import Rule, Selection
 from nmsparse.sparsifier import Sparsifier
 
+from .conftest import train_steps
+
 
 def test_thresholds_are_the_mean_of_the_lower_half():
     groups = torch.tensor([[4.0, 3, 2, 1, 1, 2, 3, 4], [8.0, 0, 0, 0, 0, 0, 0, 1]])
@@ -51,15 +53,7 @@ def _mlp():
 
 
 def _train(model, sp, start, stop, lr=0.05):
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(start)
-    for step in range(start, stop):
-        x = torch.randn(16, 32, generator=gen)
-        loss = model(x).pow(2).mean() + sp.penalty()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sp.step(step)
+    train_steps(model, sp, stop - start, (16, 32), start=start, lr=lr, seed=start)
 
 
 def _usd(options, pattern="8:8"):
