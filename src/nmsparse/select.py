@@ -160,6 +160,13 @@ def _in_sets(fqn: str, module: nn.Module, sets: tuple[str, ...]) -> bool:
 
 
 def _classifier(model: nn.Module) -> nn.Module | None:
+    """The output layer: timm's ``get_classifier()``, a Hugging Face LM head (``get_output_embeddings()``),
+    else the last Linear."""
+    output_embeddings = getattr(model, "get_output_embeddings", None)
+    if callable(output_embeddings):
+        head = output_embeddings()
+        if isinstance(head, nn.Linear):
+            return head
     getter = getattr(model, "get_classifier", None)
     if callable(getter):
         try:

@@ -25,10 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="models: run every eligible layer sparse (default: each layer measured at its real "
                         "input and kept dense where sparse was slower)")
     parser.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated models of the model suite "
-                        "(timm names, or minilm)")
+                        "(timm names, minilm; causal LMs smollm2, hf:DIR or gguf:FILE run the decoding benchmark)")
     parser.add_argument("--case", action="append", default=[], help="only layer cases whose name contains this")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per case")
+    parser.add_argument("--prompt-tokens", type=int, default=128, help="causal LMs: prompt length of the decode benchmark")
+    parser.add_argument("--new-tokens", type=int, default=128, help="causal LMs: greedy tokens generated")
     parser.add_argument("--out", default="bench", help="directory for bench_<suite>.{json,md,png}")
 
 
@@ -67,8 +69,24 @@ def run(args: argparse.Namespace) -> int:
                                cases=cases)
         note = "batch <= 8 cases rotate weight copies beyond the last-level cache"
     else:
+        from ..bench_decode import decode_model_spec, run_decode_suite, write_decode_report
+
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         choose = not args.no_layer_choice
+        llms = [m for m in models if decode_model_spec(m)]
+        models = [m for m in models if not decode_model_spec(m)]
+        if llms:
+            if args.prompt_tokens < 1 or args.new_tokens < 2:
+                raise CliError("--prompt-tokens must be >= 1 and --new-tokens >= 2")
+            rows = run_decode_suite(llms, patterns, args.prompt_tokens, args.new_tokens, max(2, args.repeats // 3),
+                                    choose)
+            note = ("greedy generation, batch 1, KV cache on, decoder Linears pruned by magnitude; "
+                    + ("layer choice at the decode step's input" if choose else "every eligible layer sparse"))
+            paths = write_decode_report(rows, args.out, machine_meta(threads, note))
+            print(paths["md"].read_text())
+            print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
+            if not models:
+                return 0
         rows = run_model_suite(patterns, models, args.repeats, batches=tuple(_ints(args.batch or DEFAULT_BATCHES["models"],
                                                                                    "batch")), choose=choose)
         note = ("whole models, random weights pruned by magnitude; "

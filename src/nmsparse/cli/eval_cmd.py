@@ -1,9 +1,11 @@
-"""``nmsparse eval CHECKPOINT_OR_EXPORT [--data NAME --root DIR]``: top-1, top-5 and loss."""
+"""``nmsparse eval CHECKPOINT_OR_EXPORT [--data NAME --root DIR]``: top-1, top-5 and loss; or
+``nmsparse eval EXPORT_OR_MODEL --perplexity text:...``: perplexity of a causal LM in sliding windows."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -16,6 +18,12 @@ from .errors import CliError, register_user_error
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", help="an export directory, a run directory (uses its best checkpoint) or a .pt checkpoint")
+    parser.add_argument("--perplexity", metavar="TEXT", help="causal LMs: perplexity of text:heldout (built-in text "
+                        "that calibration never sees), text:builtin, text:PATH or hf-dataset:NAME[:CONFIG[:SPLIT]]; "
+                        "the target may also be a model spec (hf:DIR, gguf:FILE) to measure the dense model")
+    parser.add_argument("--tokens", type=int, default=4096, help="perplexity: tokens of the text to score")
+    parser.add_argument("--window", type=int, default=512, help="perplexity: window in tokens")
+    parser.add_argument("--stride", type=int, help="perplexity: tokens between window starts (default: the window)")
     parser.add_argument("--data", help="mnist5k, digits, imagefolder, cifar10, cifar100 (default: the run's data)")
     parser.add_argument("--root", help="dataset root for imagefolder/cifar")
     parser.add_argument("--image-size", type=int, help="input resolution")
@@ -30,7 +38,7 @@ def _model_from_checkpoint(path: Path):
 
     ckpt = load_checkpoint(path)
     config = build(Config, ckpt["config"])
-    bundle = build_data(config.data)
+    bundle = build_data(config.data, config.model.name)
     model, _ = build_run_model(config, bundle)
     sparsifier = build_sparsifier(config, ckpt.get("steps_per_epoch") or 1)
     if sparsifier is not None:
@@ -44,7 +52,7 @@ def _model_from_checkpoint(path: Path):
         ema = Ema(model, 0.5)
         ema.load_state_dict(ckpt["ema"])
         model = ema.model
-    return model, config.data
+    return model, config.data, config.model.name
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,31 +62,61 @@ def run(args: argparse.Namespace) -> int:
 
     register_user_error(DataError)
     register_user_error(CheckpointError)
+    if args.perplexity:
+        return _perplexity(args)
     target = Path(args.target)
     data_cfg: DataConfig | None = None
+    model_name = None
     if is_export(target):
         model, _ = load_export(target)
     elif target.is_dir():
         best = target / "checkpoints" / "best.pt"
         if not best.is_file():
             raise CliError(f"{target} is neither an export nor a run directory with checkpoints/best.pt")
-        model, data_cfg = _model_from_checkpoint(best)
+        model, data_cfg, model_name = _model_from_checkpoint(best)
     elif target.is_file():
-        model, data_cfg = _model_from_checkpoint(target)
+        model, data_cfg, model_name = _model_from_checkpoint(target)
     else:
         raise CliError(f"{target} does not exist (expected an export dir, a run dir or a .pt checkpoint)")
     if args.data:
         data_cfg = build(DataConfig, {"name": args.data, "root": args.root, "image_size": args.image_size})
     if data_cfg is None:
         raise CliError("an export does not record its dataset: pass --data (and --root for imagefolder/cifar)")
-    bundle = build_data(data_cfg)
+    bundle = build_data(data_cfg, model_name)
     loader = eval_loader(bundle.val, args.batch_size, 0, 1, 0)
-    sums = evaluate(model.eval(), loader, torch.device("cpu"))
+    sums = evaluate(model.eval(), loader, torch.device("cpu"), task=bundle.task)
     result = finalize_eval([sums[k] for k in ("loss_sum", "top1", "top5", "count")])
     result["samples"] = int(sums["count"])
+    if bundle.task == "causal_lm":  # mean next-token loss over disjoint held-out windows
+        result["perplexity"] = round(math.exp(result["loss"]), 4)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
               f"({result['samples']} samples of {data_cfg.name})")
+    return 0
+
+
+def _perplexity(args: argparse.Namespace) -> int:
+    from ..export import open_model
+    from ..oneshot import CalibrationError, model_kind, perplexity
+    from ..oneshot.data import load_texts, load_tokenizer, token_ids
+
+    register_user_error(CalibrationError)
+    model, source = open_model(args.target)
+    if model_kind(model) != "causal_lm":
+        raise CliError(f"{args.target} is not a causal language model; --perplexity needs one (e.g. hf:DIR of a "
+                       "...ForCausalLM, gguf:FILE, or their export)")
+    if args.window < 2 or (args.stride is not None and not 0 < args.stride <= args.window):
+        raise CliError(f"need --window >= 2 and 0 < --stride <= --window, got {args.window}, {args.stride}")
+    folder = Path(args.target)
+    tokenizer = load_tokenizer(folder if (folder / "tokenizer_config.json").is_file() else source.source[3:])
+    ids = token_ids(tokenizer, load_texts(args.perplexity), args.tokens)
+    result = perplexity(model, ids, args.window, args.stride, progress="none" if args.json else "auto")
+    result["text"] = args.perplexity
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"perplexity {result['perplexity']:.3f} on {result['tokens']} tokens of {args.perplexity} "
+              f"({result['windows']} windows of {result['window']}, stride {result['stride']})")
     return 0

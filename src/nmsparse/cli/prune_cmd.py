@@ -10,7 +10,7 @@ from ..export import open_model
 from ..models import example_input, load_weights
 from ..select import LAYER_SETS, Rule, Selection
 from .display import print_table
-from .errors import register_user_error
+from .errors import CliError, register_user_error
 
 
 def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the producing layers first (function unchanged)")
     parser.add_argument("--permute-sweeps", type=int, default=100, help="cap on the swap sweeps of the permutation "
                         "search (it stops at the first sweep that gains nothing)")
+    parser.add_argument("--stream", action="store_true", help="causal LMs larger than memory: load, prune and write "
+                        "one decoder block at a time from the safetensors shards (hf:DIR or gguf:FILE)")
     parser.add_argument("--checkpoint", help="local weights to load first (.safetensors or torch file)")
     parser.add_argument("--num-classes", type=int, help="classifier outputs of a vision model")
     parser.add_argument("--in-chans", type=int, help="input channels of a vision model")
@@ -83,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
 
     register_user_error(CalibrationError)
     selection = selection_from_args(args)
+    if args.stream:
+        return _run_streaming(args, selection)
     model, source = open_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans)
     if args.checkpoint:
         load_weights(model, args.checkpoint)
@@ -125,4 +129,33 @@ def run(args: argparse.Namespace) -> int:
     if result.recovery:
         print(f"recovery: {result.recovery}")
     print(f"wrote {Path(args.out)} (weights, manifest.json, report.json)")
+    return 0
+
+
+def _run_streaming(args: argparse.Namespace, selection) -> int:
+    from ..models import ModelSource, gguf_to_hf, is_causal_lm_dir, parse_model_spec, smollm2_gguf
+    from ..oneshot.data import build_calibration
+    from ..oneshot.stream import prune_streaming
+
+    kind, name = parse_model_spec(args.model)
+    if kind == "gguf":
+        directory = gguf_to_hf(smollm2_gguf() if name == "smollm2" else name)
+    elif kind == "hf" and is_causal_lm_dir(name):
+        directory = Path(name)
+    else:
+        raise CliError(f"--stream prunes causal LMs from a Hugging Face directory or GGUF file, not {args.model}")
+    if args.recover_steps or args.recover_minutes or args.permute or args.checkpoint:
+        raise CliError("--stream cannot be combined with --recover-*, --permute or --checkpoint (each needs the "
+                       "whole model in memory)")
+    source = ModelSource(f"hf:{directory}")
+    batches = None
+    if args.method != "magnitude" or args.calib:
+        batches = build_calibration(args.calib or "text:builtin", None, source, args.samples, args.seq_len, args.seed)
+    result = prune_streaming(directory, args.out, args.pattern, args.method, batches, selection,
+                             progress="none" if args.json else "auto")
+    if args.json:
+        print(json.dumps({"model": args.model, **result.as_dict()}, indent=2))
+        return 0
+    print(f"{len(result.sparse_rows)} sparse layers written block by block to {args.out}; all verified: "
+          f"{all(r.verified for r in result.sparse_rows)}. Perplexity: nmsparse eval {args.out} --perplexity text:heldout")
     return 0

@@ -141,7 +141,11 @@ def validate_semantics(config: Config) -> list[str]:
         (config.optim.lr > 0, "optim.lr: must be > 0"),
         (config.lr.warmup_epochs < config.train.epochs or config.lr.warmup_epochs == 0,
          "lr.warmup_epochs: must be smaller than train.epochs"),
-        (config.data.name in ("mnist5k", "digits") or config.data.root, f"data.root: required for data.name={config.data.name}"),
+        (config.data.name in ("mnist5k", "digits", "text") or config.data.root,
+         f"data.root: required for data.name={config.data.name}"),
+        (config.data.name != "text" or config.model.name.startswith(("hf:", "gguf:")),
+         f"data.name=text needs a causal LM model (model.name=hf:DIR or gguf:FILE), not {config.model.name!r}"),
+        (config.data.name != "text" or config.data.seq_len >= 2, "data.seq_len: must be >= 2"),
         (config.train.ema_decay is None or 0.0 < config.train.ema_decay < 1.0, "train.ema_decay: must be in (0, 1)"),
     ]
     errors += [message for ok, message in checks if not ok]

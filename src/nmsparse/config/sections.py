@@ -28,7 +28,8 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = _f("timm:resnet18", "timm:NAME or torchvision:NAME")
+    name: str = _f("timm:resnet18", "timm:NAME, torchvision:NAME, or a causal LM (hf:DIR, gguf:FILE, gguf:smollm2) "
+                   "with data.name: text")
     num_classes: int | None = _f(None, "classifier outputs; null = the dataset's class count")
     in_chans: int | None = _f(None, "input channels; null = the dataset's channel count")
     options: dict[str, Any] = _f(dict, "extra constructor arguments (timm: img_size, patch_size, depth ...)", factory=True)
@@ -36,6 +37,7 @@ class ModelConfig:
     pretrained: bool = _f(False, "download hub weights (needs network)")
     channels_last: bool = _f(False, "train in channels-last memory format")
     compile: bool = _f(False, "torch.compile the model")
+    gradient_checkpointing: bool = _f(False, "Hugging Face models: recompute activations in backward (less memory)")
 
 
 @dataclass
@@ -55,7 +57,12 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    name: Literal["mnist5k", "digits", "imagefolder", "cifar10", "cifar100"] = _f("mnist5k", "dataset")
+    name: Literal["mnist5k", "digits", "imagefolder", "cifar10", "cifar100", "text"] = _f(
+        "mnist5k", "dataset; text = causal language modelling on data.text with the model's tokenizer")
+    text: str = _f("text:builtin", "text: training text (text:builtin, text:PATH, hf-dataset:NAME[:CONFIG[:SPLIT]])")
+    val_text: str = _f("text:heldout", "text: held-out text of the perplexity evaluation")
+    seq_len: int = _f(256, "text: tokens per training window (and per evaluation window)")
+    val_tokens: int = _f(4096, "text: held-out tokens evaluated")
     root: str | None = _f(None, "imagefolder: dir with train/ and val/; cifar: dir holding the python batches")
     image_size: int | None = _f(None, "input resolution; null = the dataset's native size (224 for imagefolder)")
     val_fraction: float = _f(0.1, "mnist5k/digits: held-out fraction (a fixed, seeded split)")

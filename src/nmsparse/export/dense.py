@@ -65,13 +65,58 @@ def save_export(
     manifest = make_manifest(layers, model_source, skipped, extra)
     try:
         with atomic_dir(out_dir, replaceable=is_export) as tmp:
-            save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "nmsparse-export"}, force_contiguous=True)
+            # "format": "pt" is what transformers' from_pretrained requires of a safetensors file
+            save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "nmsparse-export"},
+                       force_contiguous=True)
+            _write_hf_files(model, model_source, tmp)
             for name, text in (files or {}).items():
                 (tmp / name).write_text(text)
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     except FileExistsError as exc:
         raise ExportError(str(exc)) from None
     return Path(out_dir)
+
+
+def _load_shards(model: nn.Module, directory: Path, index: Path) -> tuple[list[str], list[str]]:
+    """Load a sharded export (``model.safetensors.index.json``) shard by shard; tied weights count once."""
+    from safetensors.torch import load_file
+
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    expected = set(model.state_dict())
+    seen: set[str] = set()
+    for name in files:
+        state = load_file(str(directory / name))
+        model.load_state_dict(state, strict=False)
+        seen.update(state)
+    from ..models import tied_parameter_names
+
+    missing = sorted(expected - seen - tied_parameter_names(model))
+    return missing, sorted(seen - expected)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "vocab.txt",
+                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+
+
+def _write_hf_files(model: nn.Module, model_source: dict[str, Any], directory: Path) -> None:
+    """For a Hugging Face model: its config and the source directory's tokenizer files, so that
+    ``AutoModelForCausalLM.from_pretrained(export)`` and ``AutoTokenizer.from_pretrained(export)`` load
+    the export directly (weights dense with zeros; tied embeddings stay tied)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_string"):
+        return
+    config.architectures = [type(model).__name__]
+    (directory / "config.json").write_text(config.to_json_string())
+    source = str(model_source.get("source", ""))
+    if source.startswith("hf:"):
+        import shutil
+
+        from ..models import minilm_path
+
+        root = minilm_path() if source == "hf:minilm" else Path(source[3:])
+        for name in _TOKENIZER_FILES:
+            if (root / name).is_file():
+                shutil.copyfile(root / name, directory / name)
 
 
 @torch.no_grad()
@@ -106,7 +151,8 @@ def load_export(directory: str | Path, model: nn.Module | None = None) -> tuple[
     directory = Path(directory)
     manifest = read_manifest(directory)
     weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
+    index = directory / "model.safetensors.index.json"  # a streamed (sharded) export
+    if not weights.is_file() and not index.is_file():
         raise ExportError(f"{directory} has no {WEIGHTS_NAME}")
     if model is None:
         from ..models import ModelError, build_model
@@ -119,8 +165,11 @@ def load_export(directory: str | Path, model: nn.Module | None = None) -> tuple[
         except ModelError as exc:
             raise ExportError(f"cannot rebuild the exported model: {exc}") from None
     try:
-        missing, unexpected = load_model(model, str(weights), strict=False)
-    except (SafetensorError, OSError, RuntimeError) as exc:
+        if weights.is_file():
+            missing, unexpected = load_model(model, str(weights), strict=False)
+        else:
+            missing, unexpected = _load_shards(model, directory, index)
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as exc:
         raise ExportError(f"{weights} is corrupt or does not fit the model: {str(exc).splitlines()[0]}") from None
     if missing or unexpected:
         raise ExportError(

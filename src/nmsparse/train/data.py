@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, Sampler
 
 from ..config.sections import DataConfig
 
-__all__ = ["DataError", "DataBundle", "build_data", "EpochSampler", "TensorImages", "SeededDataset"]
+__all__ = ["DataError", "DataBundle", "build_data", "EpochSampler", "TensorImages", "SeededDataset", "TokenWindows"]
 
 SPLIT_SEED = 20240229  # fixed: the held-out split of built-in data never depends on the run seed
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -44,6 +44,23 @@ class DataBundle:
     num_classes: int
     in_chans: int
     image_size: int
+    task: str = "classify"  # or "causal_lm": items are (token ids, token ids), the model predicts the next token
+
+
+class TokenWindows(Dataset):
+    """Disjoint windows of ``seq_len`` tokens of one token stream; each item is ``(ids, ids)``."""
+
+    def __init__(self, ids: torch.Tensor, seq_len: int) -> None:
+        count = ids.numel() // seq_len
+        if count < 1:
+            raise DataError(f"the text has {ids.numel()} tokens: too few for one window of data.seq_len={seq_len}")
+        self.windows = ids[: count * seq_len].reshape(count, seq_len)
+
+    def __len__(self) -> int:
+        return self.windows.shape[0]
+
+    def __getitem__(self, index: int):
+        return self.windows[index], self.windows[index]
 
 
 class TensorImages(Dataset):
@@ -251,14 +268,34 @@ def _imagefolder(cfg: DataConfig) -> DataBundle:
     return DataBundle(train, val, len(train.classes), 3, size)
 
 
-def build_data(cfg: DataConfig) -> DataBundle:
-    """Build the train/val datasets named by ``cfg``.
+def _text(cfg: DataConfig, model_spec: str | None) -> DataBundle:
+    from ..models import ModelError, gguf_to_hf, parse_model_spec, smollm2_gguf
+    from ..oneshot.data import CalibrationError, load_texts, load_tokenizer, token_ids
+
+    try:
+        kind, name = parse_model_spec(model_spec or "")
+        if kind not in ("hf", "gguf"):
+            raise DataError(f"data.name=text needs a causal LM model (hf:DIR or gguf:FILE), not {model_spec!r}")
+        directory = gguf_to_hf(smollm2_gguf() if name == "smollm2" else name) if kind == "gguf" else name
+        tokenizer = load_tokenizer(directory)
+        train_ids = token_ids(tokenizer, load_texts(cfg.text))
+        val_ids = token_ids(tokenizer, load_texts(cfg.val_text), cfg.val_tokens)
+    except (ModelError, CalibrationError) as exc:
+        raise DataError(str(exc)) from None
+    return DataBundle(TokenWindows(train_ids, cfg.seq_len), TokenWindows(val_ids, min(cfg.seq_len, val_ids.numel())),
+                      0, 0, cfg.seq_len, "causal_lm")
+
+
+def build_data(cfg: DataConfig, model_spec: str | None = None) -> DataBundle:
+    """Build the train/val datasets named by ``cfg`` (``model_spec``: the model whose tokenizer text uses).
 
     Raises:
         DataError: missing path or unexpected layout (the message says what was expected).
     """
     if cfg.name in ("mnist5k", "digits"):
         return _builtin(cfg)
+    if cfg.name == "text":
+        return _text(cfg, model_spec)
     if cfg.name in ("cifar10", "cifar100"):
         return _cifar(cfg)
     return _imagefolder(cfg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ from .setup import (
     eval_loader,
     evaluate,
     finalize_eval,
+    forward_logits,
+    task_loss,
 )
 
 __all__ = ["TrainingDiverged", "run_training", "new_run_dir"]
@@ -126,7 +129,8 @@ def _train(config: Config, run_dir: Path | None, resume: bool, dist_info: DistIn
 
     # ---- data, model, sparsifier, optimizer
     seed = config.run.seed
-    bundle = build_data(config.data)
+    bundle = build_data(config.data, config.model.name)
+    task = bundle.task
     torch.manual_seed(seed)
     model, source = build_run_model(config, bundle)
     model.to(device)
@@ -164,7 +168,7 @@ def _train(config: Config, run_dir: Path | None, resume: bool, dist_info: DistIn
         sparsifier.prepare(model, total_steps=plan.steps_per_epoch * config.train.epochs)
     optimizer = build_optimizer(config, model)
     ema = Ema(model, config.train.ema_decay) if config.train.ema_decay else None
-    mixup, criterion = _criterion(config, bundle.num_classes)
+    mixup, criterion = _criterion(config, bundle.num_classes) if task == "classify" else (None, None)
     log = RunLog(run_dir, main, config.logging.tensorboard)
 
     progress = RunProgress()
@@ -224,7 +228,7 @@ def _train(config: Config, run_dir: Path | None, resume: bool, dist_info: DistIn
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast(device, config.train.precision):
-                loss = criterion(train_model(images), targets)
+                loss = task_loss(forward_logits(train_model, images, task), targets, task, criterion)
                 if sparsifier is not None:
                     loss = loss + sparsifier.penalty().to(loss.device)
             loss_value = all_reduce_sum([float(loss.detach())], device)[0] / dist_info.world
@@ -259,10 +263,13 @@ def _train(config: Config, run_dir: Path | None, resume: bool, dist_info: DistIn
             last = progress.step >= plan.total_steps
             improved = False
             if last or (epoch + 1) % config.train.eval_every_epochs == 0:
-                row = _evaluate_all(config, model, ema, val_loader, device, progress, epoch, lr_at, t_start)
+                row = _evaluate_all(config, model, ema, val_loader, device, progress, epoch, lr_at, t_start, task)
                 log.log_eval(row)
                 bar.message("  ".join(f"{k} {v}" for k, v in row.items()))
-                metric = row["ema_top1"] if ema is not None else row["top1"]
+                if task == "causal_lm":  # lower perplexity is better
+                    metric = -(row["ema_perplexity"] if ema is not None else row["perplexity"])
+                else:
+                    metric = row["ema_top1"] if ema is not None else row["top1"]
                 improved = metric > progress.best_metric
                 progress.best_metric = max(progress.best_metric, metric)
             progress.epoch += 1
@@ -294,8 +301,8 @@ def _mask_digests(sparsifier: Sparsifier | None, dist_info: DistInfo) -> list[st
     return gathered
 
 
-def _evaluate_all(config, model, ema, val_loader, device, progress, epoch, lr_at, t_start) -> dict:
-    sums = evaluate(model, val_loader, device, config.train.precision, config.model.channels_last)
+def _evaluate_all(config, model, ema, val_loader, device, progress, epoch, lr_at, t_start, task) -> dict:
+    sums = evaluate(model, val_loader, device, config.train.precision, config.model.channels_last, task)
     result = finalize_eval(all_reduce_sum([sums[k] for k in ("loss_sum", "top1", "top5", "count")], device))
     row = {
         "epoch": epoch + 1, "step": progress.step,
@@ -303,10 +310,14 @@ def _evaluate_all(config, model, ema, val_loader, device, progress, epoch, lr_at
         "val_loss": round(result["loss"], 6), "top1": round(result["top1"], 4), "top5": round(result["top5"], 4),
         "lr": lr_at(max(0, progress.step - 1)),
     }
+    if task == "causal_lm":  # mean next-token loss over disjoint held-out windows: log-perplexity
+        row["perplexity"] = round(math.exp(result["loss"]), 4)
     if ema is not None:
-        sums = evaluate(ema.model, val_loader, device, config.train.precision, config.model.channels_last)
+        sums = evaluate(ema.model, val_loader, device, config.train.precision, config.model.channels_last, task)
         ema_result = finalize_eval(all_reduce_sum([sums[k] for k in ("loss_sum", "top1", "top5", "count")], device))
         row["ema_top1"] = round(ema_result["top1"], 4)
+        if task == "causal_lm":
+            row["ema_perplexity"] = round(math.exp(ema_result["loss"]), 4)
     row["elapsed_s"] = round(time.perf_counter() - t_start, 1)
     return row
 
@@ -316,6 +327,8 @@ def _finish(config, run_dir, model, ema, sparsifier, source, log, bundle, device
     final = log.metrics[-1] if log.metrics else {}
     summary: dict[str, Any] = {"run_dir": str(run_dir), "final": final, "best_top1": max(
         (r.get("ema_top1", r["top1"]) for r in log.metrics), default=None)}
+    if bundle.task == "causal_lm":
+        summary["best_perplexity"] = min((r.get("ema_perplexity", r["perplexity"]) for r in log.metrics), default=None)
     if digests is not None:
         summary["mask_digest_per_rank"] = digests
     if sparsifier is not None:
@@ -338,7 +351,8 @@ def _finish(config, run_dir, model, ema, sparsifier, source, log, bundle, device
         reloaded, _ = load_export(out)
         probe = torch.stack([bundle.val[i][0] for i in range(min(8, len(bundle.val)))])
         with torch.no_grad():
-            diff = float((reloaded(probe) - export_model(probe)).abs().max())
+            diff = float((forward_logits(reloaded, probe, bundle.task) - forward_logits(export_model, probe, bundle.task))
+                         .abs().max())
         summary["export"] = {"dir": str(out), "sparse_layers": len(layers), "all_verified": True,
                              "reload_max_abs_diff": diff}
         if config.logging.plots:

@@ -17,7 +17,7 @@ from ..sparsifier import Sparsifier
 from .data import DataBundle
 from .plan import options_in_steps
 
-__all__ = ["build_run_model", "build_sparsifier", "build_optimizer", "Ema", "evaluate", "eval_loader", "autocast"]
+__all__ = ["build_run_model", "build_sparsifier", "forward_logits", "task_loss", "build_optimizer", "Ema", "evaluate", "eval_loader", "autocast"]
 
 
 def build_run_model(config: Config, bundle: DataBundle) -> tuple[nn.Module, ModelSource]:
@@ -28,6 +28,11 @@ def build_run_model(config: Config, bundle: DataBundle) -> tuple[nn.Module, Mode
     )
     if mc.checkpoint:
         load_weights(model, mc.checkpoint)
+    if mc.gradient_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise ValueError("model.gradient_checkpointing needs a Hugging Face model")
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     return model, source
 
 
@@ -106,10 +111,26 @@ def eval_loader(dataset: Dataset, batch_size: int, rank: int, world: int, worker
     return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
+def forward_logits(model: nn.Module, inputs: torch.Tensor, task: str = "classify") -> torch.Tensor:
+    """The model's logits: ``model(images)`` for classifiers, ``model(input_ids=...).logits`` for causal LMs."""
+    if task == "causal_lm":
+        return model(input_ids=inputs, use_cache=False).logits
+    return model(inputs)
+
+
+def task_loss(logits: torch.Tensor, targets: torch.Tensor, task: str, criterion=None) -> torch.Tensor:
+    """The training loss: ``criterion`` for classifiers; next-token cross-entropy for causal LMs
+    (position t predicts token t + 1 of ``targets``)."""
+    if task == "causal_lm":
+        return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten())
+    return criterion(logits, targets)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32",
-             channels_last: bool = False) -> dict[str, float]:
-    """Sums over this rank's shard: loss, top-1 and top-5 correct counts, sample count."""
+             channels_last: bool = False, task: str = "classify") -> dict[str, float]:
+    """Sums over this rank's shard: loss, top-1 and top-5 correct counts, count (samples, or predicted
+    tokens for causal LMs, whose top-k is next-token accuracy and whose mean loss is log-perplexity)."""
     was_training = model.training
     model.eval()
     loss_sum = top1 = top5 = count = 0.0
@@ -118,8 +139,10 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precisi
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
-            logits = model(images)
+            logits = forward_logits(model, images, task)
         logits = logits.float()
+        if task == "causal_lm":
+            logits, labels = logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
         loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
         k = min(5, logits.shape[1])
         top = logits.topk(k, dim=1).indices

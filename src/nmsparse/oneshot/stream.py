@@ -1,0 +1,220 @@
+"""One-shot pruning of a causal LM larger than memory: one decoder block at a time from safetensors.
+
+As SparseGPT does on a GPU, only one block's weights are materialised at a time: the model skeleton
+is built on PyTorch's ``meta`` device (shapes only); the embeddings, final norm and head are loaded
+in a one-block copy of the model that captures the first block's inputs; then each block is
+materialised from the shards, calibrated on the current inputs, pruned, run to give the next block
+its inputs, written to its own output shard, and released. Peak memory is the embeddings and head
+plus one block, the calibration activations and one layer's statistics -- not the model.
+
+The output is a sharded Hugging Face directory (``model-XXXXX-of-YYYYY.safetensors`` with
+``model.safetensors.index.json``, config, tokenizer) plus nmsparse's manifest and report:
+``AutoModelForCausalLM.from_pretrained`` and :func:`nmsparse.export.load_export` read it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._io import atomic_dir
+from ..export.manifest import MANIFEST_NAME, layer_entry, make_manifest
+from ..method import MethodError, build_method
+from ..parametrize import input_map
+from ..pattern import Pattern, parse_pattern
+from ..progress import Progress
+from ..select import Selection, select_layers
+from .calibrate import (
+    _HESSIAN_MAX_COLUMNS_BLOCK,
+    _advance,
+    _capture_inputs,
+    _collect,
+    _prune_layer,
+    _release_freed_memory,
+    _run_block,
+    find_blocks,
+)
+from .result import PruneResult
+
+__all__ = ["prune_streaming", "INDEX_NAME"]
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+class _Shards:
+    """Tensor name -> the safetensors file holding it, over one file or an index of shards."""
+
+    def __init__(self, directory: Path) -> None:
+        index = directory / INDEX_NAME
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {key: directory / name for key, name in weight_map.items()}
+        elif (directory / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(directory / "model.safetensors"), "pt") as handle:
+                self.files = {key: directory / "model.safetensors" for key in handle.keys()}  # noqa: SIM118
+        else:
+            raise MethodError(f"{directory} holds no model.safetensors or {INDEX_NAME}; streaming reads safetensors")
+
+    def load_into(self, module: nn.Module, prefix: str, skip: str | None = None) -> None:
+        """Copy the tensors named ``prefix + name`` into ``module``'s parameters and persistent buffers
+        (names starting with ``skip`` are left alone)."""
+        from safetensors import safe_open
+
+        wanted = dict(module.named_parameters(prefix=prefix.rstrip("."), remove_duplicate=False))
+        wanted.update(dict(module.named_buffers(prefix=prefix.rstrip("."), remove_duplicate=False)))
+        by_file: dict[Path, list[str]] = {}
+        for key in wanted:
+            if key in self.files and not (skip and key.startswith(skip)):
+                by_file.setdefault(self.files[key], []).append(key)
+        with torch.no_grad():
+            for path, keys in by_file.items():
+                with safe_open(str(path), "pt") as handle:
+                    for key in keys:
+                        wanted[key].copy_(handle.get_tensor(key))
+
+
+def prune_streaming(
+    directory: str | Path,
+    out: str | Path,
+    pattern: str | Pattern = "2:4",
+    method: str = "sparsegpt",
+    calibration: list[Any] | None = None,
+    selection: Selection | None = None,
+    method_options: dict[str, Any] | None = None,
+    progress: str = "auto",
+    micro_batch: int | None = 4,
+) -> PruneResult:
+    """Prune the causal LM in the Hugging Face directory ``directory`` block by block into ``out``.
+
+    Args:
+        directory: a causal-LM directory with ``config.json`` and safetensors weights (one file or shards).
+        out: the output directory (written atomically; an existing nmsparse export there is replaced).
+        pattern / method / selection / method_options: as :func:`nmsparse.oneshot.prune`; every
+            selected layer must be inside the decoder blocks (the LM head stays dense by default).
+        calibration: calibration batches (dicts of ``input_ids`` / ``attention_mask``); ``magnitude``
+            needs none.
+
+    Returns:
+        :class:`PruneResult` (``export`` set). Fidelity is not measured here (it needs the whole
+        model): run ``nmsparse eval OUT --perplexity ...``.
+
+    Raises:
+        MethodError: not a causal LM, no safetensors, a training method, or a selected layer outside
+            the decoder blocks.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..export.dense import _write_hf_files
+
+    directory, out = Path(directory), Path(out)
+    built = build_method(method, method_options)
+    if not built.one_shot:
+        raise MethodError(f"method {method!r} trains masks; use it with `nmsparse train`, not one-shot pruning")
+    if method != "magnitude" and not calibration:
+        raise MethodError(f"method {method!r} needs calibration data")
+    config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    shards = _Shards(directory)
+    with torch.device("meta"):  # shapes and names only: no memory
+        skeleton = AutoModelForCausalLM.from_config(config)
+    choices = select_layers(skeleton, selection or Selection(), pattern)
+    selected = [c for c in choices if c.selected]
+    blocks = find_blocks(skeleton, [c.fqn for c in selected])
+    if blocks is None:
+        raise MethodError("streaming needs a decoder block list holding the selected layers")
+    prefix = blocks[0][0].rsplit(".", 1)[0]  # "model.layers"
+    outside = [c.fqn for c in selected if not c.fqn.startswith(prefix + ".")]
+    if outside:
+        raise MethodError(f"streaming prunes decoder blocks only; these selected layers are outside them: "
+                          f"{', '.join(outside[:5])} (skip them with a rule, or prune without --stream)")
+    # the model with one block: embeddings, norms, head (and e.g. rotary tables) built for real
+    one = copy.deepcopy(config)
+    one.num_hidden_layers = 1
+    if hasattr(one, "layer_types") and getattr(one, "layer_types", None):
+        one.layer_types = one.layer_types[:1]
+    shell = AutoModelForCausalLM.from_config(one, dtype=torch.float32).eval()
+    shell_blocks = shell.get_submodule(prefix)
+    for name, module in shell.named_children():  # load everything but the block list
+        shards.load_into(module, f"{name}.", skip=prefix + ".")
+    if config.tie_word_embeddings:
+        shell.tie_weights()
+    start = time.perf_counter()
+    rows, layers = [], []
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    text = str(parse_pattern(pattern)) if isinstance(pattern, str) else str(pattern)
+    from safetensors.torch import save_file
+
+    count = len(blocks) + 1
+    with atomic_dir(out, replaceable=lambda p: (p / MANIFEST_NAME).is_file()) as tmp:
+        bar = Progress(len(blocks), 0, progress, every=1)
+        inputs = None
+        for index, (block_fqn, block) in enumerate(blocks):
+            block.to_empty(device="cpu")  # the skeleton's own block, materialised in place
+            shards.load_into(block, f"{block_fqn}.")
+            block.eval()
+            if inputs is None:
+                shell_blocks[0] = block
+                inputs = _capture_inputs(shell, block, calibration or [])
+            here = [c for c in selected if c.fqn.startswith(block_fqn + ".")]
+            if here:
+                if calibration:
+                    stats = _collect(here, built, lambda blk=block, ins=inputs: _run_block(blk, ins, micro_batch),
+                                     _HESSIAN_MAX_COLUMNS_BLOCK)
+                else:
+                    from ..method.base import LayerStats
+
+                    stats = {c.fqn: LayerStats(int(c.module.weight[0].numel()), False) for c in here}
+                for choice in here:
+                    rows.append(_prune_layer(choice, built, stats.pop(choice.fqn)))
+                    layers.append(layer_entry(choice.fqn, choice.module.weight, choice.patterns, input_map(choice.module)))
+            if calibration and index + 1 < len(blocks):
+                _advance(block, inputs, micro_batch)
+            tensors = {f"{block_fqn}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
+            name = f"model-{index + 2:05d}-of-{count:05d}.safetensors"
+            save_file(tensors, str(tmp / name), metadata={"format": "pt", "producer": "nmsparse-export"})
+            weight_map.update(dict.fromkeys(tensors, name))
+            total_size += sum(v.numel() * v.element_size() for v in tensors.values())
+            del tensors
+            block.to(device="meta")  # release the block's memory
+            shell_blocks[0] = block
+            _release_freed_memory()
+            bar.update(index + 1, f"block {block_fqn}: {len(here)} layers")
+        bar.close()
+        rest = {k: v for k, v in shell.state_dict().items() if not k.startswith(prefix + ".")}
+        head = shell.get_output_embeddings()
+        if config.tie_word_embeddings and head is not None:  # one copy of a tied matrix, as save_pretrained writes
+            rest.pop(_head_prefix(shell, head) + "weight", None)
+        name = f"model-00001-of-{count:05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in rest.items()}, str(tmp / name),
+                  metadata={"format": "pt", "producer": "nmsparse-export"})
+        weight_map.update(dict.fromkeys(rest, name))
+        total_size += sum(v.numel() * v.element_size() for v in rest.values())
+        (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total_size},
+                                                  "weight_map": dict(sorted(weight_map.items()))}, indent=1) + "\n")
+        skeleton.config.architectures = [type(skeleton).__name__]
+        source = {"source": f"hf:{directory}", "options": {}}
+        _write_hf_files(skeleton, source, tmp)
+        skipped = [{"fqn": c.fqn, "reason": c.skip_reason or ""} for c in choices if not c.selected]
+        result = PruneResult(layers, rows, skipped, method, text, calibration={"batches": len(calibration or [])},
+                             export=str(out))
+        result.recovery = None
+        manifest = make_manifest(layers, source, skipped, {"method": method, "streamed": True,
+                                                            "seconds": round(time.perf_counter() - start, 1)})
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / "report.json").write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+    return result
+
+
+def _head_prefix(model: nn.Module, head: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if module is head:
+            return name + "."
+    return "\0"

