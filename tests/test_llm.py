@@ -149,10 +149,21 @@ def test_export_loads_with_from_pretrained_and_the_tokenizer(tiny_llama_dir, tmp
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "wanda" and report["recovery"]["steps"] == 2
     from nmsparse.runtime import convert
+    from nmsparse.runtime.compressed import load_compressed, save_compressed
 
     sparse_model, rows = convert(copy.deepcopy(loaded), {e["fqn"]: e["pattern"] for e in result.layers}, infer=False)
     with torch.no_grad():
         assert torch.allclose(sparse_model(input_ids=ids).logits, loaded(input_ids=ids).logits, atol=1e-4)
+    from nmsparse.runtime import _native
+
+    if not _native.available():
+        pytest.skip("no C++ compiler builds the kernels here: the compressed layout needs them")
+    size = save_compressed(out, tmp_path / "compressed")  # the compressed layout of a tied-head LM
+    assert size["packed_layers"] == 14 and size["ratio"] < 1.0
+    packed, _ = load_compressed(tmp_path / "compressed")
+    assert packed.lm_head.weight is packed.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.allclose(packed(input_ids=ids).logits, loaded(input_ids=ids).logits, atol=1e-4)
 
 
 def test_cli_prune_and_eval_perplexity(tiny_llama_dir, tmp_path, capsys):
@@ -275,3 +286,23 @@ def test_train_on_text_with_the_causal_lm_objective(tiny_llama_dir, tmp_path, me
 def test_text_data_needs_a_causal_lm_model(tmp_path, capsys):
     assert main(["train", "data.name=text", f"run.out_dir={tmp_path}"]) == 2
     assert "needs a causal LM" in capsys.readouterr().err
+
+
+def test_an_export_with_a_tied_head_loads_as_training_weights(tiny_llama_dir, tmp_path):
+    """model.checkpoint=EXPORT/model.safetensors starts training from one-shot masks: the tied head is stored once."""
+    from nmsparse.models import ModelError, load_weights
+
+    model, source = build_model(f"hf:{tiny_llama_dir}")
+    prune(model, "2:4", "magnitude", out=tmp_path / "e", source=source, example_inputs={"input_ids": _ids(8)[None]},
+          progress="none")
+    fresh, _ = build_model(f"hf:{tiny_llama_dir}")
+    load_weights(fresh, tmp_path / "e" / "model.safetensors")
+    assert torch.equal(fresh.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tmp_path / "e" / "model.safetensors"))
+    state.pop("model.norm.weight")
+    save_file(state, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(ModelError, match="model.norm.weight"):
+        load_weights(fresh, tmp_path / "broken.safetensors")

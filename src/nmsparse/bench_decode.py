@@ -109,7 +109,8 @@ def decode_report_lines(rows: list[dict[str, Any]], meta: dict[str, Any]) -> lis
              "| sparse TTFT ms | TTFT speedup | same tokens | layers sparse |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['pattern']} | {r['prompt_tokens']} + {r['new_tokens']} | "
-                     f"{r['dense_tokens_per_s']:.1f} | {r['sparse_tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
+                     f"{r['dense_tokens_per_s']:.1f} | {r['sparse_tokens_per_s']:.1f} | {r['speedup']:.2f}x"
+                     f"{' (no layer sparse: the dense model against itself)' if r['converted_layers'] == 0 else ''} | "
                      f"{r['dense_ttft_ms']:.0f} | {r['sparse_ttft_ms']:.0f} | {r['ttft_speedup']:.2f}x | "
                      f"{'yes' if r['same_tokens'] else 'NO'} | {r['converted_layers']}/{r['sparse_layers']} |")
     return lines

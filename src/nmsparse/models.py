@@ -246,23 +246,29 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         raise ModelError(f"checkpoint {str(path)!r} does not fit the model: {str(exc).splitlines()[0]}") from None
-    tied = tied_parameter_names(model)  # a tied matrix is stored once (safetensors, save_pretrained)
+    tied = tied_parameter_names(model, set(state))  # a tied matrix is stored once, under either name
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise ModelError(f"checkpoint {str(path)!r} does not fit the model: missing {missing[:3]}, "
                          f"unexpected {list(unexpected)[:3]}")
 
 
-def tied_parameter_names(model: nn.Module) -> set[str]:
-    """Parameter names sharing their tensor with an earlier name (tied embeddings)."""
-    first: dict[int, str] = {}
-    tied = set()
+def tied_parameter_names(model: nn.Module, present: set[str] | None = None) -> set[str]:
+    """Names of parameters that share their tensor with another name (tied embeddings) and so need not
+    be stored: every name of a tied group when one of the group is in ``present``; without
+    ``present``, every name but the first of each group (the names a writer may leave out)."""
+    groups: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in first:
-            tied.add(name)
-        else:
-            first[id(param)] = name
-    return tied
+        groups.setdefault(id(param), []).append(name)
+    out: set[str] = set()
+    for names in groups.values():
+        if len(names) < 2:
+            continue
+        if present is None:
+            out.update(names[1:])
+        elif any(n in present for n in names):
+            out.update(names)
+    return out
 
 
 def example_input(model: nn.Module, source: ModelSource, batch: int = 2, seed: int = 0) -> Any:
@@ -280,7 +286,11 @@ def example_input(model: nn.Module, source: ModelSource, batch: int = 2, seed: i
 
 def forward_output(model: nn.Module, inputs: Any) -> torch.Tensor:
     """Run ``model`` and return its main output tensor (logits, or last hidden state)."""
-    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    if isinstance(inputs, dict):
+        cache = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
+        out = model(**inputs, **cache)  # nothing here decodes: no KV cache
+    else:
+        out = model(inputs)
     if isinstance(out, torch.Tensor):
         return out
     for key in ("logits", "last_hidden_state"):

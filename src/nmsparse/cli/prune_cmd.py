@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         load_texts,
         load_tokenizer,
         sentence_training_batches,
+        token_windows,
     )
 
     register_user_error(CalibrationError)
@@ -103,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
         if kind == "encoder":  # whole sentences of the calibration text, batched by length
             train_batches = sentence_training_batches(load_tokenizer(source.source[3:]), load_texts(spec),
                                                       max_length=args.seq_len, seed=args.seed + 1)
+        elif kind == "causal_lm":  # fresh windows of the calibration text, small batches (more steps per minute)
+            train_batches = token_windows(load_tokenizer(source.source[3:]), load_texts(spec), max(512, args.samples),
+                                          args.seq_len, seed=args.seed + 1, batch_size=8)
         recovery = Recovery(train_batches, args.recover_steps, args.recover_minutes * 60 if args.recover_minutes else None,
                             args.recover_lr, args.recover_objective)
     heldout = None

@@ -46,7 +46,11 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"nmsparse train: stopped: {exc}\n")
         return 1
     final = summary.get("final", {})
-    line = f"done in {summary['wall_s']:.0f}s: top-1 {final.get('top1')}%, top-5 {final.get('top5')}%"
+    if "perplexity" in final:  # a causal LM on text: next-token accuracy is the top-1
+        line = (f"done in {summary['wall_s']:.0f}s: held-out perplexity {final['perplexity']}, next-token top-1 "
+                f"{final.get('top1')}%")
+    else:
+        line = f"done in {summary['wall_s']:.0f}s: top-1 {final.get('top1')}%, top-5 {final.get('top5')}%"
     if "export" in summary:
         line += (f"; export {summary['export']['dir']} ({summary['export']['sparse_layers']} sparse layers, "
                  "patterns verified)")

@@ -90,7 +90,7 @@ def _load_shards(model: nn.Module, directory: Path, index: Path) -> tuple[list[s
         seen.update(state)
     from ..models import tied_parameter_names
 
-    missing = sorted(expected - seen - tied_parameter_names(model))
+    missing = sorted(expected - seen - tied_parameter_names(model, seen))
     return missing, sorted(seen - expected)
 
 

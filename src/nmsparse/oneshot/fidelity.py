@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models import forward_output
 from ..progress import Progress
 
 __all__ = ["MODEL_KINDS", "model_kind", "mean_pool", "sentence_embeddings", "embedding_fidelity", "perplexity",
@@ -132,20 +133,10 @@ def perplexity(model: nn.Module, ids: torch.Tensor, window: int = 512, stride: i
             "window": window, "stride": stride}
 
 
-def _logits(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    for key in ("logits", "last_hidden_state"):
-        value = getattr(out, key, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    return out[0]
-
-
 @torch.no_grad()
 def _outputs(model: nn.Module, batches: list[Any]) -> torch.Tensor:
     model.eval()
-    return torch.cat([_logits(model(**b) if isinstance(b, dict) else model(b)).float() for b in batches])
+    return torch.cat([forward_output(model, b).float() for b in batches])
 
 
 def output_fidelity(dense: torch.Tensor, sparse: torch.Tensor) -> dict[str, Any]:

@@ -14,10 +14,11 @@ from torch import nn
 
 from ..export import load_export, save_export
 from ..method import CalibratedMethod, Method, MethodError, build_method
+from ..models import forward_output
 from ..pattern import Pattern, parse_pattern
 from ..select import Selection
 from ..sparsifier import Sparsifier
-from .calibrate import prune_with_calibration, run_model
+from .calibrate import prune_with_calibration
 from .fidelity import FidelityCheck
 from .result import LayerRow, PruneResult
 
@@ -44,17 +45,6 @@ class Recovery:
     def __post_init__(self) -> None:
         if not self.steps and not self.seconds:
             raise ValueError("recovery needs a step or time budget (steps= or seconds=)")
-
-
-def _first_output(model: nn.Module, batch: Any) -> torch.Tensor:
-    out = run_model(model, batch)
-    if isinstance(out, torch.Tensor):
-        return out
-    for key in ("logits", "last_hidden_state"):
-        value = getattr(out, key, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    return out[0]
 
 
 def prune(
@@ -166,6 +156,6 @@ def prune(
                                     extra={"method": method, **(extra or {})}, files=all_files)
             reloaded, _ = load_export(directory, copy.deepcopy(reference))
         with torch.no_grad():
-            diff = (_first_output(model, example_inputs).float() - _first_output(reloaded, example_inputs).float())
+            diff = (forward_output(model, example_inputs).float() - forward_output(reloaded, example_inputs).float())
         result.export, result.reload_max_abs_diff = str(directory), float(diff.abs().max())
     return result

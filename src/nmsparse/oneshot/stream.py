@@ -63,9 +63,14 @@ class _Shards:
         else:
             raise MethodError(f"{directory} holds no model.safetensors or {INDEX_NAME}; streaming reads safetensors")
 
-    def load_into(self, module: nn.Module, prefix: str, skip: str | None = None) -> None:
-        """Copy the tensors named ``prefix + name`` into ``module``'s parameters and persistent buffers
-        (names starting with ``skip`` are left alone)."""
+    def load_into(self, module: nn.Module, prefix: str, skip: str | None = None, strict: bool = False) -> None:
+        """Copy the tensors named ``prefix + name`` into ``module``'s parameters and buffers (names
+        starting with ``skip`` are left alone).
+
+        Raises:
+            MethodError: with ``strict``, when a parameter or buffer of ``module`` is not in the files
+                (a block materialised from ``meta`` would otherwise keep uninitialised memory there).
+        """
         from safetensors import safe_open
 
         wanted = dict(module.named_parameters(prefix=prefix.rstrip("."), remove_duplicate=False))
@@ -79,6 +84,11 @@ class _Shards:
                 with safe_open(str(path), "pt") as handle:
                     for key in keys:
                         wanted[key].copy_(handle.get_tensor(key))
+        if strict:
+            absent = sorted(k for k in wanted if k not in self.files)
+            if absent:
+                raise MethodError(f"cannot stream this model: {', '.join(absent[:4])} are not in its weights (e.g. "
+                                  "buffers computed at construction); prune it without --stream")
 
 
 def prune_streaming(
@@ -158,7 +168,7 @@ def prune_streaming(
         inputs = None
         for index, (block_fqn, block) in enumerate(blocks):
             block.to_empty(device="cpu")  # the skeleton's own block, materialised in place
-            shards.load_into(block, f"{block_fqn}.")
+            shards.load_into(block, f"{block_fqn}.", strict=True)
             block.eval()
             if inputs is None:
                 shell_blocks[0] = block

@@ -73,12 +73,15 @@ def save_compressed(export_dir: str | Path, out_dir: str | Path, example_inputs:
                             "input_permutation": perm,
                             **({"n": packed.n, "m": packed.m, "offset_bits": packed.bits, "chunk": packed.chunk}
                                if isinstance(packed, NMPacked) else {"block": packed.block})}
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    from ..models import tied_parameter_names
+
+    tied = tied_parameter_names(model)  # a tied matrix (LM head = embeddings) is stored once
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
     new_manifest = dict(manifest, layout=LAYOUT, packing=packing, kept_dense=kept)
     with atomic_dir(out_dir, replaceable=_is_compressed) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME))
         (tmp / MANIFEST_NAME).write_text(json.dumps(new_manifest, indent=1) + "\n")
-    dense_size = (export_dir / WEIGHTS_NAME).stat().st_size
+    dense_size = sum(f.stat().st_size for f in export_dir.glob("*.safetensors"))  # one file, or streamed shards
     size = (out_dir / WEIGHTS_NAME).stat().st_size
     return {"dense_bytes": dense_size, "compressed_bytes": size, "ratio": size / dense_size,
             "packed_layers": len(packing), "kept_dense": kept,
@@ -119,7 +122,7 @@ def load_compressed(directory: str | Path, fuse: bool = True) -> tuple[nn.Module
     """
     from safetensors.torch import load_file
 
-    from ..models import ModelError, build_model
+    from ..models import ModelError, build_model, tied_parameter_names
 
     directory = Path(directory)
     if not _is_compressed(directory):
@@ -161,7 +164,8 @@ def load_compressed(directory: str | Path, fuse: bool = True) -> tuple[nn.Module
     missing, unexpected = model.load_state_dict(state, strict=False)
     # popped above, or filled by _unpack_into
     packed_keys = {f"{f}.{k}" for f in manifest["packing"] for k in ("vals", "cols", "codes", "bias", "weight")}
-    missing = [k for k in missing if k not in packed_keys]
+    tied = tied_parameter_names(model, set(state))
+    missing = [k for k in missing if k not in packed_keys and k not in tied]
     if missing or unexpected:
         raise ExportError(f"compressed weights do not fit the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.eval()

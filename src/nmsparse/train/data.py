@@ -282,7 +282,7 @@ def _text(cfg: DataConfig, model_spec: str | None) -> DataBundle:
         val_ids = token_ids(tokenizer, load_texts(cfg.val_text), cfg.val_tokens)
     except (ModelError, CalibrationError) as exc:
         raise DataError(str(exc)) from None
-    return DataBundle(TokenWindows(train_ids, cfg.seq_len), TokenWindows(val_ids, min(cfg.seq_len, val_ids.numel())),
+    return DataBundle(TokenWindows(train_ids, cfg.seq_len), TokenWindows(val_ids, min(cfg.val_seq_len, val_ids.numel())),
                       0, 0, cfg.seq_len, "causal_lm")
 
 
