@@ -89,12 +89,8 @@ def run(args: argparse.Namespace) -> int:
     result["samples"] = int(sums["count"])
     if bundle.task == "causal_lm":  # mean next-token loss over disjoint held-out windows
         result["perplexity"] = round(math.exp(result["loss"]), 4)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
-              f"({result['samples']} samples of {data_cfg.name})")
-    return 0
+    return _emit(args, result, f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
+                               f"({result['samples']} samples of {data_cfg.name})")
 
 
 def _perplexity(args: argparse.Namespace) -> int:
@@ -114,9 +110,12 @@ def _perplexity(args: argparse.Namespace) -> int:
     ids = token_ids(tokenizer, load_texts(args.perplexity), args.tokens)
     result = perplexity(model, ids, args.window, args.stride, progress="none" if args.json else "auto")
     result["text"] = args.perplexity
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"perplexity {result['perplexity']:.3f} on {result['tokens']} tokens of {args.perplexity} "
-              f"({result['windows']} windows of {result['window']}, stride {result['stride']})")
+    return _emit(args, result, f"perplexity {result['perplexity']:.3f} on {result['tokens']} tokens of "
+                               f"{args.perplexity} ({result['windows']} windows of {result['window']}, stride "
+                               f"{result['stride']})")
+
+
+def _emit(args: argparse.Namespace, result: dict, line: str) -> int:
+    """Print the result as JSON (--json) or as one line."""
+    print(json.dumps(result, indent=2) if args.json else line)
     return 0
