@@ -17,12 +17,13 @@ Every choice and update is a ratio of entries of :math:`H^{-1}`, so H's scale do
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from ..mask import topk_groups
-from ..pattern import NMPattern, Pattern
+from ..pattern import BlockPattern, NMPattern, Pattern
 from .base import CalibratedMethod, LayerStats, MethodError, register_method
 
 
@@ -49,8 +50,14 @@ def _column_order(shape: torch.Size, pattern: NMPattern) -> torch.Tensor | None:
 
 @torch.no_grad()
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int, dampening: float = 0.01,
-                    block_columns: int = 128, *, reuse_hessian: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    block_columns: int = 128, *, reuse_hessian: bool = False,
+                    select_block: Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor] | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """N:M SparseGPT on a 2-D weight ``[rows, cols]`` with groups of m consecutive columns.
+
+    With ``select_block`` the mask of each lazy block of ``block_columns`` (a multiple of ``m``) is
+    chosen at once, at the block's start, by ``select_block(w_block, hinv_diag_block, start, end)``
+    (how SparseGPT picks unstructured and block masks) instead of per group of m.
 
     ``hessian`` may be ``X^T X`` at any positive scale (every choice and update is a ratio of its
     inverse's entries). With ``reuse_hessian`` a float32 ``hessian`` is dampened in place and its
@@ -90,7 +97,10 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[start:end, start:end]
         for i in range(end - start):
-            if i % m == 0:  # choose the group's mask from the current (already updated) weights
+            if select_block is not None:
+                if i == 0:  # the whole lazy block's mask from the current (already updated) weights
+                    mask[:, start:end] = select_block(w1, torch.diag(hinv1), start, end)
+            elif i % m == 0:  # choose the group's mask from the current (already updated) weights
                 group = w1[:, i : i + m] ** 2 / torch.diag(hinv1)[i : i + m].reshape(1, -1) ** 2
                 mask[:, start + i : start + i + m] = topk_groups(group, n)  # mask.py's tie rule
             col = w1[:, i]
@@ -105,6 +115,25 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
     return w.mul_(mask), mask
 
 
+def _block_selector(pattern: BlockPattern, channels: int, kernel: int):
+    """The lazy-block mask of 1xN SparseGPT: each block row (``pattern.block`` output rows) keeps, of the
+    input channels in the lazy block, its quota of the row's ``kept_per_row`` channels (cumulative
+    rounding, so the quotas sum to it exactly), the channels with the largest summed OBS error
+    ``w^2 / [H^-1]_cc^2`` over the block's rows and the channel's kernel columns."""
+    kept = pattern.kept_per_row(channels)
+
+    def select(w1: torch.Tensor, diag: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        rows, width = w1.shape
+        first, last = start // kernel, end // kernel  # the lazy block holds whole channels
+        quota = round(kept * last / channels) - round(kept * first / channels)
+        err = (w1 ** 2 / diag.reshape(1, -1) ** 2).reshape(rows // pattern.block, pattern.block, last - first, kernel)
+        scores = err.sum(dim=(1, 3))  # [block rows, channels in the lazy block]
+        keep = topk_groups(scores, quota) if quota > 0 else torch.zeros_like(scores, dtype=torch.bool)
+        return keep[:, None, :, None].expand(-1, pattern.block, -1, kernel).reshape(rows, width)
+
+    return select
+
+
 @register_method("sparsegpt")
 class SparseGPT(CalibratedMethod):
     Options = SparsegptOptions
@@ -117,8 +146,18 @@ class SparseGPT(CalibratedMethod):
         gram = stats.gram()  # X^T X, shared by the slices; used in place (sparsegpt is scale-free)
         weights, masks = [], []
         for index, pattern in enumerate(patterns):
+            if isinstance(pattern, BlockPattern):
+                w2d = weight[index * rows : (index + 1) * rows].detach().reshape(rows, -1).float()
+                kernel = w2d.shape[1] // weight.shape[1]  # columns of one input channel (kh * kw)
+                pruned, mask = sparsegpt_prune(
+                    w2d, gram, 1, kernel, self.options.dampening, self.options.block_columns, reuse_hessian=True,
+                    select_block=_block_selector(pattern, weight.shape[1], kernel))
+                weights.append(pruned.reshape(rows, *weight.shape[1:]))
+                masks.append(mask.reshape(rows, *weight.shape[1:]))
+                continue
             if not isinstance(pattern, NMPattern) or pattern.axis == "out":
-                raise MethodError(f"sparsegpt prunes n:m groups along inputs (axis 'in' or 'flat'); got {pattern}")
+                raise MethodError(f"sparsegpt prunes n:m groups along inputs (axis 'in' or 'flat') or 1xN blocks; "
+                                  f"got {pattern}")
             w2d = weight[index * rows : (index + 1) * rows].detach().reshape(rows, -1).float()  # [rows, in*kh*kw]
             order = _column_order(weight.shape, pattern)
             h = gram
