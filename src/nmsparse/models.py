@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 __all__ = ["ModelError", "ModelSource", "build_model", "parse_model_spec", "minilm_path", "smollm2_gguf", "gguf_to_hf",
-           "is_causal_lm_dir", "load_weights", "tied_parameter_names"]
+           "is_causal_lm_dir", "load_weights", "tied_parameter_names", "no_cache", "run_model"]
 
 
 class ModelError(ValueError):
@@ -284,13 +284,23 @@ def example_input(model: nn.Module, source: ModelSource, batch: int = 2, seed: i
     return torch.randn(batch, chans, height, width, generator=gen)
 
 
+def no_cache(model: nn.Module) -> dict[str, Any]:
+    """``{"use_cache": False}`` for a Hugging Face model that keeps a KV cache, else nothing: the keyword
+    arguments of a forward that does not decode."""
+    return {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
+
+
+def run_model(model: nn.Module, batch: Any, **kwargs: Any) -> Any:
+    """Call ``model`` on a batch (a tensor, or a dict of keyword tensors); Hugging Face models that
+    keep a KV cache are called with ``use_cache=False`` (nothing here decodes)."""
+    if not isinstance(batch, dict):
+        return model(batch, **kwargs)
+    return model(**batch, **{**no_cache(model), **kwargs})
+
+
 def forward_output(model: nn.Module, inputs: Any) -> torch.Tensor:
     """Run ``model`` and return its main output tensor (logits, or last hidden state)."""
-    if isinstance(inputs, dict):
-        cache = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
-        out = model(**inputs, **cache)  # nothing here decodes: no KV cache
-    else:
-        out = model(inputs)
+    out = run_model(model, inputs)
     if isinstance(out, torch.Tensor):
         return out
     for key in ("logits", "last_hidden_state"):

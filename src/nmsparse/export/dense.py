@@ -105,8 +105,9 @@ def _write_hf_files(model: nn.Module, model_source: dict[str, Any], directory: P
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_json_string"):
         return
-    config.architectures = [type(model).__name__]
-    (directory / "config.json").write_text(config.to_json_string())
+    data = json.loads(config.to_json_string())  # the user's model config is left as it is
+    data["architectures"] = [type(model).__name__]
+    (directory / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     source = str(model_source.get("source", ""))
     if source.startswith("hf:"):
         import shutil

@@ -8,7 +8,8 @@
 * :mod:`.result` -- :class:`PruneResult` and its rows, :class:`LayerRow`.
 """
 
-from .calibrate import find_blocks, run_model
+from ..models import run_model
+from .calibrate import find_blocks
 from .data import CalibrationError
 from .fidelity import FidelityCheck, model_kind, perplexity
 from .prune import Recovery, prune

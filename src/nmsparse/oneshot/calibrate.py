@@ -28,13 +28,14 @@ from ..export.manifest import layer_entry
 from ..mask import sliced_satisfies
 from ..method import CalibratedMethod, LayerStats, Method, MethodError
 from ..method.base import LayerState, MethodBase
+from ..models import run_model
 from ..parametrize import input_map
 from ..pattern import Pattern
 from ..progress import Progress
 from ..select import LayerChoice, Selection, select_layers
 from .result import LayerRow
 
-__all__ = ["prune_with_calibration", "find_blocks", "run_model"]
+__all__ = ["prune_with_calibration", "find_blocks"]
 
 # X^T X is collected for the error report up to this many input columns (per layer); in one-pass mode
 # every selected layer holds its statistics at once, so the limit is lower there.
@@ -44,16 +45,6 @@ _HESSIAN_MAX_COLUMNS_ONE_PASS = 2304
 
 class _StopForward(Exception):
     pass
-
-
-def run_model(model: nn.Module, batch: Any, **kwargs: Any) -> Any:
-    """Call ``model`` on a batch (a tensor, or a dict of keyword tensors); Hugging Face models that
-    keep a KV cache are called with ``use_cache=False`` (nothing here decodes)."""
-    if not isinstance(batch, dict):
-        return model(batch, **kwargs)
-    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
-        kwargs.setdefault("use_cache", False)
-    return model(**batch, **kwargs)
 
 
 def _columns(module: nn.Module) -> int:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import forward_output
+from ..models import forward_output, no_cache
 from ..progress import Progress
 
 __all__ = ["MODEL_KINDS", "model_kind", "mean_pool", "sentence_embeddings", "embedding_fidelity", "perplexity",
@@ -107,7 +107,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, window: int = 512, stride: i
             break
     was_training = model.training
     model.eval()
-    extra = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None else {}
+    extra = no_cache(model)
     nll, count = 0.0, 0
     groups: dict[tuple[int, int], list[int]] = {}
     for begin, end, scored in spans:

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models import run_model
 from ..progress import Progress
 from ..schedule import Constant, Cosine
 from ..select import Rule, Selection
 from ..sparsifier import Sparsifier
-from .calibrate import run_model
 from .fidelity import mean_pool, model_kind
 
 __all__ = ["recover", "OBJECTIVES"]

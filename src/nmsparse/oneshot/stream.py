@@ -209,13 +209,11 @@ def prune_streaming(
         total_size += sum(v.numel() * v.element_size() for v in rest.values())
         (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total_size},
                                                   "weight_map": dict(sorted(weight_map.items()))}, indent=1) + "\n")
-        skeleton.config.architectures = [type(skeleton).__name__]
         source = {"source": f"hf:{directory}", "options": {}}
         _write_hf_files(skeleton, source, tmp)
         skipped = [{"fqn": c.fqn, "reason": c.skip_reason or ""} for c in choices if not c.selected]
         result = PruneResult(layers, rows, skipped, method, text, calibration={"batches": len(calibration or [])},
                              export=str(out))
-        result.recovery = None
         manifest = make_manifest(layers, source, skipped, {"method": method, "streamed": True,
                                                             "seconds": round(time.perf_counter() - start, 1)})
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
