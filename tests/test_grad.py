@@ -88,3 +88,63 @@ def test_srste_fused_cpu_backward_matches_the_torch_formula():
     w2 = w.detach().clone().requires_grad_()  # a non-contiguous gradient takes the torch path, same result
     srste(w2, mask, decay=0.25).backward(g.transpose(0, 1).contiguous().transpose(0, 1))
     assert torch.allclose(w2.grad, expected, rtol=1e-6, atol=1e-7)
+
+
+def _srste_pair():
+    """A prepared SR-STE model and the same weights under the functional rule (no hook)."""
+    import copy
+
+    from torch import nn
+
+    from nmsparse import Selection, Sparsifier
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 16),
+                          nn.Linear(16, 4))
+    sparsifier = Sparsifier("srste", "2:4", Selection(layers=("all",)), method_options={"decay": 0.05})
+    sparsifier.prepare(model)
+    reference = copy.deepcopy(model)  # copies are unbound: their forward applies the full rule in the graph
+    return model, reference, sparsifier
+
+
+def test_sparsifier_srste_decay_hook_gives_the_functional_rule():
+    model, reference, _ = _srste_pair()
+    param = model[1].parametrizations.weight[0]
+    assert param._decay_hook is not None and reference[1].parametrizations.weight[0]._decay_hook is None
+    x = torch.randn(4, 4, 6, 6)
+    for _ in range(2):  # gradient accumulation: the decay is added once per backward, as in the graph rule
+        model(x).square().sum().backward()
+        reference(x).square().sum().backward()
+    for layer in (1, 3):
+        got = model[layer].parametrizations.weight.original.grad
+        want = reference[layer].parametrizations.weight.original.grad
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-7)
+        weight = model[layer].parametrizations.weight.original.detach()
+        keep = model[layer].parametrizations.weight[0].keep
+        assert (weight * (1 - keep)).abs().sum() > 0  # the decay term is really in play
+
+
+def test_add_decay_in_place_both_paths():
+    from nmsparse.grad import add_decay_
+
+    grad, weight = torch.randn(6, 8), torch.randn(6, 8)
+    keep = (torch.rand(6, 8) > 0.5).float()
+    want = grad + 0.1 * (1 - keep) * weight
+    fused = grad.clone()
+    assert add_decay_(fused, weight, keep, 0.1) is fused
+    assert torch.allclose(fused, want, atol=1e-7)
+    strided = grad.clone().t().contiguous().t()  # not contiguous: the torch path
+    add_decay_(strided, weight, keep, 0.1)
+    assert torch.allclose(strided, want, atol=1e-6)
+
+
+def test_squash_releases_the_decay_hook():
+    model, _, sparsifier = _srste_pair()
+    weight = model[1].parametrizations.weight.original
+    assert weight._post_accumulate_grad_hooks
+    sparsifier.squash()
+    assert model[1].weight is weight and not weight._post_accumulate_grad_hooks
+    x = torch.randn(2, 4, 6, 6)
+    model(x).sum().backward()
+    (plain,) = torch.autograd.grad(model(x).sum(), weight)  # never accumulates: no hook could run
+    assert torch.equal(weight.grad, plain)

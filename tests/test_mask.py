@@ -19,7 +19,7 @@ from nmsparse.mask import (
     to_groups,
     topk_groups,
 )
-from nmsparse.pattern import BlockPattern, NMPattern, PatternError
+from nmsparse.pattern import BlockPattern, NMPattern, PatternError, parse_pattern
 
 NM = [(1, 2), (2, 4), (1, 4), (3, 4), (4, 8), (2, 8), (1, 8), (7, 8), (8, 16), (16, 32), (3, 5), (2, 12)]
 
@@ -186,3 +186,35 @@ def test_cpu_kernel_leaves_torch_thread_count_alone():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("m", [4, 8])
+@pytest.mark.parametrize("shape, axis", [((8, 16, 3, 3), "in"), ((8, 16, 1, 1), "in"), ((16, 24), "in"),
+                                         ((16, 8, 3, 3), "out"), ((8, 16, 3, 3), "flat")])
+def test_mask_written_into_a_float_buffer_equals_the_reference(m, shape, axis):
+    # the Sparsifier ranks straight into the forward's 0/1 buffer; it must hold the reference mask
+    from nmsparse.mask import _topk_torch
+
+    gen = torch.Generator().manual_seed(m)
+    weight = torch.randint(-3, 4, shape, generator=gen).float()  # many ties, negative values
+    weight.view(-1)[5] = float("nan")
+    pattern = NMPattern(m // 2, m, axis)
+    groups = to_groups(weight, pattern)
+    expected = from_groups(_topk_torch(groups.abs(), m // 2), weight.shape, pattern)
+    out = torch.full(shape, 7.0)  # stale values must all be overwritten
+    returned = nm_mask(weight, pattern, absolute=True, out=out)
+    assert returned is out
+    assert set(out.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(out.bool(), expected)
+    half = torch.full(shape, 7.0, dtype=torch.bfloat16)  # not the kernel's dtype: copied, same values
+    assert torch.equal(nm_mask(weight, pattern, absolute=True, out=half).bool(), expected)
+
+
+def test_sliced_mask_into_a_buffer_per_slice():
+    weight = torch.randn(12, 8)
+    patterns = (NMPattern(2, 4), NMPattern(4, 4), parse_pattern("1:4"))
+    out = torch.full((12, 8), 7.0)
+    sliced_mask(weight, patterns, absolute=True, out=out)
+    assert torch.equal(out.bool(), sliced_mask(weight, patterns, absolute=True))
+    with pytest.raises(ValueError, match="shape"):
+        sliced_mask(weight, patterns, out=torch.zeros(12, 4))

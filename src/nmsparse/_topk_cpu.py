@@ -14,9 +14,12 @@ from __future__ import annotations
 import contextlib
 import functools
 
+import numpy as np
 import torch
 
-__all__ = ["available", "decay_grad", "topk_rows", "topk_strided"]
+__all__ = ["available", "decay_grad", "decay_into", "topk_rows", "topk_strided"]
+
+_ONE_BITS = 0x3F800000  # the bits of float32 1.0: float masks are written through an int32 view
 
 
 @functools.cache
@@ -31,9 +34,7 @@ def _kernels():
 def decay_grad(grad_out: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, decay: float) -> torch.Tensor | None:
     """``grad_out + decay * (weight - out)`` in one fused pass (contiguous float32 CPU tensors of one
     shape), or None where that does not apply or numba is missing (the caller uses torch)."""
-    tensors = (grad_out, weight, out)
-    if not available() or any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous()
-                              or t.shape != grad_out.shape for t in tensors):
+    if not _fusable(grad_out, weight, out):
         return None
     from . import _topk_numba
 
@@ -42,6 +43,25 @@ def decay_grad(grad_out: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, 
         _topk_numba.decay_grad(grad_out.view(-1).numpy(), weight.detach().view(-1).numpy(), out.view(-1).numpy(),
                                float(decay), res.view(-1).numpy())
     return res
+
+
+def decay_into(grad: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, decay: float) -> bool:
+    """``grad += decay * (1 - keep) * weight`` in place in one fused pass; False (nothing done) where
+    that does not apply or numba is missing (the caller uses torch)."""
+    if not _fusable(grad, weight, keep):
+        return False
+    from . import _topk_numba
+
+    with torch_threads():
+        _topk_numba.decay_into(grad.view(-1).numpy(), weight.detach().view(-1).numpy(), keep.view(-1).numpy(),
+                               float(decay))
+    return True
+
+
+def _fusable(*tensors: torch.Tensor) -> bool:
+    first = tensors[0]
+    return available() and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+                               and t.shape == first.shape for t in tensors)
 
 
 @functools.cache
@@ -54,23 +74,32 @@ def available() -> bool:
 
 
 def topk_strided(scores: torch.Tensor, outer: int, width: int, inner: int, m: int, k: int,
-                 absolute: bool = False) -> torch.Tensor:
+                 absolute: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """Top-``k`` of every group of ``m`` along the middle axis of ``scores`` viewed as [outer, width, inner].
 
-    Returns a bool mask with the shape of ``scores`` (no permuted copies are made).
+    Returns a bool mask with the shape of ``scores`` (no permuted copies are made). With ``out`` (a
+    contiguous float32 CPU tensor shaped like ``scores``, e.g. a parametrization's 0/1 buffer) the
+    mask is written there as 1.0 / 0.0 instead, in the same pass, and ``out`` is returned.
     """
     flat = scores.detach().to(torch.float32).contiguous().reshape(-1)
-    out = torch.empty(flat.shape, dtype=torch.bool)
+    if out is None:
+        result = torch.empty(flat.shape, dtype=torch.bool)
+        dst, one = result.numpy().view(np.uint8), np.uint8(1)
+    else:
+        if out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous() or out.shape != scores.shape:
+            raise ValueError(f"out must be a contiguous float32 CPU tensor of shape {list(scores.shape)}")
+        result = out
+        dst, one = out.view(-1).numpy().view(np.int32), np.int32(_ONE_BITS)
     flat_4, flat_m, strided_4, strided_m = _kernels()
-    src, dst, k, absolute = flat.numpy(), out.numpy(), int(k), bool(absolute)
+    src, k, absolute = flat.numpy(), int(k), bool(absolute)
     with torch_threads():
         if inner == 1:
-            flat_4(src, k, absolute, dst) if m == 4 else flat_m(src, int(m), k, absolute, dst)
+            flat_4(src, k, absolute, one, dst) if m == 4 else flat_m(src, int(m), k, absolute, one, dst)
         elif m == 4:
-            strided_4(src, outer, width, inner, k, absolute, dst)
+            strided_4(src, outer, width, inner, k, absolute, one, dst)
         else:
-            strided_m(src, outer, width, inner, int(m), k, absolute, dst)
-    return out.reshape(scores.shape)
+            strided_m(src, outer, width, inner, int(m), k, absolute, one, dst)
+    return out if out is not None else result.reshape(scores.shape)
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["GRADIENT_RULES", "SRSTE_DEFAULT_DECAY", "apply_rule", "ste", "srste", "masked"]
+__all__ = ["GRADIENT_RULES", "SRSTE_DEFAULT_DECAY", "add_decay_", "apply_rule", "ste", "srste", "masked"]
 
 SRSTE_DEFAULT_DECAY = 2e-4
 GRADIENT_RULES = ("ste", "srste", "masked")
@@ -69,6 +69,18 @@ class _StraightThrough(torch.autograd.Function):
         else:
             grad = torch.addcmul(grad_out, weight, 1.0 - saved, value=ctx.decay)
         return grad, None, None, None
+
+
+@torch.no_grad()
+def add_decay_(grad: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, decay: float) -> torch.Tensor:
+    r"""``grad += decay * (1 - keep) * weight`` in place: SR-STE's decay term added to an accumulated
+    gradient (``keep`` is the 0/1 mask). One fused pass on the CPU (numba), two in torch; no
+    temporary either way."""
+    from ._topk_cpu import decay_into
+
+    if not decay_into(grad, weight, keep, decay):
+        grad.add_(weight, alpha=decay).addcmul_(weight, keep.to(grad.dtype), value=-decay)
+    return grad
 
 
 def ste(weight: torch.Tensor, mask: torch.Tensor, dense_factor: float = 0.0) -> torch.Tensor:

@@ -102,16 +102,19 @@ def _topk_torch(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-def nm_mask(scores: torch.Tensor, pattern: NMPattern, absolute: bool = False) -> torch.Tensor:
+def nm_mask(scores: torch.Tensor, pattern: NMPattern, absolute: bool = False,
+            out: torch.Tensor | None = None) -> torch.Tensor:
     """Keep exactly ``pattern.n`` of every ``pattern.m`` scores along the pattern's axis.
 
     Args:
         scores: importance, shaped like the weight (``[out, in]`` or ``[out, in, kh, kw]``).
         pattern: the n:m pattern.
         absolute: rank by ``|scores|`` (pass a raw weight for magnitude pruning).
+        out: write the mask here as 1/0 instead (a tensor shaped like ``scores``, any float dtype;
+            a contiguous float32 CPU tensor is filled by the kernel in the same pass).
 
     Returns:
-        Bool mask shaped like ``scores``; every group holds exactly n True values.
+        Bool mask shaped like ``scores`` (or ``out``); every group holds exactly n kept values.
 
     Raises:
         PatternError: if the grouped width is not a multiple of m.
@@ -120,10 +123,25 @@ def nm_mask(scores: torch.Tensor, pattern: NMPattern, absolute: bool = False) ->
     if scores.device.type == "cpu" and pattern.m <= 64 and not pattern.pad:
         from . import _topk_cpu
 
-        if _topk_cpu.available():  # fused kernel on the weight's own layout, no permuted copies
-            return _topk_cpu.topk_strided(scores, *_strided_view(scores.shape, pattern), pattern.m, pattern.n, absolute)
+        if _topk_cpu.available() and (out is None or _kernel_writes(out)):
+            # fused kernel on the weight's own layout, no permuted copies
+            return _topk_cpu.topk_strided(scores, *_strided_view(scores.shape, pattern), pattern.m, pattern.n, absolute,
+                                          out=out)
     groups = to_groups(scores, pattern)
-    return from_groups(topk_groups(groups, pattern.n, absolute), scores.shape, pattern).contiguous()
+    return _into(from_groups(topk_groups(groups, pattern.n, absolute), scores.shape, pattern).contiguous(), out)
+
+
+def _kernel_writes(out: torch.Tensor) -> bool:
+    return out.dtype == torch.float32 and out.device.type == "cpu" and out.is_contiguous()
+
+
+def _into(mask: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``mask`` itself, or copied into ``out`` (as 1/0) and ``out`` returned."""
+    if out is None:
+        return mask
+    if out.shape != mask.shape:
+        raise ValueError(f"out has shape {list(out.shape)}; the mask has shape {list(mask.shape)}")
+    return out.copy_(mask)
 
 
 def _strided_view(shape: tuple[int, ...] | torch.Size, pattern: NMPattern) -> tuple[int, int, int]:
@@ -175,15 +193,16 @@ def block_mask(scores: torch.Tensor, pattern: BlockPattern, shape: tuple[int, ..
     return expand_block_mask(topk_groups(scores, keep), shape, pattern.block)
 
 
-def compute_mask(scores: torch.Tensor, pattern: Pattern, absolute: bool = False) -> torch.Tensor:
-    """Mask for either kind of pattern; ``scores`` is shaped like the weight.
+def compute_mask(scores: torch.Tensor, pattern: Pattern, absolute: bool = False,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Mask for either kind of pattern; ``scores`` is shaped like the weight (``out``: see :func:`nm_mask`).
 
     For a :class:`BlockPattern` the per-weight scores are summed over each block (L1 when they are
     magnitudes).
     """
     if isinstance(pattern, NMPattern):
-        return nm_mask(scores, pattern, absolute)
-    return block_mask(block_scores(scores, pattern.block), pattern, scores.shape)  # L1 of |scores|
+        return nm_mask(scores, pattern, absolute, out=out)
+    return _into(block_mask(block_scores(scores, pattern.block), pattern, scores.shape), out)  # L1 of |scores|
 
 
 def group_counts(tensor: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
@@ -226,13 +245,24 @@ def _slices(rows: int, count: int) -> list[slice]:
 
 
 def sliced_mask(
-    scores: torch.Tensor, patterns: tuple[Pattern, ...] | list[Pattern], absolute: bool = False
+    scores: torch.Tensor, patterns: tuple[Pattern, ...] | list[Pattern], absolute: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mask for a weight split into ``len(patterns)`` equal row slices, each with its own pattern.
 
     One pattern is the common case; three are the q, k, v slices of a fused qkv projection.
-    A dense pattern (n == m, or block density 1) keeps its whole slice.
+    A dense pattern (n == m, or block density 1) keeps its whole slice. With ``out`` (shaped like
+    ``scores``) the mask is written there as 1/0, slice by slice, and ``out`` is returned.
     """
+    if out is not None:
+        if out.shape != scores.shape:
+            raise ValueError(f"out has shape {list(out.shape)}; the scores have shape {list(scores.shape)}")
+        for rows, pattern in zip(_slices(scores.shape[0], len(patterns)), patterns):
+            if pattern.is_dense:
+                out[rows] = 1
+            else:
+                compute_mask(scores[rows], pattern, absolute, out=out[rows])
+        return out
     parts = []
     for rows, pattern in zip(_slices(scores.shape[0], len(patterns)), patterns):
         part = scores[rows]

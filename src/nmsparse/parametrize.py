@@ -15,7 +15,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .grad import GRADIENT_RULES, apply_rule
+from torch.utils.hooks import RemovableHandle
+
+from .grad import GRADIENT_RULES, add_decay_, apply_rule
 
 __all__ = ["MaskParametrization", "MaskedWeight", "attach", "is_attached", "dense_weight", "squash_module",
            "get_parametrization", "attach_input_map", "input_map"]
@@ -57,6 +59,13 @@ class MaskedWeight(nn.Module):
         mask: bool mask shaped like the weight, True = kept.
         rule: gradient rule, see :mod:`nmsparse.grad`.
         decay: lambda_W of the ``srste`` rule.
+
+    Once :meth:`bind` ties it to its dense parameter (``attach`` does), the ``srste`` rule's decay
+    term is added to ``param.grad`` in place as the gradient accumulates (a post-accumulate-grad
+    hook) and the forward's own backward is plain STE: the same update, without a second
+    weight-sized gradient tensor allocated in every backward. ``torch.autograd.grad`` does not
+    accumulate into ``.grad``, so it returns the STE part only there (use
+    :func:`nmsparse.grad.srste` directly for the full rule as a differentiable function).
     """
 
     def __init__(self, mask: torch.Tensor, rule: str = "masked", decay: float = 0.0,
@@ -69,6 +78,7 @@ class MaskedWeight(nn.Module):
         self.rule = rule
         self.decay = float(decay)
         self.dense_factor = 0.0
+        self._decay_hook: RemovableHandle | None = None
 
     @property
     def mask(self) -> torch.Tensor:
@@ -79,8 +89,30 @@ class MaskedWeight(nn.Module):
     def set_mask(self, mask: torch.Tensor) -> None:
         self.keep.copy_(mask)
 
+    def bind(self, param: torch.Tensor) -> None:
+        """Add the ``srste`` decay to ``param.grad`` as it accumulates (``param``: the dense weight)."""
+        if self._decay_hook is None and param.is_leaf and param.requires_grad:
+            self._decay_hook = param.register_post_accumulate_grad_hook(self._add_decay)
+
+    def release(self) -> None:
+        """Undo :meth:`bind` (before the parametrization is removed)."""
+        if self._decay_hook is not None:
+            self._decay_hook.remove()
+            self._decay_hook = None
+
+    def __getstate__(self) -> dict:
+        # a copy (deepcopy, pickle) is not bound to any parameter: its forward keeps the full rule
+        state = self.__dict__.copy()
+        state["_decay_hook"] = None
+        return state
+
+    def _add_decay(self, param: torch.Tensor) -> None:
+        if self.rule == "srste" and self.decay and param.grad is not None:
+            add_decay_(param.grad, param, self.keep, self.decay)
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return apply_rule(self.rule, weight, self.keep, self.dense_factor, self.decay)
+        rule = "ste" if self.rule == "srste" and self._decay_hook is not None else self.rule
+        return apply_rule(rule, weight, self.keep, self.dense_factor, self.decay)
 
     def extra_repr(self) -> str:
         return f"rule={self.rule}, decay={self.decay:g}, dense_factor={self.dense_factor:g}"
@@ -91,6 +123,8 @@ def attach(module: nn.Module, parametrization: nn.Module, name: str = "weight") 
     if is_attached(module, name):
         raise RuntimeError(f"{type(module).__name__}.{name} already has a parametrization; call squash first")
     parametrize.register_parametrization(module, name, parametrization)
+    if isinstance(parametrization, MaskedWeight):
+        parametrization.bind(module.parametrizations[name].original)
 
 
 def is_attached(module: nn.Module, name: str = "weight") -> bool:
@@ -111,6 +145,9 @@ def dense_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
 @torch.no_grad()
 def squash_module(module: nn.Module, mask: torch.Tensor, name: str = "weight") -> None:
     """Bake ``mask`` into the weight (pruned entries become exact zeros) and drop the parametrization."""
+    param = get_parametrization(module, name)
+    if isinstance(param, MaskedWeight):
+        param.release()
     # leave_parametrized=False hands back the original dense Parameter itself: mask it in place
     parametrize.remove_parametrizations(module, name, leave_parametrized=False)
     weight = getattr(module, name)

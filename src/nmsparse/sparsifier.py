@@ -26,7 +26,7 @@ from .export.manifest import layer_entry
 from .mask import sliced_satisfies
 from .method import Method, MethodError, build_method
 from .method.base import LayerState, Plan
-from .parametrize import attach, dense_weight, input_map, is_attached, squash_module
+from .parametrize import MaskedWeight, attach, dense_weight, input_map, is_attached, squash_module
 from .pattern import Pattern, parse_pattern
 from .select import LayerChoice, Selection, select_layers
 from .version import __version__
@@ -188,7 +188,11 @@ class Sparsifier:
         """Recompute every layer's mask from the method's scores now."""
         self._require_prepared()
         for layer in self.layers.values():
-            layer.parametrization.set_mask(self.method.mask(layer))
+            param = layer.parametrization
+            if isinstance(param, MaskedWeight):  # ranked straight into the forward's 0/1 buffer
+                self.method.mask_into(layer, param.keep)
+            else:
+                param.set_mask(self.method.mask(layer))
 
     def step(self, step: int) -> None:
         """Finish optimizer step ``step`` and set the model up for the forward of step ``step + 1``.

@@ -139,9 +139,25 @@ class Method(MethodBase):
 
     def mask(self, layer: LayerState) -> torch.Tensor:
         """The layer's mask from its scores and patterns (one pattern per row slice)."""
-        if type(self).score is Method.score:  # plain magnitude: |W| ranked inside the kernel, no copy
-            return sliced_mask(layer.dense_weight.detach(), layer.patterns, absolute=True)
-        return sliced_mask(self.score(layer), layer.patterns)
+        scores, absolute = self._scores(layer)
+        return sliced_mask(scores, layer.patterns, absolute)
+
+    def mask_into(self, layer: LayerState, out: torch.Tensor) -> None:
+        """Write :meth:`mask` as 1/0 into ``out`` (the 0/1 buffer the forward multiplies by).
+
+        Methods that keep the default :meth:`mask` rank and write in one pass (no bool mask, no
+        copy: with masks recomputed every step, the copy cost as much as the ranking)."""
+        if type(self).mask is Method.mask:
+            scores, absolute = self._scores(layer)
+            sliced_mask(scores, layer.patterns, absolute, out=out)
+        else:
+            out.copy_(self.mask(layer))
+
+    def _scores(self, layer: LayerState) -> tuple[torch.Tensor, bool]:
+        """(scores, absolute): plain magnitude ranks |W| inside the kernel, with no copy of W."""
+        if type(self).score is Method.score:
+            return layer.dense_weight.detach(), True
+        return self.score(layer), False
 
     def parametrization(self, layer: LayerState, mask: torch.Tensor) -> torch.nn.Module:
         """The module attached to ``layer``'s weight: by default a :class:`MaskedWeight` with the
