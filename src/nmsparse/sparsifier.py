@@ -133,7 +133,11 @@ class Sparsifier:
                 patterns = (override,) * len(patterns)
             layer = LayerState(choice.fqn, choice.module, patterns)
             with torch.no_grad():
-                mask = self.method.mask(layer)
+                # through the float buffer path update_masks uses: one numba specialization to
+                # compile on a machine's first run (each costs 2-4 s of JIT), not two
+                keep = torch.empty(choice.module.weight.shape, dtype=torch.float32, device=choice.module.weight.device)
+                self.method.mask_into(layer, keep)
+                mask = keep.bool()
             attach(choice.module, self.method.parametrization(layer, mask))
             self.layers[choice.fqn] = layer
         if total_steps is not None:
