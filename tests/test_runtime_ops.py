@@ -262,7 +262,7 @@ def test_a_converted_model_slower_as_a_whole_is_put_back(monkeypatch):
     dense, _ = _converted("1x16:0.25")
     net = copy.deepcopy(dense)
     calls = iter([[1.0], [2.0, 1.0], [2.0, 1.0], [2.0, 1.0], [2.0, 1.0], [3.0]])  # model, 4 layers, model
-    monkeypatch.setattr(conv, "_best_ms", lambda fns, repeats: next(calls))
+    monkeypatch.setattr(conv, "_best_ms", lambda fns, repeats, before=None: next(calls))
     x = torch.randn(2, 16, 9, 9)
     model, report = convert(net, {f: "1x16:0.25" for f in ("conv1", "conv2", "fc1", "fc2")}, example_inputs=x)
     assert report.reverted and report.speedup == pytest.approx(1 / 3)
@@ -271,3 +271,36 @@ def test_a_converted_model_slower_as_a_whole_is_put_back(monkeypatch):
     assert isinstance(model.bn, nn.BatchNorm2d)  # the folded batch norm is back too
     with torch.no_grad():
         assert torch.equal(model(x), dense(x))
+
+
+def test_layers_of_a_model_larger_than_the_cache_are_timed_cold(monkeypatch):
+    """A model larger than the last-level cache runs each layer from memory: every timed layer call
+    follows a cache flush (untimed); a model that fits is timed back to back."""
+    from nmsparse.runtime import timing
+
+    dense, _ = _converted("1x16:0.25")
+    x = torch.randn(2, 16, 9, 9)
+    patterns = {f: "1x16:0.25" for f in ("conv1", "conv2", "fc1", "fc2")}
+    flushes = []
+    monkeypatch.setattr(timing.CacheFlush, "__call__", lambda self: flushes.append(self.buffer.numel()))
+    monkeypatch.setattr(timing, "last_level_cache_bytes", lambda: 1 << 30)  # 1 GiB: the model fits
+    _, report = convert(copy.deepcopy(dense), patterns, example_inputs=x, repeats=3)
+    assert not report.cold_cache and not flushes
+    monkeypatch.setattr(timing, "last_level_cache_bytes", lambda: 4096)
+    model, report = convert(copy.deepcopy(dense), patterns, example_inputs=x, repeats=3)
+    assert report.cold_cache
+    assert len(flushes) == 4 * 2 * 3  # every timed call of 4 layers, dense and sparse, 3 repeats each
+    assert flushes[0] == int(1.5 * 4096) // 4  # 1.5x the cache, in floats
+    with torch.no_grad():
+        assert (model(x) - dense(x)).abs().max() < 1e-4
+
+
+def test_time_interleaved_runs_before_untimed_before_every_timed_call():
+    from nmsparse.runtime.timing import time_interleaved
+
+    log = []
+    times = time_interleaved([lambda i: log.append("a"), lambda i: log.append("b")], warmup=1, repeats=3,
+                             before=lambda: log.append("flush"))
+    assert [len(t) for t in times] == [3, 3]
+    timed = [log[k + 1] for k, entry in enumerate(log) if entry == "flush"]
+    assert sorted(timed) == ["a"] * 3 + ["b"] * 3  # each flush is followed by one timed call

@@ -27,6 +27,7 @@ from .mask import compute_mask
 from .pattern import parse_pattern
 from .progress import Progress
 from .runtime import convert
+from .runtime.timing import last_level_cache_bytes
 from .runtime.timing import summary as _summary
 from .runtime.timing import time_interleaved as _time_interleaved
 
@@ -60,20 +61,6 @@ def layer_cases() -> list[LayerCase]:
         LayerCase("linear 4096->4096", "linear", 4096, 4096),
         LayerCase("linear 4096->11008", "linear", 4096, 11008),
     ]
-
-
-def last_level_cache_bytes() -> int:
-    """Size of the largest CPU cache (from sysfs), or 32 MiB when it cannot be read."""
-    best = 0
-    base = Path("/sys/devices/system/cpu/cpu0/cache")
-    for index in base.glob("index*"):
-        try:
-            text = (index / "size").read_text().strip()
-        except OSError:
-            continue
-        unit = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1], 1)
-        best = max(best, int(text.rstrip("KMG")) * unit)
-    return best or 32 * 1024**2
 
 
 def _rotating(layers: list[nn.Module], x: torch.Tensor) -> Callable[[int], Any]:

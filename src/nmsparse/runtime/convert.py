@@ -57,13 +57,16 @@ class ConvertRow:
 
 class ConvertReport(list):
     """The rows of :func:`convert` (a list of :class:`ConvertRow`), with the whole model's times when
-    it was measured: ``dense_ms``, ``sparse_ms`` (fastest calls) and ``speedup``; and the kernels' ``isa``."""
+    it was measured: ``dense_ms``, ``sparse_ms`` (fastest calls) and ``speedup``; and the kernels' ``isa``.
+    ``cold_cache``: the model is larger than the last-level cache, so each layer was timed with the
+    cache flushed before every call (as it runs inside the model)."""
 
     dense_ms: float | None = None
     sparse_ms: float | None = None
     speedup: float | None = None
     isa: str | None = None
     reverted: bool = False  # the converted model measured slower than dense as a whole: all put back
+    cold_cache: bool = False
 
 
 def infer_pattern(weight: torch.Tensor) -> Pattern | None:
@@ -141,14 +144,18 @@ def _capture_inputs(model: nn.Module, fqns: list[str], inputs: Any) -> dict[str,
     return seen
 
 
-def _best_ms(fns: list, repeats: int) -> list[float]:
+def _best_ms(fns: list, repeats: int, before=None) -> list[float]:
     """The fastest of ``repeats`` interleaved calls of each function, in ms. The minimum, not the
     median: other tenants and clock changes only ever add time, and on a shared 2-core machine the
     medians of ten calls flipped layers' choices between runs (a ViT fc2 measured 0.66x in one run,
-    1.44x in the next; the minima agreed)."""
+    1.44x in the next; the minima agreed). ``before`` runs untimed before each timed call."""
     from .timing import time_interleaved
 
-    return [1e3 * min(t) for t in time_interleaved(fns, warmup=2, repeats=repeats)]
+    return [1e3 * min(t) for t in time_interleaved(fns, warmup=2, repeats=repeats, before=before)]
+
+
+def _model_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 @torch.no_grad()
@@ -177,7 +184,9 @@ def convert(
             measurably faster gains nothing and a mis-measured one would lose); the whole model is
             timed before and after, the report carries both, and where the converted model
             measured slower than dense as a whole every layer is put back (``report.reverted``;
-            not with ``min_speedup < 1``, which asks for sparse layers even where slower).
+            not with ``min_speedup < 1``, which asks for sparse layers even where slower). A model
+            larger than the last-level cache has its layers timed with the cache flushed before
+            each call (``report.cold_cache``), the state they run in inside the model.
         keep_dense: ``{fqn: reason}`` of layers to leave dense (a choice saved with a compressed export).
         progress: ``"auto"`` shows progress (rate, ETA) while layers are timed; ``"none"`` is silent.
 
@@ -227,9 +236,18 @@ def convert(
     rows = {row.fqn: row for row in report}
     replaced: dict[str, nn.Module] = {}  # fqn -> the module before conversion or fusion (for a revert)
     inputs = {}
+    flush = None
     if example_inputs is not None and plan:
         inputs = _capture_inputs(model, [fqn for fqn, _, _ in plan], example_inputs)
         report.dense_ms = _best_ms([lambda i: _call(model, example_inputs)], repeats)[0]
+        from .timing import CacheFlush, last_level_cache_bytes
+
+        if _model_bytes(model) > last_level_cache_bytes():
+            # a model larger than the cache runs each layer from memory: time the layers that way
+            # (timed back to back, a small decode-step layer ran from cache, where dense GEMV is
+            # 3-5x faster than from memory, and sparse layers that win in the model were kept dense)
+            flush = CacheFlush()
+            report.cold_cache = True
     from ..progress import Progress
 
     bar = Progress(len(plan), 0, progress if inputs else "none", 1, True)
@@ -244,7 +262,8 @@ def convert(
         x = inputs.get(fqn)
         if x is not None:
             row.input_shape = list(x.shape)
-            row.dense_ms, row.sparse_ms = _best_ms([lambda i, f=module, x=x: f(x), lambda i, f=new, x=x: f(x)], repeats)
+            row.dense_ms, row.sparse_ms = _best_ms([lambda i, f=module, x=x: f(x), lambda i, f=new, x=x: f(x)], repeats,
+                                                   before=flush)
             row.speedup = row.dense_ms / row.sparse_ms
             bar.update(index + 1, f"{fqn}: {row.speedup:.2f}x")
             if row.speedup < min_speedup:

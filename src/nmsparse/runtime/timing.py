@@ -5,18 +5,48 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-__all__ = ["time_interleaved", "summary"]
+import torch
+
+__all__ = ["CacheFlush", "last_level_cache_bytes", "time_interleaved", "summary"]
 
 
-def time_interleaved(fns: list[Callable[[int], Any]], warmup: int, repeats: int, block: int = 5) -> list[list[float]]:
+def last_level_cache_bytes() -> int:
+    """Size of the largest CPU cache (from sysfs), or 32 MiB when it cannot be read."""
+    best = 0
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    for index in base.glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        unit = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1], 1)
+        best = max(best, int(text.rstrip("KMG")) * unit)
+    return best or 32 * 1024**2
+
+
+class CacheFlush:
+    """Called between timed calls: reads 1.5x the last-level cache of other data, so that the next
+    call finds its weights in memory, not in cache, as a layer of a model larger than the cache
+    does when the model runs (every other layer's weights passed through the cache in between)."""
+
+    def __init__(self) -> None:
+        self.buffer = torch.ones(int(1.5 * last_level_cache_bytes()) // 4)
+
+    def __call__(self) -> None:
+        self.buffer.sum()
+
+
+def time_interleaved(fns: list[Callable[[int], Any]], warmup: int, repeats: int, block: int = 5,
+                     before: Callable[[], Any] | None = None) -> list[list[float]]:
     """Times of ``repeats`` calls of each function, taken in blocks of ``block`` consecutive calls that
     alternate between the functions (a, b, then b, a, ...), so that drift in the machine's speed
     (other tenants, clocks) falls on all alike. Each block starts with one untimed call: the first
     call after a switch pays for the other function's cache state (measured +0.3 ms on a 1 ms
     batch-1 sparse 4096x4096 linear right after dense ones), which a model running its own layers
-    back to back does not."""
+    back to back does not. ``before`` (e.g. a :class:`CacheFlush`) runs untimed before every timed call."""
     for i in range(warmup):
         for fn in fns:
             fn(i)
@@ -29,6 +59,8 @@ def time_interleaved(fns: list[Callable[[int], Any]], warmup: int, repeats: int,
             fn(calls)
             calls += 1
             for _ in range(min(block, repeats - r * block)):
+                if before is not None:
+                    before()
                 t0 = time.perf_counter()
                 fn(calls)
                 times[slot].append(time.perf_counter() - t0)
