@@ -14,6 +14,7 @@ from nmsparse.cli.main import main
 from nmsparse.mask import is_nm
 from nmsparse.models import build_model
 from nmsparse.oneshot import Recovery, model_kind, perplexity, prune, recover
+from nmsparse.method import MethodError
 from nmsparse.pattern import NMPattern
 
 transformers = pytest.importorskip("transformers")
@@ -306,3 +307,20 @@ def test_an_export_with_a_tied_head_loads_as_training_weights(tiny_llama_dir, tm
     save_file(state, str(tmp_path / "broken.safetensors"))
     with pytest.raises(ModelError, match="model.norm.weight"):
         load_weights(fresh, tmp_path / "broken.safetensors")
+
+
+def test_gpt2_conv1d_projections_are_refused_with_the_reason(tmp_path, capsys):
+    config = transformers.GPT2Config(vocab_size=256, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with pytest.raises(MethodError, match="Conv1D layers .*transformer.h.0.attn.c_attn and 7 more"):
+        prune(model, "2:4", "magnitude", progress="none")
+    model.save_pretrained(str(tmp_path / "gpt2"))  # and without tokenizer files: a one-line error, exit 2
+    assert main(["prune", f"hf:{tmp_path / 'gpt2'}", "--pattern", "2:4", "--method", "magnitude",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "has no tokenizer files" in capsys.readouterr().err
+    _tokenizer(tmp_path / "gpt2")
+    assert main(["prune", f"hf:{tmp_path / 'gpt2'}", "--pattern", "2:4", "--method", "magnitude",
+                 "--heldout-tokens", "128", "--window", "32", "--out", str(tmp_path / "out")]) == 2
+    assert "does not prune yet" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

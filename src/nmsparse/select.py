@@ -25,7 +25,7 @@ from torch import nn
 
 from .pattern import Pattern, PatternError, parse_pattern
 
-__all__ = ["Rule", "Selection", "LayerChoice", "LAYER_SETS", "select_layers", "SelectionError"]
+__all__ = ["Rule", "Selection", "LayerChoice", "LAYER_SETS", "select_layers", "SelectionError", "nothing_selected"]
 
 
 class SelectionError(ValueError):
@@ -143,6 +143,17 @@ class LayerChoice:
 
 def _is_candidate(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and getattr(module, "weight", None) is not None
+
+
+def nothing_selected(model: nn.Module, what: str) -> str:
+    """The message for a selection that found no layer: names layer kinds nmsparse does not prune
+    (transformers' GPT-2-style ``Conv1D``, whose weight is stored [in, out]) when the model has them."""
+    conv1d = [fqn for fqn, m in model.named_modules() if type(m).__name__ == "Conv1D" and hasattr(m, "nf")]
+    if conv1d:
+        return (f"no layer was selected {what}: this model's projections are transformers Conv1D layers "
+                f"({conv1d[0]} and {len(conv1d) - 1} more; GPT-2 style, weight stored [in, out]), which nmsparse "
+                "does not prune yet; it prunes nn.Linear and nn.Conv2d (Llama, Mistral, Qwen, OPT, Phi families)")
+    return f"no layer was selected {what}; check the layer sets and rules"
 
 
 def _in_sets(fqn: str, module: nn.Module, sets: tuple[str, ...]) -> bool:

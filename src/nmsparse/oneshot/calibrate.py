@@ -32,7 +32,7 @@ from ..models import run_model
 from ..parametrize import input_map
 from ..pattern import Pattern
 from ..progress import Progress
-from ..select import LayerChoice, Selection, select_layers
+from ..select import LayerChoice, Selection, nothing_selected, select_layers
 from .result import LayerRow
 
 __all__ = ["prune_with_calibration", "find_blocks"]
@@ -275,7 +275,7 @@ def prune_with_calibration(
     choices = select_layers(model, selection or Selection(), pattern)
     selected = [c for c in choices if c.selected]
     if not selected:
-        raise MethodError("no layer was selected for pruning; check the layer sets and rules")
+        raise MethodError(nothing_selected(model, "for pruning"))
     rows: list[LayerRow] = []
     blocks = find_blocks(model, [c.fqn for c in selected])
     if blocks is None:

@@ -93,9 +93,22 @@ def load_texts(spec: str) -> str:
 
 
 def load_tokenizer(path: str | Path):
+    """The tokenizer saved in the model directory ``path``.
+
+    Raises:
+        CalibrationError: the directory has no usable tokenizer files (transformers then builds an
+            empty tokenizer that turns any text into no tokens, so this is checked here).
+    """
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise CalibrationError(f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}") from None
+    if len(tokenizer.get_vocab()) < 2:
+        raise CalibrationError(f"{path} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt): text "
+                               "cannot be tokenized for this model; copy the model's tokenizer files into it")
+    return tokenizer
 
 
 def token_windows(tokenizer, text: str, samples: int, seq_len: int, seed: int = 0,

@@ -16,7 +16,7 @@ from ..export import load_export, save_export
 from ..method import CalibratedMethod, Method, MethodError, build_method
 from ..models import forward_output
 from ..pattern import Pattern, parse_pattern
-from ..select import Selection
+from ..select import Selection, nothing_selected
 from ..sparsifier import Sparsifier
 from .calibrate import prune_with_calibration
 from .fidelity import FidelityCheck
@@ -132,7 +132,7 @@ def prune(
         result.rows = [LayerRow(r.fqn, r.shape, r.pattern, r.density, r.verified, None, r.skip_reason) for r in report]
         result.skipped = [{"fqn": r.fqn, "reason": r.skip_reason} for r in report if r.skip_reason]
     if not result.layers:
-        raise MethodError(f"no layer was selected for pattern {text}; check the layer sets and rules")
+        raise MethodError(nothing_selected(model, f"for pattern {text}"))
     if check is not None:
         result.fidelity = {"measure": check.measure, "dense": check.dense(), "one_shot": check(model)}
     if recover is not None:
