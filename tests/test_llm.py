@@ -319,6 +319,14 @@ def test_gpt2_conv1d_projections_are_refused_with_the_reason(tmp_path, capsys):
     assert main(["prune", f"hf:{tmp_path / 'gpt2'}", "--pattern", "2:4", "--method", "magnitude",
                  "--out", str(tmp_path / "out")]) == 2
     assert "has no tokenizer files" in capsys.readouterr().err
+    small = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=64)
+    transformers.GPT2LMHeadModel(small).save_pretrained(str(tmp_path / "mismatch"))
+    _tokenizer(tmp_path / "mismatch")  # 256 tokens for a model that embeds 64
+    assert main(["prune", f"hf:{tmp_path / 'mismatch'}", "--pattern", "2:4", "--method", "magnitude",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "do not belong to this model" in capsys.readouterr().err
+    assert main(["eval", f"hf:{tmp_path / 'mismatch'}", "--perplexity", "text:heldout", "--tokens", "128"]) == 2
+    assert "do not belong to this model" in capsys.readouterr().err
     _tokenizer(tmp_path / "gpt2")
     assert main(["prune", f"hf:{tmp_path / 'gpt2'}", "--pattern", "2:4", "--method", "magnitude",
                  "--heldout-tokens", "128", "--window", "32", "--out", str(tmp_path / "out")]) == 2

@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
 def _perplexity(args: argparse.Namespace) -> int:
     from ..export import open_model
     from ..oneshot import CalibrationError, model_kind, perplexity
-    from ..oneshot.data import load_texts, load_tokenizer, token_ids
+    from ..oneshot.data import check_vocabulary, load_texts, load_tokenizer, token_ids
 
     register_user_error(CalibrationError)
     model, source = open_model(args.target)
@@ -108,6 +108,7 @@ def _perplexity(args: argparse.Namespace) -> int:
     folder = Path(args.target)
     tokenizer = load_tokenizer(folder if (folder / "tokenizer_config.json").is_file() else source.source[3:])
     ids = token_ids(tokenizer, load_texts(args.perplexity), args.tokens)
+    check_vocabulary(model, int(ids.max()) if ids.numel() else 0, str(tokenizer.name_or_path))
     result = perplexity(model, ids, args.window, args.stride, progress="none" if args.json else "auto")
     result["text"] = args.perplexity
     return _emit(args, result, f"perplexity {result['perplexity']:.3f} on {result['tokens']} tokens of "

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 __all__ = ["CalibrationError", "builtin_text", "heldout_text", "token_ids", "heldout_data", "split_sentences", "load_texts", "token_windows", "sentence_batches",
            "sentence_training_batches",
-           "image_batches", "build_calibration", "load_tokenizer"]
+           "image_batches", "build_calibration", "load_tokenizer", "check_vocabulary"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
 
@@ -199,13 +199,25 @@ def build_calibration(spec: str, model: Any, source: Any, samples: int, seq_len:
         if not spec.startswith(("text:", "hf-dataset:")):
             raise CalibrationError(f"{source.source} is a text model: use --calib text:builtin, text:PATH or hf-dataset:...")
         tokenizer = load_tokenizer(source.source[3:])
-        return token_windows(tokenizer, load_texts(spec), samples, seq_len, seed)
+        batches = token_windows(tokenizer, load_texts(spec), samples, seq_len, seed)
+        check_vocabulary(model, max(int(b["input_ids"].max()) for b in batches), source.source[3:])
+        return batches
     if spec.startswith(("text:", "hf-dataset:")):
         raise CalibrationError(f"{source.source} is a vision model: use --calib digits, mnist5k or images:DIR")
     cfg = getattr(model, "pretrained_cfg", None) or {}
     chans, height, width = cfg.get("input_size", (3, 224, 224))
     chans = source.options.get("in_chans", chans)
     return image_batches(spec, (chans, height, width), samples, seed=seed)
+
+
+def check_vocabulary(model: Any, max_id: int, path: str) -> None:
+    """The text's token ids must exist in the model's embedding table (else: an IndexError deep in it)."""
+    getter = getattr(model, "get_input_embeddings", None)
+    table = getter() if callable(getter) else None
+    rows = getattr(table, "num_embeddings", None)
+    if rows is not None and max_id >= rows:
+        raise CalibrationError(f"the tokenizer in {path} gives token id {max_id}, but the model embeds only {rows} "
+                               "tokens: the tokenizer files do not belong to this model")
 
 
 def token_ids(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
@@ -227,7 +239,9 @@ def heldout_data(model: Any, source: Any, kind: str, spec: str | None = None, ma
             than calibration's.
     """
     if kind == "causal_lm":
-        return token_ids(load_tokenizer(source.source[3:]), load_texts(spec or "text:heldout"), max_tokens)
+        ids = token_ids(load_tokenizer(source.source[3:]), load_texts(spec or "text:heldout"), max_tokens)
+        check_vocabulary(model, int(ids.max()) if ids.numel() else 0, source.source[3:])
+        return ids
     if kind == "encoder":
         _, sentences = builtin_text()
         return sentence_batches(load_tokenizer(source.source[3:]), sentences)
