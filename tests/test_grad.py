@@ -124,7 +124,7 @@ def test_sparsifier_srste_decay_hook_gives_the_functional_rule():
         assert (weight * (1 - keep)).abs().sum() > 0  # the decay term is really in play
 
 
-def test_add_decay_in_place_both_paths():
+def test_add_decay_in_place_every_path(monkeypatch):
     from nmsparse.grad import add_decay_
 
     grad, weight = torch.randn(6, 8), torch.randn(6, 8)
@@ -136,6 +136,18 @@ def test_add_decay_in_place_both_paths():
     strided = grad.clone().t().contiguous().t()  # not contiguous: the torch path
     add_decay_(strided, weight, keep, 0.1)
     assert torch.allclose(strided, want, atol=1e-6)
+    from nmsparse import _topk_cpu
+
+    if _topk_cpu.cpp_library() is not None and _topk_cpu.available():  # the numba kernel, as without a compiler
+        monkeypatch.setenv("NMSPARSE_MASK_BACKEND", "numba")
+        _topk_cpu.cpp_library.cache_clear()
+        try:
+            numba_path = grad.clone()
+            add_decay_(numba_path, weight, keep, 0.1)
+            assert torch.allclose(numba_path, want, atol=1e-7)
+        finally:
+            monkeypatch.delenv("NMSPARSE_MASK_BACKEND")
+            _topk_cpu.cpp_library.cache_clear()
 
 
 def test_squash_releases_the_decay_hook():

@@ -10,7 +10,7 @@ ROOT = Path(nmsparse.__file__).parent
 
 # lowest first; a module may import its own layer and the layers below it
 LAYERS = [
-    {"version", "_registry", "_io", "progress", "_topk_numba", "schema", "env"},
+    {"version", "_registry", "_io", "progress", "_topk_numba", "schema", "env", "_cxx"},
     {"_topk_cpu", "pattern"},
     {"mask", "grad", "schedule", "select", "allocate", "score"},
     {"parametrize", "permute", "models", "datasets"},

@@ -218,3 +218,63 @@ def test_sliced_mask_into_a_buffer_per_slice():
     assert torch.equal(out.bool(), sliced_mask(weight, patterns, absolute=True))
     with pytest.raises(ValueError, match="shape"):
         sliced_mask(weight, patterns, out=torch.zeros(12, 4))
+
+
+def _reference_float_cases():
+    """(scores, outer, width, inner, k, absolute, expected bool) for the conv and Linear layouts, with ties and NaN."""
+    from nmsparse.mask import _topk_torch
+
+    gen = torch.Generator().manual_seed(3)
+    cases = []
+    for shape in ((16, 12, 3, 3), (16, 12, 5, 5), (24, 40), (8, 8, 1, 1)):
+        w = torch.randint(-3, 4, shape, generator=gen).float()
+        w.view(-1)[7] = float("nan")
+        inner = w[0, 0].numel() if w.dim() == 4 else 1
+        for k in (1, 2, 3):
+            for absolute in (True, False):
+                pattern = NMPattern(k, 4)
+                groups = to_groups(w, pattern)
+                expected = from_groups(_topk_torch(groups.abs() if absolute else groups, k), w.shape, pattern)
+                cases.append((w, shape[0], shape[1], inner, k, absolute, expected))
+    return cases
+
+
+@pytest.mark.parametrize("variant", ["native", "avx512", "avx2", "generic"])
+def test_cpp_mask_kernels_of_every_instruction_set_equal_the_reference(variant, tmp_path):
+    """masks.cpp built for each instruction set: those this CPU runs must give the reference masks
+    (1.0 / 0.0, stale values overwritten); the others must at least compile."""
+    from nmsparse import _cxx, _topk_cpu
+    from nmsparse.runtime._native import runnable_variants
+
+    if _cxx.compiler() is None:
+        pytest.skip("no C++ compiler: the numba path serves")
+    lib = _topk_cpu.cpp_library(variant) if variant in runnable_variants() else None
+    if lib is None:  # compile only: this CPU cannot run it
+        out = tmp_path / "masks.so"
+        _cxx.build(_cxx.compiler(), _topk_cpu._MASKS_SOURCE, out, _cxx.BASE_FLAGS + _topk_cpu.MASK_VARIANTS[variant],
+                   "mask kernels")
+        assert out.stat().st_size > 5_000
+        return
+    for w, outer, width, inner, k, absolute, expected in _reference_float_cases():
+        out = torch.full(w.shape, 7.0)
+        lib.nms_mask_topk4(w.data_ptr(), out.data_ptr(), outer, width, inner, k, int(absolute), 2)
+        assert set(out.unique().tolist()) <= {0.0, 1.0}
+        assert torch.equal(out.bool(), expected), (variant, tuple(w.shape), k, absolute)
+
+
+def test_float_buffer_path_without_a_compiler_uses_numba(monkeypatch):
+    from nmsparse import _topk_cpu
+
+    if not _topk_cpu.available():
+        pytest.skip("numba not installed")
+    monkeypatch.setenv("NMSPARSE_MASK_BACKEND", "numba")
+    _topk_cpu.cpp_library.cache_clear()
+    try:
+        assert _topk_cpu.cpp_library() is None
+        for w, _, _, _, k, absolute, expected in _reference_float_cases():
+            out = torch.full(w.shape, 7.0)
+            nm_mask(w, NMPattern(k, 4), absolute=absolute, out=out)
+            assert torch.equal(out.bool(), expected)
+    finally:
+        monkeypatch.delenv("NMSPARSE_MASK_BACKEND")
+        _topk_cpu.cpp_library.cache_clear()

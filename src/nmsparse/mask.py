@@ -123,16 +123,12 @@ def nm_mask(scores: torch.Tensor, pattern: NMPattern, absolute: bool = False,
     if scores.device.type == "cpu" and pattern.m <= 64 and not pattern.pad:
         from . import _topk_cpu
 
-        if _topk_cpu.available() and (out is None or _kernel_writes(out)):
+        if _topk_cpu.supports(pattern.m, out):
             # fused kernel on the weight's own layout, no permuted copies
             return _topk_cpu.topk_strided(scores, *_strided_view(scores.shape, pattern), pattern.m, pattern.n, absolute,
                                           out=out)
     groups = to_groups(scores, pattern)
     return _into(from_groups(topk_groups(groups, pattern.n, absolute), scores.shape, pattern).contiguous(), out)
-
-
-def _kernel_writes(out: torch.Tensor) -> bool:
-    return out.dtype == torch.float32 and out.device.type == "cpu" and out.is_contiguous()
 
 
 def _into(mask: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:

@@ -24,19 +24,15 @@ The functions below take tensors and the integers of a layout; the PyTorch opera
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import platform
-import shutil
-import subprocess
-import tempfile
-import threading
 from functools import cache
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+from .._cxx import build, build_cached, compiler, cpu_signature
 from .formats import nm_chunk, offset_bits
 
 __all__ = ["KernelsUnavailable", "available", "status", "require", "block_mm", "implicit_conv", "nm_mm", "im2col",
@@ -48,46 +44,7 @@ _FLAGS = ["-O3", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c++
 # set (the tests compile each, and run those this CPU supports)
 VARIANTS = {"native": ["-march=native"], "avx512": ["-march=skylake-avx512"], "avx2": ["-march=haswell"],
             "generic": ["-march=x86-64"], "neon": ["-march=armv8-a"]}
-_LOCK = threading.Lock()
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("NMSPARSE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nmsparse")
-    return Path(root) / "kernels"
-
-
-def _cpu_signature() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _build(compiler: str, out: Path, extra: list[str]) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    try:
-        proc = subprocess.run([compiler, *_FLAGS, *extra, str(_SOURCE), "-o", tmp], capture_output=True, text=True,
-                              timeout=300)
-        if proc.returncode != 0:
-            first = (proc.stderr.strip().splitlines() or ["no output"])[0]
-            raise OSError(f"{Path(compiler).name} failed to build the runtime kernels: {first}")
-        os.replace(tmp, out)  # atomic: a concurrent process sees the old file or the whole new one
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @cache
@@ -95,26 +52,11 @@ def _load(variant: str) -> tuple[ctypes.CDLL | None, str]:
     """``(library, reason)``; the library is None with the reason it could not be built or loaded."""
     if os.environ.get("NMSPARSE_RUNTIME_BACKEND", "").lower() in ("dense", "none", "off"):
         return None, f"NMSPARSE_RUNTIME_BACKEND={os.environ['NMSPARSE_RUNTIME_BACKEND']}"
-    compiler = _compiler()
-    if compiler is None:
-        return None, "no C++ compiler (g++/c++/clang++) on PATH; install one (e.g. apt-get install g++) or set CXX"
-    extra = VARIANTS[variant]
     if variant != "native" and (variant == "neon") != platform.machine().lower().startswith(("arm", "aarch")):
         return None, f"the {variant} build is for another architecture than {platform.machine()}"
-    try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        return None, f"cannot run {compiler}: {exc}"
-    key = hashlib.sha256("\n".join([_SOURCE.read_text(), version, " ".join(_FLAGS + extra), _cpu_signature(),
-                                    platform.machine()]).encode()).hexdigest()[:16]
-    path = _cache_dir() / f"nmsparse_kernels_{variant}_{key}.so"
-    with _LOCK:
-        try:
-            if not path.exists():
-                _build(compiler, path, extra)
-            lib = ctypes.CDLL(str(path))
-        except (OSError, subprocess.SubprocessError) as exc:
-            return None, str(exc).splitlines()[0]
+    lib, reason = build_cached(_SOURCE, f"nmsparse_kernels_{variant}", _FLAGS + VARIANTS[variant], "runtime kernels")
+    if lib is None:
+        return None, reason
     lib.nms_isa.restype = ctypes.c_char_p
     lib.nms_vector_width.restype = ctypes.c_int
     lib.nms_block_mm.argtypes = [_PTR, _I64, _PTR, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR,
@@ -175,7 +117,7 @@ def status() -> dict[str, object]:
 
 
 def _cpu_flags() -> set[str]:
-    return set(_cpu_signature().split(":", 1)[-1].split())
+    return set(cpu_signature().split(":", 1)[-1].split())
 
 
 def runnable_variants() -> list[str]:
@@ -195,12 +137,12 @@ def compile_only(variant: str, out_dir: Path) -> Path:
 
     Raises:
         KernelsUnavailable: no compiler; OSError: the build failed (its first line of errors)."""
-    compiler = os.environ.get("NMSPARSE_CROSS_CXX") if variant == "neon" and not platform.machine().startswith(
-        ("arm", "aarch")) else _compiler()
-    if not compiler:
+    cxx = os.environ.get("NMSPARSE_CROSS_CXX") if variant == "neon" and not platform.machine().startswith(
+        ("arm", "aarch")) else compiler()
+    if not cxx:
         raise KernelsUnavailable(f"no compiler for the {variant} build")
     path = out_dir / f"nmsparse_kernels_{variant}.so"
-    _build(compiler, path, VARIANTS[variant])
+    build(cxx, _SOURCE, path, _FLAGS + VARIANTS[variant], "runtime kernels")
     return path
 
 
