@@ -249,8 +249,14 @@ def test_env_reports_the_isa_path_the_kernels_run(capsys):
     from nmsparse.cli.main import main
 
     assert main(["env"]) == 0
-    line = next(x for x in capsys.readouterr().out.splitlines() if "cpu_sparse_runtime" in x)
+    lines = capsys.readouterr().out.splitlines()
+    line = next(x for x in lines if "cpu_sparse_runtime" in x)
     assert f"{_native.status()['isa']} path" in line
+    from nmsparse import _topk_cpu
+
+    masks = next(x for x in lines if "mask_kernels" in x)
+    lib = _topk_cpu.cpp_library()
+    assert (f"C++, {lib.nms_mask_lanes()} floats per vector" in masks) if lib is not None else ("numba" in masks)
 
 
 def test_a_converted_model_slower_as_a_whole_is_put_back(monkeypatch):

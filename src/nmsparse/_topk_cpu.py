@@ -30,7 +30,7 @@ import torch
 
 from ._cxx import BASE_FLAGS, build_cached
 
-__all__ = ["available", "cpp_library", "decay_grad", "decay_into", "supports", "topk_rows", "topk_strided"]
+__all__ = ["available", "cpp_library", "decay_grad", "decay_into", "status", "supports", "topk_rows", "topk_strided"]
 
 _ONE_BITS = 0x3F800000  # the bits of float32 1.0: float masks are written through an int32 view
 
@@ -55,6 +55,15 @@ def cpp_library(variant: str = "native") -> ctypes.CDLL | None:
         lib.nms_mask_decay_into.argtypes = [ptr, ptr, ptr, ctypes.c_float, i64, c_int]
         lib.nms_mask_lanes.restype = c_int
     return lib
+
+
+def status() -> str:
+    """Which mask kernels run here, in words (``nmsparse env``)."""
+    lib = cpp_library()
+    numba = "numba" if available() else "the torch reference (numba not installed)"
+    if lib is not None:
+        return f"C++, {lib.nms_mask_lanes()} floats per vector, for m = 4 in training; {numba} for the rest"
+    return f"{numba} (no C++ mask kernels: no compiler, or NMSPARSE_MASK_BACKEND=numba)"
 
 
 def supports(m: int, out: torch.Tensor | None) -> bool:

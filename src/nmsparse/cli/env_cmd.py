@@ -8,13 +8,15 @@ from typing import Any
 
 
 def environment() -> dict[str, Any]:
-    """:func:`nmsparse.env.environment` plus the sparse runtime's status (builds the kernels once)."""
+    """:func:`nmsparse.env.environment` plus the sparse runtime's and the mask kernels' status (builds them once)."""
+    from .. import _topk_cpu
     from ..env import environment as base
     from ..runtime import _native
 
     env = base()
     # 1xN and n:m kernels: C++ built for this CPU's ISA (avx512, avx2, neon, generic), or none
     env["backends"] = {"cpu_dense_with_zeros": True, "cpu_sparse_runtime": _native.status(),
+                       "mask_kernels": _topk_cpu.status(),
                        **{k: v for k, v in env["backends"].items() if k != "cpu_dense_with_zeros"}}
     return env
 
