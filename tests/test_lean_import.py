@@ -2,6 +2,12 @@ import subprocess
 import sys
 
 
+def _fresh_process_prints_ok(code: str) -> None:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
 def test_import_does_not_initialise_cuda_or_heavy_extras():
     code = (
         "import sys, torch, nmsparse, nmsparse.cli.main, nmsparse.runtime\n"
@@ -11,9 +17,7 @@ def test_import_does_not_initialise_cuda_or_heavy_extras():
         "assert not heavy, heavy\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
+    _fresh_process_prints_ok(code)
 
 
 def test_sparse_training_steps_do_not_load_numba_where_a_compiler_builds_the_mask_kernels():
@@ -38,6 +42,4 @@ def test_sparse_training_steps_do_not_load_numba_where_a_compiler_builds_the_mas
         "assert 'numba' not in sys.modules, 'numba was imported'\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
+    _fresh_process_prints_ok(code)
