@@ -12,9 +12,9 @@ import torch
 
 from nmsparse.cli.main import main
 from nmsparse.mask import is_nm
+from nmsparse.method import MethodError
 from nmsparse.models import build_model
 from nmsparse.oneshot import Recovery, model_kind, perplexity, prune, recover
-from nmsparse.method import MethodError
 from nmsparse.pattern import NMPattern
 
 transformers = pytest.importorskip("transformers")

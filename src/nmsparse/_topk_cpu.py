@@ -97,8 +97,8 @@ def decay_grad(grad_out: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, 
 
 
 def decay_into(grad: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, decay: float) -> bool:
-    """``grad += decay * (1 - keep) * weight`` in place in one fused pass; False (nothing done) where
-    that does not apply or numba is missing (the caller uses torch)."""
+    """``grad += decay * (1 - keep) * weight`` in place in one fused pass (C++, else numba); False
+    (nothing done) where that does not apply or neither is here (the caller uses torch)."""
     if not _fusable(grad, weight, keep, need_numba=False):
         return False
     lib = cpp_library()

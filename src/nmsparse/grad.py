@@ -74,8 +74,8 @@ class _StraightThrough(torch.autograd.Function):
 @torch.no_grad()
 def add_decay_(grad: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, decay: float) -> torch.Tensor:
     r"""``grad += decay * (1 - keep) * weight`` in place: SR-STE's decay term added to an accumulated
-    gradient (``keep`` is the 0/1 mask). One fused pass on the CPU (numba), two in torch; no
-    temporary either way."""
+    gradient (``keep`` is the 0/1 mask). One fused pass on the CPU (the C++ mask kernels, else
+    numba), two in torch; no temporary either way."""
     from ._topk_cpu import decay_into
 
     if not decay_into(grad, weight, keep, decay):

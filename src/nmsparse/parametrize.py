@@ -14,7 +14,6 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-
 from torch.utils.hooks import RemovableHandle
 
 from .grad import GRADIENT_RULES, add_decay_, apply_rule

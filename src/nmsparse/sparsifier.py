@@ -133,8 +133,8 @@ class Sparsifier:
                 patterns = (override,) * len(patterns)
             layer = LayerState(choice.fqn, choice.module, patterns)
             with torch.no_grad():
-                # through the float buffer path update_masks uses: one numba specialization to
-                # compile on a machine's first run (each costs 2-4 s of JIT), not two
+                # the float-buffer path update_masks uses: training runs one mask backend (the C++
+                # kernels where a compiler exists), never also the bool one
                 keep = torch.empty(choice.module.weight.shape, dtype=torch.float32, device=choice.module.weight.device)
                 self.method.mask_into(layer, keep)
                 mask = keep.bool()
