@@ -280,25 +280,39 @@ def test_a_converted_model_slower_as_a_whole_is_put_back(monkeypatch):
 
 
 def test_layers_of_a_model_larger_than_the_cache_are_timed_cold(monkeypatch):
-    """A model larger than the last-level cache runs each layer from memory: every timed layer call
-    follows a cache flush (untimed); a model that fits is timed back to back."""
+    """A model larger than the last-level cache runs each layer from memory: each layer is timed
+    cycling through copies of it whose weights together exceed the cache (so every timed call reads
+    its weights from memory, the code and input stay warm); a model that fits is timed in place."""
     from nmsparse.runtime import timing
 
     dense, _ = _converted("1x16:0.25")
     x = torch.randn(2, 16, 9, 9)
     patterns = {f: "1x16:0.25" for f in ("conv1", "conv2", "fc1", "fc2")}
-    flushes = []
-    monkeypatch.setattr(timing.CacheFlush, "__call__", lambda self: flushes.append(self.buffer.numel()))
+    sets = []
+    real = timing.cold_copies
+    monkeypatch.setattr(timing, "cold_copies", lambda m, nbytes: sets.append(real(m, nbytes, 4096)) or sets[-1])
     monkeypatch.setattr(timing, "last_level_cache_bytes", lambda: 1 << 30)  # 1 GiB: the model fits
     _, report = convert(copy.deepcopy(dense), patterns, example_inputs=x, repeats=3)
-    assert not report.cold_cache and not flushes
+    assert not report.cold_cache and not sets
     monkeypatch.setattr(timing, "last_level_cache_bytes", lambda: 4096)
     model, report = convert(copy.deepcopy(dense), patterns, example_inputs=x, repeats=3)
-    assert report.cold_cache
-    assert len(flushes) == 4 * 2 * 3  # every timed call of 4 layers, dense and sparse, 3 repeats each
-    assert flushes[0] == int(1.5 * 4096) // 4  # 1.5x the cache, in floats
+    assert report.cold_cache and len(sets) == 4 * 2  # the dense and the sparse form of each layer
+    fc2 = [s for s in sets if isinstance(s[0], nn.Linear) and s[0].out_features == 32][0]
+    assert len(fc2) == -(-int(1.5 * 4096) // (64 * 32 * 4))  # 8 KB of weights: one copy reads 1.5x the cache
     with torch.no_grad():
         assert (model(x) - dense(x)).abs().max() < 1e-4
+
+
+def test_cold_copies_hold_their_own_weights_enough_to_exceed_the_cache():
+    from nmsparse.runtime.timing import cold_copies
+
+    layer = nn.Linear(64, 32)  # 8 KB of weights
+    copies = cold_copies(layer, 8192, cache_bytes=64 * 1024)
+    assert len(copies) == 12 and copies[0] is layer
+    assert len({c.weight.data_ptr() for c in copies}) == 12
+    x = torch.randn(3, 64)
+    assert all(torch.equal(c(x), layer(x)) for c in copies)
+    assert cold_copies(layer, 1 << 30, cache_bytes=64 * 1024) == [layer]  # larger than the cache: itself
 
 
 def test_time_interleaved_runs_before_untimed_before_every_timed_call():
@@ -310,3 +324,123 @@ def test_time_interleaved_runs_before_untimed_before_every_timed_call():
     assert [len(t) for t in times] == [3, 3]
     timed = [log[k + 1] for k, entry in enumerate(log) if entry == "flush"]
     assert sorted(timed) == ["a"] * 3 + ["b"] * 3  # each flush is followed by one timed call
+
+
+# ---------------------------------------------------------------- eager calls without the dispatcher
+def _sparse_linear(spec, bias=True, seed=0, out=48, inp=64):
+    torch.manual_seed(seed)
+    layer = _sparse(nn.Linear(inp, out, bias=bias), spec)
+    model, rows = convert(nn.Sequential(layer), {"0": spec}, infer=False, fuse=False)
+    assert rows[0].converted
+    return layer, model[0]
+
+
+def _op_call(m, x2d):
+    """The module's product through PyTorch's dispatcher (what compile/export see)."""
+    if m.kind == "block":
+        return torch.ops.nmsparse.block_linear(x2d, m.cols, m.kstart, m.vals, m.bias, m.activation == "relu")
+    return torch.ops.nmsparse.nm_linear(x2d, m.codes, m.vals, m.bias, m.out_features, m.n, m.m, m.activation == "relu")
+
+
+@pytest.mark.parametrize("spec", ["2:4", "1x16:0.25", "1:8", "2:8"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_eager_calls_skip_the_dispatcher_and_equal_the_operator(spec, bias, monkeypatch):
+    """A plain eager call (one token or many) runs the kernels without the dispatcher and gives
+    bit for bit what the operator gives, with the bias and a fused ReLU."""
+    from nmsparse.runtime import ops
+
+    dense, m = _sparse_linear(spec, bias)
+    inputs = [torch.randn(1, 64), torch.randn(1, 1, 64), torch.randn(64), torch.randn(5, 64), torch.randn(2, 3, 64)]
+    expected = [_op_call(m, x.reshape(-1, 64)).reshape(*x.shape[:-1], 48) for x in inputs]
+    m.activation = "relu"
+    expected_relu = [_op_call(m, x.reshape(-1, 64)).reshape(*x.shape[:-1], 48) for x in inputs]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the dispatcher was called in a plain eager call")
+
+    monkeypatch.setattr(ops, "nm_linear", refuse)
+    monkeypatch.setattr(ops, "block_linear", refuse)
+    with torch.no_grad():
+        got_relu = [m(x) for x in inputs]
+        m.activation = None  # a changed activation rebuilds the bound one-token call
+        got = [m(x) for x in inputs]
+    for x, e, g, er, gr in zip(inputs, expected, got, expected_relu, got_relu):
+        assert g.shape == x.shape[:-1] + (48,) and torch.equal(g, e) and torch.equal(gr, er)
+        assert (g - dense(x)).abs().max() < 1e-5
+    assert (torch.stack(got_relu[:1]) >= 0).all() and (got[0] < 0).any()
+
+
+def test_tools_and_gradients_still_see_the_operator():
+    """Under a dispatch mode (FlopCounterMode, tracing), jit.trace or with a gradient asked for, a
+    one-token call goes through the operator, not around it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nmsparse.runtime import ops
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    _, m = _sparse_linear("2:4")
+    x = torch.randn(1, 64)
+    assert ops.eager(x)
+    with Record() as rec:
+        y = m(x)
+    assert any("nmsparse.nm_linear" in o for o in rec.ops) and torch.equal(y, m(x))
+    traced = torch.jit.trace(m, x)
+    assert "nmsparse::nm_linear" in str(traced.graph) and torch.equal(traced(x), y)
+    xg = x.clone().requires_grad_()
+    assert not ops.eager(xg)
+    with torch.no_grad():
+        assert ops.eager(xg)
+
+
+def test_bound_one_token_call_follows_replaced_buffers_copies_and_pickling(tmp_path):
+    """The bound kernel call is rebuilt when the weights are replaced (load_state_dict of another
+    layer's values, ``.to()``), is never shared with a deep copy, and is not pickled."""
+    _, a = _sparse_linear("1x16:0.25", seed=0)
+    dense_b, b = _sparse_linear("1x16:0.25", seed=0)
+    with torch.no_grad():
+        dense_b.weight.mul_(3.0)
+        dense_b.bias.add_(1.0)
+    b, _ = convert(nn.Sequential(dense_b), {"0": "1x16:0.25"}, infer=False, fuse=False)
+    b = b[0]
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        y_a = a(x)
+        a.load_state_dict(b.state_dict())  # same mask, new values: copied in place
+        assert torch.equal(a(x), b(x)) and not torch.equal(a(x), y_a)
+        twin = copy.deepcopy(a)
+        twin.vals.mul_(0.0)
+        assert torch.equal(a(x), b(x)) and torch.equal(twin(x), twin.bias.detach().unsqueeze(0))
+        moved = copy.deepcopy(b).to(torch.float32)
+        assert torch.equal(moved(x), b(x))
+        torch.save(a, tmp_path / "layer.pt")
+        again = torch.load(tmp_path / "layer.pt", weights_only=False)
+        assert torch.equal(again(x), b(x))
+
+
+def test_small_one_token_products_run_on_the_calling_thread(monkeypatch):
+    """Packed weights below SERIAL_GEMV_BYTES run their one-token product on one thread (waking the
+    other threads costs more than it saves); larger ones on torch's thread count."""
+    calls = []
+    real = _native.gemv_call
+
+    def recording(w, bias=None, relu=False, lib=None):
+        fn = real(w, bias, relu, lib)
+        return lambda x, out, threads: calls.append(threads) or fn(x, out, threads)
+
+    monkeypatch.setattr(_native, "gemv_call", recording)
+    monkeypatch.setattr(_native, "SERIAL_GEMV_BYTES", 8 * 1024)
+    _, small = _sparse_linear("2:4", out=16, inp=64)  # 2 KB of values
+    _, large = _sparse_linear("2:4", out=256, inp=128)  # 64 KB of values
+    assert small.weight_nbytes < 8 * 1024 <= large.weight_nbytes
+    with torch.no_grad():
+        small(torch.randn(1, 64))
+        large(torch.randn(1, 128))
+    assert calls == [1, torch.get_num_threads()]

@@ -36,7 +36,7 @@ from .._cxx import build, build_cached, compiler, cpu_signature
 from .formats import nm_chunk, offset_bits
 
 __all__ = ["KernelsUnavailable", "available", "status", "require", "block_mm", "implicit_conv", "nm_mm", "im2col",
-           "library", "runnable_variants", "VARIANTS"]
+           "library", "runnable_variants", "VARIANTS", "gemv_call"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
 _FLAGS = ["-O3", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
@@ -227,6 +227,28 @@ def nm_mm(xt: torch.Tensor, w: NMArrays, bias: torch.Tensor | None = None, relu:
     lib.nms_nm_mm(xt.data_ptr(), xt.stride(0), *_nm_args(w), batch, out.data_ptr(), batch, _opt(bias), int(relu), None,
                   torch.get_num_threads())
     return out
+
+
+# Packed weights below this size run their batch-1 product on one thread. Inside a decode step the
+# other threads sleep between the model's small operators, and waking them (a futex, on a VM a
+# halted vCPU) cost more than they save on a product this small: SmolLM2-135M 1x16 at 75%, 2 threads,
+# AVX2 EPYC (docs/benchmarks.md).
+SERIAL_GEMV_BYTES = int(os.environ.get("NMSPARSE_SERIAL_GEMV_BYTES", 512 * 1024))
+
+
+def gemv_call(w: BlockArrays | NMArrays, bias: torch.Tensor | None = None, relu: bool = False,
+              lib: ctypes.CDLL | None = None):
+    """The batch-1 product ``out[rows] = W @ x`` (bias and ReLU as in :func:`block_mm`) as a function of
+    the input's and output's addresses and the thread count, every other argument bound now: what a
+    decode step runs per layer, where building the arguments took longer than the product. The
+    caller keeps ``w`` and ``bias`` alive and contiguous (``x`` holds ``columns`` floats, ``out`` rows)."""
+    lib = lib or loaded()
+    b, r = _opt(bias), int(relu)
+    if isinstance(w, BlockArrays):
+        args, fn = _block_args(w), lib.nms_block_mm
+        return lambda x, out, threads: fn(x, 1, *args, 1, out, 1, b, r, threads)
+    args, fn = _nm_args(w), lib.nms_nm_mm
+    return lambda x, out, threads: fn(x, 1, *args, 1, out, 1, b, r, None, threads)
 
 
 def conv_offsets(cols: torch.Tensor | None, count: int, channels: int, kernel: tuple[int, int],

@@ -58,8 +58,8 @@ class ConvertRow:
 class ConvertReport(list):
     """The rows of :func:`convert` (a list of :class:`ConvertRow`), with the whole model's times when
     it was measured: ``dense_ms``, ``sparse_ms`` (fastest calls) and ``speedup``; and the kernels' ``isa``.
-    ``cold_cache``: the model is larger than the last-level cache, so each layer was timed with the
-    cache flushed before every call (as it runs inside the model)."""
+    ``cold_cache``: the model is larger than the last-level cache, so each layer was timed with its
+    weights in memory, not in cache (as it runs inside the model; :func:`~nmsparse.runtime.timing.cold_copies`)."""
 
     dense_ms: float | None = None
     sparse_ms: float | None = None
@@ -144,14 +144,14 @@ def _capture_inputs(model: nn.Module, fqns: list[str], inputs: Any) -> dict[str,
     return seen
 
 
-def _best_ms(fns: list, repeats: int, before=None) -> list[float]:
+def _best_ms(fns: list, repeats: int) -> list[float]:
     """The fastest of ``repeats`` interleaved calls of each function, in ms. The minimum, not the
     median: other tenants and clock changes only ever add time, and on a shared 2-core machine the
     medians of ten calls flipped layers' choices between runs (a ViT fc2 measured 0.66x in one run,
-    1.44x in the next; the minima agreed). ``before`` runs untimed before each timed call."""
+    1.44x in the next; the minima agreed)."""
     from .timing import time_interleaved
 
-    return [1e3 * min(t) for t in time_interleaved(fns, warmup=2, repeats=repeats, before=before)]
+    return [1e3 * min(t) for t in time_interleaved(fns, warmup=2, repeats=repeats)]
 
 
 def _model_bytes(model: nn.Module) -> int:
@@ -185,8 +185,9 @@ def convert(
             timed before and after, the report carries both, and where the converted model
             measured slower than dense as a whole every layer is put back (``report.reverted``;
             not with ``min_speedup < 1``, which asks for sparse layers even where slower). A model
-            larger than the last-level cache has its layers timed with the cache flushed before
-            each call (``report.cold_cache``), the state they run in inside the model.
+            larger than the last-level cache has its layers timed with their weights in memory
+            (cycling through copies that together exceed the cache; ``report.cold_cache``), the
+            state they run in inside the model.
         keep_dense: ``{fqn: reason}`` of layers to leave dense (a choice saved with a compressed export).
         progress: ``"auto"`` shows progress (rate, ETA) while layers are timed; ``"none"`` is silent.
 
@@ -236,18 +237,15 @@ def convert(
     rows = {row.fqn: row for row in report}
     replaced: dict[str, nn.Module] = {}  # fqn -> the module before conversion or fusion (for a revert)
     inputs = {}
-    flush = None
     if example_inputs is not None and plan:
         inputs = _capture_inputs(model, [fqn for fqn, _, _ in plan], example_inputs)
         report.dense_ms = _best_ms([lambda i: _call(model, example_inputs)], repeats)[0]
-        from .timing import CacheFlush, last_level_cache_bytes
+        from .timing import last_level_cache_bytes
 
-        if _model_bytes(model) > last_level_cache_bytes():
-            # a model larger than the cache runs each layer from memory: time the layers that way
-            # (timed back to back, a small decode-step layer ran from cache, where dense GEMV is
-            # 3-5x faster than from memory, and sparse layers that win in the model were kept dense)
-            flush = CacheFlush()
-            report.cold_cache = True
+        # a model larger than the cache runs each layer from memory: time the layers that way (timed
+        # back to back, a small decode-step layer ran from cache, where dense GEMV is 3-5x faster
+        # than from memory, and sparse layers that win in the model were kept dense)
+        report.cold_cache = _model_bytes(model) > last_level_cache_bytes()
     from ..progress import Progress
 
     bar = Progress(len(plan), 0, progress if inputs else "none", 1, True)
@@ -262,8 +260,15 @@ def convert(
         x = inputs.get(fqn)
         if x is not None:
             row.input_shape = list(x.shape)
-            row.dense_ms, row.sparse_ms = _best_ms([lambda i, f=module, x=x: f(x), lambda i, f=new, x=x: f(x)], repeats,
-                                                   before=flush)
+            if report.cold_cache:
+                from .timing import cold_copies
+
+                dense_set, sparse_set = cold_copies(module, row.dense_bytes), cold_copies(new, new.weight_nbytes)
+            else:
+                dense_set, sparse_set = [module], [new]
+            row.dense_ms, row.sparse_ms = _best_ms([lambda i, s=dense_set, x=x: s[i % len(s)](x),
+                                                    lambda i, s=sparse_set, x=x: s[i % len(s)](x)], repeats)
+            del dense_set, sparse_set
             row.speedup = row.dense_ms / row.sparse_ms
             bar.update(index + 1, f"{fqn}: {row.speedup:.2f}x")
             if row.speedup < min_speedup:

@@ -6,7 +6,11 @@ on the padded input. Both accept any input layout (non-contiguous, channels-last
 size, and give the dense-with-zeros layer's output within float32 summation-order differences.
 
 ``forward`` calls one PyTorch operator (:mod:`nmsparse.runtime.ops`) on the module's buffers, so
-``torch.compile`` (fullgraph), ``torch.export`` and ``torch.jit.trace`` see the layer as one op.
+``torch.compile`` (fullgraph), ``torch.export`` and ``torch.jit.trace`` see the layer as one op. In
+plain eager calls (:func:`~nmsparse.runtime.ops.eager`) it runs the operator's CPU implementation
+without the dispatcher, and a one-row input of a SparseLinear goes straight to the batch-1 kernel
+with its arguments bound once (the decode step of a language model: measured ~15 us of Python a
+call around the kernel instead of ~60 us, 210 calls per token of SmolLM2).
 Constructing a module loads the kernel library (:func:`nmsparse.runtime._native.require`): it
 raises :class:`~nmsparse.runtime._native.KernelsUnavailable` where the kernels cannot be built.
 """
@@ -40,6 +44,9 @@ class _PackedModule(nn.Module):
         self.shape = tuple(packed.shape)
         perm = None if input_perm is None else torch.as_tensor(input_perm, dtype=torch.long)
         self.register_buffer("input_perm", perm, persistent=False)
+        self._plain = perm is None  # no input gather: the one-token fast path applies
+        # a one-token product this small runs on the calling thread (see _native.SERIAL_GEMV_BYTES)
+        self._serial = packed.nbytes < _native.SERIAL_GEMV_BYTES
         self.kind = "block" if isinstance(packed, BlockPacked) else "nm"
         # the packed arrays are also buffers, so .state_dict() and .to() see them
         if isinstance(packed, BlockPacked):
@@ -50,7 +57,9 @@ class _PackedModule(nn.Module):
             self.register_buffer("codes", torch.from_numpy(packed.codes), persistent=True)
             self.n, self.m = packed.n, packed.m
         self.register_buffer("vals", torch.from_numpy(packed.vals), persistent=True)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        # registered even when None (as nn.Linear does), so the one-token path finds it in _parameters
+        self.register_parameter("bias", None if bias is None else
+                                nn.Parameter(bias.detach().float().clone(), requires_grad=False))
         self.activation: str | None = None  # "relu": applied as the output is stored (see runtime.fuse)
         self.register_load_state_dict_post_hook(_PackedModule._refresh_derived)
 
@@ -92,6 +101,36 @@ class _PackedModule(nn.Module):
         # an input index map (channel permutation that could not be folded): gather first
         return x if self.input_perm is None else x.index_select(dim, self.input_perm)
 
+    def _gemv(self):
+        """The bound batch-1 kernel call of this layer (:func:`~nmsparse.runtime._native.gemv_call`),
+        or None where the bias is not a contiguous float32 tensor. Rebuilt when a buffer or the bias
+        was replaced (``load_state_dict`` refreshing derived arrays, assignment) or the activation
+        changed (checked by identity: a dict lookup each), and dropped by ``_apply`` (``.to()`` may
+        give a parameter new storage in place)."""
+        buffers, b = self._buffers, self._parameters.get("bias")
+        index = buffers["codes"] if self.kind == "nm" else buffers["cols"]
+        kstart = buffers.get("kstart")
+        c = self.__dict__.get("_gemv_cache")
+        if (c is not None and c[0] is buffers["vals"] and c[1] is index and c[2] is kstart and c[3] is b
+                and c[4] == self.activation):
+            return c[5]
+        if b is not None and (b.dtype != torch.float32 or not b.is_contiguous()):
+            return None
+        arrays = (_native.BlockArrays(index, kstart, buffers["vals"]) if self.kind == "block" else
+                  _native.NMArrays(index, buffers["vals"], *self.shape, self.n, self.m))
+        call = _native.gemv_call(arrays, b, self._relu)
+        self.__dict__["_gemv_cache"] = (buffers["vals"], index, kstart, b, self.activation, call)
+        return call
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_gemv_cache", None)
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:  # the bound call holds raw pointers: rebuilt after a copy or unpickling
+        state = dict(super().__getstate__())
+        state.pop("_gemv_cache", None)
+        return state
+
     @property
     def weight_nbytes(self) -> int:
         return self.packed.nbytes
@@ -106,13 +145,29 @@ class SparseLinear(_PackedModule):
         self._register_packed(packed, bias, input_perm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # no autograd: the kernels read raw buffers
+        if self._plain and ops.eager(x) and x.numel() == self.in_features and x.dtype == torch.float32 \
+                and x.is_contiguous() and x.device.type == "cpu":  # one token (a decode step): the bound kernel
+            call = self._gemv()
+            if call is not None:
+                y = torch.empty(*x.shape[:-1], self.out_features)
+                call(x.data_ptr(), y.data_ptr(), 1 if self._serial else torch.get_num_threads())
+                return y
         x = self._check(x, x.dim() - 1)
         x2d = _as_float(x.reshape(-1, self.in_features))
-        if self.kind == "block":
+        if ops.eager(x2d):
+            y = self._eager(x2d)
+        elif self.kind == "block":
             y = ops.block_linear(x2d, self.cols, self.kstart, self.vals, self._bias, self._relu)
         else:
             y = ops.nm_linear(x2d, self.codes, self.vals, self._bias, self.out_features, self.n, self.m, self._relu)
         return _like(y.reshape(*x.shape[:-1], self.out_features), x)
+
+    def _eager(self, x2d: torch.Tensor) -> torch.Tensor:
+        """What the operator computes, called directly (see :func:`~nmsparse.runtime.ops.eager`)."""
+        if self.kind == "block":
+            return ops.cpu_impl("block_linear")(x2d, self.cols, self.kstart, self.vals, self._bias, self._relu)
+        return ops.cpu_impl("nm_linear")(x2d, self.codes, self.vals, self._bias, self.out_features, self.n, self.m,
+                                         self._relu)
 
     def extra_repr(self) -> str:
         act = f", activation={self.activation}" if self.activation else ""
@@ -146,10 +201,13 @@ class SparseConv2d(_PackedModule):
         x = self._check(x, 1)
         xf = _as_float(x)
         geometry = (list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation))
+        direct = ops.eager(xf)
         if self.kind == "block":
-            y = ops.block_conv2d(xf, self.cols, self.kstart, self.vals, self._bias, *geometry, self._relu)
+            conv = ops.cpu_impl("block_conv2d") if direct else ops.block_conv2d
+            y = conv(xf, self.cols, self.kstart, self.vals, self._bias, *geometry, self._relu)
         else:
-            y = ops.nm_conv2d(xf, self.codes, self.vals, self._bias, self.out_channels, self.n, self.m, *geometry,
+            conv = ops.cpu_impl("nm_conv2d") if direct else ops.nm_conv2d
+            y = conv(xf, self.codes, self.vals, self._bias, self.out_channels, self.n, self.m, *geometry,
                               self.order == "hwc", self._relu)
         return _like(y, x)
 

@@ -30,7 +30,7 @@ import torch
 from . import _native
 from ._native import BlockArrays, NMArrays
 
-__all__ = ["block_linear", "nm_linear", "block_conv2d", "nm_conv2d"]
+__all__ = ["block_linear", "nm_linear", "block_conv2d", "nm_conv2d", "eager", "cpu_impl"]
 
 _CONV_ARGS = "SymInt[2] kernel, SymInt[2] stride, SymInt[2] padding, SymInt[2] dilation"
 _SCHEMAS = {
@@ -128,6 +128,25 @@ _IMPLS = {
 for _name, (_impl, _fake) in _IMPLS.items():
     _LIB.impl(_name, _impl, "CPU")
     torch.library.register_fake(f"nmsparse::{_name}", _fake, lib=_LIB)
+
+
+
+def eager(x: torch.Tensor) -> bool:
+    """Whether a call on ``x`` may run the operator's CPU implementation directly, without PyTorch's
+    dispatcher: a plain tensor, not compiling, tracing or under any dispatch or function mode, and
+    no gradient asked for. A Python operator's dispatch costs ~40 us a call (measured: a batch-1
+    576x576 2:4 product takes ~27 us), 210 calls per token of a 135M decoder; everywhere else the
+    modules call the operator, so ``torch.compile``, ``torch.export``, ``jit.trace`` and modes such as
+    FlopCounterMode see it as before. The same implementation runs on both paths."""
+    return (not torch.compiler.is_compiling() and type(x) is torch.Tensor and not torch.jit.is_tracing()
+            and not (x.requires_grad and torch.is_grad_enabled()) and torch._C._len_torch_dispatch_stack() == 0
+            and torch._C._len_torch_function_stack() == 0)
+
+
+def cpu_impl(name: str):
+    """The CPU implementation registered for operator ``name`` (what the dispatcher calls)."""
+    return _IMPLS[name][0]
+
 
 block_linear = torch.ops.nmsparse.block_linear
 nm_linear = torch.ops.nmsparse.nm_linear
