@@ -65,6 +65,7 @@ def _load(variant: str) -> tuple[ctypes.CDLL | None, str]:
                               _I64, _PTR, _I64, _PTR, ctypes.c_int, _PTR, ctypes.c_int]
     lib.nms_conv_offsets.argtypes = [_PTR, _I64, _I64, *([ctypes.c_int] * 6), _I64, _I64, ctypes.c_int, _PTR]
     lib.nms_im2col.argtypes = [_PTR, _I64, _I64, _I64, _I64, *([ctypes.c_int] * 9), _PTR, ctypes.c_int]
+    lib.nms_gemv.argtypes = [_PTR, _PTR, _PTR, ctypes.c_int]
     lib.nms_transpose.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, ctypes.c_int]
     lib.nms_phase_planes.argtypes = [_PTR, _I64, _I64, _I64, _I64, *([ctypes.c_int] * 4), _I64, _I64, _I64, _PTR,
                                      ctypes.c_int]
@@ -239,16 +240,18 @@ SERIAL_GEMV_BYTES = int(os.environ.get("NMSPARSE_SERIAL_GEMV_BYTES", 512 * 1024)
 def gemv_call(w: BlockArrays | NMArrays, bias: torch.Tensor | None = None, relu: bool = False,
               lib: ctypes.CDLL | None = None):
     """The batch-1 product ``out[rows] = W @ x`` (bias and ReLU as in :func:`block_mm`) as a function of
-    the input's and output's addresses and the thread count, every other argument bound now: what a
-    decode step runs per layer, where building the arguments took longer than the product. The
-    caller keeps ``w`` and ``bias`` alive and contiguous (``x`` holds ``columns`` floats, ``out`` rows)."""
+    the input's and output's addresses and the thread count, every other argument bound now in a
+    plan the C++ side reads (``nms_gemv``): what a decode step runs per layer, where converting
+    seventeen arguments took longer than a small product. The caller keeps ``w`` and ``bias`` alive
+    and in place (``x`` holds ``columns`` floats, ``out`` rows)."""
     lib = lib or loaded()
-    b, r = _opt(bias), int(relu)
+    tail = (_opt(bias) or 0, int(relu))
     if isinstance(w, BlockArrays):
-        args, fn = _block_args(w), lib.nms_block_mm
-        return lambda x, out, threads: fn(x, 1, *args, 1, out, 1, b, r, threads)
-    args, fn = _nm_args(w), lib.nms_nm_mm
-    return lambda x, out, threads: fn(x, 1, *args, 1, out, 1, b, r, None, threads)
+        plan = (ctypes.c_int64 * 10)(1, *_block_args(w), *tail)
+    else:
+        plan = (ctypes.c_int64 * 11)(0, *_nm_args(w), *tail)
+    fn, address = lib.nms_gemv, ctypes.addressof(plan)
+    return lambda x, out, threads, plan=plan: fn(address, x, out, threads)
 
 
 def conv_offsets(cols: torch.Tensor | None, count: int, channels: int, kernel: tuple[int, int],

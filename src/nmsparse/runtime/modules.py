@@ -142,14 +142,17 @@ class SparseLinear(_PackedModule):
     def __init__(self, packed: Packed, bias: torch.Tensor | None, input_perm: list[int] | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = packed.shape
+        # the output shape of one token given as [in], [1, in], [1, 1, in] or [1, 1, 1, in]
+        self._token_shapes = tuple((1,) * lead + (self.out_features,) for lead in range(4))
         self._register_packed(packed, bias, input_perm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # no autograd: the kernels read raw buffers
-        if self._plain and ops.eager(x) and x.numel() == self.in_features and x.dtype == torch.float32 \
-                and x.is_contiguous() and x.device.type == "cpu":  # one token (a decode step): the bound kernel
+        if self._plain and x.numel() == self.in_features and ops.eager(x) and x.dtype is torch.float32 \
+                and x.is_cpu and x.is_contiguous():  # one token (a decode step): the bound kernel
             call = self._gemv()
             if call is not None:
-                y = torch.empty(*x.shape[:-1], self.out_features)
+                dims = x.dim()
+                y = torch.empty(self._token_shapes[dims - 1] if dims <= 4 else (1,) * (dims - 1) + self._token_shapes[0])
                 call(x.data_ptr(), y.data_ptr(), 1 if self._serial else torch.get_num_threads())
                 return y
         x = self._check(x, x.dim() - 1)

@@ -138,9 +138,14 @@ def eager(x: torch.Tensor) -> bool:
     576x576 2:4 product takes ~27 us), 210 calls per token of a 135M decoder; everywhere else the
     modules call the operator, so ``torch.compile``, ``torch.export``, ``jit.trace`` and modes such as
     FlopCounterMode see it as before. The same implementation runs on both paths."""
-    return (not torch.compiler.is_compiling() and type(x) is torch.Tensor and not torch.jit.is_tracing()
-            and not (x.requires_grad and torch.is_grad_enabled()) and torch._C._len_torch_dispatch_stack() == 0
-            and torch._C._len_torch_function_stack() == 0)
+    return (not _compiling() and type(x) is torch.Tensor and _tracing_state() is None
+            and not (x.requires_grad and torch.is_grad_enabled()) and not _dispatch_modes() and not _function_modes())
+
+
+_compiling = torch.compiler.is_compiling
+_tracing_state = torch._C._get_tracing_state  # what torch.jit.is_tracing() reads, without its Python layer
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._len_torch_function_stack
 
 
 def cpu_impl(name: str):

@@ -806,6 +806,22 @@ void nms_nm_mm(const float* xt, i64 ldx, const uint8_t* codes, const float* vals
   }
 }
 
+// A one-token product with every argument but the input, the output and the thread count bound
+// once in `plan` (nmsparse/runtime/_native.py gemv_call): four arguments to convert per call from
+// Python instead of seventeen. plan[0] is the kind, then the arguments of the product, pointers
+// as integers:
+//   0 (n:m): codes, vals, rows, J, jc, n, m, bits, bias, relu
+//   1 (1xN): cols, kstart, chunks, vals, rows, kept, block, bias, relu
+void nms_gemv(const i64* plan, const float* x, float* out, int threads) {
+  const i64* p = plan + 1;
+  if (plan[0] == 0)
+    nms_nm_mm(x, 1, (const uint8_t*)p[0], (const float*)p[1], p[2], p[3], p[4], (int)p[5], (int)p[6], (int)p[7], 1,
+              out, 1, (const float*)p[8], (int)p[9], nullptr, threads);
+  else
+    nms_block_mm(x, 1, (const int32_t*)p[0], (const int32_t*)p[1], p[2], (const float*)p[3], p[4], p[5], p[6], 1, out,
+                 1, (const float*)p[7], (int)p[8], threads);
+}
+
 // Element offsets, in the phase planes of the implicit-GEMM convolution (_native.implicit_conv), of
 // the weight columns cols[0..count) (cols null: columns 0..count-1). Column order "chw"
 // (c*kh*kw + dy*kw + dx) or, with hwc, (dy*kw + dx)*C + c. Returns 0 where an offset overflows int32.
