@@ -2,6 +2,7 @@
 kernel source, and convert's measured layer choice."""
 
 import copy
+import importlib
 import shutil
 import warnings
 
@@ -12,6 +13,8 @@ from torch import nn
 from nmsparse.mask import compute_mask
 from nmsparse.pattern import parse_pattern
 from nmsparse.runtime import SparseConv2d, SparseLinear, _native, convert, load_compressed, save_compressed
+
+convert_module = importlib.import_module("nmsparse.runtime.convert")  # the package's `convert` is the function
 
 pytestmark = pytest.mark.skipif(not _native.available(), reason="no C++ compiler builds the kernels here")
 
@@ -151,6 +154,33 @@ def test_layer_choice_keeps_a_layer_dense_where_it_measured_slower(monkeypatch):
     _, report = convert(copy.deepcopy(dense), {f: "1x16:0.25" for f in ("fc1",)}, example_inputs=x, repeats=2,
                         min_speedup=0.0)
     assert {r.fqn: r.converted for r in report}["fc1"]
+
+
+@pytest.mark.parametrize("slowed_layers,converted", [({"1"}, True), ({"0", "2"}, False)])
+def test_layers_of_one_shape_are_chosen_together_by_their_median(monkeypatch, slowed_layers, converted):
+    """Three layers of one shape and input share one decision, from the median of their ratios: one
+    slow outlier does not keep its layer dense, two slow of three keep all three dense (with the
+    group's ratio in each reason); a layer of another shape is decided on its own."""
+    torch.manual_seed(0)
+    net = nn.Sequential(*[_sparse(nn.Linear(64, 64), "1x16:0.25") for _ in range(3)],
+                        _sparse(nn.Linear(64, 32), "1x16:0.25"))
+    slowed = {id(net[int(i)]) for i in slowed_layers}
+
+    def best_ms(fns, repeats):  # a layer's dense form 1 ms; its sparse form 0.5 ms, or 2 ms if slowed
+        if len(fns) == 1:
+            return [1.0]  # the whole model
+        dense_layer = fns[0].__defaults__[0][0]
+        return [1.0, 2.0 if id(dense_layer) in slowed else 0.5]
+
+    monkeypatch.setattr(convert_module, "_best_ms", best_ms)
+    x = torch.randn(4, 64)
+    model, report = convert(net, {str(i): "1x16:0.25" for i in range(4)}, example_inputs=x, repeats=3, fuse=False)
+    rows = {r.fqn: r for r in report}
+    assert [rows[str(i)].converted for i in range(3)] == [converted] * 3
+    assert rows["3"].converted  # its own group
+    if not converted:
+        assert all("the 3 layers of this shape measured" in rows[str(i)].reason for i in range(3))
+    assert [rows[str(i)].speedup for i in range(3)] == [0.5 if str(i) in slowed_layers else 2.0 for i in range(3)]
 
 
 def test_layer_choice_round_trips_through_the_compressed_export(tmp_path):
