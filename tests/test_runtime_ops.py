@@ -183,6 +183,47 @@ def test_layers_of_one_shape_are_chosen_together_by_their_median(monkeypatch, sl
     assert [rows[str(i)].speedup for i in range(3)] == [0.5 if str(i) in slowed_layers else 2.0 for i in range(3)]
 
 
+@pytest.mark.parametrize("model_ms", [1.0, 100_000.0])
+def test_repeated_layers_of_a_model_larger_than_the_cache_are_chosen_in_the_model(monkeypatch, model_ms):
+    """In a model larger than the cache, a group of repeated layers is decided by timing the whole
+    model with the group sparse and dense: a group faster alone but slower in the model stays dense
+    (the reason says so), a layer without repeats by its own ratio. Where timing the model per group
+    would take over the budget (a slow model call), the median of the layers decides."""
+    from nmsparse.runtime import timing
+
+    torch.manual_seed(0)
+    net = nn.Sequential(*[_sparse(nn.Linear(64, 64), "1x16:0.25") for _ in range(2)],
+                        *[_sparse(nn.Linear(64, 64), "2:4") for _ in range(2)], _sparse(nn.Linear(64, 32), "2:4"))
+    in_model = []
+
+    def best_ms(fns, repeats):
+        if len(fns) == 1:
+            return [model_ms]  # the whole model before and after
+        defaults = fns[0].__defaults__
+        if len(defaults) == 1:  # the whole model with one group dense, then sparse
+            key = defaults[0]
+            in_model.append(key)
+            return [1.0, 2.0] if key[2] == "2:4" else [1.0, 0.5]  # 2:4 layers: slower inside the model
+        return [1.0, 0.5]  # every layer alone: 2x faster sparse
+
+    monkeypatch.setattr(convert_module, "_best_ms", best_ms)
+    monkeypatch.setattr(timing, "last_level_cache_bytes", lambda: 4096)
+    patterns = {"0": "1x16:0.25", "1": "1x16:0.25", "2": "2:4", "3": "2:4", "4": "2:4"}
+    model, report = convert(copy.deepcopy(net), patterns, example_inputs=torch.randn(1, 64), repeats=3, fuse=False)
+    rows = {r.fqn: r for r in report}
+    assert report.cold_cache and rows["4"].converted and rows["0"].converted and rows["1"].converted
+    if model_ms == 1.0:
+        assert len(in_model) == 2  # the two repeated groups, not the single layer
+        assert not rows["2"].converted and not rows["3"].converted
+        assert "the model ran 0.50x as fast with the 2 layers of this shape sparse" in rows["2"].reason
+        assert isinstance(model[2], nn.Linear) and isinstance(model[0], SparseLinear)
+    else:
+        assert not in_model and rows["2"].converted and rows["3"].converted
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert (model(x) - net(x)).abs().max() < 1e-4
+
+
 def test_layer_choice_round_trips_through_the_compressed_export(tmp_path):
     """Layers kept dense by the measured choice are stored dense (with the reason in the manifest) and
     stay dense on reload; the rest load packed; outputs equal the export's."""
