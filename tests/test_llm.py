@@ -309,11 +309,13 @@ def test_an_export_with_a_tied_head_loads_as_training_weights(tiny_llama_dir, tm
         load_weights(fresh, tmp_path / "broken.safetensors")
 
 
-def test_gpt2_conv1d_projections_are_refused_with_the_reason(tmp_path, capsys):
+def test_gpt2_errors_name_the_fix(tmp_path, capsys):
+    """A GPT-2 built outside nmsparse (Conv1D projections) is refused with the call that fixes it;
+    a directory without tokenizer files and a tokenizer of another vocabulary are one-line errors."""
     config = transformers.GPT2Config(vocab_size=256, n_embd=32, n_layer=2, n_head=4, n_positions=64)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config).eval()
-    with pytest.raises(MethodError, match="Conv1D layers .*transformer.h.0.attn.c_attn and 7 more"):
+    with pytest.raises(MethodError, match=r"Conv1D layers .*transformer.h.0.attn.c_attn and 7 more.*conv1d_as_linear"):
         prune(model, "2:4", "magnitude", progress="none")
     model.save_pretrained(str(tmp_path / "gpt2"))  # and without tokenizer files: a one-line error, exit 2
     assert main(["prune", f"hf:{tmp_path / 'gpt2'}", "--pattern", "2:4", "--method", "magnitude",
@@ -327,8 +329,87 @@ def test_gpt2_conv1d_projections_are_refused_with_the_reason(tmp_path, capsys):
     assert "do not belong to this model" in capsys.readouterr().err
     assert main(["eval", f"hf:{tmp_path / 'mismatch'}", "--perplexity", "text:heldout", "--tokens", "128"]) == 2
     assert "do not belong to this model" in capsys.readouterr().err
-    _tokenizer(tmp_path / "gpt2")
-    assert main(["prune", f"hf:{tmp_path / 'gpt2'}", "--pattern", "2:4", "--method", "magnitude",
-                 "--heldout-tokens", "128", "--window", "32", "--out", str(tmp_path / "out")]) == 2
-    assert "does not prune yet" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_conv1d_as_linear_computes_the_same_and_keeps_the_conv1d_layout_on_disk(tmp_path):
+    from transformers.pytorch_utils import Conv1D
+
+    from nmsparse.models import Conv1DLinear, conv1d_as_linear
+
+    torch.manual_seed(0)
+    conv = Conv1D(24, 16)  # nf=24 outputs, nx=16 inputs: weight [16, 24]
+    torch.nn.init.normal_(conv.bias)
+    holder = torch.nn.Sequential(conv)
+    x = torch.randn(3, 5, 16)
+    expected = conv(x)
+    assert conv1d_as_linear(holder) == ["0"]
+    linear = holder[0]
+    assert isinstance(linear, Conv1DLinear) and isinstance(linear, torch.nn.Linear)
+    assert linear.weight.shape == (24, 16) and (linear.in_features, linear.out_features) == (16, 24)
+    assert torch.allclose(linear(x), expected, atol=1e-6)
+    state = holder.state_dict()
+    assert state["0.weight"].shape == (16, 24) and torch.equal(state["0.weight"], conv.weight)
+    fresh = torch.nn.Sequential(Conv1D(24, 16))
+    fresh.load_state_dict(state)  # the stored layout is Conv1D's
+    assert torch.equal(fresh[0].weight, conv.weight)
+    again = torch.nn.Sequential(Conv1DLinear(Conv1D(24, 16)))
+    again.load_state_dict(fresh.state_dict())
+    assert torch.equal(again[0].weight, linear.weight)
+    torch.save(holder, tmp_path / "m.pt")
+    assert torch.allclose(torch.load(tmp_path / "m.pt", weights_only=False)(x), expected, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-gpt2")
+    tok = _tokenizer(directory)
+    config = transformers.GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                     bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(str(directory))
+    return directory
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_gpt2_family_prunes_exports_for_from_pretrained_and_converts(tiny_gpt2_dir, tmp_path, method):
+    """GPT-2's Conv1D projections (fused c_attn as q, k, v slices, c_proj, mlp c_fc/c_proj) prune like
+    Linear layers, N:M along the input features; the export loads with from_pretrained into Conv1D
+    layers (weights [in, out], zeros N:M along dim 0) computing what the pruned model computes, and
+    the runtime converts it."""
+    from nmsparse.export import load_export
+    from nmsparse.runtime import SparseLinear, convert
+
+    out = tmp_path / "export"
+    assert main(["prune", f"hf:{tiny_gpt2_dir}", "--pattern", "2:4", "--method", method, "--samples", "4",
+                 "--seq-len", "32", "--heldout-tokens", "128", "--window", "32", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    names = {e["fqn"] for e in manifest["layers"]}
+    assert names == {f"transformer.h.{i}.{n}" for i in range(2)
+                     for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    conv = hf.transformer.h[0].attn.c_attn
+    assert type(conv).__name__ == "Conv1D" and conv.weight.shape == (64, 192)
+    assert is_nm(conv.weight.t(), NMPattern(2, 4)) and float((conv.weight == 0).float().mean()) == pytest.approx(0.5)
+    ours, _ = load_export(out)
+    ids = _ids(40, vocab=hf.config.vocab_size).unsqueeze(0)
+    with torch.no_grad():
+        reference = hf(input_ids=ids).logits
+        assert torch.allclose(ours(input_ids=ids).logits, reference, atol=1e-4)
+        converted, rows = convert(ours, infer=True)
+        assert sum(r.converted for r in rows) == 8
+        assert isinstance(converted.transformer.h[1].mlp.c_fc, SparseLinear)
+        assert torch.allclose(converted(input_ids=ids).logits, reference, atol=1e-3)
+    if method == "sparsegpt":  # streamed block by block from the Conv1D-layout shards: the same weights
+        from safetensors.torch import load_file
+
+        streamed = tmp_path / "streamed"
+        assert main(["prune", f"hf:{tiny_gpt2_dir}", "--pattern", "2:4", "--method", method, "--samples", "4",
+                     "--seq-len", "32", "--out", str(streamed), "--stream"]) == 0
+        in_memory = load_file(str(out / "model.safetensors"))
+        shards = {}
+        for shard in streamed.glob("model-*.safetensors"):
+            shards.update(load_file(str(shard)))
+        assert shards["transformer.h.1.mlp.c_fc.weight"].shape == (64, 256)
+        assert all(torch.equal(shards[k], v) for k, v in in_memory.items() if k in shards)
+        assert set(in_memory) - set(shards) <= {"lm_head.weight"}  # the tied head is stored once

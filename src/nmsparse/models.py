@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ModelError", "ModelSource", "build_model", "parse_model_spec", "minilm_path", "smollm2_gguf", "gguf_to_hf",
+__all__ = ["ModelError", "ModelSource", "Conv1DLinear", "conv1d_as_linear", "build_model", "parse_model_spec", "minilm_path", "smollm2_gguf", "gguf_to_hf",
            "is_causal_lm_dir", "load_weights", "tied_parameter_names", "no_cache", "run_model"]
 
 
@@ -209,10 +209,49 @@ def build_model(
             raise ModelError(f"{path} has no config.json; expected a Hugging Face model directory")
         loader = AutoModelForCausalLM if is_causal_lm_dir(path) else AutoModel
         model = loader.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+        conv1d_as_linear(model)  # GPT-2 family: Conv1D projections become the Linear layers they compute
         options = {}
         name = str(path)
     model.eval()
     return model, ModelSource(f"{kind}:{name}", options)
+
+
+class Conv1DLinear(nn.Linear):
+    """transformers' ``Conv1D`` (the GPT-2 family's projections: ``y = x @ W + b`` with ``W`` stored
+    ``[in, out]``) as the ``nn.Linear`` it computes (``weight`` ``[out, in]``), so that selection, masks,
+    calibration, export checks and the runtime treat it as any Linear: N:M groups run along the
+    input features, as in every other layer. ``state_dict()`` and ``load_state_dict()`` keep Conv1D's
+    ``[in, out]`` layout under ``weight``, so a checkpoint or an export loads into the original
+    architecture with ``from_pretrained`` (where the zeros stay N:M along the input)."""
+
+    def __init__(self, conv1d: nn.Module) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = conv1d.weight.shape
+        self.weight = nn.Parameter(conv1d.weight.detach().t().contiguous(), requires_grad=conv1d.weight.requires_grad)
+        self.bias = conv1d.bias
+        self.register_state_dict_post_hook(_weight_as_conv1d)
+        self.register_load_state_dict_pre_hook(_weight_from_conv1d)
+
+
+def _weight_as_conv1d(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    if prefix + "weight" in state_dict:
+        state_dict[prefix + "weight"] = state_dict[prefix + "weight"].t()
+
+
+def _weight_from_conv1d(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    key = prefix + "weight"
+    if key in state_dict and isinstance(state_dict[key], torch.Tensor) and state_dict[key].dim() == 2:
+        state_dict[key] = state_dict[key].t()
+
+
+def conv1d_as_linear(model: nn.Module) -> list[str]:
+    """Replace every transformers ``Conv1D`` in ``model`` by the :class:`Conv1DLinear` it computes (in
+    place, the same parameters' values); returns their names. :func:`build_model` does this for
+    ``hf:`` models (GPT-2 family), so ``prune``, ``train`` and ``runtime.convert`` see Linear layers."""
+    names = [fqn for fqn, m in model.named_modules() if type(m).__name__ == "Conv1D" and hasattr(m, "nf")]
+    for fqn in names:
+        model.set_submodule(fqn, Conv1DLinear(model.get_submodule(fqn)))
+    return names
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:

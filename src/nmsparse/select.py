@@ -36,8 +36,8 @@ _FF = (
     r"(mlp\.fc[12]|mlp\.(gate|up|down)_proj|mlp\.c_(fc|proj)|(?<!attention\.)output\.dense"
     r"|intermediate\.dense|ffn\.\w+|feed_forward\.\w+|mlp\.\d+|mlp\.linear_[12])"
 )
-_QKV = r"(attn\.qkv|attn\.[qkv]|attention\.self\.(query|key|value)|self_attn\.[qkv]_proj|query_key_value|[qkv]_proj)"
-_ATTN_OUT = r"(attn\.proj|attention\.output\.dense|self_attn\.(o|out)_proj|attn\.out_proj|o_proj)"
+_QKV = r"(attn\.qkv|attn\.c_attn|attn\.[qkv]|attention\.self\.(query|key|value)|self_attn\.[qkv]_proj|query_key_value|[qkv]_proj)"
+_ATTN_OUT = r"(attn\.proj|attn\.c_proj|attention\.output\.dense|self_attn\.(o|out)_proj|attn\.out_proj|o_proj)"
 
 #: Named layer sets. "all" is every Conv and Linear; the transformer sets use name regexes covering
 #: timm (ViT, DeiT, Swin), torchvision and Hugging Face (BERT/MiniLM, Llama-style) naming.
@@ -51,7 +51,7 @@ LAYER_SETS: dict[str, str] = {
     "attention": "qkv + attn-out",
 }
 _SET_REGEX = {"ff": _FF, "qkv": _QKV, "attn-out": _ATTN_OUT, "attention": f"({_QKV}|{_ATTN_OUT})"}
-_FUSED_QKV = re.compile(r"(^|\.)(qkv|query_key_value)$")
+_FUSED_QKV = re.compile(r"(^|\.)(qkv|query_key_value|c_attn)$")
 
 
 @dataclass(frozen=True)
@@ -151,8 +151,9 @@ def nothing_selected(model: nn.Module, what: str) -> str:
     conv1d = [fqn for fqn, m in model.named_modules() if type(m).__name__ == "Conv1D" and hasattr(m, "nf")]
     if conv1d:
         return (f"no layer was selected {what}: this model's projections are transformers Conv1D layers "
-                f"({conv1d[0]} and {len(conv1d) - 1} more; GPT-2 style, weight stored [in, out]), which nmsparse "
-                "does not prune yet; it prunes nn.Linear and nn.Conv2d (Llama, Mistral, Qwen, OPT, Phi families)")
+                f"({conv1d[0]} and {len(conv1d) - 1} more; GPT-2 style, weight stored [in, out]); call "
+                "nmsparse.models.conv1d_as_linear(model) first to make them the nn.Linear layers they compute "
+                "(build_model and the CLI do this for hf: models)")
     return f"no layer was selected {what}; check the layer sets and rules"
 
 

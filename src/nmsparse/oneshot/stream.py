@@ -73,8 +73,13 @@ class _Shards:
         """
         from safetensors import safe_open
 
+        from ..models import Conv1DLinear
+
         wanted = dict(module.named_parameters(prefix=prefix.rstrip("."), remove_duplicate=False))
         wanted.update(dict(module.named_buffers(prefix=prefix.rstrip("."), remove_duplicate=False)))
+        # GPT-2's Conv1D weights are stored [in, out]; as Conv1DLinear they hold [out, in]
+        transposed = {f"{prefix}{name}.weight" if name else f"{prefix}weight"
+                      for name, m in module.named_modules() if isinstance(m, Conv1DLinear)}
         by_file: dict[Path, list[str]] = {}
         for key in wanted:
             if key in self.files and not (skip and key.startswith(skip)):
@@ -83,7 +88,8 @@ class _Shards:
             for path, keys in by_file.items():
                 with safe_open(str(path), "pt") as handle:
                     for key in keys:
-                        wanted[key].copy_(handle.get_tensor(key))
+                        tensor = handle.get_tensor(key)
+                        wanted[key].copy_(tensor.t() if key in transposed else tensor)
         if strict:
             absent = sorted(k for k in wanted if k not in self.files)
             if absent:
@@ -123,6 +129,7 @@ def prune_streaming(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..export.dense import _write_hf_files
+    from ..models import conv1d_as_linear
 
     directory, out = Path(directory), Path(out)
     built = build_method(method, method_options)
@@ -134,6 +141,7 @@ def prune_streaming(
     shards = _Shards(directory)
     with torch.device("meta"):  # shapes and names only: no memory
         skeleton = AutoModelForCausalLM.from_config(config)
+    conv1d_as_linear(skeleton)  # GPT-2 family: as build_model does (their state_dict keeps the Conv1D layout)
     choices = select_layers(skeleton, selection or Selection(), pattern)
     selected = [c for c in choices if c.selected]
     blocks = find_blocks(skeleton, [c.fqn for c in selected])
@@ -150,6 +158,7 @@ def prune_streaming(
     if hasattr(one, "layer_types") and getattr(one, "layer_types", None):
         one.layer_types = one.layer_types[:1]
     shell = AutoModelForCausalLM.from_config(one, dtype=torch.float32).eval()
+    conv1d_as_linear(shell)
     shell_blocks = shell.get_submodule(prefix)
     for name, module in shell.named_children():  # load everything but the block list
         shards.load_into(module, f"{name}.", skip=prefix + ".")
