@@ -134,6 +134,35 @@ def test_causal_recovery_holds_masks_and_lowers_the_distillation_loss(tiny_llama
     assert student.lm_head.weight is student.model.embed_tokens.weight
 
 
+def test_an_export_without_recovery_holds_no_dense_copy_while_pruning(tiny_llama_dir, tmp_path, monkeypatch):
+    """Without recovery or permutation, prune(out=...) copies the model once, after the export is
+    written, as the reload check's skeleton: every state-dict tensor zeroed (a tensor the export did
+    not restore would show), non-persistent buffers (rotary tables) kept; the check still reads 0."""
+    import copy as copy_module
+    import importlib
+
+    prune_module = importlib.import_module("nmsparse.oneshot.prune")  # the package's `prune` is the function
+    model, source = build_model(f"hf:{tiny_llama_dir}")
+    out = tmp_path / "export"
+    copies = []
+    real = copy_module.deepcopy
+
+    def deepcopy(obj, memo=None, *rest):
+        if obj is model:
+            copies.append((out / "manifest.json").is_file())
+        return real(obj, memo, *rest)
+
+    monkeypatch.setattr(copy_module, "deepcopy", deepcopy)
+    result = prune(model, "2:4", "sparsegpt", calibration=_windows(), out=out, source=source,
+                   example_inputs={"input_ids": _ids(40).unsqueeze(0)}, progress="none")
+    monkeypatch.setattr(copy_module, "deepcopy", real)
+    assert copies == [True] and result.reload_max_abs_diff == 0.0
+    blank = prune_module._blank_copy(model)
+    assert all(float(t.abs().max()) == 0.0 for t in blank.state_dict().values() if t.is_floating_point())
+    assert torch.equal(blank.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
+    assert float(model.model.layers[0].mlp.up_proj.weight.abs().max()) > 0  # the model itself untouched
+
+
 def test_export_loads_with_from_pretrained_and_the_tokenizer(tiny_llama_dir, tmp_path):
     model, source = build_model(f"hf:{tiny_llama_dir}")
     ids = _ids(40).unsqueeze(0)

@@ -73,6 +73,12 @@ def embedding_fidelity(dense: torch.Tensor, sparse: torch.Tensor) -> dict[str, A
             "nn_agreement": round(float(agree), 4), "sentences": int(dense.shape[0])}
 
 
+# The most memory one batch's logits may take (float32 [windows, window, vocab]): with SmolLM2's
+# 49,152-token vocabulary four 512-token windows made 400 MB of logits and as much again for the
+# log-softmax and its reshaped slice, and evaluating the 538 MB model peaked at 2.7 GB.
+LOGITS_BUDGET_BYTES = 128 * 1024**2
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: torch.Tensor, window: int = 512, stride: int | None = None,
                batch_size: int = 4, progress: str = "none") -> dict[str, Any]:
@@ -81,7 +87,8 @@ def perplexity(model: nn.Module, ids: torch.Tensor, window: int = 512, stride: i
     Each window of ``window`` tokens starts ``stride`` tokens after the previous one (default: the
     window, i.e. disjoint windows); only the tokens a window adds beyond the previous one are scored,
     each conditioned on up to ``window - 1`` tokens before it (the usual sliding-window evaluation).
-    Windows of equal shape run as one batch.
+    Windows of equal shape run in batches of up to ``batch_size``, fewer where their logits would
+    exceed :data:`LOGITS_BUDGET_BYTES` (one window at least).
 
     Args:
         model: a causal LM called as ``model(input_ids=...)`` returning ``.logits``.
@@ -112,11 +119,15 @@ def perplexity(model: nn.Module, ids: torch.Tensor, window: int = 512, stride: i
     groups: dict[tuple[int, int], list[int]] = {}
     for begin, end, scored in spans:
         groups.setdefault((end - begin, scored), []).append(begin)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    vocab = head.weight.shape[0] if head is not None and hasattr(head, "weight") else \
+        getattr(getattr(model, "config", None), "vocab_size", 1)
     bar = Progress(len(spans), 0, progress, every=1)
     done = 0
     for (length, scored), begins in groups.items():
-        for i in range(0, len(begins), batch_size):
-            chunk = begins[i : i + batch_size]
+        per_batch = max(1, min(batch_size, LOGITS_BUDGET_BYTES // (4 * length * vocab)))
+        for i in range(0, len(begins), per_batch):
+            chunk = begins[i : i + per_batch]
             inputs = torch.stack([ids[b : b + length] for b in chunk])  # [B, length]
             logits = model(input_ids=inputs, **extra).logits  # [B, length, V]
             # position t predicts token t + 1: the scored targets are the last `scored` tokens

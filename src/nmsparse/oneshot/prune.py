@@ -110,8 +110,11 @@ def prune(
         raise ValueError("writing an export needs source= (how to rebuild the model) and example_inputs=")
     text = str(parse_pattern(pattern)) if isinstance(pattern, str) else str(pattern)
     result = PruneResult([], [], method=method, pattern=text)
-    need_reference = recover is not None or out is not None
-    reference = copy.deepcopy(model) if need_reference else None  # the dense original: teacher, reload check
+    # the dense original: the teacher of a recovery, and (with a permutation, which the export records
+    # and load_export re-attaches) the skeleton of the reload check; otherwise no copy is held while
+    # pruning (SmolLM2: 538 MB) and the check loads into a blanked copy of the pruned model
+    need_reference = recover is not None or (out is not None and bool(permute))
+    reference = copy.deepcopy(model) if need_reference else None
     model.eval()
     check = FidelityCheck(model, heldout, window) if heldout is not None else None
     if permute:
@@ -144,7 +147,6 @@ def prune(
         if check is not None:
             result.fidelity["recovered"] = check(model)  # type: ignore[index]
     if out is not None:
-        assert reference is not None
         report = json.dumps(result.as_dict(), indent=2) + "\n"
         all_files = {**(files or {}), "report.json": report}
         if save is not None:
@@ -154,8 +156,22 @@ def prune(
         else:
             directory = save_export(model, out, result.layers, source.as_dict(), result.skipped,
                                     extra={"method": method, **(extra or {})}, files=all_files)
-            reloaded, _ = load_export(directory, copy.deepcopy(reference))
+            reloaded, _ = load_export(directory, copy.deepcopy(reference) if reference is not None else
+                                      _blank_copy(model))
         with torch.no_grad():
             diff = (forward_output(model, example_inputs).float() - forward_output(reloaded, example_inputs).float())
         result.export, result.reload_max_abs_diff = str(directory), float(diff.abs().max())
     return result
+
+
+@torch.no_grad()
+def _blank_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every floating-point tensor of its state dict zeroed: the skeleton of
+    the reload check, so that a tensor the export failed to restore shows up in the comparison
+    (load_export also refuses missing keys). Tensors outside the state dict (non-persistent
+    buffers such as rotary tables) are what a rebuilt model computes itself, and are kept."""
+    blank = copy.deepcopy(model)
+    for tensor in blank.state_dict().values():
+        if tensor.is_floating_point():
+            tensor.zero_()
+    return blank
