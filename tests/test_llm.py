@@ -161,6 +161,20 @@ def test_an_export_without_recovery_holds_no_dense_copy_while_pruning(tiny_llama
     assert all(float(t.abs().max()) == 0.0 for t in blank.state_dict().values() if t.is_floating_point())
     assert torch.equal(blank.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
     assert float(model.model.layers[0].mlp.up_proj.weight.abs().max()) > 0  # the model itself untouched
+    # loading reads the weights a part at a time (not a second copy of the model at once)
+    from nmsparse.export import dense as dense_export
+    from nmsparse.export import load_export
+
+    monkeypatch.setattr(dense_export, "LOAD_PART_BYTES", 16 * 1024)
+    parts = []
+    real_load = torch.nn.Module.load_state_dict
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict",
+                        lambda self, state, *a, **k: parts.append(len(state)) or real_load(self, state, *a, **k))
+    reloaded, _ = load_export(out)
+    assert len(parts) > 5 and max(parts) < len(model.state_dict())
+    ids = _ids(40).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
 def test_export_loads_with_from_pretrained_and_the_tokenizer(tiny_llama_dir, tmp_path):

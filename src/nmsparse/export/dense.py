@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch import nn
 
 from .._io import atomic_dir
@@ -77,17 +77,32 @@ def save_export(
     return Path(out_dir)
 
 
-def _load_shards(model: nn.Module, directory: Path, index: Path) -> tuple[list[str], list[str]]:
-    """Load a sharded export (``model.safetensors.index.json``) shard by shard; tied weights count once."""
-    from safetensors.torch import load_file
+# Tensors are read and loaded in parts of about this size, so that loading an export holds one part
+# beside the model, not a second copy of every weight (SmolLM2: 538 MB).
+LOAD_PART_BYTES = 64 * 1024**2
 
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+
+def _load_shards(model: nn.Module, directory: Path, files: list[str]) -> tuple[list[str], list[str]]:
+    """Load safetensors files into ``model`` a part at a time (:data:`LOAD_PART_BYTES`; the state
+    dict hooks of the model's modules apply, e.g. Conv1DLinear's layout); tied weights count once.
+    Returns ``(missing, unexpected)``."""
+    from safetensors import safe_open
+
     expected = set(model.state_dict())
     seen: set[str] = set()
     for name in files:
-        state = load_file(str(directory / name))
-        model.load_state_dict(state, strict=False)
-        seen.update(state)
+        with safe_open(str(directory / name), "pt") as handle:
+            part: dict[str, torch.Tensor] = {}
+            size = 0
+            for key in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+                part[key] = handle.get_tensor(key)
+                size += part[key].numel() * part[key].element_size()
+                if size >= LOAD_PART_BYTES:
+                    model.load_state_dict(part, strict=False)
+                    seen.update(part)
+                    part, size = {}, 0
+            model.load_state_dict(part, strict=False)
+            seen.update(part)
     from ..models import tied_parameter_names
 
     missing = sorted(expected - seen - tied_parameter_names(model, seen))
@@ -166,10 +181,9 @@ def load_export(directory: str | Path, model: nn.Module | None = None) -> tuple[
         except ModelError as exc:
             raise ExportError(f"cannot rebuild the exported model: {exc}") from None
     try:
-        if weights.is_file():
-            missing, unexpected = load_model(model, str(weights), strict=False)
-        else:
-            missing, unexpected = _load_shards(model, directory, index)
+        files = ([WEIGHTS_NAME] if weights.is_file() else
+                 sorted(set(json.loads(index.read_text())["weight_map"].values())))
+        missing, unexpected = _load_shards(model, directory, files)
     except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as exc:
         raise ExportError(f"{weights} is corrupt or does not fit the model: {str(exc).splitlines()[0]}") from None
     if missing or unexpected:
