@@ -134,33 +134,36 @@ def test_causal_recovery_holds_masks_and_lowers_the_distillation_loss(tiny_llama
     assert student.lm_head.weight is student.model.embed_tokens.weight
 
 
-def test_an_export_without_recovery_holds_no_dense_copy_while_pruning(tiny_llama_dir, tmp_path, monkeypatch):
-    """Without recovery or permutation, prune(out=...) copies the model once, after the export is
-    written, as the reload check's skeleton: every state-dict tensor zeroed (a tensor the export did
-    not restore would show), non-persistent buffers (rotary tables) kept; the check still reads 0."""
+def test_an_export_without_recovery_holds_no_second_model(tiny_llama_dir, tmp_path, monkeypatch):
+    """Without recovery or permutation, prune(out=...) never copies the model: the reload check reads
+    every stored tensor back against the model's (0.0), and names what an export lacks or adds."""
     import copy as copy_module
-    import importlib
 
-    prune_module = importlib.import_module("nmsparse.oneshot.prune")  # the package's `prune` is the function
+    from nmsparse.export import ExportError, compare_export
+
     model, source = build_model(f"hf:{tiny_llama_dir}")
     out = tmp_path / "export"
     copies = []
     real = copy_module.deepcopy
 
     def deepcopy(obj, memo=None, *rest):
-        if obj is model:
-            copies.append((out / "manifest.json").is_file())
+        copies.append(obj is model)
         return real(obj, memo, *rest)
 
     monkeypatch.setattr(copy_module, "deepcopy", deepcopy)
     result = prune(model, "2:4", "sparsegpt", calibration=_windows(), out=out, source=source,
                    example_inputs={"input_ids": _ids(40).unsqueeze(0)}, progress="none")
     monkeypatch.setattr(copy_module, "deepcopy", real)
-    assert copies == [True] and result.reload_max_abs_diff == 0.0
-    blank = prune_module._blank_copy(model)
-    assert all(float(t.abs().max()) == 0.0 for t in blank.state_dict().values() if t.is_floating_point())
-    assert torch.equal(blank.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
-    assert float(model.model.layers[0].mlp.up_proj.weight.abs().max()) > 0  # the model itself untouched
+    assert not any(copies) and result.reload_max_abs_diff == 0.0
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] += 0.5
+    assert compare_export(model, out) == pytest.approx(0.5)
+    model.model.extra = torch.nn.Linear(2, 2)  # a tensor the export lacks
+    with pytest.raises(ExportError, match="lacks .*extra"):
+        compare_export(model, out)
+    del model.model.extra
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] -= 0.5
     # loading reads the weights a part at a time (not a second copy of the model at once)
     from nmsparse.export import dense as dense_export
     from nmsparse.export import load_export
@@ -172,7 +175,7 @@ def test_an_export_without_recovery_holds_no_dense_copy_while_pruning(tiny_llama
                         lambda self, state, *a, **k: parts.append(len(state)) or real_load(self, state, *a, **k))
     reloaded, _ = load_export(out)
     assert len(parts) > 5 and max(parts) < len(model.state_dict())
-    ids = _ids(40).unsqueeze(0)
+    ids = _ids(40).unsqueeze(0)  # what prune left in memory is what the export holds
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
 

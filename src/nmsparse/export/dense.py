@@ -18,7 +18,7 @@ from .._io import atomic_dir
 from ..mask import sliced_satisfies
 from .manifest import MANIFEST_NAME, WEIGHTS_NAME, ExportError, entry_patterns, make_manifest, read_manifest
 
-__all__ = ["save_export", "load_export", "verify_weights", "is_export", "open_model"]
+__all__ = ["save_export", "load_export", "verify_weights", "is_export", "open_model", "compare_export"]
 
 
 def is_export(path: str | Path) -> bool:
@@ -107,6 +107,42 @@ def _load_shards(model: nn.Module, directory: Path, files: list[str]) -> tuple[l
 
     missing = sorted(expected - seen - tied_parameter_names(model, seen))
     return missing, sorted(seen - expected)
+
+
+@torch.no_grad()
+def compare_export(model: nn.Module, directory: str | Path) -> float:
+    """The largest absolute difference between the tensors an export stores (read back one at a time)
+    and ``model``'s state dict: 0.0 when the export holds exactly the model's weights. Costs one
+    tensor of memory, not a second model.
+
+    Raises:
+        ExportError: the export lacks a tensor of the model (a tied one stored once is fine) or holds
+            one the model does not have, or a shape differs.
+    """
+    from safetensors import safe_open
+
+    from ..models import tied_parameter_names
+
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    files = [WEIGHTS_NAME] if (directory / WEIGHTS_NAME).is_file() else sorted(
+        set(json.loads(index.read_text())["weight_map"].values()))
+    state = model.state_dict()
+    seen: set[str] = set()
+    worst = 0.0
+    for name in files:
+        with safe_open(str(directory / name), "pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+                stored = handle.get_tensor(key)
+                mine = state.get(key)
+                if mine is None or mine.shape != stored.shape:
+                    raise ExportError(f"{directory}: {key} is not a tensor of this shape in the model")
+                worst = max(worst, float((mine.float() - stored.float()).abs().max()) if stored.numel() else 0.0)
+                seen.add(key)
+    missing = sorted(set(state) - seen - tied_parameter_names(model, seen))
+    if missing:
+        raise ExportError(f"{directory} lacks {missing[:3]}")
+    return worst
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "vocab.txt",

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..export import load_export, save_export
+from ..export import compare_export, load_export, save_export
 from ..method import CalibratedMethod, Method, MethodError, build_method
 from ..models import forward_output
 from ..pattern import Pattern, parse_pattern
@@ -111,8 +111,9 @@ def prune(
     text = str(parse_pattern(pattern)) if isinstance(pattern, str) else str(pattern)
     result = PruneResult([], [], method=method, pattern=text)
     # the dense original: the teacher of a recovery, and (with a permutation, which the export records
-    # and load_export re-attaches) the skeleton of the reload check; otherwise no copy is held while
-    # pruning (SmolLM2: 538 MB) and the check loads into a blanked copy of the pruned model
+    # and load_export re-attaches) the skeleton of the reload check, whose outputs are compared;
+    # otherwise no copy is held (SmolLM2: 538 MB) and the check reads every stored tensor back
+    # against the model's (compare_export)
     need_reference = recover is not None or (out is not None and bool(permute))
     reference = copy.deepcopy(model) if need_reference else None
     model.eval()
@@ -156,22 +157,12 @@ def prune(
         else:
             directory = save_export(model, out, result.layers, source.as_dict(), result.skipped,
                                     extra={"method": method, **(extra or {})}, files=all_files)
-            reloaded, _ = load_export(directory, copy.deepcopy(reference) if reference is not None else
-                                      _blank_copy(model))
+            if reference is None:  # every stored tensor read back against the model's: no second model
+                result.export, result.reload_max_abs_diff = str(directory), compare_export(model, directory)
+                return result
+            reloaded, _ = load_export(directory, copy.deepcopy(reference))
         with torch.no_grad():
             diff = (forward_output(model, example_inputs).float() - forward_output(reloaded, example_inputs).float())
         result.export, result.reload_max_abs_diff = str(directory), float(diff.abs().max())
     return result
 
-
-@torch.no_grad()
-def _blank_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every floating-point tensor of its state dict zeroed: the skeleton of
-    the reload check, so that a tensor the export failed to restore shows up in the comparison
-    (load_export also refuses missing keys). Tensors outside the state dict (non-persistent
-    buffers such as rotary tables) are what a rebuilt model computes itself, and are kept."""
-    blank = copy.deepcopy(model)
-    for tensor in blank.state_dict().values():
-        if tensor.is_floating_point():
-            tensor.zero_()
-    return blank
