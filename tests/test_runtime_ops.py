@@ -516,3 +516,13 @@ def test_small_one_token_products_run_on_the_calling_thread(monkeypatch):
         small(torch.randn(1, 64))
         large(torch.randn(1, 128))
     assert calls == [1, torch.get_num_threads()]
+
+
+def test_serial_threshold_reads_the_environment_and_warns_on_a_bad_value(monkeypatch):
+    monkeypatch.setenv("NMSPARSE_SERIAL_GEMV_BYTES", "2048")
+    assert _native._serial_gemv_bytes() == 2048
+    monkeypatch.setenv("NMSPARSE_SERIAL_GEMV_BYTES", "half a megabyte")
+    with pytest.warns(UserWarning, match="not a byte count"):
+        assert _native._serial_gemv_bytes() == 512 * 1024
+    monkeypatch.delenv("NMSPARSE_SERIAL_GEMV_BYTES")
+    assert _native._serial_gemv_bytes() == 512 * 1024

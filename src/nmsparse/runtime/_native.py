@@ -234,7 +234,21 @@ def nm_mm(xt: torch.Tensor, w: NMArrays, bias: torch.Tensor | None = None, relu:
 # other threads sleep between the model's small operators, and waking them (a futex, on a VM a
 # halted vCPU) cost more than they save on a product this small: SmolLM2-135M 1x16 at 75%, 2 threads,
 # AVX2 EPYC (docs/benchmarks.md).
-SERIAL_GEMV_BYTES = int(os.environ.get("NMSPARSE_SERIAL_GEMV_BYTES", 512 * 1024))
+def _serial_gemv_bytes(default: int = 512 * 1024) -> int:
+    text = os.environ.get("NMSPARSE_SERIAL_GEMV_BYTES", "")
+    if not text:
+        return default
+    try:
+        return max(0, int(text))
+    except ValueError:
+        import warnings
+
+        warnings.warn(f"NMSPARSE_SERIAL_GEMV_BYTES={text!r} is not a byte count (e.g. 524288); using {default}",
+                      stacklevel=2)
+        return default
+
+
+SERIAL_GEMV_BYTES = _serial_gemv_bytes()
 
 
 def gemv_call(w: BlockArrays | NMArrays, bias: torch.Tensor | None = None, relu: bool = False,
