@@ -526,3 +526,18 @@ def test_serial_threshold_reads_the_environment_and_warns_on_a_bad_value(monkeyp
         assert _native._serial_gemv_bytes() == 512 * 1024
     monkeypatch.delenv("NMSPARSE_SERIAL_GEMV_BYTES")
     assert _native._serial_gemv_bytes() == 512 * 1024
+
+
+def test_outputs_are_float32_whatever_the_default_dtype():
+    """The kernels write float32: outputs are allocated float32 even under torch.set_default_dtype(float64)."""
+    dense, m = _sparse_linear("2:4")
+    x1, x5 = torch.randn(1, 64), torch.randn(5, 64)
+    expected = [_op_call(m, x1), _op_call(m, x5)]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.no_grad():
+            got = [m(x1), m(x5)]
+    finally:
+        torch.set_default_dtype(previous)
+    assert all(g.dtype == torch.float32 and torch.equal(g, e) for g, e in zip(got, expected))

@@ -190,7 +190,7 @@ def _rows(xt: torch.Tensor, lib: ctypes.CDLL) -> torch.Tensor:
         rows, batch = xt.shape
         if batch == 1:
             return xt.contiguous()
-        padded = torch.empty(rows, -(-batch // 16) * 16)
+        padded = torch.empty(rows, -(-batch // 16) * 16, dtype=torch.float32)
         if xt.stride(0) == 1 and xt.stride(1) >= rows:  # a transposed row-major [batch, rows]: C++ tiles
             lib.nms_transpose(xt.data_ptr(), batch, rows, xt.stride(1), padded.data_ptr(), padded.stride(0),
                               torch.get_num_threads())
@@ -211,7 +211,7 @@ def block_mm(xt: torch.Tensor, w: BlockArrays, bias: torch.Tensor | None = None,
     args = _block_args(w)
     xt = _rows(xt, lib)
     batch = xt.shape[1]
-    out = torch.empty(args[4] * args[6], batch)
+    out = torch.empty(args[4] * args[6], batch, dtype=torch.float32)
     lib.nms_block_mm(xt.data_ptr(), xt.stride(0), *args, batch, out.data_ptr(), batch, _opt(bias), int(relu),
                      torch.get_num_threads())
     return out
@@ -224,7 +224,7 @@ def nm_mm(xt: torch.Tensor, w: NMArrays, bias: torch.Tensor | None = None, relu:
     lib = lib or loaded()
     xt = _rows(xt, lib)
     batch = xt.shape[1]
-    out = torch.empty(w.rows, batch)
+    out = torch.empty(w.rows, batch, dtype=torch.float32)
     lib.nms_nm_mm(xt.data_ptr(), xt.stride(0), *_nm_args(w), batch, out.data_ptr(), batch, _opt(bias), int(relu), None,
                   torch.get_num_threads())
     return out
@@ -317,13 +317,13 @@ def implicit_conv(x: torch.Tensor, w: BlockArrays | NMArrays, kernel: tuple[int,
     if offs is None:
         return None
     xin = x.to(torch.float32).contiguous()
-    planes = torch.empty(sh * sw * c * cstride)
+    planes = torch.empty(sh * sw * c * cstride, dtype=torch.float32)
     lib.nms_phase_planes(xin.data_ptr(), n, c, h, wd, sh, sw, ph, pw, hq, wq, cstride, planes.data_ptr(),
                          torch.get_num_threads())
     # the last position computed is the last real output: every read stays inside the planes
     positions = ((n - 1) * hq + oh - 1) * wq + ow
     rows = w.vals.shape[0] * w.vals.shape[2] if block else w.rows
-    out = torch.empty(rows, plane)
+    out = torch.empty(rows, plane, dtype=torch.float32)
     if block:
         _, *layout = _block_args(w)  # the kept entries' offsets replace their column indices
         lib.nms_block_mm(planes.data_ptr(), 1, offs.data_ptr(), *layout, positions, out.data_ptr(), plane, _opt(bias),
@@ -343,7 +343,7 @@ def im2col(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], pa
     n, c, h, w = x.shape
     oh = (h + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
     ow = (w + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
-    out = torch.empty(c * kernel[0] * kernel[1], n * oh * ow)
+    out = torch.empty(c * kernel[0] * kernel[1], n * oh * ow, dtype=torch.float32)
     lib.nms_im2col(x.data_ptr(), n, c, h, w, *kernel, *stride, *padding, *dilation, int(order == "hwc"),
                    out.data_ptr(), torch.get_num_threads())
     return out

@@ -38,6 +38,8 @@ def _like(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class _PackedModule(nn.Module):
+    _plain = False  # set per module by _register_packed (False: a module pickled before it existed)
+
     def _register_packed(self, packed: Packed, bias: torch.Tensor | None, input_perm: list[int] | None) -> None:
         _native.require()  # built and loaded now, never inside forward
         self._packed = packed
@@ -152,7 +154,8 @@ class SparseLinear(_PackedModule):
             call = self._gemv()
             if call is not None:
                 dims = x.dim()
-                y = torch.empty(self._token_shapes[dims - 1] if dims <= 4 else (1,) * (dims - 1) + self._token_shapes[0])
+                shape = self._token_shapes[dims - 1] if dims <= 4 else (1,) * (dims - 1) + self._token_shapes[0]
+                y = torch.empty(shape, dtype=torch.float32)  # float32 whatever torch's default dtype
                 call(x.data_ptr(), y.data_ptr(), 1 if self._serial else torch.get_num_threads())
                 return y
         x = self._check(x, x.dim() - 1)

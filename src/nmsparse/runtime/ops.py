@@ -61,7 +61,7 @@ def _rows_major(y: torch.Tensor) -> torch.Tensor:
     out, tokens = y.shape
     if tokens == 1:
         return y.view(1, out)
-    rows_major = torch.empty(tokens, out)
+    rows_major = torch.empty(tokens, out, dtype=torch.float32)
     _native.loaded().nms_transpose(y.data_ptr(), out, tokens, y.stride(0), rows_major.data_ptr(), out,
                                    torch.get_num_threads())
     return rows_major
