@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import resource
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from .mask import compute_mask
 from .pattern import parse_pattern
 from .progress import Progress
 from .runtime import convert
-from .runtime.timing import last_level_cache_bytes
+from .runtime.timing import cold_copies, last_level_cache_bytes, rotating
 from .runtime.timing import summary as _summary
 from .runtime.timing import time_interleaved as _time_interleaved
 
@@ -61,11 +60,6 @@ def layer_cases() -> list[LayerCase]:
         LayerCase("linear 4096->4096", "linear", 4096, 4096),
         LayerCase("linear 4096->11008", "linear", 4096, 11008),
     ]
-
-
-def _rotating(layers: list[nn.Module], x: torch.Tensor) -> Callable[[int], Any]:
-    """Call i runs copy i mod len(layers): consecutive calls never find the weights in cache."""
-    return lambda i: layers[i % len(layers)](x)
 
 
 def _caller(net: nn.Module, inputs: Any) -> Callable[[int], Any]:
@@ -105,19 +99,16 @@ def run_layer_suite(patterns: list[str], batches: list[int], repeats: int = 20, 
         dense = _sparse_layer(case, pattern, index)
         weight_bytes = dense.weight.numel() * 4
         rotate = batch <= 8
-        copies = max(1, math.ceil(2 * llc / weight_bytes)) if rotate else 1
-        dense_layers = [dense] + [copy.deepcopy(dense) for _ in range(copies - 1)]
-        sparse_layers = [convert(nn.Sequential(copy.deepcopy(d)), {"0": pattern})[0][0] for d in dense_layers]
-        sparse_copies = max(1, math.ceil(2 * llc / sparse_layers[0].weight_nbytes)) if rotate else 1
-        while len(sparse_layers) < sparse_copies:
-            sparse_layers.append(copy.deepcopy(sparse_layers[len(sparse_layers) % copies]))
+        sparse = convert(nn.Sequential(copy.deepcopy(dense)), {"0": pattern})[0][0]
+        dense_layers = cold_copies(dense, weight_bytes, llc) if rotate else [dense]
+        sparse_layers = cold_copies(sparse, sparse.weight_nbytes, llc) if rotate else [sparse]
         if case.kind == "linear":
             x = torch.randn(batch, case.in_ch)
         else:
             x = torch.randn(batch, case.in_ch, case.size, case.size)
         with torch.no_grad():
             err = float((sparse_layers[0](x) - dense_layers[0](x)).abs().max() / dense_layers[0](x).abs().max())
-            t_dense, t_sparse = _time_interleaved([_rotating(dense_layers, x), _rotating(sparse_layers, x)], warmup,
+            t_dense, t_sparse = _time_interleaved([rotating(dense_layers, x), rotating(sparse_layers, x)], warmup,
                                                   repeats)
         d, s = _summary(t_dense), _summary(t_sparse)
         rows.append({

@@ -77,6 +77,13 @@ def save_export(
     return Path(out_dir)
 
 
+def _weight_files(directory: Path) -> list[str]:
+    """The safetensors files of an export: ``model.safetensors``, or a streamed export's shards."""
+    if (directory / WEIGHTS_NAME).is_file():
+        return [WEIGHTS_NAME]
+    return sorted(set(json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"].values()))
+
+
 # Tensors are read and loaded in parts of about this size, so that loading an export holds one part
 # beside the model, not a second copy of every weight (SmolLM2: 538 MB).
 LOAD_PART_BYTES = 64 * 1024**2
@@ -124,9 +131,7 @@ def compare_export(model: nn.Module, directory: str | Path) -> float:
     from ..models import tied_parameter_names
 
     directory = Path(directory)
-    index = directory / "model.safetensors.index.json"
-    files = [WEIGHTS_NAME] if (directory / WEIGHTS_NAME).is_file() else sorted(
-        set(json.loads(index.read_text())["weight_map"].values()))
+    files = _weight_files(directory)
     state = model.state_dict()
     seen: set[str] = set()
     worst = 0.0
@@ -217,9 +222,7 @@ def load_export(directory: str | Path, model: nn.Module | None = None) -> tuple[
         except ModelError as exc:
             raise ExportError(f"cannot rebuild the exported model: {exc}") from None
     try:
-        files = ([WEIGHTS_NAME] if weights.is_file() else
-                 sorted(set(json.loads(index.read_text())["weight_map"].values())))
-        missing, unexpected = _load_shards(model, directory, files)
+        missing, unexpected = _load_shards(model, directory, _weight_files(directory))
     except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as exc:
         raise ExportError(f"{weights} is corrupt or does not fit the model: {str(exc).splitlines()[0]}") from None
     if missing or unexpected:

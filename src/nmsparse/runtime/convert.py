@@ -159,22 +159,19 @@ def _best_ms(fns: list, repeats: int) -> list[float]:
 _IN_MODEL_BUDGET_MS = 60_000.0
 
 
-def _time_groups_in_model(model: nn.Module, inputs: Any, candidates: list, rows: dict, keys: list[tuple],
-                          repeats: int) -> dict[tuple, float]:
+def _time_groups_in_model(model: nn.Module, inputs: Any, candidates: list, groups: dict[tuple, list],
+                          keys: list[tuple], repeats: int) -> dict[tuple, float]:
     """For a model larger than the cache: ``{group: whole-model time with the group dense / with it
     sparse}``. Starting from every candidate sparse, each group of repeated layers is timed in the
     model both ways (interleaved) and left in the faster state for the next. Why not the layers
     alone: a layer's call cycled through copies misses what surrounds it in the model (on SmolLM2
     2:4 the layers alone chose 90 of 210 layers and 1.28x; all sparse decoded 1.41x). The model is
     left with every candidate dense; the caller applies the choice."""
-    members: dict[tuple, list[tuple[str, nn.Module, nn.Module]]] = {}
-    for fqn, dense, sparse in candidates:
-        if rows[fqn].speedup is not None:
-            members.setdefault(_choice_group(dense, rows[fqn]), []).append((fqn, dense, sparse))
+    for fqn, _, sparse in candidates:
         model.set_submodule(fqn, sparse)
 
     def run(key: tuple, sparse: bool) -> Any:
-        for fqn, d, s in members[key]:
+        for fqn, d, s in groups[key]:
             model.set_submodule(fqn, s if sparse else d)
         return _call(model, inputs)
 
@@ -304,14 +301,13 @@ def convert(
         x = inputs.get(fqn)
         if x is not None:
             row.input_shape = list(x.shape)
-            if report.cold_cache:
-                from .timing import cold_copies
+            from .timing import cold_copies, rotating
 
+            if report.cold_cache:
                 dense_set, sparse_set = cold_copies(module, row.dense_bytes), cold_copies(new, new.weight_nbytes)
             else:
                 dense_set, sparse_set = [module], [new]
-            row.dense_ms, row.sparse_ms = _best_ms([lambda i, s=dense_set, x=x: s[i % len(s)](x),
-                                                    lambda i, s=sparse_set, x=x: s[i % len(s)](x)], repeats)
+            row.dense_ms, row.sparse_ms = _best_ms([rotating(dense_set, x), rotating(sparse_set, x)], repeats)
             del dense_set, sparse_set
             row.speedup = row.dense_ms / row.sparse_ms
             bar.update(index + 1, f"{fqn}: {row.speedup:.2f}x")
@@ -320,21 +316,20 @@ def convert(
     # layers of one shape, pattern and input run the same kernels: one decision for the group, from
     # the median of its layers' ratios (each alone is a few calls of a noisy machine: on SmolLM2 the
     # same 2:4 decode converted 81 of 210 layers in one run and 189 in the next)
-    groups: dict[tuple, list[ConvertRow]] = {}
-    for fqn, module, _ in candidates:
-        row = rows[fqn]
-        if row.speedup is not None:
-            groups.setdefault(_choice_group(module, row), []).append(row)
+    groups: dict[tuple, list[tuple[str, nn.Module, nn.Module]]] = {}  # key -> (fqn, dense, sparse) of timed layers
+    for candidate in candidates:
+        if rows[candidate[0]].speedup is not None:
+            groups.setdefault(_choice_group(candidate[1], rows[candidate[0]]), []).append(candidate)
     in_model: dict[tuple, float] = {}
     repeated = [key for key, group in groups.items() if len(group) > 1]
     if (report.cold_cache and repeated and min_speedup >= 1.0 and report.dense_ms is not None
             and report.dense_ms * len(repeated) * 2 * (repeats + 3) < _IN_MODEL_BUDGET_MS):
-        in_model = _time_groups_in_model(model, example_inputs, candidates, rows, repeated, repeats)
+        in_model = _time_groups_in_model(model, example_inputs, candidates, groups, repeated, repeats)
     for fqn, module, new in candidates:
         row = rows[fqn]
         if row.speedup is not None:
             key = _choice_group(module, row)
-            group = groups[key]
+            group = [rows[f] for f, _, _ in groups[key]]
             if key in in_model:
                 if in_model[key] < 1.0:
                     row.reason = (f"kept dense: the model ran {in_model[key]:.2f}x as fast with the {len(group)} layers "

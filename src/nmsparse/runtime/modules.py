@@ -149,7 +149,8 @@ class SparseLinear(_PackedModule):
         self._register_packed(packed, bias, input_perm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # no autograd: the kernels read raw buffers
-        if self._plain and x.numel() == self.in_features and ops.eager(x) and x.dtype is torch.float32 \
+        direct = ops.eager(x)
+        if direct and self._plain and x.numel() == self.in_features and x.dtype is torch.float32 \
                 and x.is_cpu and x.is_contiguous():  # one token (a decode step): the bound kernel
             call = self._gemv()
             if call is not None:
@@ -160,7 +161,7 @@ class SparseLinear(_PackedModule):
                 return y
         x = self._check(x, x.dim() - 1)
         x2d = _as_float(x.reshape(-1, self.in_features))
-        if ops.eager(x2d):
+        if direct:
             y = self._eager(x2d)
         elif self.kind == "block":
             y = ops.block_linear(x2d, self.cols, self.kstart, self.vals, self._bias, self._relu)
