@@ -523,6 +523,27 @@ def test_small_one_token_products_run_on_the_calling_thread(monkeypatch):
     assert calls == [1, torch.get_num_threads()]
 
 
+def test_sparse_products_leave_the_process_thread_count_alone(monkeypatch):
+    """A product run on fewer threads than torch's (the one-token path on one thread) must not change
+    the thread count of later PyTorch/MKL operators: the kernels share PyTorch's OpenMP runtime, and
+    an omp_set_num_threads(1) there once left every dense operator of a model on one thread."""
+    monkeypatch.setattr(_native, "SERIAL_GEMV_BYTES", 8 * 1024)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _, small = _sparse_linear("2:4", out=16, inp=64)  # one-token product on the calling thread
+        _, block = _sparse_linear("1x16:0.25", out=32, inp=64)
+        conv = convert(nn.Sequential(_sparse(nn.Conv2d(8, 16, 3, padding=1), "2:4")), {"0": "2:4"}, infer=False)[0]
+        with torch.no_grad():
+            for module, x in ((small, torch.randn(1, 64)), (small, torch.randn(9, 64)), (block, torch.randn(1, 64)),
+                              (block, torch.randn(9, 64)), (conv, torch.randn(2, 8, 6, 6))):
+                module(x)
+                assert torch.get_num_threads() == 2, type(module).__name__
+        assert "mkl_get_max_threads() : 2" in torch.__config__.parallel_info()
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_serial_threshold_reads_the_environment_and_warns_on_a_bad_value(monkeypatch):
     monkeypatch.setenv("NMSPARSE_SERIAL_GEMV_BYTES", "2048")
     assert _native._serial_gemv_bytes() == 2048

@@ -146,6 +146,13 @@ inline vf gather(const float* p, vu idx) {
 
 inline void prefetch(const float* p) { __builtin_prefetch(p, 0, 3); }
 
+// Threads of the parallel regions of the current call, set by each entry point from its `threads`
+// argument and passed to every region as num_threads(...). Never omp_set_num_threads: that sets the
+// calling thread's default for every later region of the process, and PyTorch and MKL share the
+// OpenMP runtime, so one single-threaded sparse product left every dense operator of the model on
+// one thread (SmolLM2's dense decode step: 32 -> 54 ms, Xeon AVX-512).
+thread_local int call_threads = 1;
+
 // ---------------------------------------------------------------- n:m layout helpers
 // Start of row o's values / code bytes in chunk c of an n:m layout (the last chunk may be narrower).
 inline i64 nm_val_off(i64 c, i64 o, i64 rows, i64 jc, i64 count) { return c * rows * jc + o * count; }
@@ -243,7 +250,7 @@ template <int B>
 void block_gemv(const float* x, const int32_t* cols, const float* vals, i64 rows, i64 kept, float* out,
                 const float* bias, bool relu) {
   constexpr int S = gemv_streams(B / VW);
-#pragma omp parallel
+#pragma omp parallel num_threads(call_threads)
   {
     const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
     const i64 r0 = rows * tid / nth, r1 = rows * (tid + 1) / nth, part = (r1 - r0) / S;
@@ -363,7 +370,7 @@ void block_mm(const float* xt, i64 ldx, const int32_t* cols, const int32_t* ksta
       default: return block_row<BNB, true>(xt, ldx, cr, w, block, k0, k1, b0, batch, y, ldo, first, last, br, relu);
     }
   };
-#pragma omp parallel
+#pragma omp parallel num_threads(call_threads)
   {
     const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
     const i64 r0 = rows * tid / nth, r1 = rows * (tid + 1) / nth;
@@ -385,7 +392,7 @@ void block_mm(const float* xt, i64 ldx, const int32_t* cols, const int32_t* ksta
 // out[o]); the partial sums are reduced into out at the end, with the bias and the ReLU.
 template <class Body>
 void nm_gemv_threads(i64 rows, float* out, const float* bias, bool relu, Body body) {
-#pragma omp parallel
+#pragma omp parallel num_threads(call_threads)
   {
     const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
     const i64 o0 = rows * tid / nth, o1 = rows * (tid + 1) / nth;
@@ -561,7 +568,7 @@ void nm_mm(const float* xt, i64 ldx, const uint8_t* codes, const float* vals, i6
     for (i64 o = 0; o < rows; ++o) std::fill(out + o * ldo, out + o * ldo + batch, 0.f);
     return;
   }
-#pragma omp parallel
+#pragma omp parallel num_threads(call_threads)
   {
     const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
     const i64 rb0 = row_blocks * tid / nth, rb1 = row_blocks * (tid + 1) / nth;
@@ -640,7 +647,7 @@ inline void padded_row(const float* src, i64 W, i64 off, int step, i64 count, fl
 void im2col_image(const float* x, i64 C, i64 H, i64 W, int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw,
                   bool hwc, float* out, i64 ldo) {
   const i64 oh = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1, ow = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for num_threads(call_threads) collapse(2) schedule(static)
   for (i64 c = 0; c < C; ++c) {
     for (int k = 0; k < kh * kw; ++k) {
       const int dy = k / kw, dx = k % kw;
@@ -711,7 +718,7 @@ constexpr int TT = 16;
 #endif
 
 void transpose(const float* src, i64 rows, i64 cols, i64 lds, float* dst, i64 ldd) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for num_threads(call_threads) schedule(static)
   for (i64 c0 = 0; c0 < cols; c0 += TT) {
     for (i64 r0 = 0; r0 < rows; r0 += TT) {
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -734,7 +741,7 @@ void transpose(const float* src, i64 rows, i64 cols, i64 lds, float* dst, i64 ld
 // sets, see _native.implicit_conv). One pass.
 void phase_planes(const float* x, i64 N, i64 C, i64 H, i64 W, int sh, int sw, int ph, int pw, i64 hq, i64 wq,
                   i64 cstride, float* out) {
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for num_threads(call_threads) collapse(2) schedule(static)
   for (i64 phase = 0; phase < (i64)sh * sw; ++phase) {
     for (i64 c = 0; c < C; ++c) {
       const int py = (int)(phase / sw), px = (int)(phase % sw);
@@ -765,7 +772,7 @@ int nms_vector_width() { return VW; }
 void nms_block_mm(const float* xt, i64 ldx, const int32_t* cols, const int32_t* kstart, i64 chunks, const float* vals,
                   i64 rows, i64 kept, i64 block, i64 batch, float* out, i64 ldo, const float* bias, int relu,
                   int threads) {
-  omp_set_num_threads(threads);
+  call_threads = threads;
   if (batch == 1 && ldx == 1 && ldo == 1) {
     switch (block) {
       case 4: if constexpr (4 % VW == 0) return block_gemv<4>(xt, cols, vals, rows, kept, out, bias, relu != 0); break;
@@ -787,7 +794,7 @@ void nms_block_mm(const float* xt, i64 ldx, const int32_t* cols, const int32_t* 
 void nms_nm_mm(const float* xt, i64 ldx, const uint8_t* codes, const float* vals, i64 rows, i64 J, i64 jc, int n,
                int m, int bits, i64 batch, float* out, i64 ldo, const float* bias, int relu, const int32_t* colmap,
                int threads) {
-  omp_set_num_threads(threads);
+  call_threads = threads;
   if (batch == 1 && ldx == 1 && ldo == 1 && !colmap) {
     if (m == 2 * n && VW % n == 0 && (VW * bits) % 8 == 0) {
       switch (bits) {
@@ -801,7 +808,7 @@ void nms_nm_mm(const float* xt, i64 ldx, const uint8_t* codes, const float* vals
   }
   nm_mm(xt, ldx, codes, vals, rows, J, jc, n, m, bits, batch, out, ldo, colmap);
   if (bias || relu) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for num_threads(call_threads) schedule(static)
     for (i64 o = 0; o < rows; ++o) epilogue_row(out + o * ldo, batch, bias, o, relu != 0);
   }
 }
@@ -843,7 +850,7 @@ int nms_conv_offsets(const int32_t* cols, i64 count, i64 C, int kh, int kw, int 
 // n*oh*ow .. (n+1)*oh*ow - 1, the transposed layout the products read.
 void nms_im2col(const float* x, i64 N, i64 C, i64 H, i64 W, int kh, int kw, int sh, int sw, int ph, int pw, int dh,
                 int dw, int hwc, float* out, int threads) {
-  omp_set_num_threads(threads);
+  call_threads = threads;
   const i64 oh = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1, ow = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
   for (i64 n = 0; n < N; ++n)
     im2col_image(x + n * C * H * W, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, hwc != 0, out + n * oh * ow, N * oh * ow);
@@ -852,13 +859,13 @@ void nms_im2col(const float* x, i64 N, i64 C, i64 H, i64 W, int kh, int kw, int 
 // Phase planes of x[N, C, H, W] (contiguous) for the implicit-GEMM convolution: see phase_planes.
 void nms_phase_planes(const float* x, i64 N, i64 C, i64 H, i64 W, int sh, int sw, int ph, int pw, i64 hq, i64 wq,
                       i64 cstride, float* out, int threads) {
-  omp_set_num_threads(threads);
+  call_threads = threads;
   phase_planes(x, N, C, H, W, sh, sw, ph, pw, hq, wq, cstride, out);
 }
 
 // dst[c * ldd + r] = src[r * lds + c]: see transpose.
 void nms_transpose(const float* src, i64 rows, i64 cols, i64 lds, float* dst, i64 ldd, int threads) {
-  omp_set_num_threads(threads);
+  call_threads = threads;
   transpose(src, rows, cols, lds, dst, ldd);
 }
 
