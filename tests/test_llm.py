@@ -233,6 +233,30 @@ def test_cli_prune_and_eval_perplexity(tiny_llama_dir, tmp_path, capsys):
     assert "not a causal language model" in capsys.readouterr().err
 
 
+def test_decode_breakdown_times_the_named_layers_at_decode_steps_only(tiny_llama_dir):
+    """The per-token time inside the pruned layers counts their one-token (decode-step) calls only,
+    not the prefill: a layer made to take 5 ms per decode call and 200 ms per prefill call reads 5-15
+    ms per token."""
+    import time
+
+    from nmsparse.bench_decode import _layer_ms_per_token
+
+    model, _ = build_model(f"hf:{tiny_llama_dir}")
+    fqn = "model.layers.0.mlp.down_proj"
+    inner = model.get_submodule(fqn)
+
+    class Slow(torch.nn.Module):
+        def forward(self, x):
+            time.sleep(0.005 if x.shape[:-1].numel() == 1 else 0.2)
+            return inner(x)
+
+    model.set_submodule(fqn, Slow())
+    prompt = torch.randint(0, model.config.vocab_size, (1, 8))
+    per_token = _layer_ms_per_token(model.eval(), [fqn], prompt, 4)
+    assert 5.0 <= per_token < 15.0
+    assert not model.get_submodule(fqn)._forward_hooks and not model.get_submodule(fqn)._forward_pre_hooks
+
+
 def test_decode_bench_on_a_causal_lm_generates_the_same_tokens(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["bench", "--suite", "models", "--models", f"hf:{tiny_llama_dir}", "--pattern", "2:4",
@@ -243,7 +267,10 @@ def test_decode_bench_on_a_causal_lm_generates_the_same_tokens(tiny_llama_dir, t
     assert row["sparse_layers"] == 14 and 0 <= row["converted_layers"] <= 14
     assert row["dense_tokens_per_s"] > 0 and row["sparse_tokens_per_s"] > 0 and row["dense_ttft_ms"] > 0
     assert row["speedup"] == pytest.approx(row["sparse_tokens_per_s"] / row["dense_tokens_per_s"], rel=1e-2)
+    assert row["dense_layers_ms"] > 0 and row["sparse_layers_ms"] > 0 and row["ceiling"] > 1
+    assert row["layers_speedup"] == pytest.approx(row["dense_layers_ms"] / row["sparse_layers_ms"], rel=2e-2)
     assert (out / "bench_decode.png").stat().st_size > 0 and "tokens/s" in (out / "bench_decode.md").read_text()
+    assert "ceiling" in (out / "bench_decode.md").read_text()
     assert main(["bench", "--suite", "models", "--models", f"hf:{tiny_llama_dir}", "--new-tokens", "1",
                  "--out", str(out)]) == 2
     assert "--new-tokens" in capsys.readouterr().err

@@ -549,9 +549,9 @@ def test_serial_threshold_reads_the_environment_and_warns_on_a_bad_value(monkeyp
     assert _native._serial_gemv_bytes() == 2048
     monkeypatch.setenv("NMSPARSE_SERIAL_GEMV_BYTES", "half a megabyte")
     with pytest.warns(UserWarning, match="not a byte count"):
-        assert _native._serial_gemv_bytes() == 512 * 1024
+        assert _native._serial_gemv_bytes() == 64 * 1024
     monkeypatch.delenv("NMSPARSE_SERIAL_GEMV_BYTES")
-    assert _native._serial_gemv_bytes() == 512 * 1024
+    assert _native._serial_gemv_bytes() == 64 * 1024
 
 
 def test_outputs_are_float32_whatever_the_default_dtype():

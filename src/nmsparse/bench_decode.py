@@ -40,6 +40,32 @@ def _generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.
         return model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
 
 
+def _layer_ms_per_token(model: nn.Module, fqns: list[str], prompt: torch.Tensor, new_tokens: int) -> float:
+    """Milliseconds per decode step spent inside the modules ``fqns`` (the pruned layers, sparse or
+    kept dense), from forward hooks on a separate generation (hooks cost a little, so the timed runs
+    carry none): what sparsity can shorten; the rest of a step (the LM head, attention, norms, the
+    generation loop) is the same in both models."""
+    spent = [0.0]
+
+    def pre(module, args):
+        module.__dict__["_bench_t0"] = time.perf_counter() if args[0].shape[:-1].numel() == 1 else None
+
+    def post(module, args, output):
+        if (t0 := module.__dict__.pop("_bench_t0", None)) is not None:
+            spent[0] += time.perf_counter() - t0
+
+    handles = []
+    for fqn in fqns:
+        module = model.get_submodule(fqn)
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        _generate(model, prompt, new_tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return 1e3 * spent[0] / max(1, new_tokens - 1)
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -49,7 +75,9 @@ def _timed(fn) -> float:
 def run_decode_suite(models: list[str], patterns: list[str], prompt_tokens: int = 128, new_tokens: int = 128,
                      repeats: int = 3, choose: bool = True, progress: str = "auto") -> list[dict[str, Any]]:
     """Rows of ``{model, pattern, batch, prompt_tokens, new_tokens, dense/sparse ttft_ms and tokens_per_s,
-    speedup (decode tokens/s), ttft_speedup, same_tokens, converted_layers, sparse_layers}``.
+    speedup (decode tokens/s), ttft_speedup, same_tokens, converted_layers, sparse_layers,
+    dense/sparse layers_ms, layers_speedup, ceiling}``: ``*_layers_ms`` is a decode step's time inside
+    the pruned layers, ``ceiling`` the speedup with those layers taking no time (Amdahl's bound).
 
     With ``choose`` each layer is timed dense vs sparse at the decode step's input (one token) and the
     faster is kept (:func:`nmsparse.runtime.convert`); the decoder's Linears are pruned (attention and
@@ -94,6 +122,15 @@ def run_decode_suite(models: list[str], patterns: list[str], prompt_tokens: int 
             out[f"{key}_ttft_ms"] = round(1e3 * first, 2)
             out[f"{key}_tokens_per_s"] = round((new_tokens - 1) / decode, 2)
         out["speedup"] = round(out["sparse_tokens_per_s"] / out["dense_tokens_per_s"], 3)
+        # where a decode step's time goes: the pruned layers against everything else (the ceiling is
+        # the speedup the model would show if its sparse layers took no time at all)
+        fqns = [e["fqn"] for e in result.layers]
+        steps = min(new_tokens, 32)
+        for key, model in (("dense", dense), ("sparse", sparse)):
+            out[f"{key}_layers_ms"] = round(_layer_ms_per_token(model, fqns, prompt, steps), 2)
+        token_ms = 1e3 / out["dense_tokens_per_s"]
+        out["layers_speedup"] = round(out["dense_layers_ms"] / out["sparse_layers_ms"], 3)
+        out["ceiling"] = round(token_ms / max(1e-9, token_ms - out["dense_layers_ms"]), 2)
         out["ttft_speedup"] = round(out["dense_ttft_ms"] / out["sparse_ttft_ms"], 3)
         rows.append(out)
         bar.update(index + 1, f"{name} {pattern}: {out['speedup']:.2f}x tokens/s")
@@ -106,13 +143,16 @@ def decode_report_lines(rows: list[dict[str, Any]], meta: dict[str, Any]) -> lis
     """The Markdown table of a decoding run."""
     lines = [f"kernels {meta.get('isa')} ({meta.get('cpu', '')}), threads {meta['threads']}, float32; {meta['note']}",
              "", "| model | pattern | prompt + new tokens | dense tokens/s | sparse tokens/s | speedup | dense TTFT ms "
-             "| sparse TTFT ms | TTFT speedup | same tokens | layers sparse |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| sparse TTFT ms | TTFT speedup | same tokens | layers sparse | pruned layers ms/token (dense -> sparse) "
+             "| ceiling |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['pattern']} | {r['prompt_tokens']} + {r['new_tokens']} | "
                      f"{r['dense_tokens_per_s']:.1f} | {r['sparse_tokens_per_s']:.1f} | {r['speedup']:.2f}x"
                      f"{' (no layer sparse: the dense model against itself)' if r['converted_layers'] == 0 else ''} | "
                      f"{r['dense_ttft_ms']:.0f} | {r['sparse_ttft_ms']:.0f} | {r['ttft_speedup']:.2f}x | "
-                     f"{'yes' if r['same_tokens'] else 'NO'} | {r['converted_layers']}/{r['sparse_layers']} |")
+                     f"{'yes' if r['same_tokens'] else 'NO'} | {r['converted_layers']}/{r['sparse_layers']} | "
+                     + (f"{r['dense_layers_ms']:.1f} -> {r['sparse_layers_ms']:.1f} ({r['layers_speedup']:.2f}x) | "
+                        f"{r['ceiling']:.2f}x |" if "ceiling" in r else "- | - |"))
     return lines
 
 

@@ -230,11 +230,12 @@ def nm_mm(xt: torch.Tensor, w: NMArrays, bias: torch.Tensor | None = None, relu:
     return out
 
 
-# Packed weights below this size run their batch-1 product on one thread. Inside a decode step the
-# other threads sleep between the model's small operators, and waking them (a futex, on a VM a
-# halted vCPU) cost more than they save on a product this small: SmolLM2-135M 1x16 at 75%, 2 threads,
-# AVX2 EPYC (docs/benchmarks.md).
-def _serial_gemv_bytes(default: int = 512 * 1024) -> int:
+# Packed weights below this size run their batch-1 product on one thread: waking the sleeping OpenMP
+# worker costs a few microseconds, more than it saves on a product this small. (512 KB was chosen
+# while the kernels' omp_set_num_threads(1) also left PyTorch's own operators on one thread; with
+# that fixed, SmolLM2-135M 1x16 at 75% decodes a token in 17.7 ms with every product threaded and
+# 19.5 ms with 512 KB, 2:4 the same within noise at 0-128 KB (Xeon AVX-512, docs/benchmarks.md).)
+def _serial_gemv_bytes(default: int = 64 * 1024) -> int:
     text = os.environ.get("NMSPARSE_SERIAL_GEMV_BYTES", "")
     if not text:
         return default
@@ -243,7 +244,7 @@ def _serial_gemv_bytes(default: int = 512 * 1024) -> int:
     except ValueError:
         import warnings
 
-        warnings.warn(f"NMSPARSE_SERIAL_GEMV_BYTES={text!r} is not a byte count (e.g. 524288); using {default}",
+        warnings.warn(f"NMSPARSE_SERIAL_GEMV_BYTES={text!r} is not a byte count (e.g. 65536); using {default}",
                       stacklevel=2)
         return default
 
