@@ -1,0 +1,169 @@
+"""The runtime's and the mask kernels built for ARM (NEON, 4 lanes) and run under an emulator, against torch.
+
+On an x86 machine with an aarch64 cross compiler and qemu-user (Debian: ``g++-aarch64-linux-gnu``,
+``qemu-user``; ``.ci/run`` installs them where it can), the kernel source is compiled for
+``-march=armv8-a`` together with a small harness (``tests/native/kernel_harness.cpp``) that runs one
+call per line on arrays read from files; the products must equal the dense products of the unpacked
+weights, the 2:4 / 1:4 / 3:4 masks the tie rule of ``nmsparse.mask`` and the SR-STE decay its formula. Every batch-1 and batched path of the n:m and 1xN products is covered: the
+pair-window kernel (m = 2n), the generic gather kernel, bit widths 1-8, narrow last chunks, block
+sizes 4-32, batch tails, bias and ReLU, two threads. (On an ARM machine the ordinary runtime tests
+run the NEON build natively.)
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nmsparse import _topk_cpu
+from nmsparse.runtime import _native
+from nmsparse.runtime.formats import nm_chunk, offset_bits, pack_block, pack_nm
+
+CROSS = shutil.which("aarch64-linux-gnu-g++")
+QEMU = shutil.which("qemu-aarch64") or shutil.which("qemu-aarch64-static")
+SYSROOT = Path("/usr/aarch64-linux-gnu")
+
+pytestmark = pytest.mark.skipif(
+    platform.machine().lower().startswith(("arm", "aarch")) or not (CROSS and QEMU and SYSROOT.is_dir()),
+    reason="needs an x86 host with an aarch64 cross compiler and qemu-user (apt-get install g++-aarch64-linux-gnu "
+           "qemu-user); on ARM the runtime tests run the NEON build natively")
+
+HARNESS = Path(__file__).with_name("native") / "kernel_harness.cpp"
+
+
+@pytest.fixture(scope="module")
+def arm_harness(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("arm") / "kernel_harness"
+    flags = [f for f in _native._FLAGS if f not in ("-shared", "-fPIC")] + _native.VARIANTS["neon"]
+    masks = Path(_topk_cpu.__file__).with_name("csrc") / "masks.cpp"
+    proc = subprocess.run([CROSS, *flags, str(HARNESS), str(_native._SOURCE), str(masks), "-o", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def _sparse_matrix(out: int, columns: int, spec: tuple, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, columns, generator=g)
+    if spec[0] == "nm":
+        _, n, m = spec
+        scores = torch.rand(out, columns // m, m, generator=g)
+        keep = scores.argsort(-1, descending=True).argsort(-1) < n
+        if n > 1:  # a few groups with fewer than n non-zeros (the packer pads them with zeros)
+            keep[0, 0, :] = False
+        return w * keep.reshape(out, columns)
+    _, block = spec
+    keep = torch.rand(out // block, 1, columns, generator=g) < 0.3
+    return w * keep.expand(-1, block, -1).reshape(out, columns)
+
+
+def _write(path: Path, array) -> str:
+    np.ascontiguousarray(np.asarray(array)).tofile(path)
+    return str(path)
+
+
+CASES = [  # (out, columns, spec, batch, bias, relu)
+    (64, 256, ("nm", 2, 4), 1, True, False),
+    (48, 256, ("nm", 2, 4), 1, False, True),
+    (40, 200, ("nm", 2, 4), 1, True, True),  # a narrower last chunk
+    (64, 256, ("nm", 2, 4), 37, True, True),  # batch tails of the tiles
+    (32, 256, ("nm", 1, 4), 1, False, False),  # generic kernel, 2-bit codes
+    (32, 256, ("nm", 1, 4), 9, True, False),
+    (32, 256, ("nm", 4, 8), 1, True, False),  # pair window, 4-bit codes
+    (32, 256, ("nm", 4, 8), 5, False, True),
+    (32, 256, ("nm", 1, 8), 1, False, False),
+    (32, 256, ("nm", 2, 8), 3, True, False),
+    (32, 512, ("nm", 8, 16), 1, True, False),
+    (32, 512, ("nm", 1, 16), 17, False, True),
+    (64, 192, ("block", 4), 1, True, False),
+    (64, 192, ("block", 8), 1, False, True),
+    (64, 300, ("block", 16), 1, True, True),
+    (64, 300, ("block", 32), 1, False, False),
+    (64, 300, ("block", 16), 7, True, False),
+    (64, 300, ("block", 32), 40, True, True),
+]
+
+
+def test_neon_build_under_emulation_equals_the_dense_product(arm_harness, tmp_path):
+    lines, expected = [], []
+    for index, (out, columns, spec, batch, with_bias, relu) in enumerate(CASES):
+        matrix = _sparse_matrix(out, columns, spec, seed=index)
+        x = torch.randn(columns, batch, generator=torch.Generator().manual_seed(100 + index))
+        bias = torch.randn(out) if with_bias else None
+        ref = matrix.double() @ x.double() + (bias.double().unsqueeze(1) if with_bias else 0)
+        expected.append(ref.clamp_min(0) if relu else ref)
+        p = lambda name, i=index: tmp_path / f"{i}_{name}.bin"  # noqa: E731
+        xt, bias_file = _write(p("x"), x.numpy()), _write(p("bias"), bias.numpy()) if with_bias else "-"
+        if spec[0] == "nm":
+            _, n, m = spec
+            packed = pack_nm(matrix, n, m)
+            lines.append(f"nm_mm {xt} {batch} {_write(p('codes'), packed.codes)} {_write(p('vals'), packed.vals)} "
+                         f"{out} {columns // m * n} {nm_chunk(columns, n, m)} {n} {m} {offset_bits(m)} {batch} "
+                         f"{p('out')} {batch} {bias_file} {int(relu)} 2")
+        else:
+            packed = pack_block(matrix, spec[1])
+            rows, kept, block = packed.vals.shape
+            lines.append(f"block_mm {xt} {batch} {_write(p('cols'), packed.cols)} {_write(p('kstart'), packed.kstart)} "
+                         f"{packed.kstart.shape[1] - 1} {_write(p('vals'), packed.vals)} {rows} {kept} {block} {batch} "
+                         f"{p('out')} {batch} {bias_file} {int(relu)} 2")
+    (tmp_path / "cases.txt").write_text("\n".join(lines) + "\n")
+    proc = subprocess.run([QEMU, "-L", str(SYSROOT), str(arm_harness), str(tmp_path / "cases.txt")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for index, ref in enumerate(expected):
+        got = torch.from_numpy(np.fromfile(tmp_path / f"{index}_out.bin", dtype=np.float32)).reshape(ref.shape)
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4, msg=lambda m, i=index: f"case {CASES[i]}: {m}")
+
+
+def test_the_harness_reports_a_malformed_case(arm_harness, tmp_path):
+    """A line the harness cannot read fails the run (so a format drift between this test and the
+    harness cannot pass silently)."""
+    (tmp_path / "cases.txt").write_text("nm_mm only three fields\n")
+    proc = subprocess.run([QEMU, "-L", str(SYSROOT), str(arm_harness), str(tmp_path / "cases.txt")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+
+
+def _topk4_reference(scores: torch.Tensor, k: int, absolute: bool) -> torch.Tensor:
+    """nmsparse.mask's rule on [outer, width, inner] scores, groups of 4 along width: rank_i = #{j: s_j > s_i}
+    + #{j < i: s_j == s_i}, kept when rank_i < k; NaN ranks lowest."""
+    s = scores.abs() if absolute else scores
+    s = torch.where(torch.isnan(s), torch.full_like(s, float("-inf")), s)
+    outer, width, inner = s.shape
+    g = s.reshape(outer, width // 4, 4, inner)
+    a, b = g.unsqueeze(3), g.unsqueeze(2)  # a: s_i along dim 2, b: s_j along dim 3
+    earlier = torch.tril(torch.ones(4, 4, dtype=torch.bool), diagonal=-1).reshape(1, 1, 4, 4, 1)  # j < i
+    rank = ((b > a) | ((b == a) & earlier)).sum(3)
+    return (rank < k).reshape(outer, width, inner)
+
+
+def test_neon_mask_kernels_under_emulation_follow_the_tie_rule(arm_harness, tmp_path):
+    lines, expected = [], []
+    shapes = [(1, 64, 1), (3, 16, 7), (5, 12, 33), (2, 40, 16)]  # flat (inner 1), strided, tails of the vectors
+    for index, ((outer, width, inner), k, absolute) in enumerate(
+            [(s, k, a) for s in shapes for k in (1, 2, 3) for a in (False, True)]):
+        scores = torch.randn(outer, width, inner, generator=torch.Generator().manual_seed(index))
+        scores = (scores * 2).round() / 2  # many ties (and +-x pairs under absolute)
+        scores.view(-1)[::11] = float("nan")
+        expected.append(_topk4_reference(scores, k, absolute).float())
+        src = _write(tmp_path / f"m{index}_src.bin", scores.numpy())
+        lines.append(f"topk4 {src} {outer} {width} {inner} {k} {int(absolute)} {tmp_path / f'm{index}_out.bin'} 2")
+    grad, weight = torch.randn(1000), torch.randn(1000)
+    keep = (torch.rand(1000) < 0.5).float()
+    lines.append(f"decay {_write(tmp_path / 'g.bin', grad.numpy())} {_write(tmp_path / 'w.bin', weight.numpy())} "
+                 f"{_write(tmp_path / 'keep.bin', keep.numpy())} 0.0002 1000 {tmp_path / 'decayed.bin'} 2")
+    (tmp_path / "cases.txt").write_text("\n".join(lines) + "\n")
+    proc = subprocess.run([QEMU, "-L", str(SYSROOT), str(arm_harness), str(tmp_path / "cases.txt")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for index, ref in enumerate(expected):
+        got = torch.from_numpy(np.fromfile(tmp_path / f"m{index}_out.bin", dtype=np.float32)).reshape(ref.shape)
+        assert torch.equal(got, ref), f"mask case {index}"
+    decayed = torch.from_numpy(np.fromfile(tmp_path / "decayed.bin", dtype=np.float32))
+    torch.testing.assert_close(decayed, grad + 0.0002 * (1 - keep) * weight)
