@@ -68,6 +68,17 @@ def _write(path: Path, array) -> str:
     return str(path)
 
 
+def _run(harness: Path, tmp_path: Path, lines: list[str]) -> subprocess.CompletedProcess:
+    """The harness run under qemu on a case file of ``lines``."""
+    (tmp_path / "cases.txt").write_text("\n".join(lines) + "\n")
+    return subprocess.run([QEMU, "-L", str(SYSROOT), str(harness), str(tmp_path / "cases.txt")],
+                          capture_output=True, text=True, timeout=600)
+
+
+def _read(path: Path) -> torch.Tensor:
+    return torch.from_numpy(np.fromfile(path, dtype=np.float32))
+
+
 CASES = [  # (out, columns, spec, batch, bias, relu)
     (64, 256, ("nm", 2, 4), 1, True, False),
     (48, 256, ("nm", 2, 4), 1, False, True),
@@ -112,22 +123,17 @@ def test_neon_build_under_emulation_equals_the_dense_product(arm_harness, tmp_pa
             lines.append(f"block_mm {xt} {batch} {_write(p('cols'), packed.cols)} {_write(p('kstart'), packed.kstart)} "
                          f"{packed.kstart.shape[1] - 1} {_write(p('vals'), packed.vals)} {rows} {kept} {block} {batch} "
                          f"{p('out')} {batch} {bias_file} {int(relu)} 2")
-    (tmp_path / "cases.txt").write_text("\n".join(lines) + "\n")
-    proc = subprocess.run([QEMU, "-L", str(SYSROOT), str(arm_harness), str(tmp_path / "cases.txt")],
-                          capture_output=True, text=True, timeout=600)
+    proc = _run(arm_harness, tmp_path, lines)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for index, ref in enumerate(expected):
-        got = torch.from_numpy(np.fromfile(tmp_path / f"{index}_out.bin", dtype=np.float32)).reshape(ref.shape)
+        got = _read(tmp_path / f"{index}_out.bin").reshape(ref.shape)
         torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4, msg=lambda m, i=index: f"case {CASES[i]}: {m}")
 
 
 def test_the_harness_reports_a_malformed_case(arm_harness, tmp_path):
     """A line the harness cannot read fails the run (so a format drift between this test and the
     harness cannot pass silently)."""
-    (tmp_path / "cases.txt").write_text("nm_mm only three fields\n")
-    proc = subprocess.run([QEMU, "-L", str(SYSROOT), str(arm_harness), str(tmp_path / "cases.txt")],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
+    assert _run(arm_harness, tmp_path, ["nm_mm only three fields"]).returncode != 0
 
 
 def _topk4_reference(scores: torch.Tensor, k: int, absolute: bool) -> torch.Tensor:
@@ -158,12 +164,10 @@ def test_neon_mask_kernels_under_emulation_follow_the_tie_rule(arm_harness, tmp_
     keep = (torch.rand(1000) < 0.5).float()
     lines.append(f"decay {_write(tmp_path / 'g.bin', grad.numpy())} {_write(tmp_path / 'w.bin', weight.numpy())} "
                  f"{_write(tmp_path / 'keep.bin', keep.numpy())} 0.0002 1000 {tmp_path / 'decayed.bin'} 2")
-    (tmp_path / "cases.txt").write_text("\n".join(lines) + "\n")
-    proc = subprocess.run([QEMU, "-L", str(SYSROOT), str(arm_harness), str(tmp_path / "cases.txt")],
-                          capture_output=True, text=True, timeout=600)
+    proc = _run(arm_harness, tmp_path, lines)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for index, ref in enumerate(expected):
-        got = torch.from_numpy(np.fromfile(tmp_path / f"m{index}_out.bin", dtype=np.float32)).reshape(ref.shape)
+        got = _read(tmp_path / f"m{index}_out.bin").reshape(ref.shape)
         assert torch.equal(got, ref), f"mask case {index}"
-    decayed = torch.from_numpy(np.fromfile(tmp_path / "decayed.bin", dtype=np.float32))
+    decayed = _read(tmp_path / "decayed.bin")
     torch.testing.assert_close(decayed, grad + 0.0002 * (1 - keep) * weight)
