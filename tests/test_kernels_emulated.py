@@ -23,7 +23,7 @@ import torch
 
 from nmsparse import _topk_cpu
 from nmsparse.runtime import _native
-from nmsparse.runtime.formats import nm_chunk, offset_bits, pack_block, pack_nm
+from nmsparse.runtime.formats import pack_block, pack_nm
 
 CROSS = shutil.which("aarch64-linux-gnu-g++")
 QEMU = shutil.which("qemu-aarch64") or shutil.which("qemu-aarch64-static")
@@ -114,14 +114,16 @@ def test_neon_build_under_emulation_equals_the_dense_product(arm_harness, tmp_pa
         if spec[0] == "nm":
             _, n, m = spec
             packed = pack_nm(matrix, n, m)
+            arrays = _native.NMArrays(torch.from_numpy(packed.codes), torch.from_numpy(packed.vals), out, columns, n, m)
+            sizes = " ".join(map(str, _native._nm_args(arrays)[2:]))  # rows J jc n m bits, as the runtime passes them
             lines.append(f"nm_mm {xt} {batch} {_write(p('codes'), packed.codes)} {_write(p('vals'), packed.vals)} "
-                         f"{out} {columns // m * n} {nm_chunk(columns, n, m)} {n} {m} {offset_bits(m)} {batch} "
-                         f"{p('out')} {batch} {bias_file} {int(relu)} 2")
+                         f"{sizes} {batch} {p('out')} {batch} {bias_file} {int(relu)} 2")
         else:
             packed = pack_block(matrix, spec[1])
-            rows, kept, block = packed.vals.shape
+            arrays = _native.BlockArrays(*(torch.from_numpy(a) for a in (packed.cols, packed.kstart, packed.vals)))
+            args = _native._block_args(arrays)  # cols kstart chunks vals rows kept block, as the runtime passes them
             lines.append(f"block_mm {xt} {batch} {_write(p('cols'), packed.cols)} {_write(p('kstart'), packed.kstart)} "
-                         f"{packed.kstart.shape[1] - 1} {_write(p('vals'), packed.vals)} {rows} {kept} {block} {batch} "
+                         f"{args[2]} {_write(p('vals'), packed.vals)} {' '.join(map(str, args[4:]))} {batch} "
                          f"{p('out')} {batch} {bias_file} {int(relu)} 2")
     proc = _run(arm_harness, tmp_path, lines)
     assert proc.returncode == 0, proc.stderr[-2000:]
