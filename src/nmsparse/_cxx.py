@@ -73,7 +73,9 @@ def build_cached(source: Path, stem: str, flags: list[str], what: str) -> tuple[
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         return None, f"cannot run {cxx}: {exc}"
-    key = hashlib.sha256("\n".join([source.read_text(), version, " ".join(flags), cpu_signature(),
+    # the headers beside the source are part of it (kernels.cpp includes qkernels.h)
+    headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]
+    key = hashlib.sha256("\n".join([source.read_text(), *headers, version, " ".join(flags), cpu_signature(),
                                     platform.machine()]).encode()).hexdigest()[:16]
     path = cache_dir() / f"{stem}_{key}.so"
     with _LOCK:

@@ -36,7 +36,8 @@ from .._cxx import build, build_cached, compiler, cpu_signature
 from .formats import nm_chunk, offset_bits
 
 __all__ = ["KernelsUnavailable", "available", "status", "require", "block_mm", "implicit_conv", "nm_mm", "im2col",
-           "library", "runnable_variants", "VARIANTS", "gemv_call"]
+           "library", "runnable_variants", "VARIANTS", "gemv_call", "QArrays", "q_gemv", "q_gemv_call",
+           "q_dequant"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
 _FLAGS = ["-O3", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
@@ -67,6 +68,13 @@ def _load(variant: str) -> tuple[ctypes.CDLL | None, str]:
     lib.nms_im2col.argtypes = [_PTR, _I64, _I64, _I64, _I64, *([ctypes.c_int] * 9), _PTR, ctypes.c_int]
     lib.nms_gemv.argtypes = [_PTR, _PTR, _PTR, ctypes.c_int]
     lib.nms_transpose.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, ctypes.c_int]
+    _INT = ctypes.c_int
+    lib.nms_nmq_gemv.argtypes = [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT, _INT, _INT, _INT, _I64, _PTR, _PTR,
+                                 _INT, _INT]
+    lib.nms_blockq_gemv.argtypes = [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT, _I64, _PTR, _PTR, _INT, _INT]
+    lib.nms_denseq_gemv.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _INT, _I64, _PTR, _PTR, _INT, _INT]
+    lib.nms_nmq_dequant.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _INT, _I64, _PTR, _INT]
+    lib.nms_blockq_dequant.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _INT, _I64, _PTR, _INT]
     lib.nms_phase_planes.argtypes = [_PTR, _I64, _I64, _I64, _I64, *([ctypes.c_int] * 4), _I64, _I64, _I64, _PTR,
                                      ctypes.c_int]
     return lib, ""
@@ -267,6 +275,78 @@ def gemv_call(w: BlockArrays | NMArrays, bias: torch.Tensor | None = None, relu:
         plan = (ctypes.c_int64 * 11)(0, *_nm_args(w), *tail)
     fn, address = lib.nms_gemv, ctypes.addressof(plan)
     return lambda x, out, threads, plan=plan: fn(address, x, out, threads)
+
+
+class QArrays(NamedTuple):
+    """A quantized layout as tensors and integers (see :class:`~nmsparse.runtime.quant.QPacked`).
+    ``kind``: 0 n:m (``index`` = codes), 1 1xN (``index`` = cols, with ``kstart``), 2 dense (``index``
+    and ``kstart`` unused)."""
+
+    kind: int
+    index: torch.Tensor
+    kstart: torch.Tensor
+    q: torch.Tensor  # uint8 bytes
+    scales: torch.Tensor  # float32
+    rows: int  # output features
+    columns: int  # input features
+    n: int
+    m: int
+    block: int
+    bits: int
+    group: int
+
+
+def _q_args(w: QArrays) -> tuple:
+    """The arguments of the quantized batch-1 kernel of ``w`` after the input (see kernels.cpp nms_gemv)."""
+    if w.kind == 0:
+        return (w.index.data_ptr(), w.q.data_ptr(), w.scales.data_ptr(), w.rows, w.columns // w.m * w.n,
+                nm_chunk(w.columns, w.n, w.m), w.n, w.m, offset_bits(w.m), w.bits, w.group)
+    if w.kind == 1:
+        return (w.index.data_ptr(), w.q.data_ptr(), w.scales.data_ptr(), w.rows // w.block, w.index.shape[1], w.block,
+                w.bits, w.group)
+    return w.q.data_ptr(), w.scales.data_ptr(), w.rows, w.columns, w.bits, w.group
+
+
+def q_gemv_call(w: QArrays, bias: torch.Tensor | None = None, relu: bool = False, lib: ctypes.CDLL | None = None):
+    """The batch-1 product of a quantized layout, bound as :func:`gemv_call` binds a float32 one."""
+    lib = lib or loaded()
+    args = (*_q_args(w), _opt(bias) or 0, int(relu))
+    plan = (ctypes.c_int64 * (len(args) + 1))(2 + w.kind, *args)
+    fn, address = lib.nms_gemv, ctypes.addressof(plan)
+    return lambda x, out, threads, plan=plan: fn(address, x, out, threads)
+
+
+def q_gemv(x: torch.Tensor, w: QArrays, bias: torch.Tensor | None = None, relu: bool = False,
+           threads: int | None = None, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """``W @ x`` for one input row ``x[columns]`` (contiguous float32): ``[rows]``."""
+    lib = lib or loaded()
+    x = x.to(torch.float32).contiguous()
+    out = torch.empty(w.rows, dtype=torch.float32)
+    q_gemv_call(w, bias, relu, lib)(x.data_ptr(), out.data_ptr(), threads or torch.get_num_threads())
+    return out
+
+
+def q_dequant(w: QArrays, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """The float32 values of a quantized layout, in the float32 layout's order (n:m flat, 1xN ``[R, K, B]``,
+    dense ``[rows, columns]``): what the batched products multiply with."""
+    lib = lib or loaded()
+    threads = torch.get_num_threads()
+    if w.kind == 1:
+        rows, kept = w.index.shape
+        out = torch.empty(rows, kept, w.block, dtype=torch.float32)
+        lib.nms_blockq_dequant(w.q.data_ptr(), w.scales.data_ptr(), rows, kept, w.block, w.bits, w.group,
+                               out.data_ptr(), threads)
+        return out
+    if w.kind == 0:
+        kept = w.columns // w.m * w.n
+        out = torch.empty(w.rows * kept, dtype=torch.float32)
+        lib.nms_nmq_dequant(w.q.data_ptr(), w.scales.data_ptr(), w.rows, kept, nm_chunk(w.columns, w.n, w.m), w.bits,
+                            w.group, out.data_ptr(), threads)
+        return out
+    out = torch.empty(w.rows, w.columns, dtype=torch.float32)
+    lib.nms_nmq_dequant(w.q.data_ptr(), w.scales.data_ptr(), w.rows, w.columns, w.columns, w.bits, w.group,
+                        out.data_ptr(), threads)
+    return out
 
 
 def conv_offsets(cols: torch.Tensor | None, count: int, channels: int, kernel: tuple[int, int],

@@ -24,7 +24,8 @@ from ..mask import is_nm
 from ..parametrize import input_map
 from ..pattern import BlockPattern, NMPattern, Pattern, parse_pattern
 from .formats import FormatError, gemm_matrix, pack_block, pack_nm
-from .modules import SparseConv2d, SparseLinear
+from .modules import QuantLinear, SparseConv2d, SparseLinear
+from .quant import DEFAULT_GROUP, WeightScheme, parse_weights, quantize
 
 __all__ = ["ConvertReport", "ConvertRow", "convert", "infer_pattern", "to_semi_structured"]
 
@@ -51,6 +52,7 @@ class ConvertRow:
     sparse_ms: float | None = None
     speedup: float | None = None
     input_shape: list[int] | None = None
+    weights: str = "fp32"  # how the layer's weights are stored as it runs: fp32, int8, int4
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -67,6 +69,7 @@ class ConvertReport(list):
     speedup: float | None = None
     isa: str | None = None
     reverted: bool = False  # the converted model measured slower than dense as a whole: all put back
+    weights: str = "fp32"  # the scheme asked for (convert's ``weights``)
     cold_cache: bool = False
 
 
@@ -93,7 +96,50 @@ def infer_pattern(weight: torch.Tensor) -> Pattern | None:
     return min(fits, key=lambda p: (p.density, p.m)) if fits else None
 
 
-def _convert_layer(module: nn.Module, pattern: Pattern) -> nn.Module:
+def _quantized(module: nn.Module, layout, scheme: WeightScheme, row: ConvertRow | None) -> nn.Module:
+    """A :class:`QuantLinear` of ``layout`` (a packed layout, or the dense weight matrix) under ``scheme``,
+    checked once against its dequantized reference. int4 on a layout it cannot store falls back to
+    int8 (said in ``row.reason``).
+
+    Raises:
+        FormatError: the quantized product disagrees with its dequantized reference (a kernel fault;
+            the caller keeps the layer float32)."""
+    try:
+        packed = quantize(layout, scheme)
+    except FormatError as exc:
+        packed = quantize(layout, WeightScheme(8, scheme.group))
+        if row is not None:
+            row.reason = f"int8 instead of int4: {exc}"
+    new = QuantLinear(packed, module.bias, input_map(module))
+    _check_quantized(new)
+    return new
+
+
+def _check_quantized(module: QuantLinear) -> None:
+    """One batch-1 and one batched call against ``x @ dequantized(W).T + b`` (float32 rounding only)."""
+    g = torch.Generator().manual_seed(0)
+    weight = module.dequantized_weight()
+    for rows in (1, 3):
+        x = torch.randn(rows, module.in_features, generator=g)
+        ref = torch.nn.functional.linear(x, weight, module.bias)
+        err = float((module(x) - ref).abs().max()) / (float(ref.abs().max()) + 1e-6)
+        if not err < 1e-4:
+            raise FormatError(f"the int{module.bits} {module.kind} product disagreed with its dequantized reference "
+                              f"(relative error {err:.2g} at {rows} row(s)); kept float32")
+
+
+def _dense_form(module: nn.Module, scheme: WeightScheme | None) -> nn.Module:
+    """What a layer runs as when it does not run sparse: itself, or its dense quantized form."""
+    if scheme is None or not isinstance(module, nn.Linear) or _eligible(module):
+        return module
+    try:
+        return _quantized(module, module.weight.detach().float(), scheme, None)
+    except FormatError:
+        return module
+
+
+def _convert_layer(module: nn.Module, pattern: Pattern, scheme: WeightScheme | None = None,
+                   row: ConvertRow | None = None) -> nn.Module:
     weight = module.weight.detach()
     bias = module.bias
     if isinstance(pattern, BlockPattern):
@@ -106,6 +152,8 @@ def _convert_layer(module: nn.Module, pattern: Pattern) -> nn.Module:
         packed = pack_nm(gemm_matrix(weight, order), pattern.n, pattern.m)
     perm = input_map(module)
     if isinstance(module, nn.Linear):
+        if scheme is not None:
+            return _quantized(module, packed, scheme, row)
         return SparseLinear(packed, bias, perm)
     return SparseConv2d(packed, bias, module, order, perm)
 
@@ -187,7 +235,16 @@ def _time_groups_in_model(model: nn.Module, inputs: Any, candidates: list, group
 
 def _choice_group(module: nn.Module, row: ConvertRow) -> tuple:
     """Layers that run the same kernels on the same input shape: one layer choice for them all."""
-    return type(module).__name__, tuple(module.weight.shape), row.pattern, tuple(row.input_shape or ())
+    shape = tuple(module.weight.shape) if hasattr(module, "weight") else (module.out_features, module.in_features)
+    return type(module).__name__, shape, row.pattern, tuple(row.input_shape or ())
+
+
+def _settle_dense(model: nn.Module, fqn: str, form: nn.Module, row: ConvertRow) -> None:
+    """Record (and, for a quantized form, put in place) what a layer that does not run sparse runs as."""
+    row.packed_bytes = getattr(form, "weight_nbytes", row.dense_bytes)
+    row.weights = str(form.scheme) if isinstance(form, QuantLinear) else "fp32"
+    if isinstance(form, QuantLinear):
+        model.set_submodule(fqn, form)
 
 
 def _model_bytes(model: nn.Module) -> int:
@@ -198,7 +255,8 @@ def _model_bytes(model: nn.Module) -> int:
 def convert(
     model_or_export: nn.Module | str | Path, patterns: dict[str, str | Pattern] | None = None, infer: bool = True,
     fuse: bool = True, example_inputs: Any = None, min_speedup: float = 1.05, repeats: int = 10,
-    keep_dense: dict[str, str] | None = None, progress: str = "none",
+    keep_dense: dict[str, str] | None = None, progress: str = "none", weights: str = "fp32",
+    group_size: int = DEFAULT_GROUP,
 ) -> tuple[nn.Module, ConvertReport]:
     """Swap eligible layers for :class:`SparseLinear` / :class:`SparseConv2d` (in place for a model).
 
@@ -230,6 +288,14 @@ def convert(
             state they run in inside the model.
         keep_dense: ``{fqn: reason}`` of layers to leave dense (a choice saved with a compressed export).
         progress: ``"auto"`` shows progress (rate, ETA) while layers are timed; ``"none"`` is silent.
+        weights: ``"fp32"`` (default), ``"int8"`` or ``"int4"``: store the Linear layers' weights as
+            integers with one scale per ``group_size`` values along the input axis
+            (:mod:`nmsparse.runtime.quant`): the kept values of sparse layers, and every other Linear
+            (the LM head included) in its dense quantized form. The layer choice then compares a
+            layer's quantized sparse form with its quantized dense form. int4 falls back to int8 on
+            a layer it cannot store (the row says so). Each quantized layer is checked once against
+            its dequantized reference. Convolutions stay float32.
+        group_size: values per scale (a multiple of 16 from 16 to 512).
 
     Returns:
         ``(model, report)``: the model (eval mode) and a :class:`ConvertReport` with one row per
@@ -237,6 +303,7 @@ def convert(
     """
     from . import _native
 
+    scheme = parse_weights(weights, group_size)
     given: dict[str, Pattern] = {}
     if isinstance(model_or_export, (str, Path)):
         from ..export import load_export
@@ -251,12 +318,14 @@ def convert(
     given.update({f: parse_pattern(p) for f, p in (patterns or {}).items()})
     model.eval()
     report = ConvertReport()
+    report.weights = str(scheme) if scheme else "fp32"
     unavailable = ""
     try:
         report.isa = _native.require().nms_isa().decode()
     except _native.KernelsUnavailable as exc:
         unavailable = str(exc)
     plan: list[tuple[str, nn.Module, Pattern]] = []
+    quant_dense: list[str] = []  # Linear layers without a pattern: their dense quantized form
     for fqn, module in list(model.named_modules()):
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
@@ -267,6 +336,8 @@ def convert(
             pattern = infer_pattern(module.weight)
         if not reason and pattern is None:
             reason = "dense (no pattern)"
+            if scheme is not None and isinstance(module, nn.Linear):
+                quant_dense.append(fqn)
         if not reason and unavailable:
             reason = unavailable
         if not reason and keep_dense and fqn in keep_dense:
@@ -293,18 +364,22 @@ def convert(
     for index, (fqn, module, pattern) in enumerate(plan):
         row = rows[fqn]
         try:
-            new = _convert_layer(module, pattern)
+            new = _convert_layer(module, pattern, scheme, row)
         except FormatError as exc:
             row.reason = str(exc)
+            quant_dense.append(fqn)
             continue
         row.packed_bytes = new.weight_nbytes
+        row.weights = getattr(new, "scheme", None) and str(new.scheme) or "fp32"
+        module = _dense_form(module, scheme)  # what the layer runs as when not sparse
         x = inputs.get(fqn)
         if x is not None:
             row.input_shape = list(x.shape)
             from .timing import cold_copies, rotating
 
             if report.cold_cache:
-                dense_set, sparse_set = cold_copies(module, row.dense_bytes), cold_copies(new, new.weight_nbytes)
+                dense_bytes = getattr(module, "weight_nbytes", row.dense_bytes)
+                dense_set, sparse_set = cold_copies(module, dense_bytes), cold_copies(new, new.weight_nbytes)
             else:
                 dense_set, sparse_set = [module], [new]
             row.dense_ms, row.sparse_ms = _best_ms([rotating(dense_set, x), rotating(sparse_set, x)], repeats)
@@ -335,18 +410,20 @@ def convert(
                     row.reason = (f"kept dense: the model ran {in_model[key]:.2f}x as fast with the {len(group)} layers "
                                   f"of this shape sparse as with them dense (input {row.input_shape}; this layer alone "
                                   f"{row.speedup:.2f}x)")
-                    row.packed_bytes = row.dense_bytes
+                    _settle_dense(model, fqn, module, row)
                     continue
             elif (ratio := statistics.median(r.speedup for r in group)) < min_speedup:
                 alone = f"sparse measured {row.speedup:.2f}x of dense"
                 if len(group) > 1:
                     alone = f"the {len(group)} layers of this shape measured {ratio:.2f}x of dense (median; this one {row.speedup:.2f}x)"
                 row.reason = f"kept dense: {alone} at input {row.input_shape} (below {min_speedup:g}x)"
-                row.packed_bytes = row.dense_bytes
+                _settle_dense(model, fqn, module, row)
                 continue
         replaced[fqn] = module
         model.set_submodule(fqn, new)
         row.converted = True
+    for fqn in quant_dense:  # Linear layers without a pattern (the LM head): their dense quantized form
+        _settle_dense(model, fqn, _dense_form(model.get_submodule(fqn), scheme), rows[fqn])
     if fuse and any(row.converted for row in report):
         from .fuse import fuse as fuse_following
 
@@ -366,7 +443,8 @@ def convert(
                 model.set_submodule(fqn, module)
             for row in report:
                 if row.converted:
-                    row.converted, row.fused, row.packed_bytes = False, [], row.dense_bytes
+                    row.converted, row.fused = False, []
+                    _settle_dense(model, row.fqn, replaced[row.fqn], row)
                     row.reason = (f"kept dense: the converted model measured {report.speedup:.2f}x of dense as a "
                                   "whole, so every layer was put back")
             report.reverted = True

@@ -23,7 +23,7 @@ from torch import nn
 from . import _native, ops
 from .formats import BlockPacked, NMPacked
 
-__all__ = ["SparseLinear", "SparseConv2d"]
+__all__ = ["SparseLinear", "SparseConv2d", "QuantLinear"]
 
 Packed = BlockPacked | NMPacked
 
@@ -222,3 +222,113 @@ class SparseConv2d(_PackedModule):
         act = f", activation={self.activation}" if self.activation else ""
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"kind={self.kind}, order={self.order}{act}")
+
+
+class QuantLinear(nn.Module):
+    """A Linear layer whose weight is stored quantized (:class:`~nmsparse.runtime.quant.QPacked`):
+    the kept values of an n:m or 1xN layout, or a dense weight (``kind="dense"``), as 8- or 4-bit
+    integers with one float32 scale per group along the input axis.
+
+    Computes ``x @ dequantized(W).T + bias`` (float32). One token runs the weight-only batch-1 kernel;
+    more rows dequantize the weight once per call into the float32 layout and run the float32
+    product (``torch.ops.nmsparse.q_linear``, one operator for ``torch.compile`` / ``export``).
+    """
+
+    _KINDS = {"nm": 0, "block": 1, "dense": 2}
+
+    def __init__(self, packed, bias: torch.Tensor | None, input_perm: list[int] | None = None) -> None:
+        super().__init__()
+        _native.require()
+        self._packed = packed
+        self.out_features, self.in_features = packed.shape
+        self.kind, self.bits, self.group = packed.kind, packed.bits, packed.group
+        self.n = self.m = self.block = 0
+        index, kstart = torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int32)
+        if packed.kind == "nm":
+            index, self.n, self.m = torch.from_numpy(packed.index.codes), packed.index.n, packed.index.m
+        elif packed.kind == "block":
+            index, kstart = torch.from_numpy(packed.index.cols), torch.from_numpy(packed.index.kstart)
+            self.block = self.out_features // packed.index.cols.shape[0]
+        self.register_buffer("index", index, persistent=True)
+        self.register_buffer("kstart", kstart, persistent=False)
+        self.register_buffer("qweight", torch.from_numpy(packed.q), persistent=True)
+        self.register_buffer("scales", torch.from_numpy(packed.scales), persistent=True)
+        perm = None if input_perm is None else torch.as_tensor(input_perm, dtype=torch.long)
+        self.register_buffer("input_perm", perm, persistent=False)
+        self.register_parameter("bias", None if bias is None else
+                                nn.Parameter(bias.detach().float().clone(), requires_grad=False))
+        self.activation: str | None = None
+        self._serial = packed.nbytes < _native.SERIAL_GEMV_BYTES
+        self._token_shapes = tuple((1,) * lead + (self.out_features,) for lead in range(4))
+
+    @property
+    def weight_nbytes(self) -> int:
+        return int(sum(t.numel() * t.element_size() for t in (self.index, self.qweight, self.scales)))
+
+    @property
+    def scheme(self):
+        from .quant import WeightScheme
+
+        return WeightScheme(self.bits, self.group)
+
+    def _arrays(self) -> _native.QArrays:
+        return _native.QArrays(self._KINDS[self.kind], self.index, self.kstart, self.qweight, self.scales,
+                               self.out_features, self.in_features, self.n, self.m, self.block, self.bits, self.group)
+
+    def _gemv(self):
+        """The bound batch-1 call (rebuilt when a buffer or the bias was replaced)."""
+        b = self._parameters.get("bias")
+        key = (self._buffers["qweight"], self._buffers["scales"], self._buffers["index"], b, self.activation)
+        c = self.__dict__.get("_gemv_cache")
+        if c is not None and all(x is y for x, y in zip(c[0], key[:4])) and c[0][4] == key[4]:
+            return c[1]
+        if b is not None and (b.dtype != torch.float32 or not b.is_contiguous()):
+            return None
+        call = _native.q_gemv_call(self._arrays(), b, self.activation == "relu")
+        self.__dict__["_gemv_cache"] = (key, call)
+        return call
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_gemv_cache", None)
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state.pop("_gemv_cache", None)
+        return state
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The ``[out, in]`` float32 weight this layer computes with (input order of the original layer)."""
+        w = self._packed.dense() if self._packed is not None else None
+        if self.input_perm is not None:
+            restored = torch.empty_like(w)
+            restored[:, self.input_perm] = w
+            w = restored
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        direct = ops.eager(x)
+        if direct and self.input_perm is None and x.numel() == self.in_features and x.dtype is torch.float32 \
+                and x.is_cpu and x.is_contiguous():
+            call = self._gemv()
+            if call is not None:
+                dims = x.dim()
+                shape = self._token_shapes[dims - 1] if dims <= 4 else (1,) * (dims - 1) + self._token_shapes[0]
+                y = torch.empty(shape, dtype=torch.float32)
+                call(x.data_ptr(), y.data_ptr(), 1 if self._serial else torch.get_num_threads())
+                return y
+        if x.device.type != "cpu":
+            raise RuntimeError(f"QuantLinear runs on the CPU; got an input on {x.device}")
+        xi = x if self.input_perm is None else x.index_select(x.dim() - 1, self.input_perm)
+        x2d = _as_float(xi.reshape(-1, self.in_features))
+        bias = self.bias if self.bias is None else self.bias.float().contiguous()
+        args = (x2d, self.index, self.kstart, self.qweight, self.scales, bias, self._KINDS[self.kind],
+                self.out_features, self.in_features, self.n, self.m, self.block, self.bits, self.group,
+                self.activation == "relu")
+        y = ops.cpu_impl("q_linear")(*args) if direct else ops.q_linear(*args)
+        return _like(y.reshape(*x.shape[:-1], self.out_features), x)
+
+    def extra_repr(self) -> str:
+        act = f", activation={self.activation}" if self.activation else ""
+        return (f"in={self.in_features}, out={self.out_features}, kind={self.kind}, weights=int{self.bits}, "
+                f"group={self.group}{act}")

@@ -21,6 +21,8 @@ Schemas::
         -> [N, out, oh, ow] (contiguous)
     nm_conv2d(x[N, C, H, W], codes, vals, bias?, out, n, m, kernel, stride, padding, dilation, hwc, relu)
         -> [N, out, oh, ow] (contiguous)
+    q_linear(x[T, in], index, kstart, q, scales, bias?, kind, out, in, n, m, block, bits, group, relu) -> [T, out]
+        (a quantized layout, runtime.quant; kind 0 n:m, 1 1xN, 2 dense)
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 from . import _native
 from ._native import BlockArrays, NMArrays
 
-__all__ = ["block_linear", "nm_linear", "block_conv2d", "nm_conv2d", "eager", "cpu_impl"]
+__all__ = ["block_linear", "nm_linear", "block_conv2d", "nm_conv2d", "q_linear", "eager", "cpu_impl"]
 
 _CONV_ARGS = "SymInt[2] kernel, SymInt[2] stride, SymInt[2] padding, SymInt[2] dilation"
 _SCHEMAS = {
@@ -41,6 +43,9 @@ _SCHEMAS = {
                     " -> Tensor",
     "nm_conv2d": f"(Tensor x, Tensor codes, Tensor vals, Tensor? bias, SymInt out_channels, int n, int m, {_CONV_ARGS},"
                  " bool hwc, bool relu) -> Tensor",
+    "q_linear": "(Tensor x, Tensor index, Tensor kstart, Tensor q, Tensor scales, Tensor? bias, int kind,"
+                " SymInt out_features, int in_features, int n, int m, int block, int bits, int group, bool relu)"
+                " -> Tensor",
 }
 
 _LIB = torch.library.Library("nmsparse", "DEF")  # noqa: TOR901 - the project's own operator namespace
@@ -106,6 +111,21 @@ def _nm_conv2d(x, codes, vals, bias, out_channels, n, m, kernel, stride, padding
                  dilation, "hwc" if hwc else "chw", bias, relu)
 
 
+def _q_linear(x, index, kstart, q, scales, bias, kind, out_features, in_features, n, m, block, bits, group, relu):
+    """A quantized Linear: one row runs the weight-only batch-1 kernel; more rows dequantize the
+    weight once (one pass, in C++) and run the float32 product of its layout (MKL for a dense one)."""
+    w = _native.QArrays(kind, index, kstart, q, scales, out_features, in_features, n, m, block, bits, group)
+    if x.shape[0] == 1:
+        return _native.q_gemv(x[0], w, bias, relu).view(1, out_features)
+    vals = _native.q_dequant(w)
+    if kind == 0:
+        return _nm_linear(x, index, vals, bias, out_features, n, m, relu)
+    if kind == 1:
+        return _block_linear(x, index, kstart, vals, bias, relu)
+    y = torch.nn.functional.linear(x, vals, bias)
+    return torch.relu_(y) if relu else y
+
+
 # ---------------------------------------------------------------- fake implementations
 def _fake_linear(x, out_features):
     return x.new_empty((x.shape[0], out_features))
@@ -122,6 +142,8 @@ _IMPLS = {
     "nm_linear": (_nm_linear, lambda x, codes, vals, bias, out_features, n, m, relu: _fake_linear(x, out_features)),
     "block_conv2d": (_block_conv2d, lambda x, cols, kstart, vals, bias, kernel, stride, padding, dilation, relu:
                      _fake_conv(x, vals.shape[0] * vals.shape[2], kernel, stride, padding, dilation)),
+    "q_linear": (_q_linear, lambda x, index, kstart, q, scales, bias, kind, out_features, *rest:
+                 _fake_linear(x, out_features)),
     "nm_conv2d": (_nm_conv2d, lambda x, codes, vals, bias, out_channels, n, m, kernel, stride, padding, dilation, hwc,
                   relu: _fake_conv(x, out_channels, kernel, stride, padding, dilation)),
 }
@@ -157,3 +179,4 @@ block_linear = torch.ops.nmsparse.block_linear
 nm_linear = torch.ops.nmsparse.nm_linear
 block_conv2d = torch.ops.nmsparse.block_conv2d
 nm_conv2d = torch.ops.nmsparse.nm_conv2d
+q_linear = torch.ops.nmsparse.q_linear

@@ -623,6 +623,8 @@ void nm_mm(const float* xt, i64 ldx, const uint8_t* codes, const float* vals, i6
   }
 }
 
+#include "qkernels.h"
+
 // ---------------------------------------------------------------- im2col
 // d[j] = src[j*step + off] where that column lies inside [0, W), else 0, for j < count: one output
 // row of im2col or of a phase plane (a straight copy where the step is 1). src null: a padding row.
@@ -813,15 +815,123 @@ void nms_nm_mm(const float* xt, i64 ldx, const uint8_t* codes, const float* vals
   }
 }
 
+// out[rows] = W @ x for an n:m layout whose kept values are qbits-bit integers with one scale per
+// `group` values (qkernels.h); bias may be null. Batch 1 only (batched products dequantize first).
+void nms_nmq_gemv(const float* x, const uint8_t* codes, const uint8_t* q, const float* scales, i64 rows, i64 J,
+                  i64 jc, int n, int m, int bits, int qbits, i64 group, float* out, const float* bias, int relu,
+                  int threads) {
+  call_threads = threads;
+  const bool r = relu != 0, vec = VW % n == 0 && (VW * bits) % 8 == 0 && group % VW == 0;
+#define NMQ(BITS, QB)                                                                                  \
+  return m == 2 * n ? nmq_gemv<BITS, QB, true>(x, codes, q, scales, rows, J, jc, n, m, group, out, bias, r) \
+                    : nmq_gemv<BITS, QB, false>(x, codes, q, scales, rows, J, jc, n, m, group, out, bias, r)
+  if (vec && qbits == 8) switch (bits) { case 1: NMQ(1, 8); case 2: NMQ(2, 8); case 4: NMQ(4, 8); default: NMQ(8, 8); }
+  if (vec && qbits == 4) switch (bits) { case 1: NMQ(1, 4); case 2: NMQ(2, 4); case 4: NMQ(4, 4); default: NMQ(8, 4); }
+#undef NMQ
+  if (qbits == 8) return nmq_gemv_scalar<8>(x, codes, q, scales, rows, J, jc, n, m, bits, group, out, bias, r);
+  return nmq_gemv_scalar<4>(x, codes, q, scales, rows, J, jc, n, m, bits, group, out, bias, r);
+}
+
+// out[rows * block] = W @ x for a 1xN layout with quantized kept values (qkernels.h); batch 1.
+void nms_blockq_gemv(const float* x, const int32_t* cols, const uint8_t* q, const float* scales, i64 rows, i64 kept,
+                     i64 block, int qbits, i64 group, float* out, const float* bias, int relu, int threads) {
+  call_threads = threads;
+  const bool r = relu != 0;
+  if (block % VW == 0 && group > 0) {
+#define BQ(B)                                                                                    \
+  return qbits == 8 ? blockq_gemv<B, 8>(x, cols, q, scales, rows, kept, group, out, bias, r) \
+                    : blockq_gemv<B, 4>(x, cols, q, scales, rows, kept, group, out, bias, r)
+    switch (block) {
+      case 16: if constexpr (16 % VW == 0) BQ(16); break;
+      case 32: BQ(32);
+      case 64: BQ(64);
+      default: break;
+    }
+#undef BQ
+  }
+  const i64 gk = cdiv(kept, group);  // any other block size: scalar
+#pragma omp parallel for num_threads(call_threads) schedule(static)
+  for (i64 rr = 0; rr < rows; ++rr)
+    for (i64 t = 0; t < block; ++t) {
+      float s = bias ? bias[rr * block + t] : 0.f;
+      for (i64 k = 0; k < kept; ++k) {
+        const i64 i = (rr * kept + k) * block + t;
+        const float v = qbits == 8 ? deq_one<8>(q, i) : deq_one<4>(q, i);
+        s += v * scales[(rr * gk + k / group) * block + t] * x[cols[rr * kept + k]];
+      }
+      out[rr * block + t] = r && s < 0.f ? 0.f : s;
+    }
+}
+
+// out[rows] = W @ x for a dense [rows, cols] weight of qbits-bit integers, one scale per `group`
+// values of a row (qkernels.h); batch 1.
+void nms_denseq_gemv(const float* x, const uint8_t* q, const float* scales, i64 rows, i64 cols, int qbits, i64 group,
+                     float* out, const float* bias, int relu, int threads) {
+  call_threads = threads;
+  if (group % VW == 0) {
+    if (qbits == 8) return denseq_gemv<8>(x, q, scales, rows, cols, group, out, bias, relu != 0);
+    return denseq_gemv<4>(x, q, scales, rows, cols, group, out, bias, relu != 0);
+  }
+#pragma omp parallel for num_threads(call_threads) schedule(static)
+  for (i64 o = 0; o < rows; ++o) {
+    float s = bias ? bias[o] : 0.f;
+    const i64 gr = cdiv(cols, group);
+    for (i64 j = 0; j < cols; ++j)
+      s += (qbits == 8 ? deq_one<8>(q + o * cols, j) : deq_one<4>(q + o * cols / 2, j)) * scales[o * gr + j / group] * x[j];
+    out[o] = relu && s < 0.f ? 0.f : s;
+  }
+}
+
+// The float32 values of a quantized n:m layout (chunk-major, as the float32 kernels read them) or of
+// a dense weight (jc = J = cols, rows segments): out[i] = q[i] * its group's scale.
+void nms_nmq_dequant(const uint8_t* q, const float* scales, i64 rows, i64 J, i64 jc, int qbits, i64 group, float* out,
+                     int threads) {
+  call_threads = threads;
+  const i64 chunks = cdiv(J, jc), gpc = cdiv(jc, group);
+  auto seg = [&](i64 s, i64& start, i64& len, i64& sstart) {
+    const i64 c = s / rows, o = s % rows, count = std::min(jc, J - c * jc);
+    start = c * rows * jc + o * count, len = count, sstart = c * rows * gpc + o * cdiv(count, group);
+  };
+  if (qbits == 8) dequant_segments<8>(q, scales, chunks * rows, group, out, seg);
+  else dequant_segments<4>(q, scales, chunks * rows, group, out, seg);
+}
+
+// The float32 values [rows, kept, block] of a quantized 1xN layout.
+void nms_blockq_dequant(const uint8_t* q, const float* scales, i64 rows, i64 kept, i64 block, int qbits, i64 group,
+                        float* out, int threads) {
+  call_threads = threads;
+  const i64 gk = cdiv(kept, group);
+#pragma omp parallel for num_threads(call_threads) schedule(static)
+  for (i64 r = 0; r < rows; ++r)
+    for (i64 k = 0; k < kept; ++k) {
+      const float* sc = scales + (r * gk + k / group) * block;
+      const i64 i0 = (r * kept + k) * block;
+      for (i64 t = 0; t < block; ++t)
+        out[i0 + t] = (qbits == 8 ? deq_one<8>(q, i0 + t) : deq_one<4>(q, i0 + t)) * sc[t];
+    }
+}
+
 // A one-token product with every argument but the input, the output and the thread count bound
 // once in `plan` (nmsparse/runtime/_native.py gemv_call): four arguments to convert per call from
 // Python instead of seventeen. plan[0] is the kind, then the arguments of the product, pointers
 // as integers:
 //   0 (n:m): codes, vals, rows, J, jc, n, m, bits, bias, relu
 //   1 (1xN): cols, kstart, chunks, vals, rows, kept, block, bias, relu
+//   2 (n:m, quantized): codes, q, scales, rows, J, jc, n, m, bits, qbits, group, bias, relu
+//   3 (1xN, quantized): cols, q, scales, rows, kept, block, qbits, group, bias, relu
+//   4 (dense, quantized): q, scales, rows, cols, qbits, group, bias, relu
 void nms_gemv(const i64* plan, const float* x, float* out, int threads) {
   const i64* p = plan + 1;
-  if (plan[0] == 0)
+  if (plan[0] == 2)
+    nms_nmq_gemv(x, (const uint8_t*)p[0], (const uint8_t*)p[1], (const float*)p[2], p[3], p[4], p[5], (int)p[6],
+                 (int)p[7], (int)p[8], (int)p[9], p[10], out, (const float*)p[11], (int)p[12], threads);
+  else if (plan[0] == 3)
+    nms_blockq_gemv(x, (const int32_t*)p[0], (const uint8_t*)p[1], (const float*)p[2], p[3], p[4], p[5], (int)p[6],
+                    p[7], out, (const float*)p[8], (int)p[9], threads);
+  else if (plan[0] == 4)
+    nms_denseq_gemv(x, (const uint8_t*)p[0], (const float*)p[1], p[2], p[3], (int)p[4], p[5], out, (const float*)p[6],
+                    (int)p[7], threads);
+  else if (plan[0] == 0)
     nms_nm_mm(x, 1, (const uint8_t*)p[0], (const float*)p[1], p[2], p[3], p[4], (int)p[5], (int)p[6], (int)p[7], 1,
               out, 1, (const float*)p[8], (int)p[9], nullptr, threads);
   else

@@ -1,0 +1,316 @@
+// Quantized products of nmsparse's runtime: the kept values of an n:m or 1xN layout, or a dense
+// weight, stored as 8- or 4-bit integers with one float32 scale per group of G values along the
+// input axis (symmetric: value = q * scale). Included by kernels.cpp inside its anonymous
+// namespace, after the vector type and the n:m helpers it reuses; the same source builds for every
+// instruction set.
+//
+// Integer storage (nmsparse/runtime/quant.py writes it):
+//   QB = 8: one signed byte per value, in the order of the float32 layout's values.
+//   QB = 4: value i of a segment in the low nibble of byte i/2 when i is even, the high nibble when
+//           odd, stored as q + 8 (0..15); every segment has an even length, so segments start on
+//           whole bytes (offsets below are in values; bytes = values * QB / 8).
+// Scales: float32, one per group of G consecutive values of a segment (the last group of a segment
+// may be shorter). A segment is
+//   n:m    the `count` kept values of row o in chunk c (see the top of kernels.cpp); its scales start
+//          at c * rows * ceil(jc / G) + o * ceil(count / G)
+//   dense  one row (`cols` values); scales start at o * ceil(cols / G)
+//   1xN    kept values k of block row r for each of the B outputs t: scales[(r * ceil(K / G) + k / G) * B + t]
+//
+// Batch 1 (a decode step) runs the weight-only products below: integers are widened and converted to
+// float in registers, summed per group in float32 and scaled once per group, so the weights are read
+// at 1 (int8) or 1/2 (int4) byte per value. Batched products dequantize the weight once per call
+// into the float32 layout (nms_q_dequant) and run the float32 kernels.
+
+// ---------------------------------------------------------------- dequantize in registers
+// VW values starting at value index 0 of p (QB = 4: p on a whole byte), as floats (not scaled).
+// The widening is spelled per instruction set: GCC 12 lowers __builtin_convertvector of a byte
+// vector to one scalar conversion per lane (measured: 5 GB/s instead of memory speed).
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__SSE2__)
+// 2*h bytes of nibble pairs (h <= 8) as 4*h bytes, one value each in order (low nibble first), + 8
+inline __m128i nibbles(const uint8_t* p, int h) {
+  uint64_t w = 0;
+  std::memcpy(&w, p, h);
+  const __m128i b = _mm_unpacklo_epi8(_mm_cvtsi64_si128((long long)w), _mm_setzero_si128());  // 16-bit lanes
+  return _mm_or_si128(_mm_and_si128(b, _mm_set1_epi16(0x000F)), _mm_and_si128(_mm_slli_epi16(b, 4),
+                                                                                _mm_set1_epi16(0x0F00)));
+}
+#endif
+template <int QB>
+inline vf deq(const uint8_t* p) {
+#if defined(__AVX512F__)
+  const __m128i b = QB == 8 ? _mm_loadu_si128((const __m128i*)p) : nibbles(p, 8);
+  const __m512i i = QB == 8 ? _mm512_cvtepi8_epi32(b) : _mm512_sub_epi32(_mm512_cvtepu8_epi32(b), _mm512_set1_epi32(8));
+  return _mm512_cvtepi32_ps(i);
+#elif defined(__AVX2__)
+  const __m128i b = QB == 8 ? _mm_loadl_epi64((const __m128i*)p) : nibbles(p, 4);
+  const __m256i i = QB == 8 ? _mm256_cvtepi8_epi32(b) : _mm256_sub_epi32(_mm256_cvtepu8_epi32(b), _mm256_set1_epi32(8));
+  return _mm256_cvtepi32_ps(i);
+#elif defined(__aarch64__) || defined(__ARM_NEON)
+  if constexpr (QB == 8) {
+    uint32_t w;
+    std::memcpy(&w, p, 4);
+    const int16x8_t h = vmovl_s8(vreinterpret_s8_u32(vdup_n_u32(w)));
+    return vcvtq_f32_s32(vmovl_s16(vget_low_s16(h)));
+  } else {
+    return vcvtq_f32_s32(vsubq_s32(vreinterpretq_s32_u32(decode<4>(p)), vdupq_n_s32(8)));
+  }
+#elif defined(__SSE2__)
+  if constexpr (QB == 8) {
+    int32_t w;
+    std::memcpy(&w, p, 4);
+    __m128i b = _mm_cvtsi32_si128(w);
+    b = _mm_unpacklo_epi8(b, b);
+    b = _mm_srai_epi32(_mm_unpacklo_epi16(b, b), 24);  // sign-extended bytes
+    return _mm_cvtepi32_ps(b);
+  } else {
+    const __m128i i = _mm_sub_epi32(_mm_unpacklo_epi16(_mm_unpacklo_epi8(nibbles(p, 2), _mm_setzero_si128()),
+                                                       _mm_setzero_si128()), _mm_set1_epi32(8));
+    return _mm_cvtepi32_ps(i);
+  }
+#else
+  vf r;
+  for (int i = 0; i < VW; ++i)
+    r[i] = QB == 8 ? (float)(int8_t)p[i] : (float)((p[i >> 1] >> ((i & 1) * 4)) & 15) - 8.f;
+  return r;
+#endif
+}
+
+template <int QB>
+inline float deq_one(const uint8_t* seg, i64 i) {
+  if constexpr (QB == 8) return (float)(int8_t)seg[i];
+  else return (float)((seg[i >> 1] >> ((i & 1) * 4)) & 15) - 8.f;
+}
+
+inline void prefetch_bytes(const uint8_t* p) { __builtin_prefetch(p, 0, 3); }
+constexpr i64 QPREFETCH = 2048;  // bytes ahead in each weight stream
+
+inline i64 cdiv(i64 a, i64 b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------- n:m, batch 1
+// R rows (one per stream, see nm_pair_rows) over one chunk: per group of G values, VW kept values at
+// a time, their inputs from the chunk's window (PAIR: m = 2n, a two-vector permute) or gathered.
+template <int BITS, int QB, int R, bool PAIR>
+__attribute__((always_inline)) inline void nmq_rows(const float* xc, const uint8_t* row, i64 cstride,
+                                                    const uint8_t* q, i64 qstride, const float* sc, i64 sstride,
+                                                    i64 steps, i64 gsteps, vu base, int n, int m, float* part,
+                                                    i64 pstride) {
+  vf acc[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r] = vload(part + r * pstride);
+  for (i64 s0 = 0, g = 0; s0 < steps; s0 += gsteps, ++g) {
+    vf ga[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) ga[r] = vf{};
+    const i64 s1 = std::min(steps, s0 + gsteps);
+    for (i64 s = s0; s < s1; ++s) {
+      vf lo, hi;
+      if constexpr (PAIR) lo = vload(xc + s * 2 * VW), hi = vload(xc + s * 2 * VW + VW);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const vu idx = decode<BITS>(row + r * cstride + s * VW * BITS / 8) + base;
+        const uint8_t* w = q + r * qstride + s * VW * QB / 8;
+        prefetch_bytes(w + QPREFETCH);
+        vf xv;
+        if constexpr (PAIR) xv = select2(lo, hi, idx);
+        else xv = gather(xc + s * VW / n * m, idx);
+        ga[r] = deq<QB>(w) * xv + ga[r];
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r] = ga[r] * vsplat(sc[r * sstride + g]) + acc[r];
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) vstore(part + r * pstride, acc[r]);
+}
+
+template <int BITS, int QB, bool PAIR>
+void nmq_gemv(const float* x, const uint8_t* codes, const uint8_t* q, const float* scales, i64 rows, i64 J, i64 jc,
+              int n, int m, i64 G, float* out, const float* bias, bool relu) {
+  constexpr int R = GEMV_STREAMS;
+  const vu base = group_base(n, m);
+  const i64 chunks = cdiv(J, jc), cc = jc / n * m, gpc = cdiv(jc, G), gsteps = G / VW;
+  nm_gemv_threads(rows, out, bias, relu, [&](i64 o0, i64 o1, float* part) {
+    for (i64 c = 0; c < chunks; ++c) {
+      const i64 count = std::min(jc, J - c * jc), steps = count / VW, cstride = (count * BITS + 7) / 8;
+      const i64 gr = cdiv(count, G), qrow = count * QB / 8;
+      const float* xc = x + c * cc;
+      const uint8_t* row = codes + nm_code_off(c, o0, rows, jc, count, BITS);
+      const uint8_t* qc = q + (c * rows * jc + o0 * count) * QB / 8;
+      const float* sc = scales + c * rows * gpc + o0 * gr;
+      const i64 len = (o1 - o0) / R;
+      for (i64 i = 0; i < len; ++i)
+        nmq_rows<BITS, QB, R, PAIR>(xc, row + i * cstride, len * cstride, qc + i * qrow, len * qrow, sc + i * gr,
+                                    len * gr, steps, gsteps, base, n, m, part + i * VW, len * VW);
+      for (i64 i = R * len; i < o1 - o0; ++i)
+        nmq_rows<BITS, QB, 1, PAIR>(xc, row + i * cstride, 0, qc + i * qrow, 0, sc + i * gr, 0, steps, gsteps, base, n,
+                                    m, part + i * VW, 0);
+      if (steps * VW < count)  // the values past the last whole vector
+        for (i64 i = 0; i < o1 - o0; ++i)
+          for (i64 j = steps * VW; j < count; ++j)
+            out[o0 + i] += deq_one<QB>(qc + i * qrow, j) * sc[i * gr + j / G] *
+                           xc[(j / n) * m + decode_one(row + i * cstride, j, BITS)];
+    }
+  });
+}
+
+// The scalar n:m product of any layout the vector kernels do not take (n not dividing VW).
+template <int QB>
+void nmq_gemv_scalar(const float* x, const uint8_t* codes, const uint8_t* q, const float* scales, i64 rows, i64 J,
+                     i64 jc, int n, int m, int bits, i64 G, float* out, const float* bias, bool relu) {
+  const i64 chunks = cdiv(J, jc), cc = jc / n * m, gpc = cdiv(jc, G);
+  nm_gemv_threads(rows, out, bias, relu, [&](i64 o0, i64 o1, float*) {
+    for (i64 c = 0; c < chunks; ++c) {
+      const i64 count = std::min(jc, J - c * jc), gr = cdiv(count, G);
+      for (i64 o = o0; o < o1; ++o) {
+        const uint8_t* row = codes + nm_code_off(c, o, rows, jc, count, bits);
+        const uint8_t* qs = q + (c * rows * jc + o * count) * QB / 8;
+        const float* sc = scales + c * rows * gpc + o * gr;
+        float s = 0.f;
+        for (i64 j = 0; j < count; ++j)
+          s += deq_one<QB>(qs, j) * sc[j / G] * x[c * cc + (j / n) * m + decode_one(row, j, bits)];
+        out[o] += s;
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- dense, batch 1
+// R consecutive rows (one stream: rows follow each other in memory), one input vector shared by the R.
+template <int QB, int R>
+__attribute__((always_inline)) inline void denseq_rows(const float* x, const uint8_t* q, i64 qrow, const float* sc,
+                                                       i64 gr, i64 cols, i64 G, float* y) {
+  vf acc[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r] = vf{};
+  const i64 full = cols / VW * VW;
+  for (i64 g0 = 0, g = 0; g0 < full; g0 += G, ++g) {
+    const i64 g1 = std::min(full, g0 + G);
+    vf ga[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) ga[r] = vf{};
+    for (i64 j = g0; j < g1; j += VW) {
+      const vf xv = vload(x + j);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* w = q + r * qrow + j * QB / 8;
+        prefetch_bytes(w + QPREFETCH);
+        ga[r] = deq<QB>(w) * xv + ga[r];
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r] = ga[r] * vsplat(sc[r * gr + g]) + acc[r];
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    float s = vsum(acc[r]);
+    for (i64 j = full; j < cols; ++j) s += deq_one<QB>(q + r * qrow, j) * sc[r * gr + j / G] * x[j];
+    y[r] = s;
+  }
+}
+
+template <int QB>
+void denseq_gemv(const float* x, const uint8_t* q, const float* scales, i64 rows, i64 cols, i64 G, float* out,
+                 const float* bias, bool relu) {
+  constexpr int R = 4;
+  const i64 qrow = cols * QB / 8, gr = cdiv(cols, G);
+#pragma omp parallel num_threads(call_threads)
+  {
+    const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+    const i64 o0 = rows * tid / nth, o1 = rows * (tid + 1) / nth;
+    i64 o = o0;
+    for (; o + R <= o1; o += R) denseq_rows<QB, R>(x, q + o * qrow, qrow, scales + o * gr, gr, cols, G, out + o);
+    for (; o < o1; ++o) denseq_rows<QB, 1>(x, q + o * qrow, qrow, scales + o * gr, gr, cols, G, out + o);
+    for (o = o0; o < o1; ++o) {
+      const float y = out[o] + (bias ? bias[o] : 0.f);
+      out[o] = relu && y < 0.f ? 0.f : y;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- 1xN blocks, batch 1
+// S block rows (S streams, as block_gemv): per group of G kept columns, B-vectors of integers times
+// the column's input, summed in float32, then scaled by the group's B scales.
+template <int B, int S, int QB>
+__attribute__((always_inline)) inline void blockq_rows(const float* x, const int32_t* const* c,
+                                                       const uint8_t* const* w, const float* const* sc, i64 kept,
+                                                       i64 G, float* const* y, const float* const* bias, bool relu) {
+  constexpr int V = B / VW;
+  constexpr i64 KB = B * QB / 8;  // bytes per kept column
+  vf acc[S][V];
+#pragma GCC unroll 16
+  for (int s = 0; s < S; ++s)
+#pragma GCC unroll 16
+    for (int v = 0; v < V; ++v) acc[s][v] = vf{};
+  for (i64 k0 = 0, g = 0; k0 < kept; k0 += G, ++g) {
+    const i64 k1 = std::min(kept, k0 + G);
+    vf ga[S][V];
+#pragma GCC unroll 16
+    for (int s = 0; s < S; ++s)
+#pragma GCC unroll 16
+      for (int v = 0; v < V; ++v) ga[s][v] = vf{};
+    for (i64 k = k0; k < k1; ++k) {
+#pragma GCC unroll 16
+      for (int s = 0; s < S; ++s) {
+        const uint8_t* wk = w[s] + k * KB;
+        prefetch_bytes(wk + QPREFETCH);
+        const vf xv = vsplat(x[c[s][k]]);
+#pragma GCC unroll 16
+        for (int v = 0; v < V; ++v) ga[s][v] = deq<QB>(wk + VW * v * QB / 8) * xv + ga[s][v];
+      }
+    }
+#pragma GCC unroll 16
+    for (int s = 0; s < S; ++s)
+#pragma GCC unroll 16
+      for (int v = 0; v < V; ++v) acc[s][v] = ga[s][v] * vload(sc[s] + g * B + VW * v) + acc[s][v];
+  }
+#pragma GCC unroll 16
+  for (int s = 0; s < S; ++s)
+#pragma GCC unroll 16
+    for (int v = 0; v < V; ++v) {
+      const vf r = bias[s] ? acc[s][v] + vload(bias[s] + VW * v) : acc[s][v];
+      vstore(y[s] + VW * v, relu ? vrelu(r) : r);
+    }
+}
+
+template <int B, int QB>
+void blockq_gemv(const float* x, const int32_t* cols, const uint8_t* q, const float* scales, i64 rows, i64 kept,
+                 i64 G, float* out, const float* bias, bool relu) {
+  constexpr int S = gemv_streams(B / VW);
+  const i64 gk = cdiv(kept, G), qb = kept * B * QB / 8;
+#pragma omp parallel num_threads(call_threads)
+  {
+    const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+    const i64 r0 = rows * tid / nth, r1 = rows * (tid + 1) / nth, part = (r1 - r0) / S;
+    const int32_t* c[S];
+    const uint8_t* w[S];
+    const float* sc[S];
+    float* y[S];
+    const float* bs[S];
+    auto bind = [&](int s, i64 r) {
+      c[s] = cols + r * kept, w[s] = q + r * qb, sc[s] = scales + r * gk * B, y[s] = out + r * B;
+      bs[s] = bias ? bias + r * B : nullptr;
+    };
+    for (i64 i = 0; i < part; ++i) {
+      for (int s = 0; s < S; ++s) bind(s, r0 + s * part + i);
+      blockq_rows<B, S, QB>(x, c, w, sc, kept, G, y, bs, relu);
+    }
+    for (i64 r = r0 + S * part; r < r1; ++r) {
+      bind(0, r);
+      blockq_rows<B, 1, QB>(x, c, w, sc, kept, G, y, bs, relu);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- dequantize a whole layout
+// out[i] = q[i] * scale of value i, over `segs` segments; segment s holds len(s) values starting at
+// value start(s) and scales starting at sstart(s) (see the top of this file).
+template <int QB, class Seg>
+void dequant_segments(const uint8_t* q, const float* scales, i64 segs, i64 G, float* out, Seg seg) {
+#pragma omp parallel for num_threads(call_threads) schedule(static)
+  for (i64 s = 0; s < segs; ++s) {
+    i64 start, len, sstart;
+    seg(s, start, len, sstart);
+    const uint8_t* qs = q + start * QB / 8;
+    for (i64 j = 0; j < len; ++j) out[start + j] = deq_one<QB>(qs, j) * scales[sstart + j / G];
+  }
+}
