@@ -36,11 +36,12 @@ from .._cxx import build, build_cached, compiler, cpu_signature
 from .formats import nm_chunk, offset_bits
 
 __all__ = ["KernelsUnavailable", "available", "status", "require", "block_mm", "implicit_conv", "nm_mm", "im2col",
-           "library", "runnable_variants", "VARIANTS", "gemv_call", "QArrays", "q_gemv", "q_gemv_call",
+           "library", "runnable_variants", "VARIANTS", "gemv_call", "QArrays", "q_gemv", "q_gemv_call", "gemv_plan",
            "q_dequant"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
-_FLAGS = ["-O3", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
+# -fno-math-errno: exp() in the decode step's SiLU and softmax vectorises (glibc's libmvec); errno is never read
+_FLAGS = ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
 # -march of each build: "native" runs here; the others build the same source for another instruction
 # set (the tests compile each, and run those this CPU supports)
 VARIANTS = {"native": ["-march=native"], "avx512": ["-march=skylake-avx512"], "avx2": ["-march=haswell"],
@@ -74,6 +75,7 @@ def _load(variant: str) -> tuple[ctypes.CDLL | None, str]:
     lib.nms_blockq_gemv.argtypes = [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT, _I64, _PTR, _PTR, _INT, _INT]
     lib.nms_denseq_gemv.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _INT, _I64, _PTR, _PTR, _INT, _INT]
     lib.nms_nmq_dequant.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _INT, _I64, _PTR, _INT]
+    lib.nms_llama_step.argtypes = [_PTR, _I64, _I64, ctypes.c_float, ctypes.c_float, _PTR, _INT]
     lib.nms_blockq_dequant.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _INT, _I64, _PTR, _INT]
     lib.nms_phase_planes.argtypes = [_PTR, _I64, _I64, _I64, _I64, *([ctypes.c_int] * 4), _I64, _I64, _I64, _PTR,
                                      ctypes.c_int]
@@ -268,11 +270,7 @@ def gemv_call(w: BlockArrays | NMArrays, bias: torch.Tensor | None = None, relu:
     seventeen arguments took longer than a small product. The caller keeps ``w`` and ``bias`` alive
     and in place (``x`` holds ``columns`` floats, ``out`` rows)."""
     lib = lib or loaded()
-    tail = (_opt(bias) or 0, int(relu))
-    if isinstance(w, BlockArrays):
-        plan = (ctypes.c_int64 * 10)(1, *_block_args(w), *tail)
-    else:
-        plan = (ctypes.c_int64 * 11)(0, *_nm_args(w), *tail)
+    plan = gemv_plan(w, bias, relu)
     fn, address = lib.nms_gemv, ctypes.addressof(plan)
     return lambda x, out, threads, plan=plan: fn(address, x, out, threads)
 
@@ -307,11 +305,27 @@ def _q_args(w: QArrays) -> tuple:
     return w.q.data_ptr(), w.scales.data_ptr(), w.rows, w.columns, w.bits, w.group
 
 
+def gemv_plan(w: BlockArrays | NMArrays | QArrays | torch.Tensor, bias: torch.Tensor | None = None,
+              relu: bool = False) -> ctypes.Array:
+    """The plan ``nms_gemv`` reads for the batch-1 product of ``w`` (a float32 or quantized layout, or a
+    dense contiguous float32 ``[rows, columns]`` weight): the kind and every argument but the input,
+    the output and the thread count. The caller keeps ``w`` and ``bias`` alive and in place."""
+    tail = (_opt(bias) or 0, int(relu))
+    if isinstance(w, QArrays):
+        args = (2 + w.kind, *_q_args(w), *tail)
+    elif isinstance(w, BlockArrays):
+        args = (1, *_block_args(w), *tail)
+    elif isinstance(w, NMArrays):
+        args = (0, *_nm_args(w), *tail)
+    else:
+        args = (5, w.data_ptr(), w.shape[0], w.shape[1], *tail)
+    return (ctypes.c_int64 * len(args))(*args)
+
+
 def q_gemv_call(w: QArrays, bias: torch.Tensor | None = None, relu: bool = False, lib: ctypes.CDLL | None = None):
     """The batch-1 product of a quantized layout, bound as :func:`gemv_call` binds a float32 one."""
     lib = lib or loaded()
-    args = (*_q_args(w), _opt(bias) or 0, int(relu))
-    plan = (ctypes.c_int64 * (len(args) + 1))(2 + w.kind, *args)
+    plan = gemv_plan(w, bias, relu)
     fn, address = lib.nms_gemv, ctypes.addressof(plan)
     return lambda x, out, threads, plan=plan: fn(address, x, out, threads)
 

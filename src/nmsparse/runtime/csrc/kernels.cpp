@@ -26,6 +26,7 @@
 //   chunk's input rows stay in L1 for all rows.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -920,6 +921,7 @@ void nms_blockq_dequant(const uint8_t* q, const float* scales, i64 rows, i64 kep
 //   2 (n:m, quantized): codes, q, scales, rows, J, jc, n, m, bits, qbits, group, bias, relu
 //   3 (1xN, quantized): cols, q, scales, rows, kept, block, qbits, group, bias, relu
 //   4 (dense, quantized): q, scales, rows, cols, qbits, group, bias, relu
+//   5 (dense, float32): w, rows, cols, bias, relu
 void nms_gemv(const i64* plan, const float* x, float* out, int threads) {
   const i64* p = plan + 1;
   if (plan[0] == 2)
@@ -931,6 +933,8 @@ void nms_gemv(const i64* plan, const float* x, float* out, int threads) {
   else if (plan[0] == 4)
     nms_denseq_gemv(x, (const uint8_t*)p[0], (const float*)p[1], p[2], p[3], (int)p[4], p[5], out, (const float*)p[6],
                     (int)p[7], threads);
+  else if (plan[0] == 5)
+    call_threads = threads, densef_gemv((const float*)p[0], p[1], p[2], x, out, (const float*)p[3], (int)p[4] != 0);
   else if (plan[0] == 0)
     nms_nm_mm(x, 1, (const uint8_t*)p[0], (const float*)p[1], p[2], p[3], p[4], (int)p[5], (int)p[6], (int)p[7], 1,
               out, 1, (const float*)p[8], (int)p[9], nullptr, threads);
@@ -980,3 +984,5 @@ void nms_transpose(const float* src, i64 rows, i64 cols, i64 lds, float* dst, i6
 }
 
 }  // extern "C"
+
+#include "decode.h"

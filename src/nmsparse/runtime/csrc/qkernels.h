@@ -126,7 +126,10 @@ __attribute__((always_inline)) inline void nmq_rows(const float* xc, const uint8
 template <int BITS, int QB, bool PAIR>
 void nmq_gemv(const float* x, const uint8_t* codes, const uint8_t* q, const float* scales, i64 rows, i64 J, i64 jc,
               int n, int m, i64 G, float* out, const float* bias, bool relu) {
-  constexpr int R = GEMV_STREAMS;
+#ifndef NMS_QSTREAMS
+#define NMS_QSTREAMS GEMV_STREAMS
+#endif
+  constexpr int R = NMS_QSTREAMS;
   const vu base = group_base(n, m);
   const i64 chunks = cdiv(J, jc), cc = jc / n * m, gpc = cdiv(jc, G), gsteps = G / VW;
   nm_gemv_threads(rows, out, bias, relu, [&](i64 o0, i64 o1, float* part) {
@@ -312,5 +315,41 @@ void dequant_segments(const uint8_t* q, const float* scales, i64 segs, i64 G, fl
     seg(s, start, len, sstart);
     const uint8_t* qs = q + start * QB / 8;
     for (i64 j = 0; j < len; ++j) out[start + j] = deq_one<QB>(qs, j) * scales[sstart + j / G];
+  }
+}
+
+// ---------------------------------------------------------------- dense float32, batch 1
+// A plain Linear inside the fused decode step (decode.h): R consecutive rows share each input vector.
+template <int R>
+__attribute__((always_inline)) inline void densef_rows(const float* x, const float* w, i64 cols, float* y) {
+  vf acc[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r] = vf{};
+  const i64 full = cols / VW * VW;
+  for (i64 j = 0; j < full; j += VW) {
+    const vf xv = vload(x + j);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r] = vload(w + r * cols + j) * xv + acc[r];
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    float s = vsum(acc[r]);
+    for (i64 j = full; j < cols; ++j) s += w[r * cols + j] * x[j];
+    y[r] = s;
+  }
+}
+
+void densef_gemv(const float* w, i64 rows, i64 cols, const float* x, float* out, const float* bias, bool relu) {
+#pragma omp parallel num_threads(call_threads)
+  {
+    const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+    const i64 o0 = rows * tid / nth, o1 = rows * (tid + 1) / nth;
+    i64 o = o0;
+    for (; o + 4 <= o1; o += 4) densef_rows<4>(x, w + o * cols, cols, out + o);
+    for (; o < o1; ++o) densef_rows<1>(x, w + o * cols, cols, out + o);
+    for (o = o0; o < o1; ++o) {
+      const float y = out[o] + (bias ? bias[o] : 0.f);
+      out[o] = relu && y < 0.f ? 0.f : y;
+    }
   }
 }

@@ -1,0 +1,141 @@
+// One decode step of a Llama-architecture decoder, batch 1, in one call (nmsparse/runtime/decode.py
+// binds the plan): embedding row, per layer RMSNorm -> q/k/v products -> rotary embedding -> the
+// token's keys and values written into the KV cache -> attention over the cache -> output product ->
+// residual -> RMSNorm -> gate/up products -> SiLU(gate) * up -> down product -> residual; final RMSNorm
+// and the LM head. Every product is a bound batch-1 plan of nms_gemv (float32 or quantized, sparse
+// or dense), so the step costs the weights' bytes plus microseconds, where the Hugging Face module
+// tree costs ~20 ms of Python per token on a 135M model. Included by kernels.cpp after nms_gemv's
+// kernels; the math follows transformers' LlamaForCausalLM (RMSNorm in float32, rotate-half rotary
+// embedding from the model's own cos/sin tables, softmax(q k^T * scale) v with grouped KV heads).
+
+// The decode plan (int64 slots; pointers as integers; see decode.py DecodePlan):
+//   [0] layers L  [1] hidden d  [2] heads H  [3] kv heads KH  [4] head dim hd  [5] vocab
+//   [6] intermediate I  [7] cache capacity  [8] embedding [vocab, d]  [9] final norm weight
+//   [10] LM head gemv plan  [11] LM head threads  [12] cos table [capacity, hd]  [13] sin table
+//   [14] scratch floats (3d + 2*KH*hd + 2*H*hd + 2I + capacity*H)
+//   then per layer, 20 slots from 16 + 20*l:
+//     input norm w, post norm w, (plan, threads) for q, k, v, o, gate, up, down, K cache, V cache
+//     ([KH, capacity, hd] each)
+// eps and the attention scale come as float arguments.
+
+namespace {
+
+inline float dot(const float* q, const float* k, i64 hd);
+
+inline void rmsnorm(const float* x, const float* w, i64 d, float eps, float* y) {
+  const float ss = dot(x, x, d);
+  const float r = 1.f / std::sqrt(ss / (float)d + eps);
+  for (i64 i = 0; i < d; ++i) y[i] = w[i] * (x[i] * r);
+}
+
+// rotate-half rotary embedding of `heads` vectors of hd at one position (cos/sin rows of hd)
+inline void rope(float* v, i64 heads, i64 hd, const float* cs, const float* sn) {
+  const i64 half = hd / 2;
+  for (i64 h = 0; h < heads; ++h) {
+    float* x = v + h * hd;
+    for (i64 i = 0; i < half; ++i) {
+      const float a = x[i], b = x[i + half];
+      x[i] = a * cs[i] - b * sn[i];
+      x[i + half] = b * cs[i + half] + a * sn[i + half];
+    }
+  }
+}
+
+inline void gemv_plan(i64 plan, i64 threads, const float* x, float* out) {
+  nms_gemv((const i64*)plan, x, out, (int)threads);
+}
+
+// q . k over hd floats
+inline float dot(const float* q, const float* k, i64 hd) {
+  i64 i = 0;
+  float s = 0.f;
+  if (hd >= VW) {
+    vf a = vf{}, b = vf{};
+    for (; i + 2 * VW <= hd; i += 2 * VW) a = vload(q + i) * vload(k + i) + a, b = vload(q + i + VW) * vload(k + i + VW) + b;
+    for (; i + VW <= hd; i += VW) a = vload(q + i) * vload(k + i) + a;
+    s = vsum(a + b);
+  }
+  for (; i < hd; ++i) s += q[i] * k[i];
+  return s;
+}
+
+// o += w * v over hd floats
+inline void axpy(float w, const float* v, float* o, i64 hd) {
+  i64 i = 0;
+  const vf wv = vsplat(w);
+  for (; i + VW <= hd; i += VW) vstore(o + i, wv * vload(v + i) + vload(o + i));
+  for (; i < hd; ++i) o[i] += w * v[i];
+}
+
+// softmax(q . K[t] * scale over t <= pos) . V for every head; K, V: [KH, cap, hd]
+void attend(const float* q, const float* K, const float* V, i64 H, i64 KH, i64 hd, i64 cap, i64 pos, float scale,
+            float* scores, float* out, int threads) {
+  const i64 per = H / KH, len = pos + 1;
+#pragma omp parallel for num_threads(threads) schedule(static) if (len * H * hd > 32768)
+  for (i64 h = 0; h < H; ++h) {
+    const float* qh = q + h * hd;
+    const float* Kh = K + (h / per) * cap * hd;
+    const float* Vh = V + (h / per) * cap * hd;
+    float* s = scores + h * cap;
+    float mx = -INFINITY;
+    for (i64 t = 0; t < len; ++t) {
+      s[t] = dot(qh, Kh + t * hd, hd) * scale;
+      mx = std::max(mx, s[t]);
+    }
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (i64 t = 0; t < len; ++t) sum += (s[t] = std::exp(s[t] - mx));
+    const float inv = 1.f / sum;
+    float* o = out + h * hd;
+    for (i64 i = 0; i < hd; ++i) o[i] = 0.f;
+    for (i64 t = 0; t < len; ++t) axpy(s[t] * inv, Vh + t * hd, o, hd);
+  }
+}
+
+}  // namespace
+
+// logits[vocab] of token `token` at position `pos` (< capacity); the step's keys and values are
+// written into the caches at `pos`.
+extern "C" void nms_llama_step(const i64* p, i64 token, i64 pos, float eps, float scale, float* logits, int threads) {
+  const i64 L = p[0], d = p[1], H = p[2], KH = p[3], hd = p[4], I = p[6], cap = p[7];
+  const float* emb = (const float*)p[8];
+  const float* cosr = (const float*)p[12] + pos * hd;
+  const float* sinr = (const float*)p[13] + pos * hd;
+  float* h = (float*)p[14];
+  float* xn = h + d;
+  float* tmp = xn + d;
+  float* kv = tmp + d;  // the token's k then v, KH*hd each
+  float* q = kv + 2 * KH * hd;
+  float* att = q + H * hd;
+  float* g = att + H * hd;
+  float* u = g + I;
+  float* scores = u + I;
+  std::memcpy(h, emb + token * d, d * sizeof(float));
+  for (i64 l = 0; l < L; ++l) {
+    const i64* s = p + 16 + 20 * l;
+    float* K = (float*)s[16];
+    float* V = (float*)s[17];
+    rmsnorm(h, (const float*)s[0], d, eps, xn);
+    gemv_plan(s[2], s[3], xn, q);
+    gemv_plan(s[4], s[5], xn, kv);
+    gemv_plan(s[6], s[7], xn, kv + KH * hd);
+    rope(q, H, hd, cosr, sinr);
+    rope(kv, KH, hd, cosr, sinr);
+    for (i64 j = 0; j < KH; ++j) {
+      std::memcpy(K + j * cap * hd + pos * hd, kv + j * hd, hd * sizeof(float));
+      std::memcpy(V + j * cap * hd + pos * hd, kv + (KH + j) * hd, hd * sizeof(float));
+    }
+    attend(q, K, V, H, KH, hd, cap, pos, scale, scores, att, threads);
+    gemv_plan(s[8], s[9], att, tmp);
+    for (i64 i = 0; i < d; ++i) h[i] += tmp[i];
+    rmsnorm(h, (const float*)s[1], d, eps, xn);
+    gemv_plan(s[10], s[11], xn, g);
+    gemv_plan(s[12], s[13], xn, u);
+#pragma omp simd
+    for (i64 i = 0; i < I; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+    gemv_plan(s[14], s[15], g, tmp);
+    for (i64 i = 0; i < d; ++i) h[i] += tmp[i];
+  }
+  rmsnorm(h, (const float*)p[9], d, eps, xn);
+  gemv_plan(p[10], p[11], xn, logits);
+}
