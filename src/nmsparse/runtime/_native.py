@@ -44,7 +44,8 @@ _SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
 _FLAGS = ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
 # -march of each build: "native" runs here; the others build the same source for another instruction
 # set (the tests compile each, and run those this CPU supports)
-VARIANTS = {"native": ["-march=native"], "avx512": ["-march=skylake-avx512"], "avx2": ["-march=haswell"],
+VARIANTS = {"native": ["-march=native"], "avx512": ["-march=skylake-avx512"],
+            "avx512vnni": ["-march=skylake-avx512", "-mavx512vnni", "-mavx512vbmi"], "avx2": ["-march=haswell"],
             "generic": ["-march=x86-64"], "neon": ["-march=armv8-a"]}
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
@@ -70,10 +71,10 @@ def _load(variant: str) -> tuple[ctypes.CDLL | None, str]:
     lib.nms_gemv.argtypes = [_PTR, _PTR, _PTR, ctypes.c_int]
     lib.nms_transpose.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _I64, ctypes.c_int]
     _INT = ctypes.c_int
-    lib.nms_nmq_gemv.argtypes = [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT, _INT, _INT, _INT, _I64, _PTR, _PTR,
-                                 _INT, _INT]
+    lib.nms_nmq_gemv.argtypes = [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT, _INT, _INT, _INT, _I64, _INT, _PTR,
+                                 _PTR, _INT, _INT]
     lib.nms_blockq_gemv.argtypes = [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT, _I64, _PTR, _PTR, _INT, _INT]
-    lib.nms_denseq_gemv.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _INT, _I64, _PTR, _PTR, _INT, _INT]
+    lib.nms_denseq_gemv.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _INT, _I64, _INT, _PTR, _PTR, _INT, _INT]
     lib.nms_nmq_dequant.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _INT, _I64, _PTR, _INT]
     lib.nms_llama_step.argtypes = [_PTR, _I64, _I64, ctypes.c_float, ctypes.c_float, _PTR, _INT]
     lib.nms_blockq_dequant.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _INT, _I64, _PTR, _INT]
@@ -134,7 +135,8 @@ def _cpu_flags() -> set[str]:
 def runnable_variants() -> list[str]:
     """The builds of :data:`VARIANTS` this CPU can run (always ``native``)."""
     flags, arm = _cpu_flags(), platform.machine().lower().startswith(("arm", "aarch"))
-    need = {"avx512": {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"}, "avx2": {"avx2", "fma"},
+    avx512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"}
+    need = {"avx512": avx512, "avx512vnni": avx512 | {"avx512_vnni", "avx512vbmi"}, "avx2": {"avx2", "fma"},
             "generic": set()}
     out = ["native"]
     if arm:
@@ -292,17 +294,18 @@ class QArrays(NamedTuple):
     block: int
     bits: int
     group: int
+    a8: bool = False  # activations quantized to int8 per block (quant.quantize_activations); n:m and dense
 
 
 def _q_args(w: QArrays) -> tuple:
     """The arguments of the quantized batch-1 kernel of ``w`` after the input (see kernels.cpp nms_gemv)."""
     if w.kind == 0:
         return (w.index.data_ptr(), w.q.data_ptr(), w.scales.data_ptr(), w.rows, w.columns // w.m * w.n,
-                nm_chunk(w.columns, w.n, w.m), w.n, w.m, offset_bits(w.m), w.bits, w.group)
+                nm_chunk(w.columns, w.n, w.m), w.n, w.m, offset_bits(w.m), w.bits, w.group, int(w.a8))
     if w.kind == 1:
         return (w.index.data_ptr(), w.q.data_ptr(), w.scales.data_ptr(), w.rows // w.block, w.index.shape[1], w.block,
                 w.bits, w.group)
-    return w.q.data_ptr(), w.scales.data_ptr(), w.rows, w.columns, w.bits, w.group
+    return w.q.data_ptr(), w.scales.data_ptr(), w.rows, w.columns, w.bits, w.group, int(w.a8)
 
 
 def gemv_plan(w: BlockArrays | NMArrays | QArrays | torch.Tensor, bias: torch.Tensor | None = None,

@@ -25,7 +25,7 @@ from ..parametrize import input_map
 from ..pattern import BlockPattern, NMPattern, Pattern, parse_pattern
 from .formats import FormatError, gemm_matrix, pack_block, pack_nm
 from .modules import QuantLinear, SparseConv2d, SparseLinear
-from .quant import DEFAULT_GROUP, WeightScheme, parse_weights, quantize
+from .quant import DEFAULT_GROUP, QuantError, WeightScheme, parse_weights, quantize, quantize_activations
 
 __all__ = ["ConvertReport", "ConvertRow", "convert", "infer_pattern", "to_semi_structured"]
 
@@ -96,7 +96,8 @@ def infer_pattern(weight: torch.Tensor) -> Pattern | None:
     return min(fits, key=lambda p: (p.density, p.m)) if fits else None
 
 
-def _quantized(module: nn.Module, layout, scheme: WeightScheme, row: ConvertRow | None) -> nn.Module:
+def _quantized(module: nn.Module, layout, scheme: WeightScheme, row: ConvertRow | None,
+               activations: str = "int8") -> nn.Module:
     """A :class:`QuantLinear` of ``layout`` (a packed layout, or the dense weight matrix) under ``scheme``,
     checked once against its dequantized reference. int4 on a layout it cannot store falls back to
     int8 (said in ``row.reason``).
@@ -110,36 +111,40 @@ def _quantized(module: nn.Module, layout, scheme: WeightScheme, row: ConvertRow 
         packed = quantize(layout, WeightScheme(8, scheme.group))
         if row is not None:
             row.reason = f"int8 instead of int4: {exc}"
-    new = QuantLinear(packed, module.bias, input_map(module))
+    new = QuantLinear(packed, module.bias, input_map(module), activations)
     _check_quantized(new)
     return new
 
 
 def _check_quantized(module: QuantLinear) -> None:
-    """One batch-1 and one batched call against ``x @ dequantized(W).T + b`` (float32 rounding only)."""
+    """One batch-1 and one batched call against ``A(x) @ dequantized(W).T + b`` (float32 rounding only;
+    ``A`` quantizes the activations where the layer does, see :class:`QuantLinear`)."""
     g = torch.Generator().manual_seed(0)
-    weight = module.dequantized_weight()
+    weight = module._packed.dense()  # in the packed (possibly permuted) input order
     for rows in (1, 3):
         x = torch.randn(rows, module.in_features, generator=g)
-        ref = torch.nn.functional.linear(x, weight, module.bias)
+        xin = x if module.input_perm is None else x.index_select(1, module.input_perm)
+        if module.act_block:
+            xin = quantize_activations(xin, module.act_block)
+        ref = torch.nn.functional.linear(xin, weight, module.bias)
         err = float((module(x) - ref).abs().max()) / (float(ref.abs().max()) + 1e-6)
         if not err < 1e-4:
             raise FormatError(f"the int{module.bits} {module.kind} product disagreed with its dequantized reference "
                               f"(relative error {err:.2g} at {rows} row(s)); kept float32")
 
 
-def _dense_form(module: nn.Module, scheme: WeightScheme | None) -> nn.Module:
+def _dense_form(module: nn.Module, scheme: WeightScheme | None, activations: str = "int8") -> nn.Module:
     """What a layer runs as when it does not run sparse: itself, or its dense quantized form."""
     if scheme is None or not isinstance(module, nn.Linear) or _eligible(module):
         return module
     try:
-        return _quantized(module, module.weight.detach().float(), scheme, None)
+        return _quantized(module, module.weight.detach().float(), scheme, None, activations)
     except FormatError:
         return module
 
 
 def _convert_layer(module: nn.Module, pattern: Pattern, scheme: WeightScheme | None = None,
-                   row: ConvertRow | None = None) -> nn.Module:
+                   row: ConvertRow | None = None, activations: str = "int8") -> nn.Module:
     weight = module.weight.detach()
     bias = module.bias
     if isinstance(pattern, BlockPattern):
@@ -153,7 +158,7 @@ def _convert_layer(module: nn.Module, pattern: Pattern, scheme: WeightScheme | N
     perm = input_map(module)
     if isinstance(module, nn.Linear):
         if scheme is not None:
-            return _quantized(module, packed, scheme, row)
+            return _quantized(module, packed, scheme, row, activations)
         return SparseLinear(packed, bias, perm)
     return SparseConv2d(packed, bias, module, order, perm)
 
@@ -256,7 +261,7 @@ def convert(
     model_or_export: nn.Module | str | Path, patterns: dict[str, str | Pattern] | None = None, infer: bool = True,
     fuse: bool = True, example_inputs: Any = None, min_speedup: float = 1.05, repeats: int = 10,
     keep_dense: dict[str, str] | None = None, progress: str = "none", weights: str = "fp32",
-    group_size: int = DEFAULT_GROUP,
+    group_size: int = DEFAULT_GROUP, activations: str = "int8",
 ) -> tuple[nn.Module, ConvertReport]:
     """Swap eligible layers for :class:`SparseLinear` / :class:`SparseConv2d` (in place for a model).
 
@@ -296,6 +301,10 @@ def convert(
             a layer it cannot store (the row says so). Each quantized layer is checked once against
             its dequantized reference. Convolutions stay float32.
         group_size: values per scale (a multiple of 16 from 16 to 512).
+        activations: with quantized weights, ``"int8"`` (default) quantizes each product's input per
+            block of one weight group's columns, as llama.cpp's Q8_0 products do, so that the batch-1
+            kernels multiply integers (AVX-512 VNNI); ``"fp32"`` keeps float inputs (weight-only).
+            1xN layers always keep float inputs. :class:`QuantLinear` gives the exact function.
 
     Returns:
         ``(model, report)``: the model (eval mode) and a :class:`ConvertReport` with one row per
@@ -304,6 +313,8 @@ def convert(
     from . import _native
 
     scheme = parse_weights(weights, group_size)
+    if activations not in ("int8", "fp32"):
+        raise QuantError(f"activations {activations!r} is not one of int8, fp32")
     given: dict[str, Pattern] = {}
     if isinstance(model_or_export, (str, Path)):
         from ..export import load_export
@@ -364,14 +375,14 @@ def convert(
     for index, (fqn, module, pattern) in enumerate(plan):
         row = rows[fqn]
         try:
-            new = _convert_layer(module, pattern, scheme, row)
+            new = _convert_layer(module, pattern, scheme, row, activations)
         except FormatError as exc:
             row.reason = str(exc)
             quant_dense.append(fqn)
             continue
         row.packed_bytes = new.weight_nbytes
         row.weights = getattr(new, "scheme", None) and str(new.scheme) or "fp32"
-        module = _dense_form(module, scheme)  # what the layer runs as when not sparse
+        module = _dense_form(module, scheme, activations)  # what the layer runs as when not sparse
         x = inputs.get(fqn)
         if x is not None:
             row.input_shape = list(x.shape)
@@ -423,7 +434,7 @@ def convert(
         model.set_submodule(fqn, new)
         row.converted = True
     for fqn in quant_dense:  # Linear layers without a pattern (the LM head): their dense quantized form
-        _settle_dense(model, fqn, _dense_form(model.get_submodule(fqn), scheme), rows[fqn])
+        _settle_dense(model, fqn, _dense_form(model.get_submodule(fqn), scheme, activations), rows[fqn])
     if fuse and any(row.converted for row in report):
         from .fuse import fuse as fuse_following
 

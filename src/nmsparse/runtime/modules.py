@@ -229,16 +229,28 @@ class QuantLinear(nn.Module):
     the kept values of an n:m or 1xN layout, or a dense weight (``kind="dense"``), as 8- or 4-bit
     integers with one float32 scale per group along the input axis.
 
-    Computes ``x @ dequantized(W).T + bias`` (float32). One token runs the weight-only batch-1 kernel;
-    more rows dequantize the weight once per call into the float32 layout and run the float32
-    product (``torch.ops.nmsparse.q_linear``, one operator for ``torch.compile`` / ``export``).
+    Computes ``A(x) @ dequantized(W).T + bias`` (float32), where ``A`` is the identity with
+    ``activations="fp32"`` and, with ``"int8"`` (the default, where the layout allows it: n:m and
+    dense), :func:`~nmsparse.runtime.quant.quantize_activations` over blocks of one weight group's
+    columns, as llama.cpp's Q8_0 products quantize theirs. One token runs the batch-1 kernel (with
+    int8 activations and AVX-512 VNNI + VBMI, integer dot products; elsewhere the weights are
+    widened to float in registers); more rows dequantize the weight once per call into the float32
+    layout and run the float32 product on ``A(x)`` (``torch.ops.nmsparse.q_linear``, one operator for
+    ``torch.compile`` / ``export``). Every path computes the same function up to float32 rounding.
     """
 
     _KINDS = {"nm": 0, "block": 1, "dense": 2}
 
-    def __init__(self, packed, bias: torch.Tensor | None, input_perm: list[int] | None = None) -> None:
+    def __init__(self, packed, bias: torch.Tensor | None, input_perm: list[int] | None = None,
+                 activations: str = "int8") -> None:
         super().__init__()
         _native.require()
+        from .quant import activation_block
+
+        if activations not in ("int8", "fp32"):
+            raise ValueError(f"activations {activations!r} is not one of int8, fp32")
+        block = activation_block(packed) if activations == "int8" else None
+        self.act_block = block or 0  # columns per activation scale; 0: float32 activations
         self._packed = packed
         self.out_features, self.in_features = packed.shape
         self.kind, self.bits, self.group = packed.kind, packed.bits, packed.group
@@ -273,7 +285,8 @@ class QuantLinear(nn.Module):
 
     def _arrays(self) -> _native.QArrays:
         return _native.QArrays(self._KINDS[self.kind], self.index, self.kstart, self.qweight, self.scales,
-                               self.out_features, self.in_features, self.n, self.m, self.block, self.bits, self.group)
+                               self.out_features, self.in_features, self.n, self.m, self.block, self.bits, self.group,
+                               self.act_block > 0)
 
     def _gemv(self):
         """The bound batch-1 call (rebuilt when a buffer or the bias was replaced)."""
@@ -324,11 +337,12 @@ class QuantLinear(nn.Module):
         bias = self.bias if self.bias is None else self.bias.float().contiguous()
         args = (x2d, self.index, self.kstart, self.qweight, self.scales, bias, self._KINDS[self.kind],
                 self.out_features, self.in_features, self.n, self.m, self.block, self.bits, self.group,
-                self.activation == "relu")
+                self.act_block, self.activation == "relu")
         y = ops.cpu_impl("q_linear")(*args) if direct else ops.q_linear(*args)
         return _like(y.reshape(*x.shape[:-1], self.out_features), x)
 
     def extra_repr(self) -> str:
         act = f", activation={self.activation}" if self.activation else ""
+        acts = f"int8 (blocks of {self.act_block})" if self.act_block else "fp32"
         return (f"in={self.in_features}, out={self.out_features}, kind={self.kind}, weights=int{self.bits}, "
-                f"group={self.group}{act}")
+                f"group={self.group}, activations={acts}{act}")

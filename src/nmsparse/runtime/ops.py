@@ -21,7 +21,8 @@ Schemas::
         -> [N, out, oh, ow] (contiguous)
     nm_conv2d(x[N, C, H, W], codes, vals, bias?, out, n, m, kernel, stride, padding, dilation, hwc, relu)
         -> [N, out, oh, ow] (contiguous)
-    q_linear(x[T, in], index, kstart, q, scales, bias?, kind, out, in, n, m, block, bits, group, relu) -> [T, out]
+    q_linear(x[T, in], index, kstart, q, scales, bias?, kind, out, in, n, m, block, bits, group, act_block, relu)
+        -> [T, out]
         (a quantized layout, runtime.quant; kind 0 n:m, 1 1xN, 2 dense)
 """
 
@@ -44,7 +45,8 @@ _SCHEMAS = {
     "nm_conv2d": f"(Tensor x, Tensor codes, Tensor vals, Tensor? bias, SymInt out_channels, int n, int m, {_CONV_ARGS},"
                  " bool hwc, bool relu) -> Tensor",
     "q_linear": "(Tensor x, Tensor index, Tensor kstart, Tensor q, Tensor scales, Tensor? bias, int kind,"
-                " SymInt out_features, int in_features, int n, int m, int block, int bits, int group, bool relu)"
+                " SymInt out_features, int in_features, int n, int m, int block, int bits, int group, int act_block,"
+                " bool relu)"
                 " -> Tensor",
 }
 
@@ -111,12 +113,19 @@ def _nm_conv2d(x, codes, vals, bias, out_channels, n, m, kernel, stride, padding
                  dilation, "hwc" if hwc else "chw", bias, relu)
 
 
-def _q_linear(x, index, kstart, q, scales, bias, kind, out_features, in_features, n, m, block, bits, group, relu):
-    """A quantized Linear: one row runs the weight-only batch-1 kernel; more rows dequantize the
-    weight once (one pass, in C++) and run the float32 product of its layout (MKL for a dense one)."""
-    w = _native.QArrays(kind, index, kstart, q, scales, out_features, in_features, n, m, block, bits, group)
+def _q_linear(x, index, kstart, q, scales, bias, kind, out_features, in_features, n, m, block, bits, group, act_block,
+              relu):
+    """A quantized Linear: one row runs the batch-1 kernel; more rows dequantize the weight once (one
+    pass, in C++) and run the float32 product of its layout (MKL for a dense one) on the rows'
+    quantized activations (act_block > 0) or on the rows as they are."""
+    w = _native.QArrays(kind, index, kstart, q, scales, out_features, in_features, n, m, block, bits, group,
+                        act_block > 0)
     if x.shape[0] == 1:
         return _native.q_gemv(x[0], w, bias, relu).view(1, out_features)
+    if act_block:
+        from .quant import quantize_activations
+
+        x = quantize_activations(x, act_block)
     vals = _native.q_dequant(w)
     if kind == 0:
         return _nm_linear(x, index, vals, bias, out_features, n, m, relu)

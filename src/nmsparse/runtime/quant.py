@@ -24,7 +24,7 @@ import torch
 from .formats import BlockPacked, FormatError, NMPacked
 
 __all__ = ["WeightScheme", "QPacked", "QuantError", "parse_weights", "quantize", "quantize_groups", "qmax",
-           "dequantize_groups", "WEIGHT_CHOICES", "DEFAULT_GROUP"]
+           "dequantize_groups", "quantize_activations", "activation_block", "WEIGHT_CHOICES", "DEFAULT_GROUP"]
 
 WEIGHT_CHOICES = ("fp32", "int8", "int4")
 DEFAULT_GROUP = 32
@@ -251,3 +251,34 @@ def quantize(layout: NMPacked | BlockPacked | torch.Tensor, scheme: WeightScheme
     s = torch.cat(ss) if ss else torch.zeros(0)
     index = replace(layout, vals=np.zeros(0, np.float32))
     return QPacked(kind, index, _bytes(q, bits), s.numpy().copy(), bits, group, shape)
+
+
+def activation_block(packed: QPacked) -> int | None:
+    """Columns per activation scale when ``packed``'s products quantize their inputs to int8: the
+    columns of one weight scale group, ``min(group, chunk) * m / n`` for n:m and ``group`` for dense
+    layouts; None where the groups do not line up with whole blocks of columns (1xN layouts, and n:m
+    patterns whose chunk is not a multiple of the group), which keep float32 activations."""
+    if packed.kind == "dense":
+        return packed.group
+    if packed.kind != "nm":
+        return None
+    n, m, jc = packed.index.n, packed.index.m, packed.index.chunk
+    gm = min(packed.group, jc)
+    if (gm * m) % n or jc % gm:
+        return None
+    return gm * m // n
+
+
+def quantize_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+    """What the int8-activation products multiply with: each row of ``x[..., columns]`` cut into
+    blocks of ``block`` columns, ``s = max|x| / 127`` per block, ``q = round-half-even(x / s)`` (0 for an
+    all-zero block), returned as ``s * q`` in float32 (the kernels' ``quant_x``, bit for bit)."""
+    x = x.float()
+    cols = x.shape[-1]
+    blocks = -(-cols // block)
+    padded = torch.zeros(*x.shape[:-1], blocks * block)
+    padded[..., :cols] = x
+    grouped = padded.view(*x.shape[:-1], blocks, block)
+    s = grouped.abs().amax(-1, keepdim=True) / 127.0
+    q = torch.where(s > 0, torch.round(grouped / torch.where(s > 0, s, torch.ones_like(s))), torch.zeros_like(grouped))
+    return (s * q).view(*x.shape[:-1], blocks * block)[..., :cols]

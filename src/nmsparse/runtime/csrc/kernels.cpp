@@ -818,11 +818,31 @@ void nms_nm_mm(const float* xt, i64 ldx, const uint8_t* codes, const float* vals
 
 // out[rows] = W @ x for an n:m layout whose kept values are qbits-bit integers with one scale per
 // `group` values (qkernels.h); bias may be null. Batch 1 only (batched products dequantize first).
+// a8: the activations are quantized first (qkernels.h quant_x, blocks of min(group, jc) * m / n columns).
 void nms_nmq_gemv(const float* x, const uint8_t* codes, const uint8_t* q, const float* scales, i64 rows, i64 J,
-                  i64 jc, int n, int m, int bits, int qbits, i64 group, float* out, const float* bias, int relu,
+                  i64 jc, int n, int m, int bits, int qbits, i64 group, int a8, float* out, const float* bias, int relu,
                   int threads) {
   call_threads = threads;
-  const bool r = relu != 0, vec = VW % n == 0 && (VW * bits) % 8 == 0 && group % VW == 0;
+  const bool r = relu != 0;
+  if (a8) {
+    quant_x(x, J / n * m, std::min(jc, group) * m / n);
+#if defined(NMS_VNNI)
+    if (m == 2 * n && jc == 64 && bits <= 4) {
+      if (qbits == 8) switch (bits) {
+        case 1: return nmq_gemv_vnni<1, 8>(codes, q, scales, rows, J, n, m, group, out, bias, r);
+        case 2: return nmq_gemv_vnni<2, 8>(codes, q, scales, rows, J, n, m, group, out, bias, r);
+        default: return nmq_gemv_vnni<4, 8>(codes, q, scales, rows, J, n, m, group, out, bias, r);
+      }
+      switch (bits) {
+        case 1: return nmq_gemv_vnni<1, 4>(codes, q, scales, rows, J, n, m, group, out, bias, r);
+        case 2: return nmq_gemv_vnni<2, 4>(codes, q, scales, rows, J, n, m, group, out, bias, r);
+        default: return nmq_gemv_vnni<4, 4>(codes, q, scales, rows, J, n, m, group, out, bias, r);
+      }
+    }
+#endif
+    x = xbuf.d;
+  }
+  const bool vec = VW % n == 0 && (VW * bits) % 8 == 0 && group % VW == 0;
 #define NMQ(BITS, QB)                                                                                  \
   return m == 2 * n ? nmq_gemv<BITS, QB, true>(x, codes, q, scales, rows, J, jc, n, m, group, out, bias, r) \
                     : nmq_gemv<BITS, QB, false>(x, codes, q, scales, rows, J, jc, n, m, group, out, bias, r)
@@ -867,8 +887,18 @@ void nms_blockq_gemv(const float* x, const int32_t* cols, const uint8_t* q, cons
 // out[rows] = W @ x for a dense [rows, cols] weight of qbits-bit integers, one scale per `group`
 // values of a row (qkernels.h); batch 1.
 void nms_denseq_gemv(const float* x, const uint8_t* q, const float* scales, i64 rows, i64 cols, int qbits, i64 group,
-                     float* out, const float* bias, int relu, int threads) {
+                     int a8, float* out, const float* bias, int relu, int threads) {
   call_threads = threads;
+  if (a8) {
+    quant_x(x, cols, group);
+#if defined(NMS_VNNI)
+    if (group % 16 == 0) {
+      if (qbits == 8) return denseq_gemv_vnni<8>(q, scales, rows, cols, group, out, bias, relu != 0);
+      return denseq_gemv_vnni<4>(q, scales, rows, cols, group, out, bias, relu != 0);
+    }
+#endif
+    x = xbuf.d;
+  }
   if (group % VW == 0) {
     if (qbits == 8) return denseq_gemv<8>(x, q, scales, rows, cols, group, out, bias, relu != 0);
     return denseq_gemv<4>(x, q, scales, rows, cols, group, out, bias, relu != 0);
@@ -918,21 +948,21 @@ void nms_blockq_dequant(const uint8_t* q, const float* scales, i64 rows, i64 kep
 // as integers:
 //   0 (n:m): codes, vals, rows, J, jc, n, m, bits, bias, relu
 //   1 (1xN): cols, kstart, chunks, vals, rows, kept, block, bias, relu
-//   2 (n:m, quantized): codes, q, scales, rows, J, jc, n, m, bits, qbits, group, bias, relu
+//   2 (n:m, quantized): codes, q, scales, rows, J, jc, n, m, bits, qbits, group, a8, bias, relu
 //   3 (1xN, quantized): cols, q, scales, rows, kept, block, qbits, group, bias, relu
-//   4 (dense, quantized): q, scales, rows, cols, qbits, group, bias, relu
+//   4 (dense, quantized): q, scales, rows, cols, qbits, group, a8, bias, relu
 //   5 (dense, float32): w, rows, cols, bias, relu
 void nms_gemv(const i64* plan, const float* x, float* out, int threads) {
   const i64* p = plan + 1;
   if (plan[0] == 2)
     nms_nmq_gemv(x, (const uint8_t*)p[0], (const uint8_t*)p[1], (const float*)p[2], p[3], p[4], p[5], (int)p[6],
-                 (int)p[7], (int)p[8], (int)p[9], p[10], out, (const float*)p[11], (int)p[12], threads);
+                 (int)p[7], (int)p[8], (int)p[9], p[10], (int)p[11], out, (const float*)p[12], (int)p[13], threads);
   else if (plan[0] == 3)
     nms_blockq_gemv(x, (const int32_t*)p[0], (const uint8_t*)p[1], (const float*)p[2], p[3], p[4], p[5], (int)p[6],
                     p[7], out, (const float*)p[8], (int)p[9], threads);
   else if (plan[0] == 4)
-    nms_denseq_gemv(x, (const uint8_t*)p[0], (const float*)p[1], p[2], p[3], (int)p[4], p[5], out, (const float*)p[6],
-                    (int)p[7], threads);
+    nms_denseq_gemv(x, (const uint8_t*)p[0], (const float*)p[1], p[2], p[3], (int)p[4], p[5], (int)p[6], out,
+                    (const float*)p[7], (int)p[8], threads);
   else if (plan[0] == 5)
     call_threads = threads, densef_gemv((const float*)p[0], p[1], p[2], x, out, (const float*)p[3], (int)p[4] != 0);
   else if (plan[0] == 0)

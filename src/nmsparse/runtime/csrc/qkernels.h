@@ -353,3 +353,186 @@ void densef_gemv(const float* w, i64 rows, i64 cols, const float* x, float* out,
     }
   }
 }
+
+// ---------------------------------------------------------------- int8 activations (A8)
+// With activations quantized, a quantized product computes W_q . Q(x): x cut into blocks of `xb`
+// columns (the columns of one weight scale group), sx = max|x| / 127 over each block, xq =
+// round-to-nearest-even(x / sx) (0 where the block is all zero), and Q(x) = sx * xq. Every
+// instruction set computes that same function: with AVX-512 VNNI + VBMI from the integers
+// (vpdpbusd, 64 products an instruction), elsewhere by the weight-only kernels above on the floats
+// sx * xq. nmsparse/runtime/quant.py quantize_activations is the reference.
+struct XBuf {
+  int8_t* q = nullptr;  // xq, zero-padded by 128 bytes
+  float* s = nullptr;   // sx per block
+  float* d = nullptr;   // sx * xq
+  i64 cap = 0, scap = 0;
+  ~XBuf() { free(q), free(s), free(d); }
+};
+thread_local XBuf xbuf;
+
+inline void quant_x(const float* x, i64 cols, i64 xb) {
+  XBuf& b = xbuf;
+  const i64 blocks = cdiv(cols, xb);
+  if (cols + 128 > b.cap) {
+    free(b.q), free(b.d);
+    b.cap = cols + 128;
+    b.q = (int8_t*)aligned_alloc(64, cdiv(b.cap, 64) * 64);
+    b.d = (float*)aligned_alloc(64, cdiv(b.cap * 4, 64) * 64);
+  }
+  if (blocks > b.scap) {
+    free(b.s);
+    b.scap = blocks;
+    b.s = (float*)aligned_alloc(64, cdiv(blocks * 4, 64) * 64);
+  }
+  for (i64 k = 0; k < blocks; ++k) {
+    const i64 c0 = k * xb, c1 = std::min(cols, c0 + xb);
+    float amax = 0.f;
+    for (i64 i = c0; i < c1; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const float s = amax / 127.f;
+    b.s[k] = s;
+    for (i64 i = c0; i < c1; ++i) {
+      const float q = s > 0.f ? std::nearbyint(x[i] / s) : 0.f;
+      b.q[i] = (int8_t)q;
+      b.d[i] = s * q;
+    }
+  }
+  std::memset(b.q + cols, 0, 128);
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
+#define NMS_VNNI 1
+
+// The 64 weights of one step as unsigned bytes (int8: q + 128 by flipping the sign bit; int4: the
+// stored nibbles q + 8, pairs interleaved back into value order), `live` values.
+template <int QB>
+inline __m512i weights_u8(const uint8_t* q, __mmask64 live, i64 count) {
+  if constexpr (QB == 8) {
+    return _mm512_xor_si512(_mm512_maskz_loadu_epi8(live, q), _mm512_set1_epi8((char)0x80));
+  } else {
+    const __m256i w = _mm256_maskz_loadu_epi8((__mmask32)((count + 1) / 2 >= 32 ? ~0u : (1u << ((count + 1) / 2)) - 1), q);
+    const __m256i m = _mm256_set1_epi8(0x0F);
+    const __m512i lo = _mm512_castsi256_si512(_mm256_and_si256(w, m));
+    const __m512i hi = _mm512_castsi256_si512(_mm256_and_si256(_mm256_srli_epi16(w, 4), m));
+    alignas(64) static const uint8_t order[64] = {
+        0, 64, 1, 65, 2, 66, 3, 67, 4, 68, 5, 69, 6, 70, 7, 71, 8, 72, 9, 73, 10, 74, 11, 75, 12, 76, 13, 77, 14, 78,
+        15, 79, 16, 80, 17, 81, 18, 82, 19, 83, 20, 84, 21, 85, 22, 86, 23, 87, 24, 88, 25, 89, 26, 90, 27, 91, 28, 92,
+        29, 93, 30, 94, 31, 95};
+    return _mm512_permutex2var_epi8(lo, _mm512_load_si512(order), hi);
+  }
+}
+
+inline __mmask64 live_mask(i64 count) { return count >= 64 ? ~0ull : (1ull << count) - 1; }
+
+// Which group of a 64-value step each int32 lane (values 4j..4j+3) falls into, for groups of G
+// values starting at the step (G a multiple of 16: the same for every step).
+inline __m512i lane_group_ids(i64 G) {
+  alignas(64) int32_t idx[16];
+  for (int j = 0; j < 16; ++j) idx[j] = (int32_t)((4 * j) / G);
+  return _mm512_load_si512(idx);
+}
+
+// Per-lane values of the step's groups: p[0 .. groups) spread by lane_group_ids.
+inline __m512 lane_groups(const float* p, __m512i ids, i64 groups) {
+  return _mm512_permutexvar_ps(ids, _mm512_maskz_loadu_ps((__mmask16)((1u << std::min<i64>(groups, 16)) - 1), p));
+}
+
+// n:m with m = 2n and 64 kept values per chunk (1:2, 2:4, 4:8, 8:16): per row and chunk, the 64
+// offsets become byte indices (vpmultishiftqb), the chunk's 128 quantized inputs are picked by
+// them (vpermt2b), and vpdpbusd sums the products 4 at a time.
+template <int BITS, int QB>
+void nmq_gemv_vnni(const uint8_t* codes, const uint8_t* q, const float* scales, i64 rows, i64 J, int n, int m, i64 G,
+                   float* out, const float* bias, bool relu) {
+  constexpr i64 jc = 64;
+  const i64 chunks = cdiv(J, jc), gpc = cdiv(jc, G);
+  const int8_t* xq = xbuf.q;
+  const float* sx = xbuf.s;
+  alignas(64) uint64_t perm[8];
+  alignas(64) uint8_t ctrl[64], base[64];
+  for (int k = 0; k < 8; ++k) perm[k] = (uint64_t)(k * BITS / 8);
+  for (int i = 0; i < 64; ++i) {
+    ctrl[i] = (uint8_t)(((i / 8) * 8 * BITS) % 64 + (i % 8) * BITS);
+    base[i] = (uint8_t)((i / n) * m);
+  }
+  const __m512i vperm = _mm512_load_si512(perm), vctrl = _mm512_load_si512(ctrl), vbase = _mm512_load_si512(base);
+  const __m512i cmask = _mm512_set1_epi8((char)((1 << BITS) - 1));
+  const __m512i off = _mm512_set1_epi8(QB == 8 ? (char)0x80 : 8);
+  const i64 gm = std::min(jc, G);
+  const __m512i wids = lane_group_ids(G), xids = lane_group_ids(gm);
+  nm_gemv_threads(rows, out, bias, relu, [&](i64 o0, i64 o1, float* part) {
+    for (i64 c = 0; c < chunks; ++c) {
+      const i64 count = std::min(jc, J - c * jc), gr = cdiv(count, G), cbytes = (count * BITS + 7) / 8;
+      const __mmask64 live = live_mask(count);
+      const __m512i xlo = _mm512_loadu_si512(xq + c * 128), xhi = _mm512_loadu_si512(xq + c * 128 + 64);
+      // x scale of each lane: the weight group's columns are one x block (see quant_x's caller)
+      const __m512 sxl = lane_groups(sx + c * (jc / gm), xids, cdiv(count, gm));
+      const uint8_t* crow = codes + nm_code_off(c, o0, rows, jc, count, BITS);
+      const uint8_t* qrow = q + (c * rows * jc + o0 * count) * QB / 8;
+      const float* srow = scales + c * rows * gpc + o0 * gr;
+      for (i64 o = o0; o < o1; ++o, crow += cbytes, qrow += count * QB / 8, srow += gr) {
+        _mm_prefetch((const char*)(qrow + 4096), _MM_HINT_T0);
+        const __m512i src = _mm512_permutexvar_epi64(vperm, _mm512_maskz_loadu_epi8(
+            cbytes >= 64 ? ~0ull : (1ull << cbytes) - 1, crow));
+        const __m512i idx = _mm512_add_epi8(_mm512_and_si512(_mm512_multishift_epi64_epi8(vctrl, src), cmask), vbase);
+        const __m512i xs = _mm512_maskz_permutex2var_epi8(live, xlo, idx, xhi);
+        const __m512i w = weights_u8<QB>(qrow, live, count);
+        const __m512i dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xs),
+                                             _mm512_dpbusd_epi32(_mm512_setzero_si512(), off, xs));
+        const __m512 sw = lane_groups(srow, wids, gr);
+        float* p = part + (o - o0) * VW;
+        vstore(p, _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sw, sxl), vload(p)));
+      }
+    }
+  });
+}
+
+// Dense quantized rows against the int8 activations: 64 columns a step, R rows sharing each input load.
+template <int QB, int R>
+__attribute__((always_inline)) inline void denseq_rows_vnni(const int8_t* xq, const float* sx, const uint8_t* q, i64 qrow,
+                                                            const float* sc, i64 gr, i64 cols, i64 G, float* y) {
+  const __m512i off = _mm512_set1_epi8(QB == 8 ? (char)0x80 : 8);
+  const __m512i ids = lane_group_ids(G);
+  __m512 acc[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (i64 j = 0; j < cols; j += 64) {
+    const i64 count = std::min<i64>(64, cols - j);
+    const __mmask64 live = live_mask(count);
+    const __m512i xs = _mm512_maskz_loadu_epi8(live, xq + j);
+    const __m512i corr = _mm512_dpbusd_epi32(_mm512_setzero_si512(), off, xs);
+    const i64 groups = cdiv(j + count, G) - j / G;
+    const __m512 sxl = lane_groups(sx + j / G, ids, groups);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* w = q + r * qrow + j * QB / 8;
+      _mm_prefetch((const char*)(w + 2048), _MM_HINT_T0);
+      const __m512i dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), weights_u8<QB>(w, live, count),
+                                                               xs), corr);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(lane_groups(sc + r * gr + j / G, ids, groups), sxl),
+                               acc[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) y[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+template <int QB>
+void denseq_gemv_vnni(const uint8_t* q, const float* scales, i64 rows, i64 cols, i64 G, float* out, const float* bias,
+                      bool relu) {
+  const i64 qrow = cols * QB / 8, gr = cdiv(cols, G);
+  const int8_t* xq = xbuf.q;  // the calling thread's buffers (thread_local): read through these in the region
+  const float* sx = xbuf.s;
+#pragma omp parallel num_threads(call_threads)
+  {
+    const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+    const i64 o0 = rows * tid / nth, o1 = rows * (tid + 1) / nth;
+    i64 o = o0;
+    for (; o + 4 <= o1; o += 4)
+      denseq_rows_vnni<QB, 4>(xq, sx, q + o * qrow, qrow, scales + o * gr, gr, cols, G, out + o);
+    for (; o < o1; ++o) denseq_rows_vnni<QB, 1>(xq, sx, q + o * qrow, qrow, scales + o * gr, gr, cols, G, out + o);
+    for (o = o0; o < o1; ++o) {
+      const float y = out[o] + (bias ? bias[o] : 0.f);
+      out[o] = relu && y < 0.f ? 0.f : y;
+    }
+  }
+}
+#endif
