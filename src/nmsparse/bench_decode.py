@@ -1,9 +1,10 @@
-"""Decoding benchmark of causal LMs on the CPU: greedy generation at batch 1 with the KV cache, dense
-against the model pruned (magnitude, dense with zeros) and converted to the sparse runtime.
+"""Decoding benchmark of causal LMs on the CPU: greedy generation at batch 1 with the KV cache, the
+dense float32 model and llama.cpp's GGUF types (measured in the same run) against the model pruned
+(magnitude) and converted to the sparse runtime with float32, int8 or int4 weights.
 
-For each model and pattern: time to first token (the prefill of the prompt), tokens per second of
-the decode that follows, and whether the converted model generates exactly the tokens the
-dense-with-zeros model does (it must: the runtime computes the same function).
+For each row: time to first token (the prefill of the prompt), tokens per second of the decode that
+follows, a decode step split into the pruned layers, the LM head and the rest, and whether the
+converted model generates the tokens it must (float32: exactly those of the dense-with-zeros model).
 """
 
 from __future__ import annotations
@@ -72,16 +73,58 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def run_decode_suite(models: list[str], patterns: list[str], prompt_tokens: int = 128, new_tokens: int = 128,
-                     repeats: int = 3, choose: bool = True, progress: str = "auto") -> list[dict[str, Any]]:
-    """Rows of ``{model, pattern, batch, prompt_tokens, new_tokens, dense/sparse ttft_ms and tokens_per_s,
-    speedup (decode tokens/s), ttft_speedup, same_tokens, converted_layers, sparse_layers,
-    dense/sparse layers_ms, layers_speedup, ceiling}``: ``*_layers_ms`` is a decode step's time inside
-    the pruned layers, ``ceiling`` the speedup with those layers taking no time (Amdahl's bound).
+def _decode_times(models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens: int,
+                  repeats: int) -> dict[str, tuple[float, float]]:
+    """``{key: (ttft seconds, decode tokens/s)}`` (medians), the models timed interleaved in alternating
+    order so that drift falls on all alike; decode = the full generation minus its first token."""
+    first: dict[str, list[float]] = {k: [] for k in models}
+    total: dict[str, list[float]] = {k: [] for k in models}
+    keys = list(models)
+    for key in keys:  # warm-up: kernels loaded, caches and tables allocated
+        _generate(models[key], prompt, 2)
+    for r in range(repeats):
+        for key in keys if r % 2 == 0 else keys[::-1]:
+            first[key].append(_timed(lambda m=models[key]: _generate(m, prompt, 1)))
+            total[key].append(_timed(lambda m=models[key]: _generate(m, prompt, new_tokens)))
+    out = {}
+    for key in keys:
+        decode = statistics.median(a - f for a, f in zip(total[key], first[key]))
+        out[key] = (statistics.median(first[key]), (new_tokens - 1) / decode)
+    return out
 
-    With ``choose`` each layer is timed dense vs sparse at the decode step's input (one token) and the
-    faster is kept (:func:`nmsparse.runtime.convert`); the decoder's Linears are pruned (attention and
-    feed-forward), the LM head and embeddings stay dense.
+
+def _weights_mb(model: nn.Module) -> float:
+    """Resident bytes of the model's parameters and buffers (shared storage counted once), in MB."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += key[1]
+    return round(total / 1e6, 1)
+
+
+def run_decode_suite(models: list[str], patterns: list[str], prompt_tokens: int = 128, new_tokens: int = 128,
+                     repeats: int = 3, choose: bool = True, progress: str = "auto",
+                     weights: tuple[str, ...] = ("fp32", "int8", "int4"), llamacpp: str | None = None,
+                     threads: int | None = None) -> list[dict[str, Any]]:
+    """One row per model x pattern x weights, plus the dense float32 model and llama.cpp's GGUF types.
+
+    A row: ``{model, pattern, weights, prompt_tokens, new_tokens, ttft_ms, tokens_per_s, speedup
+    (decode tokens/s against the dense float32 model), vs_q8_0, vs_q4_0 (against llama.cpp, when
+    measured), same_tokens, converted_layers, sparse_layers, decode ("fused" or the module path), weights_mb,
+    layers_ms, head_ms, other_ms}``: a decode step split into the pruned layers' products, the LM head
+    and everything else (attention, norms, the generation loop), the products timed alone in model
+    order (:meth:`~nmsparse.runtime.decode.LlamaDecoder.time_products`). llama.cpp rows (``runtime:
+    llama.cpp``, weights F32 / Q8_0 / Q4_0) come from ``llamacpp`` (the ``llamacpp.sh`` tool: GGUF of the same
+    Hugging Face directory, llama-bench at the same threads, decode and prompt tokens/s), measured in
+    this run; without it those rows are absent and ``note`` says why.
+
+    With ``choose`` each layer is timed sparse vs its dense form (quantized like it) at the decode step's
+    input and the faster is kept (:func:`nmsparse.runtime.convert`); the decoder's Linears are pruned by
+    magnitude (attention and feed-forward), the LM head stays dense (quantized with the row's weights).
+    ``same_tokens``: float32 rows generate exactly the tokens of the dense-with-zeros model; quantized
+    rows carry ``top1_agreement`` with their own module path instead (see :func:`_token_check`).
     """
     from .models import build_model
     from .oneshot import prune
@@ -89,70 +132,175 @@ def run_decode_suite(models: list[str], patterns: list[str], prompt_tokens: int 
     from .runtime import convert
     from .select import Selection
 
-    rows = []
-    plan = [(m, p) for m in models for p in patterns]
-    bar = Progress(len(plan), 0, progress, 1, True)
-    loaded: dict[str, Any] = {}
-    for index, (name, pattern) in enumerate(plan):
+    rows: list[dict[str, Any]] = []
+    plan = [(m, p, w) for m in models for p in patterns for w in weights]
+    bar = Progress(len(plan) + len(models), 0, progress, 1, True)
+    done = 0
+    for name in models:
         spec = decode_model_spec(name) or name
-        if spec not in loaded:
-            dense, source = build_model(spec)
-            ids = token_ids(load_tokenizer(source.source[3:]), heldout_text(), prompt_tokens)
-            loaded = {spec: (dense.eval(), ids.unsqueeze(0))}  # one model resident at a time
-        dense, prompt = loaded[spec]
-        pruned = copy.deepcopy(dense)
-        result = prune(pruned, pattern, "magnitude", Selection(layers=("ff", "attention")), progress="none")
-        example = {"input_ids": prompt[:, :1]} if choose else None  # a decode step: one token
-        sparse, conv_rows = convert(copy.deepcopy(pruned), {e["fqn"]: e["pattern"] for e in result.layers},
-                                    infer=False, example_inputs=example, repeats=6)
-        same = bool(torch.equal(_generate(pruned, prompt, new_tokens), _generate(sparse, prompt, new_tokens)))
-        del pruned
-        times: dict[str, dict[str, list[float]]] = {k: {"first": [], "all": []} for k in ("dense", "sparse")}
-        for r in range(repeats):  # interleaved, alternating order: drift falls on both alike
-            for key, model in (("dense", dense), ("sparse", sparse)) if r % 2 == 0 else (("sparse", sparse), ("dense", dense)):
-                times[key]["first"].append(_timed(lambda m=model, p=prompt: _generate(m, p, 1)))
-                times[key]["all"].append(_timed(lambda m=model, p=prompt: _generate(m, p, new_tokens)))
-        out: dict[str, Any] = {"model": name, "pattern": pattern, "batch": 1, "prompt_tokens": int(prompt.shape[1]),
-                               "new_tokens": new_tokens, "same_tokens": same, "layer_choice": choose,
-                               "converted_layers": sum(bool(r.converted) for r in conv_rows),
-                               "sparse_layers": len(result.layers)}
-        for key in ("dense", "sparse"):
-            first = statistics.median(times[key]["first"])
-            decode = statistics.median(a - f for a, f in zip(times[key]["all"], times[key]["first"]))
-            out[f"{key}_ttft_ms"] = round(1e3 * first, 2)
-            out[f"{key}_tokens_per_s"] = round((new_tokens - 1) / decode, 2)
-        out["speedup"] = round(out["sparse_tokens_per_s"] / out["dense_tokens_per_s"], 3)
-        # where a decode step's time goes: the pruned layers against everything else (the ceiling is
-        # the speedup the model would show if its sparse layers took no time at all)
-        fqns = [e["fqn"] for e in result.layers]
-        steps = min(new_tokens, 32)
-        for key, model in (("dense", dense), ("sparse", sparse)):
-            out[f"{key}_layers_ms"] = round(_layer_ms_per_token(model, fqns, prompt, steps), 2)
-        token_ms = 1e3 / out["dense_tokens_per_s"]
-        out["layers_speedup"] = round(out["dense_layers_ms"] / out["sparse_layers_ms"], 3)
-        out["ceiling"] = round(token_ms / max(1e-9, token_ms - out["dense_layers_ms"]), 2)
-        out["ttft_speedup"] = round(out["dense_ttft_ms"] / out["sparse_ttft_ms"], 3)
-        rows.append(out)
-        bar.update(index + 1, f"{name} {pattern}: {out['speedup']:.2f}x tokens/s")
-        del sparse
+        dense, source = build_model(spec)
+        dense.eval()
+        hf_dir = source.source[3:]
+        prompt = token_ids(load_tokenizer(hf_dir), heldout_text(), prompt_tokens).unsqueeze(0)
+        base = {"model": name, "prompt_tokens": int(prompt.shape[1]), "new_tokens": new_tokens}
+        ttft, tps = _decode_times({"dense": dense}, prompt, new_tokens, repeats)["dense"]
+        dense_tps = tps
+        rows.append({**base, "runtime": "PyTorch (HF modules)", "pattern": "dense", "weights": "fp32",
+                     "ttft_ms": round(1e3 * ttft, 1), "tokens_per_s": round(tps, 2), "speedup": 1.0,
+                     "weights_mb": _weights_mb(dense), "decode": "module path"})
+        anchors = llamacpp_rows(llamacpp, hf_dir, threads or torch.get_num_threads(), new_tokens, prompt_tokens)
+        for row in anchors:
+            rows.append({**base, **row})
+        done += 1
+        bar.update(done, f"{name} dense + llama.cpp")
+        q8 = next((r["tokens_per_s"] for r in anchors if r["weights"] == "Q8_0" and r.get("tokens_per_s")), None)
+        q4 = next((r["tokens_per_s"] for r in anchors if r["weights"] == "Q4_0" and r.get("tokens_per_s")), None)
+        for pattern in patterns:
+            pruned = copy.deepcopy(dense)
+            result = prune(pruned, pattern, "magnitude", Selection(layers=("ff", "attention")), progress="none")
+            layer_patterns = {e["fqn"]: e["pattern"] for e in result.layers}
+            reference = _generate(pruned, prompt, new_tokens)
+            for w in weights:
+                example = {"input_ids": prompt[:, :1]} if choose else None  # a decode step: one token
+                sparse, conv_rows = convert(copy.deepcopy(pruned), layer_patterns, infer=False, example_inputs=example,
+                                            repeats=6, weights=w)
+                ttft, tps = _decode_times({"sparse": sparse}, prompt, new_tokens, repeats)["sparse"]
+                row = {**base, "runtime": "nmsparse", "pattern": pattern, "weights": w, "ttft_ms": round(1e3 * ttft, 1),
+                       "tokens_per_s": round(tps, 2), "speedup": round(tps / dense_tps, 3),
+                       "converted_layers": sum(bool(r.converted) for r in conv_rows),
+                       "sparse_layers": len(result.layers), "decode": conv_rows.decode or "module path",
+                       "weights_mb": _weights_mb(sparse), "layer_choice": choose}
+                if q8:
+                    row["vs_q8_0"] = round(tps / q8, 3)
+                if q4:
+                    row["vs_q4_0"] = round(tps / q4, 3)
+                row.update(_step_breakdown(sparse, tps))
+                row.update(_token_check(sparse, prompt, new_tokens, reference if w == "fp32" else None))
+                rows.append(row)
+                del sparse
+                done += 1
+                bar.update(done, f"{name} {pattern} {w}: {tps:.1f} tokens/s")
+            del pruned
+        del dense
     bar.close()
     return rows
 
 
+def _step_breakdown(model: nn.Module, tokens_per_s: float) -> dict[str, float]:
+    """``layers_ms``, ``head_ms``, ``other_ms`` of a decode step (fused models only)."""
+    decoder = model.__dict__.get("_nms_decoder")
+    if decoder is None:
+        return {}
+    times = decoder.time_products()
+    token_ms = 1e3 / tokens_per_s
+    return {"layers_ms": round(times["layers_ms"], 2), "head_ms": round(times["head_ms"], 2),
+            "other_ms": round(max(0.0, token_ms - times["layers_ms"] - times["head_ms"]), 2)}
+
+
+def _token_check(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
+                 reference: torch.Tensor | None) -> dict[str, Any]:
+    """Float32 rows (``reference`` given): whether the converted model generates exactly those tokens,
+    and the first new token that differs. Quantized rows: ``top1_agreement``, the share of decode steps
+    at which the fused step's top token equals the model's own module path's next token, fed the
+    module path's tokens (teacher-forced: with int8 activations the two part at near-ties by float32
+    summation order, and free generation would compound one parting into all later tokens)."""
+    from .runtime.decode import DecodeCache, attach, detach
+
+    if reference is not None:
+        out = _generate(model, prompt, new_tokens)
+        diff = (out[0, prompt.shape[1]:] != reference[0, prompt.shape[1]:]).nonzero()
+        return {"same_tokens": bool(diff.numel() == 0), "first_difference": int(diff[0]) if diff.numel() else None}
+    decoder = model.__dict__.get("_nms_decoder")
+    if decoder is None:
+        return {}
+    detach(model)
+    tokens = _generate(model, prompt, new_tokens)[0, prompt.shape[1]:]
+    attach(model)
+    decoder = model.__dict__["_nms_decoder"]
+    cache = DecodeCache(decoder, prompt.shape[1] + new_tokens + 1)
+    with torch.no_grad():
+        logits = model(prompt, cache=cache).logits[0, -1]
+        agree = int(logits.argmax()) == int(tokens[0])
+        for i in range(1, len(tokens)):
+            logits = decoder.step(int(tokens[i - 1]), cache)
+            agree += int(logits.argmax()) == int(tokens[i])
+    return {"top1_agreement": round(agree / len(tokens), 3)}
+
+
+def find_llamacpp(option: str | None = None) -> tuple[str | None, str]:
+    """The ``llamacpp.sh`` tool (``option``, else ``$NMSPARSE_LLAMACPP``, else ``llamacpp.sh`` on PATH), or
+    None with the reason the llama.cpp columns are skipped."""
+    import os
+    import shutil
+
+    path = option or os.environ.get("NMSPARSE_LLAMACPP") or shutil.which("llamacpp.sh")
+    if not path:
+        return None, ("llama.cpp columns skipped: no llamacpp.sh (give --llamacpp PATH, set NMSPARSE_LLAMACPP, "
+                      "or put it on PATH)")
+    if not os.path.isfile(path):
+        return None, f"llama.cpp columns skipped: {path} does not exist"
+    return path, ""
+
+
+def llamacpp_rows(tool: str | None, hf_dir: str, threads: int, new_tokens: int,
+                  prompt_tokens: int) -> list[dict[str, Any]]:
+    """llama.cpp's decode and prompt tokens/s for the GGUF F32, Q8_0 and Q4_0 of ``hf_dir`` (same threads),
+    through the ``llamacpp.sh`` tool; [] without one. A type that fails gets a row with its error."""
+    import subprocess
+
+    if tool is None:
+        return []
+    rows = []
+    for kind in ("f32", "q8_0", "q4_0"):
+        row: dict[str, Any] = {"runtime": "llama.cpp", "pattern": "dense", "weights": kind.upper(),
+                               "decode": "llama-bench"}
+        try:
+            gguf = subprocess.run(["bash", tool, "gguf", hf_dir, kind], capture_output=True, text=True, check=True,
+                                  timeout=3600).stdout.strip().splitlines()[-1]
+            for what, field, count in (("bench", "tokens_per_s", new_tokens), ("prefill", "prompt_tokens_per_s",
+                                                                               prompt_tokens)):
+                proc = subprocess.run(["bash", tool, what, gguf, str(threads), str(count)], capture_output=True,
+                                      text=True, timeout=3600)
+                last = (proc.stdout.strip().splitlines() or ["="])[-1]
+                value = last.split("=", 1)[-1]
+                try:
+                    row[field] = round(float(value), 2)
+                except ValueError:
+                    row[f"{field}_error"] = last
+            import os
+
+            row["weights_mb"] = round(os.path.getsize(gguf) / 1e6, 1)
+        except (subprocess.SubprocessError, OSError, IndexError) as exc:
+            row["error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "prompt_tokens_per_s" in row:
+            row["ttft_ms"] = round(1e3 * prompt_tokens / row["prompt_tokens_per_s"], 1)
+        rows.append(row)
+    return rows
+
+
+def _fmt(value: Any, spec: str = ".1f", suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
 def decode_report_lines(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
     """The Markdown table of a decoding run."""
-    lines = [f"kernels {meta.get('isa')} ({meta.get('cpu', '')}), threads {meta['threads']}, float32; {meta['note']}",
-             "", "| model | pattern | prompt + new tokens | dense tokens/s | sparse tokens/s | speedup | dense TTFT ms "
-             "| sparse TTFT ms | TTFT speedup | same tokens | layers sparse | pruned layers ms/token (dense -> sparse) "
-             "| ceiling |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"kernels {meta.get('isa')} ({meta.get('cpu', '')}), threads {meta['threads']}; {meta['note']}", "",
+             "| model | runtime | pattern | weights | decode tokens/s | vs dense fp32 | vs Q8_0 | vs Q4_0 | TTFT ms "
+             "| weights MB | step: layers / head / other ms | same tokens (fp32) / top-1 vs module path | layers sparse |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['pattern']} | {r['prompt_tokens']} + {r['new_tokens']} | "
-                     f"{r['dense_tokens_per_s']:.1f} | {r['sparse_tokens_per_s']:.1f} | {r['speedup']:.2f}x"
-                     f"{' (no layer sparse: the dense model against itself)' if r['converted_layers'] == 0 else ''} | "
-                     f"{r['dense_ttft_ms']:.0f} | {r['sparse_ttft_ms']:.0f} | {r['ttft_speedup']:.2f}x | "
-                     f"{'yes' if r['same_tokens'] else 'NO'} | {r['converted_layers']}/{r['sparse_layers']} | "
-                     f"{r['dense_layers_ms']:.1f} -> {r['sparse_layers_ms']:.1f} ({r['layers_speedup']:.2f}x) | "
-                     f"{r['ceiling']:.2f}x |")
+        step = "-"
+        if r.get("layers_ms") is not None:
+            step = f"{r['layers_ms']:.1f} / {r['head_ms']:.1f} / {r['other_ms']:.1f}"
+        same = "-" if "same_tokens" not in r else ("yes" if r["same_tokens"] else f"from token {r['first_difference']}")
+        if "top1_agreement" in r:
+            same = f"top-1 {100 * r['top1_agreement']:.0f}%"
+        sparse = f"{r['converted_layers']}/{r['sparse_layers']}" if "sparse_layers" in r else "-"
+        tps = _fmt(r.get("tokens_per_s")) if "error" not in r else f"error: {r['error']}"
+        lines.append(f"| {r['model']} | {r['runtime']} | {r['pattern']} | {r['weights']} | {tps} | "
+                     f"{_fmt(r.get('speedup'), '.2f', 'x')} | {_fmt(r.get('vs_q8_0'), '.2f', 'x')} | "
+                     f"{_fmt(r.get('vs_q4_0'), '.2f', 'x')} | {_fmt(r.get('ttft_ms'), '.0f')} | "
+                     f"{_fmt(r.get('weights_mb'), '.0f')} | {step} | {same} | {sparse} |")
     return lines
 
 
@@ -175,14 +323,14 @@ def write_decode_report(rows: list[dict[str, Any]], out_dir, meta: dict[str, Any
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['model']} | {r['pattern']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.2))
-    y = range(len(rows))
-    ax.barh([i + 0.2 for i in y], [r["dense_tokens_per_s"] for r in rows], height=0.4, label="dense", color="#999999")
-    ax.barh([i - 0.2 for i in y], [r["sparse_tokens_per_s"] for r in rows], height=0.4, label="sparse", color="#4c72b0")
-    ax.set_yticks(list(y), labels)
-    ax.set_xlabel("greedy decode tokens/s, batch 1 (median)")
-    ax.legend()
+    labels = [f"{r['model'].split('/')[-1]} | {r['runtime']} {r['pattern']} {r['weights']}" for r in rows]
+    colors = {"llama.cpp": "#dd8452", "nmsparse": "#4c72b0"}
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.4))
+    ax.barh(range(len(rows)), [r.get("tokens_per_s") or 0 for r in rows],
+            color=[colors.get(r["runtime"], "#999999") for r in rows])
+    ax.set_yticks(list(range(len(rows))), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("greedy decode tokens/s, batch 1 (median); orange: llama.cpp, blue: nmsparse, grey: PyTorch dense")
     fig.tight_layout()
     with atomic_file(paths["png"]) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

@@ -31,6 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per case")
     parser.add_argument("--prompt-tokens", type=int, default=128, help="causal LMs: prompt length of the decode benchmark")
     parser.add_argument("--new-tokens", type=int, default=128, help="causal LMs: greedy tokens generated")
+    parser.add_argument("--weights", default="fp32,int8,int4",
+                        help="causal LMs: comma-separated weight storage of the converted model (fp32, int8, int4)")
+    parser.add_argument("--llamacpp", help="causal LMs: the llamacpp.sh tool that builds llama-bench and converts "
+                        "the model to GGUF (default: $NMSPARSE_LLAMACPP or llamacpp.sh on PATH; absent: those rows "
+                        "are skipped)")
     parser.add_argument("--out", default="bench", help="directory for bench_<suite>.{json,md,png}")
 
 
@@ -76,12 +81,24 @@ def run(args: argparse.Namespace) -> int:
         llms = [m for m in models if decode_model_spec(m)]
         models = [m for m in models if not decode_model_spec(m)]
         if llms:
+            from ..bench_decode import find_llamacpp
+            from ..runtime.quant import WEIGHT_CHOICES
+
             if args.prompt_tokens < 1 or args.new_tokens < 2:
                 raise CliError("--prompt-tokens must be >= 1 and --new-tokens >= 2")
+            weights = [w.strip() for w in args.weights.split(",") if w.strip()]
+            if not weights or any(w not in WEIGHT_CHOICES for w in weights):
+                raise CliError(f"--weights takes a comma-separated list of {', '.join(WEIGHT_CHOICES)}; got {args.weights!r}")
+            tool, why = find_llamacpp(args.llamacpp)
+            if args.llamacpp and tool is None:
+                raise CliError(f"--llamacpp {args.llamacpp} does not exist; give the path of llamacpp.sh")
+            if why:
+                print(why)
             rows = run_decode_suite(llms, patterns, args.prompt_tokens, args.new_tokens, max(2, args.repeats // 3),
-                                    choose)
+                                    choose, weights=tuple(weights), llamacpp=tool, threads=threads)
             note = ("greedy generation, batch 1, KV cache on, decoder Linears pruned by magnitude; "
-                    + ("layer choice at the decode step's input" if choose else "every eligible layer sparse"))
+                    + ("layer choice at the decode step's input" if choose else "every eligible layer sparse")
+                    + ("; " + why if why else "; llama.cpp: llama-bench of the same model's GGUF, same threads"))
             paths = write_decode_report(rows, args.out, machine_meta(threads, note))
             print(paths["md"].read_text())
             print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")

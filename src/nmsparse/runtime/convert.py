@@ -70,6 +70,7 @@ class ConvertReport(list):
     isa: str | None = None
     reverted: bool = False  # the converted model measured slower than dense as a whole: all put back
     weights: str = "fp32"  # the scheme asked for (convert's ``weights``)
+    decode: str = ""  # "fused": generate() runs the fused decode step; else why not ("" when not asked)
     cold_cache: bool = False
 
 
@@ -261,7 +262,7 @@ def convert(
     model_or_export: nn.Module | str | Path, patterns: dict[str, str | Pattern] | None = None, infer: bool = True,
     fuse: bool = True, example_inputs: Any = None, min_speedup: float = 1.05, repeats: int = 10,
     keep_dense: dict[str, str] | None = None, progress: str = "none", weights: str = "fp32",
-    group_size: int = DEFAULT_GROUP, activations: str = "int8",
+    group_size: int = DEFAULT_GROUP, activations: str = "int8", decode: bool = True,
 ) -> tuple[nn.Module, ConvertReport]:
     """Swap eligible layers for :class:`SparseLinear` / :class:`SparseConv2d` (in place for a model).
 
@@ -305,6 +306,8 @@ def convert(
             block of one weight group's columns, as llama.cpp's Q8_0 products do, so that the batch-1
             kernels multiply integers (AVX-512 VNNI); ``"fp32"`` keeps float inputs (weight-only).
             1xN layers always keep float inputs. :class:`QuantLinear` gives the exact function.
+        decode: give a Llama-architecture causal LM the fused one-call decode step
+            (:func:`nmsparse.runtime.decode.attach`; ``report.decode`` says whether it applied and why not).
 
     Returns:
         ``(model, report)``: the model (eval mode) and a :class:`ConvertReport` with one row per
@@ -459,7 +462,23 @@ def convert(
                     row.reason = (f"kept dense: the converted model measured {report.speedup:.2f}x of dense as a "
                                   "whole, so every layer was put back")
             report.reverted = True
+    report.decode = _attach_decode(model, decode)
     return model, report
+
+
+def _attach_decode(model: nn.Module, decode: bool) -> str:
+    """Give a converted Llama causal LM the fused decode step (:mod:`nmsparse.runtime.decode`); returns
+    what the report says: ``"fused"``, or why the model decodes through its own modules."""
+    if not decode or getattr(getattr(model, "config", None), "model_type", None) is None \
+            or not hasattr(model, "generate"):
+        return "" if not decode else "not a causal LM"
+    from .decode import DecodeUnavailable, attach
+
+    try:
+        attach(model)
+    except DecodeUnavailable as exc:
+        return f"module path: {exc}"
+    return "fused"
 
 
 @torch.no_grad()

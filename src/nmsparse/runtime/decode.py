@@ -253,6 +253,27 @@ class LlamaDecoder:
         self._plan = (ctypes.c_int64 * len(s))(*s)
         cache._bound = tuple(layer.k.data_ptr() for layer in cache.layers)
 
+    def time_products(self, repeats: int = 5) -> dict[str, float]:
+        """Milliseconds a step spends in its products, timed alone in model order (the median of
+        ``repeats`` passes): ``layers_ms`` (every decoder layer's seven) and ``head_ms`` (the LM head)."""
+        import statistics
+        import time
+
+        x = torch.randn(max(self.hidden, self.intermediate, self.heads * self.head_dim))
+        y = torch.empty(max(self.vocab, self.intermediate, self.hidden, self.heads * self.head_dim))
+        s, fn = self._slots, self._lib.nms_gemv
+        layers = [(s[16 + 20 * i + 2 + 2 * j], s[16 + 20 * i + 3 + 2 * j]) for i in range(self.layers) for j in range(7)]
+
+        def run(plans) -> float:
+            t0 = time.perf_counter()
+            for plan, threads in plans:
+                fn(plan, x.data_ptr(), y.data_ptr(), threads)
+            return 1e3 * (time.perf_counter() - t0)
+
+        run(layers)
+        return {"layers_ms": statistics.median(run(layers) for _ in range(repeats)),
+                "head_ms": statistics.median(run([(s[10], s[11])]) for _ in range(repeats))}
+
     def step(self, token: int, cache) -> torch.Tensor:
         """The logits ``[vocab]`` of ``token`` at the cache's next position; the cache grows by one."""
         first = cache.layers[0]

@@ -27,7 +27,7 @@ __all__ = ["WeightScheme", "QPacked", "QuantError", "parse_weights", "quantize",
            "dequantize_groups", "quantize_activations", "activation_block", "WEIGHT_CHOICES", "DEFAULT_GROUP"]
 
 WEIGHT_CHOICES = ("fp32", "int8", "int4")
-DEFAULT_GROUP = 32
+DEFAULT_GROUP = 64
 GROUP_RANGE = (16, 512)
 
 
@@ -271,14 +271,18 @@ def activation_block(packed: QPacked) -> int | None:
 
 def quantize_activations(x: torch.Tensor, block: int) -> torch.Tensor:
     """What the int8-activation products multiply with: each row of ``x[..., columns]`` cut into
-    blocks of ``block`` columns, ``s = max|x| / 127`` per block, ``q = round-half-even(x / s)`` (0 for an
-    all-zero block), returned as ``s * q`` in float32 (the kernels' ``quant_x``, bit for bit)."""
+    blocks of ``block`` columns, ``s = max|x| / 127`` per block, ``q = round-half-even(x * (127 / max|x|))``
+    (0 for an all-zero block), returned as ``s * q`` in float32 (the kernels' ``quant_x``, bit for bit)."""
     x = x.float()
     cols = x.shape[-1]
     blocks = -(-cols // block)
     padded = torch.zeros(*x.shape[:-1], blocks * block)
     padded[..., :cols] = x
     grouped = padded.view(*x.shape[:-1], blocks, block)
-    s = grouped.abs().amax(-1, keepdim=True) / 127.0
-    q = torch.where(s > 0, torch.round(grouped / torch.where(s > 0, s, torch.ones_like(s))), torch.zeros_like(grouped))
+    amax = grouped.abs().amax(-1, keepdim=True)
+    s = amax / 127.0
+    # tensor / tensor: a Python number over a tensor is computed as reciprocal() * number, another rounding
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / torch.where(amax > 0, amax, torch.ones_like(amax)),
+                      torch.zeros_like(amax))
+    q = torch.round(grouped * inv)
     return (s * q).view(*x.shape[:-1], blocks * block)[..., :cols]

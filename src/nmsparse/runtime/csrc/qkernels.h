@@ -357,7 +357,7 @@ void densef_gemv(const float* w, i64 rows, i64 cols, const float* x, float* out,
 // ---------------------------------------------------------------- int8 activations (A8)
 // With activations quantized, a quantized product computes W_q . Q(x): x cut into blocks of `xb`
 // columns (the columns of one weight scale group), sx = max|x| / 127 over each block, xq =
-// round-to-nearest-even(x / sx) (0 where the block is all zero), and Q(x) = sx * xq. Every
+// round-to-nearest-even(x * (127 / max|x|)) (0 where the block is all zero), and Q(x) = sx * xq. Every
 // instruction set computes that same function: with AVX-512 VNNI + VBMI from the integers
 // (vpdpbusd, 64 products an instruction), elsewhere by the weight-only kernels above on the floats
 // sx * xq. nmsparse/runtime/quant.py quantize_activations is the reference.
@@ -369,6 +369,24 @@ struct XBuf {
   ~XBuf() { free(q), free(s), free(d); }
 };
 thread_local XBuf xbuf;
+
+// round-half-even(v * inv) as int32 lanes (the product rounded to float first, as the reference does)
+inline vi round_mul(vf v, vf inv) {
+  const vf t = v * inv;
+#if defined(__AVX512F__)
+  return (vi)_mm512_cvtps_epi32(t);
+#elif defined(__AVX2__)
+  return (vi)_mm256_cvtps_epi32(t);
+#elif defined(__SSE2__)
+  return (vi)_mm_cvtps_epi32(t);
+#elif defined(__aarch64__)
+  return vcvtnq_s32_f32(t);
+#else
+  vi r;
+  for (int i = 0; i < VW; ++i) r[i] = (int32_t)std::nearbyint(t[i]);
+  return r;
+#endif
+}
 
 inline void quant_x(const float* x, i64 cols, i64 xb) {
   XBuf& b = xbuf;
@@ -386,12 +404,25 @@ inline void quant_x(const float* x, i64 cols, i64 xb) {
   }
   for (i64 k = 0; k < blocks; ++k) {
     const i64 c0 = k * xb, c1 = std::min(cols, c0 + xb);
+    i64 i = c0;
+    vf vmax = vf{};
+    for (; i + VW <= c1; i += VW) {
+      const vf a = (vf)((vi)vload(x + i) & 0x7fffffff);  // |x|
+      vmax = vmax > a ? vmax : a;
+    }
     float amax = 0.f;
-    for (i64 i = c0; i < c1; ++i) amax = std::max(amax, std::fabs(x[i]));
-    const float s = amax / 127.f;
+    for (int l = 0; l < VW; ++l) amax = std::max(amax, vmax[l]);
+    for (; i < c1; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
     b.s[k] = s;
-    for (i64 i = c0; i < c1; ++i) {
-      const float q = s > 0.f ? std::nearbyint(x[i] / s) : 0.f;
+    const vf vinv = vsplat(inv), vs = vsplat(s);
+    for (i = c0; i + VW <= c1; i += VW) {
+      const vi q = round_mul(vload(x + i), vinv);
+      for (int l = 0; l < VW; ++l) b.q[i + l] = (int8_t)q[l];
+      vstore(b.d + i, __builtin_convertvector(q, vf) * vs);
+    }
+    for (; i < c1; ++i) {
+      const float q = std::nearbyint(x[i] * inv);
       b.q[i] = (int8_t)q;
       b.d[i] = s * q;
     }
@@ -401,6 +432,9 @@ inline void quant_x(const float* x, i64 cols, i64 xb) {
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
 #define NMS_VNNI 1
+#ifndef NMS_VSTREAMS
+#define NMS_VSTREAMS 4
+#endif
 
 // The 64 weights of one step as unsigned bytes (int8: q + 128 by flipping the sign bit; int4: the
 // stored nibbles q + 8, pairs interleaved back into value order), `live` values.
@@ -468,19 +502,28 @@ void nmq_gemv_vnni(const uint8_t* codes, const uint8_t* q, const float* scales, 
       const uint8_t* crow = codes + nm_code_off(c, o0, rows, jc, count, BITS);
       const uint8_t* qrow = q + (c * rows * jc + o0 * count) * QB / 8;
       const float* srow = scales + c * rows * gpc + o0 * gr;
-      for (i64 o = o0; o < o1; ++o, crow += cbytes, qrow += count * QB / 8, srow += gr) {
-        _mm_prefetch((const char*)(qrow + 4096), _MM_HINT_T0);
+      const i64 qb = count * QB / 8;
+      auto one = [&](i64 i) {  // row o0 + i of the thread's range
+        const uint8_t* cr = crow + i * cbytes;
+        const uint8_t* qr = qrow + i * qb;
+        _mm_prefetch((const char*)(qr + QPREFETCH), _MM_HINT_T0);
         const __m512i src = _mm512_permutexvar_epi64(vperm, _mm512_maskz_loadu_epi8(
-            cbytes >= 64 ? ~0ull : (1ull << cbytes) - 1, crow));
+            cbytes >= 64 ? ~0ull : (1ull << cbytes) - 1, cr));
         const __m512i idx = _mm512_add_epi8(_mm512_and_si512(_mm512_multishift_epi64_epi8(vctrl, src), cmask), vbase);
         const __m512i xs = _mm512_maskz_permutex2var_epi8(live, xlo, idx, xhi);
-        const __m512i w = weights_u8<QB>(qrow, live, count);
+        const __m512i w = weights_u8<QB>(qr, live, count);
         const __m512i dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xs),
                                              _mm512_dpbusd_epi32(_mm512_setzero_si512(), off, xs));
-        const __m512 sw = lane_groups(srow, wids, gr);
-        float* p = part + (o - o0) * VW;
+        const __m512 sw = lane_groups(srow + i * gr, wids, gr);
+        float* p = part + i * VW;
         vstore(p, _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sw, sxl), vload(p)));
-      }
+      };
+      // R separate streams per thread (R equal parts of its rows), as the float32 kernels read theirs
+      const i64 nrow = o1 - o0, len = nrow / NMS_VSTREAMS;
+      for (i64 i = 0; i < len; ++i)
+#pragma GCC unroll 8
+        for (int r = 0; r < NMS_VSTREAMS; ++r) one(r * len + i);
+      for (i64 i = NMS_VSTREAMS * len; i < nrow; ++i) one(i);
     }
   });
 }
