@@ -257,23 +257,59 @@ def test_decode_breakdown_times_the_named_layers_at_decode_steps_only(tiny_llama
     assert not model.get_submodule(fqn)._forward_hooks and not model.get_submodule(fqn)._forward_pre_hooks
 
 
-def test_decode_bench_on_a_causal_lm_generates_the_same_tokens(tiny_llama_dir, tmp_path, capsys):
+def test_decode_bench_on_a_causal_lm_generates_the_same_tokens(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("NMSPARSE_LLAMACPP", raising=False)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # no llamacpp.sh on PATH: those rows are skipped, and said so
     out = tmp_path / "bench"
     assert main(["bench", "--suite", "models", "--models", f"hf:{tiny_llama_dir}", "--pattern", "2:4",
-                 "--prompt-tokens", "16", "--new-tokens", "8", "--repeats", "6", "--out", str(out)]) == 0
+                 "--weights", "fp32,int8", "--prompt-tokens", "16", "--new-tokens", "8", "--repeats", "6",
+                 "--out", str(out)]) == 0
+    assert "llama.cpp columns skipped" in capsys.readouterr().out
     data = json.loads((out / "bench_decode.json").read_text())
-    (row,) = data["rows"]
-    assert row["same_tokens"] is True and row["prompt_tokens"] == 16 and row["new_tokens"] == 8
-    assert row["sparse_layers"] == 14 and 0 <= row["converted_layers"] <= 14
-    assert row["dense_tokens_per_s"] > 0 and row["sparse_tokens_per_s"] > 0 and row["dense_ttft_ms"] > 0
-    assert row["speedup"] == pytest.approx(row["sparse_tokens_per_s"] / row["dense_tokens_per_s"], rel=1e-2)
-    assert row["dense_layers_ms"] > 0 and row["sparse_layers_ms"] > 0 and row["ceiling"] > 1
-    assert row["layers_speedup"] == pytest.approx(row["dense_layers_ms"] / row["sparse_layers_ms"], rel=2e-2)
+    dense, fp32, int8 = data["rows"]
+    assert dense["runtime"] == "PyTorch (HF modules)" and dense["weights"] == "fp32" and dense["tokens_per_s"] > 0
+    assert fp32["same_tokens"] is True and fp32["prompt_tokens"] == 16 and fp32["new_tokens"] == 8
+    assert fp32["sparse_layers"] == 14 and 0 <= fp32["converted_layers"] <= 14 and fp32["decode"] == "fused"
+    assert int8["weights"] == "int8" and 0.5 <= int8["top1_agreement"] <= 1.0
+    for row in (fp32, int8):
+        assert row["tokens_per_s"] > 0 and row["ttft_ms"] > 0 and row["weights_mb"] > 0
+        assert row["speedup"] == pytest.approx(row["tokens_per_s"] / dense["tokens_per_s"], rel=1e-2)
+        assert row["layers_ms"] > 0 and row["head_ms"] > 0 and row["other_ms"] >= 0
+    assert int8["weights_mb"] < fp32["weights_mb"]
     assert (out / "bench_decode.png").stat().st_size > 0 and "tokens/s" in (out / "bench_decode.md").read_text()
-    assert "ceiling" in (out / "bench_decode.md").read_text()
     assert main(["bench", "--suite", "models", "--models", f"hf:{tiny_llama_dir}", "--new-tokens", "1",
                  "--out", str(out)]) == 2
     assert "--new-tokens" in capsys.readouterr().err
+    assert main(["bench", "--suite", "models", "--models", f"hf:{tiny_llama_dir}", "--weights", "int3",
+                 "--out", str(out)]) == 2
+    assert "--weights" in capsys.readouterr().err
+    assert main(["bench", "--suite", "models", "--models", f"hf:{tiny_llama_dir}", "--llamacpp", "/no/such/tool.sh",
+                 "--out", str(out)]) == 2
+    assert "llamacpp.sh" in capsys.readouterr().err
+
+
+def test_llamacpp_rows_read_the_tool_and_report_its_failures(tmp_path):
+    """The llama.cpp rows come from the tool's last lines (tg_tok_s / pp_tok_s) for F32, Q8_0, Q4_0; a
+    type whose bench fails keeps a row with the error instead of a number."""
+    from nmsparse.bench_decode import find_llamacpp, llamacpp_rows
+
+    tool = tmp_path / "llamacpp.sh"
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"x" * 2000)
+    tool.write_text(f"""#!/usr/bin/env bash
+case $1 in
+  gguf) echo building >&2; echo {gguf};;
+  bench) [ "$3" = 2 ] || exit 3; if grep -q q4 <<<"$0$*"; then :; fi; echo "tg_tok_s=12.5";;
+  prefill) echo "pp_tok_s=unavailable (AMX)"; exit 1;;
+esac
+""")
+    rows = llamacpp_rows(str(tool), str(tmp_path), 2, 8, 16)
+    assert [r["weights"] for r in rows] == ["F32", "Q8_0", "Q4_0"]
+    assert all(r["tokens_per_s"] == 12.5 and r["weights_mb"] == 0.0 for r in rows)
+    assert all("unavailable" in r["prompt_tokens_per_s_error"] and "ttft_ms" not in r for r in rows)
+    assert llamacpp_rows(None, str(tmp_path), 2, 8, 16) == []
+    assert find_llamacpp(str(tool)) == (str(tool), "")
+    assert find_llamacpp(str(tmp_path / "nope.sh"))[0] is None
 
 
 def test_streaming_prune_equals_in_memory_prune_and_loads(tiny_llama_dir, tmp_path, capsys):

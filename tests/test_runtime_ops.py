@@ -113,7 +113,7 @@ def test_variants_of_other_instruction_sets_compile(tmp_path, monkeypatch):
     import platform
 
     arm = platform.machine().lower().startswith(("arm", "aarch"))
-    variants = ["neon"] if arm else ["avx512", "avx2", "generic"]
+    variants = ["neon"] if arm else ["avx512", "avx512vnni", "avx2", "generic"]
     cross = shutil.which("aarch64-linux-gnu-g++")
     if not arm and cross:
         variants.append("neon")

@@ -166,6 +166,12 @@ def _signature(model: nn.Module) -> tuple:
     return tuple(sig)
 
 
+class _Unbound:
+    """The decoder of a copied model until its next ``generate`` binds the copy's own buffers."""
+
+    signature = None
+
+
 class LlamaDecoder:
     """The fused decode step of one Llama-architecture ``*ForCausalLM`` (float32, CPU, batch 1).
 
@@ -226,6 +232,10 @@ class LlamaDecoder:
         self._capacity = 0
         self._logits = torch.empty(self.vocab)
         self._plan = None
+
+    def __deepcopy__(self, memo) -> _Unbound:
+        # the plans point into this model's buffers: a copied model binds its own at its next generate
+        return _Unbound()
 
     def _tensor(self, t: torch.Tensor) -> int:
         t = t.detach()

@@ -1,0 +1,133 @@
+"""The fused decode step of a converted Llama model against the model's own module path."""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from nmsparse.runtime import _native, convert  # noqa: E402
+from nmsparse.runtime.decode import DecodeCache, DecodeUnavailable, LlamaDecoder, attach, detach  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not _native.available(), reason=f"C++ kernels unavailable: {_native.status()['reason']}")
+
+
+def _tiny_llama(seed=0, **overrides):
+    config = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0)
+    config.update(overrides)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval()
+    with torch.no_grad():  # 2:4 on every decoder projection, larger weights so that tokens are well separated
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and "layers" in name:
+                w = module.weight.view(module.out_features, -1, 4) * 8
+                keep = torch.zeros_like(w, dtype=torch.bool).scatter_(-1, w.abs().topk(2, -1).indices, True)
+                module.weight.copy_((w * keep).view_as(module.weight))
+    return model
+
+
+def _generate(model, prompt, new):
+    config = transformers.GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        return model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
+
+
+def _module_path(model, prompt, new):
+    detach(model)
+    try:
+        return _generate(model, prompt, new)
+    finally:
+        attach(model)
+
+
+PROMPT = torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("weights,activations", [("fp32", "int8"), ("int8", "fp32"), ("int4", "fp32")])
+def test_fused_generation_equals_the_module_path(weights, activations):
+    """Float inputs to every product: the fused step computes the module path's function up to float32
+    summation order, so greedy generation gives the same tokens and the logits agree closely."""
+    model, report = convert(_tiny_llama(), weights=weights, activations=activations)
+    assert report.decode == "fused" and "_nms_decoder" in model.__dict__
+    fused = _generate(model, PROMPT, 24)
+    assert torch.equal(fused, _module_path(model, PROMPT, 24))
+    decoder = model.__dict__["_nms_decoder"]
+    cache = DecodeCache(decoder, 64)
+    with torch.no_grad():
+        model(PROMPT, cache=cache)
+        step = model(fused[:, 12:13], cache=cache).logits[0, -1]
+        detach(model)
+        ref_cache = model(PROMPT, use_cache=True).cache
+        ref = model(fused[:, 12:13], cache=ref_cache).logits[0, -1]
+        attach(model)
+    assert float((step - ref).abs().max()) < 1e-4 * float(ref.abs().max())
+
+
+def test_int8_activations_agree_with_the_module_path_token_by_token():
+    """With int8 activations a float32 summation difference can flip one input's rounding: the fused
+    step's top token still equals the module path's at (nearly) every teacher-forced step."""
+    model, _ = convert(_tiny_llama(1), weights="int8")
+    decoder = model.__dict__["_nms_decoder"]
+    tokens = _module_path(model, PROMPT, 32)[0, 12:]
+    cache = DecodeCache(decoder, 8)  # smaller than the prompt: the cache grows on the way
+    agree = 0
+    with torch.no_grad():
+        logits = model(PROMPT, cache=cache).logits[0, -1]
+        agree += int(logits.argmax()) == int(tokens[0])
+        for i in range(1, len(tokens)):
+            logits = model(tokens[i - 1].view(1, 1), cache=cache).logits[0, -1]
+            agree += int(logits.argmax()) == int(tokens[i])
+    assert agree >= 30
+    assert cache.get_seq_length() == 12 + 31 and cache.layers[0].k.shape[2] >= 43
+
+
+def test_calls_the_step_does_not_take_run_the_module_path():
+    """A batch of two, a padded mask, a user's own cache, hidden states asked for: the model's forward."""
+    model, _ = convert(_tiny_llama(2), weights="int8", activations="fp32")
+    two = torch.cat([PROMPT, PROMPT.flip(1)])
+    fused = _generate(model, two, 6)
+    assert torch.equal(fused, _module_path(model, two, 6))
+    with torch.no_grad():
+        out = model(PROMPT, output_hidden_states=True)
+    assert out.hidden_states is not None and len(out.hidden_states) == 3
+    cache = transformers.DynamicCache()
+    with torch.no_grad():
+        model(PROMPT, cache=cache)
+        logits = model(PROMPT[:, :1], cache=cache).logits
+    assert logits.shape == (1, 1, 300) and cache.get_seq_length() == 13
+
+
+def test_a_replaced_layer_is_bound_again_at_the_next_generate():
+    model, _ = convert(_tiny_llama(3), weights="fp32")
+    layer = model.model.layers[1].mlp.down_proj
+    replacement = torch.nn.Linear(layer.in_features, layer.out_features, bias=False)
+    with torch.no_grad():
+        replacement.weight.copy_(torch.randn_like(replacement.weight))
+    model.model.layers[1].mlp.down_proj = replacement
+    assert torch.equal(_generate(model, PROMPT, 10), _module_path(model, PROMPT, 10))
+
+
+def test_other_architectures_keep_their_module_path_and_the_report_says_why():
+    config = transformers.MistralConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=None)
+    mistral = transformers.MistralForCausalLM(config).eval()
+    _, report = convert(mistral, weights="int8")
+    assert report.decode.startswith("module path") and "mistral" in report.decode
+    with pytest.raises(DecodeUnavailable, match="gelu"):
+        LlamaDecoder(_tiny_llama(hidden_act="gelu"))
+    _, report = convert(_tiny_llama(), weights="int8", decode=False)
+    assert report.decode == ""
+
+
+def test_deepcopy_of_a_fused_model_decodes_on_its_own_weights():
+    model, _ = convert(_tiny_llama(4), weights="int8", activations="fp32")
+    twin = copy.deepcopy(model)
+    assert torch.equal(_generate(twin, PROMPT, 8), _generate(model, PROMPT, 8))
+    decoder = twin.__dict__["_nms_decoder"]
+    assert isinstance(decoder, LlamaDecoder) and decoder is not model.__dict__["_nms_decoder"]
+    with torch.no_grad():  # the copy's plans read the copy: changing it changes its tokens only
+        twin.lm_head.scales.mul_(-1)
+    assert not torch.equal(_generate(twin, PROMPT, 8), _generate(model, PROMPT, 8))
