@@ -123,6 +123,14 @@ def test_prune_minilm_calibrated_with_fidelity_and_recovery(tmp_path, capsys):
     assert report["recovery"]["steps"] == 2 and 0.5 < fidelity["recovered"]["mean_cosine"] <= 1.0
     assert (out / "report.json").is_file()
     assert report["reload_max_abs_diff"] <= 1e-6
+    from PIL import Image
+
+    from nmsparse.oneshot.report import plot_data
+
+    expected = plot_data(json.loads((out / "report.json").read_text()))
+    for name in ("layer_error.png", "recovery_loss.png", "fidelity.png"):  # a plot's numbers are the report's
+        assert json.loads(Image.open(out / name).text["nmsparse-data"]) == json.loads(json.dumps(expected[name]))
+    assert expected["fidelity.png"]["measure"] == "mean_cosine" and "## Fidelity" in (out / "report.md").read_text()
 
 
 def test_prune_vision_model_with_wanda_on_digits(tmp_path, capsys):

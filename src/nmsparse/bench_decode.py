@@ -193,7 +193,7 @@ def _step_breakdown(model: nn.Module, tokens_per_s: float) -> dict[str, float]:
         return {}
     times = decoder.time_products()
     token_ms = 1e3 / tokens_per_s
-    return {"layers_ms": round(times["layers_ms"], 2), "head_ms": round(times["head_ms"], 2),
+    return {"layers_ms": round(times["layers_ms"], 3), "head_ms": round(times["head_ms"], 3),
             "other_ms": round(max(0.0, token_ms - times["layers_ms"] - times["head_ms"]), 2)}
 
 

@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "the model to GGUF (default: $NMSPARSE_LLAMACPP or llamacpp.sh on PATH; absent: those rows "
                         "are skipped)")
     parser.add_argument("--out", default="bench", help="directory for bench_<suite>.{json,md,png}")
+    parser.add_argument("--json", action="store_true", help="print the results as one JSON document on stdout "
+                        "(progress on stderr)")
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -66,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():  # checked before minutes of timing, not after
         raise CliError(f"--out {out} is a file; give a directory for bench_{args.suite}.json/.md/.png")
     threads = torch.get_num_threads()
+    decode_rows = None  # the decoding benchmark's rows, when causal LMs ran beside other models
     if args.suite == "layers":
         cases = [c for c in layer_cases() if not args.case or any(k in c.name for k in args.case)]
         if not cases:
@@ -99,17 +102,31 @@ def run(args: argparse.Namespace) -> int:
             note = ("greedy generation, batch 1, KV cache on, decoder Linears pruned by magnitude; "
                     + ("layer choice at the decode step's input" if choose else "every eligible layer sparse")
                     + ("; " + why if why else "; llama.cpp: llama-bench of the same model's GGUF, same threads"))
-            paths = write_decode_report(rows, args.out, machine_meta(threads, note))
-            print(paths["md"].read_text())
-            print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
+            meta = machine_meta(threads, note)
+            paths = write_decode_report(rows, args.out, meta)
             if not models:
-                return 0
+                return _show(args, paths, {"meta": meta, "rows": rows})
+            decode_rows = rows
         rows = run_model_suite(patterns, models, args.repeats, batches=tuple(_ints(args.batch or DEFAULT_BATCHES["models"],
                                                                                    "batch")), choose=choose)
         note = ("whole models, random weights pruned by magnitude; "
                 + ("layer choice on (each layer timed dense vs sparse at its input, the faster kept)" if choose
                    else "every eligible layer sparse"))
-    paths = write_report(rows, args.out, args.suite, machine_meta(threads, note))
-    print(paths["md"].read_text())
+    meta = machine_meta(threads, note)
+    paths = write_report(rows, args.out, args.suite, meta)
+    document = {"meta": meta, "rows": rows}
+    if decode_rows:
+        document["decode_rows"] = decode_rows
+    return _show(args, paths, document)
+
+
+def _show(args: argparse.Namespace, paths: dict, document: dict) -> int:
+    """The results: the JSON document on stdout (--json), else the Markdown table; and the files written."""
+    if args.json:
+        from .display import print_json
+
+        print_json(document)
+    else:
+        print(paths["md"].read_text())
     print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
     return 0

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from .display import print_json
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         inputs = example_input(model, source, batch=args.choose_batch)
     report = save_compressed(args.export, args.out, example_inputs=inputs)
     if args.json:
-        print(json.dumps(report, indent=1))
+        print_json(report)
     else:
         print(f"{args.out}: {report['compressed_bytes'] / 1e6:.2f} MB vs dense {report['dense_bytes'] / 1e6:.2f} MB "
               f"({100 * report['ratio']:.1f}%), {report['packed_layers']} packed layers")

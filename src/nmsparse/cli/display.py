@@ -6,7 +6,24 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["print_table", "fmt"]
+__all__ = ["print_table", "fmt", "print_json", "json_mode"]
+
+_JSON_OUT = None  # the real stdout while a --json command runs (its other output goes to stderr)
+
+
+def json_mode(stream) -> None:
+    """Send :func:`print_json` to ``stream`` (the CLI's stdout under ``--json``; None: sys.stdout)."""
+    global _JSON_OUT
+    _JSON_OUT = stream
+
+
+def print_json(document: Any) -> None:
+    """The one JSON document of a ``--json`` command, on stdout."""
+    import json
+
+    out = _JSON_OUT or sys.stdout
+    out.write(json.dumps(document, indent=2) + "\n")
+    out.flush()
 
 
 def fmt(value: Any) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 
@@ -28,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     env = environment()
     if args.json:
-        print(json.dumps(env, indent=2))
+        from .display import print_json
+
+        print_json(env)
         return 0
     print(f"nmsparse {env['nmsparse']}  python {env['python']}  {env['platform']}")
     for name, ver in env["packages"].items():

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from ..config.sections import Config, DataConfig
 from ..export import is_export, load_export
 from ..schema import build
+from .display import print_json
 from .errors import CliError, register_user_error
 
 
@@ -109,7 +109,7 @@ def _perplexity(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(folder if (folder / "tokenizer_config.json").is_file() else source.source[3:])
     ids = token_ids(tokenizer, load_texts(args.perplexity), args.tokens)
     check_vocabulary(model, int(ids.max()) if ids.numel() else 0, str(tokenizer.name_or_path))
-    result = perplexity(model, ids, args.window, args.stride, progress="none" if args.json else "auto")
+    result = perplexity(model, ids, args.window, args.stride, progress="auto")
     result["text"] = args.perplexity
     return _emit(args, result, f"perplexity {result['perplexity']:.3f} on {result['tokens']} tokens of "
                                f"{args.perplexity} ({result['windows']} windows of {result['window']}, stride "
@@ -118,5 +118,8 @@ def _perplexity(args: argparse.Namespace) -> int:
 
 def _emit(args: argparse.Namespace, result: dict, line: str) -> int:
     """Print the result as JSON (--json) or as one line."""
-    print(json.dumps(result, indent=2) if args.json else line)
+    if args.json:
+        print_json(result)
+    else:
+        print(line)
     return 0

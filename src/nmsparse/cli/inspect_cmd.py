@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 from ..export import entry_patterns, is_export, load_export, open_model
 from ..mask import sliced_satisfies
 from ..select import select_layers
-from .display import print_table
+from .display import print_json, print_table
 from .prune_cmd import add_selection_arguments, selection_from_args
 
 
@@ -53,14 +52,27 @@ def _rows_for_model(args: argparse.Namespace) -> tuple[str, list[dict]]:
     return f"{args.target}: layers eligible for {args.pattern} (verified = already holds it)", rows
 
 
+def _report_files(path: str) -> list[str]:
+    """The human-facing files of an export that a prune wrote (report.md and the plots)."""
+    from pathlib import Path
+
+    from ..oneshot.report import PLOT_NAMES
+
+    return [name for name in ("report.md", *PLOT_NAMES) if (Path(path) / name).is_file()]
+
+
 def run(args: argparse.Namespace) -> int:
-    title, rows = _rows_for_export(args.target) if is_export(args.target) else _rows_for_model(args)
+    export = is_export(args.target)
+    title, rows = _rows_for_export(args.target) if export else _rows_for_model(args)
+    files = _report_files(args.target) if export else []
     if args.json:
-        print(json.dumps({"title": title, "layers": rows}, indent=2))
+        print_json({"title": title, "layers": rows, "report_files": files})
         return 0
     cols = ["fqn", "shape", "pattern", "density", "verified", "skip_reason"]
     print_table(title, ["layer", "shape", "pattern", "density", "verified", "skipped"], [[r[c] for c in cols] for r in rows])
     sparse = [r for r in rows if r["pattern"]]
     print(f"{len(sparse)} layers with a pattern, {sum(bool(r['verified']) for r in sparse)} verified, "
           f"{len(rows) - len(sparse)} dense")
+    if files:
+        print(f"report: {', '.join(files)} in {args.target}")
     return 0

@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "json", False):
+            return _run_json(args)
         return int(args._run(args) or 0)
     except CliError as exc:
         sys.stderr.write(f"nmsparse {args.command}: error: {exc}\n")
@@ -68,6 +70,42 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+
+
+def _quiet_third_party_bars() -> None:
+    """transformers' and huggingface_hub's own progress bars add nothing to a scripted run."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:
+        pass
+
+
+def _run_json(args: argparse.Namespace) -> int:
+    """A ``--json`` command: the JSON document alone on stdout; progress (throttled, plain lines where
+    stderr is not a terminal) and every other line on stderr."""
+    import contextlib
+
+    from .. import progress
+    from .display import json_mode
+
+    real = sys.stdout
+    progress.set_stream(sys.stderr, throttle_seconds=5.0)
+    json_mode(real)
+    _quiet_third_party_bars()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            return int(args._run(args) or 0)
+    finally:
+        progress.set_stream(None)
+        json_mode(None)
 
 
 if __name__ == "__main__":

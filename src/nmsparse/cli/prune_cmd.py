@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ..export import open_model
 from ..models import example_input, load_weights
 from ..select import LAYER_SETS, Rule, Selection
-from .display import print_table
+from .display import print_json, print_table
 from .errors import CliError, register_user_error
 
 
@@ -112,15 +111,14 @@ def run(args: argparse.Namespace) -> int:
     heldout = None
     if text_model or args.calib or calibrated:
         heldout = heldout_data(model, source, kind, args.heldout, args.heldout_tokens, seed=args.seed)
-    progress = "none" if args.json else "auto"
+    describe = {"model": args.model,
+                "calibration": {"source": spec, "samples": args.samples, "seq_len": args.seq_len} if batches else None}
     result = prune(model, args.pattern, args.method, selection, calibration=batches,
                    permute=args.permute_sweeps if args.permute else None, heldout=heldout, recover=recovery,
-                   out=args.out, source=source, example_inputs=example_input(model, source), progress=progress,
-                   window=args.window)
-    if batches is not None:
-        result.calibration = {"source": spec, "samples": args.samples, "seq_len": args.seq_len, **(result.calibration or {})}
+                   out=args.out, source=source, example_inputs=example_input(model, source), progress="auto",
+                   window=args.window, describe=describe)
     if args.json:
-        print(json.dumps({"model": args.model, **result.as_dict()}, indent=2))
+        print_json(result.as_dict())
         return 0
     table = [(r.fqn, list(r.shape), r.pattern, round(r.density, 4), r.verified, r.reconstruction_error, r.skip_reason)
              for r in result.rows]
@@ -132,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"fidelity {key.replace('_', ' ')}: {value}")
     if result.recovery:
         print(f"recovery: {result.recovery}")
-    print(f"wrote {Path(args.out)} (weights, manifest.json, report.json)")
+    print(f"wrote {Path(args.out)} (weights, manifest.json, report.json, report.md, plots)")
     return 0
 
 
@@ -155,10 +153,10 @@ def _run_streaming(args: argparse.Namespace, selection) -> int:
     batches = None
     if args.method != "magnitude" or args.calib:
         batches = build_calibration(args.calib or "text:builtin", None, source, args.samples, args.seq_len, args.seed)
-    result = prune_streaming(directory, args.out, args.pattern, args.method, batches, selection,
-                             progress="none" if args.json else "auto")
+    result = prune_streaming(directory, args.out, args.pattern, args.method, batches, selection, progress="auto")
+    result.model = args.model
     if args.json:
-        print(json.dumps({"model": args.model, **result.as_dict()}, indent=2))
+        print_json(result.as_dict())
         return 0
     print(f"{len(result.sparse_rows)} sparse layers written block by block to {args.out}; all verified: "
           f"{all(r.verified for r in result.sparse_rows)}. Perplexity: nmsparse eval {args.out} --perplexity text:heldout")

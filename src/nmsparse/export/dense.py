@@ -43,7 +43,7 @@ def open_model(spec: str, **options: Any) -> tuple[nn.Module, Any]:
 def save_export(
     model: nn.Module, out_dir: str | Path, layers: list[dict[str, Any]], model_source: dict[str, Any],
     skipped: list[dict[str, str]] | None = None, extra: dict[str, Any] | None = None,
-    files: dict[str, str] | None = None,
+    files: dict[str, str | bytes] | None = None,
 ) -> Path:
     """Write an export directory atomically (temp directory, then one rename).
 
@@ -54,7 +54,7 @@ def save_export(
         model_source: how to rebuild the architecture (:class:`nmsparse.models.ModelSource`).
         skipped: ``[{"fqn": ..., "reason": ...}]`` for layers left dense.
         extra: more manifest keys (e.g. a run's metrics).
-        files: extra text files written into the export (e.g. ``{"report.json": ...}``).
+        files: extra files written into the export: text (``str``) or bytes (e.g. ``{"report.json": ...}``, plots).
 
     Raises:
         ExportError: if a layer does not hold its pattern (nothing is written), or the path is taken.
@@ -69,8 +69,11 @@ def save_export(
             save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "nmsparse-export"},
                        force_contiguous=True)
             _write_hf_files(model, model_source, tmp)
-            for name, text in (files or {}).items():
-                (tmp / name).write_text(text)
+            for name, content in (files or {}).items():
+                if isinstance(content, bytes):
+                    (tmp / name).write_bytes(content)
+                else:
+                    (tmp / name).write_text(content)
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     except FileExistsError as exc:
         raise ExportError(str(exc)) from None

@@ -4,7 +4,7 @@ prune -> fidelity -> recover -> fidelity -> export -> reload check. No training 
 from __future__ import annotations
 
 import copy
-import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,19 @@ class Recovery:
             raise ValueError("recovery needs a step or time budget (steps= or seconds=)")
 
 
+class _Stages:
+    """Wall-clock seconds of each stage of a prune (the report's ``seconds``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(now - self._t, 2)
+        self._t = now
+
+
 def prune(
     model: nn.Module,
     pattern: str | Pattern = "2:4",
@@ -62,11 +75,12 @@ def prune(
     source: Any = None,
     example_inputs: Any = None,
     extra: dict[str, Any] | None = None,
-    files: dict[str, str] | None = None,
+    files: dict[str, str | bytes] | None = None,
     save: Any = None,
     progress: str = "auto",
     micro_batch: int | None = 4,
     window: int = 512,
+    describe: dict[str, Any] | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place, once, and bake the masks into its weights.
 
@@ -86,7 +100,10 @@ def prune(
         recover: a :class:`Recovery` run after pruning (the dense model is the teacher).
         out: write an export here (atomically) and check that it reloads to the same outputs;
             needs ``source`` (a :class:`nmsparse.models.ModelSource`) and ``example_inputs``.
-        extra / files: more manifest keys / more files for the export (``report.json`` is added).
+        extra / files: more manifest keys / more files for the export (``report.json``, ``report.md`` and
+            the plots of :mod:`nmsparse.oneshot.report` are added).
+        describe: facts for the report a caller knows and ``prune`` does not: ``{"model": name,
+            "calibration": {"source": ..., "samples": ..., ...}}``.
         save: a callable ``save(model, out_dir, layers, source, skipped, extra, files)`` replacing
             :func:`nmsparse.export.save_export` (e.g. a Hugging Face ``save_pretrained`` export);
             it returns ``(directory, reload)`` with ``reload()`` giving the reloaded model.
@@ -110,6 +127,7 @@ def prune(
         raise ValueError("writing an export needs source= (how to rebuild the model) and example_inputs=")
     text = str(parse_pattern(pattern)) if isinstance(pattern, str) else str(pattern)
     result = PruneResult([], [], method=method, pattern=text)
+    clock = _Stages()
     # the dense original: the teacher of a recovery, and (with a permutation, which the export records
     # and load_export re-attaches) the skeleton of the reload check, whose outputs are compared;
     # otherwise no copy is held (SmolLM2: 538 MB) and the check reads every stored tensor back
@@ -118,6 +136,7 @@ def prune(
     reference = copy.deepcopy(model) if need_reference else None
     model.eval()
     check = FidelityCheck(model, heldout, window) if heldout is not None else None
+    clock.lap("fidelity (dense)")
     if permute:
         from ..permute import permute_channels
 
@@ -137,19 +156,29 @@ def prune(
         result.skipped = [{"fqn": r.fqn, "reason": r.skip_reason} for r in report if r.skip_reason]
     if not result.layers:
         raise MethodError(nothing_selected(model, f"for pattern {text}"))
+    clock.lap("prune")
     if check is not None:
         result.fidelity = {"measure": check.measure, "dense": check.dense(), "one_shot": check(model)}
+        clock.lap("fidelity (one-shot)")
     if recover is not None:
         from .recover import recover as distil
 
         assert reference is not None
         result.recovery = distil(model, reference, result.layers, recover.batches, recover.steps, recover.seconds,
                                  recover.lr, progress=progress, objective=recover.objective)
+        clock.lap("recovery")
         if check is not None:
             result.fidelity["recovered"] = check(model)  # type: ignore[index]
+            clock.lap("fidelity (recovered)")
+    result.seconds = clock.seconds
+    if describe:
+        result.model = describe.get("model", result.model)
+        if describe.get("calibration") and result.calibration is not None:
+            result.calibration = {**describe["calibration"], **result.calibration}
     if out is not None:
-        report = json.dumps(result.as_dict(), indent=2) + "\n"
-        all_files = {**(files or {}), "report.json": report}
+        from .report import report_files
+
+        all_files = {**(files or {}), **report_files(result.as_dict())}
         if save is not None:
             directory, reload = save(model, out, result.layers, source.as_dict(), result.skipped,
                                      {"method": method, **(extra or {})}, all_files)

@@ -126,7 +126,8 @@ def recover(
             ``max_seconds`` is given), or ``constant``.
 
     Returns:
-        ``{"steps", "seconds", "first_loss", "last_loss", "objective"}``; the student is squashed again.
+        ``{"steps", "seconds", "first_loss", "last_loss", "objective", "history"}`` (``history``: the loss
+        curve, ``{"step", "seconds", "loss"}`` lists of at most 200 points); the student is squashed again.
     """
     if not steps and not max_seconds:
         raise ValueError("recovery needs a step or time budget")
@@ -154,7 +155,8 @@ def recover(
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     total = steps or 10**9
-    bar = Progress(steps or 0, 0, progress, every=max(1, (steps or 100) // 10))
+    bar = Progress(steps or 0, 0, progress, every=max(1, (steps or 100) // 10), budget_seconds=max_seconds)
+    history: list[tuple[int, float, float]] = []  # (step, seconds, loss)
     hidden_states = objective in ("layers", "causal")
     lr_at = Cosine(lr, 0.0, 0, _RESOLUTION) if schedule == "cosine" else Constant(lr)
     start, step, first, last = time.perf_counter(), 0, None, None
@@ -176,9 +178,19 @@ def recover(
         first = value if first is None else first
         last = value
         step += 1
-        bar.update(step, f"distill loss {value:.5f}")
+        history.append((step, time.perf_counter() - start, value))
+        bar.update(step, f"loss {value:.5f}")
     bar.close()
     student.eval()
     sparsifier.squash()
     return {"steps": step, "seconds": round(time.perf_counter() - start, 1), "first_loss": first, "last_loss": last,
-            "objective": objective}
+            "objective": objective, "history": _thin(history)}
+
+
+def _thin(history: list[tuple[int, float, float]], points: int = 200) -> dict[str, list[float]]:
+    """The loss curve for the report: every step, or ``points`` evenly spaced ones (the last kept)."""
+    if len(history) > points:
+        keep = sorted({round(i * (len(history) - 1) / (points - 1)) for i in range(points)})
+        history = [history[i] for i in keep]
+    return {"step": [h[0] for h in history], "seconds": [round(h[1], 2) for h in history],
+            "loss": [round(h[2], 6) for h in history]}

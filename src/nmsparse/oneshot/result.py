@@ -44,6 +44,8 @@ class PruneResult:
         fidelity: ``{"measure", "dense", "one_shot", "recovered"}`` (the model kind's measure), or None.
         recovery: the recovery's steps, seconds and losses, or None.
         export: the export directory written, and ``reload_max_abs_diff`` of its reload check.
+        model: the model's name as the caller gave it (None: not given).
+        seconds: wall-clock seconds of each stage (prune, fidelity, recovery).
     """
 
     layers: list[dict[str, Any]]
@@ -57,6 +59,8 @@ class PruneResult:
     recovery: dict[str, Any] | None = None
     export: str | None = None
     reload_max_abs_diff: float | None = None
+    model: str | None = None
+    seconds: dict[str, float] | None = None
 
     @property
     def sparse_rows(self) -> list[LayerRow]:
@@ -65,7 +69,9 @@ class PruneResult:
     def as_dict(self) -> dict[str, Any]:
         """The JSON report (``report.json`` of an export)."""
         out: dict[str, Any] = {"method": self.method, "pattern": self.pattern}
-        for key in ("calibration", "permutation", "fidelity", "recovery", "export", "reload_max_abs_diff"):
+        if self.model is not None:
+            out["model"] = self.model
+        for key in ("calibration", "permutation", "fidelity", "recovery", "seconds", "export", "reload_max_abs_diff"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value

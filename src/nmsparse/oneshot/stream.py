@@ -226,7 +226,13 @@ def prune_streaming(
         manifest = make_manifest(layers, source, skipped, {"method": method, "streamed": True,
                                                             "seconds": round(time.perf_counter() - start, 1)})
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        (tmp / "report.json").write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+        from .report import report_files
+
+        for name, content in report_files(result.as_dict()).items():
+            if isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
+            else:
+                (tmp / name).write_text(content)
     return result
 
 
