@@ -4,7 +4,8 @@ On an x86 machine with an aarch64 cross compiler and qemu-user (Debian: ``g++-aa
 ``qemu-user``; ``.ci/run`` installs them where it can), the kernel source is compiled for
 ``-march=armv8-a`` together with a small harness (``tests/native/kernel_harness.cpp``) that runs one
 call per line on arrays read from files; the products must equal the dense products of the unpacked
-weights, the 2:4 / 1:4 / 3:4 masks the tie rule of ``nmsparse.mask`` and the SR-STE decay its formula. Every batch-1 and batched path of the n:m and 1xN products is covered: the
+weights, the 2:4 / 1:4 / 3:4 masks the tie rule of ``nmsparse.mask`` and the SR-STE decay its formula,
+and the quantized batch-1 products their dequantized reference. Every batch-1 and batched path of the n:m and 1xN products is covered: the
 pair-window kernel (m = 2n), the generic gather kernel, bit widths 1-8, narrow last chunks, block
 sizes 4-32, batch tails, bias and ReLU, two threads. (On an ARM machine the ordinary runtime tests
 run the NEON build natively.)
@@ -130,6 +131,42 @@ def test_neon_build_under_emulation_equals_the_dense_product(arm_harness, tmp_pa
     for index, ref in enumerate(expected):
         got = _read(tmp_path / f"{index}_out.bin").reshape(ref.shape)
         torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4, msg=lambda m, i=index: f"case {CASES[i]}: {m}")
+
+
+def test_neon_quantized_products_under_emulation_equal_the_dequantized_reference(arm_harness, tmp_path):
+    """The NEON build's quantized batch-1 products (n:m pair and gather kernels, 1xN, dense; int8 and
+    int4; float and int8 activations) against A(x) @ dequantized(W)^T."""
+    from nmsparse.runtime.modules import QuantLinear
+    from nmsparse.runtime.quant import WeightScheme, quantize, quantize_activations
+
+    cases = [(("nm", 2, 4), 40, 200), (("nm", 4, 8), 32, 256), (("nm", 1, 4), 32, 256), (("block", 16), 64, 300),
+             (("block", 32), 64, 96), (("dense",), 24, 100)]
+    lines, expected = [], []
+    for index, ((spec, out, columns), bits, acts) in enumerate(
+            [(c, b, a) for c in cases for b in (8, 4) for a in ("int8", "fp32")]):
+        matrix = torch.randn(out, columns) if spec[0] == "dense" else _sparse_matrix(out, columns, spec, seed=index)
+        layout = matrix if spec[0] == "dense" else (pack_nm(matrix, spec[1], spec[2]) if spec[0] == "nm"
+                                                   else pack_block(matrix, spec[1]))
+        module = QuantLinear(quantize(layout, WeightScheme(bits, 32)), None, None, acts)
+        arrays = module._arrays()
+        x = torch.randn(columns, generator=torch.Generator().manual_seed(200 + index))
+        xa = quantize_activations(x, module.act_block) if module.act_block else x
+        expected.append(module._packed.dense().double() @ xa.double())
+        p = lambda name, i=index: tmp_path / f"q{i}_{name}.bin"  # noqa: E731
+        pointers = {"index": arrays.index, "q": arrays.q, "scales": arrays.scales}
+        files = {name: "@" + _write(p(name), t.numpy()) for name, t in pointers.items()}
+        args = list(_native._q_args(arrays))
+        names = {0: ["index", "q", "scales"], 1: ["index", "q", "scales"], 2: ["q", "scales"]}[arrays.kind]
+        for position, name in enumerate(names):  # the addresses of the plan become the files' data
+            args[position] = files[name]
+        args += [0, 0]  # no bias, no ReLU
+        lines.append(f"gemv {_write(p('x'), x.numpy())} {p('out')} {out} 2 {len(args)} {2 + arrays.kind} "
+                     + " ".join(map(str, args)))
+    proc = _run(arm_harness, tmp_path, lines)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for index, ref in enumerate(expected):
+        got = _read(tmp_path / f"q{index}_out.bin").double()
+        assert float((got - ref).abs().max() / ref.abs().max()) < 3e-6, f"quantized case {index}"
 
 
 def test_the_harness_reports_a_malformed_case(arm_harness, tmp_path):

@@ -7,6 +7,8 @@
 //   block_mm XT LDX COLS KSTART CHUNKS VALS ROWS KEPT BLOCK BATCH OUT LDO BIAS|- RELU THREADS
 //   topk4    SRC OUTER WIDTH INNER K ABSOLUTE OUT THREADS
 //   decay    GRAD WEIGHT KEEP DECAY COUNT OUT THREADS
+//   gemv     X OUT ROWS THREADS COUNT KIND ARG... (a batch-1 plan of nms_gemv: COUNT arguments after the
+//            kind, each a number or @FILE, replaced by the address of that file's data)
 // (upper case: a raw little-endian array file, or a number). Exits non-zero on a malformed line.
 #include <cstdint>
 #include <cstdio>
@@ -27,6 +29,7 @@ void nms_nm_mm(const float* xt, i64 ldx, const uint8_t* codes, const float* vals
 void nms_mask_topk4(const float* src, uint32_t* dst, int64_t outer, int64_t width, int64_t inner, int k, int absolute,
                     int threads);
 void nms_mask_decay_into(float* g, const float* w, const float* keep, float decay, int64_t n, int threads);
+void nms_gemv(const i64* plan, const float* x, float* out, int threads);
 }
 
 static std::vector<char> read_all(const std::string& path) {
@@ -104,6 +107,27 @@ int main(int argc, char** argv) {
       nms_mask_decay_into((float*)grad.data(), (const float*)weight.data(), (const float*)keep.data(), decay, count,
                           (int)threads);
       write_all(out_p, (const float*)grad.data(), count);
+    } else if (!std::strcmp(kind, "gemv")) {
+      long long rows, threads, count, k;
+      if (std::fscanf(cases, "%511s %511s %lld %lld %lld %lld", xt_p, out_p, &rows, &threads, &count, &k) != 6)
+        return 5;
+      auto x = read_all(xt_p);
+      std::vector<std::vector<char>> files;
+      files.reserve(count);
+      std::vector<i64> plan{(i64)k};
+      for (long long i = 0; i < count; ++i) {
+        char arg[512];
+        if (std::fscanf(cases, "%511s", arg) != 1) return 5;
+        if (arg[0] == '@') {
+          files.push_back(read_all(arg + 1));
+          plan.push_back((i64)(intptr_t)files.back().data());
+        } else {
+          plan.push_back((i64)std::strtoll(arg, nullptr, 10));
+        }
+      }
+      std::vector<float> out(rows);
+      nms_gemv(plan.data(), (const float*)x.data(), out.data(), (int)threads);
+      write_all(out_p, out.data(), rows);
     } else {
       return 5;
     }
