@@ -433,7 +433,7 @@ inline void quant_x(const float* x, i64 cols, i64 xb) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
 #define NMS_VNNI 1
 #ifndef NMS_VSTREAMS
-#define NMS_VSTREAMS 4
+#define NMS_VSTREAMS 2
 #endif
 
 // The 64 weights of one step as unsigned bytes (int8: q + 128 by flipping the sign bit; int4: the
