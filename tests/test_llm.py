@@ -573,3 +573,58 @@ def test_recovery_under_a_time_budget_prints_elapsed_budget_and_time_left(tiny_l
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]
     assert lines and all(" / 0:02  left " in ln and "/0 " not in ln for ln in lines)
     assert stats["history"]["step"][-1] == stats["steps"] and len(stats["history"]["seconds"]) == stats["steps"]
+
+
+@pytest.mark.parametrize("weights,method", [("int8", "sparsegpt"), ("int4", "sparsegpt"), ("int8", "wanda")])
+def test_prune_and_quantize_in_one_pass_gives_an_export_the_runtime_reproduces_exactly(
+        tiny_llama_dir, tmp_path, capsys, weights, method):
+    """`prune --weights`: the export's Linear weights lie on the runtime's grid (the LM head included,
+    tied to the embedding here), the manifest records the scheme, and convert(export, weights=...)
+    computes with exactly those values (no second rounding)."""
+    from nmsparse.export import load_export
+    from nmsparse.runtime import _native, convert
+    from nmsparse.runtime.modules import QuantLinear
+
+    out = tmp_path / "q"
+    assert main(["prune", f"hf:{tiny_llama_dir}", "--method", method, "--samples", "4", "--seq-len", "32",
+                 "--heldout-tokens", "256", "--window", "64", "--weights", weights, "--group-size", "32",
+                 "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["weights"]["weights"] == weights and report["weights"]["group"] == 32
+    assert {v["weights"] for v in report["weights"]["layers"].values()} == {weights}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["weights"]["bits"] == int(weights[3:]) and manifest["weights"]["group"] == 32
+    exported, _ = load_export(out)
+    if not _native.available():
+        return
+    model, _ = convert(str(out), weights=weights, group_size=32, decode=False)
+    for fqn, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            original = exported.get_submodule(fqn).weight.detach()
+            assert torch.equal(module.dequantized_weight(), original), fqn
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 15  # 14 pruned + the LM head
+    assert main(["prune", f"hf:{tiny_llama_dir}", "--weights", "int8", "--group-size", "24", "--out",
+                 str(tmp_path / "bad")]) == 2
+    assert "group size" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_joint_sparsegpt_quantization_compensates_rounding():
+    """Rounding inside SparseGPT's updates gives a lower layer output error than rounding its result."""
+    from nmsparse.method.sparsegpt import sparsegpt_prune
+    from nmsparse.runtime.formats import pack_nm
+    from nmsparse.runtime.quant import WeightScheme, quantize
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 128, generator=g) @ torch.randn(128, 128, generator=g) * 0.3  # correlated inputs
+    w = torch.randn(64, 128, generator=g)
+    h = x.T @ x
+    plain, _ = sparsegpt_prune(w, h, 2, 4)
+    rounded = quantize(pack_nm(plain, 2, 4), WeightScheme(4, 32)).dense()
+    joint, mask = sparsegpt_prune(w, h, 2, 4, quant=(4, 64))
+    assert is_nm(joint, NMPattern(2, 4))
+    snapped = quantize(pack_nm(joint, 2, 4), WeightScheme(4, 32)).dense()
+
+    def error(v):
+        return float(((w - v) @ x.T).pow(2).sum() / (w @ x.T).pow(2).sum())
+
+    assert error(snapped) < error(rounded)

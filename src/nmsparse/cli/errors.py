@@ -9,6 +9,7 @@ from ..method import MethodError
 from ..models import ModelError
 from ..pattern import PatternError
 from ..runtime.formats import FormatError
+from ..runtime.quant import QuantError
 from ..schema import ConfigError
 from ..select import SelectionError
 from ..sparsifier import SparsifierError
@@ -19,8 +20,8 @@ class CliError(ValueError):
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    AllocationError, CliError, ConfigError, FormatError, ExportError, MethodError, ModelError, PatternError, RegistryError, SelectionError,
-    SparsifierError, FileNotFoundError, FileExistsError, NotADirectoryError,
+    AllocationError, CliError, ConfigError, FormatError, ExportError, MethodError, ModelError, PatternError,
+    QuantError, RegistryError, SelectionError, SparsifierError, FileNotFoundError, FileExistsError, NotADirectoryError,
 )
 
 

@@ -68,6 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-classes", type=int, help="classifier outputs of a vision model")
     parser.add_argument("--in-chans", type=int, help="input channels of a vision model")
     parser.add_argument("--out", required=True, help="export directory to write (replaced atomically)")
+    parser.add_argument("--weights", default="fp32", choices=["fp32", "int8", "int4"],
+                        help="prune and quantize in one pass: the export's Linear weights on the runtime's int8/int4 "
+                        "grid (sparsegpt rounds inside its updates; the others round to nearest)")
+    parser.add_argument("--group-size", type=int, default=64,
+                        help="with --weights: kept values per scale along the input axis (multiple of 16, 16-512)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -85,6 +90,14 @@ def run(args: argparse.Namespace) -> int:
 
     register_user_error(CalibrationError)
     selection = selection_from_args(args)
+    from ..runtime.quant import QuantError, parse_weights
+
+    try:  # checked before minutes of work
+        parse_weights(args.weights, args.group_size)
+    except QuantError as exc:
+        raise CliError(f"--group-size: {exc}") from None
+    if args.stream and args.weights != "fp32":
+        raise CliError("--stream writes float32 exports; --weights needs the in-memory pipeline (drop --stream)")
     if args.stream:
         return _run_streaming(args, selection)
     model, source = open_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans)
@@ -116,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     result = prune(model, args.pattern, args.method, selection, calibration=batches,
                    permute=args.permute_sweeps if args.permute else None, heldout=heldout, recover=recovery,
                    out=args.out, source=source, example_inputs=example_input(model, source), progress="auto",
-                   window=args.window, describe=describe)
+                   window=args.window, describe=describe, weights=args.weights, group_size=args.group_size)
     if args.json:
         print_json(result.as_dict())
         return 0

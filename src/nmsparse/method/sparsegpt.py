@@ -13,6 +13,14 @@ upper Cholesky factor of :math:`H^{-1}` (lazy batch updates over blocks of colum
 so the kept weights compensate for the pruned ones. Dampening adds ``dampening * mean(diag H)`` to
 the diagonal; inputs that never fire (H_cc = 0) get their weights pruned first.
 Every choice and update is a ratio of entries of :math:`H^{-1}`, so H's scale does not matter.
+
+Joint sparsify + quantize (the paper's Section 3.5, as GPTQ quantizes): with ``weights`` int8 /
+int4, the kept values of each quantization group (the columns of ``group_size`` kept values, as the
+runtime groups them) are rounded to a symmetric grid chosen at the group's first column, and ``q_c`` above is the
+rounded value: each column's rounding error is spread over the later columns with its pruning
+error. The group's grid is set at its first column from the values its masks would keep if chosen
+then; the masks themselves are still chosen per group of m as the columns come. One-shot pruning then snaps every layer to the runtime's grid
+(:func:`nmsparse.oneshot.quantize.snap_to_grid`).
 """
 
 from __future__ import annotations
@@ -31,8 +39,13 @@ from .base import CalibratedMethod, LayerStats, MethodError, register_method
 class SparsegptOptions:
     dampening: float = field(default=0.01, metadata={"help": "fraction of mean(diag H) added to the diagonal"})
     block_columns: int = field(default=128, metadata={"help": "columns per lazy-update block (a multiple of m)"})
+    weights: str = field(default="fp32", metadata={"help": "fp32, or int8 / int4: quantize inside the updates"})
+    group_size: int = field(default=64, metadata={"help": "kept values per quantization scale"})
 
     def __post_init__(self) -> None:
+        from ..runtime.quant import parse_weights
+
+        parse_weights(self.weights, self.group_size)  # QuantError (a ValueError) on a bad value
         if not 0.0 <= self.dampening < 1.0:
             raise ValueError(f"dampening must be in [0, 1), got {self.dampening}")
         if self.block_columns < 1:
@@ -52,7 +65,7 @@ def _column_order(shape: torch.Size, pattern: NMPattern) -> torch.Tensor | None:
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int, dampening: float = 0.01,
                     block_columns: int = 128, *, reuse_hessian: bool = False,
                     select_block: Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor] | None = None,
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    quant: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """N:M SparseGPT on a 2-D weight ``[rows, cols]`` with groups of m consecutive columns.
 
     With ``select_block`` the mask of each lazy block of ``block_columns`` (a multiple of ``m``) is
@@ -62,6 +75,10 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
     ``hessian`` may be ``X^T X`` at any positive scale (every choice and update is a ratio of its
     inverse's entries). With ``reuse_hessian`` a float32 ``hessian`` is dampened in place and its
     diagonal restored on return, instead of copied: one ``cols x cols`` workspace instead of three.
+
+    ``quant = (bits, group_columns)``: joint quantization (see the module docstring): the kept values
+    of each group of ``group_columns`` columns are rounded to ``bits``-bit symmetric steps of
+    ``max|kept| / qmax`` (on the float16 grid), set at the group's first column.
 
     Returns:
         ``(pruned_weight, mask)``; float32, mask True = kept, exactly n kept per group.
@@ -90,6 +107,11 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
         diag.copy_(saved)
     mask = torch.zeros(rows, cols, dtype=torch.bool)
     block = max(m, (block_columns // m) * m)
+    if quant is not None:
+        bits, group_cols = quant
+        block = max(block // group_cols, 1) * group_cols  # quantization groups inside lazy blocks
+        qmax = 127 if bits == 8 else 7
+        scale = torch.ones(rows)
     for start in range(0, cols, block):
         end = min(start + block, cols)
         w1 = w[:, start:end].clone()
@@ -97,14 +119,23 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[start:end, start:end]
         for i in range(end - start):
-            if select_block is not None:
-                if i == 0:  # the whole lazy block's mask from the current (already updated) weights
-                    mask[:, start:end] = select_block(w1, torch.diag(hinv1), start, end)
-            elif i % m == 0:  # choose the group's mask from the current (already updated) weights
+            if select_block is not None and i == 0:  # the whole lazy block's mask from the current weights
+                mask[:, start:end] = select_block(w1, torch.diag(hinv1), start, end)
+            if quant is not None and i % group_cols == 0:  # a quantization group's grid, from the values
+                g1 = min(i + group_cols, end - start)  # its masks would keep if chosen now
+                group = w1[:, i:g1] ** 2 / torch.diag(hinv1)[i:g1].reshape(1, -1) ** 2
+                keep = topk_groups(group.reshape(-1, m), n).reshape(rows, -1)
+                scale = _fp16_up((w1[:, i:g1].abs() * keep).amax(1) / qmax)
+                scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            if select_block is None and i % m == 0:  # choose the group's mask from the current (already updated) weights
                 group = w1[:, i : i + m] ** 2 / torch.diag(hinv1)[i : i + m].reshape(1, -1) ** 2
                 mask[:, start + i : start + i + m] = topk_groups(group, n)  # mask.py's tie rule
             col = w1[:, i]
-            q = col * mask[:, start + i]
+            if quant is not None:
+                col_q = torch.clamp(torch.round(col / scale), -qmax, qmax) * scale
+                q = col_q * mask[:, start + i]
+            else:
+                q = col * mask[:, start + i]
             q1[:, i] = q
             err = (col - q) / hinv1[i, i]
             w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1.0)
@@ -113,6 +144,12 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
         if end < cols:
             w[:, end:].addmm_(err1, hinv[start:end, end:], alpha=-1.0)
     return w.mul_(mask), mask
+
+
+def _fp16_up(scale: torch.Tensor) -> torch.Tensor:
+    from ..runtime.quant import _fp16_up as up
+
+    return up(scale)
 
 
 def _block_selector(pattern: BlockPattern, channels: int, kernel: int):
@@ -139,6 +176,22 @@ class SparseGPT(CalibratedMethod):
     Options = SparsegptOptions
     needs_hessian = True
 
+    def _quant(self, pattern: NMPattern, weight: torch.Tensor, columns: int) -> tuple[int, int] | None:
+        """``(bits, group columns)`` of joint quantization for a Linear weight whose runtime groups are
+        whole column ranges (:func:`~nmsparse.runtime.quant.activation_block`'s rule), else None (the
+        layer is rounded after pruning instead)."""
+        from ..runtime.formats import nm_chunk
+        from ..runtime.quant import parse_weights
+
+        scheme = parse_weights(self.options.weights, self.options.group_size)
+        if scheme is None or weight.dim() != 2 or pattern.axis != "in" or columns % pattern.m:
+            return None
+        jc = nm_chunk(columns, pattern.n, pattern.m)
+        gm = min(scheme.group, jc)
+        if (gm * pattern.m) % pattern.n or jc % gm:
+            return None
+        return scheme.bits, gm * pattern.m // pattern.n
+
     def prune_weight(
         self, weight: torch.Tensor, patterns: tuple[Pattern, ...], stats: LayerStats
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,7 +217,8 @@ class SparseGPT(CalibratedMethod):
             if order is not None:
                 w2d, h = w2d[:, order], gram[order][:, order]
             pruned, mask = sparsegpt_prune(w2d, h, pattern.n, pattern.m, self.options.dampening,
-                                           self.options.block_columns, reuse_hessian=True)
+                                           self.options.block_columns, reuse_hessian=True,
+                                           quant=self._quant(pattern, weight, w2d.shape[1]))
             if order is not None:
                 inverse = torch.argsort(order)
                 pruned, mask = pruned[:, inverse], mask[:, inverse]

@@ -81,6 +81,8 @@ def prune(
     micro_batch: int | None = 4,
     window: int = 512,
     describe: dict[str, Any] | None = None,
+    weights: str = "fp32",
+    group_size: int = 64,
 ) -> PruneResult:
     """Prune ``model`` in place, once, and bake the masks into its weights.
 
@@ -104,6 +106,11 @@ def prune(
             the plots of :mod:`nmsparse.oneshot.report` are added).
         describe: facts for the report a caller knows and ``prune`` does not: ``{"model": name,
             "calibration": {"source": ..., "samples": ..., ...}}``.
+        weights / group_size: ``"int8"`` / ``"int4"``: prune and quantize in one pass. SparseGPT
+            rounds inside its updates (each column's rounding error compensated); every method's
+            result is then snapped to the runtime's grid (:func:`nmsparse.oneshot.quantize.snap_to_grid`,
+            round-to-nearest), after recovery too; the manifest records the scheme and the report
+            each layer's storage. The export stays dense-with-zeros.
         save: a callable ``save(model, out_dir, layers, source, skipped, extra, files)`` replacing
             :func:`nmsparse.export.save_export` (e.g. a Hugging Face ``save_pretrained`` export);
             it returns ``(directory, reload)`` with ``reload()`` giving the reloaded model.
@@ -118,6 +125,11 @@ def prune(
         MethodError: a training method, a calibrated method without calibration data, or no layer
             selected.
     """
+    from ..runtime.quant import parse_weights
+
+    scheme = parse_weights(weights, group_size)
+    if scheme is not None and method == "sparsegpt":
+        method_options = {"weights": weights, "group_size": group_size, **(method_options or {})}
     built = build_method(method, method_options)
     if not built.one_shot:
         raise MethodError(f"method {method!r} trains masks; use it with `nmsparse train`, not one-shot pruning")
@@ -156,6 +168,10 @@ def prune(
         result.skipped = [{"fqn": r.fqn, "reason": r.skip_reason} for r in report if r.skip_reason]
     if not result.layers:
         raise MethodError(nothing_selected(model, f"for pattern {text}"))
+    if scheme is not None:
+        from .quantize import snap_to_grid
+
+        result.weights = {**scheme.as_dict(), "layers": snap_to_grid(model, result.layers, scheme)}
     clock.lap("prune")
     if check is not None:
         result.fidelity = {"measure": check.measure, "dense": check.dense(), "one_shot": check(model)}
@@ -166,6 +182,10 @@ def prune(
         assert reference is not None
         result.recovery = distil(model, reference, result.layers, recover.batches, recover.steps, recover.seconds,
                                  recover.lr, progress=progress, objective=recover.objective)
+        if scheme is not None:  # recovery moved the values off the grid: round them again
+            from .quantize import snap_to_grid
+
+            result.weights["layers"] = snap_to_grid(model, result.layers, scheme)  # type: ignore[index]
         clock.lap("recovery")
         if check is not None:
             result.fidelity["recovered"] = check(model)  # type: ignore[index]
@@ -184,8 +204,9 @@ def prune(
                                      {"method": method, **(extra or {})}, all_files)
             reloaded = reload()
         else:
+            quant = {"weights": {k: v for k, v in result.weights.items() if k != "layers"}} if result.weights else {}
             directory = save_export(model, out, result.layers, source.as_dict(), result.skipped,
-                                    extra={"method": method, **(extra or {})}, files=all_files)
+                                    extra={"method": method, **quant, **(extra or {})}, files=all_files)
             if reference is None:  # every stored tensor read back against the model's: no second model
                 result.export, result.reload_max_abs_diff = str(directory), compare_export(model, directory)
                 return result

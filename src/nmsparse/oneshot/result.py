@@ -46,6 +46,7 @@ class PruneResult:
         export: the export directory written, and ``reload_max_abs_diff`` of its reload check.
         model: the model's name as the caller gave it (None: not given).
         seconds: wall-clock seconds of each stage (prune, fidelity, recovery).
+        weights: the quantization scheme and each Linear layer's storage, when quantized (None: float32).
     """
 
     layers: list[dict[str, Any]]
@@ -61,6 +62,7 @@ class PruneResult:
     reload_max_abs_diff: float | None = None
     model: str | None = None
     seconds: dict[str, float] | None = None
+    weights: dict[str, Any] | None = None
 
     @property
     def sparse_rows(self) -> list[LayerRow]:
@@ -71,7 +73,8 @@ class PruneResult:
         out: dict[str, Any] = {"method": self.method, "pattern": self.pattern}
         if self.model is not None:
             out["model"] = self.model
-        for key in ("calibration", "permutation", "fidelity", "recovery", "seconds", "export", "reload_max_abs_diff"):
+        for key in ("calibration", "permutation", "weights", "fidelity", "recovery", "seconds", "export",
+                    "reload_max_abs_diff"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value

@@ -98,7 +98,7 @@ def infer_pattern(weight: torch.Tensor) -> Pattern | None:
 
 
 def _quantized(module: nn.Module, layout, scheme: WeightScheme, row: ConvertRow | None,
-               activations: str = "int8") -> nn.Module:
+               activations: str = "int8", exact_grid: bool = False) -> nn.Module:
     """A :class:`QuantLinear` of ``layout`` (a packed layout, or the dense weight matrix) under ``scheme``,
     checked once against its dequantized reference. int4 on a layout it cannot store falls back to
     int8 (said in ``row.reason``).
@@ -107,9 +107,9 @@ def _quantized(module: nn.Module, layout, scheme: WeightScheme, row: ConvertRow 
         FormatError: the quantized product disagrees with its dequantized reference (a kernel fault;
             the caller keeps the layer float32)."""
     try:
-        packed = quantize(layout, scheme)
+        packed = quantize(layout, scheme, exact_grid=exact_grid)
     except FormatError as exc:
-        packed = quantize(layout, WeightScheme(8, scheme.group))
+        packed = quantize(layout, WeightScheme(8, scheme.group), exact_grid=exact_grid)
         if row is not None:
             row.reason = f"int8 instead of int4: {exc}"
     new = QuantLinear(packed, module.bias, input_map(module), activations)
@@ -134,18 +134,19 @@ def _check_quantized(module: QuantLinear) -> None:
                               f"(relative error {err:.2g} at {rows} row(s)); kept float32")
 
 
-def _dense_form(module: nn.Module, scheme: WeightScheme | None, activations: str = "int8") -> nn.Module:
+def _dense_form(module: nn.Module, scheme: WeightScheme | None, activations: str = "int8",
+                exact_grid: bool = False) -> nn.Module:
     """What a layer runs as when it does not run sparse: itself, or its dense quantized form."""
     if scheme is None or not isinstance(module, nn.Linear) or _eligible(module):
         return module
     try:
-        return _quantized(module, module.weight.detach().float(), scheme, None, activations)
+        return _quantized(module, module.weight.detach().float(), scheme, None, activations, exact_grid)
     except FormatError:
         return module
 
 
 def _convert_layer(module: nn.Module, pattern: Pattern, scheme: WeightScheme | None = None,
-                   row: ConvertRow | None = None, activations: str = "int8") -> nn.Module:
+                   row: ConvertRow | None = None, activations: str = "int8", exact_grid: bool = False) -> nn.Module:
     weight = module.weight.detach()
     bias = module.bias
     if isinstance(pattern, BlockPattern):
@@ -159,7 +160,7 @@ def _convert_layer(module: nn.Module, pattern: Pattern, scheme: WeightScheme | N
     perm = input_map(module)
     if isinstance(module, nn.Linear):
         if scheme is not None:
-            return _quantized(module, packed, scheme, row, activations)
+            return _quantized(module, packed, scheme, row, activations, exact_grid)
         return SparseLinear(packed, bias, perm)
     return SparseConv2d(packed, bias, module, order, perm)
 
@@ -319,10 +320,12 @@ def convert(
     if activations not in ("int8", "fp32"):
         raise QuantError(f"activations {activations!r} is not one of int8, fp32")
     given: dict[str, Pattern] = {}
+    exact = False  # an export pruned with --weights: its values already lie on grids, kept as they are
     if isinstance(model_or_export, (str, Path)):
         from ..export import load_export
 
         model, manifest = load_export(model_or_export)
+        exact = bool(manifest.get("weights"))
         for entry in manifest.get("layers", []):
             slices = entry_patterns(entry)
             if len({str(p) for p in slices}) == 1:
@@ -378,14 +381,14 @@ def convert(
     for index, (fqn, module, pattern) in enumerate(plan):
         row = rows[fqn]
         try:
-            new = _convert_layer(module, pattern, scheme, row, activations)
+            new = _convert_layer(module, pattern, scheme, row, activations, exact)
         except FormatError as exc:
             row.reason = str(exc)
             quant_dense.append(fqn)
             continue
         row.packed_bytes = new.weight_nbytes
         row.weights = getattr(new, "scheme", None) and str(new.scheme) or "fp32"
-        module = _dense_form(module, scheme, activations)  # what the layer runs as when not sparse
+        module = _dense_form(module, scheme, activations, exact)  # what the layer runs as when not sparse
         x = inputs.get(fqn)
         if x is not None:
             row.input_shape = list(x.shape)
@@ -437,7 +440,7 @@ def convert(
         model.set_submodule(fqn, new)
         row.converted = True
     for fqn in quant_dense:  # Linear layers without a pattern (the LM head): their dense quantized form
-        _settle_dense(model, fqn, _dense_form(model.get_submodule(fqn), scheme, activations), rows[fqn])
+        _settle_dense(model, fqn, _dense_form(model.get_submodule(fqn), scheme, activations, exact), rows[fqn])
     if fuse and any(row.converted for row in report):
         from .fuse import fuse as fuse_following
 

@@ -79,12 +79,16 @@ def _fp16_up(scale: torch.Tensor) -> torch.Tensor:
     return half.float()
 
 
-def quantize_groups(values: torch.Tensor, bits: int, group: int,
-                    scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_groups(values: torch.Tensor, bits: int, group: int, scales: torch.Tensor | None = None,
+                    exact_grid: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``values[S, L]`` (S segments) per group of ``group`` along the last axis.
 
     Returns ``(q[S, L] int8, scales[S, ceil(L / group)] float32)``; with ``scales`` given they are
     used as they are (values already on that grid come back exact). All-zero groups get scale 1.
+    With ``exact_grid``, a group whose values already lie on a grid whose largest step count is
+    below qmax (``max|v| = k * s``, ``s`` a float16 value, every value a multiple of ``s``: what
+    SparseGPT's joint rounding leaves where a group's largest value shrank) keeps that grid, so it
+    comes back exactly instead of being rounded again.
     """
     v = values.detach().float()
     segs, length = v.shape
@@ -97,8 +101,40 @@ def quantize_groups(values: torch.Tensor, bits: int, group: int,
         scales = _fp16_up(amax / qmax(bits))
         scales = torch.where(scales > 0, scales, torch.ones_like(scales))
     scales = scales.float().reshape(segs, groups)
-    q = torch.clamp(torch.round(grouped / scales.unsqueeze(-1)), -qmax(bits), qmax(bits)).to(torch.int8)
+    qf = torch.clamp(torch.round(grouped / scales.unsqueeze(-1)), -qmax(bits), qmax(bits))
+    if exact_grid:
+        qf, scales = _keep_exact_grids(grouped, qf, scales, bits)
+    q = qf.to(torch.int8)
     return q.view(segs, groups * group)[:, :length].contiguous(), scales.contiguous()
+
+
+def _keep_exact_grids(grouped: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
+                      bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For groups ``q * scale`` does not reproduce, the coarsest grid ``max|v| / k`` (k < qmax, float16
+    step) that does, where one exists (see :func:`quantize_groups`)."""
+    q, scales = q.clone(), scales.clone()
+    todo = ((q * scales.unsqueeze(-1)) != grouped).any(-1).nonzero(as_tuple=True)
+    if not todo[0].numel():
+        return q, scales
+    values = grouped[todo]  # [T, group]
+    amax = values.abs().amax(-1)
+    found = torch.zeros(values.shape[0], dtype=torch.bool)
+    for k in range(qmax(bits) - 1, 0, -1):
+        step = amax / k
+        cand = ~found & (step.half().float() == step) & (step > 0)
+        if not bool(cand.any()):
+            continue
+        qk = torch.round(values[cand] / step[cand].unsqueeze(-1))
+        exact = (qk * step[cand].unsqueeze(-1) == values[cand]).all(-1)
+        rows = cand.nonzero(as_tuple=True)[0][exact]
+        if rows.numel():
+            index = tuple(t[rows] for t in todo)
+            q[index] = qk[exact]
+            scales[index] = step[rows]
+            found[rows] = True
+        if bool(found.all()):
+            break
+    return q, scales
 
 
 def dequantize_groups(q: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
@@ -210,11 +246,12 @@ def _check_int4(kind: str, layout: NMPacked | BlockPacked | None, shape: tuple[i
 
 
 def quantize(layout: NMPacked | BlockPacked | torch.Tensor, scheme: WeightScheme,
-             scales: torch.Tensor | None = None) -> QPacked:
+             scales: torch.Tensor | None = None, exact_grid: bool = False) -> QPacked:
     """Quantize a float32 layout (or a dense ``[out, in]`` matrix) with ``scheme``.
 
     ``scales`` (optional): the scales of the grid the values already lie on, shaped ``[out, ceil(in /
-    group)]`` over the *dense* matrix's columns; only for dense matrices (an export's recorded grid).
+    group)]`` over the *dense* matrix's columns; only for dense matrices. ``exact_grid``: keep the
+    grid of groups already on one (see :func:`quantize_groups`; an export pruned with ``--weights``).
 
     Raises:
         FormatError: int4 on a layout with an odd segment length (the caller keeps int8 or dense).
@@ -228,12 +265,12 @@ def quantize(layout: NMPacked | BlockPacked | torch.Tensor, scheme: WeightScheme
     if bits == 4 and (why := _check_int4(kind, index, shape)):
         raise FormatError(f"int4 needs segments of even length: {why}")
     if kind == "dense":
-        q, s = quantize_groups(layout.detach().float(), bits, group, scales)
+        q, s = quantize_groups(layout.detach().float(), bits, group, scales, exact_grid)
         return QPacked(kind, None, _bytes(q, bits), s.reshape(-1).numpy().copy(), bits, group, shape)
     if kind == "block":
         rows, kept, block = layout.vals.shape
         v = torch.from_numpy(layout.vals).permute(0, 2, 1).reshape(rows * block, kept)  # segments along k
-        q, s = quantize_groups(v, bits, group)
+        q, s = quantize_groups(v, bits, group, exact_grid=exact_grid)
         q = q.view(rows, block, kept).permute(0, 2, 1).contiguous()
         s = s.view(rows, block, -1).permute(0, 2, 1).contiguous()  # [R, gk, B]
         empty = BlockPacked(layout.cols, np.zeros((rows, kept, 0), np.float32), shape)
@@ -243,7 +280,7 @@ def quantize(layout: NMPacked | BlockPacked | torch.Tensor, scheme: WeightScheme
     vals = torch.from_numpy(layout.vals)
     for width in layout._widths():  # chunk by chunk: segments of `width` values per row
         n = shape[0] * width
-        q, s = quantize_groups(vals[at: at + n].view(shape[0], width), bits, group)
+        q, s = quantize_groups(vals[at: at + n].view(shape[0], width), bits, group, exact_grid=exact_grid)
         qs.append(q.reshape(-1))
         ss.append(s.reshape(-1))
         at += n
