@@ -13,7 +13,7 @@ import torch
 from nmsparse.cli.main import main
 from nmsparse.mask import is_nm
 from nmsparse.method import MethodError
-from nmsparse.models import build_model
+from nmsparse.models import ModelSource, build_model
 from nmsparse.oneshot import Recovery, model_kind, perplexity, prune, recover
 from nmsparse.pattern import NMPattern
 
@@ -591,7 +591,9 @@ def test_prune_and_quantize_in_one_pass_gives_an_export_the_runtime_reproduces_e
                  "--out", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["weights"]["weights"] == weights and report["weights"]["group"] == 32
-    assert {v["weights"] for v in report["weights"]["layers"].values()} == {weights}
+    layers = report["weights"]["layers"]
+    assert {v["weights"] for k, v in layers.items() if k != "lm_head"} == {weights}
+    assert layers["lm_head"] == {"weights": "int8", "layout": "dense", "reason": ""}  # dense layers: int8
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["weights"]["bits"] == int(weights[3:]) and manifest["weights"]["group"] == 32
     exported, _ = load_export(out)
@@ -628,3 +630,28 @@ def test_joint_sparsegpt_quantization_compensates_rounding():
         return float(((w - v) @ x.T).pow(2).sum() / (w @ x.T).pow(2).sum())
 
     assert error(snapped) < error(rounded)
+
+
+@pytest.mark.parametrize("weights,limit", [("int8", 0.17), ("int4", 0.105)])
+def test_compress_with_quantized_weights_sizes_and_reloads(tiny_llama_dir, tmp_path, capsys, weights, limit):
+    """`compress --weights`: the pruned layers' integers + float16 scales + index codes take at most 17%
+    (int8) / 10.5% (int4) of their float32 bytes, and the reloaded model computes what convert does."""
+    from nmsparse.runtime import _native, convert, load_compressed
+    from nmsparse.runtime.modules import QuantLinear
+
+    if not _native.available():
+        pytest.skip("the compressed layout needs the kernels")
+    model, _ = build_model(f"hf:{tiny_llama_dir}")
+    out = tmp_path / "e"
+    ids = _ids(32).unsqueeze(0)
+    prune(model, "2:4", "magnitude", out=out, source=ModelSource(f"hf:{tiny_llama_dir}"),
+          example_inputs={"input_ids": ids}, progress="none")
+    assert main(["compress", str(out), "--out", str(tmp_path / "c"), "--weights", weights, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["weights"] == weights and report["sparse_layers_ratio"] <= limit
+    assert report["compressed_bytes"] < report["dense_bytes"]
+    packed, manifest = load_compressed(tmp_path / "c")
+    assert sum(isinstance(m, QuantLinear) for m in packed.modules()) == 15
+    reference, _ = convert(str(out), weights=weights, decode=False)
+    with torch.no_grad():
+        assert torch.allclose(packed(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5)

@@ -171,7 +171,9 @@ def prune(
     if scheme is not None:
         from .quantize import snap_to_grid
 
-        result.weights = {**scheme.as_dict(), "layers": snap_to_grid(model, result.layers, scheme)}
+        # SparseGPT's joint rounding leaves its values on grids that are kept as they are
+        result.weights = {**scheme.as_dict(),
+                          "layers": snap_to_grid(model, result.layers, scheme, exact_grid=method == "sparsegpt")}
     clock.lap("prune")
     if check is not None:
         result.fidelity = {"measure": check.measure, "dense": check.dense(), "one_shot": check(model)}

@@ -3,7 +3,7 @@
 :func:`snap_to_grid` rounds every Linear layer of a pruned model (dense with zeros) to the values
 the runtime computes with under a :class:`~nmsparse.runtime.quant.WeightScheme`: a sparse layer's
 kept values per group of its packed layout, every other Linear (the LM head included) per group of
-its rows. The export then stays an ordinary dense-with-zeros checkpoint (``from_pretrained`` loads
+its rows, in int8 (also under int4, as ``convert`` stores dense layers). The export then stays an ordinary dense-with-zeros checkpoint (``from_pretrained`` loads
 it) whose evaluation is the runtime's function with float activations, and
 ``convert(export, weights=...)`` with the same scheme finds every value already on its grid (the
 group's largest value gives its scale back): no second rounding.
@@ -37,11 +37,14 @@ def _layout(weight: torch.Tensor, pattern: str | None):
 
 
 @torch.no_grad()
-def snap_to_grid(model: nn.Module, layers: list[dict[str, Any]], scheme: WeightScheme) -> dict[str, dict[str, Any]]:
+def snap_to_grid(model: nn.Module, layers: list[dict[str, Any]], scheme: WeightScheme,
+                 exact_grid: bool = False) -> dict[str, dict[str, Any]]:
     """Round every Linear weight of ``model`` in place to ``scheme``'s grid (see the module docstring).
 
     Args:
         layers: the manifest entries of the pruned layers (their patterns give the layouts).
+        exact_grid: keep the grids of groups already on one (after SparseGPT's joint rounding;
+            :func:`~nmsparse.runtime.quant.quantize_groups`).
 
     Returns:
         ``{fqn: {"weights": "int8"|"int4"|"fp32", "layout": "nm"|"block"|"dense", "reason": ...}}``:
@@ -66,10 +69,11 @@ def snap_to_grid(model: nn.Module, layers: list[dict[str, Any]], scheme: WeightS
         except FormatError:
             layout = weight.detach().float()
         reason = ""
+        layer_scheme = scheme if not isinstance(layout, torch.Tensor) else WeightScheme(8, scheme.group)
         try:
-            packed = quantize(layout, scheme, exact_grid=True)  # SparseGPT's joint grids kept as they are
+            packed = quantize(layout, layer_scheme, exact_grid=exact_grid)
         except FormatError as exc:
-            packed = quantize(layout, WeightScheme(8, scheme.group), exact_grid=True)
+            packed = quantize(layout, WeightScheme(8, scheme.group), exact_grid=exact_grid)
             reason = f"int8 instead of int4: {exc}"
         weight.copy_(packed.dense().view_as(weight))
         out[fqn] = {"weights": f"int{packed.bits}", "layout": packed.kind, "reason": reason}

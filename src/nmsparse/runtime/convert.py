@@ -139,8 +139,9 @@ def _dense_form(module: nn.Module, scheme: WeightScheme | None, activations: str
     """What a layer runs as when it does not run sparse: itself, or its dense quantized form."""
     if scheme is None or not isinstance(module, nn.Linear) or _eligible(module):
         return module
-    try:
-        return _quantized(module, module.weight.detach().float(), scheme, None, activations, exact_grid)
+    try:  # dense layers are int8 whatever the sparse layers use (as llama.cpp keeps Q4_0's output tensor finer)
+        return _quantized(module, module.weight.detach().float(), WeightScheme(8, scheme.group), None, activations,
+                          exact_grid)
     except FormatError:
         return module
 
@@ -298,7 +299,8 @@ def convert(
         weights: ``"fp32"`` (default), ``"int8"`` or ``"int4"``: store the Linear layers' weights as
             integers with one scale per ``group_size`` values along the input axis
             (:mod:`nmsparse.runtime.quant`): the kept values of sparse layers, and every other Linear
-            (the LM head included) in its dense quantized form. The layer choice then compares a
+            (the LM head included) in its dense int8 form (int8 also under ``"int4"``: a dense layer,
+            the LM head above all, loses more accuracy to 4 bits than the sparse layers). The layer choice then compares a
             layer's quantized sparse form with its quantized dense form. int4 falls back to int8 on
             a layer it cannot store (the row says so). Each quantized layer is checked once against
             its dequantized reference. Convolutions stay float32.
