@@ -145,3 +145,27 @@ def test_prune_vision_model_with_wanda_on_digits(tmp_path, capsys):
     assert fidelity["one_shot"]["relative_error"] > 0 and fidelity["one_shot"]["samples"] == 64
     assert main(["prune", "timm:resnet18", "--method", "wanda", "--calib", "text:builtin", "--out", str(out)]) == 2
     assert "vision model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value", [("--samples", "-1"), ("--seq-len", "0"), ("--recover-minutes", "-5"),
+                                        ("--recover-steps", "0"), ("--window", "0"), ("--heldout-tokens", "-3")])
+def test_prune_refuses_negative_and_zero_sizes_counts_and_budgets(tmp_path, capsys, flag, value):
+    out = tmp_path / "never"
+    assert main(["prune", "timm:resnet18", "--out", str(out), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert flag in err and "must be at least" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_bench_refuses_zero_threads(capsys, tmp_path):
+    assert main(["bench", "--threads", "0", "--out", str(tmp_path / "b")]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
+
+
+def test_rules_that_match_no_layer_are_reported(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["prune", "timm:resnet18", "--out", str(out), "--rule", "type:Nope=2:4"]) == 2
+    err = capsys.readouterr().err
+    assert "'type:Nope' names no module type" in err and "Conv2d" in err and not out.exists()
+    assert main(["prune", "timm:resnet18", "--out", str(out), "--rule", "layer9.conv1=skip"]) == 2
+    assert "matches no Linear/Conv layer" in capsys.readouterr().err

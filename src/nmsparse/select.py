@@ -211,6 +211,10 @@ def select_layers(model: nn.Module, selection: Selection, default_pattern: str |
     Returns:
         One :class:`LayerChoice` per candidate module, in module order (skipped ones included,
         with their reason).
+
+    Raises:
+        SelectionError: a rule that matches no candidate layer (an unknown module type, a misspelt
+            fqn or regex): it would otherwise be silently ignored.
     """
     default = parse_pattern(default_pattern)
     candidates = [(fqn, m) for fqn, m in model.named_modules() if _is_candidate(m)]
@@ -243,4 +247,15 @@ def select_layers(model: nn.Module, selection: Selection, default_pattern: str |
             except PatternError as exc:
                 choice.skip_reason = f"shape does not fit: {exc}"
         choices.append(choice)
+    used = {c.rule for c in choices}
+    unused = [r for r in selection.rules if r.match not in used]
+    if unused:
+        types = sorted({type(m).__name__ for _, m in candidates})
+        described = []
+        for rule in unused:
+            if rule.match.startswith("type:") and rule.match[5:] not in types:
+                described.append(f"{rule.match!r} names no module type of this model (its layers: {', '.join(types)})")
+            else:
+                described.append(f"{rule.match!r} matches no Linear/Conv layer of this model")
+        raise SelectionError("rule " + "; rule ".join(described))
     return choices

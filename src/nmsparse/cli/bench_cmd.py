@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from ..bench import layer_cases, machine_meta, run_layer_suite, run_model_suite, write_report
     from ..pattern import parse_pattern
 
-    if args.threads:
+    if args.threads is not None:
         if args.threads < 1:
             raise CliError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)

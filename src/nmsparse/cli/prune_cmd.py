@@ -76,6 +76,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
+# flag -> (smallest allowed value, what it is): checked before any model is loaded or file written
+_MINIMUM = {"samples": (1, "calibration samples"), "seq_len": (1, "tokens per sample"), "recover_steps": (1, "steps"),
+            "recover_minutes": (0.01, "minutes"), "recover_lr": (1e-12, "a learning rate"),
+            "heldout_tokens": (2, "tokens"), "window": (2, "tokens"), "permute_sweeps": (1, "sweeps"),
+            "num_classes": (1, "classes"), "in_chans": (1, "channels"), "seed": (0, "a seed")}
+
+
+def _check_ranges(args: argparse.Namespace) -> None:
+    """Refuse negative and zero sizes, counts and budgets with one line naming the flag."""
+    for name, (low, what) in _MINIMUM.items():
+        value = getattr(args, name, None)
+        if value is not None and not value >= low:
+            raise CliError(f"--{name.replace('_', '-')} must be at least {low:g} ({what}), got {value}")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..method import CalibratedMethod, build_method
     from ..oneshot import CalibrationError, Recovery, model_kind, prune
@@ -89,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     register_user_error(CalibrationError)
+    _check_ranges(args)
     selection = selection_from_args(args)
     from ..runtime.quant import QuantError, parse_weights
 
