@@ -1,0 +1,109 @@
+"""Quantized batch-1 products on a 4096x4096 layer against this machine's measured memory bandwidth.
+
+    python benchmarks/quant_layers.py --out benchmarks/results/quant_layers
+
+Each layout (2:4 and 1x16 at 75% sparsity, and dense; float32, int8 and int4 values, groups of 64,
+int8 activations where the layout takes them) is called at batch 1 on the machine's threads,
+cycling through enough copies to exceed twice the last-level cache (so the weights come from memory,
+as in a model), 20 rounds, interleaved; the fastest round gives bytes read per second. The bandwidth
+is the fastest of 10 full reads (``torch.sum``) of a 512 MB tensor in the same process. Writes
+``<out>.json`` and ``<out>.md``; the header names the CPU and the kernels' instruction set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from nmsparse.bench import machine_meta
+from nmsparse.runtime import _native
+from nmsparse.runtime.formats import pack_block, pack_nm
+from nmsparse.runtime.modules import QuantLinear
+from nmsparse.runtime.quant import WeightScheme, quantize
+from nmsparse.runtime.timing import last_level_cache_bytes
+
+
+def _nm24(size: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(size, size // 4, 4, generator=g)
+    keep = torch.zeros_like(w, dtype=torch.bool).scatter_(-1, w.abs().topk(2, -1).indices, True)
+    return (w * keep).reshape(size, size)
+
+
+def _block16(size: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(size, size, generator=g)
+    for r in range(size // 16):
+        w[r * 16:(r + 1) * 16, torch.randperm(size, generator=g)[size // 4:]] = 0
+    return w
+
+
+def _bandwidth_gbs() -> float:
+    big = torch.ones(128 * 1024 * 1024)
+    big.sum()
+    best = min(_timed(big.sum) for _ in range(10))
+    return big.numel() * 4 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--out", default="benchmarks/results/quant_layers")
+    args = parser.parse_args()
+    _native.require()
+    size, threads = args.size, torch.get_num_threads()
+    x = torch.randn(size)
+    y = torch.empty(size)
+    cases = []
+    for name, make, pack in (("2:4", _nm24, lambda w: pack_nm(w, 2, 4)), ("1x16:0.25", _block16, lambda w: pack_block(w, 16)),
+                             ("dense", lambda s, seed: torch.randn(s, s), lambda w: w)):
+        for bits in (8, 4):
+            first = QuantLinear(quantize(pack(make(size, 0)), WeightScheme(bits, 64)), None)
+            copies = max(2, -(-2 * last_level_cache_bytes() // first.weight_nbytes))
+            mods = [first] + [QuantLinear(quantize(pack(make(size, i)), WeightScheme(bits, 64)), None)
+                              for i in range(1, copies)]
+            calls = [_native.q_gemv_call(m._arrays()) for m in mods]
+            cases.append({"layout": name, "weights": f"int{bits}", "bytes": first.weight_nbytes,
+                          "activations": "int8" if first.act_block else "fp32", "calls": calls, "mods": mods,
+                          "times": []})
+    bandwidth = _bandwidth_gbs()
+    for _ in range(args.rounds):
+        for case in cases:
+            calls = case["calls"]
+            t = _timed(lambda calls=calls: [c(x.data_ptr(), y.data_ptr(), threads) for c in calls]) / len(calls)
+            case["times"].append(t)
+    bandwidth = max(bandwidth, _bandwidth_gbs())
+    rows = []
+    for case in cases:
+        best = min(case["times"])
+        gbs = case["bytes"] / best / 1e9
+        rows.append({"layout": case["layout"], "weights": case["weights"], "activations": case["activations"],
+                     "bytes_per_weight": round(case["bytes"] / size**2, 4), "ms": round(1e3 * best, 4),
+                     "gb_per_s": round(gbs, 1), "share_of_bandwidth": round(gbs / bandwidth, 3)})
+    meta = machine_meta(threads, f"{size}x{size} at batch 1, weights from memory; bandwidth = torch.sum of 512 MB")
+    meta["bandwidth_gb_per_s"] = round(bandwidth, 1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    lines = [f"kernels {meta['isa']} ({meta['cpu']}), threads {threads}; measured read bandwidth "
+             f"{meta['bandwidth_gb_per_s']} GB/s", "", "| layout | weights | activations | bytes/weight | ms | GB/s "
+             "| share of bandwidth |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['layout']} | {r['weights']} | {r['activations']} | {r['bytes_per_weight']} | {r['ms']} | "
+              f"{r['gb_per_s']} | {100 * r['share_of_bandwidth']:.0f}% |" for r in rows]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
