@@ -11,7 +11,7 @@ ROOT = Path(nmsparse.__file__).parent
 # lowest first; a module may import its own layer and the layers below it
 LAYERS = [
     {"version", "_registry", "_io", "progress", "_topk_numba", "schema", "env", "_cxx"},
-    {"_topk_cpu", "pattern"},
+    {"_topk_cpu", "pattern", "quantgrid"},
     {"mask", "grad", "schedule", "select", "allocate", "score"},
     {"parametrize", "permute", "models", "datasets"},
     {"export"},

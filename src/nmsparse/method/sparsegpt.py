@@ -32,6 +32,7 @@ import torch
 
 from ..mask import topk_groups
 from ..pattern import BlockPattern, NMPattern, Pattern
+from ..quantgrid import fp16_up, nm_chunk, parse_weights
 from .base import CalibratedMethod, LayerStats, MethodError, register_method
 
 
@@ -43,8 +44,6 @@ class SparsegptOptions:
     group_size: int = field(default=64, metadata={"help": "kept values per quantization scale"})
 
     def __post_init__(self) -> None:
-        from ..runtime.quant import parse_weights
-
         parse_weights(self.weights, self.group_size)  # QuantError (a ValueError) on a bad value
         if not 0.0 <= self.dampening < 1.0:
             raise ValueError(f"dampening must be in [0, 1), got {self.dampening}")
@@ -125,7 +124,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
                 g1 = min(i + group_cols, end - start)  # its masks would keep if chosen now
                 group = w1[:, i:g1] ** 2 / torch.diag(hinv1)[i:g1].reshape(1, -1) ** 2
                 keep = topk_groups(group.reshape(-1, m), n).reshape(rows, -1)
-                scale = _fp16_up((w1[:, i:g1].abs() * keep).amax(1) / qmax)
+                scale = fp16_up((w1[:, i:g1].abs() * keep).amax(1) / qmax)
                 scale = torch.where(scale > 0, scale, torch.ones_like(scale))
             if select_block is None and i % m == 0:  # choose the group's mask from the current (already updated) weights
                 group = w1[:, i : i + m] ** 2 / torch.diag(hinv1)[i : i + m].reshape(1, -1) ** 2
@@ -144,12 +143,6 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
         if end < cols:
             w[:, end:].addmm_(err1, hinv[start:end, end:], alpha=-1.0)
     return w.mul_(mask), mask
-
-
-def _fp16_up(scale: torch.Tensor) -> torch.Tensor:
-    from ..runtime.quant import _fp16_up as up
-
-    return up(scale)
 
 
 def _block_selector(pattern: BlockPattern, channels: int, kernel: int):
@@ -180,9 +173,6 @@ class SparseGPT(CalibratedMethod):
         """``(bits, group columns)`` of joint quantization for a Linear weight whose runtime groups are
         whole column ranges (:func:`~nmsparse.runtime.quant.activation_block`'s rule), else None (the
         layer is rounded after pruning instead)."""
-        from ..runtime.formats import nm_chunk
-        from ..runtime.quant import parse_weights
-
         scheme = parse_weights(self.options.weights, self.options.group_size)
         if scheme is None or weight.dim() != 2 or pattern.axis != "in" or columns % pattern.m:
             return None

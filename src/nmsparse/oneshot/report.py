@@ -88,7 +88,7 @@ def _plot_layer_error(data: dict[str, Any], title: str) -> bytes:
     kinds = sorted({p for _, p in blocks})
     palette = plt.get_cmap("tab10")
     colors = {k: palette(i % 10) for i, k in enumerate(kinds)}
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * len(blocks) + 2), 3.6))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.08 * len(blocks) + 2)), 3.6))
     x, ticks, labels, previous = 0.0, [], [], None
     for (block, proj), value in zip(blocks, data["reconstruction_error"]):
         if previous is not None and block != previous:

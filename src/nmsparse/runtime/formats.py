@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..pattern import BlockPattern, NMPattern, PatternError
+from ..quantgrid import nm_chunk
 
 __all__ = ["BlockPacked", "NMPacked", "pack_block", "pack_nm", "gemm_matrix", "FormatError", "offset_bits",
            "pack_bits", "unpack_bits"]
@@ -119,13 +120,6 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     per = 8 // bits
     lanes = (packed[..., None].astype(np.uint16) >> (np.arange(per, dtype=np.uint16) * bits)) & ((1 << bits) - 1)
     return lanes.reshape(*packed.shape[:-1], -1)[..., :count].astype(np.uint8)
-
-
-def nm_chunk(columns: int, n: int, m: int) -> int:
-    """Kept values per row and chunk: the chunk spans at least 128 columns and 16 kept values (one
-    vector), and no more than the row."""
-    groups = max(-(-128 // m), -(-16 // n))
-    return min(groups * n, columns // m * n)
 
 
 @dataclass

@@ -45,6 +45,37 @@ inline void gemv_plan(i64 plan, i64 threads, const float* x, float* out) {
   nms_gemv((const i64*)plan, x, out, (int)threads);
 }
 
+// e^x of VW floats (Cephes' expf: range reduction by ln 2, a degree-5 polynomial, the exponent put
+// back in the float's bits; within 2 ulp of expf over [-87, 88], clamped outside): the SiLU of a 5632-wide MLP
+// called expf 124k times a token on a 1.1 B model, 1.9 ms.
+inline vf vexp(vf x) {
+  x = x < vsplat(88.f) ? x : vsplat(88.f);  // n <= 127: 2^n stays finite
+  x = x > vsplat(-87.3365447504f) ? x : vsplat(-87.3365447504f);
+  const vf magic = vsplat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vf n = (x * vsplat(1.44269504088896341f) + magic) - magic;
+  vf r = x - n * vsplat(0.693359375f);
+  r = r - n * vsplat(-2.12194440e-4f);
+  vf p = vsplat(1.9875691500e-4f);
+  p = p * r + vsplat(1.3981999507e-3f);
+  p = p * r + vsplat(8.3334519073e-3f);
+  p = p * r + vsplat(4.1665795894e-2f);
+  p = p * r + vsplat(1.6666665459e-1f);
+  p = p * r + vsplat(5.0000001201e-1f);
+  const vf y = p * r * r + r + vsplat(1.f);
+  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  return y * (vf)e;
+}
+
+// g[i] = silu(g[i]) * u[i]
+inline void silu_mul(float* g, const float* u, i64 count) {
+  i64 i = 0;
+  for (; i + VW <= count; i += VW) {
+    const vf gv = vload(g + i);
+    vstore(g + i, gv / (vsplat(1.f) + vexp(vf{} - gv)) * vload(u + i));
+  }
+  for (; i < count; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
 // q . k over hd floats
 inline float dot(const float* q, const float* k, i64 hd) {
   i64 i = 0;
@@ -131,8 +162,7 @@ extern "C" void nms_llama_step(const i64* p, i64 token, i64 pos, float eps, floa
     rmsnorm(h, (const float*)s[1], d, eps, xn);
     gemv_plan(s[10], s[11], xn, g);
     gemv_plan(s[12], s[13], xn, u);
-#pragma omp simd
-    for (i64 i = 0; i < I; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+    silu_mul(g, u, I);
     gemv_plan(s[14], s[15], g, tmp);
     for (i64 i = 0; i < d; ++i) h[i] += tmp[i];
   }
