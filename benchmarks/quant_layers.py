@@ -73,7 +73,7 @@ def main() -> None:
             copies = max(2, -(-2 * last_level_cache_bytes() // first.weight_nbytes))
             mods = [first] + [QuantLinear(quantize(pack(make(size, i)), WeightScheme(bits, 64)), None)
                               for i in range(1, copies)]
-            calls = [_native.q_gemv_call(m._arrays()) for m in mods]
+            calls = [_native.gemv_call(m._arrays()) for m in mods]
             cases.append({"layout": name, "weights": f"int{bits}", "bytes": first.weight_nbytes,
                           "activations": "int8" if first.act_block else "fp32", "calls": calls, "mods": mods,
                           "times": []})

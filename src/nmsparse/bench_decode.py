@@ -174,7 +174,7 @@ def run_decode_suite(models: list[str], patterns: list[str], prompt_tokens: int 
                     row["vs_q8_0"] = round(tps / q8, 3)
                 if q4:
                     row["vs_q4_0"] = round(tps / q4, 3)
-                row.update(_step_breakdown(sparse, tps))
+                row.update(_step_breakdown(sparse, tps, [e["fqn"] for e in result.layers], prompt))
                 row.update(_token_check(sparse, prompt, new_tokens, reference if w == "fp32" else None))
                 rows.append(row)
                 del sparse
@@ -186,11 +186,14 @@ def run_decode_suite(models: list[str], patterns: list[str], prompt_tokens: int 
     return rows
 
 
-def _step_breakdown(model: nn.Module, tokens_per_s: float) -> dict[str, float]:
-    """``layers_ms``, ``head_ms``, ``other_ms`` of a decode step (fused models only)."""
+def _step_breakdown(model: nn.Module, tokens_per_s: float, fqns: list[str], prompt: torch.Tensor) -> dict[str, float]:
+    """``layers_ms``, ``head_ms``, ``other_ms`` of a decode step: the fused step's products timed alone,
+    or, for a model that decodes through its modules, the pruned layers' time inside a generation
+    (:func:`_layer_ms_per_token`; no head split)."""
     decoder = model.__dict__.get("_nms_decoder")
     if decoder is None:
-        return {}
+        layers = _layer_ms_per_token(model, fqns, prompt, 32)
+        return {"layers_ms": round(layers, 3), "other_ms": round(max(0.0, 1e3 / tokens_per_s - layers), 2)}
     times = decoder.time_products()
     token_ms = 1e3 / tokens_per_s
     return {"layers_ms": round(times["layers_ms"], 3), "head_ms": round(times["head_ms"], 3),
@@ -291,7 +294,7 @@ def decode_report_lines(rows: list[dict[str, Any]], meta: dict[str, Any]) -> lis
     for r in rows:
         step = "-"
         if r.get("layers_ms") is not None:
-            step = f"{r['layers_ms']:.1f} / {r['head_ms']:.1f} / {r['other_ms']:.1f}"
+            step = f"{r['layers_ms']:.1f} / {_fmt(r.get('head_ms'))} / {r['other_ms']:.1f}"
         same = "-" if "same_tokens" not in r else ("yes" if r["same_tokens"] else f"from token {r['first_difference']}")
         if "top1_agreement" in r:
             same = f"top-1 {100 * r['top1_agreement']:.0f}%"

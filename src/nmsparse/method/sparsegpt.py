@@ -120,12 +120,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
         for i in range(end - start):
             if select_block is not None and i == 0:  # the whole lazy block's mask from the current weights
                 mask[:, start:end] = select_block(w1, torch.diag(hinv1), start, end)
-            if quant is not None and i % group_cols == 0:  # a quantization group's grid, from the values
-                g1 = min(i + group_cols, end - start)  # its masks would keep if chosen now
-                group = w1[:, i:g1] ** 2 / torch.diag(hinv1)[i:g1].reshape(1, -1) ** 2
-                keep = topk_groups(group.reshape(-1, m), n).reshape(rows, -1)
-                scale = fp16_up((w1[:, i:g1].abs() * keep).amax(1) / qmax)
-                scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            if quant is not None and i % group_cols == 0:
+                scale = _group_grid(w1[:, i : i + group_cols], torch.diag(hinv1)[i : i + group_cols], n, m, qmax)
             if select_block is None and i % m == 0:  # choose the group's mask from the current (already updated) weights
                 group = w1[:, i : i + m] ** 2 / torch.diag(hinv1)[i : i + m].reshape(1, -1) ** 2
                 mask[:, start + i : start + i + m] = topk_groups(group, n)  # mask.py's tie rule
@@ -143,6 +139,15 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
         if end < cols:
             w[:, end:].addmm_(err1, hinv[start:end, end:], alpha=-1.0)
     return w.mul_(mask), mask
+
+
+def _group_grid(w: torch.Tensor, hinv_diag: torch.Tensor, n: int, m: int, qmax: int) -> torch.Tensor:
+    """Per-row step of a quantization group's grid (``[rows]``): ``max|kept| / qmax`` on the float16
+    grid, over the values the group's n:m masks would keep if chosen now (SparseGPT's saliency)."""
+    saliency = w**2 / hinv_diag.reshape(1, -1) ** 2
+    keep = topk_groups(saliency.reshape(-1, m), n).reshape(w.shape[0], -1)
+    scale = fp16_up((w.abs() * keep).amax(1) / qmax)
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def _block_selector(pattern: BlockPattern, channels: int, kernel: int):

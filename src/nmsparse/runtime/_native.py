@@ -36,7 +36,7 @@ from .._cxx import build, build_cached, compiler, cpu_signature
 from .formats import nm_chunk, offset_bits
 
 __all__ = ["KernelsUnavailable", "available", "status", "require", "block_mm", "implicit_conv", "nm_mm", "im2col",
-           "library", "runnable_variants", "VARIANTS", "gemv_call", "QArrays", "q_gemv", "q_gemv_call", "gemv_plan",
+           "library", "runnable_variants", "VARIANTS", "gemv_call", "QArrays", "q_gemv", "gemv_plan",
            "q_dequant"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
@@ -264,17 +264,24 @@ def _serial_gemv_bytes(default: int = 64 * 1024) -> int:
 SERIAL_GEMV_BYTES = _serial_gemv_bytes()
 
 
-def gemv_call(w: BlockArrays | NMArrays, bias: torch.Tensor | None = None, relu: bool = False,
-              lib: ctypes.CDLL | None = None):
+def gemv_call(w: BlockArrays | NMArrays | QArrays | torch.Tensor, bias: torch.Tensor | None = None,
+              relu: bool = False, lib: ctypes.CDLL | None = None):
     """The batch-1 product ``out[rows] = W @ x`` (bias and ReLU as in :func:`block_mm`) as a function of
     the input's and output's addresses and the thread count, every other argument bound now in a
     plan the C++ side reads (``nms_gemv``): what a decode step runs per layer, where converting
     seventeen arguments took longer than a small product. The caller keeps ``w`` and ``bias`` alive
-    and in place (``x`` holds ``columns`` floats, ``out`` rows)."""
+    and in place (``x`` holds ``columns`` floats, ``out`` rows). The function's ``plan`` attribute is
+    the bound plan (the fused decode step reads it: ``runtime.decode``); any layout of
+    :func:`gemv_plan` is taken."""
     lib = lib or loaded()
     plan = gemv_plan(w, bias, relu)
     fn, address = lib.nms_gemv, ctypes.addressof(plan)
-    return lambda x, out, threads, plan=plan: fn(address, x, out, threads)
+
+    def call(x: int, out: int, threads: int) -> None:
+        fn(address, x, out, threads)
+
+    call.plan = plan  # kept alive with the function
+    return call
 
 
 class QArrays(NamedTuple):
@@ -325,21 +332,13 @@ def gemv_plan(w: BlockArrays | NMArrays | QArrays | torch.Tensor, bias: torch.Te
     return (ctypes.c_int64 * len(args))(*args)
 
 
-def q_gemv_call(w: QArrays, bias: torch.Tensor | None = None, relu: bool = False, lib: ctypes.CDLL | None = None):
-    """The batch-1 product of a quantized layout, bound as :func:`gemv_call` binds a float32 one."""
-    lib = lib or loaded()
-    plan = gemv_plan(w, bias, relu)
-    fn, address = lib.nms_gemv, ctypes.addressof(plan)
-    return lambda x, out, threads, plan=plan: fn(address, x, out, threads)
-
-
 def q_gemv(x: torch.Tensor, w: QArrays, bias: torch.Tensor | None = None, relu: bool = False,
            threads: int | None = None, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """``W @ x`` for one input row ``x[columns]`` (contiguous float32): ``[rows]``."""
     lib = lib or loaded()
     x = x.to(torch.float32).contiguous()
     out = torch.empty(w.rows, dtype=torch.float32)
-    q_gemv_call(w, bias, relu, lib)(x.data_ptr(), out.data_ptr(), threads or torch.get_num_threads())
+    gemv_call(w, bias, relu, lib)(x.data_ptr(), out.data_ptr(), threads or torch.get_num_threads())
     return out
 
 

@@ -111,7 +111,7 @@ def DecodeCache(decoder: LlamaDecoder, capacity: int = 256):  # noqa: N802 - a c
     Built lazily (transformers is imported only here) as an instance of a ``DynamicCache`` subclass,
     so ``generate`` and the model's attention treat it as the ordinary dynamic cache."""
     Cache, DynamicCache, _ = _cache_classes()
-    cls = _decode_cache_class(DynamicCache, Cache)
+    cls = _decode_cache_class(DynamicCache)
     cache = cls.__new__(cls)
     layer = _layer_class()
     Cache.__init__(cache, layers=[layer(decoder.kv_heads, decoder.head_dim, capacity) for _ in range(decoder.layers)])
@@ -122,7 +122,7 @@ def DecodeCache(decoder: LlamaDecoder, capacity: int = 256):  # noqa: N802 - a c
 _CACHE_CLASS: list[type] = []
 
 
-def _decode_cache_class(dynamic: type, base: type) -> type:
+def _decode_cache_class(dynamic: type) -> type:
     if not _CACHE_CLASS:
         _CACHE_CLASS.append(type("NMSparseDecodeCache", (dynamic,), {"__doc__": DecodeCache.__doc__}))
     return _CACHE_CLASS[0]
@@ -131,22 +131,14 @@ def _decode_cache_class(dynamic: type, base: type) -> type:
 def _plan(module: nn.Module, keep: list) -> tuple[int, int, ctypes.Array]:
     """``(address of its nms_gemv plan, threads, plan)`` for a Linear-like module of the decoder."""
     threads = torch.get_num_threads()
-    if isinstance(module, QuantLinear):
+    if isinstance(module, (QuantLinear, SparseLinear)):
         if module.input_perm is not None or module.activation:
-            raise DecodeUnavailable("a quantized layer with an input permutation or a fused activation")
-        arrays = module._arrays()
-        plan = _native.gemv_plan(arrays, module.bias)
-        keep += [arrays, module.bias]
-        return ctypes.addressof(plan), (1 if module._serial else threads), plan
-    if isinstance(module, SparseLinear):
-        if module.input_perm is not None or module.activation:
-            raise DecodeUnavailable("a sparse layer with an input permutation or a fused activation")
+            raise DecodeUnavailable("a packed layer with an input permutation or a fused activation")
         call = module._gemv()
         if call is None:
-            raise DecodeUnavailable("a sparse layer with a non-float32 bias")
-        plan = call.__defaults__[0]
-        keep.append(call)
-        return ctypes.addressof(plan), (1 if module._serial else threads), plan
+            raise DecodeUnavailable("a packed layer with a non-float32 bias")
+        keep.append(call)  # its plan, and the arrays the layer holds
+        return ctypes.addressof(call.plan), (1 if module._serial else threads), call.plan
     if type(module) is nn.Linear and module.weight.dtype == torch.float32 and module.weight.is_contiguous() \
             and (module.bias is None or module.bias.dtype == torch.float32):
         plan = _native.gemv_plan(module.weight.detach(), None if module.bias is None else module.bias.detach())

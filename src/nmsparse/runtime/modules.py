@@ -37,7 +37,57 @@ def _like(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
-class _PackedModule(nn.Module):
+class _BoundCall(nn.Module):
+    """The one-token fast path shared by the packed Linear modules: a batch-1 kernel call bound once
+    (:func:`~nmsparse.runtime._native.gemv_call`) and reused while the arrays it points into stay the
+    same objects. Subclasses give ``_call_key()`` (the tensors the plan reads, then the activation)
+    and ``_call_arrays()``."""
+
+    def _gemv(self):
+        """The bound batch-1 kernel call of this layer, or None where the bias is not a contiguous
+        float32 tensor. Rebuilt when a buffer or the bias was replaced (``load_state_dict`` refreshing
+        derived arrays, assignment) or the activation changed (checked by identity: a dict lookup
+        each), and dropped by ``_apply`` (``.to()`` may give a parameter new storage in place)."""
+        key = self._call_key()
+        c = self.__dict__.get("_gemv_cache")
+        if c is not None and all(a is b for a, b in zip(c[0][:-1], key[:-1])) and c[0][-1] == key[-1]:
+            return c[1]
+        b = self._parameters.get("bias")
+        if b is not None and (b.dtype != torch.float32 or not b.is_contiguous()):
+            return None
+        call = _native.gemv_call(self._call_arrays(), b, self.activation == "relu")
+        self.__dict__["_gemv_cache"] = (key, call)
+        return call
+
+    def _one_token(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The output of one token through the bound call (a decode step), or None where the fast path
+        does not apply (not a plain contiguous float32 CPU row, or no bound call)."""
+        if not (x.numel() == self.in_features and x.dtype is torch.float32 and x.is_cpu and x.is_contiguous()):
+            return None
+        call = self._gemv()
+        if call is None:
+            return None
+        dims = x.dim()
+        shape = self._token_shapes[dims - 1] if dims <= 4 else (1,) * (dims - 1) + self._token_shapes[0]
+        y = torch.empty(shape, dtype=torch.float32)  # float32 whatever torch's default dtype
+        call(x.data_ptr(), y.data_ptr(), 1 if self._serial else torch.get_num_threads())
+        return y
+
+    def _set_token_shapes(self) -> None:
+        # the output shape of one token given as [in], [1, in], [1, 1, in] or [1, 1, 1, in]
+        self._token_shapes = tuple((1,) * lead + (self.out_features,) for lead in range(4))
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_gemv_cache", None)
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:  # the bound call holds raw pointers: rebuilt after a copy or unpickling
+        state = dict(super().__getstate__())
+        state.pop("_gemv_cache", None)
+        return state
+
+
+class _PackedModule(_BoundCall):
     _plain = False  # set per module by _register_packed (False: a module pickled before it existed)
 
     def _register_packed(self, packed: Packed, bias: torch.Tensor | None, input_perm: list[int] | None) -> None:
@@ -103,35 +153,16 @@ class _PackedModule(nn.Module):
         # an input index map (channel permutation that could not be folded): gather first
         return x if self.input_perm is None else x.index_select(dim, self.input_perm)
 
-    def _gemv(self):
-        """The bound batch-1 kernel call of this layer (:func:`~nmsparse.runtime._native.gemv_call`),
-        or None where the bias is not a contiguous float32 tensor. Rebuilt when a buffer or the bias
-        was replaced (``load_state_dict`` refreshing derived arrays, assignment) or the activation
-        changed (checked by identity: a dict lookup each), and dropped by ``_apply`` (``.to()`` may
-        give a parameter new storage in place)."""
-        buffers, b = self._buffers, self._parameters.get("bias")
+    def _call_key(self) -> tuple:
+        buffers = self._buffers
         index = buffers["codes"] if self.kind == "nm" else buffers["cols"]
-        kstart = buffers.get("kstart")
-        c = self.__dict__.get("_gemv_cache")
-        if (c is not None and c[0] is buffers["vals"] and c[1] is index and c[2] is kstart and c[3] is b
-                and c[4] == self.activation):
-            return c[5]
-        if b is not None and (b.dtype != torch.float32 or not b.is_contiguous()):
-            return None
-        arrays = (_native.BlockArrays(index, kstart, buffers["vals"]) if self.kind == "block" else
-                  _native.NMArrays(index, buffers["vals"], *self.shape, self.n, self.m))
-        call = _native.gemv_call(arrays, b, self._relu)
-        self.__dict__["_gemv_cache"] = (buffers["vals"], index, kstart, b, self.activation, call)
-        return call
+        return buffers["vals"], index, buffers.get("kstart"), self._parameters.get("bias"), self.activation
 
-    def _apply(self, fn, recurse=True):
-        self.__dict__.pop("_gemv_cache", None)
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self) -> dict:  # the bound call holds raw pointers: rebuilt after a copy or unpickling
-        state = dict(super().__getstate__())
-        state.pop("_gemv_cache", None)
-        return state
+    def _call_arrays(self) -> _native.BlockArrays | _native.NMArrays:
+        vals, index, kstart, _, _ = self._call_key()
+        if self.kind == "block":
+            return _native.BlockArrays(index, kstart, vals)
+        return _native.NMArrays(index, vals, *self.shape, self.n, self.m)
 
     @property
     def weight_nbytes(self) -> int:
@@ -144,21 +175,13 @@ class SparseLinear(_PackedModule):
     def __init__(self, packed: Packed, bias: torch.Tensor | None, input_perm: list[int] | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = packed.shape
-        # the output shape of one token given as [in], [1, in], [1, 1, in] or [1, 1, 1, in]
-        self._token_shapes = tuple((1,) * lead + (self.out_features,) for lead in range(4))
+        self._set_token_shapes()
         self._register_packed(packed, bias, input_perm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # no autograd: the kernels read raw buffers
         direct = ops.eager(x)
-        if direct and self._plain and x.numel() == self.in_features and x.dtype is torch.float32 \
-                and x.is_cpu and x.is_contiguous():  # one token (a decode step): the bound kernel
-            call = self._gemv()
-            if call is not None:
-                dims = x.dim()
-                shape = self._token_shapes[dims - 1] if dims <= 4 else (1,) * (dims - 1) + self._token_shapes[0]
-                y = torch.empty(shape, dtype=torch.float32)  # float32 whatever torch's default dtype
-                call(x.data_ptr(), y.data_ptr(), 1 if self._serial else torch.get_num_threads())
-                return y
+        if direct and self._plain and (y := self._one_token(x)) is not None:  # one token: the bound kernel
+            return y
         x = self._check(x, x.dim() - 1)
         x2d = _as_float(x.reshape(-1, self.in_features))
         if direct:
@@ -224,7 +247,7 @@ class SparseConv2d(_PackedModule):
                 f"kind={self.kind}, order={self.order}{act}")
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(_BoundCall):
     """A Linear layer whose weight is stored quantized (:class:`~nmsparse.runtime.quant.QPacked`):
     the kept values of an n:m or 1xN layout, or a dense weight (``kind="dense"``), as 8- or 4-bit
     integers with one float32 scale per group along the input axis.
@@ -271,7 +294,7 @@ class QuantLinear(nn.Module):
                                 nn.Parameter(bias.detach().float().clone(), requires_grad=False))
         self.activation: str | None = None
         self._serial = packed.nbytes < _native.SERIAL_GEMV_BYTES
-        self._token_shapes = tuple((1,) * lead + (self.out_features,) for lead in range(4))
+        self._set_token_shapes()
 
     @property
     def weight_nbytes(self) -> int:
@@ -288,27 +311,12 @@ class QuantLinear(nn.Module):
                                self.out_features, self.in_features, self.n, self.m, self.block, self.bits, self.group,
                                self.act_block > 0)
 
-    def _gemv(self):
-        """The bound batch-1 call (rebuilt when a buffer or the bias was replaced)."""
-        b = self._parameters.get("bias")
-        key = (self._buffers["qweight"], self._buffers["scales"], self._buffers["index"], b, self.activation)
-        c = self.__dict__.get("_gemv_cache")
-        if c is not None and all(x is y for x, y in zip(c[0], key[:4])) and c[0][4] == key[4]:
-            return c[1]
-        if b is not None and (b.dtype != torch.float32 or not b.is_contiguous()):
-            return None
-        call = _native.q_gemv_call(self._arrays(), b, self.activation == "relu")
-        self.__dict__["_gemv_cache"] = (key, call)
-        return call
+    def _call_key(self) -> tuple:
+        buffers = self._buffers
+        return buffers["qweight"], buffers["scales"], buffers["index"], self._parameters.get("bias"), self.activation
 
-    def _apply(self, fn, recurse=True):
-        self.__dict__.pop("_gemv_cache", None)
-        return super()._apply(fn, recurse)
-
-    def __getstate__(self) -> dict:
-        state = dict(super().__getstate__())
-        state.pop("_gemv_cache", None)
-        return state
+    def _call_arrays(self) -> _native.QArrays:
+        return self._arrays()
 
     def dequantized_weight(self) -> torch.Tensor:
         """The ``[out, in]`` float32 weight this layer computes with (input order of the original layer)."""
@@ -321,15 +329,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         direct = ops.eager(x)
-        if direct and self.input_perm is None and x.numel() == self.in_features and x.dtype is torch.float32 \
-                and x.is_cpu and x.is_contiguous():
-            call = self._gemv()
-            if call is not None:
-                dims = x.dim()
-                shape = self._token_shapes[dims - 1] if dims <= 4 else (1,) * (dims - 1) + self._token_shapes[0]
-                y = torch.empty(shape, dtype=torch.float32)
-                call(x.data_ptr(), y.data_ptr(), 1 if self._serial else torch.get_num_threads())
-                return y
+        if direct and self.input_perm is None and (y := self._one_token(x)) is not None:
+            return y
         if x.device.type != "cpu":
             raise RuntimeError(f"QuantLinear runs on the CPU; got an input on {x.device}")
         xi = x if self.input_perm is None else x.index_select(x.dim() - 1, self.input_perm)

@@ -217,6 +217,19 @@ constexpr int GEMV_PREFETCH = 1024;  // floats ahead in each stream
 
 constexpr int gemv_streams(int vectors) { return std::max(1, std::min(GEMV_STREAMS, REGS / 2 / vectors)); }
 
+// The S finished block rows of a batch-1 1xN product (V vectors each): + bias, ReLU, stored.
+template <int S, int V>
+__attribute__((always_inline)) inline void store_block_rows(const vf (&acc)[S][V], float* const* y,
+                                                            const float* const* bias, bool relu) {
+#pragma GCC unroll 16
+  for (int s = 0; s < S; ++s)
+#pragma GCC unroll 16
+    for (int v = 0; v < V; ++v) {
+      const vf r = bias[s] ? acc[s][v] + vload(bias[s] + VW * v) : acc[s][v];
+      vstore(y[s] + VW * v, relu ? vrelu(r) : r);
+    }
+}
+
 template <int B, int S>
 __attribute__((always_inline)) inline void block_gemv_rows(const float* x, const int32_t* const* c,
                                                            const float* const* w, i64 kept, float* const* y,
@@ -238,13 +251,7 @@ __attribute__((always_inline)) inline void block_gemv_rows(const float* x, const
       for (int v = 0; v < V; ++v) acc[s][v] = vload(wk + VW * v) * xv + acc[s][v];
     }
   }
-#pragma GCC unroll 16
-  for (int s = 0; s < S; ++s)
-#pragma GCC unroll 16
-    for (int v = 0; v < V; ++v) {
-      const vf r = bias[s] ? acc[s][v] + vload(bias[s] + VW * v) : acc[s][v];
-      vstore(y[s] + VW * v, relu ? vrelu(r) : r);
-    }
+  store_block_rows<S, V>(acc, y, bias, relu);
 }
 
 template <int B>

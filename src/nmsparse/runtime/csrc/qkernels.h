@@ -266,13 +266,7 @@ __attribute__((always_inline)) inline void blockq_rows(const float* x, const int
 #pragma GCC unroll 16
       for (int v = 0; v < V; ++v) acc[s][v] = ga[s][v] * vload(sc[s] + g * B + VW * v) + acc[s][v];
   }
-#pragma GCC unroll 16
-  for (int s = 0; s < S; ++s)
-#pragma GCC unroll 16
-    for (int v = 0; v < V; ++v) {
-      const vf r = bias[s] ? acc[s][v] + vload(bias[s] + VW * v) : acc[s][v];
-      vstore(y[s] + VW * v, relu ? vrelu(r) : r);
-    }
+  store_block_rows<S, V>(acc, y, bias, relu);
 }
 
 template <int B, int QB>
