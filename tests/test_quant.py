@@ -2,6 +2,7 @@
 instruction set this CPU runs, activations, the operator under PyTorch's tools, and convert."""
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -245,3 +246,37 @@ def test_quantized_bytes_against_float32():
     assert q8.nbytes / dense == pytest.approx((0.5 + 0.125 + 4 / 128) / 4, rel=1e-3)
     assert q4.nbytes / dense == pytest.approx((0.25 + 0.125 + 4 / 128) / 4, rel=1e-3)
     assert np.isclose(q8.int_values().numel(), 512 * 512)
+
+
+def _vm_flags(address: int) -> str:
+    """The VmFlags of the mapping of this process that holds ``address`` (Linux /proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("VmFlags:"):
+            return line
+    return ""
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").exists(), reason="no transparent huge pages here")
+def test_packed_weights_live_in_memory_advised_for_huge_pages(monkeypatch):
+    """The packed layers' arrays are copied once into memory madvise'd MADV_HUGEPAGE ("hg" in the
+    mapping's VmFlags), with the same values; NMSPARSE_HUGE_PAGES=0 leaves arrays where they are."""
+    small = np.arange(1000, dtype=np.float32)
+    placed = _native.huge_pages(small)
+    assert placed is not small and np.array_equal(placed, small) and placed.ctypes.data % 64 == 0
+    assert " hg" in _vm_flags(placed.ctypes.data)
+    w = _nm(64, 256, 2, 4)
+    layer = QuantLinear(quantize(pack_nm(w, 2, 4), WeightScheme(8, 64)), None)
+    for buf in (layer.qweight, layer.scales, layer.index):
+        assert " hg" in _vm_flags(buf.data_ptr())
+    assert layer._packed.q.ctypes.data == layer.qweight.data_ptr()  # one copy: the layout views the buffer
+    monkeypatch.setenv("NMSPARSE_HUGE_PAGES", "0")
+    assert _native.huge_pages(small) is small
+    plain = QuantLinear(quantize(pack_nm(w, 2, 4), WeightScheme(8, 64)), None)
+    assert " hg" not in _vm_flags(plain.qweight.data_ptr())
+    for x in (torch.randn(256), torch.randn(3, 256)):  # the batch-1 kernel and the batched path
+        assert torch.equal(layer(x), plain(x))

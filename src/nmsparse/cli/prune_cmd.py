@@ -62,6 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the producing layers first (function unchanged)")
     parser.add_argument("--permute-sweeps", type=int, default=100, help="cap on the swap sweeps of the permutation "
                         "search (it stops at the first sweep that gains nothing)")
+    parser.add_argument("--refine", action="store_true",
+                        help="after the method, swap kept and pruned weights inside each group where that lowers the "
+                             "layer's output error on the calibration data (n:m and 1xN Linear layers; sparsegpt "
+                             "re-solves its kept weights; a layer keeps whichever error is lower)")
     parser.add_argument("--stream", action="store_true", help="causal LMs larger than memory: load, prune and write "
                         "one decoder block at a time from the safetensors shards (hf:DIR or gguf:FILE)")
     parser.add_argument("--checkpoint", help="local weights to load first (.safetensors or torch file)")
@@ -112,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         parse_weights(args.weights, args.group_size)
     except QuantError as exc:
         raise CliError(f"--group-size: {exc}") from None
+    if args.stream and args.refine:
+        raise CliError("--refine runs in the in-memory pipeline; drop --stream or --refine")
     if args.stream and args.weights != "fp32":
         raise CliError("--stream writes float32 exports; --weights needs the in-memory pipeline (drop --stream)")
     if args.stream:
@@ -123,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     kind = model_kind(model)
     text_model = source.source.startswith("hf:")
     recovering = bool(args.recover_steps or args.recover_minutes)
-    calibrated = isinstance(build_method(args.method), CalibratedMethod) or args.calib or recovering
+    calibrated = isinstance(build_method(args.method), CalibratedMethod) or args.calib or recovering or args.refine
     spec = args.calib or ("text:builtin" if text_model else "digits")
     batches = build_calibration(spec, model, source, args.samples, args.seq_len, args.seed) if calibrated else None
     recovery = None
@@ -145,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
     result = prune(model, args.pattern, args.method, selection, calibration=batches,
                    permute=args.permute_sweeps if args.permute else None, heldout=heldout, recover=recovery,
                    out=args.out, source=source, example_inputs=example_input(model, source), progress="auto",
-                   window=args.window, describe=describe, weights=args.weights, group_size=args.group_size)
+                   window=args.window, describe=describe, weights=args.weights, group_size=args.group_size,
+                   refine=args.refine)
     if args.json:
         print_json(result.as_dict())
         return 0

@@ -263,6 +263,11 @@ class CalibratedMethod(MethodBase, abc.ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(new_weight, mask)`` for one layer from its calibration statistics."""
 
+    def reweigh(self, weight: torch.Tensor, mask: torch.Tensor, patterns: tuple, stats: LayerStats) -> torch.Tensor:
+        """The new weight for a given ``mask`` (after a mask refinement): ``weight * mask`` for methods
+        that do not update kept weights; methods that do (sparsegpt) re-solve them for the mask."""
+        return weight.detach() * mask
+
 
 METHODS: Registry[type[MethodBase]] = Registry("method")
 

@@ -64,7 +64,8 @@ def _column_order(shape: torch.Size, pattern: NMPattern) -> torch.Tensor | None:
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int, dampening: float = 0.01,
                     block_columns: int = 128, *, reuse_hessian: bool = False,
                     select_block: Callable[[torch.Tensor, torch.Tensor, int, int], torch.Tensor] | None = None,
-                    quant: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    quant: tuple[int, int] | None = None,
+                    fixed_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """N:M SparseGPT on a 2-D weight ``[rows, cols]`` with groups of m consecutive columns.
 
     With ``select_block`` the mask of each lazy block of ``block_columns`` (a multiple of ``m``) is
@@ -74,6 +75,9 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
     ``hessian`` may be ``X^T X`` at any positive scale (every choice and update is a ratio of its
     inverse's entries). With ``reuse_hessian`` a float32 ``hessian`` is dampened in place and its
     diagonal restored on return, instead of copied: one ``cols x cols`` workspace instead of three.
+
+    ``fixed_mask`` (True = kept): no mask is chosen; the OBS updates compensate for pruning exactly
+    these weights (the re-solve after a mask refinement, :mod:`nmsparse.refine`).
 
     ``quant = (bits, group_columns)``: joint quantization (see the module docstring): the kept values
     of each group of ``group_columns`` columns are rounded to ``bits``-bit symmetric steps of
@@ -104,7 +108,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
                           "raise sparsegpt dampening or use more calibration samples") from None
     finally:
         diag.copy_(saved)
-    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    mask = torch.zeros(rows, cols, dtype=torch.bool) if fixed_mask is None else fixed_mask.clone()
     block = max(m, (block_columns // m) * m)
     if quant is not None:
         bits, group_cols = quant
@@ -118,11 +122,13 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[start:end, start:end]
         for i in range(end - start):
-            if select_block is not None and i == 0:  # the whole lazy block's mask from the current weights
+            if fixed_mask is None and select_block is not None and i == 0:  # the lazy block's mask at once
                 mask[:, start:end] = select_block(w1, torch.diag(hinv1), start, end)
             if quant is not None and i % group_cols == 0:
-                scale = _group_grid(w1[:, i : i + group_cols], torch.diag(hinv1)[i : i + group_cols], n, m, qmax)
-            if select_block is None and i % m == 0:  # choose the group's mask from the current (already updated) weights
+                keep = None if fixed_mask is None else mask[:, start + i : start + i + group_cols]
+                scale = _group_grid(w1[:, i : i + group_cols], torch.diag(hinv1)[i : i + group_cols], n, m, qmax,
+                                    keep)
+            if fixed_mask is None and select_block is None and i % m == 0:  # choose the group's mask from the current (already updated) weights
                 group = w1[:, i : i + m] ** 2 / torch.diag(hinv1)[i : i + m].reshape(1, -1) ** 2
                 mask[:, start + i : start + i + m] = topk_groups(group, n)  # mask.py's tie rule
             col = w1[:, i]
@@ -141,11 +147,14 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
     return w.mul_(mask), mask
 
 
-def _group_grid(w: torch.Tensor, hinv_diag: torch.Tensor, n: int, m: int, qmax: int) -> torch.Tensor:
+def _group_grid(w: torch.Tensor, hinv_diag: torch.Tensor, n: int, m: int, qmax: int,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
     """Per-row step of a quantization group's grid (``[rows]``): ``max|kept| / qmax`` on the float16
-    grid, over the values the group's n:m masks would keep if chosen now (SparseGPT's saliency)."""
-    saliency = w**2 / hinv_diag.reshape(1, -1) ** 2
-    keep = topk_groups(saliency.reshape(-1, m), n).reshape(w.shape[0], -1)
+    grid, over the values the group's n:m masks would keep if chosen now (SparseGPT's saliency), or
+    over ``keep`` where the mask is given."""
+    if keep is None:
+        saliency = w**2 / hinv_diag.reshape(1, -1) ** 2
+        keep = topk_groups(saliency.reshape(-1, m), n).reshape(w.shape[0], -1)
     scale = fp16_up((w.abs() * keep).amax(1) / qmax)
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
@@ -222,3 +231,14 @@ class SparseGPT(CalibratedMethod):
         if len(patterns) == 1:
             return weights[0].to(weight.dtype), masks[0]
         return torch.cat(weights).to(weight.dtype), torch.cat(masks)
+
+    def reweigh(self, weight: torch.Tensor, mask: torch.Tensor, patterns: tuple[Pattern, ...],
+                stats: LayerStats) -> torch.Tensor:
+        """The OBS updates for a given mask of a 2-D weight with one n:m pattern (after refinement)."""
+        pattern = patterns[0]
+        if weight.dim() != 2 or len(patterns) != 1 or not isinstance(pattern, NMPattern):
+            return super().reweigh(weight, mask, patterns, stats)
+        pruned, _ = sparsegpt_prune(weight.detach().float(), stats.gram(), pattern.n, pattern.m,
+                                    self.options.dampening, self.options.block_columns, reuse_hessian=True,
+                                    quant=self._quant(pattern, weight, weight.shape[1]), fixed_mask=mask)
+        return pruned.to(weight.dtype)

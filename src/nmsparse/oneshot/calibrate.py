@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -32,6 +33,7 @@ from ..models import run_model
 from ..parametrize import input_map
 from ..pattern import Pattern
 from ..progress import Progress
+from ..refine import refinable, refine_mask
 from ..select import LayerChoice, Selection, nothing_selected, select_layers
 from .result import LayerRow
 
@@ -184,9 +186,10 @@ def _next_inputs(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
     return args, {**kwargs, _hidden_key(kwargs): hidden}
 
 
-def _collect(choices: list[LayerChoice], method: MethodBase, run: Callable[[], None], max_columns: int) -> dict[str, LayerStats]:
+def _collect(choices: list[LayerChoice], method: MethodBase, run: Callable[[], None], max_columns: int,
+             refine: bool = False) -> dict[str, LayerStats]:
     stats, handles = {}, []
-    needs_h = isinstance(method, CalibratedMethod) and method.needs_hessian
+    needs_h = refine or (isinstance(method, CalibratedMethod) and method.needs_hessian)
     for choice in choices:
         module = choice.module
         if isinstance(module, nn.Conv2d) and module.groups > 1:
@@ -220,8 +223,31 @@ def _relative_error(weight: torch.Tensor, new_weight: torch.Tensor, xtx: torch.T
     return num / max(den, 1e-30)
 
 
+def _refine(method: MethodBase, weight: torch.Tensor, new_weight: torch.Tensor, mask: torch.Tensor,
+            patterns: tuple[Pattern, ...], stats: LayerStats) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """The layer's mask refined against its output error (:mod:`nmsparse.refine`) and the weight for
+    it (re-solved by methods that update weights); the refined layer is kept only where its error is
+    lower than the method's own. Returns ``(weight, mask, what happened)``."""
+    if why := refinable(tuple(weight.shape), patterns):
+        return new_weight, mask, {"skipped": why}
+    t0 = time.perf_counter()
+    w = weight.float()
+    result = refine_mask(w, mask, stats.gram(), patterns[0])
+    note: dict[str, Any] = {"swaps": result.swaps, "rounds": result.rounds}
+    if result.swaps:
+        candidate = (method.reweigh(weight, result.mask, patterns, stats) if isinstance(method, CalibratedMethod)
+                     else weight * result.mask)
+        before = _relative_error(w, new_weight.float(), stats.gram())
+        after = _relative_error(w, candidate.float(), stats.gram())
+        note.update(error_before=before, error_after=after, kept=after <= before)
+        if after <= before:
+            new_weight, mask = candidate, result.mask
+    note["seconds"] = round(time.perf_counter() - t0, 3)
+    return new_weight, mask, note
+
+
 @torch.no_grad()
-def _prune_layer(choice: LayerChoice, method: MethodBase, stats: LayerStats) -> LayerRow:
+def _prune_layer(choice: LayerChoice, method: MethodBase, stats: LayerStats, refine: bool = False) -> LayerRow:
     module = choice.module
     weight = module.weight.detach()
     patterns: tuple[Pattern, ...] = choice.patterns
@@ -231,6 +257,9 @@ def _prune_layer(choice: LayerChoice, method: MethodBase, stats: LayerStats) -> 
         assert isinstance(method, Method)
         mask = method.mask(LayerState(choice.fqn, module, patterns))
         new_weight = weight * mask
+    refinement = None
+    if refine:
+        new_weight, mask, refinement = _refine(method, weight, new_weight, mask, patterns, stats)
     new_weight = new_weight.mul_(mask).to(weight.dtype)  # the methods return new tensors
     del mask
     error = None
@@ -240,7 +269,7 @@ def _prune_layer(choice: LayerChoice, method: MethodBase, stats: LayerStats) -> 
     module.weight.copy_(new_weight)
     return LayerRow(choice.fqn, tuple(weight.shape), ",".join(sorted({str(p) for p in patterns})),
                     int(torch.count_nonzero(new_weight)) / new_weight.numel(), sliced_satisfies(new_weight, patterns),
-                    error)
+                    error, refinement=refinement)
 
 
 def prune_with_calibration(
@@ -251,6 +280,7 @@ def prune_with_calibration(
     selection: Selection | None = None,
     progress: str = "auto",
     micro_batch: int | None = 4,
+    refine: bool = False,
 ) -> tuple[list[dict[str, Any]], list[LayerRow], list[dict[str, str]]]:
     """Prune ``model`` in place with calibration data; see the module docstring.
 
@@ -265,6 +295,8 @@ def prune_with_calibration(
         micro_batch: samples per block forward in block-by-block mode (each calibration batch is
             cut into micro-batches, so only a few samples' attention and MLP activations exist at
             once); None runs whole batches. The statistics are the same sums either way.
+        refine: refine each layer's mask against its output error (:mod:`nmsparse.refine`; n:m and
+            1xN Linear layers; others are reported as skipped in the row's ``refinement``).
 
     Returns:
         ``(manifest entries, report rows, skipped layers)``; the model is left dense with zeros.
@@ -280,8 +312,8 @@ def prune_with_calibration(
     blocks = find_blocks(model, [c.fqn for c in selected])
     if blocks is None:
         bar = Progress(1, 0, progress, every=1)
-        stats = _collect(selected, method, lambda: _run_all(model, batches), _HESSIAN_MAX_COLUMNS_ONE_PASS)
-        rows += [_prune_layer(c, method, stats[c.fqn]) for c in selected]
+        stats = _collect(selected, method, lambda: _run_all(model, batches), _HESSIAN_MAX_COLUMNS_ONE_PASS, refine)
+        rows += [_prune_layer(c, method, stats[c.fqn], refine) for c in selected]
         bar.update(1, f"{len(selected)} layers pruned in one pass")
         bar.close()
     else:
@@ -294,10 +326,10 @@ def prune_with_calibration(
             in_blocks.update(c.fqn for c in here)
             if here:
                 stats = _collect(here, method, lambda blk=block, ins=inputs: _run_block(blk, ins, micro_batch),
-                                 _HESSIAN_MAX_COLUMNS_BLOCK)
+                                 _HESSIAN_MAX_COLUMNS_BLOCK, refine)
                 _release_freed_memory()
                 for choice in here:
-                    rows.append(_prune_layer(choice, method, stats.pop(choice.fqn)))
+                    rows.append(_prune_layer(choice, method, stats.pop(choice.fqn), refine))
                     _release_freed_memory()
             _advance(block, inputs, micro_batch)
             _release_freed_memory()
@@ -305,8 +337,8 @@ def prune_with_calibration(
         bar.close()
         rest = [c for c in selected if c.fqn not in in_blocks]
         if rest:  # e.g. a pooler or head outside the blocks: one pass with the blocks already pruned
-            stats = _collect(rest, method, lambda: _run_all(model, batches), _HESSIAN_MAX_COLUMNS_BLOCK)
-            rows += [_prune_layer(c, method, stats[c.fqn]) for c in rest]
+            stats = _collect(rest, method, lambda: _run_all(model, batches), _HESSIAN_MAX_COLUMNS_BLOCK, refine)
+            rows += [_prune_layer(c, method, stats[c.fqn], refine) for c in rest]
     layers = [layer_entry(c.fqn, c.module.weight, c.patterns, input_map(c.module)) for c in selected]
     skipped = [{"fqn": c.fqn, "reason": c.skip_reason or ""} for c in choices if not c.selected]
     rows += [LayerRow(c.fqn, tuple(c.module.weight.shape), None, float((c.module.weight != 0).float().mean()), None,

@@ -83,6 +83,7 @@ def prune(
     describe: dict[str, Any] | None = None,
     weights: str = "fp32",
     group_size: int = 64,
+    refine: bool = False,
 ) -> PruneResult:
     """Prune ``model`` in place, once, and bake the masks into its weights.
 
@@ -114,6 +115,9 @@ def prune(
         save: a callable ``save(model, out_dir, layers, source, skipped, extra, files)`` replacing
             :func:`nmsparse.export.save_export` (e.g. a Hugging Face ``save_pretrained`` export);
             it returns ``(directory, reload)`` with ``reload()`` giving the reloaded model.
+        refine: refine every layer's mask after the method by swaps inside its groups that lower the
+            layer's output error on the calibration data (:mod:`nmsparse.refine`; kept only where the
+            error drops; sparsegpt re-solves its kept weights for the refined mask). Needs calibration.
         progress: ``auto``, ``bar``, ``lines`` or ``none``.
         micro_batch: samples per block forward of calibrated pruning.
         window: perplexity window (causal LMs).
@@ -135,6 +139,9 @@ def prune(
         raise MethodError(f"method {method!r} trains masks; use it with `nmsparse train`, not one-shot pruning")
     if isinstance(built, CalibratedMethod) and not calibration:
         raise MethodError(f"method {method!r} needs calibration data (calibration=[batches]); magnitude does not")
+    if refine and not calibration:
+        raise MethodError("mask refinement needs calibration data (calibration=[batches]): it lowers each layer's "
+                          "output error on those inputs")
     if out is not None and (source is None or example_inputs is None):
         raise ValueError("writing an export needs source= (how to rebuild the model) and example_inputs=")
     text = str(parse_pattern(pattern)) if isinstance(pattern, str) else str(pattern)
@@ -157,7 +164,7 @@ def prune(
     if calibration:
         result.calibration = {"batches": len(calibration)}
         result.layers, result.rows, result.skipped = prune_with_calibration(
-            model, calibration, pattern, built, selection, progress, micro_batch)
+            model, calibration, pattern, built, selection, progress, micro_batch, refine)
     else:
         assert isinstance(built, Method)
         sparsifier = Sparsifier(built, pattern, selection)

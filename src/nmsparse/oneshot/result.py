@@ -13,7 +13,8 @@ class LayerRow:
     """One layer of the report: a sparse layer (pattern set, verified) or a skipped one (reason set).
 
     ``density`` is the fraction of non-zero weights after pruning; ``reconstruction_error`` is
-    ``||(W - W') X||^2 / ||W X||^2`` on the calibration inputs where it was measured.
+    ``||(W - W') X||^2 / ||W X||^2`` on the calibration inputs where it was measured (after
+    refinement, where refinement ran).
     """
 
     fqn: str
@@ -23,11 +24,15 @@ class LayerRow:
     verified: bool | None
     reconstruction_error: float | None = None
     skip_reason: str | None = None
+    refinement: dict[str, Any] | None = None  # what mask refinement did (swaps, errors, seconds), if asked
 
     def as_dict(self) -> dict[str, Any]:
-        return {"fqn": self.fqn, "shape": list(self.shape), "pattern": self.pattern, "density": round(self.density, 6),
-                "verified": self.verified, "reconstruction_error": self.reconstruction_error,
-                "skip_reason": self.skip_reason}
+        out = {"fqn": self.fqn, "shape": list(self.shape), "pattern": self.pattern, "density": round(self.density, 6),
+               "verified": self.verified, "reconstruction_error": self.reconstruction_error,
+               "skip_reason": self.skip_reason}
+        if self.refinement is not None:
+            out["refinement"] = self.refinement
+        return out
 
 
 @dataclass

@@ -23,13 +23,17 @@ The functions below take tensors and the integers of a layout; the PyTorch opera
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import mmap
 import os
 import platform
+import threading
 from functools import cache
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .._cxx import build, build_cached, compiler, cpu_signature
@@ -37,7 +41,7 @@ from .formats import nm_chunk, offset_bits
 
 __all__ = ["KernelsUnavailable", "available", "status", "require", "block_mm", "implicit_conv", "nm_mm", "im2col",
            "library", "runnable_variants", "VARIANTS", "gemv_call", "QArrays", "q_gemv", "gemv_plan",
-           "q_dequant"]
+           "q_dequant", "huge_pages", "HUGE_PAGE"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
 # -fno-math-errno: exp() in the decode step's SiLU and softmax vectorises (glibc's libmvec); errno is never read
@@ -240,6 +244,63 @@ def nm_mm(xt: torch.Tensor, w: NMArrays, bias: torch.Tensor | None = None, relu:
     lib.nms_nm_mm(xt.data_ptr(), xt.stride(0), *_nm_args(w), batch, out.data_ptr(), batch, _opt(bias), int(relu), None,
                   torch.get_num_threads())
     return out
+
+
+HUGE_PAGE = 2 << 20  # bytes of a transparent huge page on x86-64 and most aarch64 Linux kernels
+_ARENA_BYTES = 32 * HUGE_PAGE
+
+
+class _Arena:
+    """Weight memory on transparent huge pages: fresh private anonymous mappings of 64 MB (or one
+    array's size, if larger), ``madvise(MADV_HUGEPAGE)`` before the first write, handed out in
+    64-byte aligned pieces. A mapping is unmapped when no array placed in it is left (each array's
+    base is its mapping)."""
+
+    def __init__(self) -> None:
+        self.region: mmap.mmap | None = None
+        self.start = self.used = self.size = 0
+        self.lock = threading.Lock()
+
+    def _new(self, nbytes: int) -> None:
+        size = -(-max(nbytes, _ARENA_BYTES) // HUGE_PAGE) * HUGE_PAGE
+        region = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared: no THP
+        buf = ctypes.c_char.from_buffer(region)
+        start = (-ctypes.addressof(buf)) % HUGE_PAGE
+        del buf  # the export would keep the mapping from ever closing
+        with contextlib.suppress(OSError):  # refused (THP compiled out): ordinary pages
+            region.madvise(mmap.MADV_HUGEPAGE, start, size)
+        self.region, self.start, self.used, self.size = region, start, 0, size
+
+    def place(self, array: np.ndarray) -> np.ndarray:
+        with self.lock:
+            if self.region is None or self.used + array.nbytes > self.size:
+                self._new(array.nbytes)
+            at = self.start + self.used
+            self.used += -(-array.nbytes // 64) * 64
+            region = self.region
+        out = np.frombuffer(region, dtype=np.uint8, count=array.nbytes, offset=at).view(array.dtype)
+        out = out.reshape(array.shape)
+        out[...] = array
+        return out
+
+
+_ARENA = _Arena()
+
+
+def huge_pages(array: np.ndarray) -> np.ndarray:
+    """A copy of ``array`` in weight memory that Linux is asked to back with transparent huge pages,
+    or ``array`` itself where that does not apply (no ``MADV_HUGEPAGE`` on this system, an empty
+    array, ``NMSPARSE_HUGE_PAGES=0``).
+
+    Why: a batch-1 product streams its weights once per token, and the CPU's prefetchers stop at
+    every 4 KB page boundary; on 2 MB pages the stream runs faster (docs/benchmarks.md gives the
+    measurement). The memory is mapped here rather than taken from ``malloc``, whose heap hands out
+    pages that were already touched (those keep 4 KB pages whatever the advice), and small arrays
+    share mappings so they get huge pages too. Where the system's THP setting is ``never`` the
+    advice is ignored and nothing changes."""
+    if array.nbytes == 0 or not hasattr(mmap, "MADV_HUGEPAGE") or os.environ.get("NMSPARSE_HUGE_PAGES", "1") == "0":
+        return array
+    return _ARENA.place(np.ascontiguousarray(array))
 
 
 # Packed weights below this size run their batch-1 product on one thread: waking the sleeping OpenMP

@@ -17,6 +17,8 @@ raises :class:`~nmsparse.runtime._native.KernelsUnavailable` where the kernels c
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -26,6 +28,15 @@ from .formats import BlockPacked, NMPacked
 __all__ = ["SparseLinear", "SparseConv2d", "QuantLinear"]
 
 Packed = BlockPacked | NMPacked
+
+
+def _in_huge_pages(layout, *fields: str):
+    """A shallow copy of ``layout`` whose large arrays ``fields`` live in huge-page memory
+    (:func:`~nmsparse.runtime._native.huge_pages`): the module then holds that one copy."""
+    out = copy.copy(layout)
+    for name in fields:
+        setattr(out, name, _native.huge_pages(getattr(layout, name)))
+    return out
 
 
 def _as_float(x: torch.Tensor) -> torch.Tensor:
@@ -92,6 +103,7 @@ class _PackedModule(_BoundCall):
 
     def _register_packed(self, packed: Packed, bias: torch.Tensor | None, input_perm: list[int] | None) -> None:
         _native.require()  # built and loaded now, never inside forward
+        packed = _in_huge_pages(packed, "vals", *(("codes",) if isinstance(packed, NMPacked) else ()))
         self._packed = packed
         self.shape = tuple(packed.shape)
         perm = None if input_perm is None else torch.as_tensor(input_perm, dtype=torch.long)
@@ -274,6 +286,9 @@ class QuantLinear(_BoundCall):
             raise ValueError(f"activations {activations!r} is not one of int8, fp32")
         block = activation_block(packed) if activations == "int8" else None
         self.act_block = block or 0  # columns per activation scale; 0: float32 activations
+        packed = _in_huge_pages(packed, "q", "scales")
+        if packed.kind == "nm":
+            packed.index = _in_huge_pages(packed.index, "codes")
         self._packed = packed
         self.out_features, self.in_features = packed.shape
         self.kind, self.bits, self.group = packed.kind, packed.bits, packed.group
