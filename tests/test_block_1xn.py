@@ -153,7 +153,9 @@ def test_bpar_by_hand_in_both_variants():
     V1 L1 share of the raw blocks: 1/10, 2/10, 7/10; V2 of the masked ones: 1/3, 2/3, 0."""
     from nmsparse.method.block_1xn import bpar_scores
 
-    weight = torch.tensor([[1.0, 0.0, 3.0], [0.0, 2.0, 4.0]]).reshape(2, 3, 1, 1)  # block 2: rows 0-1 form one block row
+    weight = torch.tensor([[1.0, 0.0, 3.0], [0.0, 2.0, 4.0]]).reshape(
+        2, 3, 1, 1
+    )  # block 2: rows 0-1 form one block row
     mask = torch.tensor([[True, True, False]])
     v1 = bpar_scores(weight, mask, 2, masked_l1=False)
     v2 = bpar_scores(weight, mask, 2, masked_l1=True)

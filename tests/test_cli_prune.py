@@ -46,8 +46,19 @@ def test_prune_then_inspect(spec, tmp_path, capsys):
 
 def test_vit_fused_qkv_slices_and_rules(tmp_path, capsys):
     out = tmp_path / "vit"
-    code = main(["prune", "timm:vit_tiny_patch16_224", "--layers", "ff,qkv", "--rule", "re:.*blocks\\.0\\.attn\\.qkv=2:4,2:4,4:8",
-                 "--out", str(out), "--json"])
+    code = main(
+        [
+            "prune",
+            "timm:vit_tiny_patch16_224",
+            "--layers",
+            "ff,qkv",
+            "--rule",
+            "re:.*blocks\\.0\\.attn\\.qkv=2:4,2:4,4:8",
+            "--out",
+            str(out),
+            "--json",
+        ]
+    )
     assert code == 0
     layers = {r["fqn"]: r for r in json.loads(capsys.readouterr().out)["layers"]}
     assert layers["blocks.0.attn.qkv"]["pattern"] == "2:4,2:4,4:8"
@@ -76,7 +87,8 @@ def test_inspect_model_spec_lists_eligibility(capsys):
         (["prune", "timm:resnet18", "--method", "srste", "--out", "x"], "trains masks"),
         (["inspect", "/no/such/export"], "unknown model"),
         (["prune", "timm:resnet18"], "--out"),
-        (["prune", "gguf:smollm2", "--stream", "--refine", "--out", "x"], "--refine runs in the in-memory"),
+        (["prune", "gguf:smollm2", "--stream", "--refine", "--out", "x"], "run in the in-memory pipeline"),
+        (["prune", "gguf:smollm2", "--stream", "--method", "best", "--out", "x"], "run in the in-memory pipeline"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(argv, needle, capsys):

@@ -10,7 +10,9 @@ transformers = pytest.importorskip("transformers")
 from nmsparse.runtime import _native, convert  # noqa: E402
 from nmsparse.runtime.decode import DecodeCache, DecodeUnavailable, LlamaDecoder, attach, detach  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not _native.available(), reason=f"C++ kernels unavailable: {_native.status()['reason']}")
+pytestmark = pytest.mark.skipif(
+    not _native.available(), reason=f"C++ kernels unavailable: {_native.status()['reason']}"
+)
 
 
 def _tiny_llama(seed=0, **overrides):

@@ -19,7 +19,9 @@ def _pruned():
 def test_round_trip_reproduces_outputs(tmp_path):
     model, result = _pruned()
     x = torch.randn(3, 3, 8, 8)
-    out = save_export(model, tmp_path / "exp", result.layers, {"source": "custom:TinyViT", "options": {}}, result.skipped)
+    out = save_export(
+        model, tmp_path / "exp", result.layers, {"source": "custom:TinyViT", "options": {}}, result.skipped
+    )
     manifest = read_manifest(out)
     assert manifest["format_version"] == 1 and manifest["library_version"]
     assert {e["fqn"] for e in manifest["layers"]} == {e["fqn"] for e in result.layers}

@@ -5,7 +5,8 @@ On an x86 machine with an aarch64 cross compiler and qemu-user (Debian: ``g++-aa
 ``-march=armv8-a`` together with a small harness (``tests/native/kernel_harness.cpp``) that runs one
 call per line on arrays read from files; the products must equal the dense products of the unpacked
 weights, the 2:4 / 1:4 / 3:4 masks the tie rule of ``nmsparse.mask`` and the SR-STE decay its formula,
-and the quantized batch-1 products their dequantized reference. Every batch-1 and batched path of the n:m and 1xN products is covered: the
+and the quantized batch-1 products their dequantized reference. Every batch-1 and batched path of
+the n:m and 1xN products is covered: the
 pair-window kernel (m = 2n), the generic gather kernel, bit widths 1-8, narrow last chunks, block
 sizes 4-32, batch tails, bias and ReLU, two threads. (On an ARM machine the ordinary runtime tests
 run the NEON build natively.)
@@ -130,7 +131,9 @@ def test_neon_build_under_emulation_equals_the_dense_product(arm_harness, tmp_pa
     assert proc.returncode == 0, proc.stderr[-2000:]
     for index, ref in enumerate(expected):
         got = _read(tmp_path / f"{index}_out.bin").reshape(ref.shape)
-        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4, msg=lambda m, i=index: f"case {CASES[i]}: {m}")
+        torch.testing.assert_close(
+            got.double(), ref, rtol=1e-4, atol=1e-4, msg=lambda m, i=index: f"case {CASES[i]}: {m}"
+        )
 
 
 def test_neon_quantized_products_under_emulation_equal_the_dequantized_reference(arm_harness, tmp_path):

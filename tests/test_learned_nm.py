@@ -31,8 +31,14 @@ class ConvBN(nn.Module):
 
 def _train(model, sp, steps, lr=0.5):
     model.train()
-    train_steps(model, sp, steps, (8, 3, 8, 8), loss=lambda m, x: nn.functional.cross_entropy(m(x), torch.randint(0, 8, (8,))),
-                optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=1e-4))
+    train_steps(
+        model,
+        sp,
+        steps,
+        (8, 3, 8, 8),
+        loss=lambda m, x: nn.functional.cross_entropy(m(x), torch.randint(0, 8, (8,))),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=1e-4),
+    )
 
 
 def test_pattern_table():

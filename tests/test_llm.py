@@ -104,7 +104,9 @@ def test_one_shot_prunes_every_decoder_linear_block_by_block_and_keeps_head_and_
     assert all(r.verified and r.reconstruction_error is not None for r in result.sparse_rows)
     modules = dict(model.named_modules())
     assert all(is_nm(modules[f].weight, NMPattern(2, 4)) for f in sparse)
-    assert torch.equal(model.model.embed_tokens.weight, embed) and model.lm_head.weight is model.model.embed_tokens.weight
+    assert (
+        torch.equal(model.model.embed_tokens.weight, embed) and model.lm_head.weight is model.model.embed_tokens.weight
+    )
     fidelity = result.fidelity
     assert fidelity["measure"] == "perplexity" and fidelity["dense"]["perplexity"] > 1
     assert fidelity["one_shot"]["ratio_to_dense"] == pytest.approx(
@@ -339,7 +341,9 @@ def test_streaming_prune_equals_in_memory_prune_and_loads(tiny_llama_dir, tmp_pa
     report = json.loads(capsys.readouterr().out)
     assert len([r for r in report["layers"] if r["skip_reason"] is None]) == 14
     assert main(["prune", "timm:resnet18", "--stream", "--out", str(tmp_path / "x")]) == 2
-    assert main(["prune", f"hf:{tiny_llama_dir}", "--stream", "--include-classifier", "--out", str(tmp_path / "y")]) == 2
+    assert (
+        main(["prune", f"hf:{tiny_llama_dir}", "--stream", "--include-classifier", "--out", str(tmp_path / "y")]) == 2
+    )
     assert "outside" in capsys.readouterr().err
 
 

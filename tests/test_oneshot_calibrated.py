@@ -87,7 +87,9 @@ def test_reported_error_equals_direct_computation():
     model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8))
     x = _correlated_inputs(n=64)
     dense = copy.deepcopy(model)
-    result = prune(model, "2:4", "wanda", Selection(keep_classifier=False), calibration=[x[:32], x[32:]], progress="none")
+    result = prune(
+        model, "2:4", "wanda", Selection(keep_classifier=False), calibration=[x[:32], x[32:]], progress="none"
+    )
     row = next(r.as_dict() for r in result.rows if r.fqn == "0")
     direct = _error(dense[0].weight.detach(), model[0].weight.detach(), x)
     assert row["reconstruction_error"] == pytest.approx(direct, rel=1e-3)
@@ -100,7 +102,10 @@ ONE_SHOT = [name for name in list_methods() if METHODS.get(name).one_shot]
 def test_block_by_block_on_a_transformer(method):
     """The contract of every one-shot method: valid patterns and an error report on a transformer."""
     model = TinyViT()
-    assert [name for name, _ in find_blocks(model, ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"])] == ["blocks.0", "blocks.1"]
+    assert [name for name, _ in find_blocks(model, ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"])] == [
+        "blocks.0",
+        "blocks.1",
+    ]
     batches = [torch.randn(4, 3, 8, 8) for _ in range(3)]
     result = prune(model, "2:4", method, Selection(layers=("ff", "attention")), calibration=batches, progress="none")
     sparse = [r.as_dict() for r in result.sparse_rows]

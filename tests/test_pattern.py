@@ -7,8 +7,14 @@ from nmsparse.pattern import BlockPattern, NMPattern, PatternError, parse_patter
 
 @pytest.mark.parametrize(
     "text,n,m,axis",
-    [("2:4", 2, 4, "in"), ("1:8", 1, 8, "in"), ("16:32", 16, 32, "in"), (" 4 : 8 ", 4, 8, "in"), ("2:4@out", 2, 4, "out"),
-     ("1:4@flat", 1, 4, "flat")],
+    [
+        ("2:4", 2, 4, "in"),
+        ("1:8", 1, 8, "in"),
+        ("16:32", 16, 32, "in"),
+        (" 4 : 8 ", 4, 8, "in"),
+        ("2:4@out", 2, 4, "out"),
+        ("1:4@flat", 1, 4, "flat"),
+    ],
 )
 def test_parse_nm(text, n, m, axis):
     p = parse_pattern(text)
@@ -26,8 +32,17 @@ def test_parse_block():
 
 @pytest.mark.parametrize(
     "text,needle",
-    [("5:4", "1 <= n <= m"), ("0:4", "1 <= n <= m"), ("2:0", "m must be >= 1"), ("two:four", "cannot parse"),
-     ("2/4", "cannot parse"), ("", "cannot parse"), ("1x16:1.5", "(0, 1]"), ("1x0:0.5", "positive"), ("2:4@diag", "axis")],
+    [
+        ("5:4", "1 <= n <= m"),
+        ("0:4", "1 <= n <= m"),
+        ("2:0", "m must be >= 1"),
+        ("two:four", "cannot parse"),
+        ("2/4", "cannot parse"),
+        ("", "cannot parse"),
+        ("1x16:1.5", "(0, 1]"),
+        ("1x0:0.5", "positive"),
+        ("2:4@diag", "axis"),
+    ],
 )
 def test_invalid_specs_say_what_is_valid(text, needle):
     with pytest.raises(PatternError, match=needle.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):

@@ -29,7 +29,10 @@ def test_decay_values_match_the_paper_settings():
     assert decay_schedule("exp", 1e-4, 100)(100 + 50000) == pytest.approx(0.0067, abs=1e-4)
     assert decay_schedule("exp", 2e-4, 100)(100 + 5000) == pytest.approx(math.exp(-1))
     assert decay_schedule("linear", 8e-4, 100)(100 + 625) == pytest.approx(0.5)
-    assert decay_schedule("linear", 8e-4, 100)(100 + 1250) == 0.0 and decay_schedule("linear", 8e-4, 100)(100 + 5000) == 0.0
+    assert (
+        decay_schedule("linear", 8e-4, 100)(100 + 1250) == 0.0
+        and decay_schedule("linear", 8e-4, 100)(100 + 5000) == 0.0
+    )
     assert decay_schedule("step", 1.0, 100)(100 + 0) == 0.0
     assert decay_schedule("exp", 1e-4, 100)(100 + -1) == 1.0  # dense phase
     with pytest.raises(MethodError, match="unknown decay"):
@@ -182,7 +185,11 @@ def test_per_slice_patterns_do_not_leak_between_layers(tiny_vit):
     sp = Sparsifier("progressive", "1:8", selection, method_options={"decay": "step", "stages": "stepwise"})
     sp.prepare(tiny_vit, total_steps=40)
     method = sp.method
-    assert [_texts(s) for s in method.stage_lists["blocks.0.attn.qkv"]] == [["3:4", "2:4"], ["3:4", "2:4"], ["3:4", "2:4", "1:4"]]
+    assert [_texts(s) for s in method.stage_lists["blocks.0.attn.qkv"]] == [
+        ["3:4", "2:4"],
+        ["3:4", "2:4"],
+        ["3:4", "2:4", "1:4"],
+    ]
     assert [_texts(s) for s in method.stage_lists["blocks.0.mlp.fc1"]] == [["7:8", "4:8", "2:8", "1:8"]]
     assert _texts(method.patterns_at("blocks.0.attn.qkv", 39)) == ["2:4", "2:4", "1:4"]
     assert _texts(method.patterns_at("blocks.1.mlp.fc2", 39)) == ["1:8"]

@@ -22,7 +22,9 @@ from nmsparse.runtime.quant import (
     quantize_groups,
 )
 
-pytestmark = pytest.mark.skipif(not _native.available(), reason=f"C++ kernels unavailable: {_native.status()['reason']}")
+pytestmark = pytest.mark.skipif(
+    not _native.available(), reason=f"C++ kernels unavailable: {_native.status()['reason']}"
+)
 
 
 def _nm(out, cols, n, m, seed=0):
@@ -116,7 +118,9 @@ def test_batch1_kernels_equal_the_dequantized_reference_on_every_isa(name, layou
                     assert err < 3e-6, (name, variant, bits, group, acts, threads, err)
 
 
-@pytest.mark.parametrize("name,layout", LAYOUTS[:2] + LAYOUTS[7:8] + LAYOUTS[10:], ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "name,layout", LAYOUTS[:2] + LAYOUTS[7:8] + LAYOUTS[10:], ids=lambda v: v if isinstance(v, str) else ""
+)
 def test_batched_products_and_the_module_path_agree_with_batch1(name, layout):
     """More rows dequantize the weight and run the float32 product on the quantized activations: the
     same function as the batch-1 kernel, row by row; ReLU and bias applied."""

@@ -147,3 +147,37 @@ def test_refine_without_calibration_and_on_convs_is_refused_or_reported():
     res = prune(model, "2:4", "wanda", calibration=[torch.randn(4, 1, 8, 8)], progress="none", refine=True)
     convs = [r for r in res.sparse_rows if len(r.shape) == 4]
     assert convs and all("2-D" in r.refinement["skipped"] for r in convs)
+
+
+def test_ria_score_by_hand_and_as_a_method():
+    from nmsparse.method import LayerStats, build_method
+    from nmsparse.score import relative_importance
+
+    w = torch.tensor([[1.0, -2.0, 3.0, 0.5], [4.0, 0.0, -1.0, 1.0]])
+    norms = torch.tensor([4.0, 1.0, 0.25, 1.0])
+    got = relative_importance(w, norms)
+    a = w.abs()
+    want = (a / a.sum(1, keepdim=True) + a / a.sum(0, keepdim=True)) * norms.sqrt()
+    assert torch.allclose(got, want)
+    assert torch.isclose(got[0, 0], torch.tensor((1 / 6.5 + 1 / 5) * 2.0))
+    stats = LayerStats(4, hessian=False)
+    stats.add(torch.diag(norms))  # one row per input: ||X_j|| = norms[j]
+    new_w, mask = build_method("ria").prune_weight(w, (NMPattern(2, 4),), stats)
+    assert torch.equal(mask, compute_mask(want, NMPattern(2, 4)))
+    assert torch.equal(new_w, w * mask)
+
+
+def test_method_best_runs_sparsegpt_with_refinement_and_names_it():
+    from nmsparse.method import MethodError
+    from nmsparse.oneshot import prune
+    from nmsparse.oneshot.prune import BEST
+    from nmsparse.select import Selection
+
+    x = _correlated()
+    model = _model()
+    res = prune(model, "2:4", "best", Selection(keep_classifier=False), calibration=[x], progress="none")
+    assert res.method == "best: sparsegpt + refine" and BEST["classifier"] == ("sparsegpt", True)
+    assert all(r.refinement is not None for r in res.sparse_rows)
+    assert is_nm(model[0].weight.detach(), NMPattern(2, 4))
+    with pytest.raises(MethodError, match="need calibration data"):
+        prune(_model(), "2:4", "best", progress="none")

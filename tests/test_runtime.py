@@ -213,7 +213,9 @@ def test_bench_cli_writes_reports_and_rejects_bad_input(tmp_path, capsys):
     row = report["rows"][0]
     assert row["batch"] == 3 and row["max_rel_error"] < 1e-4 and row["speedup"] > 0
     assert row["weight_bytes_sparse"] < row["weight_bytes_dense"] / 2
-    assert (tmp_path / "bench_layers.md").read_text().count("|") > 10 and (tmp_path / "bench_layers.png").stat().st_size > 0
+    assert (tmp_path / "bench_layers.md").read_text().count("|") > 10 and (
+        tmp_path / "bench_layers.png"
+    ).stat().st_size > 0
 
 
 def test_bench_timing_alternates_blocks_and_skips_each_blocks_first_call():

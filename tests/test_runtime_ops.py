@@ -426,8 +426,14 @@ def test_eager_calls_skip_the_dispatcher_and_equal_the_operator(spec, bias, monk
     from nmsparse.runtime import ops
 
     dense, m = _sparse_linear(spec, bias)
-    inputs = [torch.randn(1, 64), torch.randn(1, 1, 64), torch.randn(64), torch.randn(1, 1, 1, 1, 64), torch.randn(5, 64),
-              torch.randn(2, 3, 64)]
+    inputs = [
+        torch.randn(1, 64),
+        torch.randn(1, 1, 64),
+        torch.randn(64),
+        torch.randn(1, 1, 1, 1, 64),
+        torch.randn(5, 64),
+        torch.randn(2, 3, 64),
+    ]
     expected = [_op_call(m, x.reshape(-1, 64)).reshape(*x.shape[:-1], 48) for x in inputs]
     m.activation = "relu"
     expected_relu = [_op_call(m, x.reshape(-1, 64)).reshape(*x.shape[:-1], 48) for x in inputs]

@@ -81,7 +81,9 @@ def test_hf_bert_names():
     model.layer = layer
     ff = {c.fqn for c in select_layers(model, Selection(layers=("ff",), keep_classifier=False), "2:4") if c.selected}
     assert ff == {"layer.intermediate.dense", "layer.output.dense"}
-    out = {c.fqn for c in select_layers(model, Selection(layers=("attn-out",), keep_classifier=False), "2:4") if c.selected}
+    out = {
+        c.fqn for c in select_layers(model, Selection(layers=("attn-out",), keep_classifier=False), "2:4") if c.selected
+    }
     assert out == {"layer.attention.output.dense"}
     qkv = {c.fqn for c in select_layers(model, Selection(layers=("qkv",)), "2:4") if c.selected}
     assert qkv == {"layer.attention.self.query", "layer.attention.self.key", "layer.attention.self.value"}

@@ -50,7 +50,9 @@ def test_tiny_run_trains_exports_and_verifies(tmp_path):
     )
     assert summary["export"]["reload_max_abs_diff"] <= 1e-6
     # a second run with the same name never overwrites the first
-    again = run_training(load_config(None, TINY + [f"run.out_dir={tmp_path}", "train.max_steps=3", "train.export=false"]))
+    again = run_training(
+        load_config(None, TINY + [f"run.out_dir={tmp_path}", "train.max_steps=3", "train.export=false"])
+    )
     assert Path(again["run_dir"]).name == "default-2"
 
 
@@ -120,7 +122,9 @@ def test_missing_data_path_is_a_clear_error(tmp_path, capsys):
 
 
 def test_resume_refuses_foreign_checkpoint(tmp_path, capsys):
-    summary = run_training(load_config(None, TINY + [f"run.out_dir={tmp_path}", "train.max_steps=2", "train.export=false"]))
+    summary = run_training(
+        load_config(None, TINY + [f"run.out_dir={tmp_path}", "train.max_steps=2", "train.export=false"])
+    )
     run_dir = Path(summary["run_dir"])
     torch.save({"format": "something-else"}, run_dir / "checkpoints" / "last.pt")
     assert main(["train", "--resume", str(run_dir)]) == 2

@@ -92,7 +92,9 @@ def test_search_stops_at_the_target_with_power_of_two_schemes():
     assert summary["target_reached"] and set(summary["scheme"]) == set(sp.layers)
     entries = sp.squash()
     for entry in entries:
-        assert is_nm(dict(model.named_modules())[entry["fqn"]].weight, NMPattern(int(entry["pattern"].split(":")[0]), 8))
+        assert is_nm(
+            dict(model.named_modules())[entry["fqn"]].weight, NMPattern(int(entry["pattern"].split(":")[0]), 8)
+        )
 
 
 def test_deadline_forces_the_target_and_says_so():

@@ -118,8 +118,10 @@ def decay_into(grad: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, dec
 
 def _fusable(*tensors: torch.Tensor, need_numba: bool = True) -> bool:
     first = tensors[0]
-    return (not need_numba or available()) and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
-                               and t.shape == first.shape for t in tensors)
+    return (not need_numba or available()) and all(
+        t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() and t.shape == first.shape
+        for t in tensors
+    )
 
 
 @functools.cache
@@ -144,7 +146,12 @@ def topk_strided(scores: torch.Tensor, outer: int, width: int, inner: int, m: in
         result = torch.empty(flat.shape, dtype=torch.bool)
         dst, one = result.numpy().view(np.uint8), np.uint8(1)
     else:
-        if out.dtype != torch.float32 or out.device.type != "cpu" or not out.is_contiguous() or out.shape != scores.shape:
+        if (
+            out.dtype != torch.float32
+            or out.device.type != "cpu"
+            or not out.is_contiguous()
+            or out.shape != scores.shape
+        ):
             raise ValueError(f"out must be a contiguous float32 CPU tensor of shape {list(scores.shape)}")
         result = out
         lib = cpp_library() if m == 4 else None

@@ -3,7 +3,8 @@
 Every case is timed with warm-up calls, then ``repeats`` timed calls of dense and sparse, in
 alternating blocks of five consecutive calls (the first call of a block untimed) so that drift in
 the machine's speed falls on both alike; the report gives the median and the 10th/90th
-percentiles. Layer cases with small batches (1 and 8 rows or images) rotate through enough copies of the weight to exceed the last-level cache, as a real model's layers do,
+percentiles. Layer cases with small batches (1 and 8 rows or images) rotate through enough copies
+of the weight to exceed the last-level cache, as a real model's layers do,
 so they measure memory, not the cache (the report says how many copies). Writes JSON, a Markdown
 table and a PNG plot of the speedups.
 """
@@ -80,7 +81,9 @@ def _sparse_layer(case: LayerCase, pattern, seed: int) -> nn.Module:
 
 def _fits(case: LayerCase, pattern) -> bool:
     try:
-        shape = (case.out_ch, case.in_ch) if case.kind == "linear" else (case.out_ch, case.in_ch, case.kernel, case.kernel)
+        shape = (
+            (case.out_ch, case.in_ch) if case.kind == "linear" else (case.out_ch, case.in_ch, case.kernel, case.kernel)
+        )
         pattern.check_shape(shape)
         return True
     except ValueError:
@@ -275,6 +278,13 @@ def machine_meta(threads: int, note: str) -> dict[str, Any]:
     from .runtime import _native
 
     status = _native.status()
-    return {"threads": threads, "torch": torch.__version__, "cpu_count": os.cpu_count(), "cpu": _cpu_name(),
-            "isa": status["isa"] or f"none ({status['reason']})", "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "last_level_cache_bytes": last_level_cache_bytes(), "note": note}
+    return {
+        "threads": threads,
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "cpu": _cpu_name(),
+        "isa": status["isa"] or f"none ({status['reason']})",
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "last_level_cache_bytes": last_level_cache_bytes(),
+        "note": note,
+    }

@@ -76,7 +76,9 @@ def _timed(fn) -> float:
 def _decode_times(models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens: int,
                   repeats: int) -> dict[str, tuple[float, float]]:
     """``{key: (ttft seconds, decode tokens/s)}`` (medians), the models timed interleaved in alternating
-    order so that drift falls on all alike; decode = the full generation minus its first token."""
+    order so that drift falls on all alike; decode = the full generation minus its first token (where
+    a spike in the first-token timings of a tiny model makes that median not positive, the fastest
+    generation minus the fastest first token: each is the least disturbed)."""
     first: dict[str, list[float]] = {k: [] for k in models}
     total: dict[str, list[float]] = {k: [] for k in models}
     keys = list(models)
@@ -89,6 +91,8 @@ def _decode_times(models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens
     out = {}
     for key in keys:
         decode = statistics.median(a - f for a, f in zip(total[key], first[key]))
+        if decode <= 0:
+            decode = max(min(total[key]) - min(first[key]), 1e-9)
         out[key] = (statistics.median(first[key]), (new_tokens - 1) / decode)
     return out
 
@@ -287,10 +291,13 @@ def _fmt(value: Any, spec: str = ".1f", suffix: str = "") -> str:
 
 def decode_report_lines(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
     """The Markdown table of a decoding run."""
-    lines = [f"kernels {meta.get('isa')} ({meta.get('cpu', '')}), threads {meta['threads']}; {meta['note']}", "",
-             "| model | runtime | pattern | weights | decode tokens/s | vs dense fp32 | vs Q8_0 | vs Q4_0 | TTFT ms "
-             "| weights MB | step: layers / head / other ms | same tokens (fp32) / top-1 vs module path | layers sparse |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"kernels {meta.get('isa')} ({meta.get('cpu', '')}), threads {meta['threads']}; {meta['note']}",
+        "",
+        "| model | runtime | pattern | weights | decode tokens/s | vs dense fp32 | vs Q8_0 | vs Q4_0 | TTFT ms "
+        "| weights MB | step: layers / head / other ms | same tokens (fp32) / top-1 vs module path | layers sparse |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         step = "-"
         if r.get("layers_ms") is not None:

@@ -262,7 +262,9 @@ def sliced_mask(
     parts = []
     for rows, pattern in zip(_slices(scores.shape[0], len(patterns)), patterns):
         part = scores[rows]
-        parts.append(torch.ones_like(part, dtype=torch.bool) if pattern.is_dense else compute_mask(part, pattern, absolute))
+        parts.append(
+            torch.ones_like(part, dtype=torch.bool) if pattern.is_dense else compute_mask(part, pattern, absolute)
+        )
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 

@@ -20,8 +20,22 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ModelError", "ModelSource", "Conv1DLinear", "conv1d_as_linear", "build_model", "parse_model_spec", "minilm_path", "smollm2_gguf", "gguf_to_hf",
-           "is_causal_lm_dir", "load_weights", "tied_parameter_names", "no_cache", "run_model"]
+__all__ = [
+    "ModelError",
+    "ModelSource",
+    "Conv1DLinear",
+    "conv1d_as_linear",
+    "build_model",
+    "parse_model_spec",
+    "minilm_path",
+    "smollm2_gguf",
+    "gguf_to_hf",
+    "is_causal_lm_dir",
+    "load_weights",
+    "tied_parameter_names",
+    "no_cache",
+    "run_model",
+]
 
 
 class ModelError(ValueError):
@@ -190,7 +204,9 @@ def build_model(
         try:
             model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
         except TypeError as exc:
-            raise ModelError(f"torchvision model {name!r} does not accept the options {sorted(kwargs)}: {exc}") from None
+            raise ModelError(
+                f"torchvision model {name!r} does not accept the options {sorted(kwargs)}: {exc}"
+            ) from None
         if in_chans and in_chans != 3:
             _adapt_in_chans(model, in_chans)
     else:  # hf, gguf
@@ -273,7 +289,9 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to read is the same user error
-        raise ModelError(f"cannot read checkpoint {str(path)!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        raise ModelError(
+            f"cannot read checkpoint {str(path)!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        ) from None
     if isinstance(state, dict):
         for key in ("model", "state_dict", "model_state_dict"):
             if key in state and isinstance(state[key], dict):

@@ -250,7 +250,9 @@ def permute_channels(
         before = kept_magnitude(weight, layer_pattern)
         node = nodes.get(choice.fqn)
         if node is None or (isinstance(choice.module, nn.Conv2d) and choice.module.groups != 1):
-            rows.append(LayerPermutation(choice.fqn, None, before, before, "not a plain layer call in the traced graph"))
+            rows.append(
+                LayerPermutation(choice.fqn, None, before, before, "not a plain layer call in the traced graph")
+            )
             continue
         producer, norms, reason = _producer_chain(node, modules)
         if producer is not None and producer in claimed:

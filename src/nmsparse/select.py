@@ -36,7 +36,8 @@ _FF = (
     r"(mlp\.fc[12]|mlp\.(gate|up|down)_proj|mlp\.c_(fc|proj)|(?<!attention\.)output\.dense"
     r"|intermediate\.dense|ffn\.\w+|feed_forward\.\w+|mlp\.\d+|mlp\.linear_[12])"
 )
-_QKV = r"(attn\.qkv|attn\.c_attn|attn\.[qkv]|attention\.self\.(query|key|value)|self_attn\.[qkv]_proj|query_key_value|[qkv]_proj)"
+_QKV = (r"(attn\.qkv|attn\.c_attn|attn\.[qkv]|attention\.self\.(query|key|value)|self_attn\.[qkv]_proj"
+        r"|query_key_value|[qkv]_proj)")
 _ATTN_OUT = r"(attn\.proj|attn\.c_proj|attention\.output\.dense|self_attn\.(o|out)_proj|attn\.out_proj|o_proj)"
 
 #: Named layer sets. "all" is every Conv and Linear; the transformer sets use name regexes covering

@@ -92,7 +92,9 @@ class Sparsifier:
         self.pattern = parse_pattern(pattern)
         self.selection = selection or Selection()
         self.allocator = allocation if callable(allocation) else None
-        self.allocation = {} if callable(allocation) else {fqn: parse_pattern(p) for fqn, p in (allocation or {}).items()}
+        self.allocation = (
+            {} if callable(allocation) else {fqn: parse_pattern(p) for fqn, p in (allocation or {}).items()}
+        )
         self.layers: dict[str, LayerState] = {}
         self.choices: list[LayerChoice] = []
         self.model: nn.Module | None = None
@@ -261,7 +263,9 @@ class Sparsifier:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise SparsifierError("not a sparsifier state (missing format marker)")
         if state.get("method") != self.method.name:
-            raise SparsifierError(f"state is for method {state.get('method')!r}, this sparsifier runs {self.method.name!r}")
+            raise SparsifierError(
+                f"state is for method {state.get('method')!r}, this sparsifier runs {self.method.name!r}"
+            )
         layers = state.get("layers", {})
         if set(layers) != set(self.layers):
             missing, extra = set(self.layers) - set(layers), set(layers) - set(self.layers)
@@ -273,7 +277,9 @@ class Sparsifier:
             layer = self.layers[fqn]
             mask = entry["mask"]
             if tuple(mask.shape) != tuple(layer.mask.shape):
-                raise SparsifierError(f"{fqn}: saved mask shape {list(mask.shape)} != weight shape {list(layer.mask.shape)}")
+                raise SparsifierError(
+                    f"{fqn}: saved mask shape {list(mask.shape)} != weight shape {list(layer.mask.shape)}"
+                )
             layer.patterns = tuple(parse_pattern(p) for p in entry["patterns"])
             layer.parametrization.set_mask(mask)
         self.last_step = state.get("last_step")
@@ -306,7 +312,9 @@ class Sparsifier:
                 pattern = self.layers[choice.fqn].pattern_text if choice.fqn in self.layers else None
                 verified = sliced_satisfies(weight, self.layers[choice.fqn].patterns) if pattern else None
                 rows.append(
-                    LayerReport(choice.fqn, shape, pattern, float((weight != 0).float().mean()), verified, choice.skip_reason)
+                    LayerReport(
+                        choice.fqn, shape, pattern, float((weight != 0).float().mean()), verified, choice.skip_reason
+                    )
                 )
         return rows
 

@@ -29,7 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--case", action="append", default=[], help="only layer cases whose name contains this")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per case")
-    parser.add_argument("--prompt-tokens", type=int, default=128, help="causal LMs: prompt length of the decode benchmark")
+    parser.add_argument(
+        "--prompt-tokens", type=int, default=128, help="causal LMs: prompt length of the decode benchmark"
+    )
     parser.add_argument("--new-tokens", type=int, default=128, help="causal LMs: greedy tokens generated")
     parser.add_argument("--weights", default="fp32,int8,int4",
                         help="causal LMs: comma-separated weight storage of the converted model (fp32, int8, int4)")
@@ -91,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
                 raise CliError("--prompt-tokens must be >= 1 and --new-tokens >= 2")
             weights = [w.strip() for w in args.weights.split(",") if w.strip()]
             if not weights or any(w not in WEIGHT_CHOICES for w in weights):
-                raise CliError(f"--weights takes a comma-separated list of {', '.join(WEIGHT_CHOICES)}; got {args.weights!r}")
+                raise CliError(
+                    f"--weights takes a comma-separated list of {', '.join(WEIGHT_CHOICES)}; got {args.weights!r}"
+                )
             tool, why = find_llamacpp(args.llamacpp)
             if args.llamacpp and tool is None:
                 raise CliError(f"--llamacpp {args.llamacpp} does not exist; give the path of llamacpp.sh")
@@ -107,8 +111,13 @@ def run(args: argparse.Namespace) -> int:
             if not models:
                 return _show(args, paths, {"meta": meta, "rows": rows})
             decode_rows = rows
-        rows = run_model_suite(patterns, models, args.repeats, batches=tuple(_ints(args.batch or DEFAULT_BATCHES["models"],
-                                                                                   "batch")), choose=choose)
+        rows = run_model_suite(
+            patterns,
+            models,
+            args.repeats,
+            batches=tuple(_ints(args.batch or DEFAULT_BATCHES["models"], "batch")),
+            choose=choose,
+        )
         note = ("whole models, random weights pruned by magnitude; "
                 + ("layer choice on (each layer timed dense vs sparse at its input, the faster kept)" if choose
                    else "every eligible layer sparse"))

@@ -17,7 +17,9 @@ from .errors import CliError, register_user_error
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", help="an export directory, a run directory (uses its best checkpoint) or a .pt checkpoint")
+    parser.add_argument(
+        "target", help="an export directory, a run directory (uses its best checkpoint) or a .pt checkpoint"
+    )
     parser.add_argument("--perplexity", metavar="TEXT", help="causal LMs: perplexity of text:heldout (built-in text "
                         "that calibration never sees), text:builtin, text:PATH or hf-dataset:NAME[:CONFIG[:SPLIT]]; "
                         "the target may also be a model spec (hf:DIR, gguf:FILE) to measure the dense model")

@@ -69,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
         print_json({"title": title, "layers": rows, "report_files": files})
         return 0
     cols = ["fqn", "shape", "pattern", "density", "verified", "skip_reason"]
-    print_table(title, ["layer", "shape", "pattern", "density", "verified", "skipped"], [[r[c] for c in cols] for r in rows])
+    print_table(
+        title, ["layer", "shape", "pattern", "density", "verified", "skipped"], [[r[c] for c in cols] for r in rows]
+    )
     sparse = [r for r in rows if r["pattern"]]
     print(f"{len(sparse)} layers with a pattern, {sum(bool(r['verified']) for r in sparse)} verified, "
           f"{len(rows) - len(sparse)} dense")

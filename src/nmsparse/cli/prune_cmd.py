@@ -38,7 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="timm:NAME, torchvision:NAME, hf:PATH (or hf:minilm), gguf:FILE, or an export "
                         "directory")
     add_selection_arguments(parser)
-    parser.add_argument("--method", default="magnitude", help="magnitude, wanda or sparsegpt")
+    parser.add_argument(
+        "--method",
+        default="magnitude",
+        help="magnitude, wanda, ria, sparsegpt, or best (the most accurate pipeline for the model kind: "
+        "sparsegpt + --refine)",
+    )
     parser.add_argument("--calib", help="calibration data: text:builtin, text:PATH, hf-dataset:NAME[:CONFIG[:SPLIT]], "
                         "images:DIR, digits, mnist5k (default for wanda/sparsegpt: text:builtin for hf: models, "
                         "digits for vision models)")
@@ -116,8 +121,8 @@ def run(args: argparse.Namespace) -> int:
         parse_weights(args.weights, args.group_size)
     except QuantError as exc:
         raise CliError(f"--group-size: {exc}") from None
-    if args.stream and args.refine:
-        raise CliError("--refine runs in the in-memory pipeline; drop --stream or --refine")
+    if args.stream and (args.refine or args.method == "best"):
+        raise CliError("--refine and --method best run in the in-memory pipeline; drop --stream")
     if args.stream and args.weights != "fp32":
         raise CliError("--stream writes float32 exports; --weights needs the in-memory pipeline (drop --stream)")
     if args.stream:
@@ -129,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
     kind = model_kind(model)
     text_model = source.source.startswith("hf:")
     recovering = bool(args.recover_steps or args.recover_minutes)
-    calibrated = isinstance(build_method(args.method), CalibratedMethod) or args.calib or recovering or args.refine
+    calibrated = (args.method == "best" or isinstance(build_method(args.method), CalibratedMethod) or args.calib
+                  or recovering or args.refine)
     spec = args.calib or ("text:builtin" if text_model else "digits")
     batches = build_calibration(spec, model, source, args.samples, args.seq_len, args.seed) if calibrated else None
     recovery = None
@@ -141,8 +147,13 @@ def run(args: argparse.Namespace) -> int:
         elif kind == "causal_lm":  # fresh windows of the calibration text, small batches (more steps per minute)
             train_batches = token_windows(load_tokenizer(source.source[3:]), load_texts(spec), max(512, args.samples),
                                           args.seq_len, seed=args.seed + 1, batch_size=8)
-        recovery = Recovery(train_batches, args.recover_steps, args.recover_minutes * 60 if args.recover_minutes else None,
-                            args.recover_lr, args.recover_objective)
+        recovery = Recovery(
+            train_batches,
+            args.recover_steps,
+            args.recover_minutes * 60 if args.recover_minutes else None,
+            args.recover_lr,
+            args.recover_objective,
+        )
     heldout = None
     if text_model or args.calib or calibrated:
         heldout = heldout_data(model, source, kind, args.heldout, args.heldout_tokens, seed=args.seed)
@@ -158,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     table = [(r.fqn, list(r.shape), r.pattern, round(r.density, 4), r.verified, r.reconstruction_error, r.skip_reason)
              for r in result.rows]
-    print_table(f"{args.model} pruned with {args.method}",
+    print_table(f"{args.model} pruned with {result.method}",
                 ["layer", "shape", "pattern", "density", "verified", "recon. error", "skipped"], table)
     print(f"{len(result.sparse_rows)} sparse layers, {len(result.skipped)} kept dense; all verified: "
           f"{all(r.verified for r in result.sparse_rows)}; export reload max |diff| = {result.reload_max_abs_diff:.2e}")
@@ -194,6 +205,8 @@ def _run_streaming(args: argparse.Namespace, selection) -> int:
     if args.json:
         print_json(result.as_dict())
         return 0
-    print(f"{len(result.sparse_rows)} sparse layers written block by block to {args.out}; all verified: "
-          f"{all(r.verified for r in result.sparse_rows)}. Perplexity: nmsparse eval {args.out} --perplexity text:heldout")
+    print(
+        f"{len(result.sparse_rows)} sparse layers written block by block to {args.out}; all verified: "
+        f"{all(r.verified for r in result.sparse_rows)}. Perplexity: nmsparse eval {args.out} --perplexity text:heldout"
+    )
     return 0

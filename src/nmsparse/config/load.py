@@ -50,7 +50,9 @@ def recipe_path(name_or_path: str) -> Path:
         from .._registry import nearest
 
         names = list(list_recipes())
-        raise ConfigError([f"unknown recipe {name_or_path!r}{nearest(name_or_path, names)}; shipped: {', '.join(names)}"])
+        raise ConfigError(
+            [f"unknown recipe {name_or_path!r}{nearest(name_or_path, names)}; shipped: {', '.join(names)}"]
+        )
     return Path(str(entry))
 
 
@@ -114,7 +116,9 @@ def validate_semantics(config: Config) -> list[str]:
             build_method(sp.method, options_in_steps(dict(sp.options or {}), 1))
         except (ConfigError, ValueError) as exc:
             errors += [f"sparsity.options: {e}" for e in getattr(exc, "errors", [str(exc)])]
-    for key, spec in [("sparsity.pattern", sp.pattern)] + [(f"sparsity.allocation.{k}", v) for k, v in (sp.allocation or {}).items()]:
+    for key, spec in [("sparsity.pattern", sp.pattern)] + [
+        (f"sparsity.allocation.{k}", v) for k, v in (sp.allocation or {}).items()
+    ]:
         try:
             parse_pattern(spec)
         except PatternError as exc:

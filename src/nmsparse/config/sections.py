@@ -32,7 +32,9 @@ class ModelConfig:
                    "with data.name: text")
     num_classes: int | None = _f(None, "classifier outputs; null = the dataset's class count")
     in_chans: int | None = _f(None, "input channels; null = the dataset's channel count")
-    options: dict[str, Any] = _f(dict, "extra constructor arguments (timm: img_size, patch_size, depth ...)", factory=True)
+    options: dict[str, Any] = _f(
+        dict, "extra constructor arguments (timm: img_size, patch_size, depth ...)", factory=True
+    )
     checkpoint: str | None = _f(None, "local dense weights to start from (.safetensors or torch file)")
     pretrained: bool = _f(False, "download hub weights (needs network)")
     channels_last: bool = _f(False, "train in channels-last memory format")

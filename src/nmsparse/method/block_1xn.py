@@ -5,7 +5,8 @@ A 1xN block is N consecutive output channels x 1 input channel x the whole kerne
 work. The pattern is written ``1xN:density`` (e.g. ``1x16:0.25`` keeps a quarter of the blocks).
 
 Every ``update_every_steps`` optimizer steps (once per epoch in SUBP; ``nmsparse train`` converts
-``update_every_epochs`` and ``ramp_*_epoch`` at the config edge), at step t, per block row with :math:`C_{in}` blocks and final prune rate p:
+``update_every_epochs`` and ``ramp_*_epoch`` at the config edge), at step t, per block row with
+:math:`C_{in}` blocks and final prune rate p:
 
 1. score the blocks (``l1``, ``l2`` or ``bpar``), of the currently masked weights by default (SUBP's
    V2; ``score_masked: false`` scores the raw weights, V1);
@@ -187,7 +188,9 @@ class Block1xN(Method):
         o = self.options
         pattern = layer.patterns[0]
         if not isinstance(pattern, BlockPattern) or len(set(layer.patterns)) != 1:
-            raise MethodError(f"block_1xn needs a 1xN pattern such as '1x16:0.25'; {layer.fqn} has {layer.pattern_text}")
+            raise MethodError(
+                f"block_1xn needs a 1xN pattern such as '1x16:0.25'; {layer.fqn} has {layer.pattern_text}"
+            )
         weight = layer.dense_weight.detach()
         attached = layer.fqn in self.order  # False while the Sparsifier attaches: no current mask yet
         current = layer.mask if attached else torch.ones_like(weight, dtype=torch.bool)

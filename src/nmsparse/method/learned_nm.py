@@ -132,8 +132,12 @@ class LearnedMask(nn.Module):
 class LearnedNMOptions:
     train: Literal["masks", "masks_and_weights"] = field(
         default="masks", metadata={"help": "masks: weights frozen (the dense model stays intact); or both"})
-    freeze_bn_stats: bool = field(default=True, metadata={"help": "masks mode: batch norm uses and keeps its running stats"})
-    init: Literal["magnitude", "uniform"] = field(default="magnitude", metadata={"help": "logits start at the magnitude pattern or uniform"})
+    freeze_bn_stats: bool = field(
+        default=True, metadata={"help": "masks mode: batch norm uses and keeps its running stats"}
+    )
+    init: Literal["magnitude", "uniform"] = field(
+        default="magnitude", metadata={"help": "logits start at the magnitude pattern or uniform"}
+    )
     init_scale: float = field(default=3.0, metadata={"help": "logit of the magnitude pattern at the start"})
     temperature: float = field(default=1.0, metadata={"help": "Gumbel-softmax temperature"})
     temperature_end: float | None = field(default=None, metadata={"help": "anneal to this temperature over the run"})

@@ -19,7 +19,8 @@ int4, the kept values of each quantization group (the columns of ``group_size`` 
 runtime groups them) are rounded to a symmetric grid chosen at the group's first column, and ``q_c`` above is the
 rounded value: each column's rounding error is spread over the later columns with its pruning
 error. The group's grid is set at its first column from the values its masks would keep if chosen
-then; the masks themselves are still chosen per group of m as the columns come. One-shot pruning then snaps every layer to the runtime's grid
+then; the masks themselves are still chosen per group of m as the columns come. One-shot pruning
+then snaps every layer to the runtime's grid
 (:func:`nmsparse.oneshot.quantize.snap_to_grid`).
 """
 
@@ -60,6 +61,32 @@ def _column_order(shape: torch.Size, pattern: NMPattern) -> torch.Tensor | None:
     return torch.arange(inp * kernel).reshape(inp, kernel).t().reshape(-1)
 
 
+def _inverse_factor(hessian: torch.Tensor, dampening: float, reuse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, dead)``: the upper Cholesky factor of the dampened ``H^-1`` and the inputs that never
+    fire (``H_cc = 0``; decoupled, their weights pruned first). With ``reuse`` a float32 ``hessian``
+    is dampened in place and its diagonal restored before returning."""
+    h = hessian.detach()
+    if not (reuse and h.dtype == torch.float32):
+        h = h.clone().float()
+    diag = h.diagonal()
+    saved = diag.clone()
+    dead = saved == 0
+    hinv = torch.empty_like(h).t()  # column-major: LAPACK then works in this buffer, no temporaries
+    try:
+        live_mean = saved[~dead].mean() if bool((~dead).any()) else torch.tensor(1.0)
+        diag[dead] = live_mean  # dead inputs are decoupled; any positive value of H's scale will do
+        diag += dampening * live_mean
+        torch.linalg.cholesky(h, out=hinv)
+        torch.cholesky_inverse(hinv, out=hinv)  # H^-1, then its upper Cholesky factor, in one buffer
+        torch.linalg.cholesky(hinv, upper=True, out=hinv)
+    except torch.linalg.LinAlgError:
+        raise MethodError("sparsegpt: the calibration Hessian is not positive definite even after dampening; "
+                          "raise sparsegpt dampening or use more calibration samples") from None
+    finally:
+        diag.copy_(saved)
+    return hinv, dead
+
+
 @torch.no_grad()
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int, dampening: float = 0.01,
                     block_columns: int = 128, *, reuse_hessian: bool = False,
@@ -88,26 +115,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
     """
     w = weight.detach().clone().float()
     rows, cols = w.shape
-    h = hessian.detach()
-    if not (reuse_hessian and h.dtype == torch.float32):
-        h = h.clone().float()
-    diag = h.diagonal()
-    saved = diag.clone()
-    dead = saved == 0
+    hinv, dead = _inverse_factor(hessian, dampening, reuse_hessian)
     w[:, dead] = 0.0
-    hinv = torch.empty_like(h).t()  # column-major: LAPACK then works in this buffer, no temporaries
-    try:
-        live_mean = saved[~dead].mean() if bool((~dead).any()) else torch.tensor(1.0)
-        diag[dead] = live_mean  # dead inputs are decoupled; any positive value of H's scale will do
-        diag += dampening * live_mean
-        torch.linalg.cholesky(h, out=hinv)
-        torch.cholesky_inverse(hinv, out=hinv)  # H^-1, then its upper Cholesky factor, in one buffer
-        torch.linalg.cholesky(hinv, upper=True, out=hinv)
-    except torch.linalg.LinAlgError:
-        raise MethodError("sparsegpt: the calibration Hessian is not positive definite even after dampening; "
-                          "raise sparsegpt dampening or use more calibration samples") from None
-    finally:
-        diag.copy_(saved)
     mask = torch.zeros(rows, cols, dtype=torch.bool) if fixed_mask is None else fixed_mask.clone()
     block = max(m, (block_columns // m) * m)
     if quant is not None:
@@ -128,7 +137,9 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
                 keep = None if fixed_mask is None else mask[:, start + i : start + i + group_cols]
                 scale = _group_grid(w1[:, i : i + group_cols], torch.diag(hinv1)[i : i + group_cols], n, m, qmax,
                                     keep)
-            if fixed_mask is None and select_block is None and i % m == 0:  # choose the group's mask from the current (already updated) weights
+            if (
+                fixed_mask is None and select_block is None and i % m == 0
+            ):  # choose the group's mask from the current (already updated) weights
                 group = w1[:, i : i + m] ** 2 / torch.diag(hinv1)[i : i + m].reshape(1, -1) ** 2
                 mask[:, start + i : start + i + m] = topk_groups(group, n)  # mask.py's tie rule
             col = w1[:, i]

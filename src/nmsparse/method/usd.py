@@ -86,7 +86,9 @@ def penalty_factors(
 class UsdOptions:
     target_sparsity: float = field(default=0.75, metadata={"help": "global sparsity to reach over the selected layers"})
     budget: Literal["params", "flops"] = field(default="params", metadata={"help": "what the target counts"})
-    candidates: tuple[int, ...] = field(default=(), metadata={"help": "allowed scheme n (empty = powers of two up to m)"})
+    candidates: tuple[int, ...] = field(
+        default=(), metadata={"help": "allowed scheme n (empty = powers of two up to m)"}
+    )
     check_every_steps: int = field(default=100, metadata={"help": "steps between n-lowering votes"})
     vote_ratio: float = field(default=0.75, metadata={"help": "fraction of groups that must vote to lower n"})
     penalty_strength: float = field(default=0.1, metadata={"help": "lambda of the survivor penalty (0 = off)"})
@@ -98,7 +100,9 @@ class UsdOptions:
     unstructured_steps: int = field(default=0, metadata={"help": "length of the unstructured phase (0 = skip)"})
     unstructured_fraction: float = field(
         default=0.5, metadata={"help": "the unstructured phase reaches this fraction of the target sparsity"})
-    finetune_steps: int = field(default=0, metadata={"help": "steps reserved at the end for fine-tuning (0 = no deadline)"})
+    finetune_steps: int = field(
+        default=0, metadata={"help": "steps reserved at the end for fine-tuning (0 = no deadline)"}
+    )
     finetune_decay: float = field(default=SRSTE_DEFAULT_DECAY, metadata={"help": "SR-STE lambda of the fine-tune"})
     stop_tolerance: float = field(default=1e-3, metadata={"help": "stop when sparsity >= target - tolerance"})
 

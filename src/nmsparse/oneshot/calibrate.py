@@ -193,9 +193,13 @@ def _collect(choices: list[LayerChoice], method: MethodBase, run: Callable[[], N
     for choice in choices:
         module = choice.module
         if isinstance(module, nn.Conv2d) and module.groups > 1:
-            raise MethodError(f"{choice.fqn}: calibrated pruning of grouped convs is not supported; skip it with a rule")
+            raise MethodError(
+                f"{choice.fqn}: calibrated pruning of grouped convs is not supported; skip it with a rule"
+            )
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            raise MethodError(f"{choice.fqn}: calibrated pruning supports Linear and Conv2d, not {type(module).__name__}")
+            raise MethodError(
+                f"{choice.fqn}: calibrated pruning supports Linear and Conv2d, not {type(module).__name__}"
+            )
         cols = _columns(module)
         layer_stats = LayerStats(cols, needs_h or cols <= max_columns)
         stats[choice.fqn] = layer_stats

@@ -23,9 +23,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CalibrationError", "builtin_text", "heldout_text", "token_ids", "heldout_data", "split_sentences", "load_texts", "token_windows", "sentence_batches",
-           "sentence_training_batches",
-           "image_batches", "build_calibration", "load_tokenizer", "check_vocabulary"]
+__all__ = [
+    "CalibrationError",
+    "builtin_text",
+    "heldout_text",
+    "token_ids",
+    "heldout_data",
+    "split_sentences",
+    "load_texts",
+    "token_windows",
+    "sentence_batches",
+    "sentence_training_batches",
+    "image_batches",
+    "build_calibration",
+    "load_tokenizer",
+    "check_vocabulary",
+]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
 
@@ -197,7 +210,9 @@ def build_calibration(spec: str, model: Any, source: Any, samples: int, seq_len:
     """Calibration batches that ``model`` (built from ``source``) accepts."""
     if source.source.startswith("hf:"):
         if not spec.startswith(("text:", "hf-dataset:")):
-            raise CalibrationError(f"{source.source} is a text model: use --calib text:builtin, text:PATH or hf-dataset:...")
+            raise CalibrationError(
+                f"{source.source} is a text model: use --calib text:builtin, text:PATH or hf-dataset:..."
+            )
         tokenizer = load_tokenizer(source.source[3:])
         batches = token_windows(tokenizer, load_texts(spec), samples, seq_len, seed)
         check_vocabulary(model, max(int(b["input_ids"].max()) for b in batches), source.source[3:])

@@ -19,10 +19,21 @@ from ..pattern import Pattern, parse_pattern
 from ..select import Selection, nothing_selected
 from ..sparsifier import Sparsifier
 from .calibrate import prune_with_calibration
-from .fidelity import FidelityCheck
+from .fidelity import FidelityCheck, model_kind
 from .result import LayerRow, PruneResult
 
-__all__ = ["Recovery", "prune"]
+__all__ = ["Recovery", "prune", "best_pipeline", "BEST"]
+
+# ``--method best``: the most accurate one-shot pipeline per model kind, by measurement
+# (docs/benchmarks.md, "One-shot accuracy"): (method, refine)
+BEST: dict[str, tuple[str, bool]] = {"causal_lm": ("sparsegpt", True), "encoder": ("sparsegpt", True),
+                                     "classifier": ("sparsegpt", True)}
+
+
+def best_pipeline(kind: str) -> tuple[str, bool]:
+    """``(method, refine)`` that ``method="best"`` runs for a model of this kind
+    (:func:`~nmsparse.oneshot.fidelity.model_kind`)."""
+    return BEST[kind]
 
 
 @dataclass
@@ -90,7 +101,9 @@ def prune(
     Args:
         model: any ``nn.Module`` (its selected layers Linear or Conv2d for calibrated methods).
         pattern: default pattern of selected layers (``"2:4"``, ``"1x16:0.25"``).
-        method: ``magnitude`` (no data needed), ``wanda`` or ``sparsegpt`` (need ``calibration``).
+        method: ``magnitude`` (no data needed), ``wanda``, ``ria`` or ``sparsegpt`` (need
+            ``calibration``), or ``best``: the most accurate pipeline for the model's kind
+            (:data:`BEST`; the result's ``method`` names what ran).
         selection: layer sets, rules and guards.
         method_options: options of the method (e.g. ``{"dampening": 0.01}`` for sparsegpt).
         calibration: calibration batches (tensors, or dicts of keyword tensors), run block by block
@@ -131,6 +144,12 @@ def prune(
     """
     from ..runtime.quant import parse_weights
 
+    asked = method
+    if method == "best":
+        method, refine = best_pipeline(model_kind(model))
+        if not calibration:
+            raise MethodError(f"--method best runs {method} + refinement, which need calibration data "
+                              "(calibration=[batches])")
     scheme = parse_weights(weights, group_size)
     if scheme is not None and method == "sparsegpt":
         method_options = {"weights": weights, "group_size": group_size, **(method_options or {})}
@@ -146,6 +165,8 @@ def prune(
         raise ValueError("writing an export needs source= (how to rebuild the model) and example_inputs=")
     text = str(parse_pattern(pattern)) if isinstance(pattern, str) else str(pattern)
     result = PruneResult([], [], method=method, pattern=text)
+    if asked == "best":
+        result.method = f"best: {method} + refine"
     clock = _Stages()
     # the dense original: the teacher of a recovery, and (with a permutation, which the export records
     # and load_export re-attaches) the skeleton of the reload check, whose outputs are compared;

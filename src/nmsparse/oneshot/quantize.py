@@ -3,7 +3,8 @@
 :func:`snap_to_grid` rounds every Linear layer of a pruned model (dense with zeros) to the values
 the runtime computes with under a :class:`~nmsparse.runtime.quant.WeightScheme`: a sparse layer's
 kept values per group of its packed layout, every other Linear (the LM head included) per group of
-its rows, in int8 (also under int4, as ``convert`` stores dense layers). The export then stays an ordinary dense-with-zeros checkpoint (``from_pretrained`` loads
+its rows, in int8 (also under int4, as ``convert`` stores dense layers). The export then stays an
+ordinary dense-with-zeros checkpoint (``from_pretrained`` loads
 it) whose evaluation is the runtime's function with float activations, and
 ``convert(export, weights=...)`` with the same scheme finds every value already on its grid (the
 group's largest value gives its scale back): no second rounding.

@@ -76,7 +76,9 @@ def _loss(objective: str, batch: Any, student_out: Any, teacher_out: Any) -> tor
         return _kl_logits(output, target, weights) + _hidden_layers_loss(batch, student_out, teacher_out, output)
     if objective == "layers":
         weights = _token_weights(batch, output)
-        return _pooled_cosine_loss(output, target, weights) + _hidden_layers_loss(batch, student_out, teacher_out, output)
+        return _pooled_cosine_loss(output, target, weights) + _hidden_layers_loss(
+            batch, student_out, teacher_out, output
+        )
     if objective == "pooled" and output.dim() == 3:
         return _pooled_cosine_loss(output, target, _token_weights(batch, output))
     if output.dim() == 3:
@@ -144,7 +146,9 @@ def recover(
         raise ValueError("recovery objective 'layers' needs a Hugging Face model called with keyword inputs "
                          "(it reads output_hidden_states); use 'hidden' or 'pooled'")
     rules = tuple(
-        Rule(e["fqn"], slices=tuple(e["pattern"].split(","))) if "," in e["pattern"] else Rule(e["fqn"], pattern=e["pattern"])
+        Rule(e["fqn"], slices=tuple(e["pattern"].split(",")))
+        if "," in e["pattern"]
+        else Rule(e["fqn"], pattern=e["pattern"])
         for e in layers
     ) + (Rule("re:.*", skip=True),)
     # magnitude masks of a dense-with-zeros weight are exactly its non-zeros: the pattern is held

@@ -33,7 +33,9 @@ def _block_of(fqn: str) -> tuple[str, str]:
 
 
 def _layer_error_data(report: dict[str, Any]) -> dict[str, Any] | None:
-    rows = [r for r in report.get("layers", []) if r.get("reconstruction_error") is not None and not r.get("skip_reason")]
+    rows = [
+        r for r in report.get("layers", []) if r.get("reconstruction_error") is not None and not r.get("skip_reason")
+    ]
     if not rows:
         return None
     return {"fqn": [r["fqn"] for r in rows], "reconstruction_error": [r["reconstruction_error"] for r in rows]}
@@ -160,7 +162,13 @@ def report_markdown(report: dict[str, Any]) -> str:
     worst = sorted((r for r in sparse if r.get("reconstruction_error") is not None),
                    key=lambda r: -r["reconstruction_error"])[:5]
     if worst:
-        lines += ["", "## The 5 worst layers (reconstruction error)", "", "| layer | pattern | error |", "|---|---|---|"]
+        lines += [
+            "",
+            "## The 5 worst layers (reconstruction error)",
+            "",
+            "| layer | pattern | error |",
+            "|---|---|---|",
+        ]
         lines += [f"| {r['fqn']} | {r['pattern']} | {r['reconstruction_error']:.4g} |" for r in worst]
     skipped = [r for r in layers if r.get("skip_reason")]
     if skipped:

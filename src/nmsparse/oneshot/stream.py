@@ -193,7 +193,9 @@ def prune_streaming(
                     stats = {c.fqn: LayerStats(int(c.module.weight[0].numel()), False) for c in here}
                 for choice in here:
                     rows.append(_prune_layer(choice, built, stats.pop(choice.fqn)))
-                    layers.append(layer_entry(choice.fqn, choice.module.weight, choice.patterns, input_map(choice.module)))
+                    layers.append(
+                        layer_entry(choice.fqn, choice.module.weight, choice.patterns, input_map(choice.module))
+                    )
             if calibration and index + 1 < len(blocks):
                 _advance(block, inputs, micro_batch)
             tensors = {f"{block_fqn}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}

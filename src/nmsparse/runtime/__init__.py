@@ -11,5 +11,21 @@ from .formats import BlockPacked, FormatError, NMPacked, gemm_matrix, pack_block
 from .fuse import FuseResult, fuse
 from .modules import SparseConv2d, SparseLinear
 
-__all__ = ["BlockPacked", "ConvertRow", "FormatError", "FuseResult", "NMPacked", "SparseConv2d", "SparseLinear",
-           "convert", "fuse", "gemm_matrix", "infer_pattern", "load_compressed", "pack_block", "pack_nm", "save_compressed", "to_semi_structured"]
+__all__ = [
+    "BlockPacked",
+    "ConvertRow",
+    "FormatError",
+    "FuseResult",
+    "NMPacked",
+    "SparseConv2d",
+    "SparseLinear",
+    "convert",
+    "fuse",
+    "gemm_matrix",
+    "infer_pattern",
+    "load_compressed",
+    "pack_block",
+    "pack_nm",
+    "save_compressed",
+    "to_semi_structured",
+]

@@ -510,6 +510,8 @@ def im2col(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], pa
 def arrays_of(packed) -> BlockArrays | NMArrays:
     """The tensors of a :class:`~nmsparse.runtime.formats.BlockPacked` / ``NMPacked`` layout (shared memory)."""
     if hasattr(packed, "cols"):
-        return BlockArrays(torch.from_numpy(packed.cols), torch.from_numpy(packed.kstart), torch.from_numpy(packed.vals))
+        return BlockArrays(
+            torch.from_numpy(packed.cols), torch.from_numpy(packed.kstart), torch.from_numpy(packed.vals)
+        )
     return NMArrays(torch.from_numpy(packed.codes), torch.from_numpy(packed.vals), packed.shape[0], packed.shape[1],
                     packed.n, packed.m)

@@ -121,8 +121,11 @@ def _quant_entry(module: QuantLinear) -> dict[str, Any]:
 
 def _stored_bytes(state: dict[str, torch.Tensor], fqn: str) -> int:
     """Bytes of a packed layer's stored tensors (values, scales, index codes; not the bias)."""
-    return sum(t.numel() * t.element_size() for k, t in state.items()
-               if k.startswith(fqn + ".") and k[len(fqn) + 1:] in ("qweight", "scales", "index", "vals", "codes", "cols"))
+    return sum(
+        t.numel() * t.element_size()
+        for k, t in state.items()
+        if k.startswith(fqn + ".") and k[len(fqn) + 1 :] in ("qweight", "scales", "index", "vals", "codes", "cols")
+    )
 
 
 @torch.no_grad()
@@ -158,7 +161,9 @@ def _load_quant(model: nn.Module, fqn: str, module: nn.Module, info: dict[str, A
     if layout == "nm":
         holder: Any = NMPacked(index, np.zeros(0, np.float32), info["n"], info["m"], shape)
         if info.get("chunk") != holder.chunk or info.get("offset_bits") != holder.bits:
-            raise ExportError(f"{fqn}: the file's n:m layout is not the one this nmsparse reads; compress the export again")
+            raise ExportError(
+                f"{fqn}: the file's n:m layout is not the one this nmsparse reads; compress the export again"
+            )
     elif layout == "block":
         holder = BlockPacked(index, np.zeros((index.shape[0], index.shape[1], 0), np.float32), shape)
     else:
@@ -218,9 +223,11 @@ def load_compressed(directory: str | Path, fuse: bool = True) -> tuple[nn.Module
         else:
             packed = NMPacked(state.pop(f"{fqn}.codes").numpy().copy(), vals, info["n"], info["m"], shape)
             if info.get("chunk") != packed.chunk or info.get("offset_bits") != packed.bits:
-                raise ExportError(f"{fqn}: the file's n:m layout (chunk {info.get('chunk')}, {info.get('offset_bits')} "
-                                  f"bits) is not the one this nmsparse reads (chunk {packed.chunk}, {packed.bits} bits); "
-                                  "compress the export again")
+                raise ExportError(
+                    f"{fqn}: the file's n:m layout (chunk {info.get('chunk')}, {info.get('offset_bits')} "
+                    f"bits) is not the one this nmsparse reads (chunk {packed.chunk}, {packed.bits} bits); "
+                    "compress the export again"
+                )
         bias = state.pop(f"{fqn}.bias", None)
         perm = info.get("input_permutation")
         if unavailable:
@@ -236,7 +243,9 @@ def load_compressed(directory: str | Path, fuse: bool = True) -> tuple[nn.Module
     tied = tied_parameter_names(model, set(state))
     missing = [k for k in missing if k not in packed_keys and k not in tied]
     if missing or unexpected:
-        raise ExportError(f"compressed weights do not fit the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ExportError(
+            f"compressed weights do not fit the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     model.eval()
     if fuse:
         from .fuse import fuse as fuse_following

@@ -300,7 +300,8 @@ def convert(
             integers with one scale per ``group_size`` values along the input axis
             (:mod:`nmsparse.runtime.quant`): the kept values of sparse layers, and every other Linear
             (the LM head included) in its dense int8 form (int8 also under ``"int4"``: a dense layer,
-            the LM head above all, loses more accuracy to 4 bits than the sparse layers). The layer choice then compares a
+            the LM head above all, loses more accuracy to 4 bits than the sparse layers). The layer
+            choice then compares a
             layer's quantized sparse form with its quantized dense form. int4 falls back to int8 on
             a layer it cannot store (the row says so). Each quantized layer is checked once against
             its dequantized reference. Convolutions stay float32.
@@ -426,15 +427,18 @@ def convert(
             group = [rows[f] for f, _, _ in groups[key]]
             if key in in_model:
                 if in_model[key] < 1.0:
-                    row.reason = (f"kept dense: the model ran {in_model[key]:.2f}x as fast with the {len(group)} layers "
-                                  f"of this shape sparse as with them dense (input {row.input_shape}; this layer alone "
-                                  f"{row.speedup:.2f}x)")
+                    row.reason = (
+                        f"kept dense: the model ran {in_model[key]:.2f}x as fast with the {len(group)} layers "
+                        f"of this shape sparse as with them dense (input {row.input_shape}; this layer alone "
+                        f"{row.speedup:.2f}x)"
+                    )
                     _settle_dense(model, fqn, module, row)
                     continue
             elif (ratio := statistics.median(r.speedup for r in group)) < min_speedup:
                 alone = f"sparse measured {row.speedup:.2f}x of dense"
                 if len(group) > 1:
-                    alone = f"the {len(group)} layers of this shape measured {ratio:.2f}x of dense (median; this one {row.speedup:.2f}x)"
+                    alone = (f"the {len(group)} layers of this shape measured {ratio:.2f}x of dense "
+                             f"(median; this one {row.speedup:.2f}x)")
                 row.reason = f"kept dense: {alone} at input {row.input_shape} (below {min_speedup:g}x)"
                 _settle_dense(model, fqn, module, row)
                 continue

@@ -264,7 +264,9 @@ class LlamaDecoder:
         x = torch.randn(max(self.hidden, self.intermediate, self.heads * self.head_dim))
         y = torch.empty(max(self.vocab, self.intermediate, self.hidden, self.heads * self.head_dim))
         s, fn = self._slots, self._lib.nms_gemv
-        layers = [(s[16 + 20 * i + 2 + 2 * j], s[16 + 20 * i + 3 + 2 * j]) for i in range(self.layers) for j in range(7)]
+        layers = [
+            (s[16 + 20 * i + 2 + 2 * j], s[16 + 20 * i + 3 + 2 * j]) for i in range(self.layers) for j in range(7)
+        ]
 
         def run(plans) -> float:
             t0 = time.perf_counter()

@@ -147,14 +147,27 @@ def _fake_conv(x, out_ch, kernel, stride, padding, dilation):
 
 
 _IMPLS = {
-    "block_linear": (_block_linear, lambda x, cols, kstart, vals, bias, relu: _fake_linear(x, vals.shape[0] * vals.shape[2])),
+    "block_linear": (
+        _block_linear,
+        lambda x, cols, kstart, vals, bias, relu: _fake_linear(x, vals.shape[0] * vals.shape[2]),
+    ),
     "nm_linear": (_nm_linear, lambda x, codes, vals, bias, out_features, n, m, relu: _fake_linear(x, out_features)),
-    "block_conv2d": (_block_conv2d, lambda x, cols, kstart, vals, bias, kernel, stride, padding, dilation, relu:
-                     _fake_conv(x, vals.shape[0] * vals.shape[2], kernel, stride, padding, dilation)),
-    "q_linear": (_q_linear, lambda x, index, kstart, q, scales, bias, kind, out_features, *rest:
-                 _fake_linear(x, out_features)),
-    "nm_conv2d": (_nm_conv2d, lambda x, codes, vals, bias, out_channels, n, m, kernel, stride, padding, dilation, hwc,
-                  relu: _fake_conv(x, out_channels, kernel, stride, padding, dilation)),
+    "block_conv2d": (
+        _block_conv2d,
+        lambda x, cols, kstart, vals, bias, kernel, stride, padding, dilation, relu: _fake_conv(
+            x, vals.shape[0] * vals.shape[2], kernel, stride, padding, dilation
+        ),
+    ),
+    "q_linear": (
+        _q_linear,
+        lambda x, index, kstart, q, scales, bias, kind, out_features, *rest: _fake_linear(x, out_features),
+    ),
+    "nm_conv2d": (
+        _nm_conv2d,
+        lambda x, codes, vals, bias, out_channels, n, m, kernel, stride, padding, dilation, hwc, relu: _fake_conv(
+            x, out_channels, kernel, stride, padding, dilation
+        ),
+    ),
 }
 for _name, (_impl, _fake) in _IMPLS.items():
     _LIB.impl(_name, _impl, "CPU")

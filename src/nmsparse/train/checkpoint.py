@@ -74,9 +74,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure to read is the same user-facing error
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r} (corrupt or not a tensors-only file): {first}") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {str(path)!r} (corrupt or not a tensors-only file): {first}"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not an nmsparse training checkpoint")
     if payload.get("version") != VERSION:
-        raise CheckpointError(f"{str(path)!r} has checkpoint version {payload.get('version')}; this nmsparse reads {VERSION}")
+        raise CheckpointError(
+            f"{str(path)!r} has checkpoint version {payload.get('version')}; this nmsparse reads {VERSION}"
+        )
     return payload

@@ -71,7 +71,9 @@ class TensorImages(Dataset):
             ``"shift_flip"`` (plus a horizontal flip with probability ``hflip``).
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean, std, augment: str = "none", hflip: float = 0.5):
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, mean, std, augment: str = "none", hflip: float = 0.5
+    ):
         self.images = images
         self.labels = labels.long()
         self.mean = torch.tensor(mean).view(-1, 1, 1)
@@ -284,8 +286,14 @@ def _text(cfg: DataConfig, model_spec: str | None) -> DataBundle:
         val_ids = token_ids(tokenizer, load_texts(cfg.val_text), cfg.val_tokens)
     except (ModelError, CalibrationError) as exc:
         raise DataError(str(exc)) from None
-    return DataBundle(TokenWindows(train_ids, cfg.seq_len), TokenWindows(val_ids, min(cfg.val_seq_len, val_ids.numel())),
-                      0, 0, cfg.seq_len, "causal_lm")
+    return DataBundle(
+        TokenWindows(train_ids, cfg.seq_len),
+        TokenWindows(val_ids, min(cfg.val_seq_len, val_ids.numel())),
+        0,
+        0,
+        cfg.seq_len,
+        "causal_lm",
+    )
 
 
 def build_data(cfg: DataConfig, model_spec: str | None = None) -> DataBundle:

@@ -141,7 +141,9 @@ def _train(config: Config, run_dir: Path | None, resume: bool, dist_info: DistIn
     sampler = EpochSampler(len(bundle.train), seed, dist_info.rank, dist_info.world)  # type: ignore[arg-type]
     loader = DataLoader(train_set, batch_size=config.data.batch_size, sampler=sampler, drop_last=True,
                         num_workers=config.data.workers, persistent_workers=False)
-    val_loader = eval_loader(bundle.val, config.data.eval_batch_size, dist_info.rank, dist_info.world, config.data.workers)
+    val_loader = eval_loader(
+        bundle.val, config.data.eval_batch_size, dist_info.rank, dist_info.world, config.data.workers
+    )
     steps_per_epoch = sampler.per_rank // config.data.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"data.batch_size={config.data.batch_size} exceeds the {sampler.per_rank} training "
@@ -351,8 +353,11 @@ def _finish(config, run_dir, model, ema, sparsifier, source, log, bundle, device
         reloaded, _ = load_export(out)
         probe = torch.stack([bundle.val[i][0] for i in range(min(8, len(bundle.val)))])
         with torch.no_grad():
-            diff = float((forward_logits(reloaded, probe, bundle.task) - forward_logits(export_model, probe, bundle.task))
-                         .abs().max())
+            diff = float(
+                (forward_logits(reloaded, probe, bundle.task) - forward_logits(export_model, probe, bundle.task))
+                .abs()
+                .max()
+            )
         summary["export"] = {"dir": str(out), "sparse_layers": len(layers), "all_verified": True,
                              "reload_max_abs_diff": diff}
         if config.logging.plots:

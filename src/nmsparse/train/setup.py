@@ -17,7 +17,17 @@ from ..sparsifier import Sparsifier
 from .data import DataBundle
 from .plan import options_in_steps
 
-__all__ = ["build_run_model", "build_sparsifier", "forward_logits", "task_loss", "build_optimizer", "Ema", "evaluate", "eval_loader", "autocast"]
+__all__ = [
+    "build_run_model",
+    "build_sparsifier",
+    "forward_logits",
+    "task_loss",
+    "build_optimizer",
+    "Ema",
+    "evaluate",
+    "eval_loader",
+    "autocast",
+]
 
 
 def build_run_model(config: Config, bundle: DataBundle) -> tuple[nn.Module, ModelSource]:
