@@ -167,7 +167,7 @@ def test_ria_score_by_hand_and_as_a_method():
     assert torch.equal(new_w, w * mask)
 
 
-def test_method_best_runs_sparsegpt_with_refinement_and_names_it():
+def test_method_best_runs_the_measured_pipeline_and_names_it(monkeypatch):
     from nmsparse.method import MethodError
     from nmsparse.oneshot import prune
     from nmsparse.oneshot.prune import BEST
@@ -176,8 +176,11 @@ def test_method_best_runs_sparsegpt_with_refinement_and_names_it():
     x = _correlated()
     model = _model()
     res = prune(model, "2:4", "best", Selection(keep_classifier=False), calibration=[x], progress="none")
-    assert res.method == "best: sparsegpt + refine" and BEST["classifier"] == ("sparsegpt", True)
-    assert all(r.refinement is not None for r in res.sparse_rows)
+    assert res.method == "best: sparsegpt" and BEST["classifier"] == ("sparsegpt", False)
+    assert all(r.refinement is None for r in res.sparse_rows)
     assert is_nm(model[0].weight.detach(), NMPattern(2, 4))
-    with pytest.raises(MethodError, match="need calibration data"):
+    monkeypatch.setitem(BEST, "classifier", ("wanda", True))  # the table decides what runs
+    res = prune(_model(), "2:4", "best", Selection(keep_classifier=False), calibration=[x], progress="none")
+    assert res.method == "best: wanda + refine" and all(r.refinement for r in res.sparse_rows)
+    with pytest.raises(MethodError, match="needs calibration data"):
         prune(_model(), "2:4", "best", progress="none")

@@ -41,8 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--method",
         default="magnitude",
-        help="magnitude, wanda, ria, sparsegpt, or best (the most accurate pipeline for the model kind: "
-        "sparsegpt + --refine)",
+        help="magnitude, wanda, ria, sparsegpt, or best (the most accurate pipeline measured for the model kind; "
+        "today sparsegpt)",
     )
     parser.add_argument("--calib", help="calibration data: text:builtin, text:PATH, hf-dataset:NAME[:CONFIG[:SPLIT]], "
                         "images:DIR, digits, mnist5k (default for wanda/sparsegpt: text:builtin for hf: models, "
