@@ -2,6 +2,7 @@
 instruction set this CPU runs, activations, the operator under PyTorch's tools, and convert."""
 
 import copy
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -209,10 +210,6 @@ def test_convert_int4_falls_back_to_int8_where_it_cannot_store_a_layer_and_says_
 
 def test_layer_choice_compares_the_quantized_sparse_form_with_the_quantized_dense_form(monkeypatch):
     """With weights='int8' a layer that measures slower sparse stays in its dense *int8* form."""
-    import sys
-
-    convert_module = sys.modules["nmsparse.runtime.convert"]  # the package exports the function by that name
-
     model = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 128)).eval()
     with torch.no_grad():
         for layer in model:
@@ -223,7 +220,7 @@ def test_layer_choice_compares_the_quantized_sparse_form_with_the_quantized_dens
         timed.append(fns)
         return [1.0, 2.0] if len(fns) == 2 else [1.0]  # sparse twice as slow as its dense form
 
-    monkeypatch.setattr(convert_module, "_best_ms", fake_best)
+    monkeypatch.setattr(importlib.import_module("nmsparse.runtime.choice"), "best_ms", fake_best)
     q, report = convert(model, weights="int8", example_inputs=torch.randn(1, 128))
     assert all(isinstance(m, QuantLinear) and m.kind == "dense" for m in q)
     assert all(not r.converted and r.weights == "int8" and "kept dense" in r.reason for r in report)

@@ -15,6 +15,7 @@ from nmsparse.pattern import parse_pattern
 from nmsparse.runtime import SparseConv2d, SparseLinear, _native, convert, load_compressed, save_compressed
 
 convert_module = importlib.import_module("nmsparse.runtime.convert")  # the package's `convert` is the function
+choice_module = importlib.import_module("nmsparse.runtime.choice")
 
 pytestmark = pytest.mark.skipif(not _native.available(), reason="no C++ compiler builds the kernels here")
 
@@ -172,7 +173,7 @@ def test_layers_of_one_shape_are_chosen_together_by_their_median(monkeypatch, sl
         dense_layer = fns[0].__defaults__[0][0]
         return [1.0, 2.0 if id(dense_layer) in slowed else 0.5]
 
-    monkeypatch.setattr(convert_module, "_best_ms", best_ms)
+    monkeypatch.setattr(choice_module, "best_ms", best_ms)
     x = torch.randn(4, 64)
     model, report = convert(net, {str(i): "1x16:0.25" for i in range(4)}, example_inputs=x, repeats=3, fuse=False)
     rows = {r.fqn: r for r in report}
@@ -206,7 +207,7 @@ def test_repeated_layers_of_a_model_larger_than_the_cache_are_chosen_in_the_mode
             return [1.0, 2.0] if key[2] == "2:4" else [1.0, 0.5]  # 2:4 layers: slower inside the model
         return [1.0, 0.5]  # every layer alone: 2x faster sparse
 
-    monkeypatch.setattr(convert_module, "_best_ms", best_ms)
+    monkeypatch.setattr(choice_module, "best_ms", best_ms)
     monkeypatch.setattr(timing, "last_level_cache_bytes", lambda: 4096)
     patterns = {"0": "1x16:0.25", "1": "1x16:0.25", "2": "2:4", "3": "2:4", "4": "2:4"}
     model, report = convert(copy.deepcopy(net), patterns, example_inputs=torch.randn(1, 64), repeats=3, fuse=False)
@@ -335,11 +336,11 @@ def test_a_converted_model_slower_as_a_whole_is_put_back(monkeypatch):
     sparse modules only when called inside the model): convert puts every module back, fusion included."""
     import sys
 
-    conv = sys.modules["nmsparse.runtime.convert"]  # the module (the package exports the function by that name)
+    conv = sys.modules["nmsparse.runtime.choice"]  # the layer choice times through choice.best_ms
     dense, _ = _converted("1x16:0.25")
     net = copy.deepcopy(dense)
     calls = iter([[1.0], [2.0, 1.0], [2.0, 1.0], [2.0, 1.0], [2.0, 1.0], [3.0]])  # model, 4 layers, model
-    monkeypatch.setattr(conv, "_best_ms", lambda fns, repeats: next(calls))
+    monkeypatch.setattr(conv, "best_ms", lambda fns, repeats: next(calls))
     x = torch.randn(2, 16, 9, 9)
     model, report = convert(net, {f: "1x16:0.25" for f in ("conv1", "conv2", "fc1", "fc2")}, example_inputs=x)
     assert report.reverted and report.speedup == pytest.approx(1 / 3)

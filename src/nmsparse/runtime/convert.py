@@ -11,7 +11,6 @@ PyTorch's semi-structured sparse tensors (cuSPARSELt/CUTLASS), per PyTorch's doc
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from ..export.manifest import entry_patterns
 from ..mask import is_nm
 from ..parametrize import input_map
 from ..pattern import BlockPattern, NMPattern, Pattern, parse_pattern
+from . import choice
 from .formats import FormatError, gemm_matrix, pack_block, pack_nm
 from .modules import QuantLinear, SparseConv2d, SparseLinear
 from .quant import DEFAULT_GROUP, QuantError, WeightScheme, parse_weights, quantize, quantize_activations
@@ -178,85 +178,12 @@ def _eligible(module: nn.Module) -> str:
     return ""
 
 
-def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
-
-
-def _capture_inputs(model: nn.Module, fqns: list[str], inputs: Any) -> dict[str, torch.Tensor]:
-    """The input each named layer receives at its first call when the model runs on ``inputs``."""
-    seen: dict[str, torch.Tensor] = {}
-    hooks = []
-    for fqn in fqns:
-        def hook(module, args, fqn=fqn):
-            if fqn not in seen and args and isinstance(args[0], torch.Tensor):
-                seen[fqn] = args[0].detach().clone()
-        hooks.append(model.get_submodule(fqn).register_forward_pre_hook(hook))
-    try:
-        _call(model, inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
-
-
-def _best_ms(fns: list, repeats: int) -> list[float]:
-    """The fastest of ``repeats`` interleaved calls of each function, in ms. The minimum, not the
-    median: other tenants and clock changes only ever add time, and on a shared 2-core machine the
-    medians of ten calls flipped layers' choices between runs (a ViT fc2 measured 0.66x in one run,
-    1.44x in the next; the minima agreed)."""
-    from .timing import time_interleaved
-
-    return [1e3 * min(t) for t in time_interleaved(fns, warmup=2, repeats=repeats)]
-
-
-# The most time the in-model choice of repeated layers may take (the model's call times the timed calls).
-_IN_MODEL_BUDGET_MS = 60_000.0
-
-
-def _time_groups_in_model(model: nn.Module, inputs: Any, candidates: list, groups: dict[tuple, list],
-                          keys: list[tuple], repeats: int) -> dict[tuple, float]:
-    """For a model larger than the cache: ``{group: whole-model time with the group dense / with it
-    sparse}``. Starting from every candidate sparse, each group of repeated layers is timed in the
-    model both ways (interleaved) and left in the faster state for the next. Why not the layers
-    alone: a layer's call cycled through copies misses what surrounds it in the model (on SmolLM2
-    2:4 the layers alone chose 90 of 210 layers and 1.28x; all sparse decoded 1.41x). The model is
-    left with every candidate dense; the caller applies the choice."""
-    for fqn, _, sparse in candidates:
-        model.set_submodule(fqn, sparse)
-
-    def run(key: tuple, sparse: bool) -> Any:
-        for fqn, d, s in groups[key]:
-            model.set_submodule(fqn, s if sparse else d)
-        return _call(model, inputs)
-
-    ratios = {}
-    for key in keys:
-        dense_ms, sparse_ms = _best_ms([lambda i, k=key: run(k, False), lambda i, k=key: run(k, True)], repeats)
-        ratios[key] = dense_ms / sparse_ms
-        run(key, ratios[key] >= 1.0)
-    for fqn, dense, _ in candidates:
-        model.set_submodule(fqn, dense)
-    return ratios
-
-
-def _choice_group(module: nn.Module, row: ConvertRow) -> tuple:
-    """Layers that run the same kernels on the same input shape: one layer choice for them all."""
-    shape = tuple(module.weight.shape) if hasattr(module, "weight") else (module.out_features, module.in_features)
-    return type(module).__name__, shape, row.pattern, tuple(row.input_shape or ())
-
-
 def _settle_dense(model: nn.Module, fqn: str, form: nn.Module, row: ConvertRow) -> None:
     """Record (and, for a quantized form, put in place) what a layer that does not run sparse runs as."""
     row.packed_bytes = getattr(form, "weight_nbytes", row.dense_bytes)
     row.weights = str(form.scheme) if isinstance(form, QuantLinear) else "fp32"
     if isinstance(form, QuantLinear):
         model.set_submodule(fqn, form)
-
-
-def _model_bytes(model: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 @torch.no_grad()
@@ -322,8 +249,64 @@ def convert(
     scheme = parse_weights(weights, group_size)
     if activations not in ("int8", "fp32"):
         raise QuantError(f"activations {activations!r} is not one of int8, fp32")
+    model, given, exact = _source(model_or_export, patterns)
+    model.eval()
+    report = ConvertReport()
+    report.weights = str(scheme) if scheme else "fp32"
+    unavailable = ""
+    try:
+        report.isa = _native.require().nms_isa().decode()
+    except _native.KernelsUnavailable as exc:
+        unavailable = str(exc)
+    plan, quant_dense = _plan(model, report, given, infer, scheme, unavailable, keep_dense)
+    rows = {row.fqn: row for row in report}
+    inputs = {}
+    if example_inputs is not None and plan:
+        inputs = choice.capture_inputs(model, [fqn for fqn, _, _ in plan], example_inputs)
+        report.dense_ms = choice.best_ms([lambda i: choice.call(model, example_inputs)], repeats)[0]
+        from .timing import last_level_cache_bytes
+
+        # a model larger than the cache runs each layer from memory: time the layers that way (timed
+        # back to back, a small decode-step layer ran from cache, where dense GEMV is 3-5x faster
+        # than from memory, and sparse layers that win in the model were kept dense)
+        report.cold_cache = choice.model_bytes(model) > last_level_cache_bytes()
+    forms = _Forms(scheme, activations, exact)
+    candidates = _pack(plan, rows, forms, inputs, report.cold_cache, repeats, progress, quant_dense)
+    stay_dense = choice.decide(model, example_inputs, candidates, rows, report.cold_cache, report.dense_ms,
+                               min_speedup, repeats)
+    replaced: dict[str, nn.Module] = {}  # fqn -> the module before conversion or fusion (for a revert)
+    for fqn, module, new in candidates:
+        if fqn in stay_dense:
+            rows[fqn].reason = stay_dense[fqn]
+            _settle_dense(model, fqn, module, rows[fqn])
+            continue
+        replaced[fqn] = module
+        model.set_submodule(fqn, new)
+        rows[fqn].converted = True
+    for fqn in quant_dense:  # Linear layers without a pattern (the LM head): their dense quantized form
+        _settle_dense(model, fqn, forms.dense(model.get_submodule(fqn)), rows[fqn])
+    if fuse and any(row.converted for row in report):
+        from .fuse import fuse as fuse_following
+
+        before = dict(model.named_modules())
+        fused = fuse_following(model).fused
+        for row in report:
+            row.fused = fused.get(row.fqn, [])
+            for absorbed in row.fused:
+                replaced[absorbed] = before[absorbed]
+    if example_inputs is not None and report.dense_ms is not None:
+        choice.revert_if_slower(model, example_inputs, report, replaced, repeats, min_speedup, _settle_dense)
+    report.decode = _attach_decode(model, decode)
+    return model, report
+
+
+def _source(model_or_export: nn.Module | str | Path,
+            patterns: dict[str, str | Pattern] | None) -> tuple[nn.Module, dict[str, Pattern], bool]:
+    """``(model, {fqn: pattern}, exact)``: the model (an export loaded), the patterns given by the
+    manifest and then ``patterns``, and whether the values already lie on quantization grids (an
+    export pruned with ``--weights``: kept as they are)."""
     given: dict[str, Pattern] = {}
-    exact = False  # an export pruned with --weights: its values already lie on grids, kept as they are
+    exact = False
     if isinstance(model_or_export, (str, Path)):
         from ..export import load_export
 
@@ -336,16 +319,16 @@ def convert(
     else:
         model = model_or_export
     given.update({f: parse_pattern(p) for f, p in (patterns or {}).items()})
-    model.eval()
-    report = ConvertReport()
-    report.weights = str(scheme) if scheme else "fp32"
-    unavailable = ""
-    try:
-        report.isa = _native.require().nms_isa().decode()
-    except _native.KernelsUnavailable as exc:
-        unavailable = str(exc)
+    return model, given, exact
+
+
+def _plan(model: nn.Module, report: ConvertReport, given: dict[str, Pattern], infer: bool,
+          scheme: WeightScheme | None, unavailable: str,
+          keep_dense: dict[str, str] | None) -> tuple[list[tuple[str, nn.Module, Pattern]], list[str]]:
+    """One report row per Linear/Conv2d; returns the layers to convert ``(fqn, module, pattern)`` and
+    the Linear layers without a pattern that take their dense quantized form."""
     plan: list[tuple[str, nn.Module, Pattern]] = []
-    quant_dense: list[str] = []  # Linear layers without a pattern: their dense quantized form
+    quant_dense: list[str] = []
     for fqn, module in list(model.named_modules()):
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
@@ -365,114 +348,51 @@ def convert(
         report.append(ConvertRow(fqn, str(pattern) if pattern else None, False, reason, dense_bytes, dense_bytes))
         if not reason:
             plan.append((fqn, module, pattern))  # type: ignore[arg-type]
-    rows = {row.fqn: row for row in report}
-    replaced: dict[str, nn.Module] = {}  # fqn -> the module before conversion or fusion (for a revert)
-    inputs = {}
-    if example_inputs is not None and plan:
-        inputs = _capture_inputs(model, [fqn for fqn, _, _ in plan], example_inputs)
-        report.dense_ms = _best_ms([lambda i: _call(model, example_inputs)], repeats)[0]
-        from .timing import last_level_cache_bytes
+    return plan, quant_dense
 
-        # a model larger than the cache runs each layer from memory: time the layers that way (timed
-        # back to back, a small decode-step layer ran from cache, where dense GEMV is 3-5x faster
-        # than from memory, and sparse layers that win in the model were kept dense)
-        report.cold_cache = _model_bytes(model) > last_level_cache_bytes()
+
+@dataclass
+class _Forms:
+    """How layers are packed: the weight scheme (None: float32), activations, exact grids."""
+
+    scheme: WeightScheme | None
+    activations: str
+    exact: bool
+
+    def sparse(self, module: nn.Module, pattern: Pattern, row: ConvertRow) -> nn.Module:
+        return _convert_layer(module, pattern, self.scheme, row, self.activations, self.exact)
+
+    def dense(self, module: nn.Module) -> nn.Module:
+        return _dense_form(module, self.scheme, self.activations, self.exact)
+
+
+def _pack(plan: list[tuple[str, nn.Module, Pattern]], rows: dict[str, ConvertRow], forms: _Forms,
+          inputs: dict[str, torch.Tensor], cold: bool, repeats: int, progress: str,
+          quant_dense: list[str]) -> list[choice.Candidate]:
+    """``(fqn, dense form, sparse form)`` of every planned layer that packs (a layer that cannot goes
+    to ``quant_dense`` with the reason in its row), each timed both ways where its input is known."""
     from ..progress import Progress
 
     bar = Progress(len(plan), 0, progress if inputs else "none", 1, True)
-    candidates: list[tuple[str, nn.Module, nn.Module]] = []
+    candidates: list[choice.Candidate] = []
     for index, (fqn, module, pattern) in enumerate(plan):
         row = rows[fqn]
         try:
-            new = _convert_layer(module, pattern, scheme, row, activations, exact)
+            new = forms.sparse(module, pattern, row)
         except FormatError as exc:
             row.reason = str(exc)
             quant_dense.append(fqn)
             continue
         row.packed_bytes = new.weight_nbytes
         row.weights = getattr(new, "scheme", None) and str(new.scheme) or "fp32"
-        module = _dense_form(module, scheme, activations, exact)  # what the layer runs as when not sparse
+        module = forms.dense(module)  # what the layer runs as when not sparse
         x = inputs.get(fqn)
         if x is not None:
-            row.input_shape = list(x.shape)
-            from .timing import cold_copies, rotating
-
-            if report.cold_cache:
-                dense_bytes = getattr(module, "weight_nbytes", row.dense_bytes)
-                dense_set, sparse_set = cold_copies(module, dense_bytes), cold_copies(new, new.weight_nbytes)
-            else:
-                dense_set, sparse_set = [module], [new]
-            row.dense_ms, row.sparse_ms = _best_ms([rotating(dense_set, x), rotating(sparse_set, x)], repeats)
-            del dense_set, sparse_set
-            row.speedup = row.dense_ms / row.sparse_ms
+            choice.time_layer(row, module, new, x, cold, repeats)
             bar.update(index + 1, f"{fqn}: {row.speedup:.2f}x")
         candidates.append((fqn, module, new))
     bar.close()
-    # layers of one shape, pattern and input run the same kernels: one decision for the group, from
-    # the median of its layers' ratios (each alone is a few calls of a noisy machine: on SmolLM2 the
-    # same 2:4 decode converted 81 of 210 layers in one run and 189 in the next)
-    groups: dict[tuple, list[tuple[str, nn.Module, nn.Module]]] = {}  # key -> (fqn, dense, sparse) of timed layers
-    for candidate in candidates:
-        if rows[candidate[0]].speedup is not None:
-            groups.setdefault(_choice_group(candidate[1], rows[candidate[0]]), []).append(candidate)
-    in_model: dict[tuple, float] = {}
-    repeated = [key for key, group in groups.items() if len(group) > 1]
-    if (report.cold_cache and repeated and min_speedup >= 1.0 and report.dense_ms is not None
-            and report.dense_ms * len(repeated) * 2 * (repeats + 3) < _IN_MODEL_BUDGET_MS):
-        in_model = _time_groups_in_model(model, example_inputs, candidates, groups, repeated, repeats)
-    for fqn, module, new in candidates:
-        row = rows[fqn]
-        if row.speedup is not None:
-            key = _choice_group(module, row)
-            group = [rows[f] for f, _, _ in groups[key]]
-            if key in in_model:
-                if in_model[key] < 1.0:
-                    row.reason = (
-                        f"kept dense: the model ran {in_model[key]:.2f}x as fast with the {len(group)} layers "
-                        f"of this shape sparse as with them dense (input {row.input_shape}; this layer alone "
-                        f"{row.speedup:.2f}x)"
-                    )
-                    _settle_dense(model, fqn, module, row)
-                    continue
-            elif (ratio := statistics.median(r.speedup for r in group)) < min_speedup:
-                alone = f"sparse measured {row.speedup:.2f}x of dense"
-                if len(group) > 1:
-                    alone = (f"the {len(group)} layers of this shape measured {ratio:.2f}x of dense "
-                             f"(median; this one {row.speedup:.2f}x)")
-                row.reason = f"kept dense: {alone} at input {row.input_shape} (below {min_speedup:g}x)"
-                _settle_dense(model, fqn, module, row)
-                continue
-        replaced[fqn] = module
-        model.set_submodule(fqn, new)
-        row.converted = True
-    for fqn in quant_dense:  # Linear layers without a pattern (the LM head): their dense quantized form
-        _settle_dense(model, fqn, _dense_form(model.get_submodule(fqn), scheme, activations, exact), rows[fqn])
-    if fuse and any(row.converted for row in report):
-        from .fuse import fuse as fuse_following
-
-        before = dict(model.named_modules())
-        fused = fuse_following(model).fused
-        for row in report:
-            row.fused = fused.get(row.fqn, [])
-            for absorbed in row.fused:
-                replaced[absorbed] = before[absorbed]
-    if example_inputs is not None and report.dense_ms is not None:
-        report.sparse_ms = _best_ms([lambda i: _call(model, example_inputs)], repeats)[0]
-        report.speedup = report.dense_ms / report.sparse_ms
-        if replaced and report.speedup < 1.0 <= min_speedup:
-            # each layer was faster alone, the model as a whole was not (cache effects between layers,
-            # timing noise): put every replaced module back, so that the model is never slower
-            for fqn, module in replaced.items():
-                model.set_submodule(fqn, module)
-            for row in report:
-                if row.converted:
-                    row.converted, row.fused = False, []
-                    _settle_dense(model, row.fqn, replaced[row.fqn], row)
-                    row.reason = (f"kept dense: the converted model measured {report.speedup:.2f}x of dense as a "
-                                  "whole, so every layer was put back")
-            report.reverted = True
-    report.decode = _attach_decode(model, decode)
-    return model, report
+    return candidates
 
 
 def _attach_decode(model: nn.Module, decode: bool) -> str:
