@@ -133,3 +133,39 @@ def test_deepcopy_of_a_fused_model_decodes_on_its_own_weights():
     with torch.no_grad():  # the copy's plans read the copy: changing it changes its tokens only
         twin.lm_head.scales.mul_(-1)
     assert not torch.equal(_generate(twin, PROMPT, 8), _generate(model, PROMPT, 8))
+
+
+def test_plain_greedy_generate_runs_its_own_loop_and_equals_hf_generate(monkeypatch):
+    """Plain greedy calls (the common generate(ids, max_new_tokens=...)) run a loop of fused steps
+    without generate()'s per-token Python; it gives Hugging Face's tokens, honours end-of-sequence
+    and min_new_tokens as generate() does, and anything else (a streamer, scores, processors) goes
+    to generate() itself."""
+    from nmsparse.runtime import decode as decode_module
+
+    model, _ = convert(_tiny_llama(), weights="fp32")
+    loops = []
+    real = decode_module._greedy
+    monkeypatch.setattr(decode_module, "_greedy", lambda *a: loops.append(1) or real(*a))
+
+    def hf(**kw):  # generate() itself (with the fused step), forced by asking for its dict output
+        with torch.no_grad():
+            return model.generate(PROMPT, do_sample=False, return_dict_in_generate=True, **kw).sequences
+
+    with torch.no_grad():
+        ours = model.generate(PROMPT, max_new_tokens=20, do_sample=False)
+    assert loops == [1] and torch.equal(ours, hf(max_new_tokens=20))
+    assert torch.equal(ours, _module_path(model, PROMPT, 20)[:, :ours.shape[1]])
+    stop = int(ours[0, 12 + 5])  # make the 6th new token an end-of-sequence token: both stop after it
+    lengths = []
+    for kw in ({"eos_token_id": stop}, {"eos_token_id": [299, stop], "min_new_tokens": 8}, {"min_length": 19}):
+        with torch.no_grad():
+            got = model.generate(PROMPT, max_new_tokens=20, do_sample=False, pad_token_id=0, **{"eos_token_id": stop,
+                                                                                                  **kw})
+        want = hf(max_new_tokens=20, pad_token_id=0, **{"eos_token_id": stop, **kw})
+        assert torch.equal(got, want), kw
+        lengths.append(got.shape[1])
+    assert lengths[0] == 12 + 6 and lengths[1] >= 12 + 8 and lengths[2] >= 19 and len(loops) == 4
+    with torch.no_grad():
+        model.generate(PROMPT, max_new_tokens=4, do_sample=False, repetition_penalty=1.3)
+        model.generate(PROMPT, max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    assert len(loops) == 4  # processors and score outputs: generate() itself
