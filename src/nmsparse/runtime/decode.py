@@ -361,7 +361,7 @@ def _greedy(self, decoder: LlamaDecoder, ids: torch.Tensor, config, new: int) ->
     tokens), with the prompt through the model's modules and every later token one fused step,
     without generate()'s per-token Python (about 2 ms a token on SmolLM2)."""
     cache = DecodeCache(decoder, capacity=int(ids.shape[1]) + new + 1)
-    logits = type(self).forward(self, input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    logits = type(self).forward(self, input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
     eos = config.eos_token_id
     eos = [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
     least = max(config.min_new_tokens or 0, (config.min_length or 0) - ids.shape[1])
