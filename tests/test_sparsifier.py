@@ -132,6 +132,8 @@ def test_report_and_state_errors(tiny_cnn):
     assert rows["fc"].skip_reason and rows["fc"].pattern is None
     with pytest.raises(SparsifierError, match="not a sparsifier state"):
         sparsifier.load_state_dict({"layers": {}})
+    with pytest.raises(SparsifierError, match="newer than this nmsparse"):
+        sparsifier.load_state_dict({**sparsifier.state_dict(), "version": 99})
     state = sparsifier.state_dict()
     state["layers"].pop("conv2")
     with pytest.raises(SparsifierError, match="do not match"):

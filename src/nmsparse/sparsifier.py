@@ -262,6 +262,9 @@ class Sparsifier:
         self._require_prepared()
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise SparsifierError("not a sparsifier state (missing format marker)")
+        if not isinstance(state.get("version", 1), int) or state.get("version", 1) > STATE_VERSION:
+            raise SparsifierError(f"sparsifier state version {state.get('version')!r} is newer than this nmsparse "
+                                  f"reads ({STATE_VERSION}): upgrade nmsparse to load it")
         if state.get("method") != self.method.name:
             raise SparsifierError(
                 f"state is for method {state.get('method')!r}, this sparsifier runs {self.method.name!r}"

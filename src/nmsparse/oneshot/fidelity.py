@@ -20,10 +20,9 @@ from torch import nn
 from ..models import forward_output, no_cache
 from ..progress import Progress
 
-__all__ = ["MODEL_KINDS", "model_kind", "mean_pool", "sentence_embeddings", "embedding_fidelity", "perplexity",
+__all__ = ["model_kind", "mean_pool", "sentence_embeddings", "embedding_fidelity", "perplexity",
            "output_fidelity", "FidelityCheck"]
 
-MODEL_KINDS = ("causal_lm", "encoder", "classifier")
 
 
 def model_kind(model: nn.Module) -> str:

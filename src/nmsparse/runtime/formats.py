@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..pattern import BlockPattern, NMPattern, PatternError
 from ..quantgrid import nm_chunk
 
 __all__ = ["BlockPacked", "NMPacked", "pack_block", "pack_nm", "gemm_matrix", "FormatError", "offset_bits",
@@ -221,9 +220,3 @@ def pack_nm(matrix: torch.Tensor, n: int, m: int) -> NMPacked:
     vals = torch.gather(groups, -1, order).reshape(out, -1)
     return NMPacked.from_row_major(offs.numpy(), vals.numpy(), n, m, (out, columns))
 
-
-def check_pattern_fits(pattern: NMPattern | BlockPattern, shape: tuple[int, ...]) -> None:
-    try:
-        pattern.check_shape(shape)
-    except PatternError as exc:
-        raise FormatError(str(exc)) from None
