@@ -32,3 +32,13 @@ def test_image_sources(tmp_path):
     assert [b.shape for b in batches] == [torch.Size([3, 3, 32, 32]), torch.Size([1, 3, 32, 32])]
     digits = image_batches("digits", (3, 16, 16), 5)
     assert digits[0].shape == (5, 3, 16, 16)
+
+
+def test_other_text_is_real_english_of_another_source_than_the_builtin_text():
+    pytest.importorskip("sklearn")
+    other = load_texts("text:other")
+    words = other.split()
+    assert len(words) > 4000 and "dataset" in other.lower()
+    builtin = load_texts("text:builtin") + load_texts("text:heldout")
+    lines = {line.strip() for line in other.splitlines() if len(line.strip()) > 60}
+    assert lines and not any(line in builtin for line in lines)  # no sentence shared with the Python docs

@@ -134,6 +134,9 @@ def test_prune_minilm_calibrated_with_fidelity_and_recovery(tmp_path, capsys):
     fidelity = report["fidelity"]
     assert fidelity["measure"] == "embedding_cosine" and 0.5 < fidelity["one_shot"]["mean_cosine"] <= 1.0
     assert report["recovery"]["steps"] == 2 and 0.5 < fidelity["recovered"]["mean_cosine"] <= 1.0
+    assert fidelity["heldout"] == "sentences of text:heldout"  # the report names the text of each step
+    assert report["calibration"]["source"] == "text:builtin"
+    assert report["recovery"]["data"] == "sentences of text:builtin"
     assert (out / "report.json").is_file()
     assert report["reload_max_abs_diff"] <= 1e-6
     from PIL import Image

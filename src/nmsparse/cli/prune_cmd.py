@@ -59,7 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "next-token distributions plus every layer's hidden states (causal LMs); "
                              "auto: causal for causal LMs, layers for other text models, hidden otherwise")
     parser.add_argument("--heldout", help="held-out data of the fidelity measure: text:heldout (default for causal "
-                        "LMs: built-in text calibration never sees), text:PATH, or an image spec for vision models")
+                        "LMs: built-in text calibration never sees), text:other (text of another source: the "
+                        "dataset descriptions shipped with scikit-learn), text:PATH, or an image spec for vision "
+                        "models")
     parser.add_argument("--heldout-tokens", type=int, default=4096, help="held-out tokens for perplexity (causal LMs)")
     parser.add_argument("--window", type=int, default=512, help="perplexity window in tokens (causal LMs)")
     parser.add_argument("--permute", action="store_true",
@@ -157,8 +159,14 @@ def run(args: argparse.Namespace) -> int:
     heldout = None
     if text_model or args.calib or calibrated:
         heldout = heldout_data(model, source, kind, args.heldout, args.heldout_tokens, seed=args.seed)
+    heldout_spec = {"causal_lm": args.heldout or "text:heldout", "encoder": "sentences of text:heldout"}.get(
+        kind, args.heldout or "digits (another draw than calibration's)")
     describe = {"model": args.model,
-                "calibration": {"source": spec, "samples": args.samples, "seq_len": args.seq_len} if batches else None}
+                "calibration": {"source": spec, "samples": args.samples, "seq_len": args.seq_len} if batches else None,
+                "heldout": heldout_spec if heldout is not None else None,
+                "recovery_data": None if recovery is None else {
+                    "causal_lm": f"{spec} (windows drawn with another seed than calibration's)",
+                    "encoder": f"sentences of {spec}"}.get(kind, f"the calibration batches ({spec})")}
     result = prune(model, args.pattern, args.method, selection, calibration=batches,
                    permute=args.permute_sweeps if args.permute else None, heldout=heldout, recover=recovery,
                    out=args.out, source=source, example_inputs=example_input(model, source), progress="auto",

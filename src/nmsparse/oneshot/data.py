@@ -76,16 +76,40 @@ def split_sentences(text: str, min_chars: int = 40, max_chars: int = 300) -> lis
     return [p for p in pieces if min_chars <= len(p) <= max_chars and p[0].isupper()]
 
 
+def other_text() -> str:
+    """Real English of another kind than the built-in Python documentation: the dataset descriptions
+    that ship with scikit-learn (``sklearn/datasets/descr/*.rst``, about 47 KB). Never calibration or
+    training data of the built-in specs: the held-out text of a different source (``text:other``).
+
+    Raises:
+        CalibrationError: scikit-learn is not installed.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise CalibrationError("text:other is the dataset descriptions shipped with scikit-learn: "
+                               "pip install scikit-learn (or give text:PATH)")
+    descr = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "descr"
+    files = sorted(descr.glob("*.rst"))
+    if not files:
+        raise CalibrationError(f"text:other: no dataset descriptions under {descr}")
+    return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+
+
 def load_texts(spec: str) -> str:
     kind, _, rest = spec.partition(":")
     if kind == "text" and rest == "builtin":
         return builtin_text()[0]
     if kind == "text" and rest == "heldout":
         return heldout_text()
+    if kind == "text" and rest == "other":
+        return other_text()
     if kind == "text":
         path = Path(rest)
         if not path.is_file():
-            raise CalibrationError(f"calibration text file {rest!r} does not exist (use text:builtin or text:PATH)")
+            raise CalibrationError(f"calibration text file {rest!r} does not exist (use text:builtin, text:heldout, "
+                                   "text:other or text:PATH)")
         text = path.read_text(encoding="utf-8", errors="replace")
         if not text.strip():
             raise CalibrationError(f"calibration text file {rest!r} is empty")

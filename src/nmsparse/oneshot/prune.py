@@ -122,7 +122,8 @@ def prune(
         extra / files: more manifest keys / more files for the export (``report.json``, ``report.md`` and
             the plots of :mod:`nmsparse.oneshot.report` are added).
         describe: facts for the report a caller knows and ``prune`` does not: ``{"model": name,
-            "calibration": {"source": ..., "samples": ..., ...}}``.
+            "calibration": {"source": ..., "samples": ..., ...}, "heldout": what the fidelity measure
+            read, "recovery_data": what the recovery trained on}``.
         weights / group_size: ``"int8"`` / ``"int4"``: prune and quantize in one pass. SparseGPT
             rounds inside its updates (each column's rounding error compensated); every method's
             result is then snapped to the runtime's grid (:func:`nmsparse.oneshot.quantize.snap_to_grid`,
@@ -227,6 +228,10 @@ def prune(
         result.model = describe.get("model", result.model)
         if describe.get("calibration") and result.calibration is not None:
             result.calibration = {**describe["calibration"], **result.calibration}
+        if describe.get("heldout") and result.fidelity is not None:
+            result.fidelity["heldout"] = describe["heldout"]  # which text the measure read
+        if describe.get("recovery_data") and result.recovery is not None:
+            result.recovery["data"] = describe["recovery_data"]
     if out is not None:
         from .report import report_files
 
