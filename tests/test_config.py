@@ -111,3 +111,20 @@ def test_every_recipe_prepares_its_model(name):
     assert sparsifier.layers, f"{name}: no layer selected"
     ramping = sparsifier.method.summary().get("rho", 1.0) < 1.0  # block_1xn before its ramp: dense, regrown
     assert ramping or all(row.verified is not False for row in report)
+
+
+def test_deeply_nested_yaml_is_one_line_exit_2(tmp_path, capsys):
+    """A recipe nested thousands of levels deep (a parser's recursion limit) is a ConfigError, exit 2."""
+    from nmsparse.cli.main import main
+    from nmsparse.schema import MAX_DEPTH, ConfigError, yaml_load
+
+    for text in ("a: " + "[" * 5000 + "]" * 5000, "model:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 3000)),
+                 "a: " + "[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1)):
+        with pytest.raises(ConfigError, match="nests more than"):
+            yaml_load(text)
+        path = tmp_path / "deep.yaml"
+        path.write_text(text)
+        assert main(["train", "--config", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert "nests more than" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert yaml_load("a: " + "[" * (MAX_DEPTH - 1) + "1" + "]" * (MAX_DEPTH - 1))  # deep but allowed

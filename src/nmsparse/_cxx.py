@@ -19,6 +19,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from .env import cache_root, cpuinfo_line
+
 __all__ = ["BASE_FLAGS", "cache_dir", "compiler", "cpu_signature", "build", "build_cached"]
 
 BASE_FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
@@ -26,19 +28,12 @@ _LOCK = threading.Lock()
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("NMSPARSE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nmsparse")
-    return Path(root) / "kernels"
+    return cache_root() / "kernels"
 
 
 def cpu_signature() -> str:
     """This CPU's feature line (``flags`` on x86, ``Features`` on ARM) or, failing that, its name."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo_line("flags", "Features") or platform.processor() or platform.machine()
 
 
 def compiler() -> str | None:

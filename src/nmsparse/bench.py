@@ -262,15 +262,12 @@ def _plot(rows: list[dict[str, Any]], key: str, path: Path) -> None:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "Model")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     import platform
 
-    return platform.processor() or platform.machine()
+    from .env import cpuinfo_line
+
+    line = cpuinfo_line("model name", "Model")
+    return line.split(":", 1)[1].strip() if line else platform.processor() or platform.machine()
 
 
 def machine_meta(threads: int, note: str) -> dict[str, Any]:

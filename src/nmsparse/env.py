@@ -4,11 +4,34 @@ directory). Cheap and side-effect free: it never builds a kernel or initialises 
 
 from __future__ import annotations
 
+import os
 import platform
+from functools import cache
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
-__all__ = ["environment", "cpu_isa"]
+__all__ = ["environment", "cpu_isa", "cpuinfo_line", "cache_root"]
+
+
+def cache_root() -> Path:
+    """Where nmsparse caches what it builds or converts once per machine (kernels, GGUF conversions):
+    ``$NMSPARSE_CACHE``, default ``~/.cache/nmsparse``."""
+    return Path(os.environ.get("NMSPARSE_CACHE") or Path.home() / ".cache" / "nmsparse")
+
+
+@cache
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return ""
+
+
+def cpuinfo_line(*prefixes: str) -> str | None:
+    """The first line of ``/proc/cpuinfo`` that starts with one of ``prefixes`` (``"flags"``,
+    ``"model name"``...), or None (no such line, or no /proc/cpuinfo: not Linux)."""
+    return next((line for line in _cpuinfo().splitlines() if line.startswith(prefixes)), None)
 
 
 def cpu_isa() -> str:
@@ -16,10 +39,7 @@ def cpu_isa() -> str:
     machine = platform.machine().lower()
     if machine in ("aarch64", "arm64"):
         return "neon"
-    try:
-        flags = open("/proc/cpuinfo", encoding="ascii", errors="replace").read()  # noqa: SIM115
-    except OSError:
-        return "generic"
+    flags = (cpuinfo_line("flags") or "") + " "
     if " avx512f" in flags:
         return "avx512"
     if " avx2" in flags and " fma" in flags:

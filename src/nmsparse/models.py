@@ -76,9 +76,9 @@ def smollm2_gguf() -> Path:
 
 
 def _cache_root() -> Path:
-    import os
+    from .env import cache_root
 
-    return Path(os.environ.get("NMSPARSE_CACHE", Path.home() / ".cache" / "nmsparse"))
+    return cache_root()
 
 
 def gguf_to_hf(path: str | Path) -> Path:

@@ -55,9 +55,33 @@ _Loader.add_implicit_resolver(
 )
 
 
+MAX_DEPTH = 32  # recipes nest a few levels; anything deeper is a mistake (or an attack on the parser)
+
+
+def _depth(value: Any, limit: int) -> int:
+    if limit < 0 or not isinstance(value, (dict, list)):
+        return 0
+    items = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(v, limit - 1) for v in items), default=0)
+
+
 def yaml_load(text: str) -> Any:
-    """Parse YAML text with the strict loader above."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    """Parse YAML text with the strict loader above.
+
+    Raises:
+        ConfigError: the document nests deeper than :data:`MAX_DEPTH` levels.
+    """
+    try:
+        value = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        value = None
+        depth = MAX_DEPTH + 1
+    else:
+        depth = _depth(value, MAX_DEPTH + 1)
+    if depth > MAX_DEPTH:
+        raise ConfigError([f"the YAML nests more than {MAX_DEPTH} levels deep; a recipe nests a few "
+                           "(e.g. optim: {lr: 0.1})"])
+    return value
 
 
 def parse_value(text: str) -> Any:
