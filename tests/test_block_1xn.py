@@ -34,10 +34,15 @@ def test_ramp_matches_the_seed_curves(kind, expected):
 
 
 def test_regrow_count_formula():
-    # 64 input channels, p = 60/64: floor((p - p rho) * 64)
+    # 64 input channels, p = 60/64: int((p - p rho) * 64)
     for rho in (0.0, 0.125, 0.5, 0.9, 1.0):
-        assert regrow_count(60, rho) == int((60 / 64 - 60 / 64 * rho) * 64 + 1e-9)
-    assert regrow_count(60, 0.0) == 60 and regrow_count(60, 1.0) == 0
+        assert regrow_count(60 / 64, rho, 64) == int((60 / 64 - 60 / 64 * rho) * 64)
+    assert regrow_count(60 / 64, 0.0, 64) == 60 and regrow_count(60 / 64, 1.0, 64) == 0
+    # by hand, where p C is fractional: p = 0.7, C = 7, rho = 0.1: (0.7 - 0.07) * 7 = 4.41 -> 4 (SUBP's
+    # code); 90% of the int(4.9) = 4 pruned blocks would be 3.6 -> 3
+    assert regrow_count(0.7, 0.1, 7) == 4
+    # p = 0.7, C = 90, rho = 0.5: (0.7 - 0.35) * 90 = 31.499999999999996 -> 31
+    assert regrow_count(0.7, 0.5, 90) == 31
 
 
 def test_bpar_matches_a_hand_computation():
@@ -92,7 +97,7 @@ def test_epoch_cadence_ramp_and_uniform_rows(criterion, mode):
         kept.append(set(counts.tolist()))
     pattern = BlockPattern(8, 0.25)
     # kept blocks per row = 8 + regrow(24, rho(e)) at epochs 1..6: rho = 0, 1/3, 2/3, 1, 1, 1
-    assert kept == [{8 + regrow_count(24, r)} for r in (0.0, 1 / 3, 2 / 3, 1.0, 1.0, 1.0)]
+    assert kept == [{8 + regrow_count(0.75, r, 32)} for r in (0.0, 1 / 3, 2 / 3, 1.0, 1.0, 1.0)]
     assert is_block_uniform(layer.dense_weight * layer.mask, pattern)
     assert layer.parametrization.rule == ("srste" if mode == "soft" else "masked")
 
@@ -189,6 +194,8 @@ def test_kept_blocks_per_row_round_as_subp():
     assert BlockPattern(16, 0.5).kept_per_row(5) == 3
     assert BlockPattern(16, 0.25).kept_per_row(64) == 16 and BlockPattern(16, 0.25).kept_per_row(6) == 2
     assert BlockPattern(16, 0.01).kept_per_row(8) == 1  # at least one block
+    # p = 0.7 of 90: SUBP's int(0.7 * 90) = int(62.99999999999999) = 62 pruned, 28 kept (by hand)
+    assert BlockPattern(16, 0.3).kept_per_row(90) == 28 and BlockPattern(16, 0.3).kept_per_row(10) == 3
 
 
 def test_hard_mode_decays_pruned_weights_as_hubp_unless_turned_off():

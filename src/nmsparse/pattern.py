@@ -28,7 +28,6 @@ This module is pure: no tensors are touched here.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -121,10 +120,11 @@ class BlockPattern:
     """1xN blocks: ``block`` consecutive output channels x 1 input channel x the whole kernel.
 
     Every block row (``block`` output channels) keeps the same number of blocks,
-    ``kept_per_row(C) = max(1, C - floor((1 - density) * C))``: SUBP prunes floor(p * C) blocks of
-    each row at prune rate p = 1 - density, so a half kept on 5 channels keeps 3 (Python's
-    half-to-even ``round`` would keep 2). Threads that own block rows get equal work (SUBP, Xiang
-    et al., NeurIPS 2023).
+    ``kept_per_row(C) = max(1, C - int((1 - density) * C))``: SUBP prunes ``int(p * C)`` blocks of
+    each row at prune rate p = 1 - density, the float product truncated as its code computes it, so
+    a half kept on 5 channels keeps 3 (Python's half-to-even ``round`` would keep 2) and p = 0.7 on
+    90 channels keeps 28 (0.7 * 90 is 62.99999999999999 in floating point). Threads that own block
+    rows get equal work (SUBP, Xiang et al., NeurIPS 2023).
 
     Args:
         block: output channels per block (SUBP uses 4, 8, 16, 32).
@@ -154,7 +154,7 @@ class BlockPattern:
         return self.density >= 1.0
 
     def kept_per_row(self, in_channels: int) -> int:
-        pruned = math.floor((1.0 - self.density) * in_channels + 1e-9)  # SUBP: floor(p * C) pruned
+        pruned = int((1.0 - self.density) * in_channels)  # SUBP's int(prune_rate * in_channels), as it rounds
         return max(1, min(in_channels, in_channels - pruned))
 
     def __str__(self) -> str:

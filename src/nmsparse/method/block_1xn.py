@@ -10,8 +10,9 @@ Every ``update_every_steps`` optimizer steps (once per epoch in SUBP; ``nmsparse
 
 1. score the blocks (``l1``, ``l2`` or ``bpar``), of the currently masked weights by default (SUBP's
    V2; ``score_masked: false`` scores the raw weights, V1);
-2. prune the :math:`\lfloor p C_{in} \rfloor` lowest-scoring blocks (the *final* rate);
-3. regrow :math:`R = \lfloor (p - p_e) C_{in} \rfloor` of them, :math:`p_t = p\,\rho(t)`, by importance
+2. prune the ``int(p * C_in)`` lowest-scoring blocks (the *final* rate);
+3. regrow ``R = int((p - p_e) * C_in)`` of them (the float products truncated, exactly as SUBP's code
+   computes both counts), :math:`p_t = p\,\rho(t)`, by importance
    sampling without replacement with probabilities :math:`\mathrm{softmax}(u / \tau)`, u the
    L2-normalised ascending scores of the pruned blocks; :math:`\rho` ramps from 0 at
    ``ramp_start_step`` to 1 at ``ramp_end_step`` (linear, cos, exp or cubic: the seed's curves as
@@ -32,7 +33,6 @@ Sampling is seeded by (seed, update index, layer): runs and resumes are reproduc
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -71,9 +71,11 @@ def ramp_schedule(kind: str, start_step: int, end_step: int, unit: int = 1, exp_
     raise MethodError(f"unknown ramp {kind!r}; expected linear, cos, exp or cubic")
 
 
-def regrow_count(pruned: int, rho: float) -> int:
-    """Blocks regrown per row: floor((p - p_e) C_in) with p C_in = ``pruned`` and p_e = p rho."""
-    return math.floor(pruned * (1.0 - rho) + 1e-9)
+def regrow_count(prune_rate: float, rho: float, channels: int) -> int:
+    """Blocks regrown per row: ``int((p - p_e) * C_in)`` with p = ``prune_rate``, p_e = p rho, as SUBP's
+    code computes it (from the rates, not from the whole number of pruned blocks: at p C_in = 4.9 and
+    rho = 0.1 that regrows 4, where 90% of the 4 pruned would give 3)."""
+    return int((prune_rate - prune_rate * rho) * channels)
 
 
 def _block_vectors(weight: torch.Tensor, block: int) -> torch.Tensor:
@@ -205,7 +207,8 @@ class Block1xN(Method):
         rho = self.ramp(self.next_step)
         generator = torch.Generator().manual_seed(
             (o.seed * 1_000_003 + self.updates * 7919 + self.order.get(layer.fqn, 0)) % (2**63))
-        rows = block_row_mask(scores, pruned, regrow_count(pruned, rho), o.regrow_temperature, generator)
+        regrow = min(pruned, regrow_count(1.0 - pattern.density, rho, inp))
+        rows = block_row_mask(scores, pruned, regrow, o.regrow_temperature, generator)
         return expand_block_mask(rows, weight.shape, pattern.block)
 
     def state_dict(self) -> dict:
