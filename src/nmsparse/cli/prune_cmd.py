@@ -159,14 +159,7 @@ def run(args: argparse.Namespace) -> int:
     heldout = None
     if text_model or args.calib or calibrated:
         heldout = heldout_data(model, source, kind, args.heldout, args.heldout_tokens, seed=args.seed)
-    heldout_spec = {"causal_lm": args.heldout or "text:heldout", "encoder": "sentences of text:heldout"}.get(
-        kind, args.heldout or "digits (another draw than calibration's)")
-    describe = {"model": args.model,
-                "calibration": {"source": spec, "samples": args.samples, "seq_len": args.seq_len} if batches else None,
-                "heldout": heldout_spec if heldout is not None else None,
-                "recovery_data": None if recovery is None else {
-                    "causal_lm": f"{spec} (windows drawn with another seed than calibration's)",
-                    "encoder": f"sentences of {spec}"}.get(kind, f"the calibration batches ({spec})")}
+    describe = _describe(args, kind, spec, batches, heldout, recovery)
     result = prune(model, args.pattern, args.method, selection, calibration=batches,
                    permute=args.permute_sweeps if args.permute else None, heldout=heldout, recover=recovery,
                    out=args.out, source=source, example_inputs=example_input(model, source), progress="auto",
@@ -187,6 +180,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"recovery: {result.recovery}")
     print(f"wrote {Path(args.out)} (weights, manifest.json, report.json, report.md, plots)")
     return 0
+
+
+def _describe(args: argparse.Namespace, kind: str, spec: str, batches, heldout, recovery) -> dict:
+    """What the report should say that ``prune`` cannot know: the model's name and the text (or
+    images) of each step: calibration, the fidelity measure, the recovery."""
+    heldout_spec = {"causal_lm": args.heldout or "text:heldout", "encoder": "sentences of text:heldout"}.get(
+        kind, args.heldout or "digits (another draw than calibration's)")
+    return {"model": args.model,
+            "calibration": {"source": spec, "samples": args.samples, "seq_len": args.seq_len} if batches else None,
+            "heldout": heldout_spec if heldout is not None else None,
+            "recovery_data": None if recovery is None else {
+                "causal_lm": f"{spec} (windows drawn with another seed than calibration's)",
+                "encoder": f"sentences of {spec}"}.get(kind, f"the calibration batches ({spec})")}
 
 
 def _run_streaming(args: argparse.Namespace, selection) -> int:

@@ -146,24 +146,9 @@ def prune(
         MethodError: a training method, a calibrated method without calibration data, or no layer
             selected.
     """
-    from ..runtime.quant import parse_weights
-
     asked = method
-    if method == "best":
-        method, refine = best_pipeline(model_kind(model))
-        if not calibration:
-            raise MethodError(f"--method best runs {method}, which needs calibration data (calibration=[batches])")
-    scheme = parse_weights(weights, group_size)
-    if scheme is not None and method == "sparsegpt":
-        method_options = {"weights": weights, "group_size": group_size, **(method_options or {})}
-    built = build_method(method, method_options)
-    if not built.one_shot:
-        raise MethodError(f"method {method!r} trains masks; use it with `nmsparse train`, not one-shot pruning")
-    if isinstance(built, CalibratedMethod) and not calibration:
-        raise MethodError(f"method {method!r} needs calibration data (calibration=[batches]); magnitude does not")
-    if refine and not calibration:
-        raise MethodError("mask refinement needs calibration data (calibration=[batches]): it lowers each layer's "
-                          "output error on those inputs")
+    method, built, scheme, refine = _resolve(model, method, method_options, calibration, refine, weights,
+                                             group_size)
     if out is not None and (source is None or example_inputs is None):
         raise ValueError("writing an export needs source= (how to rebuild the model) and example_inputs=")
     text = str(parse_pattern(pattern)) if isinstance(pattern, str) else str(pattern)
@@ -180,6 +165,57 @@ def prune(
     model.eval()
     check = FidelityCheck(model, heldout, window) if heldout is not None else None
     clock.lap("fidelity (dense)")
+    _masks(model, result, built, pattern, selection, calibration, permute, progress, micro_batch, refine)
+    if scheme is not None:
+        from .quantize import snap_to_grid
+
+        # SparseGPT's joint rounding leaves its values on grids that are kept as they are
+        result.weights = {**scheme.as_dict(),
+                          "layers": snap_to_grid(model, result.layers, scheme, exact_grid=method == "sparsegpt")}
+    clock.lap("prune")
+    if check is not None:
+        result.fidelity = {"measure": check.measure, "dense": check.dense(), "one_shot": check(model)}
+        clock.lap("fidelity (one-shot)")
+    if recover is not None:
+        assert reference is not None
+        _recover(model, reference, result, recover, scheme, check, clock, progress)
+    result.seconds = clock.seconds
+    _describe(result, describe or {})
+    if out is not None:
+        _write(model, result, out, save, source, files, {"method": method, **(extra or {})}, reference,
+               example_inputs)
+    return result
+
+
+def _resolve(model: nn.Module, method: str, options: dict[str, Any] | None, calibration: list[Any] | None,
+             refine: bool, weights: str, group_size: int):
+    """``(method, built method, weight scheme or None, refine)`` from the arguments, checked before any
+    work: ``best`` resolved for the model's kind, sparsegpt given the scheme for its joint rounding."""
+    from ..runtime.quant import parse_weights
+
+    if method == "best":
+        method, refine = best_pipeline(model_kind(model))
+        if not calibration:
+            raise MethodError(f"--method best runs {method}, which needs calibration data (calibration=[batches])")
+    scheme = parse_weights(weights, group_size)
+    if scheme is not None and method == "sparsegpt":
+        options = {"weights": weights, "group_size": group_size, **(options or {})}
+    built = build_method(method, options)
+    if not built.one_shot:
+        raise MethodError(f"method {method!r} trains masks; use it with `nmsparse train`, not one-shot pruning")
+    if isinstance(built, CalibratedMethod) and not calibration:
+        raise MethodError(f"method {method!r} needs calibration data (calibration=[batches]); magnitude does not")
+    if refine and not calibration:
+        raise MethodError("mask refinement needs calibration data (calibration=[batches]): it lowers each layer's "
+                          "output error on those inputs")
+    return method, built, scheme, refine
+
+
+def _masks(model: nn.Module, result: PruneResult, built, pattern: str | Pattern, selection: Selection | None,
+           calibration: list[Any] | None, permute: int | None, progress: str, micro_batch: int | None,
+           refine: bool) -> None:
+    """Permute (if asked), then prune with calibration or with the method's own masks; fills
+    ``result``'s layers, rows, skipped, calibration and permutation."""
     if permute:
         from ..permute import permute_channels
 
@@ -198,58 +234,56 @@ def prune(
         result.rows = [LayerRow(r.fqn, r.shape, r.pattern, r.density, r.verified, None, r.skip_reason) for r in report]
         result.skipped = [{"fqn": r.fqn, "reason": r.skip_reason} for r in report if r.skip_reason]
     if not result.layers:
-        raise MethodError(nothing_selected(model, f"for pattern {text}"))
-    if scheme is not None:
+        raise MethodError(nothing_selected(model, f"for pattern {result.pattern}"))
+
+
+def _recover(model: nn.Module, reference: nn.Module, result: PruneResult, recover: Recovery, scheme,
+             check: FidelityCheck | None, clock: _Stages, progress: str) -> None:
+    from .recover import recover as distil
+
+    result.recovery = distil(model, reference, result.layers, recover.batches, recover.steps, recover.seconds,
+                             recover.lr, progress=progress, objective=recover.objective)
+    if scheme is not None:  # recovery moved the values off the grid: round them again
         from .quantize import snap_to_grid
 
-        # SparseGPT's joint rounding leaves its values on grids that are kept as they are
-        result.weights = {**scheme.as_dict(),
-                          "layers": snap_to_grid(model, result.layers, scheme, exact_grid=method == "sparsegpt")}
-    clock.lap("prune")
+        result.weights["layers"] = snap_to_grid(model, result.layers, scheme)  # type: ignore[index]
+    clock.lap("recovery")
     if check is not None:
-        result.fidelity = {"measure": check.measure, "dense": check.dense(), "one_shot": check(model)}
-        clock.lap("fidelity (one-shot)")
-    if recover is not None:
-        from .recover import recover as distil
+        result.fidelity["recovered"] = check(model)  # type: ignore[index]
+        clock.lap("fidelity (recovered)")
 
-        assert reference is not None
-        result.recovery = distil(model, reference, result.layers, recover.batches, recover.steps, recover.seconds,
-                                 recover.lr, progress=progress, objective=recover.objective)
-        if scheme is not None:  # recovery moved the values off the grid: round them again
-            from .quantize import snap_to_grid
 
-            result.weights["layers"] = snap_to_grid(model, result.layers, scheme)  # type: ignore[index]
-        clock.lap("recovery")
-        if check is not None:
-            result.fidelity["recovered"] = check(model)  # type: ignore[index]
-            clock.lap("fidelity (recovered)")
-    result.seconds = clock.seconds
-    if describe:
-        result.model = describe.get("model", result.model)
-        if describe.get("calibration") and result.calibration is not None:
-            result.calibration = {**describe["calibration"], **result.calibration}
-        if describe.get("heldout") and result.fidelity is not None:
-            result.fidelity["heldout"] = describe["heldout"]  # which text the measure read
-        if describe.get("recovery_data") and result.recovery is not None:
-            result.recovery["data"] = describe["recovery_data"]
-    if out is not None:
-        from .report import report_files
+def _describe(result: PruneResult, describe: dict[str, Any]) -> None:
+    """What the caller knows and ``prune`` does not, into the report (see ``prune``'s ``describe``)."""
+    result.model = describe.get("model", result.model)
+    if describe.get("calibration") and result.calibration is not None:
+        result.calibration = {**describe["calibration"], **result.calibration}
+    if describe.get("heldout") and result.fidelity is not None:
+        result.fidelity["heldout"] = describe["heldout"]  # which text the measure read
+    if describe.get("recovery_data") and result.recovery is not None:
+        result.recovery["data"] = describe["recovery_data"]
 
-        all_files = {**(files or {}), **report_files(result.as_dict())}
-        if save is not None:
-            directory, reload = save(model, out, result.layers, source.as_dict(), result.skipped,
-                                     {"method": method, **(extra or {})}, all_files)
-            reloaded = reload()
-        else:
-            quant = {"weights": {k: v for k, v in result.weights.items() if k != "layers"}} if result.weights else {}
-            directory = save_export(model, out, result.layers, source.as_dict(), result.skipped,
-                                    extra={"method": method, **quant, **(extra or {})}, files=all_files)
-            if reference is None:  # every stored tensor read back against the model's: no second model
-                result.export, result.reload_max_abs_diff = str(directory), compare_export(model, directory)
-                return result
-            reloaded, _ = load_export(directory, copy.deepcopy(reference))
-        with torch.no_grad():
-            diff = (forward_output(model, example_inputs).float() - forward_output(reloaded, example_inputs).float())
-        result.export, result.reload_max_abs_diff = str(directory), float(diff.abs().max())
-    return result
+
+def _write(model: nn.Module, result: PruneResult, out: str | Path, save: Any, source: Any,
+           files: dict[str, str | bytes] | None, extra: dict[str, Any], reference: nn.Module | None,
+           example_inputs: Any) -> None:
+    """Write the export (atomically, by ``save_export`` or the caller's ``save``) and check that it
+    reloads to the model: every stored tensor read back, or the outputs of a reloaded copy compared."""
+    from .report import report_files
+
+    all_files = {**(files or {}), **report_files(result.as_dict())}
+    if save is not None:
+        directory, reload = save(model, out, result.layers, source.as_dict(), result.skipped, extra, all_files)
+        reloaded = reload()
+    else:
+        quant = {"weights": {k: v for k, v in result.weights.items() if k != "layers"}} if result.weights else {}
+        directory = save_export(model, out, result.layers, source.as_dict(), result.skipped,
+                                extra={"method": extra["method"], **quant, **extra}, files=all_files)
+        if reference is None:  # every stored tensor read back against the model's: no second model
+            result.export, result.reload_max_abs_diff = str(directory), compare_export(model, directory)
+            return
+        reloaded, _ = load_export(directory, copy.deepcopy(reference))
+    with torch.no_grad():
+        diff = forward_output(model, example_inputs).float() - forward_output(reloaded, example_inputs).float()
+    result.export, result.reload_max_abs_diff = str(directory), float(diff.abs().max())
 
