@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 
-def environment() -> dict[str, Any]:
+def environment_with_kernels() -> dict[str, Any]:
     """:func:`nmsparse.env.environment` plus the sparse runtime's and the mask kernels' status (builds them once)."""
     from .. import _topk_cpu
     from ..env import environment as base
@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    env = environment()
+    env = environment_with_kernels()
     if args.json:
         from .display import print_json
 
