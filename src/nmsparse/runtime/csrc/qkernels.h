@@ -486,6 +486,7 @@ void nmq_gemv_vnni(const uint8_t* codes, const uint8_t* q, const float* scales, 
   const __m512i off = _mm512_set1_epi8(QB == 8 ? (char)0x80 : 8);
   const i64 gm = std::min(jc, G);
   const __m512i wids = lane_group_ids(G), xids = lane_group_ids(gm);
+  const bool whole = G % jc == 0;
   nm_gemv_threads(rows, out, bias, relu, [&](i64 o0, i64 o1, float* part) {
     for (i64 c = 0; c < chunks; ++c) {
       const i64 count = std::min(jc, J - c * jc), gr = cdiv(count, G), cbytes = (count * BITS + 7) / 8;
@@ -493,6 +494,7 @@ void nmq_gemv_vnni(const uint8_t* codes, const uint8_t* q, const float* scales, 
       const __m512i xlo = _mm512_loadu_si512(xq + c * 128), xhi = _mm512_loadu_si512(xq + c * 128 + 64);
       // x scale of each lane: the weight group's columns are one x block (see quant_x's caller)
       const __m512 sxl = lane_groups(sx + c * (jc / gm), xids, cdiv(count, gm));
+      const float sxc = sx[c * (jc / gm)];
       const uint8_t* crow = codes + nm_code_off(c, o0, rows, jc, count, BITS);
       const uint8_t* qrow = q + (c * rows * jc + o0 * count) * QB / 8;
       const float* srow = scales + c * rows * gpc + o0 * gr;
@@ -508,9 +510,12 @@ void nmq_gemv_vnni(const uint8_t* codes, const uint8_t* q, const float* scales, 
         const __m512i w = weights_u8<QB>(qr, live, count);
         const __m512i dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xs),
                                              _mm512_dpbusd_epi32(_mm512_setzero_si512(), off, xs));
-        const __m512 sw = lane_groups(srow + i * gr, wids, gr);
         float* p = part + i * VW;
-        vstore(p, _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sw, sxl), vload(p)));
+        // groups of whole chunks (G a multiple of 64, the default): one weight and one input scale per
+        // row and chunk, a broadcast product instead of two per-lane scale vectors
+        const __m512 scale = whole ? _mm512_set1_ps(srow[i * gr] * sxc)
+                                   : _mm512_mul_ps(lane_groups(srow + i * gr, wids, gr), sxl);
+        vstore(p, _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, vload(p)));
       };
       // R separate streams per thread (R equal parts of its rows), as the float32 kernels read theirs
       const i64 nrow = o1 - o0, len = nrow / NMS_VSTREAMS;
