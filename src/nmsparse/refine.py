@@ -104,6 +104,16 @@ def _total(err_rows: torch.Tensor) -> float:
     return float(err_rows.sum())
 
 
+_REFRESH = 32  # rounds between exact recomputations of g = e G (updated by the swaps' deltas in between)
+
+
+def _apply(g: torch.Tensor, gm: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> None:
+    """``g += D G`` for the sparse change ``D`` of the error (``values`` at ``(rows, cols)``): the cost
+    of the swaps made, not of a full ``e G`` product."""
+    delta = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, g.shape, check_invariants=False)
+    g += torch.sparse.mm(delta, gm)
+
+
 def _refine_nm(w: torch.Tensor, mask: torch.Tensor, gm: torch.Tensor, m: int, max_rounds: int,
                batch: int) -> RefineResult:
     rows, cols = w.shape
@@ -158,10 +168,13 @@ def _refine_nm(w: torch.Tensor, mask: torch.Tensor, gm: torch.Tensor, m: int, ma
         e[r_i, c_i] = w[r_i, c_i]
         e[r_j, c_j] = 0.0
         rows_changed = idx[improved]
-        g[rows_changed] = e[rows_changed] @ gm
+        if rounds % _REFRESH:
+            _apply(g, gm, torch.cat([r_i, r_j]), torch.cat([c_i, c_j]), torch.cat([w[r_i, c_i], -w[r_j, c_j]]))
+        else:
+            g[rows_changed] = e[rows_changed] @ gm
         err[rows_changed] = (g[rows_changed] * e[rows_changed]).sum(1, dtype=torch.float64)
         swaps += int(use.sum())
-    return RefineResult(mask, swaps, rounds, before, _total(err))
+    return RefineResult(mask, swaps, rounds, before, _total(((e @ gm) * e).sum(1, dtype=torch.float64)))
 
 
 def _refine_blocks(w: torch.Tensor, mask: torch.Tensor, gm: torch.Tensor, block: int, max_rounds: int,
@@ -214,8 +227,14 @@ def _refine_blocks(w: torch.Tensor, mask: torch.Tensor, gm: torch.Tensor, block:
         ev[sel, :, i_col] = wb[sel, :, i_col]
         ev[sel, :, j_col] = 0.0
         rows_changed = (sel.unsqueeze(1) * block + torch.arange(block)).reshape(-1)
-        g[rows_changed] = e[rows_changed] @ gm
+        if rounds % _REFRESH:
+            ci = i_col.repeat_interleave(block)
+            cj = j_col.repeat_interleave(block)
+            _apply(g, gm, torch.cat([rows_changed, rows_changed]), torch.cat([ci, cj]),
+                   torch.cat([w[rows_changed, ci], -w[rows_changed, cj]]))
+        else:
+            g[rows_changed] = e[rows_changed] @ gm
         err_rows[rows_changed] = (g[rows_changed] * e[rows_changed]).sum(1, dtype=torch.float64)
         swaps += int(ok.sum())
     mask = keep.unsqueeze(1).expand(nb, block, cols).reshape(rows, cols).clone()
-    return RefineResult(mask, swaps, rounds, before, _total(err_rows))
+    return RefineResult(mask, swaps, rounds, before, _total(((e @ gm) * e).sum(1, dtype=torch.float64)))
