@@ -644,7 +644,7 @@ def test_compress_with_quantized_weights_sizes_and_reloads(tiny_llama_dir, tmp_p
     from nmsparse.runtime.modules import QuantLinear
 
     if not _native.available():
-        pytest.skip("the compressed layout needs the kernels")
+        pytest.skip(f"C++ kernels unavailable here ({_native.status()['reason']}): the compressed layout runs on them")
     model, _ = build_model(f"hf:{tiny_llama_dir}")
     out = tmp_path / "e"
     ids = _ids(32).unsqueeze(0)

@@ -267,7 +267,9 @@ def _prune_layer(choice: LayerChoice, method: MethodBase, stats: LayerStats, ref
     new_weight = new_weight.mul_(mask).to(weight.dtype)  # the methods return new tensors
     del mask
     error = None
-    if stats.xtx is not None:
+    if refinement and "kept" in refinement:  # measured by the refinement, for the weight kept
+        error = refinement["error_after" if refinement["kept"] else "error_before"]
+    elif stats.xtx is not None:
         rows = weight.shape[0]
         error = _relative_error(weight.reshape(rows, -1).float(), new_weight.reshape(rows, -1).float(), stats.xtx)
     module.weight.copy_(new_weight)
