@@ -92,6 +92,40 @@ def _forward(model: nn.Module, batch: Any, hidden_states: bool) -> Any:
     return run_model(model, batch)
 
 
+def _objective(student: nn.Module, batches: list[Any], objective: str, steps: int | None,
+               max_seconds: float | None, schedule: str) -> str:
+    """The recovery's arguments checked, and ``auto`` resolved to the objective it runs."""
+    if not steps and not max_seconds:
+        raise ValueError("recovery needs a step or time budget")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"recovery objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"recovery schedule must be 'cosine' or 'constant', got {schedule!r}")
+    if not batches:
+        raise ValueError("recovery needs at least one training batch")
+    masked_text = isinstance(batches[0], dict) and "attention_mask" in batches[0]
+    if objective == "auto":
+        objective = "causal" if model_kind(student) == "causal_lm" else ("layers" if masked_text else "hidden")
+    if objective in ("layers", "causal") and not isinstance(batches[0], dict):
+        raise ValueError("recovery objective 'layers' needs a Hugging Face model called with keyword inputs "
+                         "(it reads output_hidden_states); use 'hidden' or 'pooled'")
+    return objective
+
+
+def _hold_masks(student: nn.Module, layers: list[dict[str, Any]]) -> Sparsifier:
+    """A Sparsifier holding the pruned layers' patterns during training: magnitude masks of a
+    dense-with-zeros weight are exactly its non-zeros."""
+    rules = tuple(
+        Rule(e["fqn"], slices=tuple(e["pattern"].split(",")))
+        if "," in e["pattern"]
+        else Rule(e["fqn"], pattern=e["pattern"])
+        for e in layers
+    ) + (Rule("re:.*", skip=True),)
+    sparsifier = Sparsifier("magnitude", "2:4", Selection(layers=(), rules=rules))
+    sparsifier.prepare(student)
+    return sparsifier
+
+
 def recover(
     student: nn.Module,
     teacher: nn.Module,
@@ -131,29 +165,8 @@ def recover(
         ``{"steps", "seconds", "first_loss", "last_loss", "objective", "history"}`` (``history``: the loss
         curve, ``{"step", "seconds", "loss"}`` lists of at most 200 points); the student is squashed again.
     """
-    if not steps and not max_seconds:
-        raise ValueError("recovery needs a step or time budget")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"recovery objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    if schedule not in ("cosine", "constant"):
-        raise ValueError(f"recovery schedule must be 'cosine' or 'constant', got {schedule!r}")
-    if not batches:
-        raise ValueError("recovery needs at least one training batch")
-    masked_text = isinstance(batches[0], dict) and "attention_mask" in batches[0]
-    if objective == "auto":
-        objective = "causal" if model_kind(student) == "causal_lm" else ("layers" if masked_text else "hidden")
-    if objective in ("layers", "causal") and not isinstance(batches[0], dict):
-        raise ValueError("recovery objective 'layers' needs a Hugging Face model called with keyword inputs "
-                         "(it reads output_hidden_states); use 'hidden' or 'pooled'")
-    rules = tuple(
-        Rule(e["fqn"], slices=tuple(e["pattern"].split(",")))
-        if "," in e["pattern"]
-        else Rule(e["fqn"], pattern=e["pattern"])
-        for e in layers
-    ) + (Rule("re:.*", skip=True),)
-    # magnitude masks of a dense-with-zeros weight are exactly its non-zeros: the pattern is held
-    sparsifier = Sparsifier("magnitude", "2:4", Selection(layers=(), rules=rules))
-    sparsifier.prepare(student)
+    objective = _objective(student, batches, objective, steps, max_seconds, schedule)
+    sparsifier = _hold_masks(student, layers)
     teacher.eval()
     student.train(dropout)
     params = [p for p in student.parameters() if p.requires_grad]
