@@ -119,12 +119,57 @@ def test_batch1_kernels_equal_the_dequantized_reference_on_every_isa(name, layou
                     assert err < 3e-6, (name, variant, bits, group, acts, threads, err)
 
 
+def _has_vnni(variant: str) -> bool:
+    return variant == "avx512vnni" or (
+        variant == "native" and {"avx512_vnni", "avx512vbmi", "avx512bw"} <= _native._cpu_flags())
+
+
+@pytest.mark.parametrize("variant", _native.runnable_variants())
+def test_batched_integer_products_equal_the_dequantized_reference(variant):
+    """More rows with int8 activations: the VNNI builds multiply integers (n:m with m = 2n and dense
+    layouts, int8 and int4, groups 16-128), tails of a token tile (2, 5, 33, 70 rows) and of the weight's
+    rows included, bias and ReLU applied; Q(x) @ dequantized(W)^T + bias to float32 rounding. Builds
+    without VNNI, and layouts it does not take, decline (None) so the caller dequantizes."""
+    lib = _native.library(variant)
+    if lib is None:
+        pytest.skip(f"{variant} build unavailable")
+    g = torch.Generator().manual_seed(3)
+    ran = 0
+    for name, layout in LAYOUTS:
+        for bits in (8, 4):
+            for group in (16, 32, 64, 128):
+                try:
+                    qp = quantize(layout, WeightScheme(bits, group))
+                except FormatError:
+                    continue
+                mod = _module(qp, "int8")
+                arrays = mod._arrays()
+                takes = (_has_vnni(variant) and mod.act_block > 0
+                         and (name.startswith("dense") or arrays.m == 2 * arrays.n))
+                for rows in (2, 5, 33, 70):
+                    x = torch.randn(rows, qp.shape[1], generator=g)
+                    bias = torch.randn(qp.shape[0], generator=g)
+                    y = _native.q_gemm(x, arrays, bias, relu=rows == 5, threads=1 + rows % 2, lib=lib)
+                    if not takes:
+                        assert y is None, (name, bits, group)
+                        break
+                    xa = quantize_activations(x, mod.act_block)
+                    ref = (xa.double() @ qp.dense().double().T + bias.double()).float()
+                    if rows == 5:
+                        ref = ref.clamp_min(0)
+                    err = float((y - ref).abs().max() / ref.abs().max())
+                    assert err < 3e-6, (name, variant, bits, group, rows, err)
+                    ran += 1
+    assert ran > 0 or not _has_vnni(variant)
+
+
 @pytest.mark.parametrize(
     "name,layout", LAYOUTS[:2] + LAYOUTS[7:8] + LAYOUTS[10:], ids=lambda v: v if isinstance(v, str) else ""
 )
 def test_batched_products_and_the_module_path_agree_with_batch1(name, layout):
-    """More rows dequantize the weight and run the float32 product on the quantized activations: the
-    same function as the batch-1 kernel, row by row; ReLU and bias applied."""
+    """More rows run the batched product (integers with VNNI, else the weight dequantized and the float32
+    product) on the quantized activations: the same function as the batch-1 kernel, row by row; ReLU
+    and bias applied."""
     qp = quantize(layout, WeightScheme(8, 32))
     bias = torch.randn(qp.shape[0])
     mod = QuantLinear(qp, bias)

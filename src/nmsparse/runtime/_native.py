@@ -40,7 +40,7 @@ from .._cxx import build, build_cached, compiler, cpu_signature
 from .formats import nm_chunk, offset_bits
 
 __all__ = ["KernelsUnavailable", "available", "status", "require", "block_mm", "implicit_conv", "nm_mm", "im2col",
-           "library", "runnable_variants", "VARIANTS", "gemv_call", "QArrays", "q_gemv", "gemv_plan",
+           "library", "runnable_variants", "VARIANTS", "gemv_call", "QArrays", "q_gemv", "q_gemm", "gemv_plan",
            "q_dequant", "huge_pages", "HUGE_PAGE"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
@@ -80,6 +80,9 @@ def _load(variant: str) -> tuple[ctypes.CDLL | None, str]:
     lib.nms_blockq_gemv.argtypes = [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _INT, _I64, _PTR, _PTR, _INT, _INT]
     lib.nms_denseq_gemv.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _INT, _I64, _INT, _PTR, _PTR, _INT, _INT]
     lib.nms_nmq_dequant.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _INT, _I64, _PTR, _INT]
+    lib.nms_q_gemm.argtypes = [_INT, _PTR, _PTR, _PTR, _I64, _I64, _INT, _INT, _I64, _INT, _INT, _I64, _PTR, _I64,
+                               _PTR, _PTR, _INT, _INT]
+    lib.nms_q_gemm.restype = _INT
     lib.nms_llama_step.argtypes = [_PTR, _I64, _I64, ctypes.c_float, ctypes.c_float, _PTR, _INT]
     lib.nms_blockq_dequant.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _INT, _I64, _PTR, _INT]
     lib.nms_phase_planes.argtypes = [_PTR, _I64, _I64, _I64, _I64, *([ctypes.c_int] * 4), _I64, _I64, _I64, _PTR,
@@ -401,6 +404,24 @@ def q_gemv(x: torch.Tensor, w: QArrays, bias: torch.Tensor | None = None, relu: 
     out = torch.empty(w.rows, dtype=torch.float32)
     gemv_call(w, bias, relu, lib)(x.data_ptr(), out.data_ptr(), threads or torch.get_num_threads())
     return out
+
+
+def q_gemm(x: torch.Tensor, w: QArrays, bias: torch.Tensor | None = None, relu: bool = False,
+           threads: int | None = None, lib: ctypes.CDLL | None = None) -> torch.Tensor | None:
+    """``x @ W^T`` for rows ``x[T, columns]`` with int8 activations (``w.a8``), integer products: the
+    batched form of the batch-1 kernel, for n:m (m = 2n) and dense layouts. None where this build (no
+    AVX-512 VNNI + VBMI) or the layout has no such product; the caller then dequantizes the weight."""
+    if not w.a8 or w.kind == 1:
+        return None
+    lib = lib or loaded()
+    x = x.to(torch.float32).contiguous()
+    out = torch.empty(x.shape[0], w.rows, dtype=torch.float32)
+    jc = nm_chunk(w.columns, w.n, w.m) if w.kind == 0 else w.columns
+    done = lib.nms_q_gemm(w.kind, w.index.data_ptr() if w.kind == 0 else None, w.q.data_ptr(), w.scales.data_ptr(),
+                          w.rows, w.columns, w.n, w.m, jc, offset_bits(w.m) if w.kind == 0 else 0, w.bits, w.group,
+                          x.data_ptr(), x.shape[0], out.data_ptr(), _opt(bias), int(relu),
+                          threads or torch.get_num_threads())
+    return out if done else None
 
 
 def q_dequant(w: QArrays, lib: ctypes.CDLL | None = None) -> torch.Tensor:

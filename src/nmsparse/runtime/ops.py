@@ -115,13 +115,16 @@ def _nm_conv2d(x, codes, vals, bias, out_channels, n, m, kernel, stride, padding
 
 def _q_linear(x, index, kstart, q, scales, bias, kind, out_features, in_features, n, m, block, bits, group, act_block,
               relu):
-    """A quantized Linear: one row runs the batch-1 kernel; more rows dequantize the weight once (one
-    pass, in C++) and run the float32 product of its layout (MKL for a dense one) on the rows'
-    quantized activations (act_block > 0) or on the rows as they are."""
+    """A quantized Linear: one row runs the batch-1 kernel; more rows with int8 activations run the
+    integer batched product where the build has one (AVX-512 VNNI, n:m and dense); otherwise the weight
+    is dequantized once (one pass, in C++) and the float32 product of its layout (MKL for a dense one)
+    runs on the rows' quantized activations (act_block > 0) or on the rows as they are."""
     w = _native.QArrays(kind, index, kstart, q, scales, out_features, in_features, n, m, block, bits, group,
                         act_block > 0)
     if x.shape[0] == 1:
         return _native.q_gemv(x[0], w, bias, relu).view(1, out_features)
+    if act_block and (y := _native.q_gemm(x, w, bias, relu)) is not None:
+        return y
     if act_block:
         from .quant import quantize_activations
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "setup_distributed", "teardown_distributed", "all_reduce_sum", "broadcast_masks"]
+__all__ = ["DistInfo", "setup_distributed", "teardown_distributed", "wait_for_all", "all_reduce_sum", "broadcast_masks"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,14 @@ def setup_distributed(device: str, backend: str) -> DistInfo:
         chosen = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
         dist.init_process_group(chosen)
     return DistInfo(rank, world, local_rank, torch_device)
+
+
+def wait_for_all() -> None:
+    """Block until every rank reaches this point (no-op single-process). Called at the end of a run so
+    no rank closes the process group while rank 0 still writes the export: rank 0 hosts the rendezvous
+    store, and a rank whose peer had gone aborted at exit (SIGABRT, seen in the two-process test)."""
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def teardown_distributed() -> None:

@@ -30,7 +30,14 @@ from ..schema import to_dict
 from ..sparsifier import Sparsifier
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import EpochSampler, SeededDataset, build_data
-from .distributed import DistInfo, all_reduce_sum, broadcast_masks, setup_distributed, teardown_distributed
+from .distributed import (
+    DistInfo,
+    all_reduce_sum,
+    broadcast_masks,
+    setup_distributed,
+    teardown_distributed,
+    wait_for_all,
+)
 from .logs import RunLog, plot_curves, plot_density
 from .plan import lr_schedule, make_plan
 from .setup import (
@@ -103,7 +110,9 @@ def run_training(config: Config, run_dir: Path | None = None, resume: bool = Fal
     """
     dist_info = setup_distributed(config.run.device, config.distributed.backend)
     try:
-        return _train(config, run_dir, resume, dist_info)
+        result = _train(config, run_dir, resume, dist_info)
+        wait_for_all()
+        return result
     finally:
         teardown_distributed()
 

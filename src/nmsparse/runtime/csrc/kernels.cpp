@@ -920,6 +920,35 @@ void nms_denseq_gemv(const float* x, const uint8_t* q, const float* scales, i64 
   }
 }
 
+// out[T, rows] = Q(x) @ W^T for T rows of x (int8 activations, qkernels.h quant_block) against a
+// quantized n:m (kind 0; m = 2n, jc = 64, codes of at most 4 bits) or dense (kind 2) weight, groups of a
+// multiple of 16 values: integer products (AVX-512 VNNI + VBMI builds). Returns 0, computing nothing,
+// where this build or layout has no such product (the caller dequantizes the weight instead).
+int nms_q_gemm(int kind, const uint8_t* codes, const uint8_t* q, const float* scales, i64 rows, i64 cols, int n, int m,
+               i64 jc, int bits, int qbits, i64 group, const float* x, i64 T, float* out, const float* bias, int relu,
+               int threads) {
+#if defined(NMS_VNNI)
+  if (group % 16 != 0 || (kind == 0 && (m != 2 * n || jc != 64 || bits > 4)) || (kind != 0 && kind != 2)) return 0;
+  call_threads = threads;
+  const bool r = relu != 0;
+  if (kind == 2) bits = 1;
+#define QG(BITS)                                                                                                 \
+  qbits == 8 ? q_gemm_vnni<BITS, 8>(kind, codes, q, scales, rows, cols, n, m, group, x, T, out, bias, r) \
+             : q_gemm_vnni<BITS, 4>(kind, codes, q, scales, rows, cols, n, m, group, x, T, out, bias, r)
+  switch (bits) {
+    case 1: QG(1); break;
+    case 2: QG(2); break;
+    default: QG(4); break;
+  }
+#undef QG
+  return 1;
+#else
+  (void)kind, (void)codes, (void)q, (void)scales, (void)rows, (void)cols, (void)n, (void)m, (void)jc, (void)bits;
+  (void)qbits, (void)group, (void)x, (void)T, (void)out, (void)bias, (void)relu, (void)threads;
+  return 0;
+#endif
+}
+
 // The float32 values of a quantized n:m layout (chunk-major, as the float32 kernels read them) or of
 // a dense weight (jc = J = cols, rows segments): out[i] = q[i] * its group's scale.
 void nms_nmq_dequant(const uint8_t* q, const float* scales, i64 rows, i64 J, i64 jc, int qbits, i64 group, float* out,

@@ -382,6 +382,32 @@ inline vi round_mul(vf v, vf inv) {
 #endif
 }
 
+// Columns [c0, c1) of x as one block: q[c0..c1) = xq, d[c0..c1) = sx * xq (d may be null); returns sx.
+inline float quant_block(const float* x, i64 c0, i64 c1, int8_t* q, float* d) {
+  i64 i = c0;
+  vf vmax = vf{};
+  for (; i + VW <= c1; i += VW) {
+    const vf a = (vf)((vi)vload(x + i) & 0x7fffffff);  // |x|
+    vmax = vmax > a ? vmax : a;
+  }
+  float amax = 0.f;
+  for (int l = 0; l < VW; ++l) amax = std::max(amax, vmax[l]);
+  for (; i < c1; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+  const vf vinv = vsplat(inv), vs = vsplat(s);
+  for (i = c0; i + VW <= c1; i += VW) {
+    const vi v = round_mul(vload(x + i), vinv);
+    for (int l = 0; l < VW; ++l) q[i + l] = (int8_t)v[l];
+    if (d) vstore(d + i, __builtin_convertvector(v, vf) * vs);
+  }
+  for (; i < c1; ++i) {
+    const float v = std::nearbyint(x[i] * inv);
+    q[i] = (int8_t)v;
+    if (d) d[i] = s * v;
+  }
+  return s;
+}
+
 inline void quant_x(const float* x, i64 cols, i64 xb) {
   XBuf& b = xbuf;
   const i64 blocks = cdiv(cols, xb);
@@ -396,31 +422,7 @@ inline void quant_x(const float* x, i64 cols, i64 xb) {
     b.scap = blocks;
     b.s = (float*)aligned_alloc(64, cdiv(blocks * 4, 64) * 64);
   }
-  for (i64 k = 0; k < blocks; ++k) {
-    const i64 c0 = k * xb, c1 = std::min(cols, c0 + xb);
-    i64 i = c0;
-    vf vmax = vf{};
-    for (; i + VW <= c1; i += VW) {
-      const vf a = (vf)((vi)vload(x + i) & 0x7fffffff);  // |x|
-      vmax = vmax > a ? vmax : a;
-    }
-    float amax = 0.f;
-    for (int l = 0; l < VW; ++l) amax = std::max(amax, vmax[l]);
-    for (; i < c1; ++i) amax = std::max(amax, std::fabs(x[i]));
-    const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-    b.s[k] = s;
-    const vf vinv = vsplat(inv), vs = vsplat(s);
-    for (i = c0; i + VW <= c1; i += VW) {
-      const vi q = round_mul(vload(x + i), vinv);
-      for (int l = 0; l < VW; ++l) b.q[i + l] = (int8_t)q[l];
-      vstore(b.d + i, __builtin_convertvector(q, vf) * vs);
-    }
-    for (; i < c1; ++i) {
-      const float q = std::nearbyint(x[i] * inv);
-      b.q[i] = (int8_t)q;
-      b.d[i] = s * q;
-    }
-  }
+  for (i64 k = 0; k < blocks; ++k) b.s[k] = quant_block(x, k * xb, std::min(cols, k * xb + xb), b.q, b.d);
   std::memset(b.q + cols, 0, 128);
 }
 
@@ -464,6 +466,29 @@ inline __m512 lane_groups(const float* p, __m512i ids, i64 groups) {
   return _mm512_permutexvar_ps(ids, _mm512_maskz_loadu_ps((__mmask16)((1u << std::min<i64>(groups, 16)) - 1), p));
 }
 
+// The columns (0..127, within the chunk) of a row-chunk's 64 kept values of an n:m layout with m = 2n:
+// the BITS-wide codes spread to bytes (vpmultishiftqb) plus each value's group start (j / n) * m.
+template <int BITS>
+struct NMColumns {
+  __m512i perm, ctrl, base, cmask;
+  NMColumns(int n, int m) {
+    alignas(64) uint64_t p[8];
+    alignas(64) uint8_t c[64], b[64];
+    for (int k = 0; k < 8; ++k) p[k] = (uint64_t)(k * BITS / 8);
+    for (int i = 0; i < 64; ++i) {
+      c[i] = (uint8_t)(((i / 8) * 8 * BITS) % 64 + (i % 8) * BITS);
+      b[i] = (uint8_t)((i / n) * m);
+    }
+    perm = _mm512_load_si512(p), ctrl = _mm512_load_si512(c), base = _mm512_load_si512(b);
+    cmask = _mm512_set1_epi8((char)((1 << BITS) - 1));
+  }
+  __m512i operator()(const uint8_t* codes, i64 cbytes) const {
+    const __m512i src = _mm512_permutexvar_epi64(perm, _mm512_maskz_loadu_epi8(
+        cbytes >= 64 ? ~0ull : (1ull << cbytes) - 1, codes));
+    return _mm512_add_epi8(_mm512_and_si512(_mm512_multishift_epi64_epi8(ctrl, src), cmask), base);
+  }
+};
+
 // n:m with m = 2n and 64 kept values per chunk (1:2, 2:4, 4:8, 8:16): per row and chunk, the 64
 // offsets become byte indices (vpmultishiftqb), the chunk's 128 quantized inputs are picked by
 // them (vpermt2b), and vpdpbusd sums the products 4 at a time.
@@ -474,15 +499,7 @@ void nmq_gemv_vnni(const uint8_t* codes, const uint8_t* q, const float* scales, 
   const i64 chunks = cdiv(J, jc), gpc = cdiv(jc, G);
   const int8_t* xq = xbuf.q;
   const float* sx = xbuf.s;
-  alignas(64) uint64_t perm[8];
-  alignas(64) uint8_t ctrl[64], base[64];
-  for (int k = 0; k < 8; ++k) perm[k] = (uint64_t)(k * BITS / 8);
-  for (int i = 0; i < 64; ++i) {
-    ctrl[i] = (uint8_t)(((i / 8) * 8 * BITS) % 64 + (i % 8) * BITS);
-    base[i] = (uint8_t)((i / n) * m);
-  }
-  const __m512i vperm = _mm512_load_si512(perm), vctrl = _mm512_load_si512(ctrl), vbase = _mm512_load_si512(base);
-  const __m512i cmask = _mm512_set1_epi8((char)((1 << BITS) - 1));
+  const NMColumns<BITS> columns(n, m);
   const __m512i off = _mm512_set1_epi8(QB == 8 ? (char)0x80 : 8);
   const i64 gm = std::min(jc, G);
   const __m512i wids = lane_group_ids(G), xids = lane_group_ids(gm);
@@ -503,9 +520,7 @@ void nmq_gemv_vnni(const uint8_t* codes, const uint8_t* q, const float* scales, 
         const uint8_t* cr = crow + i * cbytes;
         const uint8_t* qr = qrow + i * qb;
         _mm_prefetch((const char*)(qr + QPREFETCH), _MM_HINT_T0);
-        const __m512i src = _mm512_permutexvar_epi64(vperm, _mm512_maskz_loadu_epi8(
-            cbytes >= 64 ? ~0ull : (1ull << cbytes) - 1, cr));
-        const __m512i idx = _mm512_add_epi8(_mm512_and_si512(_mm512_multishift_epi64_epi8(vctrl, src), cmask), vbase);
+        const __m512i idx = columns(cr, cbytes);
         const __m512i xs = _mm512_maskz_permutex2var_epi8(live, xlo, idx, xhi);
         const __m512i w = weights_u8<QB>(qr, live, count);
         const __m512i dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xs),
@@ -601,6 +616,215 @@ void denseq_gemv_vnni(const uint8_t* q, const float* scales, i64 rows, i64 cols,
       const float y = out[o] + (bias ? bias[o] : 0.f);
       out[o] = relu && y < 0.f ? 0.f : y;
     }
+  }
+}
+// ---------------------------------------------------------------- int8 activations, T rows (prefill)
+// out[T, rows] = Q(x) @ W^T for T >= 2 rows of x, integer products as the batch-1 kernels above, for the
+// dense and the n:m (m = 2n, 64 kept values a chunk) layouts. Each thread takes GR of its output rows
+// at a time and widens them into dense signed bytes (zero where n:m dropped a value, int4 unpacked),
+// with each group's weight sum; then every token tile multiplies them: lanes are GT / 2 tokens (two
+// vectors), and one vpdpbusd adds 4 columns of one row, broadcast, against the 4 activation bytes of
+// each token. The activations are stored as unsigned bytes xq + 128 (vpdpbusd multiplies unsigned by
+// signed), so the integer sum carries 128 * (the group's weight sum), taken off before the float32
+// scaling by the row's weight scale times each token's activation scale.
+constexpr int GR = 4, GT = 32;
+
+struct GemmBuf {     // the calling thread's activations, laid out for the tiles (reused across calls)
+  uint8_t* u = nullptr;  // [T / GT][K / 4][GT][4] xq + 128 (padding 128: a zero)
+  float* s = nullptr;    // [T / GT][groups][GT] activation scales (padding 0)
+  i64 ucap = 0, scap = 0;
+  ~GemmBuf() { free(u), free(s); }
+  void reserve(i64 ubytes, i64 sfloats) {
+    if (ubytes > ucap) free(u), ucap = ubytes, u = (uint8_t*)aligned_alloc(64, cdiv(ubytes, 64) * 64);
+    if (sfloats > scap) free(s), scap = sfloats, s = (float*)aligned_alloc(64, cdiv(sfloats * 4, 64) * 64);
+  }
+};
+thread_local GemmBuf gemm_buf;
+
+// The T rows of x quantized in blocks of Gd columns (quant_block: the batch-1 rounding), into gemm_buf.
+inline void gemm_x(const float* x, i64 T, i64 K, i64 Gd, i64 K4, i64 groups) {
+  const i64 tiles = cdiv(T, GT);
+  GemmBuf& b = gemm_buf;
+  b.reserve(tiles * K4 * GT * 4, tiles * groups * GT);
+  uint8_t* u = b.u;
+  float* sx = b.s;
+  std::memset(u, 0x80, tiles * K4 * GT * 4);
+  std::memset(sx, 0, tiles * groups * GT * 4);
+#pragma omp parallel num_threads(call_threads)
+  {
+    int8_t* row = (int8_t*)aligned_alloc(64, cdiv(K4 * 4, 64) * 64);
+#pragma omp for schedule(static)
+    for (i64 t = 0; t < T; ++t) {
+      std::memset(row, 0, K4 * 4);
+      const i64 tile = t / GT, lane = t % GT;
+      for (i64 g = 0; g < groups; ++g)
+        sx[(tile * groups + g) * GT + lane] = quant_block(x + t * K, g * Gd, std::min(K, g * Gd + Gd), row, nullptr);
+      uint8_t* dst = u + tile * K4 * GT * 4 + lane * 4;
+      for (i64 k = 0; k < K4; ++k) {
+        uint32_t v;
+        std::memcpy(&v, row + 4 * k, 4);
+        v ^= 0x80808080u;
+        std::memcpy(dst + k * GT * 4, &v, 4);
+      }
+    }
+    free(row);
+  }
+}
+
+// GR expanded rows (w, `stride` bytes apart; sw / wc: per row and group, the weight scale and 128 * the
+// weight sum) against one tile of GT tokens; acc[r][t] = the products, bias and ReLU not applied.
+inline void gemm_tile(const int8_t* w, i64 stride, const float* sw, const int32_t* wc, const uint8_t* xu,
+                      const float* sx, i64 groups, i64 steps, float acc[GR][GT]) {
+  __m512 f[GR][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < GR; ++r) f[r][0] = f[r][1] = _mm512_setzero_ps();
+  for (i64 g = 0; g < groups; ++g) {
+    __m512i a[GR][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < GR; ++r) a[r][0] = a[r][1] = _mm512_setzero_si512();
+    const uint8_t* xp = xu + g * steps * GT * 4;
+    const int8_t* wg = w + g * steps * 4;
+    for (i64 k = 0; k < steps; ++k) {
+      const __m512i x0 = _mm512_load_si512(xp + k * GT * 4), x1 = _mm512_load_si512(xp + k * GT * 4 + 64);
+#pragma GCC unroll 8
+      for (int r = 0; r < GR; ++r) {
+        int32_t v;
+        std::memcpy(&v, wg + r * stride + 4 * k, 4);
+        const __m512i b = _mm512_set1_epi32(v);
+        a[r][0] = _mm512_dpbusd_epi32(a[r][0], x0, b);
+        a[r][1] = _mm512_dpbusd_epi32(a[r][1], x1, b);
+      }
+    }
+    const __m512 s0 = _mm512_load_ps(sx + g * GT), s1 = _mm512_load_ps(sx + g * GT + 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < GR; ++r) {
+      const __m512i c = _mm512_set1_epi32(wc[r * groups + g]);
+      const __m512 sc = _mm512_set1_ps(sw[r * groups + g]);
+      f[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a[r][0], c)), _mm512_mul_ps(s0, sc), f[r][0]);
+      f[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(a[r][1], c)), _mm512_mul_ps(s1, sc), f[r][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < GR; ++r) _mm512_storeu_ps(acc[r], f[r][0]), _mm512_storeu_ps(acc[r] + 16, f[r][1]);
+}
+
+// 128 * the sum of each group of Gd (a multiple of 16) bytes of one expanded row of `len` bytes.
+inline void group_sums(const int8_t* w, i64 groups, i64 Gd, int32_t* wc) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (i64 g = 0; g < groups; ++g) {
+    __m512i acc = _mm512_setzero_si512();
+    for (i64 j = 0; j < Gd; j += 64) {
+      const __mmask64 live = live_mask(Gd - j);
+      acc = _mm512_dpbusd_epi32(acc, ones, _mm512_maskz_loadu_epi8(live, w + g * Gd + j));
+    }
+    wc[g] = 128 * _mm512_reduce_add_epi32(acc);
+  }
+}
+
+// The 64 kept values of one n:m row-chunk (columns idx, 0..127) as 128 dense signed bytes at dst.
+template <int QB>
+inline void expand_nm_chunk(const uint8_t* qr, __m512i idx, __mmask64 live, i64 count, int n, int m,
+                            const __m512i* pick, int8_t* dst) {
+  __m512i w = weights_u8<QB>(qr, live, count);  // int8: q + 128; int4: q + 8
+  w = _mm512_maskz_sub_epi8(live, w, _mm512_set1_epi8(QB == 8 ? (char)0x80 : 8));
+  for (int h = 0; h < 2; ++h) {
+    // dense column p of this half takes kept value j = (p / m) * n + r where column(j) == p
+    const __m512i pos = _mm512_add_epi8(pick[16], _mm512_set1_epi8((char)(64 * h)));
+    __m512i sel = _mm512_setzero_si512();
+    __mmask64 hit = 0;
+    for (int r = 0; r < n; ++r) {
+      const __m512i j = pick[h * 8 + r];
+      const __mmask64 eq = _mm512_cmpeq_epi8_mask(_mm512_permutexvar_epi8(j, idx), pos);
+      sel = _mm512_mask_mov_epi8(sel, eq, j);
+      hit |= eq;
+    }
+    _mm512_storeu_si512(dst + 64 * h, _mm512_maskz_permutexvar_epi8(hit, sel, w));
+  }
+}
+
+// Rows [o, o + GR) of the weight as dense signed bytes (stride bytes a row), their scales and sums
+// per group of Gd columns. kind 0: n:m (codes, jc = 64, m = 2n); kind 2: dense.
+template <int BITS, int QB>
+inline void gemm_expand(int kind, const uint8_t* codes, const uint8_t* q, const float* scales, i64 rows, i64 cols,
+                        int n, int m, i64 G, i64 o, i64 Gd, i64 groups, i64 stride, const NMColumns<BITS>* columns,
+                        const __m512i* pick, int8_t* w, float* sw, int32_t* wc) {
+  std::memset(w, 0, GR * stride);
+  for (int r = 0; r < GR; ++r) {
+    const i64 row = o + r;
+    int8_t* wr = w + r * stride;
+    if (row >= rows) {
+      for (i64 g = 0; g < groups; ++g) sw[r * groups + g] = 0.f, wc[r * groups + g] = 0;
+      continue;
+    }
+    if (kind == 2) {
+      const uint8_t* qr = q + row * cols * QB / 8;
+      for (i64 j = 0; j < cols; j += 64) {
+        const i64 count = std::min<i64>(64, cols - j);
+        const __mmask64 live = live_mask(count);
+        const __m512i v = _mm512_maskz_sub_epi8(live, weights_u8<QB>(qr + j * QB / 8, live, count),
+                                                _mm512_set1_epi8(QB == 8 ? (char)0x80 : 8));
+        _mm512_mask_storeu_epi8(wr + j, live, v);
+      }
+      for (i64 g = 0; g < groups; ++g) sw[r * groups + g] = scales[row * groups + g];
+    } else {
+      constexpr i64 jc = 64;
+      const i64 J = cols / m * n, chunks = cdiv(J, jc), gpc = cdiv(jc, G);
+      for (i64 c = 0; c < chunks; ++c) {
+        const i64 count = std::min(jc, J - c * jc), cbytes = (count * BITS + 7) / 8, gr = cdiv(count, G);
+        const __m512i idx = (*columns)(codes + nm_code_off(c, row, rows, jc, count, BITS), cbytes);
+        expand_nm_chunk<QB>(q + (c * rows * jc + row * count) * QB / 8, idx, live_mask(count), count, n, m, pick,
+                            wr + c * 128);
+        for (i64 gi = 0; gi < gr; ++gi) sw[r * groups + c * gpc + gi] = scales[c * rows * gpc + row * gr + gi];
+      }
+    }
+    group_sums(wr, groups, Gd, wc + r * groups);
+  }
+}
+
+template <int BITS, int QB>
+void q_gemm_vnni(int kind, const uint8_t* codes, const uint8_t* q, const float* scales, i64 rows, i64 cols, int n,
+                 int m, i64 G, const float* x, i64 T, float* out, const float* bias, bool relu) {
+  const i64 Gd = kind == 2 ? G : std::min<i64>(G, 64) * m / n, groups = cdiv(cols, Gd), steps = Gd / 4;
+  const i64 K4 = groups * steps, tiles = cdiv(T, GT);
+  const i64 stride = cdiv(std::max(groups * Gd, kind == 2 ? cols : cdiv(cols / m * n, 64) * 128), 64) * 64;
+  gemm_x(x, T, cols, Gd, K4, groups);
+  const uint8_t* xu = gemm_buf.u;
+  const float* sx = gemm_buf.s;
+  if (kind != 0) n = 1, m = 2;  // unused by dense rows
+  const NMColumns<BITS> columns(n, m);
+  // pick[h * 8 + r]: for dense column p = 64 h + lane, the kept value (p / m) * n + r; pick[16]: lane ids
+  alignas(64) uint8_t pk[17][64];
+  for (int h = 0; h < 2; ++h)
+    for (int r = 0; r < 8; ++r)
+      for (int l = 0; l < 64; ++l) pk[h * 8 + r][l] = (uint8_t)(((64 * h + l) / m) * n + std::min(r, n - 1));
+  for (int l = 0; l < 64; ++l) pk[16][l] = (uint8_t)l;
+  __m512i pick[17];
+  for (int i = 0; i < 17; ++i) pick[i] = _mm512_load_si512(pk[i]);
+  const i64 blocks = cdiv(rows, GR);
+#pragma omp parallel num_threads(call_threads)
+  {
+    int8_t* w = (int8_t*)aligned_alloc(64, GR * stride);
+    float* sw = (float*)aligned_alloc(64, cdiv(GR * groups * 4, 64) * 64);
+    int32_t* wc = (int32_t*)aligned_alloc(64, cdiv(GR * groups * 4, 64) * 64);
+    alignas(64) float acc[GR][GT];
+#pragma omp for schedule(static)
+    for (i64 bl = 0; bl < blocks; ++bl) {
+      const i64 o = bl * GR;
+      gemm_expand<BITS, QB>(kind, codes, q, scales, rows, cols, n, m, G, o, Gd, groups, stride, &columns, pick,
+                            w, sw, wc);
+      for (i64 tile = 0; tile < tiles; ++tile) {
+        gemm_tile(w, stride, sw, wc, xu + tile * K4 * GT * 4, sx + tile * groups * GT, groups, steps, acc);
+        const i64 t1 = std::min<i64>(GT, T - tile * GT);
+        for (int r = 0; r < GR && o + r < rows; ++r) {
+          const float b = bias ? bias[o + r] : 0.f;
+          for (i64 t = 0; t < t1; ++t) {
+            const float y = acc[r][t] + b;
+            out[(tile * GT + t) * rows + o + r] = relu && y < 0.f ? 0.f : y;
+          }
+        }
+      }
+    }
+    free(w), free(sw), free(wc);
   }
 }
 #endif
