@@ -119,3 +119,53 @@ def test_unfoldable_layers_get_an_input_map_that_travels_through_export_and_runt
     assert isinstance(runtime.conv3, SparseConv2d) and runtime.conv3.input_perm is not None
     with torch.no_grad():
         assert torch.allclose(runtime(x), pruned_out, atol=1e-4, rtol=1e-4)
+
+
+def test_decoder_blocks_fold_their_permutations_into_gate_up_and_value_rows():
+    """A causal LM (not traceable by torch.fx): down_proj's input channels permute with gate/up rows,
+    o_proj's within each head with v_proj rows (grouped-query: one permutation per KV head); the model
+    computes the same logits, kept magnitude rises, and nothing needs an input map."""
+    transformers = pytest.importorskip("transformers")
+    from nmsparse.parametrize import input_map
+    from nmsparse.permute import decoder_pairs
+
+    config = transformers.LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      attention_bias=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # channels of unequal importance, so that some grouping is better than another
+        for name, module in model.named_modules():
+            if name.endswith(("down_proj", "o_proj")):
+                module.weight.mul_(torch.rand(module.in_features) * 3)
+    pairs = decoder_pairs(model)
+    assert pairs["model.layers.0.mlp.down_proj"].producers == ("model.layers.0.mlp.gate_proj",
+                                                               "model.layers.0.mlp.up_proj")
+    attn = pairs["model.layers.1.self_attn.o_proj"]
+    assert attn.producers == ("model.layers.1.self_attn.v_proj",) and (attn.head_dim, attn.per_kv) == (16, 2)
+    ids = torch.randint(0, 200, (2, 12))
+    reference = model(ids).logits
+    rows = {r.fqn: r for r in permute_channels(model, "2:4", max_sweeps=20)}
+    for fqn in pairs:
+        assert rows[fqn].gain > 0 and rows[fqn].folded_into and not rows[fqn].input_map, rows[fqn]
+    assert all(input_map(m) is None for m in model.modules())
+    assert torch.allclose(model(ids).logits, reference, atol=1e-4)
+    # untraceable layers that are no decoder pair say why they kept their order
+    assert "torch.fx" in rows["model.layers.0.self_attn.q_proj"].reason
+
+
+def test_balanced_order_deals_strong_channels_apart_and_the_search_only_improves_on_it():
+    from nmsparse.pattern import parse_pattern
+    from nmsparse.permute import balanced_order
+
+    torch.manual_seed(1)
+    w = torch.randn(32, 64) * torch.rand(64) * 3
+    pattern = parse_pattern("2:4")
+    order = balanced_order(w, pattern)
+    assert sorted(order.tolist()) == list(range(64))
+    strongest = set(w.abs().sum(0).argsort(descending=True)[:16].tolist())
+    assert all(len(strongest & set(order[g * 4:(g + 1) * 4].tolist())) == 1 for g in range(16))
+    start = kept_magnitude(w, pattern, order)
+    assert start > kept_magnitude(w, pattern)
+    result = search_permutation(w, pattern, 3, start=order)
+    assert result.after >= start and sorted(result.perm.tolist()) == list(range(64))

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from nmsparse.quantgrid import INT4_CLIPS, dequantize_groups, fp16_up
 from nmsparse.runtime import _native, convert
 from nmsparse.runtime.formats import FormatError, pack_block, pack_nm
 from nmsparse.runtime.modules import QuantLinear
@@ -68,22 +69,48 @@ def test_group_quantization_is_symmetric_on_a_float16_grid_and_idempotent():
     back = q.float() * s.repeat_interleave(2, dim=1)
     q2, s2 = quantize_groups(back, 8, 2)
     assert torch.equal(q2, q) and torch.equal(s2, s)  # values on the grid come back exactly
+    # int4: 16 levels, the largest magnitude on -8 with a signed scale (Q4_0's rule)
     q4, s4 = quantize_groups(torch.tensor([[7.0, -3.5, 1.0, 0.1]]), 4, 4)
-    assert q4.tolist() == [[7, -4, 1, 0]] and float(s4) == 1.0  # -3.5 -> -4 (half to even), qmax 7
+    assert q4.tolist() == [[-8, 4, -1, 0]] and float(s4) == -0.875
+
+
+def test_int4_grid_uses_sixteen_levels_picks_the_clip_of_least_error_and_is_idempotent():
+    g = torch.Generator().manual_seed(5)
+    v = torch.randn(64, 256, generator=g)
+    q, s = quantize_groups(v, 4, 32)
+    assert int(q.min()) == -8 and int(q.max()) == 7
+    back = dequantize_groups(q, s, 32)
+    plain_q, plain_s = quantize_groups(v, 4, 32, scales=fp16_up(
+        v.view(64, 8, 32).gather(-1, v.view(64, 8, 32).abs().argmax(-1, keepdim=True)).squeeze(-1) / -8))
+    plain = dequantize_groups(plain_q, plain_s, 32)
+    err = ((back - v) ** 2).view(64, 8, 32).sum(-1)
+    plain_err = ((plain - v) ** 2).view(64, 8, 32).sum(-1)
+    assert bool((err <= plain_err).all()) and float(err.sum()) < 0.97 * float(plain_err.sum())
+    assert float((s.abs() / plain_s.abs()).min()) >= INT4_CLIPS[-1] - 1e-3
+    for exact in (False, True):  # values on the grid come back exactly
+        q2, s2 = quantize_groups(back, 4, 32, exact_grid=exact)
+        assert torch.equal(dequantize_groups(q2, s2, 32), back)
+    # a group whose largest value shrank below its grid's maximum is found again with exact_grid
+    shrunk = back.clone()
+    shrunk[0, :32] = torch.where(q[0, :32].abs() >= 7, torch.zeros(32), shrunk[0, :32])
+    q3, s3 = quantize_groups(shrunk, 4, 32, exact_grid=True)
+    assert torch.equal(dequantize_groups(q3, s3, 32), shrunk)
 
 
 @pytest.mark.parametrize("name,layout", LAYOUTS, ids=[n for n, _ in LAYOUTS])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_layouts_unpack_to_their_grid(name, layout, bits):
     """Dequantizing a QPacked gives q * scale on the original positions; the error to the float32
-    weight is at most half a step of its group."""
+    weight is at most half a step (int8) or the clip ratio's clamp (int4)."""
     dense = layout if isinstance(layout, torch.Tensor) else layout.dense()
     qp = quantize(layout, WeightScheme(bits, 32))
     back = qp.dense()
     assert back.shape == dense.shape
     assert torch.equal(back == 0, dense == 0) or bool(((back == 0) | (dense != 0)).all())
-    step = dense.abs().max() / (127 if bits == 8 else 7)
-    assert float((back - dense).abs().max()) <= float(step) * 0.5 * 1.01
+    amax = float(dense.abs().max())
+    # int8: half a step; int4: the clamp of the clip ratio at the far end, 1 - 7 * clip / 8 of the maximum
+    bound = amax / 127 * 0.5 if bits == 8 else amax * (1 - 7 * INT4_CLIPS[-1] / 8)
+    assert float((back - dense).abs().max()) <= bound * 1.01
     assert qp.nbytes < (dense.ne(0).sum() * 4 if name[0] != "d" else dense.numel() * 4)
 
 

@@ -19,7 +19,7 @@ def test_defaults_keep_first_conv_classifier_and_depthwise(tiny_cnn):
 
 
 def test_guards_are_overridable(tiny_cnn):
-    sel = Selection(keep_first_conv=False, keep_classifier=False, skip_grouped_conv=False)
+    sel = Selection(keep_first_conv=False, keep_classifier=False, keep_grouped_conv=False)
     choices = _by_fqn(select_layers(tiny_cnn, sel, "1:2"))
     assert choices["fc"].selected
     # a depthwise conv has one input channel per group: included, then skipped for its shape

@@ -144,7 +144,7 @@ def run_decode_suite(models: list[str], patterns: list[str], prompt_tokens: int 
         spec = decode_model_spec(name) or name
         dense, source = build_model(spec)
         dense.eval()
-        hf_dir = source.source[3:]
+        hf_dir = source.hf_dir
         prompt = token_ids(load_tokenizer(hf_dir), heldout_text(), prompt_tokens).unsqueeze(0)
         base = {"model": name, "prompt_tokens": int(prompt.shape[1]), "new_tokens": new_tokens}
         ttft, tps = _decode_times({"dense": dense}, prompt, new_tokens, repeats)["dense"]

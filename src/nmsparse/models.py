@@ -13,6 +13,7 @@ local checkpoint files load with ``weights_only=True`` (or safetensors), never p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._registry import Registry
+
 __all__ = [
     "ModelError",
     "ModelSource",
+    "SOURCES",
+    "register_source",
+    "resolve_hf_dir",
     "Conv1DLinear",
     "conv1d_as_linear",
     "build_model",
@@ -51,6 +57,33 @@ class ModelSource:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def kind(self) -> str:
+        """The registry key: ``"timm"``, ``"torchvision"`` or ``"hf"`` (GGUF files are rebuilt from the
+        Hugging Face directory they convert to)."""
+        return self.source.partition(":")[0]
+
+    @property
+    def name(self) -> str:
+        """What follows the kind: a timm / torchvision model name or a Hugging Face directory."""
+        return self.source.partition(":")[2]
+
+    @property
+    def is_text(self) -> bool:
+        """A Hugging Face (text) model: token-id inputs, a tokenizer in :attr:`hf_dir`."""
+        return self.kind == "hf"
+
+    @property
+    def hf_dir(self) -> Path:
+        """The Hugging Face directory of an ``hf:`` source (``hf:minilm``: the shipped MiniLM).
+
+        Raises:
+            ModelError: the source is not a Hugging Face model.
+        """
+        if not self.is_text:
+            raise ModelError(f"{self.source} is not a Hugging Face model (expected hf:DIR)")
+        return minilm_path() if self.name == "minilm" else Path(self.name)
 
 
 def minilm_path() -> Path:
@@ -133,19 +166,55 @@ def is_causal_lm_dir(path: str | Path) -> bool:
     return any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or [])
 
 
+# ---------------------------------------------------------------- the sources, one registry
+# A builder takes the name after "kind:", the constructor options and `pretrained`, and returns the model
+# and the source it is rebuilt from. Adding a source is one registered builder.
+Builder = Callable[[str, dict[str, Any], bool], tuple[nn.Module, ModelSource]]
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    build: Builder
+    form: str  # the spec as errors show it, e.g. "timm:NAME"
+
+
+SOURCES: Registry[SourceKind] = Registry("model source")
+
+
+def register_source(kind: str, form: str) -> Callable[[Builder], Builder]:
+    """Register the builder of ``kind:NAME`` specs (``form``, e.g. ``"timm:NAME"``, names it in errors)."""
+    def add(builder: Builder) -> Builder:
+        SOURCES.register(kind)(SourceKind(builder, form))
+        return builder
+    return add
+
+
 def parse_model_spec(spec: str) -> tuple[str, str]:
-    """Split ``"timm:resnet18"`` into ``("timm", "resnet18")``.
+    """Split ``"timm:resnet18"`` into ``("timm", "resnet18")`` for a registered kind.
 
     An export directory is not a model spec at this level: :func:`nmsparse.export.open_model`
     resolves it (``load_export``) and hands every other spec here.
     """
     kind, sep, name = spec.partition(":")
-    if sep and kind in ("timm", "torchvision", "hf", "gguf") and name:
+    if sep and kind in SOURCES and name:
         return kind, name
-    raise ModelError(
-        f"unknown model {spec!r}: expected timm:NAME, torchvision:NAME, hf:PATH (a local Hugging Face "
-        "directory, or hf:minilm), gguf:FILE (or gguf:smollm2) or an export directory"
-    )
+    forms = ", ".join(SOURCES.get(k).form for k in SOURCES.names())
+    raise ModelError(f"unknown model {spec!r}: expected {forms} or an export directory")
+
+
+def resolve_hf_dir(spec: str) -> Path:
+    """The Hugging Face directory of an ``hf:DIR`` or ``gguf:FILE`` spec (a GGUF file converted once and
+    cached, :func:`gguf_to_hf`).
+
+    Raises:
+        ModelError: another kind of spec, or a GGUF file that cannot be read.
+    """
+    kind, name = parse_model_spec(spec)
+    if kind == "gguf":
+        return gguf_to_hf(smollm2_gguf() if name == "smollm2" else name)
+    if kind == "hf":
+        return ModelSource(spec).hf_dir
+    raise ModelError(f"{spec} is not a Hugging Face or GGUF model (expected hf:DIR or gguf:FILE)")
 
 
 def _adapt_in_chans(model: nn.Module, in_chans: int) -> None:
@@ -162,74 +231,85 @@ def _adapt_in_chans(model: nn.Module, in_chans: int) -> None:
     raise ModelError("model has no Conv2d whose input channels could be adapted")
 
 
+@register_source("timm", "timm:NAME")
+def _timm(name: str, options: dict[str, Any], pretrained: bool) -> tuple[nn.Module, ModelSource]:
+    try:
+        import timm
+    except ImportError as exc:
+        raise ModelError("timm models need timm (pip install 'nmsparse[vision]')") from exc
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+        raise ModelError(f"unknown timm model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **options)
+    except TypeError as exc:
+        raise ModelError(f"timm model {name!r} does not accept the options {sorted(options)}: {exc}") from None
+    return model, ModelSource(f"timm:{name}", options)
+
+
+@register_source("torchvision", "torchvision:NAME")
+def _torchvision(name: str, options: dict[str, Any], pretrained: bool) -> tuple[nn.Module, ModelSource]:
+    try:
+        import torchvision
+    except ImportError as exc:
+        raise ModelError("torchvision models need torchvision (pip install 'nmsparse[vision]')") from exc
+    if name not in torchvision.models.list_models():
+        raise ModelError(f"unknown torchvision model {name!r}; e.g. resnet18, resnet50, mobilenet_v2, vit_b_16")
+    kwargs = {k: v for k, v in options.items() if k != "in_chans"}
+    try:
+        model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
+    except TypeError as exc:
+        raise ModelError(f"torchvision model {name!r} does not accept the options {sorted(kwargs)}: {exc}") from None
+    if options.get("in_chans", 3) != 3:
+        _adapt_in_chans(model, options["in_chans"])
+    return model, ModelSource(f"torchvision:{name}", options)
+
+
+@register_source("hf", "hf:PATH (a local Hugging Face directory, or hf:minilm)")
+def _hf(name: str, options: dict[str, Any], pretrained: bool) -> tuple[nn.Module, ModelSource]:
+    path = ModelSource(f"hf:{name}").hf_dir
+    try:
+        from transformers import AutoModel, AutoModelForCausalLM
+    except ImportError as exc:
+        raise ModelError("hf: models need transformers (pip install 'nmsparse[hf]')") from exc
+    if not path.is_dir():
+        raise ModelError(f"hf model directory {str(path)!r} does not exist (expected a folder with config.json)")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} has no config.json; expected a Hugging Face model directory")
+    loader = AutoModelForCausalLM if is_causal_lm_dir(path) else AutoModel
+    model = loader.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+    conv1d_as_linear(model)  # GPT-2 family: Conv1D projections become the Linear layers they compute
+    return model, ModelSource(f"hf:{path}")
+
+
+@register_source("gguf", "gguf:FILE (or gguf:smollm2)")
+def _gguf(name: str, options: dict[str, Any], pretrained: bool) -> tuple[nn.Module, ModelSource]:
+    return _hf(str(resolve_hf_dir(f"gguf:{name}")), options, pretrained)
+
+
 def build_model(
     spec: str, num_classes: int | None = None, in_chans: int | None = None, pretrained: bool = False,
     options: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, ModelSource]:
-    """Build a model from a spec (see module docstring).
+    """Build a model from a spec of a registered source (see module docstring and :data:`SOURCES`).
 
     Args:
-        spec: ``timm:NAME``, ``torchvision:NAME`` or ``hf:PATH``/``hf:minilm``.
+        spec: ``timm:NAME``, ``torchvision:NAME``, ``hf:PATH``/``hf:minilm`` or ``gguf:FILE``/``gguf:smollm2``.
         num_classes: classifier outputs (vision models).
         in_chans: input channels (vision models).
         pretrained: download hub weights (timm/torchvision); needs network access.
         options: extra constructor arguments (timm ``create_model`` / torchvision ``get_model``
             keyword arguments such as ``img_size``, ``patch_size``, ``depth``); recorded in exports.
+            Hugging Face models take none (their config holds the architecture).
 
     Raises:
         ModelError: unknown name, missing optional dependency, or missing path.
     """
     kind, name = parse_model_spec(spec)
     options = {**(options or {}), **{k: v for k, v in (("num_classes", num_classes), ("in_chans", in_chans)) if v}}
-    if kind == "timm":
-        try:
-            import timm
-        except ImportError as exc:
-            raise ModelError("timm models need timm (pip install 'nmsparse[vision]')") from exc
-        if not timm.is_model(name):
-            close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
-            raise ModelError(f"unknown timm model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
-        try:
-            model = timm.create_model(name, pretrained=pretrained, **options)
-        except TypeError as exc:
-            raise ModelError(f"timm model {name!r} does not accept the options {sorted(options)}: {exc}") from None
-    elif kind == "torchvision":
-        try:
-            import torchvision
-        except ImportError as exc:
-            raise ModelError("torchvision models need torchvision (pip install 'nmsparse[vision]')") from exc
-        if name not in torchvision.models.list_models():
-            raise ModelError(f"unknown torchvision model {name!r}; e.g. resnet18, resnet50, mobilenet_v2, vit_b_16")
-        kwargs = {k: v for k, v in options.items() if k != "in_chans"}
-        try:
-            model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
-        except TypeError as exc:
-            raise ModelError(
-                f"torchvision model {name!r} does not accept the options {sorted(kwargs)}: {exc}"
-            ) from None
-        if in_chans and in_chans != 3:
-            _adapt_in_chans(model, in_chans)
-    else:  # hf, gguf
-        if kind == "gguf":
-            path = gguf_to_hf(smollm2_gguf() if name == "smollm2" else name)
-            kind = "hf"
-        else:
-            path = minilm_path() if name == "minilm" else Path(name)
-        try:
-            from transformers import AutoModel, AutoModelForCausalLM
-        except ImportError as exc:
-            raise ModelError("hf: models need transformers (pip install 'nmsparse[hf]')") from exc
-        if not path.is_dir():
-            raise ModelError(f"hf model directory {str(path)!r} does not exist (expected a folder with config.json)")
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{path} has no config.json; expected a Hugging Face model directory")
-        loader = AutoModelForCausalLM if is_causal_lm_dir(path) else AutoModel
-        model = loader.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
-        conv1d_as_linear(model)  # GPT-2 family: Conv1D projections become the Linear layers they compute
-        options = {}
-        name = str(path)
+    model, source = SOURCES.get(kind).build(name, options, pretrained)
     model.eval()
-    return model, ModelSource(f"{kind}:{name}", options)
+    return model, source
 
 
 class Conv1DLinear(nn.Linear):
@@ -331,7 +411,7 @@ def tied_parameter_names(model: nn.Module, present: set[str] | None = None) -> s
 def example_input(model: nn.Module, source: ModelSource, batch: int = 2, seed: int = 0) -> Any:
     """A deterministic random input the model accepts (images, or token ids for hf: models)."""
     gen = torch.Generator().manual_seed(seed)
-    if source.source.startswith("hf:"):
+    if source.is_text:
         vocab = int(getattr(model.config, "vocab_size", 1000))
         ids = torch.randint(1, vocab, (batch, 16), generator=gen)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

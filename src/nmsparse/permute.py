@@ -16,6 +16,14 @@ weight columns are permuted and a forward pre-hook gathers the input channels in
 so the function is unchanged; squash writes the map into the manifest entry
 (``input_permutation``), :func:`nmsparse.export.load_export` re-attaches the gather, and the
 runtime applies it before its kernel. With ``unfoldable="skip"`` such layers keep their order.
+
+Decoder blocks of Hugging Face causal LMs do not trace with ``torch.fx``; their two foldable pairs are
+found by structure instead (:func:`decoder_pairs`): a gated MLP's ``down_proj`` takes its input
+channels from ``gate_proj`` and ``up_proj`` rows (``down(act(gate(x)) * up(x))`` is elementwise in
+the intermediate channels), and an attention's ``o_proj`` takes each head's value channels from
+``v_proj`` rows (attention mixes tokens, never channels, and query head h reads KV head h // (heads /
+kv heads)), so ``o_proj``'s columns are permuted within each head, one permutation per KV head shared by
+the query heads that read it. Both fold into the weights: the exported model is an ordinary model.
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ from .parametrize import attach_input_map
 from .pattern import NMPattern, parse_pattern
 from .select import Selection, select_layers
 
-__all__ = ["PermutationResult", "LayerPermutation", "kept_magnitude", "search_permutation", "permute_channels"]
+__all__ = ["PermutationResult", "LayerPermutation", "kept_magnitude", "search_permutation", "permute_channels",
+           "decoder_pairs", "DecoderPair", "balanced_order"]
 
 def _columns(weight: torch.Tensor) -> torch.Tensor:
     """``[rows, in]``: |W| with one column per input channel (rows = out * kh * kw)."""
@@ -82,11 +91,29 @@ def _leave_one_out(values: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Te
 MAX_SWEEPS = 100  # a cap only: the search stops at the first sweep that gains nothing
 
 
+def balanced_order(weight: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
+    """A permutation that deals the input channels, sorted by summed magnitude, across the groups in
+    snake order (group g gets the g-th largest, the g-th of the next band counted from the end, ...),
+    so that no group holds several of the strongest channels (RIA's channel reallocation idea). One
+    sort: a starting point for :func:`search_permutation` on wide layers, where each sweep is costly."""
+    cols = _columns(weight)
+    channels, m = cols.shape[1], pattern.m
+    groups = channels // m
+    order = cols.sum(0).argsort(descending=True)
+    perm = torch.empty_like(order)
+    for band in range(m):
+        chosen = order[band * groups:(band + 1) * groups]
+        perm[torch.arange(groups) * m + band] = chosen.flip(0) if band % 2 else chosen
+    return perm
+
+
 @torch.no_grad()
-def search_permutation(weight: torch.Tensor, pattern: NMPattern, max_sweeps: int = MAX_SWEEPS) -> PermutationResult:
+def search_permutation(weight: torch.Tensor, pattern: NMPattern, max_sweeps: int = MAX_SWEEPS,
+                       start: torch.Tensor | None = None) -> PermutationResult:
     """Channel swaps between groups that raise the kept magnitude (see module docstring), sweep after
     sweep until one finds no gain (at most ``max_sweeps``; three sweeps left 10-25% of the gain of
-    NVIDIA apex's exhaustive search unrealised, docs/methods.md).
+    NVIDIA apex's exhaustive search unrealised, docs/methods.md), from the identity or from ``start``
+    (a permutation, e.g. :func:`balanced_order`; used only where it keeps more than the identity).
 
     For each group a, the best single swap with any later group b is found at once (the gain of
     every (a, b, i, j) from leave-one-out sums, O(rows * m^2) per pair) and applied when positive.
@@ -101,6 +128,9 @@ def search_permutation(weight: torch.Tensor, pattern: NMPattern, max_sweeps: int
     before = kept_magnitude(weight, pattern)
     if n >= m or channels == m:
         return PermutationResult(perm, before, before, 0)
+    if start is not None and kept_magnitude(weight, pattern, start) > before:
+        perm = start.clone()
+        cols = cols[:, perm]
     groups = channels // m
     values = cols.t().reshape(groups, m, rows).transpose(1, 2).contiguous()  # [G, rows, m]
     kept = _kept(values, n)  # [G]
@@ -213,6 +243,63 @@ class LayerPermutation:
                 "gain": round(self.gain, 6), "reason": self.reason}
 
 
+@dataclass(frozen=True)
+class DecoderPair:
+    """A consumer whose input channels are rows of ``producers`` (see module docstring); ``head_dim``
+    set for ``o_proj`` (permuted within heads), with ``per_kv`` query heads per KV head."""
+
+    producers: tuple[str, ...]
+    head_dim: int | None = None
+    per_kv: int = 1
+
+
+def decoder_pairs(model: nn.Module) -> dict[str, DecoderPair]:
+    """The foldable pairs of a decoder's blocks by module structure: consumer fqn -> its pair."""
+    pairs: dict[str, DecoderPair] = {}
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        linear = {a: getattr(module, a, None) for a in ("gate_proj", "up_proj", "down_proj", "v_proj", "o_proj")}
+        if all(isinstance(linear[a], nn.Linear) for a in ("gate_proj", "up_proj", "down_proj")):
+            pairs[prefix + "down_proj"] = DecoderPair((prefix + "gate_proj", prefix + "up_proj"))
+        hd = getattr(module, "head_dim", None)
+        v, o = linear["v_proj"], linear["o_proj"]
+        if isinstance(v, nn.Linear) and isinstance(o, nn.Linear) and isinstance(hd, int) and hd > 0:
+            kv, heads = divmod(v.out_features, hd), divmod(o.in_features, hd)
+            if kv[1] == 0 and heads[1] == 0 and kv[0] and heads[0] % kv[0] == 0:
+                pairs[prefix + "o_proj"] = DecoderPair((prefix + "v_proj",), hd, heads[0] // kv[0])
+    return pairs
+
+
+def _fold_decoder_pair(fqn: str, pair: DecoderPair, modules: dict[str, nn.Module], pattern: NMPattern,
+                       max_sweeps: int) -> LayerPermutation:
+    consumer = modules[fqn]
+    weight = consumer.weight.data
+    before = kept_magnitude(weight, pattern)
+    if pair.head_dim is None:  # wide: start from the balanced deal, then polish with swaps
+        perm = search_permutation(weight, pattern, max_sweeps, balanced_order(weight, pattern)).perm
+        producer_perm = perm
+    else:
+        hd, per = pair.head_dim, pair.per_kv
+        if hd % pattern.m:
+            return LayerPermutation(fqn, None, before, before, f"head dim {hd} is not a multiple of m={pattern.m}")
+        perm = torch.arange(weight.shape[1])
+        producer_perm = torch.arange(weight.shape[1] // per)
+        for j in range(weight.shape[1] // (hd * per)):  # KV head j, read by query heads j*per .. j*per+per-1
+            heads = range(j * per, (j + 1) * per)
+            stacked = torch.cat([weight[:, h * hd:(h + 1) * hd] for h in heads], 0)
+            local = search_permutation(stacked, pattern, max_sweeps).perm
+            producer_perm[j * hd:(j + 1) * hd] = j * hd + local
+            for h in heads:
+                perm[h * hd:(h + 1) * hd] = h * hd + local
+    after = kept_magnitude(weight, pattern, perm)
+    if after <= before:
+        return LayerPermutation(fqn, None, before, before, "no swap raised the kept magnitude")
+    consumer.weight.data = weight[:, perm].clone()
+    for producer in pair.producers:
+        _permute_outputs(modules[producer], producer_perm)
+    return LayerPermutation(fqn, ", ".join(pair.producers), before, after)
+
+
 @torch.no_grad()
 def permute_channels(
     model: nn.Module, pattern: str | NMPattern = "2:4", selection: Selection | None = None,
@@ -228,15 +315,17 @@ def permute_channels(
         raise ValueError(f"unfoldable must be 'index_map' or 'skip', got {unfoldable!r}")
     pattern = parse_pattern(pattern)
     choices = [c for c in select_layers(model, selection or Selection(), pattern) if c.selected]
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception as exc:  # noqa: BLE001 - any tracing failure means: no folding possible
-        reason = f"the model is not traceable with torch.fx ({type(exc).__name__})"
-        return [LayerPermutation(c.fqn, None, 0.0, 0.0, reason) for c in choices]
+    pairs = decoder_pairs(model)
+    graph = None
+    if any(c.fqn not in pairs for c in choices):
+        try:
+            graph = torch.fx.symbolic_trace(model).graph
+        except Exception as exc:  # noqa: BLE001 - any tracing failure means: no folding possible
+            untraced = f"the model is not traceable with torch.fx ({type(exc).__name__})"
     from .progress import Progress
 
     modules = dict(model.named_modules())
-    nodes = {node.target: node for node in graph.nodes if node.op == "call_module"}
+    nodes = {node.target: node for node in graph.nodes if node.op == "call_module"} if graph is not None else {}
     rows, claimed = [], set()
     bar = Progress(len(choices), 0, progress, 1, True)
     for index, choice in enumerate(choices):
@@ -246,6 +335,12 @@ def permute_channels(
         weight = choice.module.weight
         if len(set(choice.patterns)) != 1 or not isinstance(layer_pattern, NMPattern) or layer_pattern.axis != "in":
             rows.append(LayerPermutation(choice.fqn, None, 0.0, 0.0, "only single n:m patterns along input channels"))
+            continue
+        if choice.fqn in pairs:
+            rows.append(_fold_decoder_pair(choice.fqn, pairs[choice.fqn], modules, layer_pattern, max_sweeps))
+            continue
+        if graph is None:
+            rows.append(LayerPermutation(choice.fqn, None, 0.0, 0.0, untraced))
             continue
         before = kept_magnitude(weight, layer_pattern)
         node = nodes.get(choice.fqn)

@@ -9,7 +9,7 @@ list of :class:`Rule` s. For every Conv/Linear module of a model:
    type (``"type:Conv2d"``).
 2. With no matching rule, the module is sparse when it is in one of the selected layer sets,
    unless a guard keeps it dense: the first conv (``keep_first_conv``), the classifier
-   (``keep_classifier``) and grouped/depthwise convs (``skip_grouped_conv``).
+   (``keep_classifier``) and grouped/depthwise convs (``keep_grouped_conv``).
 3. A module whose shape does not fit its pattern is never mangled: it is skipped, with the reason.
 
 Fused attention projections (timm's ``attn.qkv``, ``query_key_value``) are handled as three equal
@@ -117,7 +117,7 @@ class Selection:
     rules: tuple[Rule, ...] = ()
     keep_first_conv: bool = True
     keep_classifier: bool = True
-    skip_grouped_conv: bool = True
+    keep_grouped_conv: bool = True
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.layers if name not in LAYER_SETS]
@@ -240,8 +240,8 @@ def select_layers(model: nn.Module, selection: Selection, default_pattern: str |
             choice.skip_reason = "first conv kept dense (keep_first_conv)"
         elif selection.keep_classifier and module is head:
             choice.skip_reason = "classifier kept dense (keep_classifier)"
-        elif selection.skip_grouped_conv and getattr(module, "groups", 1) > 1:
-            choice.skip_reason = f"grouped/depthwise conv (groups={module.groups}) kept dense (skip_grouped_conv)"
+        elif selection.keep_grouped_conv and getattr(module, "groups", 1) > 1:
+            choice.skip_reason = f"grouped/depthwise conv (groups={module.groups}) kept dense (keep_grouped_conv)"
         if choice.skip_reason is None:
             try:
                 choice.patterns = _resolve_patterns(fqn, module, specs)

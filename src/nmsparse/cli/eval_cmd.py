@@ -108,7 +108,7 @@ def _perplexity(args: argparse.Namespace) -> int:
     if args.window < 2 or (args.stride is not None and not 0 < args.stride <= args.window):
         raise CliError(f"need --window >= 2 and 0 < --stride <= --window, got {args.window}, {args.stride}")
     folder = Path(args.target)
-    tokenizer = load_tokenizer(folder if (folder / "tokenizer_config.json").is_file() else source.source[3:])
+    tokenizer = load_tokenizer(folder if (folder / "tokenizer_config.json").is_file() else source.hf_dir)
     ids = token_ids(tokenizer, load_texts(args.perplexity), args.tokens)
     check_vocabulary(model, int(ids.max()) if ids.numel() else 0, str(tokenizer.name_or_path))
     result = perplexity(model, ids, args.window, args.stride, progress="auto")

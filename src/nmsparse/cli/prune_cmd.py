@@ -30,7 +30,7 @@ def selection_from_args(args: argparse.Namespace) -> Selection:
         rules=tuple(Rule.parse(text) for text in args.rule),
         keep_first_conv=not args.include_first_conv,
         keep_classifier=not args.include_classifier,
-        skip_grouped_conv=not args.include_grouped_conv,
+        keep_grouped_conv=not args.include_grouped_conv,
     )
 
 
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         load_weights(model, args.checkpoint)
     model.eval()
     kind = model_kind(model)
-    text_model = source.source.startswith("hf:")
+    text_model = source.is_text
     recovering = bool(args.recover_steps or args.recover_minutes)
     calibrated = (args.method == "best" or isinstance(build_method(args.method), CalibratedMethod) or args.calib
                   or recovering or args.refine)
@@ -144,10 +144,10 @@ def run(args: argparse.Namespace) -> int:
     if recovering:
         train_batches = batches
         if kind == "encoder":  # whole sentences of the calibration text, batched by length
-            train_batches = sentence_training_batches(load_tokenizer(source.source[3:]), load_texts(spec),
+            train_batches = sentence_training_batches(load_tokenizer(source.hf_dir), load_texts(spec),
                                                       max_length=args.seq_len, seed=args.seed + 1)
         elif kind == "causal_lm":  # fresh windows of the calibration text, small batches (more steps per minute)
-            train_batches = token_windows(load_tokenizer(source.source[3:]), load_texts(spec), max(512, args.samples),
+            train_batches = token_windows(load_tokenizer(source.hf_dir), load_texts(spec), max(512, args.samples),
                                           args.seq_len, seed=args.seed + 1, batch_size=8)
         recovery = Recovery(
             train_batches,
@@ -196,16 +196,15 @@ def _describe(args: argparse.Namespace, kind: str, spec: str, batches, heldout, 
 
 
 def _run_streaming(args: argparse.Namespace, selection) -> int:
-    from ..models import ModelSource, gguf_to_hf, is_causal_lm_dir, parse_model_spec, smollm2_gguf
+    from ..models import ModelError, ModelSource, is_causal_lm_dir, resolve_hf_dir
     from ..oneshot.data import build_calibration
     from ..oneshot.stream import prune_streaming
 
-    kind, name = parse_model_spec(args.model)
-    if kind == "gguf":
-        directory = gguf_to_hf(smollm2_gguf() if name == "smollm2" else name)
-    elif kind == "hf" and is_causal_lm_dir(name):
-        directory = Path(name)
-    else:
+    try:
+        directory = resolve_hf_dir(args.model)
+    except ModelError:
+        directory = None
+    if directory is None or not is_causal_lm_dir(directory):
         raise CliError(f"--stream prunes causal LMs from a Hugging Face directory or GGUF file, not {args.model}")
     if args.recover_steps or args.recover_minutes or args.permute or args.checkpoint:
         raise CliError("--stream cannot be combined with --recover-*, --permute or --checkpoint (each needs the "

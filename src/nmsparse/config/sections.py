@@ -122,7 +122,7 @@ class SparsityConfig:
     rules: tuple[RuleConfig, ...] = _f((), "ordered per-layer overrides, first match wins")
     keep_first_conv: bool = _f(True, "keep the first conv dense")
     keep_classifier: bool = _f(True, "keep the classifier dense")
-    skip_grouped_conv: bool = _f(True, "keep grouped/depthwise convs dense")
+    keep_grouped_conv: bool = _f(True, "keep grouped/depthwise convs dense")
     allocation: dict[str, str] | None = _f(None, "per-layer patterns {fqn: 'n:m'} (e.g. a usd scheme)")
     allocation_file: str | None = _f(None, "JSON scheme {fqn: 'n:m'} (e.g. a usd run's scheme.json)")
     allocate: AllocateConfig = _f(AllocateConfig, "computed per-layer allocation", factory=True)

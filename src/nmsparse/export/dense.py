@@ -177,13 +177,13 @@ def _write_hf_files(model: nn.Module, model_source: dict[str, Any], directory: P
     data = json.loads(config.to_json_string())  # the user's model config is left as it is
     data["architectures"] = [type(model).__name__]
     (directory / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    source = str(model_source.get("source", ""))
-    if source.startswith("hf:"):
+    from ..models import ModelSource
+
+    source = ModelSource(str(model_source.get("source", "")))
+    if source.is_text:
         import shutil
 
-        from ..models import minilm_path
-
-        root = minilm_path() if source == "hf:minilm" else Path(source[3:])
+        root = source.hf_dir
         for name in _TOKENIZER_FILES:
             if (root / name).is_file():
                 shutil.copyfile(root / name, directory / name)

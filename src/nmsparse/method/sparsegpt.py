@@ -33,7 +33,7 @@ import torch
 
 from ..mask import topk_groups
 from ..pattern import BlockPattern, NMPattern, Pattern
-from ..quantgrid import fp16_up, nm_chunk, parse_weights
+from ..quantgrid import group_scales, nm_chunk, parse_weights, qrange
 from .base import CalibratedMethod, LayerStats, MethodError, register_method
 
 
@@ -107,8 +107,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
     these weights (the re-solve after a mask refinement, :mod:`nmsparse.refine`).
 
     ``quant = (bits, group_columns)``: joint quantization (see the module docstring): the kept values
-    of each group of ``group_columns`` columns are rounded to ``bits``-bit symmetric steps of
-    ``max|kept| / qmax`` (on the float16 grid), set at the group's first column.
+    of each group of ``group_columns`` columns are rounded to the ``bits``-bit grid of
+    :func:`nmsparse.quantgrid.group_scales` over those values, set at the group's first column.
 
     Returns:
         ``(pruned_weight, mask)``; float32, mask True = kept, exactly n kept per group.
@@ -122,7 +122,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
     if quant is not None:
         bits, group_cols = quant
         block = max(block // group_cols, 1) * group_cols  # quantization groups inside lazy blocks
-        qmax = 127 if bits == 8 else 7
+        lo, hi = qrange(bits)
         scale = torch.ones(rows)
     for start in range(0, cols, block):
         end = min(start + block, cols)
@@ -135,7 +135,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
                 mask[:, start:end] = select_block(w1, torch.diag(hinv1), start, end)
             if quant is not None and i % group_cols == 0:
                 keep = None if fixed_mask is None else mask[:, start + i : start + i + group_cols]
-                scale = _group_grid(w1[:, i : i + group_cols], torch.diag(hinv1)[i : i + group_cols], n, m, qmax,
+                scale = _group_grid(w1[:, i : i + group_cols], torch.diag(hinv1)[i : i + group_cols], n, m, bits,
                                     keep)
             if (
                 fixed_mask is None and select_block is None and i % m == 0
@@ -144,7 +144,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
                 mask[:, start + i : start + i + m] = topk_groups(group, n)  # mask.py's tie rule
             col = w1[:, i]
             if quant is not None:
-                col_q = torch.clamp(torch.round(col / scale), -qmax, qmax) * scale
+                col_q = torch.clamp(torch.round(col / scale), lo, hi) * scale
                 q = col_q * mask[:, start + i]
             else:
                 q = col * mask[:, start + i]
@@ -158,16 +158,15 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,
     return w.mul_(mask), mask
 
 
-def _group_grid(w: torch.Tensor, hinv_diag: torch.Tensor, n: int, m: int, qmax: int,
+def _group_grid(w: torch.Tensor, hinv_diag: torch.Tensor, n: int, m: int, bits: int,
                 keep: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-row step of a quantization group's grid (``[rows]``): ``max|kept| / qmax`` on the float16
-    grid, over the values the group's n:m masks would keep if chosen now (SparseGPT's saliency), or
-    over ``keep`` where the mask is given."""
+    """Per-row step of a quantization group's grid (``[rows]``, :func:`~nmsparse.quantgrid.group_scales`)
+    over the values the group's n:m masks would keep if chosen now (SparseGPT's saliency), or over
+    ``keep`` where the mask is given."""
     if keep is None:
         saliency = w**2 / hinv_diag.reshape(1, -1) ** 2
         keep = topk_groups(saliency.reshape(-1, m), n).reshape(w.shape[0], -1)
-    scale = fp16_up((w.abs() * keep).amax(1) / qmax)
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
+    return group_scales((w * keep).unsqueeze(1), bits).squeeze(1)
 
 
 def _block_selector(pattern: BlockPattern, channels: int, kernel: int):

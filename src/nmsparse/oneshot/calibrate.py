@@ -37,7 +37,7 @@ from ..refine import refinable, refine_mask
 from ..select import LayerChoice, Selection, nothing_selected, select_layers
 from .result import LayerRow
 
-__all__ = ["prune_with_calibration", "find_blocks"]
+__all__ = ["prune_with_calibration", "prune_blocks", "find_blocks"]
 
 # X^T X is collected for the error report up to this many input columns (per layer); in one-pass mode
 # every selected layer holds its statistics at once, so the limit is lower there.
@@ -278,6 +278,55 @@ def _prune_layer(choice: LayerChoice, method: MethodBase, stats: LayerStats, ref
                     error, refinement=refinement)
 
 
+BlockHook = Callable[[int, str, nn.Module, list[LayerChoice]], None]
+
+
+def prune_blocks(blocks: list[tuple[str, nn.Module]], selected: list[LayerChoice], method: MethodBase,
+                 capture: Callable[[nn.Module], list[tuple[tuple, dict]]] | None, micro_batch: int | None,
+                 refine: bool, bar: Progress, before: BlockHook | None = None,
+                 after: BlockHook | None = None) -> tuple[list[LayerRow], set[str]]:
+    """The one block-by-block loop of calibrated pruning (in memory, and streamed from shards).
+
+    For each ``(fqn, block)``: ``before(index, fqn, block, here)`` (streaming materialises the block
+    there), the first block's inputs captured by ``capture(block)``, the selected layers inside the block
+    (``here``) calibrated on the block's current inputs and pruned, the block run to give the next
+    block its inputs (computed with the pruned weights), then ``after(...)`` (streaming writes and
+    releases the block there). With ``capture`` None there is no calibration data: each layer gets the
+    method's own statistics-free mask (magnitude).
+
+    Returns:
+        ``(report rows, fqns of the pruned layers)``.
+    """
+    rows: list[LayerRow] = []
+    done: set[str] = set()
+    inputs = None
+    for index, (prefix, block) in enumerate(blocks):
+        here = [c for c in selected if c.fqn.startswith(prefix + ".")]
+        if before is not None:
+            before(index, prefix, block, here)
+        if capture is not None and inputs is None:
+            inputs = capture(block)
+            _release_freed_memory()
+        done.update(c.fqn for c in here)
+        if here:
+            if inputs is not None:
+                stats = _collect(here, method, lambda blk=block, ins=inputs: _run_block(blk, ins, micro_batch),
+                                 _HESSIAN_MAX_COLUMNS_BLOCK, refine)
+            else:
+                stats = {c.fqn: LayerStats(int(c.module.weight[0].numel()), False) for c in here}
+            _release_freed_memory()
+            for choice in here:
+                rows.append(_prune_layer(choice, method, stats.pop(choice.fqn), refine))
+                _release_freed_memory()
+        if inputs is not None and index + 1 < len(blocks):
+            _advance(block, inputs, micro_batch)
+            _release_freed_memory()
+        if after is not None:
+            after(index, prefix, block, here)
+        bar.update(index + 1, f"block {prefix}: {len(here)} layers")
+    return rows, done
+
+
 def prune_with_calibration(
     model: nn.Module,
     batches: list[Any],
@@ -323,23 +372,11 @@ def prune_with_calibration(
         bar.update(1, f"{len(selected)} layers pruned in one pass")
         bar.close()
     else:
-        inputs = _capture_inputs(model, blocks[0][1], batches)
-        _release_freed_memory()
-        in_blocks = set()
         bar = Progress(len(blocks), 0, progress, every=1)
-        for index, (prefix, block) in enumerate(blocks):
-            here = [c for c in selected if c.fqn.startswith(prefix + ".")]
-            in_blocks.update(c.fqn for c in here)
-            if here:
-                stats = _collect(here, method, lambda blk=block, ins=inputs: _run_block(blk, ins, micro_batch),
-                                 _HESSIAN_MAX_COLUMNS_BLOCK, refine)
-                _release_freed_memory()
-                for choice in here:
-                    rows.append(_prune_layer(choice, method, stats.pop(choice.fqn), refine))
-                    _release_freed_memory()
-            _advance(block, inputs, micro_batch)
-            _release_freed_memory()
-            bar.update(index + 1, f"block {prefix}: {len(here)} layers")
+        block_rows, in_blocks = prune_blocks(blocks, selected, method,
+                                             lambda first: _capture_inputs(model, first, batches), micro_batch,
+                                             refine, bar)
+        rows += block_rows
         bar.close()
         rest = [c for c in selected if c.fqn not in in_blocks]
         if rest:  # e.g. a pooler or head outside the blocks: one pass with the blocks already pruned

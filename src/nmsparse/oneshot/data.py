@@ -232,14 +232,14 @@ def image_batches(spec: str, input_size: tuple[int, int, int], samples: int, bat
 
 def build_calibration(spec: str, model: Any, source: Any, samples: int, seq_len: int, seed: int = 0) -> list[Any]:
     """Calibration batches that ``model`` (built from ``source``) accepts."""
-    if source.source.startswith("hf:"):
+    if source.is_text:
         if not spec.startswith(("text:", "hf-dataset:")):
             raise CalibrationError(
                 f"{source.source} is a text model: use --calib text:builtin, text:PATH or hf-dataset:..."
             )
-        tokenizer = load_tokenizer(source.source[3:])
+        tokenizer = load_tokenizer(source.hf_dir)
         batches = token_windows(tokenizer, load_texts(spec), samples, seq_len, seed)
-        check_vocabulary(model, max(int(b["input_ids"].max()) for b in batches), source.source[3:])
+        check_vocabulary(model, max(int(b["input_ids"].max()) for b in batches), source.hf_dir)
         return batches
     if spec.startswith(("text:", "hf-dataset:")):
         raise CalibrationError(f"{source.source} is a vision model: use --calib digits, mnist5k or images:DIR")
@@ -278,11 +278,11 @@ def heldout_data(model: Any, source: Any, kind: str, spec: str | None = None, ma
             than calibration's.
     """
     if kind == "causal_lm":
-        ids = token_ids(load_tokenizer(source.source[3:]), load_texts(spec or "text:heldout"), max_tokens)
-        check_vocabulary(model, int(ids.max()) if ids.numel() else 0, source.source[3:])
+        ids = token_ids(load_tokenizer(source.hf_dir), load_texts(spec or "text:heldout"), max_tokens)
+        check_vocabulary(model, int(ids.max()) if ids.numel() else 0, source.hf_dir)
         return ids
     if kind == "encoder":
         _, sentences = builtin_text()
-        return sentence_batches(load_tokenizer(source.source[3:]), sentences)
+        return sentence_batches(load_tokenizer(source.hf_dir), sentences)
     spec = spec if spec and not spec.startswith(("text:", "hf-dataset:")) else "digits"
     return build_calibration(spec, model, source, samples, 0, seed + 7919)

@@ -30,16 +30,7 @@ from ..parametrize import input_map
 from ..pattern import Pattern, parse_pattern
 from ..progress import Progress
 from ..select import Selection, select_layers
-from .calibrate import (
-    _HESSIAN_MAX_COLUMNS_BLOCK,
-    _advance,
-    _capture_inputs,
-    _collect,
-    _prune_layer,
-    _release_freed_memory,
-    _run_block,
-    find_blocks,
-)
+from .calibrate import _capture_inputs, _release_freed_memory, find_blocks, prune_blocks
 from .result import PruneResult
 
 __all__ = ["prune_streaming", "INDEX_NAME"]
@@ -165,7 +156,7 @@ def prune_streaming(
     if config.tie_word_embeddings:
         shell.tie_weights()
     start = time.perf_counter()
-    rows, layers = [], []
+    layers: list[dict[str, Any]] = []
     weight_map: dict[str, str] = {}
     total_size = 0
     text = str(parse_pattern(pattern)) if isinstance(pattern, str) else str(pattern)
@@ -173,31 +164,19 @@ def prune_streaming(
 
     count = len(blocks) + 1
     with atomic_dir(out, replaceable=lambda p: (p / MANIFEST_NAME).is_file()) as tmp:
-        bar = Progress(len(blocks), 0, progress, every=1)
-        inputs = None
-        for index, (block_fqn, block) in enumerate(blocks):
+
+        def materialise(index: int, block_fqn: str, block: nn.Module, here: list) -> None:
             block.to_empty(device="cpu")  # the skeleton's own block, materialised in place
             shards.load_into(block, f"{block_fqn}.", strict=True)
             block.eval()
-            if inputs is None:
-                shell_blocks[0] = block
-                inputs = _capture_inputs(shell, block, calibration or [])
-            here = [c for c in selected if c.fqn.startswith(block_fqn + ".")]
-            if here:
-                if calibration:
-                    stats = _collect(here, built, lambda blk=block, ins=inputs: _run_block(blk, ins, micro_batch),
-                                     _HESSIAN_MAX_COLUMNS_BLOCK)
-                else:
-                    from ..method.base import LayerStats
 
-                    stats = {c.fqn: LayerStats(int(c.module.weight[0].numel()), False) for c in here}
-                for choice in here:
-                    rows.append(_prune_layer(choice, built, stats.pop(choice.fqn)))
-                    layers.append(
-                        layer_entry(choice.fqn, choice.module.weight, choice.patterns, input_map(choice.module))
-                    )
-            if calibration and index + 1 < len(blocks):
-                _advance(block, inputs, micro_batch)
+        def capture(block: nn.Module) -> list:
+            shell_blocks[0] = block
+            return _capture_inputs(shell, block, calibration)
+
+        def write_and_release(index: int, block_fqn: str, block: nn.Module, here: list) -> None:
+            nonlocal total_size
+            layers.extend(layer_entry(c.fqn, c.module.weight, c.patterns, input_map(c.module)) for c in here)
             tensors = {f"{block_fqn}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
             name = f"model-{index + 2:05d}-of-{count:05d}.safetensors"
             save_file(tensors, str(tmp / name), metadata={"format": "pt", "producer": "nmsparse-export"})
@@ -207,7 +186,10 @@ def prune_streaming(
             block.to(device="meta")  # release the block's memory
             shell_blocks[0] = block
             _release_freed_memory()
-            bar.update(index + 1, f"block {block_fqn}: {len(here)} layers")
+
+        bar = Progress(len(blocks), 0, progress, every=1)
+        rows, _ = prune_blocks(blocks, selected, built, capture if calibration else None, micro_batch, False, bar,
+                               before=materialise, after=write_and_release)
         bar.close()
         rest = {k: v for k, v in shell.state_dict().items() if not k.startswith(prefix + ".")}
         head = shell.get_output_embeddings()

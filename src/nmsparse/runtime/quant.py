@@ -1,12 +1,12 @@
 """Quantized weights of the runtime: kept values (or a dense weight) as 8- or 4-bit integers.
 
 A :class:`WeightScheme` says how: ``bits`` (8 or 4) and ``group``, the number of consecutive
-values along the input axis that share one scale. Quantization is symmetric and round-to-nearest:
-``scale = max|v| / qmax`` over the group (qmax 127 for int8, 7 for int4), rounded *up* to the
-nearest float16 value (so the compressed export stores it exactly in two bytes), and
-``q = clamp(round(v / scale), -qmax, qmax)``; the value the kernels compute with is ``q * scale``.
-Values already on such a grid (an export pruned with ``--weights``) quantize back to themselves:
-``q * scale`` is exact in float32 for a float16 scale, and the group's maximum gives the scale back.
+values along the input axis that share one scale. The grids (:mod:`nmsparse.quantgrid`): int8
+symmetric, ``scale = max|v| / 127``; int4 all 16 levels -8..7 with a signed scale (Q4_0's rule, and
+the clip ratio of least squared error); each scale a float16 value (so the compressed export stores
+it exactly in two bytes), ``q = clamp(round(v / scale), lo, hi)``; the value the kernels compute with
+is ``q * scale``. Values already on such a grid (an export pruned with ``--weights``) quantize back to
+themselves: ``q * scale`` is exact in float32 for a float16 scale, and the grid is found again.
 The grid math itself (schemes, group rounding, activations) lives in :mod:`nmsparse.quantgrid`,
 below the methods that round onto it while pruning; it is re-exported here.
 

@@ -44,7 +44,7 @@ class DataBundle:
     num_classes: int
     in_chans: int
     image_size: int
-    task: str = "classify"  # or "causal_lm": items are (token ids, token ids), the model predicts the next token
+    task: str = "classifier"  # or "causal_lm": items are (token ids, token ids), the model predicts the next token
 
 
 class TokenWindows(Dataset):
@@ -273,14 +273,13 @@ def _imagefolder(cfg: DataConfig) -> DataBundle:
 
 
 def _text(cfg: DataConfig, model_spec: str | None) -> DataBundle:
-    from ..models import ModelError, gguf_to_hf, parse_model_spec, smollm2_gguf
+    from ..models import ModelError, parse_model_spec, resolve_hf_dir
     from ..oneshot.data import CalibrationError, load_texts, load_tokenizer, token_ids
 
     try:
-        kind, name = parse_model_spec(model_spec or "")
-        if kind not in ("hf", "gguf"):
+        if parse_model_spec(model_spec or "")[0] not in ("hf", "gguf"):
             raise DataError(f"data.name=text needs a causal LM model (hf:DIR or gguf:FILE), not {model_spec!r}")
-        directory = gguf_to_hf(smollm2_gguf() if name == "smollm2" else name) if kind == "gguf" else name
+        directory = resolve_hf_dir(model_spec)
         tokenizer = load_tokenizer(directory)
         train_ids = token_ids(tokenizer, load_texts(cfg.text))
         val_ids = token_ids(tokenizer, load_texts(cfg.val_text), cfg.val_tokens)

@@ -179,7 +179,7 @@ def _train(config: Config, run_dir: Path | None, resume: bool, dist_info: DistIn
         sparsifier.prepare(model, total_steps=plan.steps_per_epoch * config.train.epochs)
     optimizer = build_optimizer(config, model)
     ema = Ema(model, config.train.ema_decay) if config.train.ema_decay else None
-    mixup, criterion = _criterion(config, bundle.num_classes) if task == "classify" else (None, None)
+    mixup, criterion = _criterion(config, bundle.num_classes) if task == "classifier" else (None, None)
     log = RunLog(run_dir, main, config.logging.tensorboard)
 
     progress = RunProgress()

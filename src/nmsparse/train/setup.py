@@ -54,7 +54,7 @@ def build_sparsifier(config: Config, steps_per_epoch: int) -> Sparsifier | None:
         return None
     selection = Selection(
         layers=tuple(sp.layers), rules=tuple(Rule(r.match, r.pattern, r.skip, r.slices) for r in sp.rules),
-        keep_first_conv=sp.keep_first_conv, keep_classifier=sp.keep_classifier, skip_grouped_conv=sp.skip_grouped_conv,
+        keep_first_conv=sp.keep_first_conv, keep_classifier=sp.keep_classifier, keep_grouped_conv=sp.keep_grouped_conv,
     )
     allocation: Any = dict(sp.allocation or {})
     if sp.allocation_file:
@@ -121,7 +121,7 @@ def eval_loader(dataset: Dataset, batch_size: int, rank: int, world: int, worker
     return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
-def forward_logits(model: nn.Module, inputs: torch.Tensor, task: str = "classify") -> torch.Tensor:
+def forward_logits(model: nn.Module, inputs: torch.Tensor, task: str = "classifier") -> torch.Tensor:
     """The model's logits: ``model(images)`` for classifiers, ``model(input_ids=...).logits`` for causal LMs."""
     if task == "causal_lm":
         return model(input_ids=inputs, use_cache=False).logits
@@ -138,7 +138,7 @@ def task_loss(logits: torch.Tensor, targets: torch.Tensor, task: str, criterion=
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32",
-             channels_last: bool = False, task: str = "classify") -> dict[str, float]:
+             channels_last: bool = False, task: str = "classifier") -> dict[str, float]:
     """Sums over this rank's shard: loss, top-1 and top-5 correct counts, count (samples, or predicted
     tokens for causal LMs, whose top-k is next-token accuracy and whose mean loss is log-perplexity)."""
     was_training = model.training

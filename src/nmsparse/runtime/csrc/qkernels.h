@@ -467,17 +467,23 @@ inline __m512 lane_groups(const float* p, __m512i ids, i64 groups) {
 }
 
 // The columns (0..127, within the chunk) of a row-chunk's 64 kept values of an n:m layout with m = 2n:
-// the BITS-wide codes spread to bytes (vpmultishiftqb) plus each value's group start (j / n) * m.
+// the BITS-wide codes spread to bytes (vpmultishiftqb) plus each value's group start (j / n) * m. Lane i
+// holds value i, or with `split` value split_order(i): the order int4 bytes unpack in without a
+// permute (weights_u8_split).
+inline int split_order(int i) { return i < 32 ? 2 * i : 2 * (i - 32) + 1; }
+
 template <int BITS>
 struct NMColumns {
   __m512i perm, ctrl, base, cmask;
-  NMColumns(int n, int m) {
+  NMColumns(int n, int m, bool split = false) {
     alignas(64) uint64_t p[8];
     alignas(64) uint8_t c[64], b[64];
-    for (int k = 0; k < 8; ++k) p[k] = (uint64_t)(k * BITS / 8);
+    auto value = [&](int i) { return split ? split_order(i) : i; };
+    // qword k of the spread codes: the code qword holding lanes 8k..8k+7 (16 * BITS <= 64 bits apart)
+    for (int k = 0; k < 8; ++k) p[k] = (uint64_t)(value(8 * k) * BITS / 64);
     for (int i = 0; i < 64; ++i) {
-      c[i] = (uint8_t)(((i / 8) * 8 * BITS) % 64 + (i % 8) * BITS);
-      b[i] = (uint8_t)((i / n) * m);
+      c[i] = (uint8_t)(value(i) * BITS - 64 * (int)p[i / 8]);
+      b[i] = (uint8_t)((value(i) / n) * m);
     }
     perm = _mm512_load_si512(p), ctrl = _mm512_load_si512(c), base = _mm512_load_si512(b);
     cmask = _mm512_set1_epi8((char)((1 << BITS) - 1));
@@ -489,6 +495,22 @@ struct NMColumns {
   }
 };
 
+// The `count` (even) int4 values of one step as unsigned bytes q + 8 in split_order: the low nibbles
+// (even values) then the high nibbles (odd values), one insert instead of weights_u8<4>'s permute.
+inline __m512i weights_u8_split(const uint8_t* q, i64 count) {
+  const i64 bytes = count / 2;
+  const __m256i w = _mm256_maskz_loadu_epi8(bytes >= 32 ? ~0u : (1u << bytes) - 1, q);
+  const __m256i m = _mm256_set1_epi8(0x0F);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(w, m)),
+                            _mm256_and_si256(_mm256_srli_epi16(w, 4), m), 1);
+}
+
+// The lanes of split_order holding values below `count` (even).
+inline __mmask64 split_live(i64 count) {
+  const uint64_t half = count >= 64 ? 0xFFFFFFFFull : (1ull << (count / 2)) - 1;
+  return half | (half << 32);
+}
+
 // n:m with m = 2n and 64 kept values per chunk (1:2, 2:4, 4:8, 8:16): per row and chunk, the 64
 // offsets become byte indices (vpmultishiftqb), the chunk's 128 quantized inputs are picked by
 // them (vpermt2b), and vpdpbusd sums the products 4 at a time.
@@ -499,15 +521,18 @@ void nmq_gemv_vnni(const uint8_t* codes, const uint8_t* q, const float* scales, 
   const i64 chunks = cdiv(J, jc), gpc = cdiv(jc, G);
   const int8_t* xq = xbuf.q;
   const float* sx = xbuf.s;
-  const NMColumns<BITS> columns(n, m);
-  const __m512i off = _mm512_set1_epi8(QB == 8 ? (char)0x80 : 8);
   const i64 gm = std::min(jc, G);
-  const __m512i wids = lane_group_ids(G), xids = lane_group_ids(gm);
   const bool whole = G % jc == 0;
+  // int4 with whole-chunk groups: lanes in split_order (no lane-group scales to follow it)
+  constexpr bool can_split = QB == 4;
+  const bool split = can_split && whole;
+  const NMColumns<BITS> columns(n, m, split);
+  const __m512i off = _mm512_set1_epi8(QB == 8 ? (char)0x80 : 8);
+  const __m512i wids = lane_group_ids(G), xids = lane_group_ids(gm);
   nm_gemv_threads(rows, out, bias, relu, [&](i64 o0, i64 o1, float* part) {
     for (i64 c = 0; c < chunks; ++c) {
       const i64 count = std::min(jc, J - c * jc), gr = cdiv(count, G), cbytes = (count * BITS + 7) / 8;
-      const __mmask64 live = live_mask(count);
+      const __mmask64 live = split ? split_live(count) : live_mask(count);
       const __m512i xlo = _mm512_loadu_si512(xq + c * 128), xhi = _mm512_loadu_si512(xq + c * 128 + 64);
       // x scale of each lane: the weight group's columns are one x block (see quant_x's caller)
       const __m512 sxl = lane_groups(sx + c * (jc / gm), xids, cdiv(count, gm));
@@ -522,7 +547,7 @@ void nmq_gemv_vnni(const uint8_t* codes, const uint8_t* q, const float* scales, 
         _mm_prefetch((const char*)(qr + QPREFETCH), _MM_HINT_T0);
         const __m512i idx = columns(cr, cbytes);
         const __m512i xs = _mm512_maskz_permutex2var_epi8(live, xlo, idx, xhi);
-        const __m512i w = weights_u8<QB>(qr, live, count);
+        const __m512i w = split ? weights_u8_split(qr, count) : weights_u8<QB>(qr, live, count);
         const __m512i dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xs),
                                              _mm512_dpbusd_epi32(_mm512_setzero_si512(), off, xs));
         float* p = part + i * VW;
@@ -556,16 +581,22 @@ __attribute__((always_inline)) inline void denseq_rows_vnni(const int8_t* xq, co
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   i64 j = 0;
   if constexpr (WHOLE) {
+    alignas(64) static const uint8_t order[64] = {  // split_order: int4 inputs in the order weights unpack
+        0,  2,  4,  6,  8,  10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 32, 34, 36, 38, 40, 42,
+        44, 46, 48, 50, 52, 54, 56, 58, 60, 62, 1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21, 23,
+        25, 27, 29, 31, 33, 35, 37, 39, 41, 43, 45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
+    const __m512i vorder = _mm512_load_si512(order);
     for (; j + 64 <= cols; j += 64) {
-      const __m512i xs = _mm512_loadu_si512(xq + j);
+      __m512i xs = _mm512_loadu_si512(xq + j);
+      if constexpr (QB == 4) xs = _mm512_permutexvar_epi8(vorder, xs);  // once per step, for R rows
       const __m512i corr = _mm512_dpbusd_epi32(_mm512_setzero_si512(), off, xs);
       const i64 g = j / G;
       const float s = sx[g];
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const uint8_t* w = q + r * qrow + j * QB / 8;
-        const __m512i dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(),
-                                                                 weights_u8<QB>(w, ~0ull, 64), xs), corr);
+        const __m512i wu = QB == 4 ? weights_u8_split(w, 64) : weights_u8<QB>(w, ~0ull, 64);
+        const __m512i dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, xs), corr);
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(sc[r * gr + g] * s), acc[r]);
       }
     }
