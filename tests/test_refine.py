@@ -170,17 +170,35 @@ def test_ria_score_by_hand_and_as_a_method():
 def test_method_best_runs_the_measured_pipeline_and_names_it(monkeypatch):
     from nmsparse.method import MethodError
     from nmsparse.oneshot import prune
-    from nmsparse.oneshot.prune import BEST
+    from nmsparse.oneshot.prune import BEST, BestPipeline
     from nmsparse.select import Selection
 
     x = _correlated()
     model = _model()
     res = prune(model, "2:4", "best", Selection(keep_classifier=False), calibration=[x], progress="none")
-    assert res.method == "best: sparsegpt" and BEST["classifier"] == ("sparsegpt", False)
-    assert all(r.refinement is None for r in res.sparse_rows)
+    assert res.method == "best: sparsegpt" and BEST["classifier"] == BestPipeline("sparsegpt")
+    assert all(r.refinement is None for r in res.sparse_rows) and not res.permutation
     assert is_nm(model[0].weight.detach(), NMPattern(2, 4))
-    monkeypatch.setitem(BEST, "classifier", ("wanda", True))  # the table decides what runs
+    monkeypatch.setitem(BEST, "classifier", BestPipeline("wanda", True))  # the table decides what runs
     res = prune(_model(), "2:4", "best", Selection(keep_classifier=False), calibration=[x], progress="none")
     assert res.method == "best: wanda + refine" and all(r.refinement for r in res.sparse_rows)
     with pytest.raises(MethodError, match="needs calibration data"):
         prune(_model(), "2:4", "best", progress="none")
+
+
+def test_method_best_for_a_causal_lm_permutes_decoder_channels_then_runs_sparsegpt():
+    transformers = pytest.importorskip("transformers")
+    from nmsparse.oneshot import prune
+
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    batch = {"input_ids": torch.randint(0, 100, (2, 16))}
+    reference = model(**batch).logits
+    res = prune(model, "2:4", "best", calibration=[batch], progress="none")
+    assert res.method == "best: sparsegpt + permute (1 sweep)"
+    folded = {r["fqn"] for r in res.permutation if r["folded_into"]}
+    assert "model.layers.0.mlp.down_proj" in folded
+    assert is_nm(model.model.layers[0].mlp.down_proj.weight.detach(), NMPattern(2, 4))
+    assert not torch.allclose(model(**batch).logits, reference)  # pruned

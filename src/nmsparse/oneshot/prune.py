@@ -22,20 +22,34 @@ from .calibrate import prune_with_calibration
 from .fidelity import FidelityCheck, model_kind
 from .result import LayerRow, PruneResult
 
-__all__ = ["Recovery", "prune", "best_pipeline", "BEST"]
+__all__ = ["Recovery", "prune", "best_pipeline", "BEST", "BestPipeline"]
 
-# ``--method best``: the most accurate one-shot pipeline per model kind, by measurement: (method, refine).
+@dataclass(frozen=True)
+class BestPipeline:
+    """What ``method="best"`` runs: a method, mask refinement or not, and the channel permutation's
+    sweeps (None: no permutation)."""
+
+    method: str
+    refine: bool = False
+    permute: int | None = None
+
+    def __str__(self) -> str:
+        return self.method + (" + refine" if self.refine else "") + (
+            f" + permute ({self.permute} sweep{'s' if self.permute != 1 else ''})" if self.permute else "")
+
+
+# ``--method best``: the most accurate one-shot pipeline per model kind, by measurement.
 # Causal LMs (SmolLM2-135M 2:4, perplexity on text of another source than the calibration text,
-# docs/benchmarks.md "One-shot accuracy"): sparsegpt 3.58x dense, sparsegpt + refinement 3.83x (each
-# layer's calibration error lower, the held-out perplexity higher), wanda + refinement 4.63x, wanda
-# 5.01x. Encoders and classifiers have no measurement yet and get the same pipeline.
-BEST: dict[str, tuple[str, bool]] = {"causal_lm": ("sparsegpt", False), "encoder": ("sparsegpt", False),
-                                     "classifier": ("sparsegpt", False)}
+# docs/benchmarks.md "One-shot accuracy"): sparsegpt + decoder permutation (1 sweep) 3.42x dense,
+# sparsegpt 3.58x, sparsegpt + refinement 3.83x (each layer's calibration error lower, the held-out
+# perplexity higher), wanda + refinement 4.63x, wanda 5.01x. Encoders and classifiers have no
+# measurement yet and get sparsegpt alone.
+BEST: dict[str, BestPipeline] = {"causal_lm": BestPipeline("sparsegpt", False, 1),
+                                 "encoder": BestPipeline("sparsegpt"), "classifier": BestPipeline("sparsegpt")}
 
 
-def best_pipeline(kind: str) -> tuple[str, bool]:
-    """``(method, refine)`` that ``method="best"`` runs for a model of this kind
-    (:func:`~nmsparse.oneshot.fidelity.model_kind`)."""
+def best_pipeline(kind: str) -> BestPipeline:
+    """What ``method="best"`` runs for a model of this kind (:func:`~nmsparse.oneshot.fidelity.model_kind`)."""
     return BEST[kind]
 
 
@@ -146,15 +160,19 @@ def prune(
         MethodError: a training method, a calibrated method without calibration data, or no layer
             selected.
     """
-    asked = method
+    best = None
+    if method == "best":
+        best = best_pipeline(model_kind(model))
+        method, refine = best.method, best.refine
+        permute = permute if permute is not None else best.permute
     method, built, scheme, refine = _resolve(model, method, method_options, calibration, refine, weights,
-                                             group_size)
+                                             group_size, best is not None)
     if out is not None and (source is None or example_inputs is None):
         raise ValueError("writing an export needs source= (how to rebuild the model) and example_inputs=")
     text = str(parse_pattern(pattern)) if isinstance(pattern, str) else str(pattern)
     result = PruneResult([], [], method=method, pattern=text)
-    if asked == "best":
-        result.method = f"best: {method}" + (" + refine" if refine else "")
+    if best is not None:
+        result.method = f"best: {best}"
     clock = _Stages()
     # the dense original: the teacher of a recovery, and (with a permutation, which the export records
     # and load_export re-attaches) the skeleton of the reload check, whose outputs are compared;
@@ -188,15 +206,14 @@ def prune(
 
 
 def _resolve(model: nn.Module, method: str, options: dict[str, Any] | None, calibration: list[Any] | None,
-             refine: bool, weights: str, group_size: int):
+             refine: bool, weights: str, group_size: int, best: bool = False):
     """``(method, built method, weight scheme or None, refine)`` from the arguments, checked before any
-    work: ``best`` resolved for the model's kind, sparsegpt given the scheme for its joint rounding."""
+    work (``best``: the method the best pipeline resolved to); sparsegpt given the scheme for its joint
+    rounding."""
     from ..runtime.quant import parse_weights
 
-    if method == "best":
-        method, refine = best_pipeline(model_kind(model))
-        if not calibration:
-            raise MethodError(f"--method best runs {method}, which needs calibration data (calibration=[batches])")
+    if best and not calibration:
+        raise MethodError(f"--method best runs {method}, which needs calibration data (calibration=[batches])")
     scheme = parse_weights(weights, group_size)
     if scheme is not None and method == "sparsegpt":
         options = {"weights": weights, "group_size": group_size, **(options or {})}
