@@ -38,12 +38,10 @@ class BestPipeline:
             f" + permute ({self.permute} sweep{'s' if self.permute != 1 else ''})" if self.permute else "")
 
 
-# ``--method best``: the most accurate one-shot pipeline per model kind, by measurement.
-# Causal LMs (SmolLM2-135M 2:4, perplexity on text of another source than the calibration text,
-# docs/benchmarks.md "One-shot accuracy"): sparsegpt + decoder permutation (1 sweep) 3.42x dense,
-# sparsegpt 3.58x, sparsegpt + refinement 3.83x (each layer's calibration error lower, the held-out
-# perplexity higher), wanda + refinement 4.63x, wanda 5.01x. Encoders and classifiers have no
-# measurement yet and get sparsegpt alone.
+# ``--method best``: the most accurate one-shot pipeline per model kind, by measurement (causal LMs:
+# SmolLM2-135M 2:4, perplexity on text of another source than the calibration text; the figures of every
+# candidate are in docs/benchmarks.md, "One-shot accuracy on text of another source"). Encoders and
+# classifiers have no measurement yet and get sparsegpt alone.
 BEST: dict[str, BestPipeline] = {"causal_lm": BestPipeline("sparsegpt", False, 1),
                                  "encoder": BestPipeline("sparsegpt"), "classifier": BestPipeline("sparsegpt")}
 

@@ -307,10 +307,8 @@ def huge_pages(array: np.ndarray) -> np.ndarray:
 
 
 # Packed weights below this size run their batch-1 product on one thread: waking the sleeping OpenMP
-# worker costs a few microseconds, more than it saves on a product this small. (512 KB was chosen
-# while the kernels' omp_set_num_threads(1) also left PyTorch's own operators on one thread; with
-# that fixed, SmolLM2-135M 1x16 at 75% decodes a token in 17.7 ms with every product threaded and
-# 19.5 ms with 512 KB, 2:4 the same within noise at 0-128 KB (Xeon AVX-512, docs/benchmarks.md).)
+# worker costs a few microseconds, more than it saves on a product this small (the thresholds tried
+# and their decode times: docs/benchmarks.md, decoding on the CPU).
 def _serial_gemv_bytes(default: int = 64 * 1024) -> int:
     text = os.environ.get("NMSPARSE_SERIAL_GEMV_BYTES", "")
     if not text:

@@ -46,8 +46,9 @@ inline void gemv_plan(i64 plan, i64 threads, const float* x, float* out) {
 }
 
 // e^x of VW floats (Cephes' expf: range reduction by ln 2, a degree-5 polynomial, the exponent put
-// back in the float's bits; within 2 ulp of expf over [-87, 88], clamped outside): the SiLU of a 5632-wide MLP
-// called expf 124k times a token on a 1.1 B model, 1.9 ms.
+// back in the float's bits; within 2 ulp of expf over [-87, 88], clamped outside): the SiLU of a wide
+// MLP calls it for every intermediate channel of every layer, where a scalar expf per channel showed in
+// the step's time (docs/benchmarks.md).
 inline vf vexp(vf x) {
   x = x < vsplat(88.f) ? x : vsplat(88.f);  // n <= 127: 2^n stays finite
   x = x > vsplat(-87.3365447504f) ? x : vsplat(-87.3365447504f);

@@ -151,7 +151,7 @@ inline void prefetch(const float* p) { __builtin_prefetch(p, 0, 3); }
 // argument and passed to every region as num_threads(...). Never omp_set_num_threads: that sets the
 // calling thread's default for every later region of the process, and PyTorch and MKL share the
 // OpenMP runtime, so one single-threaded sparse product left every dense operator of the model on
-// one thread (SmolLM2's dense decode step: 32 -> 54 ms, Xeon AVX-512).
+// one thread (docs/benchmarks.md has the decode step it slowed).
 thread_local int call_threads = 1;
 
 // ---------------------------------------------------------------- n:m layout helpers
@@ -209,9 +209,9 @@ inline void epilogue_row(float* y, i64 batch, const float* bias, i64 o, bool rel
 
 // ---------------------------------------------------------------- 1xN blocks, batch 1
 // y[r*B + t] = sum_k x[cols[r,k]] * vals[r,k,t], S block rows at a time. The S rows come from S
-// equal parts of the thread's range, so the thread reads S separate weight streams: one stream per
-// core measured 11-17 GB/s on 2 threads against 15-24 GB/s for four (the hardware prefetcher runs
-// ahead per stream); a software prefetch 4 KB ahead adds a little more.
+// equal parts of the thread's range, so the thread reads S separate weight streams: the hardware
+// prefetcher runs ahead per stream, so several streams read faster than one (docs/runtime.md); a
+// software prefetch 4 KB ahead adds a little more.
 constexpr int GEMV_STREAMS = 4;
 constexpr int GEMV_PREFETCH = 1024;  // floats ahead in each stream
 
