@@ -143,18 +143,8 @@ def prune_streaming(
     if outside:
         raise MethodError(f"streaming prunes decoder blocks only; these selected layers are outside them: "
                           f"{', '.join(outside[:5])} (skip them with a rule, or prune without --stream)")
-    # the model with one block: embeddings, norms, head (and e.g. rotary tables) built for real
-    one = copy.deepcopy(config)
-    one.num_hidden_layers = 1
-    if hasattr(one, "layer_types") and getattr(one, "layer_types", None):
-        one.layer_types = one.layer_types[:1]
-    shell = AutoModelForCausalLM.from_config(one, dtype=torch.float32).eval()
-    conv1d_as_linear(shell)
+    shell = _shell(config, shards, prefix)
     shell_blocks = shell.get_submodule(prefix)
-    for name, module in shell.named_children():  # load everything but the block list
-        shards.load_into(module, f"{name}.", skip=prefix + ".")
-    if config.tie_word_embeddings:
-        shell.tie_weights()
     start = time.perf_counter()
     layers: list[dict[str, Any]] = []
     weight_map: dict[str, str] = {}
@@ -191,15 +181,7 @@ def prune_streaming(
         rows, _ = prune_blocks(blocks, selected, built, capture if calibration else None, micro_batch, False, bar,
                                before=materialise, after=write_and_release)
         bar.close()
-        rest = {k: v for k, v in shell.state_dict().items() if not k.startswith(prefix + ".")}
-        head = shell.get_output_embeddings()
-        if config.tie_word_embeddings and head is not None:  # one copy of a tied matrix, as save_pretrained writes
-            rest.pop(_head_prefix(shell, head) + "weight", None)
-        name = f"model-00001-of-{count:05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in rest.items()}, str(tmp / name),
-                  metadata={"format": "pt", "producer": "nmsparse-export"})
-        weight_map.update(dict.fromkeys(rest, name))
-        total_size += sum(v.numel() * v.element_size() for v in rest.values())
+        total_size += _write_outside_blocks(shell, prefix, config.tie_word_embeddings, tmp, count, weight_map)
         (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total_size},
                                                   "weight_map": dict(sorted(weight_map.items()))}, indent=1) + "\n")
         source = {"source": f"hf:{directory}", "options": {}}
@@ -218,6 +200,43 @@ def prune_streaming(
             else:
                 (tmp / name).write_text(content)
     return result
+
+
+def _shell(config: Any, shards: _Shards, prefix: str) -> nn.Module:
+    """The model with one block: embeddings, norms, head (and e.g. rotary tables) built for real and
+    loaded from the shards; its block slot takes each streamed block in turn."""
+    from transformers import AutoModelForCausalLM
+
+    from ..models import conv1d_as_linear
+
+    one = copy.deepcopy(config)
+    one.num_hidden_layers = 1
+    if hasattr(one, "layer_types") and getattr(one, "layer_types", None):
+        one.layer_types = one.layer_types[:1]
+    shell = AutoModelForCausalLM.from_config(one, dtype=torch.float32).eval()
+    conv1d_as_linear(shell)
+    for name, module in shell.named_children():  # load everything but the block list
+        shards.load_into(module, f"{name}.", skip=prefix + ".")
+    if config.tie_word_embeddings:
+        shell.tie_weights()
+    return shell
+
+
+def _write_outside_blocks(shell: nn.Module, prefix: str, tied: bool, tmp: Path, count: int,
+                          weight_map: dict[str, str]) -> int:
+    """Shard 1 of ``count``: every tensor outside the block list (one copy of a tied head, as
+    save_pretrained writes); returns its bytes and fills ``weight_map``."""
+    from safetensors.torch import save_file
+
+    rest = {k: v for k, v in shell.state_dict().items() if not k.startswith(prefix + ".")}
+    head = shell.get_output_embeddings()
+    if tied and head is not None:
+        rest.pop(_head_prefix(shell, head) + "weight", None)
+    name = f"model-00001-of-{count:05d}.safetensors"
+    save_file({k: v.contiguous() for k, v in rest.items()}, str(tmp / name),
+              metadata={"format": "pt", "producer": "nmsparse-export"})
+    weight_map.update(dict.fromkeys(rest, name))
+    return sum(v.numel() * v.element_size() for v in rest.values())
 
 
 def _head_prefix(model: nn.Module, head: nn.Module) -> str:

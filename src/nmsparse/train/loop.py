@@ -117,36 +117,175 @@ def run_training(config: Config, run_dir: Path | None = None, resume: bool = Fal
         teardown_distributed()
 
 
-def _train(config: Config, run_dir: Path | None, resume: bool, dist_info: DistInfo) -> dict[str, Any]:
-    t_start = time.perf_counter()
-    if config.run.threads:
-        torch.set_num_threads(config.run.threads)
-    device, main = dist_info.device, dist_info.is_main
+def _run_directory(config: Config, run_dir: Path | None, dist_info: DistInfo) -> Path:
+    """The run directory (every rank agrees on rank 0's), with config.yaml and env.json written by rank 0."""
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(config)
-    if dist_info.enabled:  # every rank must agree on the directory rank 0 picked
+    if dist_info.enabled:
         import torch.distributed as dist
 
         holder = [str(run_dir)]
         dist.broadcast_object_list(holder, src=0)
         run_dir = Path(holder[0])
-    if main:
+    if dist_info.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(config))
         from ..env import environment
 
         (run_dir / "env.json").write_text(json.dumps(environment(), indent=2) + "\n")
+    return run_dir
+
+
+def _permute(model: nn.Module, sparsifier: Sparsifier, run_dir: Path, resume: bool, main: bool) -> None:
+    """``sparsity.permute``: search and fold the channel permutations (their report in permutation.json),
+    or on resume re-attach the input index maps (folded ones live in the checkpoint's weights)."""
+    from ..parametrize import attach_input_map, input_map
+    from ..permute import permute_channels
+
+    maps_file = run_dir / "input_maps.json"
+    if resume:
+        maps = json.loads(maps_file.read_text()) if maps_file.exists() else {}
+        for fqn, perm in maps.items():
+            attach_input_map(model.get_submodule(fqn), perm)
+        return
+    rows = permute_channels(model, sparsifier.pattern, sparsifier.selection)
+    maps = {r.fqn: input_map(model.get_submodule(r.fqn)) for r in rows if r.input_map}
+    if main:
+        (run_dir / "permutation.json").write_text(json.dumps([r.as_dict() for r in rows], indent=1) + "\n")
+        maps_file.write_text(json.dumps(maps) + "\n")
+
+
+@dataclass
+class _Run:
+    """One training run's parts, built once by :func:`_train`; ``step`` and ``end_epoch`` advance it."""
+
+    config: Config
+    run_dir: Path
+    dist_info: DistInfo
+    bundle: Any
+    model: nn.Module
+    train_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    sparsifier: Sparsifier | None
+    ema: Ema | None
+    mixup: Any
+    criterion: Any
+    plan: Any
+    lr_at: Any
+    log: RunLog
+    progress: RunProgress
+    t_start: float
+
+    def checkpoint(self, name: str = "last.pt") -> None:
+        if not self.dist_info.is_main:
+            return
+        save_checkpoint(self.run_dir / "checkpoints" / name, {
+            "config": to_dict(self.config),
+            "steps_per_epoch": self.plan.steps_per_epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "sparsifier": self.sparsifier.state_dict() if self.sparsifier is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "progress": self.progress.__dict__.copy(),
+            "history": self.log.history(),
+            "rng": rng_state(),
+        })
+
+    def resume(self) -> None:
+        ckpt = load_checkpoint(self.run_dir / "checkpoints" / "last.pt")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.sparsifier is not None:
+            self.sparsifier.load_state_dict(ckpt["sparsifier"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        self.progress = RunProgress(**ckpt["progress"])
+        self.log.load_history(ckpt["history"])
+        set_rng_state(ckpt["rng"])
+
+    def step(self, inputs: torch.Tensor, labels: torch.Tensor, epoch: int) -> tuple[float, float]:
+        """One optimizer step on a batch (images or token ids; labels or next tokens): ``(loss, lr)``."""
+        config, device, step, task = self.config, self.dist_info.device, self.progress.step, self.bundle.task
+        _seed_step(config.run.seed, step)
+        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if config.model.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        targets = labels
+        if self.mixup is not None:
+            inputs, targets = self.mixup(inputs, labels)
+        lr = self.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(device, config.train.precision):
+            loss = task_loss(forward_logits(self.train_model, inputs, task), targets, task, self.criterion)
+            if self.sparsifier is not None:
+                loss = loss + self.sparsifier.penalty().to(loss.device)
+        loss_value = all_reduce_sum([float(loss.detach())], device)[0] / self.dist_info.world
+        if not np.isfinite(loss_value):
+            raise TrainingDiverged(
+                f"loss became {loss_value} at step {step} (epoch {epoch}); the last good checkpoint "
+                f"{self.run_dir / 'checkpoints' / 'last.pt'} is kept. Lower optim.lr or set optim.clip_grad_norm"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.optim.clip_grad_norm:
+            nn.utils.clip_grad_norm_(self.model.parameters(), config.optim.clip_grad_norm)
+        self.optimizer.step()
+        if self.sparsifier is not None:
+            self.sparsifier.step(step)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        progress = self.progress
+        progress.step += 1
+        progress.batch_in_epoch += 1
+        progress.epoch_loss_sum += loss_value
+        progress.epoch_loss_count += 1
+        if progress.step % config.train.log_every_steps == 0:
+            self.log.log_step({"step": progress.step, "epoch": epoch, "loss": round(loss_value, 6), "lr": lr})
+        every = config.train.checkpoint_every_steps
+        if every and progress.step % every == 0 and progress.step < self.plan.total_steps:
+            self.checkpoint()
+        return loss_value, lr
+
+    def end_epoch(self, epoch: int, val_loader: Any, bar: Progress) -> None:
+        """Evaluate when due (always after the last step), reset the epoch's counters, checkpoint
+        ``last.pt`` and, when the tracked metric improved, ``best.pt``."""
+        config, progress = self.config, self.progress
+        last = progress.step >= self.plan.total_steps
+        improved = False
+        if last or (epoch + 1) % config.train.eval_every_epochs == 0:
+            row = _evaluate_all(config, self.model, self.ema, val_loader, self.dist_info.device, progress, epoch,
+                                self.lr_at, self.t_start, self.bundle.task)
+            self.log.log_eval(row)
+            bar.message("  ".join(f"{k} {v}" for k, v in row.items()))
+            prefix = "ema_" if self.ema is not None else ""
+            # lower perplexity is better; higher top-1
+            metric = -row[prefix + "perplexity"] if self.bundle.task == "causal_lm" else row[prefix + "top1"]
+            improved = metric > progress.best_metric
+            progress.best_metric = max(progress.best_metric, metric)
+        progress.epoch += 1
+        progress.batch_in_epoch = 0
+        progress.epoch_loss_sum, progress.epoch_loss_count = 0.0, 0
+        self.checkpoint()
+        if improved:
+            self.checkpoint("best.pt")
+
+
+def _train(config: Config, run_dir: Path | None, resume: bool, dist_info: DistInfo) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    device, main = dist_info.device, dist_info.is_main
+    run_dir = _run_directory(config, run_dir, dist_info)
 
     # ---- data, model, sparsifier, optimizer
     seed = config.run.seed
     bundle = build_data(config.data, config.model.name)
-    task = bundle.task
     torch.manual_seed(seed)
     model, source = build_run_model(config, bundle)
     model.to(device)
     if config.model.channels_last:
         model.to(memory_format=torch.channels_last)
-    augmented = config.data.augment.kind != "none"
-    train_set = SeededDataset(bundle.train, seed, augmented)
+    train_set = SeededDataset(bundle.train, seed, config.data.augment.kind != "none")
     sampler = EpochSampler(len(bundle.train), seed, dist_info.rank, dist_info.world)  # type: ignore[arg-type]
     loader = DataLoader(train_set, batch_size=config.data.batch_size, sampler=sampler, drop_last=True,
                         num_workers=config.data.workers, persistent_workers=False)
@@ -158,142 +297,46 @@ def _train(config: Config, run_dir: Path | None, resume: bool, dist_info: DistIn
         raise ValueError(f"data.batch_size={config.data.batch_size} exceeds the {sampler.per_rank} training "
                          "samples per process; lower it")
     plan = make_plan(config, steps_per_epoch)
-    lr_at = lr_schedule(config, plan)
     sparsifier = build_sparsifier(config, steps_per_epoch)
     if sparsifier is not None and config.sparsity.permute:
-        from ..parametrize import attach_input_map, input_map
-        from ..permute import permute_channels
-
-        maps_file = run_dir / "input_maps.json"
-        if resume:  # folded permutations live in the weights; input index maps are re-attached
-            maps = json.loads(maps_file.read_text()) if maps_file.exists() else {}
-            for fqn, perm in maps.items():
-                attach_input_map(model.get_submodule(fqn), perm)
-        else:
-            rows = permute_channels(model, sparsifier.pattern, sparsifier.selection)
-            maps = {r.fqn: input_map(model.get_submodule(r.fqn)) for r in rows if r.input_map}
-            if main:
-                (run_dir / "permutation.json").write_text(json.dumps([r.as_dict() for r in rows], indent=1) + "\n")
-                maps_file.write_text(json.dumps(maps) + "\n")
+        _permute(model, sparsifier, run_dir, resume, main)
     if sparsifier is not None:  # phases and stages span the configured epochs, like the LR schedule
         sparsifier.prepare(model, total_steps=plan.steps_per_epoch * config.train.epochs)
     optimizer = build_optimizer(config, model)
     ema = Ema(model, config.train.ema_decay) if config.train.ema_decay else None
-    mixup, criterion = _criterion(config, bundle.num_classes) if task == "classifier" else (None, None)
-    log = RunLog(run_dir, main, config.logging.tensorboard)
-
-    progress = RunProgress()
+    mixup, criterion = _criterion(config, bundle.num_classes) if bundle.task == "classifier" else (None, None)
+    run = _Run(config, run_dir, dist_info, bundle, model, model, optimizer, sparsifier, ema, mixup, criterion, plan,
+               lr_schedule(config, plan), RunLog(run_dir, main, config.logging.tensorboard), RunProgress(), t_start)
     if resume:
-        ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if sparsifier is not None:
-            sparsifier.load_state_dict(ckpt["sparsifier"])
-        if ema is not None and ckpt.get("ema") is not None:
-            ema.load_state_dict(ckpt["ema"])
-        progress = RunProgress(**ckpt["progress"])
-        log.load_history(ckpt["history"])
-        set_rng_state(ckpt["rng"])
-
-    train_model: nn.Module = model
+        run.resume()
     if dist_info.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        run.train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         broadcast_masks(sparsifier)
     if config.model.compile:
-        train_model = torch.compile(train_model)  # type: ignore[assignment]
+        run.train_model = torch.compile(run.train_model)  # type: ignore[assignment]
 
-    def checkpoint(name: str = "last.pt") -> None:
-        if not main:
-            return
-        save_checkpoint(run_dir / "checkpoints" / name, {
-            "config": to_dict(config),
-            "steps_per_epoch": plan.steps_per_epoch,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "sparsifier": sparsifier.state_dict() if sparsifier is not None else None,
-            "ema": ema.state_dict() if ema is not None else None,
-            "progress": progress.__dict__.copy(),
-            "history": log.history(),
-            "rng": rng_state(),
-        })
-
+    progress = run.progress
     bar = Progress(plan.total_steps, progress.step, config.logging.progress, config.train.log_every_steps, main)
     bar.message(f"run directory {run_dir}  ({plan.steps_per_epoch} steps/epoch, {plan.total_steps} steps, "
                 f"{dist_info.world} process(es), device {device})")
-    train_model.train()
+    run.train_model.train()
     while progress.step < plan.total_steps:
         epoch = progress.epoch
         sampler.set_epoch(epoch, progress.batch_in_epoch * config.data.batch_size)
-        for images, labels in loader:
-            step = progress.step
-            _seed_step(seed, step)
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            if config.model.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            targets = labels
-            if mixup is not None:
-                images, targets = mixup(images, labels)
-            lr = lr_at(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast(device, config.train.precision):
-                loss = task_loss(forward_logits(train_model, images, task), targets, task, criterion)
-                if sparsifier is not None:
-                    loss = loss + sparsifier.penalty().to(loss.device)
-            loss_value = all_reduce_sum([float(loss.detach())], device)[0] / dist_info.world
-            if not np.isfinite(loss_value):
-                raise TrainingDiverged(
-                    f"loss became {loss_value} at step {step} (epoch {epoch}); the last good checkpoint "
-                    f"{run_dir / 'checkpoints' / 'last.pt'} is kept. Lower optim.lr or set optim.clip_grad_norm"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.optim.clip_grad_norm:
-                nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad_norm)
-            optimizer.step()
-            if sparsifier is not None:
-                sparsifier.step(step)
-            if ema is not None:
-                ema.update(model)
-            progress.step += 1
-            progress.batch_in_epoch += 1
-            progress.epoch_loss_sum += loss_value
-            progress.epoch_loss_count += 1
-            if progress.step % config.train.log_every_steps == 0:
-                log.log_step({"step": progress.step, "epoch": epoch, "loss": round(loss_value, 6), "lr": lr})
+        for inputs, labels in loader:
+            loss_value, lr = run.step(inputs, labels, epoch)
             bar.update(progress.step, f"epoch {epoch + 1}/{config.train.epochs} loss {loss_value:.4f} lr {lr:.4g}")
-            every = config.train.checkpoint_every_steps
-            if every and progress.step % every == 0 and progress.step < plan.total_steps:
-                checkpoint()
             if progress.step >= plan.total_steps or progress.batch_in_epoch >= steps_per_epoch:
                 break
-        # ---- end of an epoch, or of the run
         if progress.batch_in_epoch >= steps_per_epoch or progress.step >= plan.total_steps:
-            last = progress.step >= plan.total_steps
-            improved = False
-            if last or (epoch + 1) % config.train.eval_every_epochs == 0:
-                row = _evaluate_all(config, model, ema, val_loader, device, progress, epoch, lr_at, t_start, task)
-                log.log_eval(row)
-                bar.message("  ".join(f"{k} {v}" for k, v in row.items()))
-                if task == "causal_lm":  # lower perplexity is better
-                    metric = -(row["ema_perplexity"] if ema is not None else row["perplexity"])
-                else:
-                    metric = row["ema_top1"] if ema is not None else row["top1"]
-                improved = metric > progress.best_metric
-                progress.best_metric = max(progress.best_metric, metric)
-            progress.epoch += 1
-            progress.batch_in_epoch = 0
-            progress.epoch_loss_sum, progress.epoch_loss_count = 0.0, 0
-            checkpoint()
-            if improved:
-                checkpoint("best.pt")
+            run.end_epoch(epoch, val_loader, bar)
     bar.close()
     digests = _mask_digests(sparsifier, dist_info)
     if digests is not None and len(set(digests)) != 1:
         raise RuntimeError(f"masks differ between ranks: {digests}")
-    return _finish(config, run_dir, model, ema, sparsifier, source, log, bundle, device, main, t_start, digests)
+    return _finish(config, run_dir, model, ema, sparsifier, source, run.log, bundle, device, main, t_start, digests)
 
 
 def _mask_digests(sparsifier: Sparsifier | None, dist_info: DistInfo) -> list[str] | None:
