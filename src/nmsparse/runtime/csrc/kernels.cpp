@@ -395,23 +395,29 @@ void block_mm(const float* xt, i64 ldx, const int32_t* cols, const int32_t* ksta
 }
 
 // ---------------------------------------------------------------- n:m, batch 1
-// The threads of a batch-1 n:m product: each takes rows o0..o1-1 and keeps a VW-lane partial sum
-// per row in `part`; body(o0, o1, part) adds to them chunk by chunk (and may add scalar tails to
-// out[o]); the partial sums are reduced into out at the end, with the bias and the ReLU.
+// The threads of a batch-1 n:m product: each takes rows o0..o1-1 and keeps a `lanes`-float partial
+// sum per row in `part` (row i of the thread at part + i * lanes); body(o0, o1, part) adds to them chunk
+// by chunk (and may add scalar tails to out[o]); the partial sums are reduced into out at the end,
+// with the bias and the ReLU.
 template <class Body>
-void nm_gemv_threads(i64 rows, float* out, const float* bias, bool relu, Body body) {
+void nm_gemv_threads(i64 rows, float* out, const float* bias, bool relu, Body body, int lanes = VW) {
 #pragma omp parallel num_threads(call_threads)
   {
     const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
     const i64 o0 = rows * tid / nth, o1 = rows * (tid + 1) / nth;
-    float* part = (float*)aligned_alloc(64, ((std::max<i64>(1, o1 - o0) * VW * sizeof(float) + 63) / 64) * 64);
-    for (i64 o = o0; o < o1; ++o) {
-      vstore(part + (o - o0) * VW, vf{});
-      out[o] = 0.f;
-    }
+    float* part = (float*)aligned_alloc(64, ((std::max<i64>(1, o1 - o0) * lanes * sizeof(float) + 63) / 64) * 64);
+    std::memset(part, 0, (o1 - o0) * lanes * sizeof(float));
+    for (i64 o = o0; o < o1; ++o) out[o] = 0.f;
     body(o0, o1, part);
     for (i64 o = o0; o < o1; ++o) {
-      const float y = out[o] + vsum(vload(part + (o - o0) * VW)) + (bias ? bias[o] : 0.f);
+      const float* p = part + (o - o0) * lanes;
+      float sum = 0.f;
+      if (lanes == VW) {
+        sum = vsum(vload(p));
+      } else {
+        for (int l = 0; l < lanes; ++l) sum += p[l];
+      }
+      const float y = out[o] + sum + (bias ? bias[o] : 0.f);
       out[o] = relu && y < 0.f ? 0.f : y;
     }
     free(part);

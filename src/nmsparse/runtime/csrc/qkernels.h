@@ -550,11 +550,18 @@ void nmq_gemv_vnni(const uint8_t* codes, const uint8_t* q, const float* scales, 
         const __m512i w = split ? weights_u8_split(qr, count) : weights_u8<QB>(qr, live, count);
         const __m512i dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xs),
                                              _mm512_dpbusd_epi32(_mm512_setzero_si512(), off, xs));
+        if (whole) {
+          // groups of whole chunks (G a multiple of 64, the default): one weight and one input scale per
+          // row and chunk, so the 16 integer lanes fold to 4 before the scaling, and each row's partial
+          // sum is 16 bytes (less partial-sum traffic beside the weight streams than 64)
+          const __m256i d8 = _mm256_add_epi32(_mm512_castsi512_si256(dot), _mm512_extracti64x4_epi64(dot, 1));
+          const __m128i d4 = _mm_add_epi32(_mm256_castsi256_si128(d8), _mm256_extracti128_si256(d8, 1));
+          float* p4 = part + i * 4;
+          _mm_storeu_ps(p4, _mm_fmadd_ps(_mm_cvtepi32_ps(d4), _mm_set1_ps(srow[i * gr] * sxc), _mm_loadu_ps(p4)));
+          return;
+        }
         float* p = part + i * VW;
-        // groups of whole chunks (G a multiple of 64, the default): one weight and one input scale per
-        // row and chunk, a broadcast product instead of two per-lane scale vectors
-        const __m512 scale = whole ? _mm512_set1_ps(srow[i * gr] * sxc)
-                                   : _mm512_mul_ps(lane_groups(srow + i * gr, wids, gr), sxl);
+        const __m512 scale = _mm512_mul_ps(lane_groups(srow + i * gr, wids, gr), sxl);
         vstore(p, _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, vload(p)));
       };
       // R separate streams per thread (R equal parts of its rows), as the float32 kernels read theirs
@@ -564,7 +571,7 @@ void nmq_gemv_vnni(const uint8_t* codes, const uint8_t* q, const float* scales, 
         for (int r = 0; r < NMS_VSTREAMS; ++r) one(r * len + i);
       for (i64 i = NMS_VSTREAMS * len; i < nrow; ++i) one(i);
     }
-  });
+  }, whole ? 4 : VW);
 }
 
 // Dense quantized rows against the int8 activations: 64 columns a step, R rows sharing each input load.
