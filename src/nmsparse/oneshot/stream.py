@@ -117,10 +117,9 @@ def prune_streaming(
         MethodError: not a causal LM, no safetensors, a training method, or a selected layer outside
             the decoder blocks.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from ..export.dense import _write_hf_files
-    from ..models import conv1d_as_linear
 
     directory, out = Path(directory), Path(out)
     built = build_method(method, method_options)
@@ -130,19 +129,9 @@ def prune_streaming(
         raise MethodError(f"method {method!r} needs calibration data")
     config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
     shards = _Shards(directory)
-    with torch.device("meta"):  # shapes and names only: no memory
-        skeleton = AutoModelForCausalLM.from_config(config)
-    conv1d_as_linear(skeleton)  # GPT-2 family: as build_model does (their state_dict keeps the Conv1D layout)
-    choices = select_layers(skeleton, selection or Selection(), pattern)
+    skeleton, choices, blocks = _skeleton(config, selection, pattern)
     selected = [c for c in choices if c.selected]
-    blocks = find_blocks(skeleton, [c.fqn for c in selected])
-    if blocks is None:
-        raise MethodError("streaming needs a decoder block list holding the selected layers")
     prefix = blocks[0][0].rsplit(".", 1)[0]  # "model.layers"
-    outside = [c.fqn for c in selected if not c.fqn.startswith(prefix + ".")]
-    if outside:
-        raise MethodError(f"streaming prunes decoder blocks only; these selected layers are outside them: "
-                          f"{', '.join(outside[:5])} (skip them with a rule, or prune without --stream)")
     shell = _shell(config, shards, prefix)
     shell_blocks = shell.get_submodule(prefix)
     start = time.perf_counter()
@@ -200,6 +189,33 @@ def prune_streaming(
             else:
                 (tmp / name).write_text(content)
     return result
+
+
+def _skeleton(config: Any, selection: Selection | None, pattern: str | Pattern):
+    """``(skeleton, layer choices, decoder blocks)``: the model on the ``meta`` device (shapes and names
+    only, no memory) and its selection, checked to lie inside the decoder blocks.
+
+    Raises:
+        MethodError: no decoder block list holds the selected layers, or some lie outside it.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from ..models import conv1d_as_linear
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    conv1d_as_linear(skeleton)  # GPT-2 family: as build_model does (their state_dict keeps the Conv1D layout)
+    choices = select_layers(skeleton, selection or Selection(), pattern)
+    selected = [c for c in choices if c.selected]
+    blocks = find_blocks(skeleton, [c.fqn for c in selected])
+    if blocks is None:
+        raise MethodError("streaming needs a decoder block list holding the selected layers")
+    prefix = blocks[0][0].rsplit(".", 1)[0]
+    outside = [c.fqn for c in selected if not c.fqn.startswith(prefix + ".")]
+    if outside:
+        raise MethodError(f"streaming prunes decoder blocks only; these selected layers are outside them: "
+                          f"{', '.join(outside[:5])} (skip them with a rule, or prune without --stream)")
+    return skeleton, choices, blocks
 
 
 def _shell(config: Any, shards: _Shards, prefix: str) -> nn.Module:
