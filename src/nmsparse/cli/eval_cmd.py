@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
@@ -87,10 +86,8 @@ def run(args: argparse.Namespace) -> int:
     bundle = build_data(data_cfg, model_name)
     loader = eval_loader(bundle.val, args.batch_size, 0, 1, 0)
     sums = evaluate(model.eval(), loader, torch.device("cpu"), task=bundle.task)
-    result = finalize_eval([sums[k] for k in ("loss_sum", "top1", "top5", "count")])
+    result = finalize_eval([sums[k] for k in ("loss_sum", "top1", "top5", "count")], bundle.task)
     result["samples"] = int(sums["count"])
-    if bundle.task == "causal_lm":  # mean next-token loss over disjoint held-out windows
-        result["perplexity"] = round(math.exp(result["loss"]), 4)
     return _emit(args, result, f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
                                f"({result['samples']} samples of {data_cfg.name})")
 

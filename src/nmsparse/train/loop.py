@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -357,21 +356,22 @@ def _mask_digests(sparsifier: Sparsifier | None, dist_info: DistInfo) -> list[st
 
 def _evaluate_all(config, model, ema, val_loader, device, progress, epoch, lr_at, t_start, task) -> dict:
     sums = evaluate(model, val_loader, device, config.train.precision, config.model.channels_last, task)
-    result = finalize_eval(all_reduce_sum([sums[k] for k in ("loss_sum", "top1", "top5", "count")], device))
+    result = finalize_eval(all_reduce_sum([sums[k] for k in ("loss_sum", "top1", "top5", "count")], device), task)
     row = {
         "epoch": epoch + 1, "step": progress.step,
         "train_loss": round(progress.epoch_loss_sum / max(1, progress.epoch_loss_count), 6),
         "val_loss": round(result["loss"], 6), "top1": round(result["top1"], 4), "top5": round(result["top5"], 4),
         "lr": lr_at(max(0, progress.step - 1)),
     }
-    if task == "causal_lm":  # mean next-token loss over disjoint held-out windows: log-perplexity
-        row["perplexity"] = round(math.exp(result["loss"]), 4)
+    if "perplexity" in result:
+        row["perplexity"] = result["perplexity"]
     if ema is not None:
         sums = evaluate(ema.model, val_loader, device, config.train.precision, config.model.channels_last, task)
-        ema_result = finalize_eval(all_reduce_sum([sums[k] for k in ("loss_sum", "top1", "top5", "count")], device))
+        ema_result = finalize_eval(
+            all_reduce_sum([sums[k] for k in ("loss_sum", "top1", "top5", "count")], device), task)
         row["ema_top1"] = round(ema_result["top1"], 4)
-        if task == "causal_lm":
-            row["ema_perplexity"] = round(math.exp(ema_result["loss"]), 4)
+        if "perplexity" in ema_result:
+            row["ema_perplexity"] = ema_result["perplexity"]
     row["elapsed_s"] = round(time.perf_counter() - t_start, 1)
     return row
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -164,8 +165,14 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, precisi
     return {"loss_sum": loss_sum, "top1": top1, "top5": top5, "count": count}
 
 
-def finalize_eval(sums: list[float]) -> dict[str, float]:
+def finalize_eval(sums: list[float], task: str = "classifier") -> dict[str, float]:
+    """Means of :func:`evaluate`'s sums (``[loss_sum, top1, top5, count]``, gathered over ranks): loss,
+    top-1 and top-5 in percent; for a causal LM also ``perplexity``, ``exp`` of the mean next-token loss
+    over the disjoint held-out windows."""
     loss_sum, top1, top5, count = sums
     count = max(count, 1.0)
-    return {"loss": loss_sum / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count}
+    result = {"loss": loss_sum / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count}
+    if task == "causal_lm":
+        result["perplexity"] = round(math.exp(result["loss"]), 4)
+    return result
 
