@@ -316,7 +316,7 @@ def permute_channels(
     pattern = parse_pattern(pattern)
     choices = [c for c in select_layers(model, selection or Selection(), pattern) if c.selected]
     pairs = decoder_pairs(model)
-    graph = None
+    graph, untraced = None, ""
     if any(c.fqn not in pairs for c in choices):
         try:
             graph = torch.fx.symbolic_trace(model).graph

@@ -158,13 +158,8 @@ def prune(
         MethodError: a training method, a calibrated method without calibration data, or no layer
             selected.
     """
-    best = None
-    if method == "best":
-        best = best_pipeline(model_kind(model))
-        method, refine = best.method, best.refine
-        permute = permute if permute is not None else best.permute
-    method, built, scheme, refine = _resolve(model, method, method_options, calibration, refine, weights,
-                                             group_size, best is not None)
+    best, method, built, scheme, refine, permute = _resolve(model, method, method_options, calibration, refine,
+                                                            permute, weights, group_size)
     if out is not None and (source is None or example_inputs is None):
         raise ValueError("writing an export needs source= (how to rebuild the model) and example_inputs=")
     text = str(parse_pattern(pattern)) if isinstance(pattern, str) else str(pattern)
@@ -204,14 +199,19 @@ def prune(
 
 
 def _resolve(model: nn.Module, method: str, options: dict[str, Any] | None, calibration: list[Any] | None,
-             refine: bool, weights: str, group_size: int, best: bool = False):
-    """``(method, built method, weight scheme or None, refine)`` from the arguments, checked before any
-    work (``best``: the method the best pipeline resolved to); sparsegpt given the scheme for its joint
-    rounding."""
+             refine: bool, permute: int | None, weights: str, group_size: int):
+    """``(best pipeline or None, method, built method, weight scheme or None, refine, permute)`` from the
+    arguments, checked before any work: ``best`` resolved for the model's kind (a ``permute`` given
+    replaces its sweeps), sparsegpt given the scheme for its joint rounding."""
     from ..runtime.quant import parse_weights
 
-    if best and not calibration:
-        raise MethodError(f"--method best runs {method}, which needs calibration data (calibration=[batches])")
+    best = None
+    if method == "best":
+        best = best_pipeline(model_kind(model))
+        method, refine = best.method, best.refine
+        permute = permute if permute is not None else best.permute
+        if not calibration:
+            raise MethodError(f"--method best runs {method}, which needs calibration data (calibration=[batches])")
     scheme = parse_weights(weights, group_size)
     if scheme is not None and method == "sparsegpt":
         options = {"weights": weights, "group_size": group_size, **(options or {})}
@@ -223,7 +223,7 @@ def _resolve(model: nn.Module, method: str, options: dict[str, Any] | None, cali
     if refine and not calibration:
         raise MethodError("mask refinement needs calibration data (calibration=[batches]): it lowers each layer's "
                           "output error on those inputs")
-    return method, built, scheme, refine
+    return best, method, built, scheme, refine, permute
 
 
 def _masks(model: nn.Module, result: PruneResult, built, pattern: str | Pattern, selection: Selection | None,

@@ -133,46 +133,16 @@ def prune_streaming(
     selected = [c for c in choices if c.selected]
     prefix = blocks[0][0].rsplit(".", 1)[0]  # "model.layers"
     shell = _shell(config, shards, prefix)
-    shell_blocks = shell.get_submodule(prefix)
     start = time.perf_counter()
-    layers: list[dict[str, Any]] = []
-    weight_map: dict[str, str] = {}
-    total_size = 0
     text = str(parse_pattern(pattern)) if isinstance(pattern, str) else str(pattern)
-    from safetensors.torch import save_file
-
-    count = len(blocks) + 1
     with atomic_dir(out, replaceable=lambda p: (p / MANIFEST_NAME).is_file()) as tmp:
-
-        def materialise(index: int, block_fqn: str, block: nn.Module, here: list) -> None:
-            block.to_empty(device="cpu")  # the skeleton's own block, materialised in place
-            shards.load_into(block, f"{block_fqn}.", strict=True)
-            block.eval()
-
-        def capture(block: nn.Module) -> list:
-            shell_blocks[0] = block
-            return _capture_inputs(shell, block, calibration)
-
-        def write_and_release(index: int, block_fqn: str, block: nn.Module, here: list) -> None:
-            nonlocal total_size
-            layers.extend(layer_entry(c.fqn, c.module.weight, c.patterns, input_map(c.module)) for c in here)
-            tensors = {f"{block_fqn}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
-            name = f"model-{index + 2:05d}-of-{count:05d}.safetensors"
-            save_file(tensors, str(tmp / name), metadata={"format": "pt", "producer": "nmsparse-export"})
-            weight_map.update(dict.fromkeys(tensors, name))
-            total_size += sum(v.numel() * v.element_size() for v in tensors.values())
-            del tensors
-            block.to(device="meta")  # release the block's memory
-            shell_blocks[0] = block
-            _release_freed_memory()
-
+        stream = _BlockShards(shards, shell, prefix, tmp, len(blocks) + 1)
         bar = Progress(len(blocks), 0, progress, every=1)
-        rows, _ = prune_blocks(blocks, selected, built, capture if calibration else None, micro_batch, False, bar,
-                               before=materialise, after=write_and_release)
+        rows, _ = prune_blocks(blocks, selected, built, stream.capture(calibration) if calibration else None,
+                               micro_batch, False, bar, before=stream.materialise, after=stream.write_and_release)
         bar.close()
-        total_size += _write_outside_blocks(shell, prefix, config.tie_word_embeddings, tmp, count, weight_map)
-        (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total_size},
-                                                  "weight_map": dict(sorted(weight_map.items()))}, indent=1) + "\n")
+        layers = stream.layers
+        stream.finish(config.tie_word_embeddings)
         source = {"source": f"hf:{directory}", "options": {}}
         _write_hf_files(skeleton, source, tmp)
         skipped = [{"fqn": c.fqn, "reason": c.skip_reason or ""} for c in choices if not c.selected]
@@ -189,6 +159,52 @@ def prune_streaming(
             else:
                 (tmp / name).write_text(content)
     return result
+
+
+class _BlockShards:
+    """The streamed blocks' hooks of :func:`~nmsparse.oneshot.calibrate.prune_blocks`: each block is
+    materialised from the input shards into the skeleton's slot, and after pruning written to its own
+    output shard (``model-{index + 2}-of-{count}``; shard 1 holds what lies outside the blocks) and
+    released; ``finish`` writes shard 1 and the index."""
+
+    def __init__(self, shards: _Shards, shell: nn.Module, prefix: str, out: Path, count: int) -> None:
+        self.shards, self.shell, self.prefix, self.out, self.count = shards, shell, prefix, out, count
+        self.slot = shell.get_submodule(prefix)
+        self.layers: list[dict[str, Any]] = []
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+
+    def materialise(self, index: int, block_fqn: str, block: nn.Module, here: list) -> None:
+        block.to_empty(device="cpu")  # the skeleton's own block, materialised in place
+        self.shards.load_into(block, f"{block_fqn}.", strict=True)
+        block.eval()
+
+    def capture(self, calibration: list[Any]):
+        def first_inputs(block: nn.Module) -> list:
+            self.slot[0] = block
+            return _capture_inputs(self.shell, block, calibration)
+        return first_inputs
+
+    def write_and_release(self, index: int, block_fqn: str, block: nn.Module, here: list) -> None:
+        from safetensors.torch import save_file
+
+        self.layers.extend(layer_entry(c.fqn, c.module.weight, c.patterns, input_map(c.module)) for c in here)
+        tensors = {f"{block_fqn}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
+        name = f"model-{index + 2:05d}-of-{self.count:05d}.safetensors"
+        save_file(tensors, str(self.out / name), metadata={"format": "pt", "producer": "nmsparse-export"})
+        self.weight_map.update(dict.fromkeys(tensors, name))
+        self.total_size += sum(v.numel() * v.element_size() for v in tensors.values())
+        del tensors
+        block.to(device="meta")  # release the block's memory
+        self.slot[0] = block
+        _release_freed_memory()
+
+    def finish(self, tied: bool) -> None:
+        self.total_size += _write_outside_blocks(self.shell, self.prefix, tied, self.out, self.count,
+                                                 self.weight_map)
+        (self.out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": self.total_size},
+                                                       "weight_map": dict(sorted(self.weight_map.items()))},
+                                                      indent=1) + "\n")
 
 
 def _skeleton(config: Any, selection: Selection | None, pattern: str | Pattern):

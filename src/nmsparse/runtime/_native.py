@@ -83,6 +83,8 @@ def _load(variant: str) -> tuple[ctypes.CDLL | None, str]:
     lib.nms_q_gemm.argtypes = [_INT, _PTR, _PTR, _PTR, _I64, _I64, _INT, _INT, _I64, _INT, _INT, _I64, _PTR, _I64,
                                _PTR, _PTR, _INT, _INT]
     lib.nms_q_gemm.restype = _INT
+    lib.nms_q_gemm_takes.argtypes = [_INT, _INT, _INT, _I64, _INT, _I64]
+    lib.nms_q_gemm_takes.restype = _INT
     lib.nms_llama_step.argtypes = [_PTR, _I64, _I64, ctypes.c_float, ctypes.c_float, _PTR, _INT]
     lib.nms_blockq_dequant.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _INT, _I64, _PTR, _INT]
     lib.nms_phase_planes.argtypes = [_PTR, _I64, _I64, _I64, _I64, *([ctypes.c_int] * 4), _I64, _I64, _I64, _PTR,
@@ -412,14 +414,16 @@ def q_gemm(x: torch.Tensor, w: QArrays, bias: torch.Tensor | None = None, relu: 
     if not w.a8 or w.kind == 1:
         return None
     lib = lib or loaded()
+    jc = nm_chunk(w.columns, w.n, w.m) if w.kind == 0 else w.columns
+    bits = offset_bits(w.m) if w.kind == 0 else 0
+    if not lib.nms_q_gemm_takes(w.kind, w.n, w.m, jc, bits, w.group):
+        return None
     x = x.to(torch.float32).contiguous()
     out = torch.empty(x.shape[0], w.rows, dtype=torch.float32)
-    jc = nm_chunk(w.columns, w.n, w.m) if w.kind == 0 else w.columns
-    done = lib.nms_q_gemm(w.kind, w.index.data_ptr() if w.kind == 0 else None, w.q.data_ptr(), w.scales.data_ptr(),
-                          w.rows, w.columns, w.n, w.m, jc, offset_bits(w.m) if w.kind == 0 else 0, w.bits, w.group,
-                          x.data_ptr(), x.shape[0], out.data_ptr(), _opt(bias), int(relu),
-                          threads or torch.get_num_threads())
-    return out if done else None
+    lib.nms_q_gemm(w.kind, w.index.data_ptr() if w.kind == 0 else None, w.q.data_ptr(), w.scales.data_ptr(), w.rows,
+                   w.columns, w.n, w.m, jc, bits, w.bits, w.group, x.data_ptr(), x.shape[0], out.data_ptr(),
+                   _opt(bias), int(relu), threads or torch.get_num_threads())
+    return out
 
 
 def q_dequant(w: QArrays, lib: ctypes.CDLL | None = None) -> torch.Tensor:

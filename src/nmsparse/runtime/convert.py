@@ -274,7 +274,21 @@ def convert(
     candidates = _pack(plan, rows, forms, inputs, report.cold_cache, repeats, progress, quant_dense)
     stay_dense = choice.decide(model, example_inputs, candidates, rows, report.cold_cache, report.dense_ms,
                                min_speedup, repeats)
-    replaced: dict[str, nn.Module] = {}  # fqn -> the module before conversion or fusion (for a revert)
+    replaced = _swap(model, candidates, stay_dense, rows, quant_dense, forms)
+    if fuse and any(row.converted for row in report):
+        _fuse(model, report, replaced)
+    if example_inputs is not None and report.dense_ms is not None:
+        choice.revert_if_slower(model, example_inputs, report, replaced, repeats, min_speedup, _settle_dense)
+    report.decode = _attach_decode(model, decode)
+    return model, report
+
+
+def _swap(model: nn.Module, candidates, stay_dense: dict[str, str], rows: dict[str, ConvertRow],
+          quant_dense: list[str], forms: _Forms) -> dict[str, nn.Module]:
+    """Put each candidate's packed module in place, or settle it dense where the layer choice said so,
+    and give the Linears without a pattern (the LM head) their dense quantized form. Returns ``{fqn: the
+    module before}`` of the swapped layers (for a revert)."""
+    replaced: dict[str, nn.Module] = {}
     for fqn, module, new in candidates:
         if fqn in stay_dense:
             rows[fqn].reason = stay_dense[fqn]
@@ -283,21 +297,22 @@ def convert(
         replaced[fqn] = module
         model.set_submodule(fqn, new)
         rows[fqn].converted = True
-    for fqn in quant_dense:  # Linear layers without a pattern (the LM head): their dense quantized form
+    for fqn in quant_dense:
         _settle_dense(model, fqn, forms.dense(model.get_submodule(fqn)), rows[fqn])
-    if fuse and any(row.converted for row in report):
-        from .fuse import fuse as fuse_following
+    return replaced
 
-        before = dict(model.named_modules())
-        fused = fuse_following(model).fused
-        for row in report:
-            row.fused = fused.get(row.fqn, [])
-            for absorbed in row.fused:
-                replaced[absorbed] = before[absorbed]
-    if example_inputs is not None and report.dense_ms is not None:
-        choice.revert_if_slower(model, example_inputs, report, replaced, repeats, min_speedup, _settle_dense)
-    report.decode = _attach_decode(model, decode)
-    return model, report
+
+def _fuse(model: nn.Module, report: ConvertReport, replaced: dict[str, nn.Module]) -> None:
+    """Fold the batch norms and ReLUs that follow converted layers into them; each row names what it
+    absorbed, and ``replaced`` gains the absorbed modules (for a revert)."""
+    from .fuse import fuse as fuse_following
+
+    before = dict(model.named_modules())
+    fused = fuse_following(model).fused
+    for row in report:
+        row.fused = fused.get(row.fqn, [])
+        for absorbed in row.fused:
+            replaced[absorbed] = before[absorbed]
 
 
 def _source(model_or_export: nn.Module | str | Path,

@@ -929,12 +929,22 @@ void nms_denseq_gemv(const float* x, const uint8_t* q, const float* scales, i64 
 // out[T, rows] = Q(x) @ W^T for T rows of x (int8 activations, qkernels.h quant_block) against a
 // quantized n:m (kind 0; m = 2n, jc = 64, codes of at most 4 bits) or dense (kind 2) weight, groups of a
 // multiple of 16 values: integer products (AVX-512 VNNI + VBMI builds). Returns 0, computing nothing,
-// where this build or layout has no such product (the caller dequantizes the weight instead).
+// where this build or layout has no such product (the caller dequantizes the weight instead);
+// nms_q_gemm_takes says so before the caller allocates anything.
+int nms_q_gemm_takes(int kind, int n, int m, i64 jc, int bits, i64 group) {
+#if defined(NMS_VNNI)
+  return group % 16 == 0 && ((kind == 0 && m == 2 * n && jc == 64 && bits <= 4) || kind == 2);
+#else
+  (void)kind, (void)n, (void)m, (void)jc, (void)bits, (void)group;
+  return 0;
+#endif
+}
+
 int nms_q_gemm(int kind, const uint8_t* codes, const uint8_t* q, const float* scales, i64 rows, i64 cols, int n, int m,
                i64 jc, int bits, int qbits, i64 group, const float* x, i64 T, float* out, const float* bias, int relu,
                int threads) {
+  if (!nms_q_gemm_takes(kind, n, m, jc, bits, group)) return 0;
 #if defined(NMS_VNNI)
-  if (group % 16 != 0 || (kind == 0 && (m != 2 * n || jc != 64 || bits > 4)) || (kind != 0 && kind != 2)) return 0;
   call_threads = threads;
   const bool r = relu != 0;
   if (kind == 2) bits = 1;
@@ -949,8 +959,8 @@ int nms_q_gemm(int kind, const uint8_t* codes, const uint8_t* q, const float* sc
 #undef QG
   return 1;
 #else
-  (void)kind, (void)codes, (void)q, (void)scales, (void)rows, (void)cols, (void)n, (void)m, (void)jc, (void)bits;
-  (void)qbits, (void)group, (void)x, (void)T, (void)out, (void)bias, (void)relu, (void)threads;
+  (void)codes, (void)q, (void)scales, (void)rows, (void)cols, (void)qbits, (void)x, (void)T, (void)out, (void)bias;
+  (void)relu, (void)threads;
   return 0;
 #endif
 }
