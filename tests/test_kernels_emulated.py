@@ -172,6 +172,40 @@ def test_neon_quantized_products_under_emulation_equal_the_dequantized_reference
         assert float((got - ref).abs().max() / ref.abs().max()) < 3e-6, f"quantized case {index}"
 
 
+def test_neon_batched_integer_products_under_emulation_equal_the_dequantized_reference(arm_harness, tmp_path):
+    """The NEON build's W8A8 batched product (16-bit multiply-adds; 2:4 through its table shuffle, other
+    n:m one value at a time, dense; int8 and int4; token-tile and row tails, bias, ReLU) against
+    Q(x) @ dequantized(W)^T + bias."""
+    from nmsparse.runtime.formats import nm_chunk, offset_bits
+    from nmsparse.runtime.modules import QuantLinear
+    from nmsparse.runtime.quant import WeightScheme, quantize, quantize_activations
+
+    cases = [(("nm", 2, 4), 37, 204, 5), (("nm", 2, 4), 16, 256, 19), (("nm", 4, 8), 9, 256, 3),
+             (("dense",), 24, 100, 11)]
+    lines, expected = [], []
+    for index, ((spec, out, columns, tokens), bits) in enumerate([(c, b) for c in cases for b in (8, 4)]):
+        matrix = torch.randn(out, columns) if spec[0] == "dense" else _sparse_matrix(out, columns, spec, seed=index)
+        layout = matrix if spec[0] == "dense" else pack_nm(matrix, spec[1], spec[2])
+        module = QuantLinear(quantize(layout, WeightScheme(bits, 32)), None)
+        w = module._arrays()
+        g = torch.Generator().manual_seed(300 + index)
+        x, bias, relu = torch.randn(tokens, columns, generator=g), torch.randn(out, generator=g), index % 2
+        ref = quantize_activations(x, module.act_block).double() @ module._packed.dense().double().T + bias.double()
+        expected.append(ref.clamp_min(0) if relu else ref)
+        p = lambda name, i=index: tmp_path / f"g{i}_{name}.bin"  # noqa: E731
+        nm = w.kind == 0
+        jc, code_bits = (nm_chunk(columns, w.n, w.m), offset_bits(w.m)) if nm else (columns, 0)
+        codes = _write(p("codes"), w.index.numpy()) if nm else "-"
+        lines.append(f"q_gemm {w.kind} {codes} {_write(p('q'), w.q.numpy())} {_write(p('scales'), w.scales.numpy())} "
+                     f"{out} {columns} {w.n} {w.m} {jc} {code_bits} {bits} {w.group} {_write(p('x'), x.numpy())} "
+                     f"{tokens} {p('out')} {_write(p('bias'), bias.numpy())} {relu} 2")
+    proc = _run(arm_harness, tmp_path, lines)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    for index, ref in enumerate(expected):
+        got = _read(tmp_path / f"g{index}_out.bin").double().reshape(ref.shape)
+        assert float((got - ref).abs().max() / ref.abs().max()) < 3e-6, f"batched case {index}"
+
+
 def test_the_harness_reports_a_malformed_case(arm_harness, tmp_path):
     """A line the harness cannot read fails the run (so a format drift between this test and the
     harness cannot pass silently)."""

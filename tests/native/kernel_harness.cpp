@@ -9,6 +9,7 @@
 //   decay    GRAD WEIGHT KEEP DECAY COUNT OUT THREADS
 //   gemv     X OUT ROWS THREADS COUNT KIND ARG... (a batch-1 plan of nms_gemv: COUNT arguments after the
 //            kind, each a number or @FILE, replaced by the address of that file's data)
+//   q_gemm   KIND CODES|- Q SCALES ROWS COLS N M JC BITS QBITS GROUP X T OUT BIAS|- RELU THREADS
 // (upper case: a raw little-endian array file, or a number). Exits non-zero on a malformed line.
 #include <cstdint>
 #include <cstdio>
@@ -30,6 +31,9 @@ void nms_mask_topk4(const float* src, uint32_t* dst, int64_t outer, int64_t widt
                     int threads);
 void nms_mask_decay_into(float* g, const float* w, const float* keep, float decay, int64_t n, int threads);
 void nms_gemv(const i64* plan, const float* x, float* out, int threads);
+int nms_q_gemm(int kind, const uint8_t* codes, const uint8_t* q, const float* scales, i64 rows, i64 cols, int n, int m,
+               i64 jc, int bits, int qbits, i64 group, const float* x, i64 T, float* out, const float* bias, int relu,
+               int threads);
 }
 
 static std::vector<char> read_all(const std::string& path) {
@@ -128,6 +132,22 @@ int main(int argc, char** argv) {
       std::vector<float> out(rows);
       nms_gemv(plan.data(), (const float*)x.data(), out.data(), (int)threads);
       write_all(out_p, out.data(), rows);
+    } else if (!std::strcmp(kind, "q_gemm")) {
+      char s_p[512];
+      long long k, rows, cols, n, m, jc, bits, qbits, group, T, relu, threads;
+      if (std::fscanf(cases, "%lld %511s %511s %511s %lld %lld %lld %lld %lld %lld %lld %lld %511s %lld %511s %511s "
+                      "%lld %lld", &k, a_p, b_p, s_p, &rows, &cols, &n, &m, &jc, &bits, &qbits, &group, xt_p, &T,
+                      out_p, bias_p, &relu, &threads) != 18)
+        return 5;
+      auto codes = read_all(a_p), q = read_all(b_p), scales = read_all(s_p), x = read_all(xt_p),
+           bias = read_all(bias_p);
+      std::vector<float> out(T * rows);
+      if (!nms_q_gemm((int)k, codes.empty() ? nullptr : (const uint8_t*)codes.data(), (const uint8_t*)q.data(),
+                      (const float*)scales.data(), rows, cols, (int)n, (int)m, jc, (int)bits, (int)qbits, group,
+                      (const float*)x.data(), T, out.data(), bias.empty() ? nullptr : (const float*)bias.data(),
+                      (int)relu, (int)threads))
+        return 6;
+      write_all(out_p, out.data(), T * rows);
     } else {
       return 5;
     }

@@ -92,6 +92,20 @@ def _load(variant: str) -> tuple[ctypes.CDLL | None, str]:
     return lib, ""
 
 
+def _variant() -> str:
+    """The build the runtime runs: ``native``, or the one ``NMSPARSE_RUNTIME_ISA`` names (a key of
+    :data:`VARIANTS` this CPU runs, e.g. ``avx2`` to measure the AVX2 path on an AVX-512 machine).
+
+    Raises:
+        KernelsUnavailable: the variable names no build this CPU can run.
+    """
+    name = os.environ.get("NMSPARSE_RUNTIME_ISA", "").strip().lower() or "native"
+    if name not in runnable_variants():
+        raise KernelsUnavailable(f"NMSPARSE_RUNTIME_ISA={name!r} is not a build this CPU runs; expected one of "
+                                 f"{', '.join(runnable_variants())}")
+    return name
+
+
 def library(variant: str = "native") -> ctypes.CDLL | None:
     """The loaded kernel library (``"native"``: built for this CPU; or a key of :data:`VARIANTS`)."""
     return _load(variant)[0]
@@ -112,7 +126,7 @@ def require() -> ctypes.CDLL:
     """
     global _LOADED
     if _LOADED is None:
-        lib, reason = _load("native")
+        lib, reason = _load(_variant())
         if lib is None:
             raise KernelsUnavailable(f"sparse CPU kernels unavailable: {reason}")
         _LOADED = lib
@@ -125,13 +139,16 @@ def loaded() -> ctypes.CDLL:
 
 
 def available() -> bool:
-    return library() is not None
+    return status()["backend"] is not None
 
 
 def status() -> dict[str, object]:
     """What the runtime runs on here: ``{"backend": "cpp"|None, "isa": "avx512"|"avx2"|"neon"|"generic",
     "vector_floats": ..., "reason": ...}``; backend None means layers stay dense, for the reason given."""
-    lib, reason = _load("native")
+    try:
+        lib, reason = _load(_variant())
+    except KernelsUnavailable as err:
+        lib, reason = None, str(err)
     if lib is None:
         return {"backend": None, "isa": None, "vector_floats": None, "reason": reason}
     return {"backend": "cpp", "isa": lib.nms_isa().decode(), "vector_floats": lib.nms_vector_width(), "reason": ""}

@@ -927,42 +927,48 @@ void nms_denseq_gemv(const float* x, const uint8_t* q, const float* scales, i64 
 }
 
 // out[T, rows] = Q(x) @ W^T for T rows of x (int8 activations, qkernels.h quant_block) against a
-// quantized n:m (kind 0; m = 2n, jc = 64, codes of at most 4 bits) or dense (kind 2) weight, groups of a
-// multiple of 16 values: integer products (AVX-512 VNNI + VBMI builds). Returns 0, computing nothing,
-// where this build or layout has no such product (the caller dequantizes the weight instead);
-// nms_q_gemm_takes says so before the caller allocates anything.
-int nms_q_gemm_takes(int kind, int n, int m, i64 jc, int bits, i64 group) {
+// quantized n:m (kind 0) or dense (kind 2) weight: integer products. AVX-512 VNNI + VBMI builds run
+// q_gemm_vnni for n:m with m = 2n, jc = 64, codes of at most 4 bits and dense layouts, groups of a
+// multiple of 16 values; every build runs q_gemm16 (16-bit multiply-adds) for the other layouts it
+// takes (q_gemm16_takes). Returns 0, computing nothing, where neither takes the layout (the caller
+// dequantizes the weight instead); nms_q_gemm_takes says so before the caller allocates anything.
+static bool vnni_takes(int kind, int n, int m, i64 jc, int bits, i64 group) {
 #if defined(NMS_VNNI)
   return group % 16 == 0 && ((kind == 0 && m == 2 * n && jc == 64 && bits <= 4) || kind == 2);
 #else
   (void)kind, (void)n, (void)m, (void)jc, (void)bits, (void)group;
-  return 0;
+  return false;
 #endif
+}
+
+int nms_q_gemm_takes(int kind, int n, int m, i64 jc, int bits, i64 group) {
+  return vnni_takes(kind, n, m, jc, bits, group) || q_gemm16_takes(kind, n, m, jc, group);
 }
 
 int nms_q_gemm(int kind, const uint8_t* codes, const uint8_t* q, const float* scales, i64 rows, i64 cols, int n, int m,
                i64 jc, int bits, int qbits, i64 group, const float* x, i64 T, float* out, const float* bias, int relu,
                int threads) {
   if (!nms_q_gemm_takes(kind, n, m, jc, bits, group)) return 0;
-#if defined(NMS_VNNI)
   call_threads = threads;
   const bool r = relu != 0;
-  if (kind == 2) bits = 1;
+#if defined(NMS_VNNI)
+  if (vnni_takes(kind, n, m, jc, bits, group)) {
+    if (kind == 2) bits = 1;
 #define QG(BITS)                                                                                                 \
   qbits == 8 ? q_gemm_vnni<BITS, 8>(kind, codes, q, scales, rows, cols, n, m, group, x, T, out, bias, r) \
              : q_gemm_vnni<BITS, 4>(kind, codes, q, scales, rows, cols, n, m, group, x, T, out, bias, r)
-  switch (bits) {
-    case 1: QG(1); break;
-    case 2: QG(2); break;
-    default: QG(4); break;
-  }
+    switch (bits) {
+      case 1: QG(1); break;
+      case 2: QG(2); break;
+      default: QG(4); break;
+    }
 #undef QG
-  return 1;
-#else
-  (void)codes, (void)q, (void)scales, (void)rows, (void)cols, (void)qbits, (void)x, (void)T, (void)out, (void)bias;
-  (void)relu, (void)threads;
-  return 0;
+    return 1;
+  }
 #endif
+  if (qbits == 8) q_gemm16<8>(kind, codes, q, scales, rows, cols, n, m, jc, bits, group, x, T, out, bias, r);
+  else q_gemm16<4>(kind, codes, q, scales, rows, cols, n, m, jc, bits, group, x, T, out, bias, r);
+  return 1;
 }
 
 // The float32 values of a quantized n:m layout (chunk-major, as the float32 kernels read them) or of

@@ -866,3 +866,257 @@ void q_gemm_vnni(int kind, const uint8_t* codes, const uint8_t* q, const float* 
   }
 }
 #endif
+
+// ---------------------------------------------------------------- int8 activations, T rows: int16 products
+// The batched W8A8 product of every build: the function of q_gemm_vnni (integers summed per group of Gd
+// columns, then scaled by the row's weight scale times the token's activation scale), with pairwise
+// 16-bit multiply-adds (AVX2 / SSE2 vpmaddwd, AVX-512BW vpmaddwd, NEON smull + addp: 2 products per
+// int32 lane). The VNNI builds run it for the layouts q_gemm_vnni does not take. Exact: an int8 by int8
+// product fits 16 bits and a group of Gd <= 2^15 columns an int32 (no vpmaddubsw, whose saturation
+// would change the result). Any n:m layout whose weight groups are whole activation blocks, and dense.
+// Weight rows are widened to int16 once per call, GR16 rows at a time; tokens sit in the lanes as in
+// q_gemm_vnni: x16[tile][pair p][token][2] holds columns 2p and 2p + 1 of each token of the tile.
+typedef int16_t vs16 __attribute__((vector_size(VW * 4)));
+constexpr int GR16 = 4, GT16 = 2 * VW;
+
+// Lane i: a[2i] * b[2i] + a[2i + 1] * b[2i + 1], in 32 bits.
+inline vi madd16(vs16 a, vs16 b) {
+#if defined(__AVX512BW__)
+  return (vi)_mm512_madd_epi16((__m512i)a, (__m512i)b);
+#elif defined(__AVX512F__)
+  const __m512i x = (__m512i)a, y = (__m512i)b;
+  const __m256i lo = _mm256_madd_epi16(_mm512_castsi512_si256(x), _mm512_castsi512_si256(y));
+  const __m256i hi = _mm256_madd_epi16(_mm512_extracti64x4_epi64(x, 1), _mm512_extracti64x4_epi64(y, 1));
+  return (vi)_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+#elif defined(__AVX2__)
+  return (vi)_mm256_madd_epi16((__m256i)a, (__m256i)b);
+#elif defined(__SSE2__)
+  return (vi)_mm_madd_epi16((__m128i)a, (__m128i)b);
+#elif defined(__aarch64__)
+  const int16x8_t x = (int16x8_t)a, y = (int16x8_t)b;
+  return (vi)vpaddq_s32(vmull_s16(vget_low_s16(x), vget_low_s16(y)), vmull_high_s16(x, y));
+#else
+  vi r;
+  for (int i = 0; i < VW; ++i) r[i] = (int32_t)a[2 * i] * b[2 * i] + (int32_t)a[2 * i + 1] * b[2 * i + 1];
+  return r;
+#endif
+}
+
+// Two int16 values (one int32) in every lane pair.
+inline vs16 pair_splat(const int16_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+#if defined(__AVX512F__)
+  return (vs16)_mm512_set1_epi32(v);
+#elif defined(__AVX2__)
+  return (vs16)_mm256_set1_epi32(v);
+#elif defined(__SSE2__)
+  return (vs16)_mm_set1_epi32(v);
+#elif defined(__aarch64__)
+  return (vs16)vdupq_n_s32(v);
+#else
+  vi r;
+  for (int i = 0; i < VW; ++i) r[i] = v;
+  return (vs16)r;
+#endif
+}
+
+struct Gemm16Buf {  // the calling thread's activations for the int16 tiles (reused across calls)
+  int16_t* x = nullptr;  // [T / GT16][L / 2][GT16][2] (padding: zeros)
+  float* s = nullptr;    // [T / GT16][groups][GT16] activation scales (padding 0)
+  i64 xcap = 0, scap = 0;
+  ~Gemm16Buf() { free(x), free(s); }
+  void reserve(i64 xvals, i64 sfloats) {
+    if (xvals > xcap) free(x), xcap = xvals, x = (int16_t*)aligned_alloc(64, cdiv(xvals * 2, 64) * 64);
+    if (sfloats > scap) free(s), scap = sfloats, s = (float*)aligned_alloc(64, cdiv(sfloats * 4, 64) * 64);
+  }
+};
+thread_local Gemm16Buf gemm16_buf;
+
+// The T rows of x quantized in blocks of Gd columns (quant_block) into gemm16_buf; L = groups * Gd.
+inline void gemm16_x(const float* x, i64 T, i64 K, i64 Gd, i64 groups) {
+  const i64 tiles = cdiv(T, GT16), L = groups * Gd;
+  Gemm16Buf& b = gemm16_buf;
+  b.reserve(tiles * L * GT16, tiles * groups * GT16);
+  std::memset(b.x, 0, tiles * L * GT16 * 2);
+  std::memset(b.s, 0, tiles * groups * GT16 * 4);
+  int16_t* xs = b.x;
+  float* sx = b.s;
+#pragma omp parallel num_threads(call_threads)
+  {
+    int8_t* row = (int8_t*)aligned_alloc(64, cdiv(L, 64) * 64);
+#pragma omp for schedule(static)
+    for (i64 t = 0; t < T; ++t) {
+      std::memset(row, 0, L);
+      const i64 tile = t / GT16, lane = t % GT16;
+      for (i64 g = 0; g < groups; ++g)
+        sx[(tile * groups + g) * GT16 + lane] = quant_block(x + t * K, g * Gd, std::min(K, g * Gd + Gd), row, nullptr);
+      int16_t* dst = xs + tile * L * GT16 + lane * 2;
+      for (i64 p = 0; p < L / 2; ++p) dst[p * GT16 * 2] = row[2 * p], dst[p * GT16 * 2 + 1] = row[2 * p + 1];
+    }
+    free(row);
+  }
+}
+
+// `count` stored values (int8, or int4 nibble pairs from a whole byte) as int16.
+template <int QB>
+inline void widen16(const uint8_t* q, i64 count, int16_t* out) {
+  if constexpr (QB == 8) {
+    for (i64 k = 0; k < count; ++k) out[k] = (int8_t)q[k];
+  } else {
+    for (i64 k = 0; k < count / 2; ++k) out[2 * k] = (q[k] & 15) - 8, out[2 * k + 1] = (q[k] >> 4) - 8;
+    if (count & 1) out[count - 1] = (q[count / 2] & 15) - 8;
+  }
+}
+
+// 2:4 codes to dense int16 with a byte shuffle: each code byte holds the offsets of 4 kept values (two
+// groups of 4 columns), and table24[byte] moves their 8 bytes to the 16 bytes of those 8 columns (0x80:
+// a zero). Returns the kept values done (a multiple of 4); the caller does the rest one by one.
+struct Table24 {
+  alignas(16) uint8_t ctl[256][16];
+  Table24() {
+    for (int b = 0; b < 256; ++b) {
+      std::memset(ctl[b], 0x80, 16);
+      for (int v = 0; v < 4; ++v) {
+        const int lane = (v / 2) * 4 + ((b >> (2 * v)) & 3);
+        ctl[b][2 * lane] = (uint8_t)(2 * v), ctl[b][2 * lane + 1] = (uint8_t)(2 * v + 1);
+      }
+    }
+  }
+};
+inline i64 expand24(const uint8_t* code, const int16_t* vals, i64 count, int16_t* out) {
+#if defined(__SSSE3__) || defined(__aarch64__)
+  static const Table24 table;
+  i64 k = 0;
+  for (; 4 * k + 4 <= count; ++k) {
+#if defined(__SSSE3__)
+    const __m128i v = _mm_loadl_epi64((const __m128i*)(vals + 4 * k));
+    const __m128i c = _mm_load_si128((const __m128i*)table.ctl[code[k]]);
+    _mm_storeu_si128((__m128i*)(out + 8 * k), _mm_shuffle_epi8(v, c));
+#else
+    const uint8x16_t v = vcombine_u8(vld1_u8((const uint8_t*)(vals + 4 * k)), vdup_n_u8(0));
+    vst1q_u8((uint8_t*)(out + 8 * k), vqtbl1q_u8(v, vld1q_u8(table.ctl[code[k]])));
+#endif
+  }
+  return 4 * k;
+#else
+  (void)code, (void)vals, (void)count, (void)out;
+  return 0;
+#endif
+}
+
+// Rows [o, o + GR16) of the weight widened to int16 (L values a row, zero where n:m dropped a value or
+// past the columns) and their scales per group of Gd columns (sw[r * groups + g]). kind 0: n:m; 2: dense.
+template <int QB>
+void gemm16_expand(int kind, const uint8_t* codes, const uint8_t* q, const float* scales, i64 rows, i64 cols, int n,
+                   int m, i64 jc, int bits, i64 G, i64 o, i64 Gd, i64 groups, int16_t* w, float* sw, int16_t* tmp) {
+  const i64 L = groups * Gd;
+  std::memset(w, 0, GR16 * L * 2);
+  for (int r = 0; r < GR16; ++r) {
+    const i64 row = o + r;
+    int16_t* wr = w + r * L;
+    float* sr = sw + r * groups;
+    if (row >= rows) {
+      for (i64 g = 0; g < groups; ++g) sr[g] = 0.f;
+      continue;
+    }
+    if (kind == 2) {
+      widen16<QB>(q + row * cols * QB / 8, cols, wr);
+      for (i64 g = 0; g < groups; ++g) sr[g] = scales[row * groups + g];
+      continue;
+    }
+    const i64 J = cols / m * n, chunks = cdiv(J, jc), cc = jc / n * m, gpc = cdiv(jc, G), gm = Gd / m * n;
+    for (i64 c = 0; c < chunks; ++c) {
+      const i64 count = std::min(jc, J - c * jc);
+      const uint8_t* code = codes + nm_code_off(c, row, rows, jc, count, bits);
+      int16_t* vals = tmp;
+      widen16<QB>(q + (c * rows * jc + row * count) * QB / 8, count, vals);
+      int16_t* wc = wr + c * cc;
+      const uint32_t mask = (1u << bits) - 1;
+      i64 j = 0, base = 0;
+      if (n == 2 && m == 4) j = expand24(code, vals, count, wc), base = j * 2;
+      for (; j < count; base += m)
+        for (int t = 0; t < n; ++t, ++j) {
+          const i64 bit = j * bits;
+          uint32_t word = code[bit >> 3];
+          if ((bit & 7) + bits > 8) word |= (uint32_t)code[(bit >> 3) + 1] << 8;
+          wc[base + (word >> (bit & 7) & mask)] = vals[j];
+        }
+      const i64 gr = cdiv(count, G);
+      for (i64 gi = 0; gi < cdiv(count, gm); ++gi) sr[c * (cc / Gd) + gi] = scales[c * rows * gpc + row * gr + gi];
+    }
+  }
+}
+
+// GR16 widened rows against one tile of GT16 tokens: acc[r][t] = the products (bias and ReLU not applied).
+inline void gemm16_tile(const int16_t* w, i64 L, const float* sw, const int16_t* xt, const float* sx, i64 groups,
+                        i64 Gd, float acc[GR16][GT16]) {
+  vf f[GR16][2];
+  for (int r = 0; r < GR16; ++r) f[r][0] = f[r][1] = vf{};
+  for (i64 g = 0; g < groups; ++g) {
+    vi a[GR16][2];
+    for (int r = 0; r < GR16; ++r) a[r][0] = a[r][1] = vi{};
+    for (i64 p = g * Gd / 2; p < (g + 1) * Gd / 2; ++p) {
+      vs16 x0, x1;
+      std::memcpy(&x0, xt + p * GT16 * 2, sizeof x0);
+      std::memcpy(&x1, xt + p * GT16 * 2 + VW * 2, sizeof x1);
+#pragma GCC unroll 4
+      for (int r = 0; r < GR16; ++r) {
+        const vs16 b = pair_splat(w + r * L + 2 * p);
+        a[r][0] += madd16(x0, b);
+        a[r][1] += madd16(x1, b);
+      }
+    }
+    const vf s0 = vload(sx + g * GT16), s1 = vload(sx + g * GT16 + VW);
+#pragma GCC unroll 4
+    for (int r = 0; r < GR16; ++r) {
+      const vf sc = vsplat(sw[r * groups + g]);
+      f[r][0] += __builtin_convertvector(a[r][0], vf) * (s0 * sc);
+      f[r][1] += __builtin_convertvector(a[r][1], vf) * (s1 * sc);
+    }
+  }
+  for (int r = 0; r < GR16; ++r) vstore(acc[r], f[r][0]), vstore(acc[r] + VW, f[r][1]);
+}
+
+// Whether q_gemm16 takes a layout: dense with even groups, or n:m whose weight groups (min(G, jc) kept
+// values) are whole groups of m columns, an even number of columns, and divide the chunk.
+inline bool q_gemm16_takes(int kind, int n, int m, i64 jc, i64 G) {
+  if (kind == 2) return G % 2 == 0;
+  const i64 gm = std::min(G, jc);
+  return kind == 0 && gm % n == 0 && (gm / n * m) % 2 == 0 && jc % gm == 0;
+}
+
+template <int QB>
+void q_gemm16(int kind, const uint8_t* codes, const uint8_t* q, const float* scales, i64 rows, i64 cols, int n, int m,
+              i64 jc, int bits, i64 G, const float* x, i64 T, float* out, const float* bias, bool relu) {
+  const i64 Gd = kind == 2 ? G : std::min(G, jc) / n * m, groups = cdiv(cols, Gd), L = groups * Gd;
+  const i64 tiles = cdiv(T, GT16), blocks = cdiv(rows, GR16);
+  gemm16_x(x, T, cols, Gd, groups);
+  const int16_t* xs = gemm16_buf.x;
+  const float* sx = gemm16_buf.s;
+#pragma omp parallel num_threads(call_threads)
+  {
+    int16_t* w = (int16_t*)aligned_alloc(64, cdiv(GR16 * L * 2, 64) * 64);
+    float* sw = (float*)aligned_alloc(64, cdiv(GR16 * groups * 4, 64) * 64);
+    int16_t* tmp = (int16_t*)aligned_alloc(64, cdiv(jc * 2 + 2, 64) * 64);
+    alignas(64) float acc[GR16][GT16];
+#pragma omp for schedule(static)
+    for (i64 bl = 0; bl < blocks; ++bl) {
+      const i64 o = bl * GR16;
+      gemm16_expand<QB>(kind, codes, q, scales, rows, cols, n, m, jc, bits, G, o, Gd, groups, w, sw, tmp);
+      for (i64 tile = 0; tile < tiles; ++tile) {
+        gemm16_tile(w, L, sw, xs + tile * L * GT16, sx + tile * groups * GT16, groups, Gd, acc);
+        const i64 t1 = std::min<i64>(GT16, T - tile * GT16);
+        for (int r = 0; r < GR16 && o + r < rows; ++r) {
+          const float bo = bias ? bias[o + r] : 0.f;
+          for (i64 t = 0; t < t1; ++t) {
+            const float y = acc[r][t] + bo;
+            out[(tile * GT16 + t) * rows + o + r] = relu && y < 0.f ? 0.f : y;
+          }
+        }
+      }
+    }
+    free(w), free(sw), free(tmp);
+  }
+}
+
