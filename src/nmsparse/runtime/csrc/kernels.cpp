@@ -852,6 +852,11 @@ void nms_nmq_gemv(const float* x, const uint8_t* codes, const uint8_t* q, const 
         default: return nmq_gemv_vnni<4, 4>(codes, q, scales, rows, J, n, m, group, out, bias, r);
       }
     }
+#elif defined(NMS_I8DOT)
+    if (n == 2 && m == 4 && jc == 64 && bits == 2 && group % 16 == 0) {
+      if (qbits == 8) return nmq_gemv_avx2<8>(codes, q, scales, rows, J, group, out, bias, r);
+      return nmq_gemv_avx2<4>(codes, q, scales, rows, J, group, out, bias, r);
+    }
 #endif
     x = xbuf.d;
   }
@@ -908,6 +913,11 @@ void nms_denseq_gemv(const float* x, const uint8_t* q, const float* scales, i64 
     if (group % 16 == 0) {
       if (qbits == 8) return denseq_gemv_vnni<8>(q, scales, rows, cols, group, out, bias, relu != 0);
       return denseq_gemv_vnni<4>(q, scales, rows, cols, group, out, bias, relu != 0);
+    }
+#elif defined(NMS_I8DOT)
+    if (group % 32 == 0 && cols % 32 == 0) {
+      if (qbits == 8) return denseq_gemv_avx2<8>(q, scales, rows, cols, group, out, bias, relu != 0);
+      return denseq_gemv_avx2<4>(q, scales, rows, cols, group, out, bias, relu != 0);
     }
 #endif
     x = xbuf.d;

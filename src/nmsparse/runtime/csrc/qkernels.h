@@ -867,6 +867,202 @@ void q_gemm_vnni(int kind, const uint8_t* codes, const uint8_t* q, const float* 
 }
 #endif
 
+// ---------------------------------------------------------------- int8 activations, batch 1, AVX2
+// The batch-1 products of builds with AVX2 but not AVX-512 VNNI + VBMI (AVX2 + FMA machines, AVX-512
+// without VNNI), for dense layouts and for 2:4 with 64 kept values a chunk: the same function as the
+// VNNI kernels (integers summed per group, then the weight scale times the input scale), on 256-bit
+// integer dot products. vpmaddubsw multiplies unsigned by signed bytes, so a signed weight byte w
+// enters as |w| against sign(w) * x (vpabsb, vpsignb); 2 * 128 * 127 fits its 16-bit sums, so it is
+// exact. int4 dense rows skip that step: their stored nibbles (q + 8, unsigned) multiply x directly
+// and 8 * (the group's input sum) comes off. 2:4 rows are widened to their 32 columns a step by one
+// byte shuffle (no input gather): the shuffle control for each code byte (two groups of 4 columns)
+// comes from a table.
+#if defined(__AVX2__) && !defined(NMS_VNNI)
+#define NMS_I8DOT 1
+
+// Products of signed bytes summed 4 at a time into 8 int32 lanes (|w| <= 128, |x| <= 127).
+inline __m256i dot_s8(__m256i w, __m256i x) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w)), _mm256_set1_epi16(1));
+}
+
+inline float hsum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+// 32 int4 values from 16 bytes, as signed bytes in split order: the 16 low nibbles (even values), then
+// the 16 high nibbles (odd values); `off` 8 gives q, 0 the stored q + 8.
+inline __m256i nibbles_split(const uint8_t* p, int off) {
+  const __m128i b = _mm_loadu_si128((const __m128i*)p), m = _mm_set1_epi8(0x0F);
+  const __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(b, m)),
+                                            _mm_and_si128(_mm_srli_epi16(b, 4), m), 1);
+  return _mm256_sub_epi8(v, _mm256_set1_epi8((char)off));
+}
+
+// Dense rows: R rows share each 32-byte input step; groups of G (a multiple of 32) columns summed in
+// integers, then scaled. QB = 4 reads the input in split order (xs: even columns, then odd, per 32).
+template <int QB, int R>
+inline void denseq_rows_avx2(const int8_t* xq, const float* sx, const int32_t* xsum, const uint8_t* q, i64 qrow,
+                             const float* sc, i64 gr, i64 cols, i64 G, float* y) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (i64 g = 0; g * G < cols; ++g) {
+    const i64 j1 = std::min(cols, g * G + G);
+    __m256i d[R];
+    for (int r = 0; r < R; ++r) d[r] = _mm256_setzero_si256();
+    for (i64 j = g * G; j < j1; j += 32) {
+      const __m256i x = _mm256_loadu_si256((const __m256i*)(xq + j));
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* w = q + r * qrow + j * QB / 8;
+        if constexpr (QB == 8) {
+          d[r] = _mm256_add_epi32(d[r], dot_s8(_mm256_loadu_si256((const __m256i*)w), x));
+        } else {
+          const __m256i p = _mm256_maddubs_epi16(nibbles_split(w, 0), x);
+          d[r] = _mm256_add_epi32(d[r], _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      __m256i v = d[r];
+      if constexpr (QB == 4) v = _mm256_sub_epi32(v, _mm256_set1_epi32(xsum[g]));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(sc[r * gr + g] * sx[g]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r] = hsum8(acc[r]);
+}
+
+// The input of a dense int4 product in split order (per 32 columns: even columns, then odd) and 8 * the
+// sum of each group's inputs, spread over the 8 lanes (subtracted per lane: 8 * sum / 8 = the sum).
+struct SplitX {
+  int8_t* x = nullptr;
+  int32_t* sum = nullptr;
+  i64 cap = 0, scap = 0;
+  ~SplitX() { free(x), free(sum); }
+};
+thread_local SplitX split_x;
+
+inline void make_split_x(const int8_t* xq, i64 cols, i64 G) {
+  SplitX& b = split_x;
+  const i64 padded = cdiv(cols, 32) * 32, groups = cdiv(cols, G);
+  if (padded > b.cap) free(b.x), b.cap = padded, b.x = (int8_t*)aligned_alloc(64, cdiv(padded, 64) * 64);
+  if (groups > b.scap) free(b.sum), b.scap = groups, b.sum = (int32_t*)aligned_alloc(64, cdiv(groups * 4, 64) * 64);
+  for (i64 j = 0; j < padded; j += 32)
+    for (int i = 0; i < 16; ++i) b.x[j + i] = xq[j + 2 * i], b.x[j + 16 + i] = xq[j + 2 * i + 1];
+  for (i64 g = 0; g < groups; ++g) {
+    int32_t s = 0;
+    for (i64 j = g * G; j < std::min(cols, g * G + G); ++j) s += xq[j];
+    b.sum[g] = s;  // 8 * s over 8 lanes: s a lane
+  }
+}
+
+template <int QB>
+void denseq_gemv_avx2(const uint8_t* q, const float* scales, i64 rows, i64 cols, i64 G, float* out, const float* bias,
+                      bool relu) {
+  const int8_t* xq = xbuf.q;
+  const float* sx = xbuf.s;
+  const int32_t* xsum = nullptr;
+  if constexpr (QB == 4) make_split_x(xq, cols, G), xq = split_x.x, xsum = split_x.sum;
+  const i64 qrow = cols * QB / 8, gr = cdiv(cols, G);
+#pragma omp parallel num_threads(call_threads)
+  {
+    const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+    const i64 o0 = rows * tid / nth, o1 = rows * (tid + 1) / nth;
+    i64 o = o0;
+    for (; o + 4 <= o1; o += 4)
+      denseq_rows_avx2<QB, 4>(xq, sx, xsum, q + o * qrow, qrow, scales + o * gr, gr, cols, G, out + o);
+    for (; o < o1; ++o) denseq_rows_avx2<QB, 1>(xq, sx, xsum, q + o * qrow, qrow, scales + o * gr, gr, cols, G, out + o);
+    for (o = o0; o < o1; ++o) {
+      const float y = out[o] + (bias ? bias[o] : 0.f);
+      out[o] = relu && y < 0.f ? 0.f : y;
+    }
+  }
+}
+
+// Shuffle controls of 2:4 code bytes: ctl24[k][b] places kept values 4k .. 4k+3 (codes byte b: two groups
+// of 4 columns) into their 8 columns; 0x80 (a zero) in the dropped ones.
+struct Ctl24 {
+  alignas(64) uint8_t t[4][256][8];
+  Ctl24() {
+    for (int k = 0; k < 4; ++k)
+      for (int b = 0; b < 256; ++b) {
+        std::memset(t[k][b], 0x80, 8);
+        for (int v = 0; v < 4; ++v) t[k][b][(v / 2) * 4 + ((b >> (2 * v)) & 3)] = (uint8_t)(4 * k + v);
+      }
+  }
+};
+
+// 16 kept values (signed bytes, broadcast to both halves) and their 4 code bytes as the 32 columns.
+inline long long qword(const uint8_t* p) {
+  long long v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+inline __m256i widen24(__m128i vals, const uint8_t* code, const Ctl24& c) {
+  const __m128i lo = _mm_insert_epi64(_mm_loadl_epi64((const __m128i*)c.t[0][code[0]]), qword(c.t[1][code[1]]), 1);
+  const __m128i hi = _mm_insert_epi64(_mm_loadl_epi64((const __m128i*)c.t[2][code[2]]), qword(c.t[3][code[3]]), 1);
+  return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(vals),
+                             _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
+}
+
+// 16 kept values of a 2:4 row from `q` (int8, or int4 nibble pairs), value order, as signed bytes.
+template <int QB>
+inline __m128i kept16(const uint8_t* q) {
+  if constexpr (QB == 8) return _mm_loadu_si128((const __m128i*)q);
+  const __m128i b = _mm_loadl_epi64((const __m128i*)q), m = _mm_set1_epi8(0x0F);
+  const __m128i v = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+  return _mm_sub_epi8(v, _mm_set1_epi8(8));
+}
+
+// 2:4, 64 kept values (128 columns) a chunk, groups of G (a multiple of 16) kept values.
+template <int QB>
+void nmq_gemv_avx2(const uint8_t* codes, const uint8_t* q, const float* scales, i64 rows, i64 J, i64 G, float* out,
+                   const float* bias, bool relu) {
+  constexpr i64 jc = 64;
+  static const Ctl24 ctl;
+  const i64 chunks = cdiv(J, jc), gpc = cdiv(jc, G), gm = std::min(jc, G), per_group = gm / 16;
+  const int8_t* xq = xbuf.q;
+  const float* sx = xbuf.s;
+  nm_gemv_threads(rows, out, bias, relu, [&](i64 o0, i64 o1, float* part) {
+    alignas(16) uint8_t tail_q[64], tail_c[16];
+    for (i64 c = 0; c < chunks; ++c) {
+      const i64 count = std::min(jc, J - c * jc), gr = cdiv(count, G), cbytes = (count * 2 + 7) / 8;
+      const i64 qb = count * QB / 8, subs = cdiv(count, 16);
+      const int8_t* xc = xq + c * 128;
+      const float* sxc = sx + c * (jc / gm);
+      const uint8_t* crow = codes + nm_code_off(c, o0, rows, jc, count, 2);
+      const uint8_t* qrow = q + (c * rows * jc + o0 * count) * QB / 8;
+      const float* srow = scales + c * rows * gpc + o0 * gr;
+      auto one = [&](i64 i) {
+        const uint8_t* cr = crow + i * cbytes;
+        const uint8_t* qr = qrow + i * qb;
+        _mm_prefetch((const char*)(qr + QPREFETCH), _MM_HINT_T0);
+        if (count % 16) {  // a narrow last chunk: its codes and values copied into zero-padded buffers
+          std::memset(tail_q, 0, sizeof tail_q), std::memset(tail_c, 0, sizeof tail_c);
+          std::memcpy(tail_q, qr, qb), std::memcpy(tail_c, cr, cbytes);
+          cr = tail_c, qr = tail_q;
+        }
+        __m256 acc = _mm256_loadu_ps(part + i * 8);
+        for (i64 g = 0, s = 0; s < subs; ++g) {  // per group: its sub-steps of 16 kept values
+          __m256i d = _mm256_setzero_si256();
+          for (const i64 s1 = std::min(subs, s + per_group); s < s1; ++s) {
+            const __m256i w = widen24(kept16<QB>(qr + s * 16 * QB / 8), cr + 4 * s, ctl);
+            d = _mm256_add_epi32(d, dot_s8(w, _mm256_loadu_si256((const __m256i*)(xc + 32 * s))));
+          }
+          acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(srow[i * gr + g] * sxc[g]), acc);
+        }
+        _mm256_storeu_ps(part + i * 8, acc);
+      };
+      const i64 nrow = o1 - o0, len = nrow / 2;
+      for (i64 i = 0; i < len; ++i) one(i), one(len + i);
+      for (i64 i = 2 * len; i < nrow; ++i) one(i);
+    }
+  }, 8);
+}
+#endif
+
 // ---------------------------------------------------------------- int8 activations, T rows: int16 products
 // The batched W8A8 product of every build: the function of q_gemm_vnni (integers summed per group of Gd
 // columns, then scaled by the row's weight scale times the token's activation scale), with pairwise
