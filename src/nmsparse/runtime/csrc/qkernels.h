@@ -874,9 +874,7 @@ void q_gemm_vnni(int kind, const uint8_t* codes, const uint8_t* q, const float* 
 // integer dot products. vpmaddubsw multiplies unsigned by signed bytes, so a signed weight byte w
 // enters as |w| against sign(w) * x (vpabsb, vpsignb); 2 * 128 * 127 fits its 16-bit sums, so it is
 // exact. int4 dense rows skip that step: their stored nibbles (q + 8, unsigned) multiply x directly
-// and 8 * (the group's input sum) comes off. 2:4 rows are widened to their 32 columns a step by one
-// byte shuffle (no input gather): the shuffle control for each code byte (two groups of 4 columns)
-// comes from a table.
+// and 8 * (the group's input sum) comes off. 2:4 rows gather their inputs by byte shuffles (below).
 #if defined(__AVX2__) && !defined(NMS_VNNI)
 #define NMS_I8DOT 1
 
@@ -981,39 +979,50 @@ void denseq_gemv_avx2(const uint8_t* q, const float* scales, i64 rows, i64 cols,
   }
 }
 
-// Shuffle controls of 2:4 code bytes: ctl24[k][b] places kept values 4k .. 4k+3 (codes byte b: two groups
-// of 4 columns) into their 8 columns; 0x80 (a zero) in the dropped ones.
-struct Ctl24 {
-  alignas(64) uint8_t t[4][256][8];
-  Ctl24() {
-    for (int k = 0; k < 4; ++k)
-      for (int b = 0; b < 256; ++b) {
-        std::memset(t[k][b], 0x80, 8);
-        for (int v = 0; v < 4; ++v) t[k][b][(v / 2) * 4 + ((b >> (2 * v)) & 3)] = (uint8_t)(4 * k + v);
+// 2:4 rows, 32 kept values (64 columns) a step: their inputs gathered by two in-lane byte shuffles of
+// the step's 64 input bytes, in the order [kept 0-7, 16-23 | 8-15, 24-31] (each 128-bit half of a
+// shuffle reaches 16 columns: 8 kept values). The shuffle control is computed from the 8 code bytes:
+// each byte position gets its value's code byte, shifted right by 2 * (value % 4), plus the column of
+// its group within the 16. The weights are put in the same order (one qword permute; int4: one byte
+// shuffle before the nibbles are split).
+struct Nm24Consts {
+  __m256i place, base, m01, m23, lut, qorder4;
+  Nm24Consts() {
+    alignas(32) uint8_t pl[32], b[32], a[32], c[32], q4[32], lt[32];
+    for (int L = 0; L < 2; ++L)
+      for (int i = 0; i < 16; ++i) {
+        const int p = 16 * L + i, j = 16 * (i / 8) + 8 * L + i % 8, r = i % 4;  // kept value j at byte p
+        pl[p] = (uint8_t)(j / 4), b[p] = (uint8_t)(((i % 8) / 2) * 4);
+        a[p] = r < 2 ? (uint8_t)(3 << (2 * r)) : 0, c[p] = r >= 2 ? (uint8_t)(3 << (2 * (r - 2))) : 0;
+        // int4: bytes holding values 8L .. 8L+7 (bytes 4L .. 4L+3), then 16+8L .. (bytes 8+4L ..)
+        q4[p] = (uint8_t)(i < 4 ? 4 * L + i : i < 8 ? 8 + 4 * L + i - 4 : 0x80);
+        lt[p] = (uint8_t)((i & 3) + (i >> 2));  // a code c or 4c (the only field set) -> c
       }
+    place = _mm256_load_si256((const __m256i*)pl), base = _mm256_load_si256((const __m256i*)b);
+    m01 = _mm256_load_si256((const __m256i*)a), m23 = _mm256_load_si256((const __m256i*)c);
+    qorder4 = _mm256_load_si256((const __m256i*)q4), lut = _mm256_load_si256((const __m256i*)lt);
   }
 };
 
-// 16 kept values (signed bytes, broadcast to both halves) and their 4 code bytes as the 32 columns.
-inline long long qword(const uint8_t* p) {
-  long long v;
-  std::memcpy(&v, p, 8);
-  return v;
-}
-inline __m256i widen24(__m128i vals, const uint8_t* code, const Ctl24& c) {
-  const __m128i lo = _mm_insert_epi64(_mm_loadl_epi64((const __m128i*)c.t[0][code[0]]), qword(c.t[1][code[1]]), 1);
-  const __m128i hi = _mm_insert_epi64(_mm_loadl_epi64((const __m128i*)c.t[2][code[2]]), qword(c.t[3][code[3]]), 1);
-  return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(vals),
-                             _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
+// Byte p: its value's code (2 bits at 2 * (value % 4) of its code byte) plus its group's column. The
+// codes of values 0, 1 (mod 4) are masked in place (c or 4c), those of 2, 3 after a shift by 4; a
+// table shuffle turns c or 4c into c.
+inline __m256i nm24_control(const uint8_t* code, const Nm24Consts& k) {
+  long long c8;
+  std::memcpy(&c8, code, 8);
+  const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi64x(c8), k.place);
+  const __m256i t = _mm256_or_si256(_mm256_and_si256(v, k.m01), _mm256_and_si256(_mm256_srli_epi16(v, 4), k.m23));
+  return _mm256_add_epi8(_mm256_shuffle_epi8(k.lut, t), k.base);
 }
 
-// 16 kept values of a 2:4 row from `q` (int8, or int4 nibble pairs), value order, as signed bytes.
+// The step's 32 kept values as signed bytes in the gathered inputs' order.
 template <int QB>
-inline __m128i kept16(const uint8_t* q) {
-  if constexpr (QB == 8) return _mm_loadu_si128((const __m128i*)q);
-  const __m128i b = _mm_loadl_epi64((const __m128i*)q), m = _mm_set1_epi8(0x0F);
-  const __m128i v = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
-  return _mm_sub_epi8(v, _mm_set1_epi8(8));
+inline __m256i nm24_weights(const uint8_t* q, const Nm24Consts& k) {
+  if constexpr (QB == 8) return _mm256_permute4x64_epi64(_mm256_loadu_si256((const __m256i*)q), 0xD8);
+  const __m256i t = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)q)), k.qorder4);
+  const __m256i m = _mm256_set1_epi8(0x0F);
+  const __m256i v = _mm256_unpacklo_epi8(_mm256_and_si256(t, m), _mm256_and_si256(_mm256_srli_epi16(t, 4), m));
+  return _mm256_sub_epi8(v, _mm256_set1_epi8(8));
 }
 
 // 2:4, 64 kept values (128 columns) a chunk, groups of G (a multiple of 16) kept values.
@@ -1021,38 +1030,49 @@ template <int QB>
 void nmq_gemv_avx2(const uint8_t* codes, const uint8_t* q, const float* scales, i64 rows, i64 J, i64 G, float* out,
                    const float* bias, bool relu) {
   constexpr i64 jc = 64;
-  static const Ctl24 ctl;
-  const i64 chunks = cdiv(J, jc), gpc = cdiv(jc, G), gm = std::min(jc, G), per_group = gm / 16;
+  static const Nm24Consts k;
+  const i64 chunks = cdiv(J, jc), gpc = cdiv(jc, G), gm = std::min(jc, G);
   const int8_t* xq = xbuf.q;
   const float* sx = xbuf.s;
   nm_gemv_threads(rows, out, bias, relu, [&](i64 o0, i64 o1, float* part) {
-    alignas(16) uint8_t tail_q[64], tail_c[16];
+    alignas(32) uint8_t tail_q[64], tail_c[16];
     for (i64 c = 0; c < chunks; ++c) {
       const i64 count = std::min(jc, J - c * jc), gr = cdiv(count, G), cbytes = (count * 2 + 7) / 8;
-      const i64 qb = count * QB / 8, subs = cdiv(count, 16);
+      const i64 qb = count * QB / 8, steps = cdiv(count, 32);
       const int8_t* xc = xq + c * 128;
       const float* sxc = sx + c * (jc / gm);
       const uint8_t* crow = codes + nm_code_off(c, o0, rows, jc, count, 2);
       const uint8_t* qrow = q + (c * rows * jc + o0 * count) * QB / 8;
       const float* srow = scales + c * rows * gpc + o0 * gr;
+      __m256i xw[4];  // the chunk's 128 input bytes
+      for (int h = 0; h < 4; ++h) xw[h] = _mm256_loadu_si256((const __m256i*)(xc + 32 * h));
+      auto scale = [&](i64 i, i64 g) { return g < gr ? srow[i * gr + g] * sxc[g] : 0.f; };
       auto one = [&](i64 i) {
         const uint8_t* cr = crow + i * cbytes;
         const uint8_t* qr = qrow + i * qb;
         _mm_prefetch((const char*)(qr + QPREFETCH), _MM_HINT_T0);
-        if (count % 16) {  // a narrow last chunk: its codes and values copied into zero-padded buffers
-          std::memset(tail_q, 0, sizeof tail_q), std::memset(tail_c, 0, sizeof tail_c);
+        if (count < jc) {  // a narrow last chunk: codes and values padded (value 0) to the whole chunk
+          std::memset(tail_q, QB == 8 ? 0 : 0x88, sizeof tail_q), std::memset(tail_c, 0, sizeof tail_c);
           std::memcpy(tail_q, qr, qb), std::memcpy(tail_c, cr, cbytes);
           cr = tail_c, qr = tail_q;
         }
         __m256 acc = _mm256_loadu_ps(part + i * 8);
-        for (i64 g = 0, s = 0; s < subs; ++g) {  // per group: its sub-steps of 16 kept values
-          __m256i d = _mm256_setzero_si256();
-          for (const i64 s1 = std::min(subs, s + per_group); s < s1; ++s) {
-            const __m256i w = widen24(kept16<QB>(qr + s * 16 * QB / 8), cr + 4 * s, ctl);
-            d = _mm256_add_epi32(d, dot_s8(w, _mm256_loadu_si256((const __m256i*)(xc + 32 * s))));
+        __m256i whole = _mm256_setzero_si256();
+        for (i64 h = 0; h < steps; ++h) {
+          const __m256i ctl = nm24_control(cr + 8 * h, k);
+          const __m256i xg = _mm256_blend_epi32(_mm256_shuffle_epi8(xw[2 * h], ctl),
+                                                _mm256_shuffle_epi8(xw[2 * h + 1], ctl), 0xCC);
+          const __m256i d = dot_s8(nm24_weights<QB>(qr + h * 32 * QB / 8, k), xg);
+          if (gm == 64) {
+            whole = _mm256_add_epi32(whole, d);
+          } else if (gm == 32) {
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(scale(i, h)), acc);
+          } else {  // groups of 16: lanes 0-1 and 4-5 hold values 0-15 of the step, the others 16-31
+            const __m256 s = _mm256_blend_ps(_mm256_set1_ps(scale(i, 2 * h)), _mm256_set1_ps(scale(i, 2 * h + 1)), 0xCC);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc);
           }
-          acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(srow[i * gr + g] * sxc[g]), acc);
         }
+        if (gm == 64) acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(whole), _mm256_set1_ps(scale(i, 0)), acc);
         _mm256_storeu_ps(part + i * 8, acc);
       };
       const i64 nrow = o1 - o0, len = nrow / 2;
