@@ -187,6 +187,23 @@ def _settle_dense(model: nn.Module, fqn: str, form: nn.Module, row: ConvertRow) 
 
 
 @torch.no_grad()
+def _layer_inputs(model: nn.Module, plan: list, example_inputs: Any, report: ConvertReport,
+                  repeats: int) -> dict[str, Any]:
+    """Each planned layer's input at ``example_inputs`` (none without them); sets the report's whole-model
+    dense time and whether the model is larger than the last-level cache."""
+    if example_inputs is None or not plan:
+        return {}
+    from .timing import last_level_cache_bytes
+
+    inputs = choice.capture_inputs(model, [fqn for fqn, _, _ in plan], example_inputs)
+    report.dense_ms = choice.best_ms([lambda i: choice.call(model, example_inputs)], repeats)[0]
+    # a model larger than the cache runs each layer from memory: time the layers that way (timed
+    # back to back, a small decode-step layer runs from cache, and sparse layers that win in the
+    # model were kept dense)
+    report.cold_cache = choice.model_bytes(model) > last_level_cache_bytes()
+    return inputs
+
+
 def convert(
     model_or_export: nn.Module | str | Path, patterns: dict[str, str | Pattern] | None = None, infer: bool = True,
     fuse: bool = True, example_inputs: Any = None, min_speedup: float = 1.05, repeats: int = 10,
@@ -213,14 +230,12 @@ def convert(
             measurably faster gains nothing and a mis-measured one would lose). Layers of one type,
             weight shape, pattern and input shape (a transformer's repeated blocks) are decided
             together, by the median of their ratios (each row keeps its own), or, in a model larger
-            than the cache, by timing the whole model with them sparse and dense (where that
-            takes under a minute); the whole model is
-            timed before and after, the report carries both, and where the converted model
-            measured slower than dense as a whole every layer is put back (``report.reverted``;
-            not with ``min_speedup < 1``, which asks for sparse layers even where slower). A model
-            larger than the last-level cache has its layers timed with their weights in memory
-            (cycling through copies that together exceed the cache; ``report.cold_cache``), the
-            state they run in inside the model.
+            than the cache, by timing the whole model with them sparse and dense (where that takes
+            under a minute). The whole model is timed before and after (both in the report); where
+            it measured slower converted, every layer is put back (``report.reverted``; not with
+            ``min_speedup < 1``, which asks for sparse layers even where slower). A model larger than
+            the last-level cache has its layers timed with their weights in memory, as in the model
+            (cycling through copies that together exceed the cache; ``report.cold_cache``).
         keep_dense: ``{fqn: reason}`` of layers to leave dense (a choice saved with a compressed export).
         progress: ``"auto"`` shows progress (rate, ETA) while layers are timed; ``"none"`` is silent.
         weights: ``"fp32"`` (default), ``"int8"`` or ``"int4"``: store the Linear layers' weights as
@@ -228,14 +243,13 @@ def convert(
             (:mod:`nmsparse.runtime.quant`): the kept values of sparse layers, and every other Linear
             (the LM head included) in its dense int8 form (int8 also under ``"int4"``: a dense layer,
             the LM head above all, loses more accuracy to 4 bits than the sparse layers). The layer
-            choice then compares a
-            layer's quantized sparse form with its quantized dense form. int4 falls back to int8 on
-            a layer it cannot store (the row says so). Each quantized layer is checked once against
-            its dequantized reference. Convolutions stay float32.
+            choice compares a layer's quantized sparse and quantized dense forms. int4 falls back to
+            int8 on a layer it cannot store (the row says so). Each quantized layer is checked once
+            against its dequantized reference. Convolutions stay float32.
         group_size: values per scale (a multiple of 16 from 16 to 512).
         activations: with quantized weights, ``"int8"`` (default) quantizes each product's input per
-            block of one weight group's columns, as llama.cpp's Q8_0 products do, so that the batch-1
-            kernels multiply integers (AVX-512 VNNI); ``"fp32"`` keeps float inputs (weight-only).
+            block of one weight group's columns, as llama.cpp's Q8_0 products do, so that the
+            kernels multiply integers (VNNI, AVX2); ``"fp32"`` keeps float inputs (weight-only).
             1xN layers always keep float inputs. :class:`QuantLinear` gives the exact function.
         decode: give a Llama-architecture causal LM the fused one-call decode step
             (:func:`nmsparse.runtime.decode.attach`; ``report.decode`` says whether it applied and why not).
@@ -260,16 +274,7 @@ def convert(
         unavailable = str(exc)
     plan, quant_dense = _plan(model, report, given, infer, scheme, unavailable, keep_dense)
     rows = {row.fqn: row for row in report}
-    inputs = {}
-    if example_inputs is not None and plan:
-        inputs = choice.capture_inputs(model, [fqn for fqn, _, _ in plan], example_inputs)
-        report.dense_ms = choice.best_ms([lambda i: choice.call(model, example_inputs)], repeats)[0]
-        from .timing import last_level_cache_bytes
-
-        # a model larger than the cache runs each layer from memory: time the layers that way (timed
-        # back to back, a small decode-step layer ran from cache, where dense GEMV is 3-5x faster
-        # than from memory, and sparse layers that win in the model were kept dense)
-        report.cold_cache = choice.model_bytes(model) > last_level_cache_bytes()
+    inputs = _layer_inputs(model, plan, example_inputs, report, repeats)
     forms = _Forms(scheme, activations, exact)
     candidates = _pack(plan, rows, forms, inputs, report.cold_cache, repeats, progress, quant_dense)
     stay_dense = choice.decide(model, example_inputs, candidates, rows, report.cold_cache, report.dense_ms,
