@@ -979,35 +979,36 @@ void denseq_gemv_avx2(const uint8_t* q, const float* scales, i64 rows, i64 cols,
   }
 }
 
-// 2:4 rows, 32 kept values (64 columns) a step: their inputs gathered by two in-lane byte shuffles of
-// the step's 64 input bytes, in the order [kept 0-7, 16-23 | 8-15, 24-31] (each 128-bit half of a
-// shuffle reaches 16 columns: 8 kept values). The shuffle control is computed from the 8 code bytes:
-// each byte position gets its value's code byte, shifted right by 2 * (value % 4), plus the column of
-// its group within the 16. The weights are put in the same order (one qword permute; int4: one byte
-// shuffle before the nibbles are split).
+// 2:4 rows, 32 kept values (64 columns) a step: 128-bit half L of the step holds kept values 16L ..
+// 16L+15, in the order the weights load in (int8: value order; int4: the 8 even values, then the 8
+// odd ones: low nibbles, then high), so the weights need no shuffle. Their inputs are gathered by two
+// in-lane byte shuffles: of XA (half L: the 16 columns of values 16L .. 16L+7) and XB (values 16L+8
+// ..), arranged once per chunk for all rows, then one dword blend. The shuffle control comes from the
+// step's 8 code bytes: each byte position gets its value's code byte (one shuffle), its 2 bits masked
+// in place (values 0, 1 mod 4: c or 4c) or after a shift by 4 (2, 3 mod 4), a table shuffle turning c
+// or 4c into c, plus the column of the value's group within its 16.
+template <int QB>
 struct Nm24Consts {
-  __m256i place, base, m01, m23, lut, qorder4;
+  __m256i place, base, m01, m23, lut, mlo, mhi;
+  static constexpr int blend = QB == 8 ? 0xCC : 0xAA;  // dwords taken from the XB shuffle
   Nm24Consts() {
-    alignas(32) uint8_t pl[32], b[32], a[32], c[32], q4[32], lt[32];
+    alignas(32) uint8_t pl[32], b[32], a[32], c[32], lt[32], lo[32], hi[32];
     for (int L = 0; L < 2; ++L)
       for (int i = 0; i < 16; ++i) {
-        const int p = 16 * L + i, j = 16 * (i / 8) + 8 * L + i % 8, r = i % 4;  // kept value j at byte p
-        pl[p] = (uint8_t)(j / 4), b[p] = (uint8_t)(((i % 8) / 2) * 4);
+        const int p = 16 * L + i;
+        const int j = 16 * L + (QB == 8 ? i : i < 8 ? 2 * i : 2 * (i - 8) + 1), r = j % 4;  // value at byte p
+        pl[p] = (uint8_t)(j / 4), b[p] = (uint8_t)(((j % 8) / 2) * 4);
         a[p] = r < 2 ? (uint8_t)(3 << (2 * r)) : 0, c[p] = r >= 2 ? (uint8_t)(3 << (2 * (r - 2))) : 0;
-        // int4: bytes holding values 8L .. 8L+7 (bytes 4L .. 4L+3), then 16+8L .. (bytes 8+4L ..)
-        q4[p] = (uint8_t)(i < 4 ? 4 * L + i : i < 8 ? 8 + 4 * L + i - 4 : 0x80);
         lt[p] = (uint8_t)((i & 3) + (i >> 2));  // a code c or 4c (the only field set) -> c
+        lo[p] = i < 8 ? 0x0F : 0, hi[p] = i < 8 ? 0 : 0x0F;
       }
-    place = _mm256_load_si256((const __m256i*)pl), base = _mm256_load_si256((const __m256i*)b);
-    m01 = _mm256_load_si256((const __m256i*)a), m23 = _mm256_load_si256((const __m256i*)c);
-    qorder4 = _mm256_load_si256((const __m256i*)q4), lut = _mm256_load_si256((const __m256i*)lt);
+    auto ld = [](const uint8_t* v) { return _mm256_load_si256((const __m256i*)v); };
+    place = ld(pl), base = ld(b), m01 = ld(a), m23 = ld(c), lut = ld(lt), mlo = ld(lo), mhi = ld(hi);
   }
 };
 
-// Byte p: its value's code (2 bits at 2 * (value % 4) of its code byte) plus its group's column. The
-// codes of values 0, 1 (mod 4) are masked in place (c or 4c), those of 2, 3 after a shift by 4; a
-// table shuffle turns c or 4c into c.
-inline __m256i nm24_control(const uint8_t* code, const Nm24Consts& k) {
+template <int QB>
+inline __m256i nm24_control(const uint8_t* code, const Nm24Consts<QB>& k) {
   long long c8;
   std::memcpy(&c8, code, 8);
   const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi64x(c8), k.place);
@@ -1015,14 +1016,38 @@ inline __m256i nm24_control(const uint8_t* code, const Nm24Consts& k) {
   return _mm256_add_epi8(_mm256_shuffle_epi8(k.lut, t), k.base);
 }
 
-// The step's 32 kept values as signed bytes in the gathered inputs' order.
+// The step's 32 kept values as signed bytes, in the order above.
 template <int QB>
-inline __m256i nm24_weights(const uint8_t* q, const Nm24Consts& k) {
-  if constexpr (QB == 8) return _mm256_permute4x64_epi64(_mm256_loadu_si256((const __m256i*)q), 0xD8);
-  const __m256i t = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)q)), k.qorder4);
-  const __m256i m = _mm256_set1_epi8(0x0F);
-  const __m256i v = _mm256_unpacklo_epi8(_mm256_and_si256(t, m), _mm256_and_si256(_mm256_srli_epi16(t, 4), m));
+inline __m256i nm24_weights(const uint8_t* q, const Nm24Consts<QB>& k) {
+  if constexpr (QB == 8) return _mm256_loadu_si256((const __m256i*)q);
+  // half L: bytes 8L .. 8L+7 (values 16L .. 16L+15) twice, low nibbles kept in the first copy, high in the second
+  const __m256i w = _mm256_permute4x64_epi64(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)q)), 0x50);
+  const __m256i v = _mm256_or_si256(_mm256_and_si256(w, k.mlo), _mm256_and_si256(_mm256_srli_epi16(w, 4), k.mhi));
   return _mm256_sub_epi8(v, _mm256_set1_epi8(8));
+}
+
+// One row-chunk: `steps` steps of 32 kept values against the chunk's arranged inputs; groups of gm
+// (16, 32 or 64) kept values, scale(g) the weight scale times the input scale of group g.
+template <int QB, class Scale>
+inline __m256 nm24_row(const uint8_t* cr, const uint8_t* qr, const __m256i* xa, const __m256i* xb, i64 steps, i64 gm,
+                       const Nm24Consts<QB>& k, Scale scale, __m256 acc) {
+  __m256i whole = _mm256_setzero_si256();
+  for (i64 h = 0; h < steps; ++h) {
+    const __m256i ctl = nm24_control<QB>(cr + 8 * h, k);
+    const __m256i xg = _mm256_blend_epi32(_mm256_shuffle_epi8(xa[h], ctl), _mm256_shuffle_epi8(xb[h], ctl),
+                                          Nm24Consts<QB>::blend);
+    const __m256i d = dot_s8(nm24_weights<QB>(qr + h * 32 * QB / 8, k), xg);
+    if (gm == 64) {
+      whole = _mm256_add_epi32(whole, d);
+    } else if (gm == 32) {
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(scale(h)), acc);
+    } else {  // groups of 16: half L holds group 2h + L
+      const __m256 s = _mm256_blend_ps(_mm256_set1_ps(scale(2 * h)), _mm256_set1_ps(scale(2 * h + 1)), 0xF0);
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc);
+    }
+  }
+  if (gm == 64) acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(whole), _mm256_set1_ps(scale(0)), acc);
+  return acc;
 }
 
 // 2:4, 64 kept values (128 columns) a chunk, groups of G (a multiple of 16) kept values.
@@ -1030,7 +1055,7 @@ template <int QB>
 void nmq_gemv_avx2(const uint8_t* codes, const uint8_t* q, const float* scales, i64 rows, i64 J, i64 G, float* out,
                    const float* bias, bool relu) {
   constexpr i64 jc = 64;
-  static const Nm24Consts k;
+  static const Nm24Consts<QB> k;
   const i64 chunks = cdiv(J, jc), gpc = cdiv(jc, G), gm = std::min(jc, G);
   const int8_t* xq = xbuf.q;
   const float* sx = xbuf.s;
@@ -1044,9 +1069,12 @@ void nmq_gemv_avx2(const uint8_t* codes, const uint8_t* q, const float* scales, 
       const uint8_t* crow = codes + nm_code_off(c, o0, rows, jc, count, 2);
       const uint8_t* qrow = q + (c * rows * jc + o0 * count) * QB / 8;
       const float* srow = scales + c * rows * gpc + o0 * gr;
-      __m256i xw[4];  // the chunk's 128 input bytes
-      for (int h = 0; h < 4; ++h) xw[h] = _mm256_loadu_si256((const __m256i*)(xc + 32 * h));
-      auto scale = [&](i64 i, i64 g) { return g < gr ? srow[i * gr + g] * sxc[g] : 0.f; };
+      __m256i xa[2], xb[2];  // step h: columns 64h + [0, 16) and [32, 48); [16, 32) and [48, 64)
+      for (int h = 0; h < 2; ++h) {
+        auto cols16 = [&](int at) { return _mm_loadu_si128((const __m128i*)(xc + 64 * h + at)); };
+        xa[h] = _mm256_inserti128_si256(_mm256_castsi128_si256(cols16(0)), cols16(32), 1);
+        xb[h] = _mm256_inserti128_si256(_mm256_castsi128_si256(cols16(16)), cols16(48), 1);
+      }
       auto one = [&](i64 i) {
         const uint8_t* cr = crow + i * cbytes;
         const uint8_t* qr = qrow + i * qb;
@@ -1056,26 +1084,32 @@ void nmq_gemv_avx2(const uint8_t* codes, const uint8_t* q, const float* scales, 
           std::memcpy(tail_q, qr, qb), std::memcpy(tail_c, cr, cbytes);
           cr = tail_c, qr = tail_q;
         }
-        __m256 acc = _mm256_loadu_ps(part + i * 8);
-        __m256i whole = _mm256_setzero_si256();
-        for (i64 h = 0; h < steps; ++h) {
-          const __m256i ctl = nm24_control(cr + 8 * h, k);
-          const __m256i xg = _mm256_blend_epi32(_mm256_shuffle_epi8(xw[2 * h], ctl),
-                                                _mm256_shuffle_epi8(xw[2 * h + 1], ctl), 0xCC);
-          const __m256i d = dot_s8(nm24_weights<QB>(qr + h * 32 * QB / 8, k), xg);
-          if (gm == 64) {
-            whole = _mm256_add_epi32(whole, d);
-          } else if (gm == 32) {
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(scale(i, h)), acc);
-          } else {  // groups of 16: lanes 0-1 and 4-5 hold values 0-15 of the step, the others 16-31
-            const __m256 s = _mm256_blend_ps(_mm256_set1_ps(scale(i, 2 * h)), _mm256_set1_ps(scale(i, 2 * h + 1)), 0xCC);
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc);
-          }
-        }
-        if (gm == 64) acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(whole), _mm256_set1_ps(scale(i, 0)), acc);
-        _mm256_storeu_ps(part + i * 8, acc);
+        auto scale = [&](i64 g) { return g < gr ? srow[i * gr + g] * sxc[g] : 0.f; };
+        _mm256_storeu_ps(part + i * 8, nm24_row<QB>(cr, qr, xa, xb, steps, gm, k, scale,
+                                                    _mm256_loadu_ps(part + i * 8)));
       };
       const i64 nrow = o1 - o0, len = nrow / 2;
+      if (count == jc && gm == 64) {  // the common case in one tight loop: whole chunks, one scale a chunk
+        auto row = [&](i64 i) {
+          const uint8_t* cr = crow + i * 16;
+          const uint8_t* qr = qrow + i * 32 * QB / 4;
+          _mm_prefetch((const char*)(qr + QPREFETCH), _MM_HINT_T0);
+          __m256i d = _mm256_setzero_si256();
+#pragma GCC unroll 2
+          for (int h = 0; h < 2; ++h) {
+            const __m256i ctl = nm24_control<QB>(cr + 8 * h, k);
+            const __m256i xg = _mm256_blend_epi32(_mm256_shuffle_epi8(xa[h], ctl), _mm256_shuffle_epi8(xb[h], ctl),
+                                                  Nm24Consts<QB>::blend);
+            d = _mm256_add_epi32(d, dot_s8(nm24_weights<QB>(qr + h * 32 * QB / 8, k), xg));
+          }
+          float* p = part + i * 8;
+          _mm256_storeu_ps(p, _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(srow[i] * sxc[0]),
+                                              _mm256_loadu_ps(p)));
+        };
+        for (i64 i = 0; i < len; ++i) row(i), row(len + i);
+        for (i64 i = 2 * len; i < nrow; ++i) row(i);
+        continue;
+      }
       for (i64 i = 0; i < len; ++i) one(i), one(len + i);
       for (i64 i = 2 * len; i < nrow; ++i) one(i);
     }
