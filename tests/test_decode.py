@@ -86,6 +86,24 @@ def test_int8_activations_agree_with_the_module_path_token_by_token():
     assert cache.get_seq_length() == 12 + 31 and cache.layers[0].k.shape[2] >= 43
 
 
+def test_the_step_profile_splits_a_token_into_its_parts_and_leaves_the_logits_alone():
+    """The step's own clock: every part measured (products > 0), none negative, and a profiled step
+    returns the same logits as an unprofiled one."""
+    model, _ = convert(_tiny_llama(5), weights="int8")
+    decoder = model.__dict__["_nms_decoder"]
+    parts = decoder.profile(model, PROMPT, tokens=6)
+    assert set(parts) == {"products", "head", "attention", "rest", "python"}
+    assert parts["products"] > 0 and parts["head"] > 0 and parts["attention"] > 0
+    assert all(v >= 0 for v in parts.values())
+    clock = torch.zeros(4, dtype=torch.float64)
+    caches = [DecodeCache(decoder, 32), DecodeCache(decoder, 32)]
+    with torch.no_grad():
+        for cache in caches:
+            model(PROMPT, cache=cache)
+        plain, timed = decoder.step(7, caches[0]), decoder.step(7, caches[1], clock)
+    assert torch.equal(plain, timed) and float(clock.sum()) > 0
+
+
 def test_calls_the_step_does_not_take_run_the_module_path():
     """A batch of two, a padded mask, a user's own cache, hidden states asked for: the model's forward."""
     model, _ = convert(_tiny_llama(2), weights="int8", activations="fp32")

@@ -277,6 +277,9 @@ def test_decode_bench_on_a_causal_lm_generates_the_same_tokens(tiny_llama_dir, t
         assert row["tokens_per_s"] > 0 and row["ttft_ms"] > 0 and row["weights_mb"] > 0
         assert row["speedup"] == pytest.approx(row["tokens_per_s"] / dense["tokens_per_s"], rel=1e-2)
         assert row["layers_ms"] > 0 and row["head_ms"] >= 0 and row["other_ms"] >= 0
+        parts = row["attention_ms"] + row["rest_ms"] + row["python_ms"]
+        assert min(row["attention_ms"], row["rest_ms"], row["python_ms"]) >= 0
+        assert row["other_ms"] == pytest.approx(parts, abs=0.01)
     assert int8["weights_mb"] < fp32["weights_mb"]
     assert (out / "bench_decode.png").stat().st_size > 0 and "tokens/s" in (out / "bench_decode.md").read_text()
     assert main(["bench", "--suite", "models", "--models", f"hf:{tiny_llama_dir}", "--new-tokens", "1",

@@ -117,9 +117,10 @@ def run_decode_suite(models: list[str], patterns: list[str], prompt_tokens: int 
     A row: ``{model, pattern, weights, prompt_tokens, new_tokens, ttft_ms, tokens_per_s, speedup
     (decode tokens/s against the dense float32 model), vs_q8_0, vs_q4_0 (against llama.cpp, when
     measured), same_tokens, converted_layers, sparse_layers, decode ("fused" or the module path), weights_mb,
-    layers_ms, head_ms, other_ms}``: a decode step split into the pruned layers' products, the LM head
-    and everything else (attention, norms, the generation loop), the products timed alone in model
-    order (:meth:`~nmsparse.runtime.decode.LlamaDecoder.time_products`). llama.cpp rows (``runtime:
+    layers_ms, head_ms, attention_ms, rest_ms, python_ms, other_ms}``: a decode step split by the fused
+    step's own clock into the decoder layers' products, the LM head, attention, the rest of the step
+    (norms, SiLU, residuals) and the Python token loop around it (other: the last three;
+    :meth:`~nmsparse.runtime.decode.LlamaDecoder.profile`). llama.cpp rows (``runtime:
     llama.cpp``, weights F32 / Q8_0 / Q4_0) come from ``llamacpp`` (the ``llamacpp.sh`` tool: GGUF of the same
     Hugging Face directory, llama-bench at the same threads, decode and prompt tokens/s), measured in
     this run; without it those rows are absent and ``note`` says why.
@@ -191,17 +192,19 @@ def run_decode_suite(models: list[str], patterns: list[str], prompt_tokens: int 
 
 
 def _step_breakdown(model: nn.Module, tokens_per_s: float, fqns: list[str], prompt: torch.Tensor) -> dict[str, float]:
-    """``layers_ms``, ``head_ms``, ``other_ms`` of a decode step: the fused step's products timed alone,
-    or, for a model that decodes through its modules, the pruned layers' time inside a generation
-    (:func:`_layer_ms_per_token`; no head split)."""
+    """``layers_ms``, ``head_ms``, ``other_ms`` of a decode step: the fused step's own clock over 32 greedy
+    tokens (:meth:`~nmsparse.runtime.decode.LlamaDecoder.profile`: the products, the head, and
+    ``attention_ms + rest_ms + python_ms`` as other), or, for a model that decodes through its modules,
+    the pruned layers' time inside a generation (:func:`_layer_ms_per_token`; no head split)."""
     decoder = model.__dict__.get("_nms_decoder")
     if decoder is None:
         layers = _layer_ms_per_token(model, fqns, prompt, 32)
         return {"layers_ms": round(layers, 3), "other_ms": round(max(0.0, 1e3 / tokens_per_s - layers), 2)}
-    times = decoder.time_products()
-    token_ms = 1e3 / tokens_per_s
-    return {"layers_ms": round(times["layers_ms"], 3), "head_ms": round(times["head_ms"], 3),
-            "other_ms": round(max(0.0, token_ms - times["layers_ms"] - times["head_ms"]), 2)}
+    parts = decoder.profile(model, prompt, 32)
+    return {"layers_ms": round(parts["products"], 3), "head_ms": round(parts["head"], 3),
+            "attention_ms": round(parts["attention"], 3), "rest_ms": round(parts["rest"], 3),
+            "python_ms": round(parts["python"], 3),
+            "other_ms": round(parts["attention"] + parts["rest"] + parts["python"], 2)}
 
 
 def _token_check(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
@@ -295,13 +298,16 @@ def decode_report_lines(rows: list[dict[str, Any]], meta: dict[str, Any]) -> lis
         f"kernels {meta.get('isa')} ({meta.get('cpu', '')}), threads {meta['threads']}; {meta['note']}",
         "",
         "| model | runtime | pattern | weights | decode tokens/s | vs dense fp32 | vs Q8_0 | vs Q4_0 | TTFT ms "
-        "| weights MB | step: layers / head / other ms | same tokens (fp32) / top-1 vs module path | layers sparse |",
+        "| weights MB | step: layers / head / attention / rest / python ms | same tokens (fp32) / top-1 vs module "
+        "path | layers sparse |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         step = "-"
         if r.get("layers_ms") is not None:
-            step = f"{r['layers_ms']:.1f} / {_fmt(r.get('head_ms'))} / {r['other_ms']:.1f}"
+            step = (f"{r['layers_ms']:.1f} / {_fmt(r.get('head_ms'))} / {_fmt(r.get('attention_ms'))} / "
+                    f"{_fmt(r.get('rest_ms'))} / {_fmt(r.get('python_ms'))}" if "rest_ms" in r
+                    else f"{r['layers_ms']:.1f} / - / - / - / {r['other_ms']:.1f} (other)")
         same = "-" if "same_tokens" not in r else ("yes" if r["same_tokens"] else f"from token {r['first_difference']}")
         if "top1_agreement" in r:
             same = f"top-1 {100 * r['top1_agreement']:.0f}%"

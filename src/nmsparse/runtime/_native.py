@@ -85,7 +85,7 @@ def _load(variant: str) -> tuple[ctypes.CDLL | None, str]:
     lib.nms_q_gemm.restype = _INT
     lib.nms_q_gemm_takes.argtypes = [_INT, _INT, _INT, _I64, _INT, _I64]
     lib.nms_q_gemm_takes.restype = _INT
-    lib.nms_llama_step.argtypes = [_PTR, _I64, _I64, ctypes.c_float, ctypes.c_float, _PTR, _INT]
+    lib.nms_llama_step.argtypes = [_PTR, _I64, _I64, ctypes.c_float, ctypes.c_float, _PTR, _INT, _PTR]
     lib.nms_blockq_dequant.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _INT, _I64, _PTR, _INT]
     lib.nms_phase_planes.argtypes = [_PTR, _I64, _I64, _I64, _I64, *([ctypes.c_int] * 4), _I64, _I64, _I64, _PTR,
                                      ctypes.c_int]

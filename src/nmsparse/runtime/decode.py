@@ -256,31 +256,30 @@ class LlamaDecoder:
         self._plan = (ctypes.c_int64 * len(s))(*s)
         cache._bound = tuple(layer.k.data_ptr() for layer in cache.layers)
 
-    def time_products(self, repeats: int = 5) -> dict[str, float]:
-        """Milliseconds a step spends in its products, timed alone in model order (the median of
-        ``repeats`` passes): ``layers_ms`` (every decoder layer's seven) and ``head_ms`` (the LM head)."""
-        import statistics
+    def profile(self, model: nn.Module, prompt: torch.Tensor, tokens: int = 32) -> dict[str, float]:
+        """Where a decode step's time goes, in milliseconds per token over ``tokens`` greedy steps after
+        ``prompt`` (``[1, T]``): ``products`` (the decoder layers' products inside the step), ``head``
+        (the LM head), ``attention`` (rotary embedding, cache writes, attention over the cache), ``rest``
+        (norms, SiLU, residual adds) and ``python`` (the token loop around the step: the call, the
+        logits tensor, the argmax, the cache bookkeeping)."""
         import time
 
-        x = torch.randn(max(self.hidden, self.intermediate, self.heads * self.head_dim))
-        y = torch.empty(max(self.vocab, self.intermediate, self.hidden, self.heads * self.head_dim))
-        s, fn = self._slots, self._lib.nms_gemv
-        layers = [
-            (s[16 + 20 * i + 2 + 2 * j], s[16 + 20 * i + 3 + 2 * j]) for i in range(self.layers) for j in range(7)
-        ]
-
-        def run(plans) -> float:
+        parts = torch.zeros(4, dtype=torch.float64)
+        cache = DecodeCache(self, capacity=int(prompt.shape[1]) + tokens + 1)
+        with torch.no_grad():
+            logits = type(model).forward(model, input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1).logits
+            token = int(logits.reshape(-1).argmax())
             t0 = time.perf_counter()
-            for plan, threads in plans:
-                fn(plan, x.data_ptr(), y.data_ptr(), threads)
-            return 1e3 * (time.perf_counter() - t0)
+            for _ in range(tokens):
+                token = int(self.step(token, cache, parts).argmax())
+            wall = time.perf_counter() - t0
+        ms = (parts * 1e3 / tokens).tolist()
+        return {"products": ms[0], "head": ms[1], "attention": ms[2], "rest": ms[3],
+                "python": max(0.0, wall * 1e3 / tokens - sum(ms))}
 
-        run(layers)
-        return {"layers_ms": statistics.median(run(layers) for _ in range(repeats)),
-                "head_ms": statistics.median(run([(s[10], s[11])]) for _ in range(repeats))}
-
-    def step(self, token: int, cache) -> torch.Tensor:
-        """The logits ``[vocab]`` of ``token`` at the cache's next position; the cache grows by one."""
+    def step(self, token: int, cache, profile: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits ``[vocab]`` of ``token`` at the cache's next position; the cache grows by one.
+        ``profile`` (4 float64): the step adds its seconds by part (see :meth:`profile`)."""
         first = cache.layers[0]
         pos = first.length
         if pos >= first.k.shape[2]:
@@ -290,7 +289,7 @@ class LlamaDecoder:
             self._bind(cache)
         logits = torch.empty(self.vocab)
         self._lib.nms_llama_step(ctypes.addressof(self._plan), token, pos, self.eps, self.scale, logits.data_ptr(),
-                                 torch.get_num_threads())
+                                 torch.get_num_threads(), None if profile is None else profile.data_ptr())
         for layer in cache.layers:
             layer.length = pos + 1
         return logits

@@ -126,9 +126,29 @@ void attend(const float* q, const float* K, const float* V, i64 H, i64 KH, i64 h
 
 }  // namespace
 
+// Seconds of a step by part, added to prof[0 .. 4) when prof is not null: the decoder layers' products,
+// the LM head, attention (with the rotary embedding and the cache writes), and the rest (norms, SiLU,
+// residual adds, the embedding row).
+struct StepClock {
+  double* prof;
+  double last = 0.;
+  explicit StepClock(double* p) : prof(p) {
+    if (prof) last = omp_get_wtime();
+  }
+  void lap(int part) {
+    if (!prof) return;
+    const double now = omp_get_wtime();
+    prof[part] += now - last;
+    last = now;
+  }
+};
+enum { PRODUCTS = 0, HEAD = 1, ATTENTION = 2, REST = 3 };
+
 // logits[vocab] of token `token` at position `pos` (< capacity); the step's keys and values are
-// written into the caches at `pos`.
-extern "C" void nms_llama_step(const i64* p, i64 token, i64 pos, float eps, float scale, float* logits, int threads) {
+// written into the caches at `pos`. prof: null, or 4 doubles the step adds its time by part to.
+extern "C" void nms_llama_step(const i64* p, i64 token, i64 pos, float eps, float scale, float* logits, int threads,
+                               double* prof) {
+  StepClock clock(prof);
   const i64 L = p[0], d = p[1], H = p[2], KH = p[3], hd = p[4], I = p[6], cap = p[7];
   const float* emb = (const float*)p[8];
   const float* cosr = (const float*)p[12] + pos * hd;
@@ -148,9 +168,11 @@ extern "C" void nms_llama_step(const i64* p, i64 token, i64 pos, float eps, floa
     float* K = (float*)s[16];
     float* V = (float*)s[17];
     rmsnorm(h, (const float*)s[0], d, eps, xn);
+    clock.lap(REST);
     gemv_plan(s[2], s[3], xn, q);
     gemv_plan(s[4], s[5], xn, kv);
     gemv_plan(s[6], s[7], xn, kv + KH * hd);
+    clock.lap(PRODUCTS);
     rope(q, H, hd, cosr, sinr);
     rope(kv, KH, hd, cosr, sinr);
     for (i64 j = 0; j < KH; ++j) {
@@ -158,15 +180,23 @@ extern "C" void nms_llama_step(const i64* p, i64 token, i64 pos, float eps, floa
       std::memcpy(V + j * cap * hd + pos * hd, kv + (KH + j) * hd, hd * sizeof(float));
     }
     attend(q, K, V, H, KH, hd, cap, pos, scale, scores, att, threads);
+    clock.lap(ATTENTION);
     gemv_plan(s[8], s[9], att, tmp);
+    clock.lap(PRODUCTS);
     for (i64 i = 0; i < d; ++i) h[i] += tmp[i];
     rmsnorm(h, (const float*)s[1], d, eps, xn);
+    clock.lap(REST);
     gemv_plan(s[10], s[11], xn, g);
     gemv_plan(s[12], s[13], xn, u);
+    clock.lap(PRODUCTS);
     silu_mul(g, u, I);
+    clock.lap(REST);
     gemv_plan(s[14], s[15], g, tmp);
+    clock.lap(PRODUCTS);
     for (i64 i = 0; i < d; ++i) h[i] += tmp[i];
   }
   rmsnorm(h, (const float*)p[9], d, eps, xn);
+  clock.lap(REST);
   gemv_plan(p[10], p[11], xn, logits);
+  clock.lap(HEAD);
 }
