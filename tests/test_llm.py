@@ -664,3 +664,28 @@ def test_compress_with_quantized_weights_sizes_and_reloads(tiny_llama_dir, tmp_p
     reference, _ = convert(str(out), weights=weights, decode=False)
     with torch.no_grad():
         assert torch.allclose(packed(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5)
+
+
+def test_prune_source_is_the_library_form_of_the_cli_with_per_kind_data_defaults(tiny_llama_dir, tmp_path):
+    """`nmsparse.prune_source(source, PruneConfig(...), out)`: the model opened from its source, the causal
+    LM's defaults filled in (built-in calibration text, recovery on fresh windows of it, text:heldout for
+    perplexity) and named in the report; flag combinations the pipeline does not run are refused before
+    anything is loaded or written."""
+    import nmsparse
+    from nmsparse.runtime.quant import QuantError
+
+    config = nmsparse.PruneConfig(method="wanda", samples=4, seq_len=32, heldout_tokens=256, window=64,
+                                  recover_steps=2)
+    result = nmsparse.prune_source(f"hf:{tiny_llama_dir}", config, tmp_path / "out", progress="none")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert result.method == "wanda" and len(result.sparse_rows) == 14
+    assert {k: report["calibration"][k] for k in ("source", "samples", "seq_len")} == {
+        "source": "text:builtin", "samples": 4, "seq_len": 32}
+    assert report["fidelity"]["heldout"] == "text:heldout" and "another seed" in report["recovery"]["data"]
+    assert len(report["recovery"]["history"]["loss"]) == 2 and result.fidelity["measure"] == "perplexity"
+    for bad in ({"stream": True, "refine": True}, {"stream": True, "weights": "int8"},
+                {"stream": True, "recover_steps": 3}):
+        with pytest.raises(ValueError, match="stream"):
+            nmsparse.PruneConfig(**bad)
+    with pytest.raises(QuantError):
+        nmsparse.PruneConfig(weights="int4", group_size=24)

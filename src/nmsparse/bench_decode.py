@@ -117,10 +117,8 @@ def run_decode_suite(models: list[str], patterns: list[str], prompt_tokens: int 
     A row: ``{model, pattern, weights, prompt_tokens, new_tokens, ttft_ms, tokens_per_s, speedup
     (decode tokens/s against the dense float32 model), vs_q8_0, vs_q4_0 (against llama.cpp, when
     measured), same_tokens, converted_layers, sparse_layers, decode ("fused" or the module path), weights_mb,
-    layers_ms, head_ms, attention_ms, rest_ms, python_ms, other_ms}``: a decode step split by the fused
-    step's own clock into the decoder layers' products, the LM head, attention, the rest of the step
-    (norms, SiLU, residuals) and the Python token loop around it (other: the last three;
-    :meth:`~nmsparse.runtime.decode.LlamaDecoder.profile`). llama.cpp rows (``runtime:
+    layers_ms, head_ms, attention_ms, rest_ms, python_ms, other_ms}``: a decode step by the fused step's
+    clock (:meth:`~nmsparse.runtime.decode.LlamaDecoder.profile`; other: the last three). llama.cpp rows (``runtime:
     llama.cpp``, weights F32 / Q8_0 / Q4_0) come from ``llamacpp`` (the ``llamacpp.sh`` tool: GGUF of the same
     Hugging Face directory, llama-bench at the same threads, decode and prompt tokens/s), measured in
     this run; without it those rows are absent and ``note`` says why.

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
-from ..export import open_model
-from ..models import example_input, load_weights
 from ..select import LAYER_SETS, Rule, Selection
 from .display import print_json, print_table
 from .errors import CliError, register_user_error
@@ -102,71 +101,40 @@ def _check_ranges(args: argparse.Namespace) -> None:
             raise CliError(f"--{name.replace('_', '-')} must be at least {low:g} ({what}), got {value}")
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..method import CalibratedMethod, build_method
-    from ..oneshot import CalibrationError, Recovery, model_kind, prune
-    from ..oneshot.data import (
-        build_calibration,
-        heldout_data,
-        load_texts,
-        load_tokenizer,
-        sentence_training_batches,
-        token_windows,
-    )
+def config_from_args(args: argparse.Namespace):
+    """The :class:`~nmsparse.oneshot.pipeline.PruneConfig` of the flags (errors name the flag)."""
+    from ..oneshot.pipeline import PruneConfig
+    from ..runtime.quant import QuantError
 
-    register_user_error(CalibrationError)
     _check_ranges(args)
-    selection = selection_from_args(args)
-    from ..runtime.quant import QuantError, parse_weights
-
-    try:  # checked before minutes of work
-        parse_weights(args.weights, args.group_size)
+    try:
+        return PruneConfig(
+            pattern=args.pattern, method=args.method, selection=selection_from_args(args), calib=args.calib,
+            samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+            permute_sweeps=args.permute_sweeps if args.permute else None, refine=args.refine,
+            recover_steps=args.recover_steps, recover_minutes=args.recover_minutes, recover_lr=args.recover_lr,
+            recover_objective=args.recover_objective, heldout=args.heldout, heldout_tokens=args.heldout_tokens,
+            window=args.window, weights=args.weights, group_size=args.group_size, stream=args.stream,
+            checkpoint=args.checkpoint, num_classes=args.num_classes, in_chans=args.in_chans)
     except QuantError as exc:
         raise CliError(f"--group-size: {exc}") from None
-    if args.stream and (args.refine or args.method == "best"):
-        raise CliError("--refine and --method best run in the in-memory pipeline; drop --stream")
-    if args.stream and args.weights != "fp32":
-        raise CliError("--stream writes float32 exports; --weights needs the in-memory pipeline (drop --stream)")
-    if args.stream:
-        return _run_streaming(args, selection)
-    model, source = open_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans)
-    if args.checkpoint:
-        load_weights(model, args.checkpoint)
-    model.eval()
-    kind = model_kind(model)
-    text_model = source.is_text
-    recovering = bool(args.recover_steps or args.recover_minutes)
-    calibrated = (args.method == "best" or isinstance(build_method(args.method), CalibratedMethod) or args.calib
-                  or recovering or args.refine)
-    spec = args.calib or ("text:builtin" if text_model else "digits")
-    batches = build_calibration(spec, model, source, args.samples, args.seq_len, args.seed) if calibrated else None
-    recovery = None
-    if recovering:
-        train_batches = batches
-        if kind == "encoder":  # whole sentences of the calibration text, batched by length
-            train_batches = sentence_training_batches(load_tokenizer(source.hf_dir), load_texts(spec),
-                                                      max_length=args.seq_len, seed=args.seed + 1)
-        elif kind == "causal_lm":  # fresh windows of the calibration text, small batches (more steps per minute)
-            train_batches = token_windows(load_tokenizer(source.hf_dir), load_texts(spec), max(512, args.samples),
-                                          args.seq_len, seed=args.seed + 1, batch_size=8)
-        recovery = Recovery(
-            train_batches,
-            args.recover_steps,
-            args.recover_minutes * 60 if args.recover_minutes else None,
-            args.recover_lr,
-            args.recover_objective,
-        )
-    heldout = None
-    if text_model or args.calib or calibrated:
-        heldout = heldout_data(model, source, kind, args.heldout, args.heldout_tokens, seed=args.seed)
-    describe = _describe(args, kind, spec, batches, heldout, recovery)
-    result = prune(model, args.pattern, args.method, selection, calibration=batches,
-                   permute=args.permute_sweeps if args.permute else None, heldout=heldout, recover=recovery,
-                   out=args.out, source=source, example_inputs=example_input(model, source), progress="auto",
-                   window=args.window, describe=describe, weights=args.weights, group_size=args.group_size,
-                   refine=args.refine)
+    except ValueError as exc:  # a combination of flags the pipeline does not run: its words as the flags
+        raise CliError(re.sub(r"\b(stream|refine|method best|permute|checkpoint)\b", r"--\1", str(exc))) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..oneshot import CalibrationError
+    from ..oneshot.pipeline import prune_source
+
+    register_user_error(CalibrationError)
+    result = prune_source(args.model, config_from_args(args), args.out)
     if args.json:
         print_json(result.as_dict())
+        return 0
+    if args.stream:
+        print(f"{len(result.sparse_rows)} sparse layers written block by block to {args.out}; all verified: "
+              f"{all(r.verified for r in result.sparse_rows)}. Perplexity: nmsparse eval {args.out} --perplexity "
+              "text:heldout")
         return 0
     table = [(r.fqn, list(r.shape), r.pattern, round(r.density, 4), r.verified, r.reconstruction_error, r.skip_reason)
              for r in result.rows]
@@ -179,47 +147,4 @@ def run(args: argparse.Namespace) -> int:
     if result.recovery:
         print(f"recovery: {result.recovery}")
     print(f"wrote {Path(args.out)} (weights, manifest.json, report.json, report.md, plots)")
-    return 0
-
-
-def _describe(args: argparse.Namespace, kind: str, spec: str, batches, heldout, recovery) -> dict:
-    """What the report should say that ``prune`` cannot know: the model's name and the text (or
-    images) of each step: calibration, the fidelity measure, the recovery."""
-    heldout_spec = {"causal_lm": args.heldout or "text:heldout", "encoder": "sentences of text:heldout"}.get(
-        kind, args.heldout or "digits (another draw than calibration's)")
-    return {"model": args.model,
-            "calibration": {"source": spec, "samples": args.samples, "seq_len": args.seq_len} if batches else None,
-            "heldout": heldout_spec if heldout is not None else None,
-            "recovery_data": None if recovery is None else {
-                "causal_lm": f"{spec} (windows drawn with another seed than calibration's)",
-                "encoder": f"sentences of {spec}"}.get(kind, f"the calibration batches ({spec})")}
-
-
-def _run_streaming(args: argparse.Namespace, selection) -> int:
-    from ..models import ModelError, ModelSource, is_causal_lm_dir, resolve_hf_dir
-    from ..oneshot.data import build_calibration
-    from ..oneshot.stream import prune_streaming
-
-    try:
-        directory = resolve_hf_dir(args.model)
-    except ModelError:
-        directory = None
-    if directory is None or not is_causal_lm_dir(directory):
-        raise CliError(f"--stream prunes causal LMs from a Hugging Face directory or GGUF file, not {args.model}")
-    if args.recover_steps or args.recover_minutes or args.permute or args.checkpoint:
-        raise CliError("--stream cannot be combined with --recover-*, --permute or --checkpoint (each needs the "
-                       "whole model in memory)")
-    source = ModelSource(f"hf:{directory}")
-    batches = None
-    if args.method != "magnitude" or args.calib:
-        batches = build_calibration(args.calib or "text:builtin", None, source, args.samples, args.seq_len, args.seed)
-    result = prune_streaming(directory, args.out, args.pattern, args.method, batches, selection, progress="auto")
-    result.model = args.model
-    if args.json:
-        print_json(result.as_dict())
-        return 0
-    print(
-        f"{len(result.sparse_rows)} sparse layers written block by block to {args.out}; all verified: "
-        f"{all(r.verified for r in result.sparse_rows)}. Perplexity: nmsparse eval {args.out} --perplexity text:heldout"
-    )
     return 0
