@@ -505,6 +505,13 @@ inline __m512i weights_u8_split(const uint8_t* q, i64 count) {
                             _mm256_and_si256(_mm256_srli_epi16(w, 4), m), 1);
 }
 
+// 64 int4 values (32 bytes) as weights_u8_split, from a broadcast load: the upper half shifted by a
+// nibble, then both masked (no 256-bit insert).
+inline __m512i weights_u8_split64(const uint8_t* q) {
+  const __m512i w = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)q));
+  return _mm512_and_si512(_mm512_mask_srli_epi16(w, 0xFFFF0000u, w, 4), _mm512_set1_epi8(0x0F));
+}
+
 // The lanes of split_order holding values below `count` (even).
 inline __mmask64 split_live(i64 count) {
   const uint64_t half = count >= 64 ? 0xFFFFFFFFull : (1ull << (count / 2)) - 1;
@@ -564,8 +571,29 @@ void nmq_gemv_vnni(const uint8_t* codes, const uint8_t* q, const float* scales, 
         const __m512 scale = _mm512_mul_ps(lane_groups(srow + i * gr, wids, gr), sxl);
         vstore(p, _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, vload(p)));
       };
-      // R separate streams per thread (R equal parts of its rows), as the float32 kernels read theirs
       const i64 nrow = o1 - o0, len = nrow / NMS_VSTREAMS;
+      if (count == jc && whole) {  // the common case in one tight loop: whole chunks, one scale a row-chunk
+        const __m512i offx = _mm512_set1_epi8(QB == 8 ? (char)0x80 : 8);
+        auto row = [&](i64 i) {
+          const uint8_t* qr = qrow + i * qb;
+          _mm_prefetch((const char*)(qr + QPREFETCH), _MM_HINT_T0);
+          const __m512i xs = _mm512_permutex2var_epi8(xlo, columns(crow + i * cbytes, cbytes), xhi);
+          const __m512i w = QB == 4 ? (split ? weights_u8_split64(qr) : weights_u8<4>(qr, ~0ull, 64))
+                                    : _mm512_xor_si512(_mm512_loadu_si512(qr), offx);
+          const __m512i dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xs),
+                                               _mm512_dpbusd_epi32(_mm512_setzero_si512(), offx, xs));
+          const __m256i d8 = _mm256_add_epi32(_mm512_castsi512_si256(dot), _mm512_extracti64x4_epi64(dot, 1));
+          const __m128i d4 = _mm_add_epi32(_mm256_castsi256_si128(d8), _mm256_extracti128_si256(d8, 1));
+          float* p4 = part + i * 4;
+          _mm_storeu_ps(p4, _mm_fmadd_ps(_mm_cvtepi32_ps(d4), _mm_set1_ps(srow[i * gr] * sxc), _mm_loadu_ps(p4)));
+        };
+        for (i64 i = 0; i < len; ++i)
+#pragma GCC unroll 8
+          for (int r = 0; r < NMS_VSTREAMS; ++r) row(r * len + i);
+        for (i64 i = NMS_VSTREAMS * len; i < nrow; ++i) row(i);
+        continue;
+      }
+      // R separate streams per thread (R equal parts of its rows), as the float32 kernels read theirs
       for (i64 i = 0; i < len; ++i)
 #pragma GCC unroll 8
         for (int r = 0; r < NMS_VSTREAMS; ++r) one(r * len + i);
@@ -602,7 +630,7 @@ __attribute__((always_inline)) inline void denseq_rows_vnni(const int8_t* xq, co
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const uint8_t* w = q + r * qrow + j * QB / 8;
-        const __m512i wu = QB == 4 ? weights_u8_split(w, 64) : weights_u8<QB>(w, ~0ull, 64);
+        const __m512i wu = QB == 4 ? weights_u8_split64(w) : weights_u8<QB>(w, ~0ull, 64);
         const __m512i dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, xs), corr);
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(sc[r * gr + g] * s), acc[r]);
       }
