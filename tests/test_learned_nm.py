@@ -150,3 +150,37 @@ def copy_of(model):
     import copy
 
     return copy.deepcopy(model)
+
+
+def test_init_masks_start_from_a_one_shot_export_and_bad_files_are_refused(tmp_path):
+    """init_masks: every layer's argmax pattern at the start is the export's mask (its nonzeros), the
+    weights stay the dense ones; a missing file, a missing layer or a shape mismatch is a MethodError."""
+    from safetensors.torch import save_file
+
+    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    g = torch.Generator().manual_seed(0)
+    exported = {}
+    for name, layer in (("0", model[0]), ("2", model[2])):
+        keep = nm_mask(torch.rand(layer.weight.shape, generator=g), NMPattern(2, 4))  # not the magnitude mask
+        exported[f"{name}.weight"] = (layer.weight.detach() * keep).contiguous()
+    (tmp_path / "export").mkdir()
+    save_file(exported, str(tmp_path / "export" / "model.safetensors"))
+    dense = [layer.weight.detach().clone() for layer in (model[0], model[2])]
+    sp = Sparsifier("learned_nm", "2:4", Selection(keep_classifier=False),
+                    method_options={"init_masks": str(tmp_path / "export")})
+    sp.prepare(model)
+    for fqn, layer in sp.layers.items():
+        assert torch.equal(layer.parametrization.mask, exported[f"{fqn}.weight"] != 0), fqn
+    assert torch.equal(model[0].parametrizations.weight.original, dense[0])
+    with pytest.raises(MethodError, match="no .*none"):
+        Sparsifier("learned_nm", "2:4", Selection(keep_classifier=False),
+                   method_options={"init_masks": str(tmp_path / "none")}).prepare(nn.Sequential(nn.Linear(16, 8)))
+    save_file({"0.weight": torch.zeros(8, 8)}, str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(MethodError, match="is \\(8, 8\\)"):
+        Sparsifier("learned_nm", "2:4", Selection(keep_classifier=False),
+                   method_options={"init_masks": str(tmp_path / "wrong.safetensors")}).prepare(
+            nn.Sequential(nn.Linear(16, 8)))
+    with pytest.raises(MethodError, match="has no 1.weight"):
+        Sparsifier("learned_nm", "2:4", Selection(keep_classifier=False),
+                   method_options={"init_masks": str(tmp_path / "wrong.safetensors")}).prepare(
+            nn.Sequential(nn.ReLU(), nn.Linear(16, 8)))

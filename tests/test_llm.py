@@ -400,6 +400,62 @@ def test_train_on_text_with_the_causal_lm_objective(tiny_llama_dir, tmp_path, me
     assert main(["eval", str(Path(summary["run_dir"])), "--json"]) == 0
 
 
+def test_learned_masks_on_a_causal_lm_start_from_a_one_shot_export_and_distil(tiny_llama_dir, tmp_path):
+    """The SmolLM2 learned-mask recipe on a tiny Llama: weights frozen, logits starting at a one-shot
+    export's masks (the masks at step 0 are the export's), trained by distillation from the dense model,
+    perplexity evaluated, resumable from its checkpoint, exported as an ordinary 2:4 model whose kept
+    values are the dense model's own weights."""
+    from nmsparse.config.load import load_config
+    from nmsparse.method.learned_nm import LearnedMask
+    from nmsparse.train.loop import run_training
+    from nmsparse.train.setup import build_run_model, build_sparsifier
+
+    oneshot = tmp_path / "oneshot"
+    assert main(["prune", f"hf:{tiny_llama_dir}", "--method", "wanda", "--samples", "4", "--seq-len", "32",
+                 "--layers", "ff,attention", "--heldout-tokens", "256", "--window", "64", "--out", str(oneshot)]) == 0
+    overrides = [f"model.name=hf:{tiny_llama_dir}", "data.seq_len=32", "data.val_tokens=256", "data.batch_size=4",
+                 "data.eval_batch_size=8", "train.epochs=2", "train.max_steps=6", "train.checkpoint_every_steps=2",
+                 f"sparsity.options.init_masks={oneshot}", "logging.progress=none", "run.threads=1",
+                 f"run.out_dir={tmp_path / 'runs'}"]
+    config = load_config("smollm2_learned_2x4", overrides)
+    assert config.train.distill == 1.0 and config.sparsity.options["train"] == "masks"
+    # the prior: at step 0 every learned mask is the one-shot export's
+    from nmsparse.train.data import build_data
+
+    model, _ = build_run_model(config, build_data(config.data, config.model.name))
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sparsifier = build_sparsifier(config, 3)
+    sparsifier.prepare(model, total_steps=6)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(str(oneshot))
+    for fqn, layer in sparsifier.layers.items():
+        assert isinstance(layer.parametrization, LearnedMask)
+        assert torch.equal(layer.parametrization.mask, exported.get_submodule(fqn).weight != 0), fqn
+    summary = run_training(config)
+    assert math.isfinite(summary["final"]["perplexity"]) and summary["export"]["sparse_layers"] == 14
+    run_dir = Path(summary["run_dir"])
+    export = transformers.AutoModelForCausalLM.from_pretrained(str(run_dir / "export"))
+    for name, weight in export.named_parameters():  # frozen weights: kept values are the dense ones
+        if name.endswith("proj.weight"):
+            assert is_nm(weight, NMPattern(2, 4))
+            kept = weight != 0
+            assert torch.equal(weight[kept], dense[name][kept]), name
+    # resumable: a run stopped after its step-2 checkpoint continues from it to the same budget
+    config2 = load_config("smollm2_learned_2x4", [*overrides[:-1], f"run.out_dir={tmp_path / 'runs2'}",
+                                                  "train.max_steps=2"])
+    first = run_training(config2)
+    config3 = load_config("smollm2_learned_2x4", [*overrides[:-1], f"run.out_dir={tmp_path / 'runs2'}"])
+    resumed = run_training(config3, Path(first["run_dir"]), resume=True)
+    assert resumed["final"]["step"] == 6 and math.isfinite(resumed["final"]["perplexity"])
+
+
+def test_distillation_loss_is_zero_for_the_teacher_itself_and_positive_otherwise():
+    from nmsparse.train.setup import distill_loss
+
+    logits = torch.randn(2, 5, 11)
+    assert float(distill_loss(logits, logits)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distill_loss(logits, logits + torch.randn(2, 5, 11))) > 0
+
+
 def test_text_data_needs_a_causal_lm_model(tmp_path, capsys):
     assert main(["train", "data.name=text", f"run.out_dir={tmp_path}"]) == 2
     assert "needs a causal LM" in capsys.readouterr().err

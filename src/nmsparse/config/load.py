@@ -151,6 +151,7 @@ def validate_semantics(config: Config) -> list[str]:
          f"data.name=text needs a causal LM model (model.name=hf:DIR or gguf:FILE), not {config.model.name!r}"),
         (config.data.name != "text" or config.data.seq_len >= 2, "data.seq_len: must be >= 2"),
         (config.train.ema_decay is None or 0.0 < config.train.ema_decay < 1.0, "train.ema_decay: must be in (0, 1)"),
+        (0.0 <= config.train.distill <= 1.0, "train.distill: must be in [0, 1]"),
     ]
     errors += [message for ok, message in checks if not ok]
     return errors

@@ -138,6 +138,9 @@ class TrainConfig:
     checkpoint_every_steps: int | None = _f(None, "also checkpoint every k optimizer steps (mid-epoch)")
     log_every_steps: int = _f(10, "log train loss every k steps")
     max_steps: int | None = _f(None, "stop after this many optimizer steps (smoke runs)")
+    distill: float = _f(0.0, "weight of distillation from the dense starting model: loss = (1 - d) * task loss "
+                             "+ d * KL(dense || sparse) of the output distributions (next-token for causal LMs); "
+                             "0 = off")
     export: bool = _f(True, "squash and export the final model, verifying every pattern")
 
 

@@ -57,12 +57,17 @@ class LearnedMask(nn.Module):
     pattern. ``mask``/``keep`` always give the argmax pattern.
     """
 
-    def __init__(self, weight: torch.Tensor, pattern: NMPattern, relaxation: str, init: str, init_scale: float) -> None:
+    def __init__(self, weight: torch.Tensor, pattern: NMPattern, relaxation: str, init: str, init_scale: float,
+                 prior: torch.Tensor | None = None) -> None:
         super().__init__()
         self.pattern = pattern
         self.shape = tuple(weight.shape)
         self.relaxation = relaxation
-        groups = to_groups(weight.detach().abs().float(), pattern)  # [G, m]
+        scores = weight.detach().abs().float()
+        if prior is not None:  # the prior mask's kept weights first, magnitude among the rest (MaskLLM's prior)
+            scores = prior.to(scores.dtype) * (1.0 + scores.max()) + scores
+            init = "magnitude"
+        groups = to_groups(scores, pattern)  # [G, m]
         if relaxation == "patterns":
             table = pattern_table(pattern.n, pattern.m)
             self.register_buffer("table", table, persistent=False)
@@ -139,6 +144,9 @@ class LearnedNMOptions:
         default="magnitude", metadata={"help": "logits start at the magnitude pattern or uniform"}
     )
     init_scale: float = field(default=3.0, metadata={"help": "logit of the magnitude pattern at the start"})
+    init_masks: str | None = field(
+        default=None, metadata={"help": "start from the masks of a one-shot export (directory or .safetensors; "
+                                        "its zeros): each group's logit of that pattern is init_scale"})
     temperature: float = field(default=1.0, metadata={"help": "Gumbel-softmax temperature"})
     temperature_end: float | None = field(default=None, metadata={"help": "anneal to this temperature over the run"})
     anneal: Literal["linear", "cosine", "exp"] = field(default="exp", metadata={"help": "shape of the anneal"})
@@ -167,7 +175,30 @@ class LearnedNM(Method):
             raise MethodError(f"learned_nm learns one n:m pattern per layer; {layer.fqn} has {layer.pattern_text}")
         count = math.comb(pattern.m, pattern.n)
         relaxation = "patterns" if count <= self.options.max_patterns else "topn"
-        return LearnedMask(layer.dense_weight, pattern, relaxation, self.options.init, self.options.init_scale)
+        prior = self._prior(layer) if self.options.init_masks else None
+        return LearnedMask(layer.dense_weight, pattern, relaxation, self.options.init, self.options.init_scale, prior)
+
+    def _prior(self, layer: LayerState) -> torch.Tensor:
+        """The layer's mask in the ``init_masks`` export: its weight's nonzeros (bool, the weight's shape)."""
+        from pathlib import Path
+
+        from safetensors import safe_open
+
+        path = Path(self.options.init_masks)  # type: ignore[arg-type]
+        if path.is_dir():
+            path = path / "model.safetensors"
+        if not path.is_file():
+            raise MethodError(f"learned_nm init_masks: no {path} (give a one-shot export directory or its "
+                              ".safetensors file)")
+        key = f"{layer.fqn}.weight"
+        with safe_open(str(path), "pt") as f:
+            if key not in set(f.keys()):
+                raise MethodError(f"learned_nm init_masks: {path} has no {key}; was it pruned from this model?")
+            weight = f.get_tensor(key)
+        if tuple(weight.shape) != tuple(layer.dense_weight.shape):
+            raise MethodError(f"learned_nm init_masks: {key} is {tuple(weight.shape)} in {path}, "
+                              f"{tuple(layer.dense_weight.shape)} in the model")
+        return weight != 0
 
     def prepare(self, layers: Layers, model: nn.Module) -> None:
         if self.options.train == "masks":

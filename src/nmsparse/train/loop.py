@@ -45,6 +45,7 @@ from .setup import (
     build_optimizer,
     build_run_model,
     build_sparsifier,
+    distill_loss,
     eval_loader,
     evaluate,
     finalize_eval,
@@ -173,6 +174,7 @@ class _Run:
     log: RunLog
     progress: RunProgress
     t_start: float
+    teacher: nn.Module | None = None  # the dense starting model, with train.distill > 0
 
     def checkpoint(self, name: str = "last.pt") -> None:
         if not self.dist_info.is_main:
@@ -215,7 +217,13 @@ class _Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with autocast(device, config.train.precision):
-            loss = task_loss(forward_logits(self.train_model, inputs, task), targets, task, self.criterion)
+            logits = forward_logits(self.train_model, inputs, task)
+            loss = task_loss(logits, targets, task, self.criterion)
+            if self.teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = forward_logits(self.teacher, inputs, task)
+                weight = config.train.distill
+                loss = (1.0 - weight) * loss + weight * distill_loss(logits, teacher_logits)
             if self.sparsifier is not None:
                 loss = loss + self.sparsifier.penalty().to(loss.device)
         loss_value = all_reduce_sum([float(loss.detach())], device)[0] / self.dist_info.world
@@ -296,6 +304,9 @@ def _train(config: Config, run_dir: Path | None, resume: bool, dist_info: DistIn
         raise ValueError(f"data.batch_size={config.data.batch_size} exceeds the {sampler.per_rank} training "
                          "samples per process; lower it")
     plan = make_plan(config, steps_per_epoch)
+    teacher = None
+    if config.train.distill > 0:  # the dense model as it starts (also on a resume: rebuilt from its source)
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
     sparsifier = build_sparsifier(config, steps_per_epoch)
     if sparsifier is not None and config.sparsity.permute:
         _permute(model, sparsifier, run_dir, resume, main)
@@ -305,7 +316,8 @@ def _train(config: Config, run_dir: Path | None, resume: bool, dist_info: DistIn
     ema = Ema(model, config.train.ema_decay) if config.train.ema_decay else None
     mixup, criterion = _criterion(config, bundle.num_classes) if bundle.task == "classifier" else (None, None)
     run = _Run(config, run_dir, dist_info, bundle, model, model, optimizer, sparsifier, ema, mixup, criterion, plan,
-               lr_schedule(config, plan), RunLog(run_dir, main, config.logging.tensorboard), RunProgress(), t_start)
+               lr_schedule(config, plan), RunLog(run_dir, main, config.logging.tensorboard), RunProgress(), t_start,
+               teacher)
     if resume:
         run.resume()
     if dist_info.enabled:
