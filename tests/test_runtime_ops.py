@@ -574,3 +574,22 @@ def test_outputs_are_float32_whatever_the_default_dtype():
     finally:
         torch.set_default_dtype(previous)
     assert all(g.dtype == torch.float32 and torch.equal(g, e) for g, e in zip(got, expected))
+
+
+def test_without_the_private_probes_every_call_takes_the_dispatcher(monkeypatch):
+    """A PyTorch without the torch._C functions the eager check reads: eager() is False and calls go
+    through the operator, with the same result."""
+    from nmsparse.runtime import ops
+
+    _, m = _sparse_linear("2:4")
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        fast = m(x)
+    monkeypatch.setattr(ops, "_PROBES", None)
+    calls = []
+    original = ops.nm_linear
+    monkeypatch.setattr(ops, "nm_linear", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with torch.no_grad():
+        slow = m(x)
+    assert not ops.eager(x) and calls and torch.equal(slow, fast)
+

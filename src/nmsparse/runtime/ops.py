@@ -184,15 +184,31 @@ def eager(x: torch.Tensor) -> bool:
     no gradient asked for. A Python operator's dispatch costs ~40 us a call (measured: a batch-1
     576x576 2:4 product takes ~27 us), 210 calls per token of a 135M decoder; everywhere else the
     modules call the operator, so ``torch.compile``, ``torch.export``, ``jit.trace`` and modes such as
-    FlopCounterMode see it as before. The same implementation runs on both paths."""
-    return (not _compiling() and type(x) is torch.Tensor and _tracing_state() is None
-            and not (x.requires_grad and torch.is_grad_enabled()) and not _dispatch_modes() and not _function_modes())
+    FlopCounterMode see it as before. The same implementation runs on both paths.
+
+    The mode and tracing checks read three functions of ``torch._C`` (PyTorch has no public query for
+    an active dispatch or function mode); where a PyTorch release lacks one of them, ``eager`` is always
+    False and every call goes through the dispatcher (correct, ~40 us slower a call)."""
+    if _PROBES is None:
+        return False
+    tracing_state, dispatch_modes, function_modes = _PROBES
+    return (not _compiling() and type(x) is torch.Tensor and tracing_state() is None
+            and not (x.requires_grad and torch.is_grad_enabled()) and not dispatch_modes() and not function_modes())
 
 
 _compiling = torch.compiler.is_compiling
-_tracing_state = torch._C._get_tracing_state  # what torch.jit.is_tracing() reads, without its Python layer
-_dispatch_modes = torch._C._len_torch_dispatch_stack
-_function_modes = torch._C._len_torch_function_stack
+
+
+def _probes() -> tuple | None:
+    """``(tracing state, dispatch-mode stack length, function-mode stack length)`` of ``torch._C`` (what
+    ``torch.jit.is_tracing()`` and the mode stacks read, without their Python layers), or None where
+    this PyTorch lacks one."""
+    found = tuple(getattr(torch._C, name, None) for name in
+                  ("_get_tracing_state", "_len_torch_dispatch_stack", "_len_torch_function_stack"))
+    return None if any(f is None for f in found) else found
+
+
+_PROBES = _probes()
 
 
 def cpu_impl(name: str):

@@ -426,6 +426,20 @@ inline void quant_x(const float* x, i64 cols, i64 xb) {
   std::memset(b.q + cols, 0, 128);
 }
 
+// One token tile of a batched product into out[T, rows]: rows o .. o+R-1 (those below `rows`), tokens
+// t0 .. t0+count-1, acc[r][t] + bias, ReLU applied.
+template <int R, int C>
+inline void store_tile(const float (&acc)[R][C], i64 o, i64 rows, i64 t0, i64 count, float* out, const float* bias,
+                       bool relu) {
+  for (int r = 0; r < R && o + r < rows; ++r) {
+    const float b = bias ? bias[o + r] : 0.f;
+    for (i64 t = 0; t < count; ++t) {
+      const float y = acc[r][t] + b;
+      out[(t0 + t) * rows + o + r] = relu && y < 0.f ? 0.f : y;
+    }
+  }
+}
+
 #if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
 #define NMS_VNNI 1
 #ifndef NMS_VSTREAMS
@@ -880,14 +894,7 @@ void q_gemm_vnni(int kind, const uint8_t* codes, const uint8_t* q, const float* 
                             w, sw, wc);
       for (i64 tile = 0; tile < tiles; ++tile) {
         gemm_tile(w, stride, sw, wc, xu + tile * K4 * GT * 4, sx + tile * groups * GT, groups, steps, acc);
-        const i64 t1 = std::min<i64>(GT, T - tile * GT);
-        for (int r = 0; r < GR && o + r < rows; ++r) {
-          const float b = bias ? bias[o + r] : 0.f;
-          for (i64 t = 0; t < t1; ++t) {
-            const float y = acc[r][t] + b;
-            out[(tile * GT + t) * rows + o + r] = relu && y < 0.f ? 0.f : y;
-          }
-        }
+        store_tile(acc, o, rows, tile * GT, std::min<i64>(GT, T - tile * GT), out, bias, relu);
       }
     }
     free(w), free(sw), free(wc);
@@ -1384,14 +1391,7 @@ void q_gemm16(int kind, const uint8_t* codes, const uint8_t* q, const float* sca
       gemm16_expand<QB>(kind, codes, q, scales, rows, cols, n, m, jc, bits, G, o, Gd, groups, w, sw, tmp);
       for (i64 tile = 0; tile < tiles; ++tile) {
         gemm16_tile(w, L, sw, xs + tile * L * GT16, sx + tile * groups * GT16, groups, Gd, acc);
-        const i64 t1 = std::min<i64>(GT16, T - tile * GT16);
-        for (int r = 0; r < GR16 && o + r < rows; ++r) {
-          const float bo = bias ? bias[o + r] : 0.f;
-          for (i64 t = 0; t < t1; ++t) {
-            const float y = acc[r][t] + bo;
-            out[(tile * GT16 + t) * rows + o + r] = relu && y < 0.f ? 0.f : y;
-          }
-        }
+        store_tile(acc, o, rows, tile * GT16, std::min<i64>(GT16, T - tile * GT16), out, bias, relu);
       }
     }
     free(w), free(sw), free(tmp);
