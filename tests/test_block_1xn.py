@@ -18,7 +18,7 @@ from .conftest import train_steps
     [  # the seed's curves for ramp_start 10, ramp_end 180 at epochs 30, 60, 95, 130, 160
         ("linear", [0.12, 0.29, 0.50, 0.71, 0.88]),
         ("cos", [0.02, 0.10, 0.29, 0.55, 0.82]),
-        ("exp", [0.63, 0.92, 0.99, 1.0, 1.0]),
+        ("saturating_exp", [0.63, 0.92, 0.99, 1.0, 1.0]),
         ("cubic", [0.002, 0.025, 0.125, 0.35, 0.69]),
     ],
 )

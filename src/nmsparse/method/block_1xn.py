@@ -15,7 +15,7 @@ Every ``update_every_steps`` optimizer steps (once per epoch in SUBP; ``nmsparse
    computes both counts), :math:`p_t = p\,\rho(t)`, by importance
    sampling without replacement with probabilities :math:`\mathrm{softmax}(u / \tau)`, u the
    L2-normalised ascending scores of the pruned blocks; :math:`\rho` ramps from 0 at
-   ``ramp_start_step`` to 1 at ``ramp_end_step`` (linear, cos, exp or cubic: the seed's curves as
+   ``ramp_start_step`` to 1 at ``ramp_end_step`` (linear, cos, saturating_exp or cubic: the seed's curves as
    :mod:`nmsparse.schedule` objects).
 
 ``soft`` mode (SUBP) trains pruned weights straight-through with the SR-STE decay
@@ -54,9 +54,9 @@ def ramp_schedule(kind: str, start_step: int, end_step: int, unit: int = 1, exp_
         kind: ``linear``, ``cos``, ``cubic`` or ``exp``.
         start_step / end_step: rho is 0 before ``start_step`` and 1 from ``end_step`` on (both 0: 1 from
             the start).
-        unit: steps between mask updates (SUBP updates once per epoch; its ``exp`` ramp reaches 1 one
+        unit: steps between mask updates (SUBP updates once per epoch; its ``saturating_exp`` ramp reaches 1 one
             update before the end).
-        exp_rate: rate of the ``exp`` ramp per step (default SUBP's 0.05 per update: 0.05 / unit).
+        exp_rate: rate of the ``saturating_exp`` ramp per step (default SUBP's 0.05 per update: 0.05 / unit).
     """
     if start_step == end_step == 0:
         return Constant(1.0)
@@ -66,9 +66,9 @@ def ramp_schedule(kind: str, start_step: int, end_step: int, unit: int = 1, exp_
         return Power(0.0, 1.0, start_step, end_step, 3.0)
     if kind == "cos":
         return SineIn(0.0, 1.0, start_step, end_step)
-    if kind == "exp":
+    if kind == "saturating_exp":
         return SaturatingExp(0.0, 1.0, start_step, end_step, exp_rate if exp_rate is not None else 0.05 / unit, unit)
-    raise MethodError(f"unknown ramp {kind!r}; expected linear, cos, exp or cubic")
+    raise MethodError(f"unknown ramp {kind!r}; expected linear, cos, saturating_exp or cubic")
 
 
 def regrow_count(prune_rate: float, rho: float, channels: int) -> int:
@@ -127,12 +127,13 @@ class Block1xNOptions:
     decay: float = field(default=SRSTE_DEFAULT_DECAY, metadata={"help": "lambda of the decay on pruned weights"})
     hard_decay: bool = field(default=True, metadata={"help": "hard mode: pruned weights still get the decay, as in "
                                                      "SUBP's HUBP (false: no gradient at all)"})
-    ramp: Literal["linear", "exp", "cos", "cubic"] = field(default="cubic", metadata={"help": "prune-rate ramp"})
+    ramp: Literal["linear", "saturating_exp", "cos", "cubic"] = field(
+        default="cubic", metadata={"help": "prune-rate ramp (saturating_exp: SUBP's 'exp' curve)"})
     ramp_start_step: int = field(default=0, metadata={"help": "step the ramp starts (dense before, with regrowth)"})
     ramp_end_step: int = field(default=0, metadata={"help": "step the full rate is reached (before the run's end; "
                                                     "both 0: the full rate from the start)"})
     update_every_steps: int = field(default=1000, metadata={"help": "steps between mask updates (SUBP: one epoch)"})
-    ramp_exp_rate: float | None = field(default=None, metadata={"help": "rate per step of the exp ramp "
+    ramp_exp_rate: float | None = field(default=None, metadata={"help": "rate per step of the saturating_exp ramp "
                                                                 "(default 0.05 per update, SUBP's)"})
     regrow_temperature: float = field(default=1.0, metadata={"help": "tau of the regrowth softmax"})
     bpar_alpha: float = field(default=1.0, metadata={"help": "weight of the redundancy term of bpar"})

@@ -149,7 +149,8 @@ class LearnedNMOptions:
                                         "its zeros): each group's logit of that pattern is init_scale"})
     temperature: float = field(default=1.0, metadata={"help": "Gumbel-softmax temperature"})
     temperature_end: float | None = field(default=None, metadata={"help": "anneal to this temperature over the run"})
-    anneal: Literal["linear", "cosine", "exp"] = field(default="exp", metadata={"help": "shape of the anneal"})
+    anneal: Literal["linear", "cosine", "geometric"] = field(
+        default="geometric", metadata={"help": "shape of the anneal (geometric: a constant ratio a step)"})
     max_patterns: int = field(default=70, metadata={"help": "above this C(m, n), use the top-n relaxation"})
 
     def __post_init__(self) -> None:
@@ -216,7 +217,7 @@ class LearnedNM(Method):
         o = self.options
         if o.temperature_end is None or self.total_steps is None:
             return Constant(o.temperature)
-        kind = {"linear": Linear, "cosine": Cosine, "exp": Geometric}[o.anneal]
+        kind = {"linear": Linear, "cosine": Cosine, "geometric": Geometric}[o.anneal]
         return kind(o.temperature, o.temperature_end, 0, max(1, self.total_steps))
 
     def temperature_at(self, step: int) -> float:
