@@ -593,3 +593,27 @@ def test_without_the_private_probes_every_call_takes_the_dispatcher(monkeypatch)
         slow = m(x)
     assert not ops.eager(x) and calls and torch.equal(slow, fast)
 
+
+
+def test_a_converted_model_runs_with_gradients_on_and_refuses_only_a_backward():
+    """Called outside no_grad (as users do), a converted timm ResNet with residual `x += shortcut` after
+    sparse convolutions gives the no_grad result; a backward through a packed kernel is a one-line
+    InferenceOnlyError naming what to do instead."""
+    timm = pytest.importorskip("timm")
+    from nmsparse import Selection, Sparsifier
+    from nmsparse.runtime import convert
+    from nmsparse.runtime.ops import InferenceOnlyError
+
+    model = timm.create_model("test_resnet").eval()
+    sparsifier = Sparsifier("magnitude", "1x16:0.25", Selection())
+    sparsifier.prepare(model)
+    sparsifier.squash()
+    converted, report = convert(model, infer=True)
+    assert sum(row.converted for row in report) > 0
+    x = torch.randn(1, 3, 96, 96)
+    y = converted(x)
+    with torch.no_grad():
+        expected = converted(x)
+    assert y.requires_grad and torch.equal(y, expected)
+    with pytest.raises(InferenceOnlyError, match="inference-only"):
+        y.sum().backward()

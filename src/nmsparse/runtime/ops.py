@@ -172,9 +172,34 @@ _IMPLS = {
         ),
     ),
 }
+
+
+class InferenceOnlyError(RuntimeError):
+    """A gradient was asked of a packed sparse kernel (the runtime's modules are inference-only)."""
+
+
+def _no_backward(ctx, *grads):
+    raise InferenceOnlyError("nmsparse runtime modules are inference-only: no gradient flows through a packed "
+                             "sparse kernel; train the dense-with-zeros model (or its export) instead")
+
+
+def _fresh(impl):
+    """``impl`` whose output is never a view (a batch of one comes back as a reshape of the kernel's
+    buffer): an operator's output must not alias anything, or autograd refuses in-place updates of it.
+    The eager fast path calls ``impl`` itself and keeps the view."""
+    def call(*args):
+        y = impl(*args)
+        return y if y._base is None else y.clone()
+
+    return call
+
+
 for _name, (_impl, _fake) in _IMPLS.items():
-    _LIB.impl(_name, _impl, "CPU")
+    _LIB.impl(_name, _fresh(_impl), "CPU")
     torch.library.register_fake(f"nmsparse::{_name}", _fake, lib=_LIB)
+    # a forward with gradients on (a model called outside no_grad) gives an ordinary autograd output,
+    # which in-place ops such as a residual `x += shortcut` may update; only a backward through it fails
+    torch.library.register_autograd(f"nmsparse::{_name}", _no_backward, lib=_LIB)
 
 
 
