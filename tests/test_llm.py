@@ -449,11 +449,15 @@ def test_learned_masks_on_a_causal_lm_start_from_a_one_shot_export_and_distil(ti
 
 
 def test_distillation_loss_is_zero_for_the_teacher_itself_and_positive_otherwise():
-    from nmsparse.train.setup import distill_loss
+    from nmsparse.oneshot.recover import kl_logits
 
     logits = torch.randn(2, 5, 11)
-    assert float(distill_loss(logits, logits)) == pytest.approx(0.0, abs=1e-6)
-    assert float(distill_loss(logits, logits + torch.randn(2, 5, 11))) > 0
+    assert float(kl_logits(logits, logits)) == pytest.approx(0.0, abs=1e-6)
+    assert float(kl_logits(logits, logits + torch.randn(2, 5, 11))) > 0
+    half = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0]).view(1, 5, 1).expand(2, 5, 1)  # real tokens only
+    other = logits.clone()
+    other[:, 3:] += 5.0  # padding positions differ: no effect with the token weights
+    assert float(kl_logits(other, logits, half)) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_text_data_needs_a_causal_lm_model(tmp_path, capsys):

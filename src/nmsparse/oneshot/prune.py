@@ -87,28 +87,11 @@ class _Stages:
 
 
 def prune(
-    model: nn.Module,
-    pattern: str | Pattern = "2:4",
-    method: str = "magnitude",
-    selection: Selection | None = None,
-    method_options: dict[str, Any] | None = None,
-    *,
-    calibration: list[Any] | None = None,
-    permute: int | None = None,
-    heldout: Any = None,
-    recover: Recovery | None = None,
-    out: str | Path | None = None,
-    source: Any = None,
-    example_inputs: Any = None,
-    extra: dict[str, Any] | None = None,
-    files: dict[str, str | bytes] | None = None,
-    save: Any = None,
-    progress: str = "auto",
-    micro_batch: int | None = 4,
-    window: int = 512,
-    describe: dict[str, Any] | None = None,
-    weights: str = "fp32",
-    group_size: int = 64,
+    model: nn.Module, pattern: str | Pattern = "2:4", method: str = "magnitude", selection: Selection | None = None,
+    method_options: dict[str, Any] | None = None, *, calibration: list[Any] | None = None,
+    permute: int | None = None, heldout: Any = None, recover: Recovery | None = None, out: str | Path | None = None,
+    source: Any = None, example_inputs: Any = None, progress: str = "auto", micro_batch: int | None = 4,
+    window: int = 512, describe: dict[str, Any] | None = None, weights: str = "fp32", group_size: int = 64,
     refine: bool = False,
 ) -> PruneResult:
     """Prune ``model`` in place, once, and bake the masks into its weights.
@@ -131,8 +114,6 @@ def prune(
         recover: a :class:`Recovery` run after pruning (the dense model is the teacher).
         out: write an export here (atomically) and check that it reloads to the same outputs;
             needs ``source`` (a :class:`nmsparse.models.ModelSource`) and ``example_inputs``.
-        extra / files: more manifest keys / more files for the export (``report.json``, ``report.md`` and
-            the plots of :mod:`nmsparse.oneshot.report` are added).
         describe: facts for the report a caller knows and ``prune`` does not: ``{"model": name,
             "calibration": {"source": ..., "samples": ..., ...}, "heldout": what the fidelity measure
             read, "recovery_data": what the recovery trained on}``.
@@ -141,9 +122,6 @@ def prune(
             result is then snapped to the runtime's grid (:func:`nmsparse.oneshot.quantize.snap_to_grid`,
             round-to-nearest), after recovery too; the manifest records the scheme and the report
             each layer's storage. The export stays dense-with-zeros.
-        save: a callable ``save(model, out_dir, layers, source, skipped, extra, files)`` replacing
-            :func:`nmsparse.export.save_export` (e.g. a Hugging Face ``save_pretrained`` export);
-            it returns ``(directory, reload)`` with ``reload()`` giving the reloaded model.
         refine: refine every layer's mask after the method by swaps inside its groups that lower the
             layer's output error on the calibration data (:mod:`nmsparse.refine`; kept only where the
             error drops; sparsegpt re-solves its kept weights for the refined mask). Needs calibration.
@@ -167,22 +145,13 @@ def prune(
     if best is not None:
         result.method = f"best: {best}"
     clock = _Stages()
-    # the dense original: the teacher of a recovery, and (with a permutation, which the export records
-    # and load_export re-attaches) the skeleton of the reload check, whose outputs are compared;
-    # otherwise no copy is held (SmolLM2: 538 MB) and the check reads every stored tensor back
-    # against the model's (compare_export)
-    need_reference = recover is not None or (out is not None and bool(permute))
-    reference = copy.deepcopy(model) if need_reference else None
+    reference = _reference(model, recover is not None, out is not None and bool(permute))
     model.eval()
     check = FidelityCheck(model, heldout, window) if heldout is not None else None
     clock.lap("fidelity (dense)")
     _masks(model, result, built, pattern, selection, calibration, permute, progress, micro_batch, refine)
     if scheme is not None:
-        from .quantize import snap_to_grid
-
-        # SparseGPT's joint rounding leaves its values on grids that are kept as they are
-        result.weights = {**scheme.as_dict(),
-                          "layers": snap_to_grid(model, result.layers, scheme, exact_grid=method == "sparsegpt")}
+        result.weights = _snap(model, result, scheme, method)
     clock.lap("prune")
     if check is not None:
         result.fidelity = {"measure": check.measure, "dense": check.dense(), "one_shot": check(model)}
@@ -193,8 +162,7 @@ def prune(
     result.seconds = clock.seconds
     _describe(result, describe or {})
     if out is not None:
-        _write(model, result, out, save, source, files, {"method": method, **(extra or {})}, reference,
-               example_inputs)
+        _write(model, result, out, source, method, reference, example_inputs)
     return result
 
 
@@ -279,25 +247,35 @@ def _describe(result: PruneResult, describe: dict[str, Any]) -> None:
         result.recovery["data"] = describe["recovery_data"]
 
 
-def _write(model: nn.Module, result: PruneResult, out: str | Path, save: Any, source: Any,
-           files: dict[str, str | bytes] | None, extra: dict[str, Any], reference: nn.Module | None,
-           example_inputs: Any) -> None:
-    """Write the export (atomically, by ``save_export`` or the caller's ``save``) and check that it
+def _reference(model: nn.Module, recovering: bool, reload_permuted: bool) -> nn.Module | None:
+    """A copy of the dense original where one is needed: the teacher of a recovery, and (with a
+    permutation, which the export records and load_export re-attaches) the skeleton of the reload check,
+    whose outputs are compared. Otherwise no copy is held (SmolLM2: 538 MB) and the check reads every
+    stored tensor back against the model's (compare_export)."""
+    return copy.deepcopy(model) if recovering or reload_permuted else None
+
+
+def _snap(model: nn.Module, result: PruneResult, scheme: Any, method: str) -> dict[str, Any]:
+    """The pruned layers' values on the runtime's grid (round to nearest; SparseGPT's joint rounding
+    leaves its values on grids that are kept as they are): the report's ``weights``."""
+    from .quantize import snap_to_grid
+
+    return {**scheme.as_dict(), "layers": snap_to_grid(model, result.layers, scheme, exact_grid=method == "sparsegpt")}
+
+
+def _write(model: nn.Module, result: PruneResult, out: str | Path, source: Any, method: str,
+           reference: nn.Module | None, example_inputs: Any) -> None:
+    """Write the export (atomically, by ``save_export``, with the report's files) and check that it
     reloads to the model: every stored tensor read back, or the outputs of a reloaded copy compared."""
     from .report import report_files
 
-    all_files = {**(files or {}), **report_files(result.as_dict())}
-    if save is not None:
-        directory, reload = save(model, out, result.layers, source.as_dict(), result.skipped, extra, all_files)
-        reloaded = reload()
-    else:
-        quant = {"weights": {k: v for k, v in result.weights.items() if k != "layers"}} if result.weights else {}
-        directory = save_export(model, out, result.layers, source.as_dict(), result.skipped,
-                                extra={"method": extra["method"], **quant, **extra}, files=all_files)
-        if reference is None:  # every stored tensor read back against the model's: no second model
-            result.export, result.reload_max_abs_diff = str(directory), compare_export(model, directory)
-            return
-        reloaded, _ = load_export(directory, copy.deepcopy(reference))
+    quant = {"weights": {k: v for k, v in result.weights.items() if k != "layers"}} if result.weights else {}
+    directory = save_export(model, out, result.layers, source.as_dict(), result.skipped,
+                            extra={"method": method, **quant}, files=report_files(result.as_dict()))
+    if reference is None:  # every stored tensor read back against the model's: no second model
+        result.export, result.reload_max_abs_diff = str(directory), compare_export(model, directory)
+        return
+    reloaded, _ = load_export(directory, copy.deepcopy(reference))
     with torch.no_grad():
         diff = forward_output(model, example_inputs).float() - forward_output(reloaded, example_inputs).float()
     result.export, result.reload_max_abs_diff = str(directory), float(diff.abs().max())

@@ -61,11 +61,16 @@ def _hidden_layers_loss(batch: Any, student_out: Any, teacher_out: Any, output: 
     return sum(_normalised_mse(hs.float(), ht.float(), weights) for hs, ht in zip(s_states, t_states)) / len(s_states)
 
 
-def _kl_logits(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) of next-token distributions, averaged over real tokens."""
-    log_s = F.log_softmax(student, dim=-1)
-    log_t = F.log_softmax(teacher, dim=-1)
-    per_token = (log_t.exp() * (log_t - log_s)).sum(-1, keepdim=True)  # [B, T, 1]
+def kl_logits(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || student) of the distributions over the last axis (next-token distributions of a
+    causal LM, class distributions of a classifier), averaged over the positions, or over the real
+    tokens where ``weights`` (``[..., 1]``, 1 for a real token) is given. The distillation objective of
+    recovery and of training's ``train.distill``."""
+    log_s = F.log_softmax(student.float(), dim=-1)
+    log_t = F.log_softmax(teacher.float(), dim=-1)
+    per_token = (log_t.exp() * (log_t - log_s)).sum(-1, keepdim=True)  # [..., 1]
+    if weights is None:
+        return per_token.mean()
     return (per_token * weights).sum() / weights.sum().clamp_min(1.0)
 
 
@@ -73,7 +78,7 @@ def _loss(objective: str, batch: Any, student_out: Any, teacher_out: Any) -> tor
     output, target = _main_output(student_out).float(), _main_output(teacher_out).float()
     if objective == "causal":  # logits KL plus every layer's hidden states (held masks)
         weights = _token_weights(batch, output)
-        return _kl_logits(output, target, weights) + _hidden_layers_loss(batch, student_out, teacher_out, output)
+        return kl_logits(output, target, weights) + _hidden_layers_loss(batch, student_out, teacher_out, output)
     if objective == "layers":
         weights = _token_weights(batch, output)
         return _pooled_cosine_loss(output, target, weights) + _hidden_layers_loss(

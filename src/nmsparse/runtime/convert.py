@@ -187,6 +187,18 @@ def _settle_dense(model: nn.Module, fqn: str, form: nn.Module, row: ConvertRow) 
 
 
 @torch.no_grad()
+def _load_kernels(report: ConvertReport) -> str:
+    """Build (once per machine) and load the kernel library, recording its ISA in ``report``: ``""``, or
+    why the kernels are unavailable (every layer then stays dense with that reason)."""
+    from . import _native
+
+    try:
+        report.isa = _native.require().nms_isa().decode()
+    except _native.KernelsUnavailable as exc:
+        return str(exc)
+    return ""
+
+
 def _layer_inputs(model: nn.Module, plan: list, example_inputs: Any, report: ConvertReport,
                   repeats: int) -> dict[str, Any]:
     """Each planned layer's input at ``example_inputs`` (none without them); sets the report's whole-model
@@ -258,7 +270,6 @@ def convert(
         ``(model, report)``: the model (eval mode) and a :class:`ConvertReport` with one row per
         Linear/Conv2d layer.
     """
-    from . import _native
 
     scheme = parse_weights(weights, group_size)
     if activations not in ("int8", "fp32"):
@@ -267,11 +278,7 @@ def convert(
     model.eval()
     report = ConvertReport()
     report.weights = str(scheme) if scheme else "fp32"
-    unavailable = ""
-    try:
-        report.isa = _native.require().nms_isa().decode()
-    except _native.KernelsUnavailable as exc:
-        unavailable = str(exc)
+    unavailable = _load_kernels(report)
     plan, quant_dense = _plan(model, report, given, infer, scheme, unavailable, keep_dense)
     rows = {row.fqn: row for row in report}
     inputs = _layer_inputs(model, plan, example_inputs, report, repeats)

@@ -24,6 +24,7 @@ from ..allocate import save_scheme
 from ..config.load import dump_config
 from ..config.sections import Config
 from ..export import load_export, save_export
+from ..oneshot.recover import kl_logits
 from ..progress import Progress
 from ..schema import to_dict
 from ..sparsifier import Sparsifier
@@ -45,7 +46,6 @@ from .setup import (
     build_optimizer,
     build_run_model,
     build_sparsifier,
-    distill_loss,
     eval_loader,
     evaluate,
     finalize_eval,
@@ -218,12 +218,12 @@ class _Run:
             group["lr"] = lr
         with autocast(device, config.train.precision):
             logits = forward_logits(self.train_model, inputs, task)
-            loss = task_loss(logits, targets, task, self.criterion)
-            if self.teacher is not None:
+            weight = config.train.distill if self.teacher is not None else 0.0
+            loss = task_loss(logits, targets, task, self.criterion) if weight < 1.0 else 0.0
+            if weight > 0.0:
                 with torch.no_grad():
                     teacher_logits = forward_logits(self.teacher, inputs, task)
-                weight = config.train.distill
-                loss = (1.0 - weight) * loss + weight * distill_loss(logits, teacher_logits)
+                loss = (1.0 - weight) * loss + weight * kl_logits(logits, teacher_logits)
             if self.sparsifier is not None:
                 loss = loss + self.sparsifier.penalty().to(loss.device)
         loss_value = all_reduce_sum([float(loss.detach())], device)[0] / self.dist_info.world

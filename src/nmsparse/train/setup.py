@@ -23,7 +23,6 @@ __all__ = [
     "build_sparsifier",
     "forward_logits",
     "task_loss",
-    "distill_loss",
     "build_optimizer",
     "Ema",
     "evaluate",
@@ -137,13 +136,6 @@ def task_loss(logits: torch.Tensor, targets: torch.Tensor, task: str, criterion=
         return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten())
     return criterion(logits, targets)
 
-
-def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """``KL(teacher || student)`` of the output distributions, mean over predictions (every token position
-    of a causal LM, every sample of a classifier)."""
-    student = nn.functional.log_softmax(logits.float().flatten(0, -2), dim=-1)
-    teacher = nn.functional.log_softmax(teacher_logits.float().flatten(0, -2), dim=-1)
-    return nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
 @torch.no_grad()
