@@ -317,6 +317,28 @@ esac
     assert find_llamacpp(str(tmp_path / "nope.sh"))[0] is None
 
 
+def test_adjacent_anchors_measure_llamacpp_right_before_and_after_the_row(tmp_path):
+    """A ratio against llama.cpp uses its runs around the measured row (their mean), not the first
+    anchors: the fake tool gets faster on each call, and the row sees the calls beside it."""
+    from nmsparse.bench_decode import AdjacentAnchors
+
+    count = tmp_path / "calls"
+    count.write_text("0")
+    tool = tmp_path / "llamacpp.sh"
+    tool.write_text(f"""#!/usr/bin/env bash
+n=$(( $(cat {count}) + 1 )); echo $n > {count}
+case $2 in *q8*) echo "tg_tok_s=$(( 10 * n ))";; *) echo "tg_tok_s=unavailable"; exit 1;; esac
+""")
+    anchors = [{"weights": "Q8_0", "gguf": "m-q8.gguf", "tokens_per_s": 1.0},
+               {"weights": "Q4_0", "gguf": "m-q4.gguf", "tokens_per_s": 1.0}, {"weights": "F32", "gguf": "f"}]
+    nearby = AdjacentAnchors(str(tool), anchors, 2, 8)
+    assert set(nearby.ggufs) == {"Q8_0", "Q4_0"}
+    result, adjacent = nearby.around(lambda: "measured")
+    # calls: q8 (10), q4 (fails), q8 (30), q4: the Q8_0 mean of 10 and 30; Q4_0 left out
+    assert result == "measured" and adjacent == {"q8_0_adjacent": 20.0}
+    assert AdjacentAnchors(None, anchors, 2, 8).around(lambda: 1) == (1, {})
+
+
 def test_streaming_prune_equals_in_memory_prune_and_loads(tiny_llama_dir, tmp_path, capsys):
     from nmsparse.export import load_export
     from nmsparse.oneshot.stream import prune_streaming

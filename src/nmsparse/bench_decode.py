@@ -116,7 +116,8 @@ def run_decode_suite(models: list[str], patterns: list[str], prompt_tokens: int 
 
     A row: ``{model, pattern, weights, prompt_tokens, new_tokens, ttft_ms, tokens_per_s, speedup
     (decode tokens/s against the dense float32 model), vs_q8_0, vs_q4_0 (against llama.cpp, when
-    measured), same_tokens, converted_layers, sparse_layers, decode ("fused" or the module path), weights_mb,
+    measured: its decode speed right before and after this row, ``q8_0_adjacent`` / ``q4_0_adjacent``, see
+    :class:`AdjacentAnchors`), same_tokens, converted_layers, sparse_layers, decode ("fused" or the module path), weights_mb,
     layers_ms, head_ms, attention_ms, rest_ms, python_ms, other_ms}``: a decode step by the fused step's
     clock (:meth:`~nmsparse.runtime.decode.LlamaDecoder.profile`; other: the last three). llama.cpp rows (``runtime:
     llama.cpp``, weights F32 / Q8_0 / Q4_0) come from ``llamacpp`` (the ``llamacpp.sh`` tool: GGUF of the same
@@ -156,6 +157,7 @@ def run_decode_suite(models: list[str], patterns: list[str], prompt_tokens: int 
             rows.append({**base, **row})
         done += 1
         bar.update(done, f"{name} dense + llama.cpp")
+        nearby = AdjacentAnchors(llamacpp, anchors, threads or torch.get_num_threads(), new_tokens)
         q8 = next((r["tokens_per_s"] for r in anchors if r["weights"] == "Q8_0" and r.get("tokens_per_s")), None)
         q4 = next((r["tokens_per_s"] for r in anchors if r["weights"] == "Q4_0" and r.get("tokens_per_s")), None)
         for pattern in patterns:
@@ -167,16 +169,19 @@ def run_decode_suite(models: list[str], patterns: list[str], prompt_tokens: int 
                 example = {"input_ids": prompt[:, :1]} if choose else None  # a decode step: one token
                 sparse, conv_rows = convert(copy.deepcopy(pruned), layer_patterns, infer=False, example_inputs=example,
                                             repeats=6, weights=w)
-                ttft, tps = _decode_times({"sparse": sparse}, prompt, new_tokens, repeats)["sparse"]
+                (ttft, tps), adjacent = nearby.around(
+                    lambda: _decode_times({"sparse": sparse}, prompt, new_tokens, repeats)["sparse"])
                 row = {**base, "runtime": "nmsparse", "pattern": pattern, "weights": w, "ttft_ms": round(1e3 * ttft, 1),
                        "tokens_per_s": round(tps, 2), "speedup": round(tps / dense_tps, 3),
                        "converted_layers": sum(bool(r.converted) for r in conv_rows),
                        "sparse_layers": len(result.layers), "decode": conv_rows.decode or "module path",
-                       "weights_mb": _weights_mb(sparse), "layer_choice": choose}
-                if q8:
-                    row["vs_q8_0"] = round(tps / q8, 3)
-                if q4:
-                    row["vs_q4_0"] = round(tps / q4, 3)
+                       "weights_mb": _weights_mb(sparse), "layer_choice": choose, **adjacent}
+                # against llama.cpp measured around this row when it was (AdjacentAnchors), else the first anchors
+                q8_row, q4_row = adjacent.get("q8_0_adjacent", q8), adjacent.get("q4_0_adjacent", q4)
+                if q8_row:
+                    row["vs_q8_0"] = round(tps / q8_row, 3)
+                if q4_row:
+                    row["vs_q4_0"] = round(tps / q4_row, 3)
                 row.update(_step_breakdown(sparse, tps, [e["fqn"] for e in result.layers], prompt))
                 row.update(_token_check(sparse, prompt, new_tokens, reference if w == "fp32" else None))
                 rows.append(row)
@@ -265,16 +270,14 @@ def llamacpp_rows(tool: str | None, hf_dir: str, threads: int, new_tokens: int,
         try:
             gguf = subprocess.run(["bash", tool, "gguf", hf_dir, kind], capture_output=True, text=True, check=True,
                                   timeout=3600).stdout.strip().splitlines()[-1]
+            row["gguf"] = gguf
             for what, field, count in (("bench", "tokens_per_s", new_tokens), ("prefill", "prompt_tokens_per_s",
                                                                                prompt_tokens)):
-                proc = subprocess.run(["bash", tool, what, gguf, str(threads), str(count)], capture_output=True,
-                                      text=True, timeout=3600)
-                last = (proc.stdout.strip().splitlines() or ["="])[-1]
-                value = last.split("=", 1)[-1]
-                try:
-                    row[field] = round(float(value), 2)
-                except ValueError:
+                value, last = _llamacpp_run(tool, what, gguf, threads, count)
+                if value is None:
                     row[f"{field}_error"] = last
+                else:
+                    row[field] = value
             import os
 
             row["weights_mb"] = round(os.path.getsize(gguf) / 1e6, 1)
@@ -284,6 +287,52 @@ def llamacpp_rows(tool: str | None, hf_dir: str, threads: int, new_tokens: int,
             row["ttft_ms"] = round(1e3 * prompt_tokens / row["prompt_tokens_per_s"], 1)
         rows.append(row)
     return rows
+
+
+def _llamacpp_run(tool: str, what: str, gguf: str, threads: int, count: int) -> tuple[float | None, str]:
+    """``(tokens/s, the tool's last line)`` of one ``llamacpp.sh bench|prefill`` run; None when it failed."""
+    import subprocess
+
+    proc = subprocess.run(["bash", tool, what, gguf, str(threads), str(count)], capture_output=True, text=True,
+                          timeout=3600)
+    last = (proc.stdout.strip().splitlines() or ["="])[-1]
+    try:
+        return round(float(last.split("=", 1)[-1]), 2), last
+    except ValueError:
+        return None, last
+
+
+class AdjacentAnchors:
+    """llama.cpp's decode speed measured again right before and right after each nmsparse row, so that a
+    ratio compares runs minutes apart at most seconds apart: a shared machine's memory bandwidth drifts
+    (by 2x within one session on a cloud VM), and a ratio against an anchor taken at the start of a
+    long run measures the drift as much as the runtimes. :meth:`around` runs ``measure`` between two
+    llama-bench runs of each quantized type and returns its result with ``{q8_0_adjacent, q4_0_adjacent}``
+    (tokens/s, mean of the two runs; a type without a GGUF or whose run failed is left out)."""
+
+    def __init__(self, tool: str | None, anchors: list[dict[str, Any]], threads: int, new_tokens: int):
+        self.tool, self.threads, self.new_tokens = tool, threads, new_tokens
+        self.ggufs = {r["weights"]: r["gguf"] for r in anchors if r.get("gguf") and r.get("tokens_per_s")
+                      and r["weights"] in ("Q8_0", "Q4_0")}
+
+    def _speeds(self) -> dict[str, float | None]:
+        return {k: _llamacpp_run(self.tool, "bench", g, self.threads, self.new_tokens)[0]
+                for k, g in self.ggufs.items()} if self.tool else {}
+
+    def around(self, measure):
+        before = self._speeds()
+        result = measure()
+        after = self._speeds()
+        adjacent = {f"{k.lower()}_adjacent": round((before[k] + after[k]) / 2, 2) for k in before
+                    if before[k] is not None and after.get(k) is not None}
+        return result, adjacent
+
+
+def _vs(row: dict[str, Any], kind: str) -> str:
+    """``1.21x`` or, against adjacent llama.cpp runs, ``1.21x (of 27.3)``: the anchor's tokens/s."""
+    text = _fmt(row.get(f"vs_{kind}"), ".2f", "x")
+    adjacent = row.get(f"{kind}_adjacent")
+    return text if adjacent is None or text == "-" else f"{text} (of {adjacent:.1f})"
 
 
 def _fmt(value: Any, spec: str = ".1f", suffix: str = "") -> str:
@@ -312,8 +361,7 @@ def decode_report_lines(rows: list[dict[str, Any]], meta: dict[str, Any]) -> lis
         sparse = f"{r['converted_layers']}/{r['sparse_layers']}" if "sparse_layers" in r else "-"
         tps = _fmt(r.get("tokens_per_s")) if "error" not in r else f"error: {r['error']}"
         lines.append(f"| {r['model']} | {r['runtime']} | {r['pattern']} | {r['weights']} | {tps} | "
-                     f"{_fmt(r.get('speedup'), '.2f', 'x')} | {_fmt(r.get('vs_q8_0'), '.2f', 'x')} | "
-                     f"{_fmt(r.get('vs_q4_0'), '.2f', 'x')} | {_fmt(r.get('ttft_ms'), '.0f')} | "
+                     f"{_fmt(r.get('speedup'), '.2f', 'x')} | {_vs(r, 'q8_0')} | {_vs(r, 'q4_0')} | {_fmt(r.get('ttft_ms'), '.0f')} | "
                      f"{_fmt(r.get('weights_mb'), '.0f')} | {step} | {same} | {sparse} |")
     return lines
 

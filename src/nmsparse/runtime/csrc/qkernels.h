@@ -507,7 +507,54 @@ struct NMColumns {
         cbytes >= 64 ? ~0ull : (1ull << cbytes) - 1, codes));
     return _mm512_add_epi8(_mm512_and_si512(_mm512_multishift_epi64_epi8(ctrl, src), cmask), base);
   }
+  // The same for a whole chunk (64 * BITS / 8 code bytes) of a layout whose m is a power of two: the
+  // group starts are multiples of m and the codes below m, so the add is an OR (one ternary-logic op).
+  __m512i whole_pow2(const uint8_t* codes) const {
+    const __m512i src = _mm512_permutexvar_epi64(perm, _mm512_maskz_loadu_epi8(
+        BITS == 8 ? ~0ull : (1ull << (8 * BITS)) - 1, codes));
+    return _mm512_ternarylogic_epi64(_mm512_multishift_epi64_epi8(ctrl, src), cmask, base, 0xEA);  // (a & b) | c
+  }
 };
+
+// Two consecutive rows' chunks of int4 values (m = 2n, 64 kept values a chunk, m a power of two) as
+// they lie in memory: one 64-byte load holds both rows (32 bytes each), and the low nibbles (the even
+// values) and the high nibbles (the odd values) multiply as they are, masked in place, without
+// unpacking: the high nibble as 16 * (q + 8) and the low one shifted up to the same 16 * (q + 8). Lane b
+// of the `even` / `odd` input vectors is the input of row b / 32's value 2 (b % 32) / 2 (b % 32) + 1:
+// the two rows' codes (2 * 8 * BITS bytes, consecutive) spread by one qword permute, then two bit-field
+// selects (vpmultishiftqb) and the group starts ORed in.
+template <int BITS>
+struct NMPairColumns {
+  __m512i perm, ctrl_even, ctrl_odd, base_even, base_odd, cmask;
+  NMPairColumns(int n, int m) {
+    alignas(64) uint64_t p[8];
+    alignas(64) uint8_t ce[64], co[64], be[64], bo[64];
+    for (int k = 0; k < 8; ++k) p[k] = (uint64_t)(2 * BITS * 8 * k / 64);
+    for (int b = 0; b < 64; ++b) {
+      const int v = 2 * (b % 32), bit = 2 * BITS * b - 64 * (int)p[b / 8];
+      ce[b] = (uint8_t)bit, co[b] = (uint8_t)(bit + BITS);
+      be[b] = (uint8_t)((v / n) * m), bo[b] = (uint8_t)(((v + 1) / n) * m);
+    }
+    perm = _mm512_load_si512(p), ctrl_even = _mm512_load_si512(ce), ctrl_odd = _mm512_load_si512(co);
+    base_even = _mm512_load_si512(be), base_odd = _mm512_load_si512(bo);
+    cmask = _mm512_set1_epi8((char)((1 << BITS) - 1));
+  }
+  // the even and odd lanes' input columns (0..127) of two rows whose codes start at `codes`
+  void operator()(const uint8_t* codes, __m512i& even, __m512i& odd) const {
+    const __m512i src = _mm512_permutexvar_epi64(perm, _mm512_maskz_loadu_epi8(
+        BITS == 4 ? ~0ull : (1ull << (16 * BITS)) - 1, codes));
+    even = _mm512_ternarylogic_epi64(_mm512_multishift_epi64_epi8(ctrl_even, src), cmask, base_even, 0xEA);
+    odd = _mm512_ternarylogic_epi64(_mm512_multishift_epi64_epi8(ctrl_odd, src), cmask, base_odd, 0xEA);
+  }
+};
+
+// The integer sums of four rows (16 lanes each) as one vector: lanes 4r .. 4r+3 hold row r's sum in 4
+// parts (three 128-bit shuffle-and-add steps for the four rows instead of two per row).
+inline __m512i fold4(__m512i a, __m512i b, __m512i c, __m512i d) {
+  const __m512i ab = _mm512_add_epi32(_mm512_shuffle_i32x4(a, b, 0x44), _mm512_shuffle_i32x4(a, b, 0xEE));
+  const __m512i cd = _mm512_add_epi32(_mm512_shuffle_i32x4(c, d, 0x44), _mm512_shuffle_i32x4(c, d, 0xEE));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(ab, cd, 0x88), _mm512_shuffle_i32x4(ab, cd, 0xDD));
+}
 
 // The `count` (even) int4 values of one step as unsigned bytes q + 8 in split_order: the low nibbles
 // (even values) then the high nibbles (odd values), one insert instead of weights_u8<4>'s permute.
@@ -544,10 +591,13 @@ void nmq_gemv_vnni(const uint8_t* codes, const uint8_t* q, const float* scales, 
   const float* sx = xbuf.s;
   const i64 gm = std::min(jc, G);
   const bool whole = G % jc == 0;
-  // int4 with whole-chunk groups: lanes in split_order (no lane-group scales to follow it)
+  // int4 whole chunks of a power-of-two m: two rows a load, values in memory order (NMPairColumns);
+  // other int4 whole chunks: lanes in split_order (no lane-group scales to follow it)
+  const bool pow2 = (m & (m - 1)) == 0, pairs = QB == 4 && whole && pow2;
   constexpr bool can_split = QB == 4;
-  const bool split = can_split && whole;
+  const bool split = can_split && whole && !pairs;
   const NMColumns<BITS> columns(n, m, split);
+  const NMPairColumns<BITS> pair_columns(n, m);
   const __m512i off = _mm512_set1_epi8(QB == 8 ? (char)0x80 : 8);
   const __m512i wids = lane_group_ids(G), xids = lane_group_ids(gm);
   nm_gemv_threads(rows, out, bias, relu, [&](i64 o0, i64 o1, float* part) {
@@ -588,22 +638,74 @@ void nmq_gemv_vnni(const uint8_t* codes, const uint8_t* q, const float* scales, 
       const i64 nrow = o1 - o0, len = nrow / NMS_VSTREAMS;
       if (count == jc && whole) {  // the common case in one tight loop: whole chunks, one scale a row-chunk
         const __m512i offx = _mm512_set1_epi8(QB == 8 ? (char)0x80 : 8);
-        auto row = [&](i64 i) {
+        // int8: the inputs as unsigned bytes xq + 128 against the signed weights as stored (no per-row flip),
+        // less 128 * the weights' sum
+        const __m512i ulo = _mm512_xor_si512(xlo, offx), uhi = _mm512_xor_si512(xhi, offx);
+        auto dot = [&](i64 i) {
           const uint8_t* qr = qrow + i * qb;
           _mm_prefetch((const char*)(qr + QPREFETCH), _MM_HINT_T0);
-          const __m512i xs = _mm512_permutex2var_epi8(xlo, columns(crow + i * cbytes, cbytes), xhi);
-          const __m512i w = QB == 4 ? (split ? weights_u8_split64(qr) : weights_u8<4>(qr, ~0ull, 64))
-                                    : _mm512_xor_si512(_mm512_loadu_si512(qr), offx);
-          const __m512i dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xs),
-                                               _mm512_dpbusd_epi32(_mm512_setzero_si512(), offx, xs));
-          const __m256i d8 = _mm256_add_epi32(_mm512_castsi512_si256(dot), _mm512_extracti64x4_epi64(dot, 1));
+          const __m512i idx = pow2 ? columns.whole_pow2(crow + i * cbytes) : columns(crow + i * cbytes, cbytes);
+          if constexpr (QB == 8) {
+            const __m512i xu = _mm512_permutex2var_epi8(ulo, idx, uhi), w = _mm512_loadu_si512(qr);
+            return _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xu, w),
+                                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), offx, w));
+          }
+          const __m512i xs = _mm512_permutex2var_epi8(xlo, idx, xhi);
+          const __m512i w = split ? weights_u8_split64(qr) : weights_u8<4>(qr, ~0ull, 64);
+          return _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xs),
+                                  _mm512_dpbusd_epi32(_mm512_setzero_si512(), offx, xs));
+        };
+        auto row = [&](i64 i) {
+          const __m512i d = dot(i);
+          const __m256i d8 = _mm256_add_epi32(_mm512_castsi512_si256(d), _mm512_extracti64x4_epi64(d, 1));
           const __m128i d4 = _mm_add_epi32(_mm256_castsi256_si128(d8), _mm256_extracti128_si256(d8, 1));
           float* p4 = part + i * 4;
-          _mm_storeu_ps(p4, _mm_fmadd_ps(_mm_cvtepi32_ps(d4), _mm_set1_ps(srow[i * gr] * sxc), _mm_loadu_ps(p4)));
+          _mm_storeu_ps(p4, _mm_fmadd_ps(_mm_cvtepi32_ps(d4), _mm_set1_ps(srow[i] * sxc), _mm_loadu_ps(p4)));
         };
-        for (i64 i = 0; i < len; ++i)
+        // four consecutive rows at a time: their sums folded into one vector, scaled by their four scales
+        const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+        const __m512 vsx = _mm512_set1_ps(sxc);
+        auto quad = [&](i64 i) {
+          const __m512i d = fold4(dot(i), dot(i + 1), dot(i + 2), dot(i + 3));
+          const __m512 s = _mm512_mul_ps(_mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(srow + i))), vsx);
+          float* p = part + i * 4;
+          _mm512_storeu_ps(p, _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, _mm512_loadu_ps(p)));
+        };
+        // int4: two rows a load (NMPairColumns); lanes 0-7 of a pair's sum are its first row, 8-15 the second,
+        // 16 times the product with the stored q + 8, less 16 * 8 * (the inputs' sum)
+        const __m512i hi4 = _mm512_set1_epi8((char)0xF0), c128 = _mm512_set1_epi8((char)0x80);
+        auto pair = [&](i64 i) {
+          const uint8_t* qr = qrow + i * qb;
+          _mm_prefetch((const char*)(qr + QPREFETCH), _MM_HINT_T0);
+          __m512i ie, io;
+          pair_columns(crow + i * cbytes, ie, io);
+          const __m512i xe = _mm512_permutex2var_epi8(xlo, ie, xhi), xo = _mm512_permutex2var_epi8(xlo, io, xhi);
+          const __m512i w = _mm512_loadu_si512(qr);
+          const __m512i wlo = _mm512_and_si512(_mm512_slli_epi16(w, 4), hi4), whi = _mm512_and_si512(w, hi4);
+          const __m512i acc = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wlo, xe), whi, xo);
+          const __m512i off = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, xe), c128, xo);
+          return _mm512_sub_epi32(acc, off);
+        };
+        const __m512 vsx16 = _mm512_set1_ps(sxc / 16);
+        auto quad4 = [&](i64 i) {
+          const __m512i a = pair(i), b = pair(i + 2);
+          const __m512i d = _mm512_add_epi32(_mm512_shuffle_i32x4(a, b, 0x88), _mm512_shuffle_i32x4(a, b, 0xDD));
+          const __m512 s = _mm512_mul_ps(_mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(srow + i))), vsx16);
+          float* p = part + i * 4;
+          _mm512_storeu_ps(p, _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, _mm512_loadu_ps(p)));
+        };
+        const i64 len4 = len & ~(i64)3;
+        if (pairs) {
+          for (i64 i = 0; i < len4; i += 4)
 #pragma GCC unroll 8
-          for (int r = 0; r < NMS_VSTREAMS; ++r) row(r * len + i);
+            for (int r = 0; r < NMS_VSTREAMS; ++r) quad4(r * len + i);
+        } else {
+          for (i64 i = 0; i < len4; i += 4)
+#pragma GCC unroll 8
+            for (int r = 0; r < NMS_VSTREAMS; ++r) quad(r * len + i);
+        }
+        for (int r = 0; r < NMS_VSTREAMS; ++r)
+          for (i64 i = len4; i < len; ++i) row(r * len + i);
         for (i64 i = NMS_VSTREAMS * len; i < nrow; ++i) row(i);
         continue;
       }
