@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from nmsparse.models import build_model
-from nmsparse.oneshot import FidelityCheck, prune
+from nmsparse.oneshot import FidelityCheck, PruneConfig, prune
 from nmsparse.oneshot.data import build_calibration, heldout_data
 
 
@@ -45,7 +45,8 @@ def main() -> None:
         for method in args.methods.split(","):
             model = copy.deepcopy(dense)
             start = time.perf_counter()
-            prune(model, pattern, method, calibration=batches if method != "magnitude" else None, progress="none")
+            prune(model, PruneConfig(pattern, method), calibration=batches if method != "magnitude" else None,
+                  progress="none")
             seconds = time.perf_counter() - start
             result = check(model)
             rows.append({"method": method, "pattern": pattern, "perplexity": result["perplexity"],

@@ -26,7 +26,7 @@ import torch
 
 from nmsparse.method import build_method
 from nmsparse.models import build_model, minilm_path
-from nmsparse.oneshot import prune, recover
+from nmsparse.oneshot import PruneConfig, prune, recover
 from nmsparse.oneshot.calibrate import _release_freed_memory, prune_with_calibration
 from nmsparse.oneshot.data import (
     builtin_text,
@@ -116,7 +116,7 @@ def main() -> None:
         for method in args.methods.split(","):
             model = copy.deepcopy(dense)
             start = time.perf_counter()
-            result = prune(model, pattern, method, calibration=batches, progress="none")
+            result = prune(model, PruneConfig(pattern, method), calibration=batches, progress="none")
             seconds = time.perf_counter() - start
             errors = [r.reconstruction_error for r in result.rows if r.reconstruction_error is not None]
             row = {"pattern": pattern, "method": method, "prune_s": round(seconds, 1),

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from nmsparse.bench import _model, machine_meta
-from nmsparse.oneshot import prune
+from nmsparse.oneshot import PruneConfig, prune
 from nmsparse.runtime import convert
 from nmsparse.runtime.timing import summary, time_interleaved
 
@@ -35,7 +35,7 @@ def _call(model, inputs):
 
 def run(name: str, pattern: str, repeats: int) -> dict:
     model, inputs, selection = _model(name, 1)
-    result = prune(model, pattern, "magnitude", selection)
+    result = prune(model, PruneConfig(pattern, "magnitude", selection))
     sparse, report = convert(copy.deepcopy(model), {e["fqn"]: e["pattern"] for e in result.layers}, infer=False,
                              example_inputs=inputs)
     with torch.no_grad():

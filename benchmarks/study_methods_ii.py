@@ -22,7 +22,7 @@ from study_methods_i import OUT, run, write_results
 
 from nmsparse.config.load import load_config
 from nmsparse.models import build_model, load_weights
-from nmsparse.oneshot import prune
+from nmsparse.oneshot import PruneConfig, prune
 from nmsparse.permute import permute_channels
 from nmsparse.select import Selection
 from nmsparse.train.data import build_data
@@ -52,7 +52,7 @@ def one_shot_rows(ckpt: str, rows: list[dict]) -> None:
                 perms = permute_channels(model, pattern, Selection())
                 folded = [p for p in perms if p.folded_into]
                 gain = sum(p.kept_after for p in folded) / max(1e-12, sum(p.kept_before for p in folded)) - 1
-            prune(model, pattern, "magnitude", Selection())
+            prune(model, PruneConfig(pattern, "magnitude", Selection()))
             name = f"magnitude {pattern}" + (" after permutation" if permuted else "")
             row = {"run": name, "top1": held_out_top1(model, loader), "seconds": round(time.perf_counter() - t0, 1),
                    "kept_magnitude_gain_on_folded_layers": gain}

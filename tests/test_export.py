@@ -5,14 +5,14 @@ import torch
 
 import nmsparse.export.dense as dense_mod
 from nmsparse.export import ExportError, load_export, read_manifest, save_export
-from nmsparse.oneshot import prune
+from nmsparse.oneshot import PruneConfig, prune
 
 from .conftest import TinyViT
 
 
 def _pruned():
     model = TinyViT()
-    result = prune(model, "2:4")
+    result = prune(model, PruneConfig("2:4"))
     return model, result
 
 

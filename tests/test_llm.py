@@ -14,7 +14,7 @@ from nmsparse.cli.main import main
 from nmsparse.mask import is_nm
 from nmsparse.method import MethodError
 from nmsparse.models import ModelSource, build_model
-from nmsparse.oneshot import Recovery, model_kind, perplexity, prune, recover
+from nmsparse.oneshot import PruneConfig, Recovery, model_kind, perplexity, prune, recover
 from nmsparse.pattern import NMPattern
 
 transformers = pytest.importorskip("transformers")
@@ -95,7 +95,8 @@ def test_perplexity_equals_the_direct_computation(tiny_llama_dir):
 def test_one_shot_prunes_every_decoder_linear_block_by_block_and_keeps_head_and_embeddings(tiny_llama_dir, method):
     model, _ = build_model(f"hf:{tiny_llama_dir}")
     embed = model.model.embed_tokens.weight.detach().clone()
-    result = prune(model, "2:4", method, calibration=_windows(), heldout=_ids(256), window=64, progress="none")
+    result = prune(model, PruneConfig("2:4", method, window=64), calibration=_windows(), heldout=_ids(256),
+                   progress="none")
     sparse = {r.fqn for r in result.sparse_rows}
     expected = {f"model.layers.{i}.{part}.{name}" for i in range(2)
                 for part, names in (("self_attn", DECODER_LINEARS[:4]), ("mlp", DECODER_LINEARS[4:])) for name in names}
@@ -118,8 +119,8 @@ def test_opt_family_works_without_per_family_code():
                                     num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)
     torch.manual_seed(0)
     model = transformers.OPTForCausalLM(config).eval()
-    result = prune(model, "2:4", "sparsegpt", calibration=_windows(vocab=128), heldout=_ids(128, vocab=128),
-                   window=32, progress="none")
+    result = prune(model, PruneConfig("2:4", "sparsegpt", window=32), calibration=_windows(vocab=128),
+                   heldout=_ids(128, vocab=128), progress="none")
     assert len(result.sparse_rows) == 2 * 6 and all(r.verified for r in result.sparse_rows)  # q k v out fc1 fc2
     assert result.fidelity["measure"] == "perplexity"
 
@@ -128,7 +129,7 @@ def test_causal_recovery_holds_masks_and_lowers_the_distillation_loss(tiny_llama
     teacher, _ = build_model(f"hf:{tiny_llama_dir}")
     student = copy.deepcopy(teacher)
     batches = _windows(count=3)
-    result = prune(student, "1:4", "magnitude", progress="none")
+    result = prune(student, PruneConfig("1:4", "magnitude"), progress="none")
     info = recover(student, teacher, result.layers, batches, steps=25, lr=3e-3, progress="none")
     assert info["objective"] == "causal" and info["last_loss"] < info["first_loss"]
     modules = dict(student.named_modules())
@@ -153,7 +154,7 @@ def test_an_export_without_recovery_holds_no_second_model(tiny_llama_dir, tmp_pa
         return real(obj, memo, *rest)
 
     monkeypatch.setattr(copy_module, "deepcopy", deepcopy)
-    result = prune(model, "2:4", "sparsegpt", calibration=_windows(), out=out, source=source,
+    result = prune(model, PruneConfig("2:4", "sparsegpt"), calibration=_windows(), out=out, source=source,
                    example_inputs={"input_ids": _ids(40).unsqueeze(0)}, progress="none")
     monkeypatch.setattr(copy_module, "deepcopy", real)
     assert not any(copies) and result.reload_max_abs_diff == 0.0
@@ -186,8 +187,9 @@ def test_export_loads_with_from_pretrained_and_the_tokenizer(tiny_llama_dir, tmp
     model, source = build_model(f"hf:{tiny_llama_dir}")
     ids = _ids(40).unsqueeze(0)
     out = tmp_path / "export"
-    result = prune(model, "2:4", "wanda", calibration=_windows(), recover=Recovery(_windows(count=2), steps=2),
-                   out=out, source=source, example_inputs={"input_ids": ids}, progress="none")
+    result = prune(model, PruneConfig("2:4", "wanda"), calibration=_windows(),
+                   recover=Recovery(_windows(count=2), steps=2), out=out, source=source,
+                   example_inputs={"input_ids": ids}, progress="none")
     assert result.reload_max_abs_diff == 0.0
     loaded = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # still tied
@@ -345,7 +347,7 @@ def test_streaming_prune_equals_in_memory_prune_and_loads(tiny_llama_dir, tmp_pa
 
     batches = _windows()
     model, _ = build_model(f"hf:{tiny_llama_dir}")
-    expected = prune(model, "2:4", "sparsegpt", calibration=batches, progress="none")
+    expected = prune(model, PruneConfig("2:4", "sparsegpt"), calibration=batches, progress="none")
     out = tmp_path / "streamed"
     result = prune_streaming(tiny_llama_dir, out, "2:4", "sparsegpt", batches, progress="none")
     assert [r.fqn for r in result.sparse_rows] == [r.fqn for r in expected.sparse_rows]
@@ -492,8 +494,8 @@ def test_an_export_with_a_tied_head_loads_as_training_weights(tiny_llama_dir, tm
     from nmsparse.models import ModelError, load_weights
 
     model, source = build_model(f"hf:{tiny_llama_dir}")
-    prune(model, "2:4", "magnitude", out=tmp_path / "e", source=source, example_inputs={"input_ids": _ids(8)[None]},
-          progress="none")
+    prune(model, PruneConfig("2:4", "magnitude"), out=tmp_path / "e", source=source,
+          example_inputs={"input_ids": _ids(8)[None]}, progress="none")
     fresh, _ = build_model(f"hf:{tiny_llama_dir}")
     load_weights(fresh, tmp_path / "e" / "model.safetensors")
     assert torch.equal(fresh.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
@@ -514,7 +516,7 @@ def test_gpt2_errors_name_the_fix(tmp_path, capsys):
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config).eval()
     with pytest.raises(MethodError, match=r"Conv1D layers .*transformer.h.0.attn.c_attn and 7 more.*conv1d_as_linear"):
-        prune(model, "2:4", "magnitude", progress="none")
+        prune(model, PruneConfig("2:4", "magnitude"), progress="none")
     model.save_pretrained(str(tmp_path / "gpt2"))  # and without tokenizer files: a one-line error, exit 2
     assert main(["prune", f"hf:{tmp_path / 'gpt2'}", "--pattern", "2:4", "--method", "magnitude",
                  "--out", str(tmp_path / "out")]) == 2
@@ -657,7 +659,7 @@ def test_recovery_under_a_time_budget_prints_elapsed_budget_and_time_left(tiny_l
 
     model, _ = build_model(f"hf:{tiny_llama_dir}")
     teacher = copy.deepcopy(model)
-    result = prune(model, "2:4", "magnitude", progress="none")
+    result = prune(model, PruneConfig("2:4", "magnitude"), progress="none")
     stats = recover(model, teacher, result.layers, _windows(), max_seconds=1.5, progress="lines")
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]
     assert lines and all(" / 0:02  left " in ln and "/0 " not in ln for ln in lines)
@@ -698,7 +700,7 @@ def test_prune_and_quantize_in_one_pass_gives_an_export_the_runtime_reproduces_e
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 15  # 14 pruned + the LM head
     assert main(["prune", f"hf:{tiny_llama_dir}", "--weights", "int8", "--group-size", "24", "--out",
                  str(tmp_path / "bad")]) == 2
-    assert "group size" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert "--group-size 24 must be a multiple of 16" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def test_joint_sparsegpt_quantization_compensates_rounding():
@@ -735,7 +737,7 @@ def test_compress_with_quantized_weights_sizes_and_reloads(tiny_llama_dir, tmp_p
     model, _ = build_model(f"hf:{tiny_llama_dir}")
     out = tmp_path / "e"
     ids = _ids(32).unsqueeze(0)
-    prune(model, "2:4", "magnitude", out=out, source=ModelSource(f"hf:{tiny_llama_dir}"),
+    prune(model, PruneConfig("2:4", "magnitude"), out=out, source=ModelSource(f"hf:{tiny_llama_dir}"),
           example_inputs={"input_ids": ids}, progress="none")
     assert main(["compress", str(out), "--out", str(tmp_path / "c"), "--weights", weights, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -748,17 +750,17 @@ def test_compress_with_quantized_weights_sizes_and_reloads(tiny_llama_dir, tmp_p
         assert torch.allclose(packed(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5)
 
 
-def test_prune_source_is_the_library_form_of_the_cli_with_per_kind_data_defaults(tiny_llama_dir, tmp_path):
-    """`nmsparse.prune_source(source, PruneConfig(...), out)`: the model opened from its source, the causal
+def test_prune_of_a_source_is_the_library_form_of_the_cli_with_per_kind_data_defaults(tiny_llama_dir, tmp_path):
+    """`nmsparse.prune(source, PruneConfig(...), out=...)`: the model opened from its source, the causal
     LM's defaults filled in (built-in calibration text, recovery on fresh windows of it, text:heldout for
-    perplexity) and named in the report; flag combinations the pipeline does not run are refused before
-    anything is loaded or written."""
+    perplexity) and named in the report; values out of range, flag combinations the pipeline does not
+    run, and data passed beside a source are refused before anything is loaded or written."""
     import nmsparse
-    from nmsparse.runtime.quant import QuantError
+    from nmsparse.schema import ConfigError
 
     config = nmsparse.PruneConfig(method="wanda", samples=4, seq_len=32, heldout_tokens=256, window=64,
                                   recover_steps=2)
-    result = nmsparse.prune_source(f"hf:{tiny_llama_dir}", config, tmp_path / "out", progress="none")
+    result = nmsparse.prune(f"hf:{tiny_llama_dir}", config, out=tmp_path / "out", progress="none")
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert result.method == "wanda" and len(result.sparse_rows) == 14
     assert {k: report["calibration"][k] for k in ("source", "samples", "seq_len")} == {
@@ -767,7 +769,38 @@ def test_prune_source_is_the_library_form_of_the_cli_with_per_kind_data_defaults
     assert len(report["recovery"]["history"]["loss"]) == 2 and result.fidelity["measure"] == "perplexity"
     for bad in ({"stream": True, "refine": True}, {"stream": True, "weights": "int8"},
                 {"stream": True, "recover_steps": 3}):
-        with pytest.raises(ValueError, match="stream"):
+        with pytest.raises(ConfigError, match="stream"):
             nmsparse.PruneConfig(**bad)
-    with pytest.raises(QuantError):
+    for field_name, value in (("samples", -1), ("seq_len", 0), ("recover_minutes", -5), ("window", 1),
+                              ("recover_steps", 0), ("seed", -1), ("permute_sweeps", 0), ("samples", "8")):
+        with pytest.raises(ConfigError, match=f"^{field_name} must be at least"):
+            nmsparse.PruneConfig(**{field_name: value})
+    with pytest.raises(ConfigError, match="group size"):
         nmsparse.PruneConfig(weights="int4", group_size=24)
+    with pytest.raises(ConfigError, match="group size"):  # read with fp32 weights too, never silently ignored
+        nmsparse.PruneConfig(group_size=7)
+    target = tmp_path / "never"
+    with pytest.raises(ConfigError, match="leave out calibration"):
+        nmsparse.prune(f"hf:{tiny_llama_dir}", config, out=target, calibration=[_ids(8)[None]])
+    with pytest.raises(ConfigError, match="give out=DIR"):
+        nmsparse.prune(f"hf:{tiny_llama_dir}", config)
+    with pytest.raises(ConfigError, match="must be a PruneConfig"):
+        nmsparse.prune(f"hf:{tiny_llama_dir}", "2:4", out=target)
+    assert not target.exists()
+
+
+def test_prune_of_a_model_in_memory_reads_the_config_and_recovers_on_its_calibration(tiny_llama_dir):
+    """A model in memory: the config's recovery trains on the calibration batches given, and a config
+    that names a data source (calib) without batches is refused rather than silently unread."""
+    from nmsparse.schema import ConfigError
+
+    model, _ = build_model(f"hf:{tiny_llama_dir}")
+    result = prune(model, PruneConfig("2:4", "wanda", recover_steps=2, recover_lr=1e-3), calibration=_windows(),
+                   progress="none")
+    assert result.recovery is not None and len(result.recovery["history"]["loss"]) == 2
+    assert all(is_nm(m.weight.detach(), NMPattern(2, 4)) for m in model.modules() if isinstance(m, torch.nn.Linear)
+               and m is not model.lm_head)
+    with pytest.raises(ConfigError, match="calib='text:builtin' names data for a model source"):
+        prune(model, PruneConfig("2:4", "wanda", calib="text:builtin"), progress="none")
+    with pytest.raises(MethodError, match="recovery needs training batches"):
+        prune(model, PruneConfig("2:4", "magnitude", recover_steps=2), progress="none")

@@ -9,7 +9,7 @@ from torch import nn
 from nmsparse.mask import is_nm, nm_mask
 from nmsparse.method import METHODS, LayerStats, MethodError, build_method, list_methods
 from nmsparse.method.sparsegpt import sparsegpt_prune
-from nmsparse.oneshot import find_blocks, prune, recover
+from nmsparse.oneshot import PruneConfig, find_blocks, prune, recover
 from nmsparse.pattern import NMPattern
 from nmsparse.select import Selection
 from nmsparse.sparsifier import Sparsifier
@@ -87,9 +87,8 @@ def test_reported_error_equals_direct_computation():
     model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8))
     x = _correlated_inputs(n=64)
     dense = copy.deepcopy(model)
-    result = prune(
-        model, "2:4", "wanda", Selection(keep_classifier=False), calibration=[x[:32], x[32:]], progress="none"
-    )
+    result = prune(model, PruneConfig("2:4", "wanda", Selection(keep_classifier=False)), calibration=[x[:32], x[32:]],
+                   progress="none")
     row = next(r.as_dict() for r in result.rows if r.fqn == "0")
     direct = _error(dense[0].weight.detach(), model[0].weight.detach(), x)
     assert row["reconstruction_error"] == pytest.approx(direct, rel=1e-3)
@@ -107,7 +106,8 @@ def test_block_by_block_on_a_transformer(method):
         "blocks.1",
     ]
     batches = [torch.randn(4, 3, 8, 8) for _ in range(3)]
-    result = prune(model, "2:4", method, Selection(layers=("ff", "attention")), calibration=batches, progress="none")
+    result = prune(model, PruneConfig("2:4", method, Selection(layers=("ff", "attention"))), calibration=batches,
+                   progress="none")
     sparse = [r.as_dict() for r in result.sparse_rows]
     assert len(sparse) == 8 and all(r["verified"] for r in sparse)
     assert all(r["reconstruction_error"] is not None and r["reconstruction_error"] >= 0 for r in sparse)
@@ -120,7 +120,7 @@ def test_one_pass_on_a_cnn_including_convs(method):
     model = TinyCNN()
     assert find_blocks(model, ["conv2", "conv3"]) is None
     batches = [torch.randn(4, 1, 8, 8) for _ in range(2)]
-    result = prune(model, "2:4", method, calibration=batches, progress="none")
+    result = prune(model, PruneConfig("2:4", method), calibration=batches, progress="none")
     modules = dict(model.named_modules())
     assert {e["fqn"] for e in result.layers} == {"conv2", "conv3"}
     assert all(is_nm(modules[e["fqn"]].weight, NMPattern(2, 4)) for e in result.layers)
@@ -128,13 +128,13 @@ def test_one_pass_on_a_cnn_including_convs(method):
 
 def test_sparsegpt_refuses_output_axis_and_sparsifier_use():
     with pytest.raises(MethodError, match="axis 'in' or 'flat'"):
-        prune(TinyCNN(), "2:4@out", "sparsegpt", calibration=[torch.randn(2, 1, 8, 8)], progress="none")
+        prune(TinyCNN(), PruneConfig("2:4@out", "sparsegpt"), calibration=[torch.randn(2, 1, 8, 8)], progress="none")
     with pytest.raises(MethodError, match="needs calibration data"):
         Sparsifier("wanda", "2:4").prepare(TinyCNN())
     with pytest.raises(MethodError, match="needs calibration data"):
-        prune(TinyCNN(), "2:4", "wanda")
+        prune(TinyCNN(), PruneConfig("2:4", "wanda"))
     with pytest.raises(MethodError, match="trains masks"):
-        prune(TinyCNN(), "2:4", "srste")
+        prune(TinyCNN(), PruneConfig("2:4", "srste"))
 
 
 def test_recovery_holds_masks_and_reduces_distillation_loss():
@@ -142,7 +142,8 @@ def test_recovery_holds_masks_and_reduces_distillation_loss():
     teacher = TinyViT()
     student = copy.deepcopy(teacher)
     batches = [torch.randn(8, 3, 8, 8) for _ in range(4)]
-    result = prune(student, "1:4", "magnitude", Selection(layers=("ff",)), calibration=batches, progress="none")
+    result = prune(student, PruneConfig("1:4", "magnitude", Selection(layers=("ff",))), calibration=batches,
+                   progress="none")
     info = recover(student, teacher, result.layers, batches, steps=40, lr=3e-3, progress="none")
     assert info["steps"] == 40 and info["last_loss"] < info["first_loss"]
     modules = dict(student.named_modules())
@@ -168,7 +169,7 @@ def test_recovery_layers_objective_on_a_text_model_holds_masks_without_dropout()
         mask = torch.ones_like(ids)
         mask[:2, 9:] = 0  # padded sentences: the objectives weigh real tokens only
         batches.append({"input_ids": ids, "attention_mask": mask})
-    result = prune(student, "2:4", "magnitude", calibration=batches, progress="none")
+    result = prune(student, PruneConfig("2:4", "magnitude"), calibration=batches, progress="none")
     modes = []
     student.encoder.layer[0].register_forward_hook(lambda mod, args, out: modes.append(mod.training))
     info = recover(student, teacher, result.layers, batches, steps=30, lr=1e-4, progress="none")
@@ -223,7 +224,7 @@ def test_sparsegpt_prunes_1xn_blocks_uniformly_and_beats_magnitude(pattern):
     errors = {}
     for method in ("magnitude", "sparsegpt"):
         pruned = copy.deepcopy(model)
-        result = prune(pruned, pattern, method, Selection(keep_first_conv=False, keep_classifier=False),
+        result = prune(pruned, PruneConfig(pattern, method, Selection(keep_first_conv=False, keep_classifier=False)),
                        calibration=batches, progress="none")
         modules = dict(pruned.named_modules())
         assert {r.fqn for r in result.sparse_rows} == {"0", "2", "5", "7"}

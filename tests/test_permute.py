@@ -88,7 +88,7 @@ def test_prune_cli_reports_permutation(tmp_path, capsys):
 
 def test_unfoldable_layers_get_an_input_map_that_travels_through_export_and_runtime(tmp_path):
     from nmsparse.export import load_export, save_export
-    from nmsparse.oneshot import prune
+    from nmsparse.oneshot import PruneConfig, prune
     from nmsparse.parametrize import input_map
     from nmsparse.runtime import SparseConv2d, convert
 
@@ -108,7 +108,7 @@ def test_unfoldable_layers_get_an_input_map_that_travels_through_export_and_runt
     skipped.load_state_dict(fresh.state_dict())
     assert not {r.fqn: r for r in permute_channels(skipped, "2:4", Selection(keep_first_conv=False),
                                                    unfoldable="skip")}["conv3"].input_map
-    result = prune(model, "2:4", "magnitude", Selection(keep_first_conv=False))
+    result = prune(model, PruneConfig("2:4", "magnitude", Selection(keep_first_conv=False)))
     entry = next(e for e in result.layers if e["fqn"] == "conv3")
     assert entry["input_permutation"] == input_map(model.conv3)
     pruned_out = model(x)

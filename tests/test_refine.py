@@ -98,15 +98,15 @@ def _model():
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_prune_with_refine_lowers_every_layers_error_and_keeps_the_pattern(method):
-    from nmsparse.oneshot import prune
+    from nmsparse.oneshot import PruneConfig, prune
     from nmsparse.select import Selection
 
     x = _correlated()
     batches = [x[:128], x[128:]]
     plain, refined = _model(), _model()
     sel = Selection(keep_classifier=False)
-    base = prune(plain, "2:4", method, sel, calibration=batches, progress="none")
-    res = prune(refined, "2:4", method, sel, calibration=batches, progress="none", refine=True)
+    base = prune(plain, PruneConfig("2:4", method, sel), calibration=batches, progress="none")
+    res = prune(refined, PruneConfig("2:4", method, sel, refine=True), calibration=batches, progress="none")
     before = {r.fqn: r.reconstruction_error for r in base.sparse_rows}
     for row in res.sparse_rows:
         assert row.verified and row.refinement is not None and "swaps" in row.refinement
@@ -137,14 +137,14 @@ def test_sparsegpt_fixed_mask_resolve_beats_plain_masking():
 
 def test_refine_without_calibration_and_on_convs_is_refused_or_reported():
     from nmsparse.method import MethodError
-    from nmsparse.oneshot import prune
+    from nmsparse.oneshot import PruneConfig, prune
 
     from .conftest import TinyCNN
 
     with pytest.raises(MethodError, match="refinement needs calibration"):
-        prune(_model(), "2:4", "magnitude", refine=True, progress="none")
+        prune(_model(), PruneConfig("2:4", "magnitude", refine=True), progress="none")
     model = TinyCNN()
-    res = prune(model, "2:4", "wanda", calibration=[torch.randn(4, 1, 8, 8)], progress="none", refine=True)
+    res = prune(model, PruneConfig("2:4", "wanda", refine=True), calibration=[torch.randn(4, 1, 8, 8)], progress="none")
     convs = [r for r in res.sparse_rows if len(r.shape) == 4]
     assert convs and all("2-D" in r.refinement["skipped"] for r in convs)
 
@@ -169,26 +169,27 @@ def test_ria_score_by_hand_and_as_a_method():
 
 def test_method_best_runs_the_measured_pipeline_and_names_it(monkeypatch):
     from nmsparse.method import MethodError
-    from nmsparse.oneshot import prune
+    from nmsparse.oneshot import PruneConfig, prune
     from nmsparse.oneshot.prune import BEST, BestPipeline
     from nmsparse.select import Selection
 
     x = _correlated()
     model = _model()
-    res = prune(model, "2:4", "best", Selection(keep_classifier=False), calibration=[x], progress="none")
+    res = prune(model, PruneConfig("2:4", "best", Selection(keep_classifier=False)), calibration=[x], progress="none")
     assert res.method == "best: sparsegpt" and BEST["classifier"] == BestPipeline("sparsegpt")
     assert all(r.refinement is None for r in res.sparse_rows) and not res.permutation
     assert is_nm(model[0].weight.detach(), NMPattern(2, 4))
     monkeypatch.setitem(BEST, "classifier", BestPipeline("wanda", True))  # the table decides what runs
-    res = prune(_model(), "2:4", "best", Selection(keep_classifier=False), calibration=[x], progress="none")
+    res = prune(_model(), PruneConfig("2:4", "best", Selection(keep_classifier=False)), calibration=[x],
+                progress="none")
     assert res.method == "best: wanda + refine" and all(r.refinement for r in res.sparse_rows)
     with pytest.raises(MethodError, match="needs calibration data"):
-        prune(_model(), "2:4", "best", progress="none")
+        prune(_model(), PruneConfig("2:4", "best"), progress="none")
 
 
 def test_method_best_for_a_causal_lm_permutes_decoder_channels_then_runs_sparsegpt():
     transformers = pytest.importorskip("transformers")
-    from nmsparse.oneshot import prune
+    from nmsparse.oneshot import PruneConfig, prune
 
     config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
@@ -196,7 +197,7 @@ def test_method_best_for_a_causal_lm_permutes_decoder_channels_then_runs_sparseg
     model = transformers.LlamaForCausalLM(config).eval()
     batch = {"input_ids": torch.randint(0, 100, (2, 16))}
     reference = model(**batch).logits
-    res = prune(model, "2:4", "best", calibration=[batch], progress="none")
+    res = prune(model, PruneConfig("2:4", "best"), calibration=[batch], progress="none")
     assert res.method == "best: sparsegpt + permute (1 sweep)"
     folded = {r["fqn"] for r in res.permutation if r["folded_into"]}
     assert "model.layers.0.mlp.down_proj" in folded

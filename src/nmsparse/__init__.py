@@ -6,7 +6,7 @@ Importing this package imports torch but never initialises CUDA, timm or transfo
 from .export import ExportError, load_export, save_export
 from .mask import compute_mask, is_nm, nm_mask
 from .method import build_method, list_methods, register_method
-from .oneshot import PruneConfig, PruneResult, prune, prune_source
+from .oneshot import PruneConfig, PruneResult, prune
 from .pattern import BlockPattern, NMPattern, PatternError, parse_pattern
 from .select import Rule, Selection, SelectionError
 from .sparsifier import Sparsifier, SparsifierError
@@ -33,7 +33,6 @@ __all__ = [
     "nm_mask",
     "parse_pattern",
     "prune",
-    "prune_source",
     "register_method",
     "save_export",
 ]

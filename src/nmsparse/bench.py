@@ -163,14 +163,14 @@ def run_model_suite(patterns: list[str], models: list[str], repeats: int = 10, w
     converted. With ``choose`` (the default) ``convert`` times every layer at the model's real input
     of that batch and keeps the faster of dense and sparse (the row counts both); without it every
     eligible layer runs sparse."""
-    from .oneshot import prune
+    from .oneshot import PruneConfig, prune
 
     rows = []
     plan = [(m, p, b) for m in models for p in patterns for b in batches]
     bar = Progress(len(plan), 0, progress, 1, True)
     for index, (name, spec, batch) in enumerate(plan):
         model, inputs, selection = _model(name, batch)
-        result = prune(model, spec, "magnitude", selection)
+        result = prune(model, PruneConfig(spec, "magnitude", selection))
         dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         sparse_model, conv_rows = convert(copy.deepcopy(model), {e["fqn"]: e["pattern"] for e in result.layers},
                                           infer=False, example_inputs=inputs if choose else None,

@@ -117,12 +117,12 @@ def run_decode_suite(models: list[str], patterns: list[str], prompt_tokens: int 
     A row: ``{model, pattern, weights, prompt_tokens, new_tokens, ttft_ms, tokens_per_s, speedup
     (decode tokens/s against the dense float32 model), vs_q8_0, vs_q4_0 (against llama.cpp, when
     measured: its decode speed right before and after this row, ``q8_0_adjacent`` / ``q4_0_adjacent``, see
-    :class:`AdjacentAnchors`), same_tokens, converted_layers, sparse_layers, decode ("fused" or the module path), weights_mb,
-    layers_ms, head_ms, attention_ms, rest_ms, python_ms, other_ms}``: a decode step by the fused step's
-    clock (:meth:`~nmsparse.runtime.decode.LlamaDecoder.profile`; other: the last three). llama.cpp rows (``runtime:
-    llama.cpp``, weights F32 / Q8_0 / Q4_0) come from ``llamacpp`` (the ``llamacpp.sh`` tool: GGUF of the same
-    Hugging Face directory, llama-bench at the same threads, decode and prompt tokens/s), measured in
-    this run; without it those rows are absent and ``note`` says why.
+    :class:`AdjacentAnchors`), same_tokens, converted_layers, sparse_layers, decode ("fused" or the module
+    path), weights_mb, layers_ms, head_ms, attention_ms, rest_ms, python_ms, other_ms}``: a decode step by the
+    fused step's clock (:meth:`~nmsparse.runtime.decode.LlamaDecoder.profile`; other: the last three).
+    llama.cpp rows (``runtime: llama.cpp``, weights F32 / Q8_0 / Q4_0) come from ``llamacpp`` (the
+    ``llamacpp.sh`` tool: GGUF of the same Hugging Face directory, llama-bench at the same threads, decode
+    and prompt tokens/s), measured in this run; without it those rows are absent and ``note`` says why.
 
     With ``choose`` each layer is timed sparse vs its dense form (quantized like it) at the decode step's
     input and the faster is kept (:func:`nmsparse.runtime.convert`); the decoder's Linears are pruned by
@@ -131,7 +131,7 @@ def run_decode_suite(models: list[str], patterns: list[str], prompt_tokens: int 
     rows carry ``top1_agreement`` with their own module path instead (see :func:`_token_check`).
     """
     from .models import build_model
-    from .oneshot import prune
+    from .oneshot import PruneConfig, prune
     from .oneshot.data import heldout_text, load_tokenizer, token_ids
     from .runtime import convert
     from .select import Selection
@@ -162,7 +162,8 @@ def run_decode_suite(models: list[str], patterns: list[str], prompt_tokens: int 
         q4 = next((r["tokens_per_s"] for r in anchors if r["weights"] == "Q4_0" and r.get("tokens_per_s")), None)
         for pattern in patterns:
             pruned = copy.deepcopy(dense)
-            result = prune(pruned, pattern, "magnitude", Selection(layers=("ff", "attention")), progress="none")
+            result = prune(pruned, PruneConfig(pattern, "magnitude", Selection(layers=("ff", "attention"))),
+                           progress="none")
             layer_patterns = {e["fqn"]: e["pattern"] for e in result.layers}
             reference = _generate(pruned, prompt, new_tokens)
             for w in weights:
@@ -170,7 +171,7 @@ def run_decode_suite(models: list[str], patterns: list[str], prompt_tokens: int 
                 sparse, conv_rows = convert(copy.deepcopy(pruned), layer_patterns, infer=False, example_inputs=example,
                                             repeats=6, weights=w)
                 (ttft, tps), adjacent = nearby.around(
-                    lambda: _decode_times({"sparse": sparse}, prompt, new_tokens, repeats)["sparse"])
+                    lambda m=sparse, p=prompt: _decode_times({"sparse": m}, p, new_tokens, repeats)["sparse"])
                 row = {**base, "runtime": "nmsparse", "pattern": pattern, "weights": w, "ttft_ms": round(1e3 * ttft, 1),
                        "tokens_per_s": round(tps, 2), "speedup": round(tps / dense_tps, 3),
                        "converted_layers": sum(bool(r.converted) for r in conv_rows),
@@ -361,7 +362,8 @@ def decode_report_lines(rows: list[dict[str, Any]], meta: dict[str, Any]) -> lis
         sparse = f"{r['converted_layers']}/{r['sparse_layers']}" if "sparse_layers" in r else "-"
         tps = _fmt(r.get("tokens_per_s")) if "error" not in r else f"error: {r['error']}"
         lines.append(f"| {r['model']} | {r['runtime']} | {r['pattern']} | {r['weights']} | {tps} | "
-                     f"{_fmt(r.get('speedup'), '.2f', 'x')} | {_vs(r, 'q8_0')} | {_vs(r, 'q4_0')} | {_fmt(r.get('ttft_ms'), '.0f')} | "
+                     f"{_fmt(r.get('speedup'), '.2f', 'x')} | {_vs(r, 'q8_0')} | {_vs(r, 'q4_0')} | "
+                     f"{_fmt(r.get('ttft_ms'), '.0f')} | "
                      f"{_fmt(r.get('weights_mb'), '.0f')} | {step} | {same} | {sparse} |")
     return lines
 

@@ -41,6 +41,8 @@ __all__ = [
     "tied_parameter_names",
     "no_cache",
     "run_model",
+    "forward_output",
+    "main_output",
 ]
 
 
@@ -436,8 +438,16 @@ def run_model(model: nn.Module, batch: Any, **kwargs: Any) -> Any:
 
 
 def forward_output(model: nn.Module, inputs: Any) -> torch.Tensor:
-    """Run ``model`` and return its main output tensor (logits, or last hidden state)."""
-    out = run_model(model, inputs)
+    """Run ``model`` and return its main output tensor (:func:`main_output`)."""
+    return main_output(run_model(model, inputs))
+
+
+def main_output(out: Any) -> torch.Tensor:
+    """The main tensor of a model's output: itself, its logits, its last hidden state, or its first item.
+
+    Raises:
+        ModelError: none of those is a tensor.
+    """
     if isinstance(out, torch.Tensor):
         return out
     for key in ("logits", "last_hidden_state"):

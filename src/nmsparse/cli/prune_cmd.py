@@ -86,27 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-# flag -> (smallest allowed value, what it is): checked before any model is loaded or file written
-_MINIMUM = {"samples": (1, "calibration samples"), "seq_len": (1, "tokens per sample"), "recover_steps": (1, "steps"),
-            "recover_minutes": (0.01, "minutes"), "recover_lr": (1e-12, "a learning rate"),
-            "heldout_tokens": (2, "tokens"), "window": (2, "tokens"), "permute_sweeps": (1, "sweeps"),
-            "num_classes": (1, "classes"), "in_chans": (1, "channels"), "seed": (0, "a seed")}
-
-
-def _check_ranges(args: argparse.Namespace) -> None:
-    """Refuse negative and zero sizes, counts and budgets with one line naming the flag."""
-    for name, (low, what) in _MINIMUM.items():
-        value = getattr(args, name, None)
-        if value is not None and not value >= low:
-            raise CliError(f"--{name.replace('_', '-')} must be at least {low:g} ({what}), got {value}")
-
-
 def config_from_args(args: argparse.Namespace):
-    """The :class:`~nmsparse.oneshot.pipeline.PruneConfig` of the flags (errors name the flag)."""
-    from ..oneshot.pipeline import PruneConfig
-    from ..runtime.quant import QuantError
+    """The :class:`~nmsparse.oneshot.config.PruneConfig` of the flags (its errors name the flag)."""
+    from ..oneshot.config import ConfigError, PruneConfig
 
-    _check_ranges(args)
     try:
         return PruneConfig(
             pattern=args.pattern, method=args.method, selection=selection_from_args(args), calib=args.calib,
@@ -116,18 +99,17 @@ def config_from_args(args: argparse.Namespace):
             recover_objective=args.recover_objective, heldout=args.heldout, heldout_tokens=args.heldout_tokens,
             window=args.window, weights=args.weights, group_size=args.group_size, stream=args.stream,
             checkpoint=args.checkpoint, num_classes=args.num_classes, in_chans=args.in_chans)
-    except QuantError as exc:
-        raise CliError(f"--group-size: {exc}") from None
-    except ValueError as exc:  # a combination of flags the pipeline does not run: its words as the flags
-        raise CliError(re.sub(r"\b(stream|refine|method best|permute|checkpoint)\b", r"--\1", str(exc))) from None
+    except ConfigError as exc:  # the config's field names as the flags that set them
+        text = re.sub(r"^([a-z_]+) must", lambda m: f"--{m.group(1).replace('_', '-')} must", str(exc))
+        text = re.sub(r"\bgroup size\b", "--group-size", text)
+        raise CliError(re.sub(r"\b(stream|refine|method best|permute|checkpoint)\b", r"--\1", text)) from None
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..oneshot import CalibrationError
-    from ..oneshot.pipeline import prune_source
+    from ..oneshot import CalibrationError, prune
 
     register_user_error(CalibrationError)
-    result = prune_source(args.model, config_from_args(args), args.out)
+    result = prune(args.model, config_from_args(args), out=args.out)
     if args.json:
         print_json(result.as_dict())
         return 0

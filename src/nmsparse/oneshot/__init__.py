@@ -1,9 +1,11 @@
-"""One-shot pruning of trained models: :func:`prune` runs the whole pipeline on a model in memory with the
-data it is given; :func:`prune_source` (what ``nmsparse prune`` runs) opens a model source and builds that
-data with its model kind's defaults from one :class:`PruneConfig`.
+"""One-shot pruning of trained models: :func:`prune` is the one entry point, for a model in memory with the
+data it is given or for a model source (what ``nmsparse prune`` runs), whose data it builds with its model
+kind's defaults; one :class:`PruneConfig` describes the run.
 
-* :mod:`.prune` -- the pipeline (permute, calibrate and prune, fidelity, recover, export, reload check);
-* :mod:`.pipeline` -- :class:`PruneConfig` and :func:`prune_source`: sources, per-kind data defaults, streaming;
+* :mod:`.prune` -- the entry point and the pipeline (permute, calibrate and prune, fidelity, recover, export,
+  reload check);
+* :mod:`.config` -- :class:`PruneConfig`, range-checked;
+* :mod:`.pipeline` -- a model source opened with its kind's data defaults; streaming;
 * :mod:`.calibrate` -- block-by-block calibration statistics and per-layer pruning;
 * :mod:`.data` -- calibration and held-out data (text windows, sentences, images);
 * :mod:`.fidelity` -- the measure chosen by model kind (perplexity, embedding cosine, output agreement);
@@ -13,12 +15,12 @@ data with its model kind's defaults from one :class:`PruneConfig`.
 
 from ..models import run_model
 from .calibrate import find_blocks
+from .config import PruneConfig
 from .data import CalibrationError
 from .fidelity import FidelityCheck, model_kind, perplexity
-from .pipeline import PruneConfig, prune_source
-from .prune import Recovery, prune
-from .recover import recover
+from .prune import prune
+from .recover import Recovery, recover
 from .result import LayerRow, PruneResult
 
 __all__ = ["CalibrationError", "FidelityCheck", "LayerRow", "PruneConfig", "PruneResult", "Recovery", "find_blocks",
-           "model_kind", "perplexity", "prune", "prune_source", "recover", "run_model"]
+           "model_kind", "perplexity", "prune", "recover", "run_model"]

@@ -1,8 +1,8 @@
-"""A one-shot run from a model source and one config: what ``nmsparse prune`` runs.
+"""The data of a one-shot run on a model source: what :func:`~.prune.prune` builds when it is given a
+source name (``timm:``, ``torchvision:``, ``hf:``, ``gguf:`` or an export) instead of a model.
 
-:func:`prune_source` opens the model (``timm:``, ``torchvision:``, ``hf:``, ``gguf:`` or an export),
-builds the data each step needs with the defaults of the model's kind, and calls :func:`~.prune.prune`
-(or, with ``stream``, :func:`~.stream.prune_streaming`, one decoder block at a time). The defaults:
+:func:`open_source` opens the model and builds the data each step needs with the defaults of its kind;
+:func:`stream_source` runs the streamed pipeline (one decoder block at a time). The defaults:
 
 * calibration (calibrated methods, ``refine``, ``best``, recovery): ``text:builtin`` for text models,
   ``digits`` for vision models, ``samples`` windows of ``seq_len`` tokens;
@@ -16,92 +16,38 @@ The report says which data each step read (``describe``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..select import Selection
+from torch import nn
+
+from .config import PruneConfig
 from .result import PruneResult
 
-__all__ = ["PruneConfig", "prune_source"]
+__all__ = ["Prepared", "open_source", "stream_source"]
 
 
-@dataclass(frozen=True)
-class PruneConfig:
-    """Everything of a one-shot run but the model source and the output directory.
+@dataclass
+class Prepared:
+    """A model opened from its source, with the data of its run (the keyword arguments of the in-memory
+    pipeline: calibration, heldout, recover, source, example_inputs, describe)."""
 
-    pattern / method / selection / method_options: as :func:`nmsparse.oneshot.prune`.
-    calib: calibration data spec (None: the model kind's default, where the run needs data).
-    samples / seq_len / seed: calibration samples, tokens per text sample, sampling seed.
-    permute_sweeps: search input-channel permutations first, at most this many sweeps (None: off).
-    refine: refine each layer's mask against its output error after the method.
-    recover_steps / recover_minutes / recover_lr / recover_objective: distillation after pruning
-        (steps and/or a time budget; None for both: no recovery).
-    heldout / heldout_tokens / window: held-out data spec of the fidelity measure (None: the kind's
-        default), tokens of it (causal LMs), perplexity window.
-    weights / group_size: prune and quantize in one pass (``int8`` / ``int4``).
-    stream: causal LMs larger than memory, one decoder block at a time from the shards.
-    checkpoint / num_classes / in_chans: local weights to load first; a vision model's classes and
-        input channels.
-    """
-
-    pattern: str = "2:4"
-    method: str = "magnitude"
-    selection: Selection = field(default_factory=Selection)
-    method_options: dict[str, Any] | None = None
-    calib: str | None = None
-    samples: int = 128
-    seq_len: int = 128
-    seed: int = 0
-    permute_sweeps: int | None = None
-    refine: bool = False
-    recover_steps: int | None = None
-    recover_minutes: float | None = None
-    recover_lr: float = 2e-4
-    recover_objective: str = "auto"
-    heldout: str | None = None
-    heldout_tokens: int = 4096
-    window: int = 512
-    weights: str = "fp32"
-    group_size: int = 64
-    stream: bool = False
-    checkpoint: str | None = None
-    num_classes: int | None = None
-    in_chans: int | None = None
-
-    def __post_init__(self) -> None:
-        from ..runtime.quant import parse_weights
-
-        parse_weights(self.weights, self.group_size)  # QuantError before minutes of work
-        if self.stream and (self.refine or self.method == "best"):
-            raise ValueError("refine and method best run in the in-memory pipeline; drop stream")
-        if self.stream and self.weights != "fp32":
-            raise ValueError("stream writes float32 exports; weights int8/int4 need the in-memory pipeline "
-                             "(drop stream)")
-        if self.stream and (self.recovering or self.permute_sweeps or self.checkpoint):
-            raise ValueError("stream cannot be combined with recovery, permute or checkpoint (each needs the "
-                             "whole model in memory)")
-
-    @property
-    def recovering(self) -> bool:
-        return bool(self.recover_steps or self.recover_minutes)
+    model: nn.Module
+    data: dict[str, Any]
 
 
-def prune_source(model: str, config: PruneConfig, out: str | Path, progress: str = "auto") -> PruneResult:
-    """Prune the model ``model`` names (``timm:NAME``, ``torchvision:NAME``, ``hf:PATH``, ``gguf:FILE`` or
-    an export directory) with ``config``, writing the export to ``out`` (atomically).
+def open_source(model: str, config: PruneConfig) -> Prepared:
+    """Open ``model`` (a source name) and build its run's data from ``config`` and its kind's defaults.
 
     Raises:
-        ModelError / CalibrationError / MethodError / QuantError: bad input, before any file is written.
+        ModelError / CalibrationError: a source that does not open, data that cannot be built.
     """
-    if config.stream:
-        return _streaming(model, config, out, progress)
     from ..export import open_model
     from ..method import CalibratedMethod, build_method
     from ..models import example_input, load_weights
     from .data import build_calibration, heldout_data
     from .fidelity import model_kind
-    from .prune import prune
 
     net, source = open_model(model, num_classes=config.num_classes, in_chans=config.in_chans)
     if config.checkpoint:
@@ -117,17 +63,15 @@ def prune_source(model: str, config: PruneConfig, out: str | Path, progress: str
     heldout = None
     if source.is_text or calibrated:
         heldout = heldout_data(net, source, kind, config.heldout, config.heldout_tokens, seed=config.seed)
-    describe = _describe(model, config, kind, spec, batches, heldout, recovery)
-    return prune(net, config.pattern, config.method, config.selection, config.method_options, calibration=batches,
-                 permute=config.permute_sweeps, heldout=heldout, recover=recovery, out=out, source=source,
-                 example_inputs=example_input(net, source), progress=progress, window=config.window,
-                 describe=describe, weights=config.weights, group_size=config.group_size, refine=config.refine)
+    return Prepared(net, {"calibration": batches, "heldout": heldout, "recover": recovery, "source": source,
+                          "example_inputs": example_input(net, source),
+                          "describe": _describe(model, config, kind, spec, batches, heldout, recovery)})
 
 
 def _recovery(config: PruneConfig, kind: str, source: Any, spec: str, batches: list[Any] | None):
     """The recovery of ``config`` with its model kind's training data (see the module docstring)."""
     from .data import load_texts, load_tokenizer, sentence_training_batches, token_windows
-    from .prune import Recovery
+    from .recover import Recovery
 
     train = batches
     if kind == "encoder":  # whole sentences of the calibration text, batched by length
@@ -136,8 +80,7 @@ def _recovery(config: PruneConfig, kind: str, source: Any, spec: str, batches: l
     elif kind == "causal_lm":  # fresh windows of the calibration text, small batches (more steps per minute)
         train = token_windows(load_tokenizer(source.hf_dir), load_texts(spec), max(512, config.samples),
                               config.seq_len, seed=config.seed + 1, batch_size=8)
-    return Recovery(train, config.recover_steps, config.recover_minutes * 60 if config.recover_minutes else None,
-                    config.recover_lr, config.recover_objective)
+    return Recovery.of(config, train)
 
 
 def _describe(model: str, config: PruneConfig, kind: str, spec: str, batches, heldout, recovery) -> dict:
@@ -152,7 +95,9 @@ def _describe(model: str, config: PruneConfig, kind: str, spec: str, batches, he
                 "encoder": f"sentences of {spec}"}.get(kind, f"the calibration batches ({spec})")}
 
 
-def _streaming(model: str, config: PruneConfig, out: str | Path, progress: str) -> PruneResult:
+def stream_source(model: str, config: PruneConfig, out: str | Path, progress: str) -> PruneResult:
+    """The streamed pipeline (``config.stream``): a causal LM's decoder blocks one at a time from its
+    safetensors shards (:func:`~.stream.prune_streaming`), the export written block by block."""
     from ..models import ModelError, ModelSource, is_causal_lm_dir, resolve_hf_dir
     from .data import build_calibration
     from .stream import prune_streaming

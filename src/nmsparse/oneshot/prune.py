@@ -19,7 +19,9 @@ from ..pattern import Pattern, parse_pattern
 from ..select import Selection, nothing_selected
 from ..sparsifier import Sparsifier
 from .calibrate import prune_with_calibration
+from .config import ConfigError, PruneConfig
 from .fidelity import FidelityCheck, model_kind
+from .recover import Recovery
 from .result import LayerRow, PruneResult
 
 __all__ = ["Recovery", "prune", "best_pipeline", "BEST", "BestPipeline"]
@@ -51,28 +53,6 @@ def best_pipeline(kind: str) -> BestPipeline:
     return BEST[kind]
 
 
-@dataclass
-class Recovery:
-    """Distillation from the dense model after pruning, masks held (:func:`nmsparse.oneshot.recover`).
-
-    Args:
-        batches: training inputs (cycled), of the same form as calibration batches.
-        steps / seconds: step and/or wall-clock budget (at least one).
-        lr: peak AdamW learning rate (cosine decay over the budget).
-        objective: see :func:`nmsparse.oneshot.recover` (``auto`` picks by model kind).
-    """
-
-    batches: list[Any]
-    steps: int | None = None
-    seconds: float | None = None
-    lr: float = 2e-4
-    objective: str = "auto"
-
-    def __post_init__(self) -> None:
-        if not self.steps and not self.seconds:
-            raise ValueError("recovery needs a step or time budget (steps= or seconds=)")
-
-
 class _Stages:
     """Wall-clock seconds of each stage of a prune (the report's ``seconds``)."""
 
@@ -87,59 +67,92 @@ class _Stages:
 
 
 def prune(
-    model: nn.Module, pattern: str | Pattern = "2:4", method: str = "magnitude", selection: Selection | None = None,
-    method_options: dict[str, Any] | None = None, *, calibration: list[Any] | None = None,
-    permute: int | None = None, heldout: Any = None, recover: Recovery | None = None, out: str | Path | None = None,
-    source: Any = None, example_inputs: Any = None, progress: str = "auto", micro_batch: int | None = 4,
-    window: int = 512, describe: dict[str, Any] | None = None, weights: str = "fp32", group_size: int = 64,
-    refine: bool = False,
+    model: nn.Module | str, config: PruneConfig | None = None, *, out: str | Path | None = None,
+    calibration: list[Any] | None = None, heldout: Any = None, recover: Recovery | None = None, source: Any = None,
+    example_inputs: Any = None, describe: dict[str, Any] | None = None, progress: str = "auto",
+    micro_batch: int | None = 4,
 ) -> PruneResult:
-    """Prune ``model`` in place, once, and bake the masks into its weights.
+    """Prune a model once and bake the masks into its weights: the one entry point of one-shot pruning
+    (``nmsparse prune`` parses its flags into a :class:`PruneConfig` and calls this).
 
     Args:
-        model: any ``nn.Module`` (its selected layers Linear or Conv2d for calibrated methods).
-        pattern: default pattern of selected layers (``"2:4"``, ``"1x16:0.25"``).
-        method: ``magnitude`` (no data needed), ``wanda``, ``ria`` or ``sparsegpt`` (need
-            ``calibration``), or ``best``: the most accurate pipeline for the model's kind
-            (:data:`BEST`; the result's ``method`` names what ran).
-        selection: layer sets, rules and guards.
-        method_options: options of the method (e.g. ``{"dampening": 0.01}`` for sparsegpt).
+        model: a model source (``timm:NAME``, ``torchvision:NAME``, ``hf:PATH``, ``gguf:FILE`` or an export
+            directory), opened with the data of its kind built from ``config`` (:mod:`.pipeline`); ``out``
+            is then required and the data arguments below must be left out. Or any ``nn.Module``, pruned in
+            place with the data given (its selected layers Linear or Conv2d for calibrated methods).
+        config: the run (:class:`PruneConfig`; default: magnitude 2:4). With a model in memory the fields
+            that name data (calib, samples, seq_len, seed, heldout, heldout_tokens, stream, checkpoint,
+            num_classes, in_chans) are not read: pass the data itself.
+        out: write an export here (atomically) and check that it reloads to the same outputs; with a model
+            in memory it needs ``source`` (a :class:`nmsparse.models.ModelSource`) and ``example_inputs``.
         calibration: calibration batches (tensors, or dicts of keyword tensors), run block by block
-            through transformers; with ``magnitude`` they only feed the reconstruction-error report.
-        permute: search input-channel permutations first (at most this many sweeps; None = off).
+            through transformers; with ``magnitude`` they only feed the reconstruction-error report. A
+            config that recovers without ``recover`` trains on them.
         heldout: held-out data for the fidelity measure of the model's kind
             (:class:`~nmsparse.oneshot.fidelity.FidelityCheck`): token ids for causal LMs, sentence
             batches for encoders, input batches for classifiers; measured on the dense model, after
             pruning and after recovery.
         recover: a :class:`Recovery` run after pruning (the dense model is the teacher).
-        out: write an export here (atomically) and check that it reloads to the same outputs;
-            needs ``source`` (a :class:`nmsparse.models.ModelSource`) and ``example_inputs``.
         describe: facts for the report a caller knows and ``prune`` does not: ``{"model": name,
             "calibration": {"source": ..., "samples": ..., ...}, "heldout": what the fidelity measure
             read, "recovery_data": what the recovery trained on}``.
-        weights / group_size: ``"int8"`` / ``"int4"``: prune and quantize in one pass. SparseGPT
-            rounds inside its updates (each column's rounding error compensated); every method's
-            result is then snapped to the runtime's grid (:func:`nmsparse.oneshot.quantize.snap_to_grid`,
-            round-to-nearest), after recovery too; the manifest records the scheme and the report
-            each layer's storage. The export stays dense-with-zeros.
-        refine: refine every layer's mask after the method by swaps inside its groups that lower the
-            layer's output error on the calibration data (:mod:`nmsparse.refine`; kept only where the
-            error drops; sparsegpt re-solves its kept weights for the refined mask). Needs calibration.
         progress: ``auto``, ``bar``, ``lines`` or ``none``.
         micro_batch: samples per block forward of calibrated pruning.
-        window: perplexity window (causal LMs).
+
+    ``config.weights`` int8 / int4 prunes and quantizes in one pass: SparseGPT rounds inside its updates
+    (each column's rounding error compensated); every method's result is then snapped to the runtime's
+    grid (:func:`nmsparse.oneshot.quantize.snap_to_grid`, round-to-nearest), after recovery too; the
+    manifest records the scheme and the report each layer's storage. The export stays dense-with-zeros.
+    ``config.refine`` refines every layer's mask after the method by swaps inside its groups that lower
+    the layer's output error on the calibration data (:mod:`nmsparse.refine`).
 
     Returns:
-        :class:`PruneResult`; ``model`` is left dense with zeros and without parametrizations.
+        :class:`PruneResult`; a model in memory is left dense with zeros and without parametrizations.
 
     Raises:
-        MethodError: a training method, a calibrated method without calibration data, or no layer
-            selected.
+        ConfigError: data arguments with a model source, or a source without ``out``.
+        MethodError: a training method, a calibrated method without calibration data, or no layer selected.
+        ModelError / CalibrationError: a source that does not open, data that cannot be built.
     """
-    best, method, built, scheme, refine, permute = _resolve(model, method, method_options, calibration, refine,
-                                                            permute, weights, group_size)
+    config = config if config is not None else PruneConfig()
+    if not isinstance(config, PruneConfig):
+        raise ConfigError([f"config must be a PruneConfig, not {type(config).__name__} (e.g. "
+                           "PruneConfig(pattern='2:4', method='sparsegpt'))"])
+    if isinstance(model, (str, Path)):
+        given = [k for k, v in {"calibration": calibration, "heldout": heldout, "recover": recover, "source": source,
+                                "example_inputs": example_inputs, "describe": describe}.items() if v is not None]
+        if given:
+            raise ConfigError([f"a model source builds its own data; leave out {', '.join(given)} (or pass the "
+                               "model itself)"])
+        if out is None:
+            raise ConfigError(["pruning a model source writes an export: give out=DIR"])
+        from .pipeline import open_source, stream_source
+
+        if config.stream:
+            return stream_source(str(model), config, out, progress)
+        prepared = open_source(str(model), config)
+        return _prune_model(prepared.model, config, out=out, progress=progress, micro_batch=micro_batch,
+                            **prepared.data)
+    if config.calib is not None and calibration is None:
+        raise ConfigError([f"calib={config.calib!r} names data for a model source; with a model in memory pass "
+                           "calibration= batches"])
+    if recover is None and config.recovering:
+        recover = Recovery.of(config, calibration)
+    return _prune_model(model, config, out=out, calibration=calibration, heldout=heldout, recover=recover,
+                        source=source, example_inputs=example_inputs, describe=describe, progress=progress,
+                        micro_batch=micro_batch)
+
+
+def _prune_model(model: nn.Module, config: PruneConfig, *, out: str | Path | None, calibration: list[Any] | None,
+                 heldout: Any, recover: Recovery | None, source: Any, example_inputs: Any,
+                 describe: dict[str, Any] | None, progress: str, micro_batch: int | None) -> PruneResult:
+    """The in-memory pipeline: permute -> calibrate and prune -> fidelity -> recover -> export."""
+    best, method, built, scheme, refine, permute = _resolve(
+        model, config.method, config.method_options, calibration, config.refine, config.permute_sweeps,
+        config.weights, config.group_size)
     if out is not None and (source is None or example_inputs is None):
         raise ValueError("writing an export needs source= (how to rebuild the model) and example_inputs=")
+    pattern = config.pattern
     text = str(parse_pattern(pattern)) if isinstance(pattern, str) else str(pattern)
     result = PruneResult([], [], method=method, pattern=text)
     if best is not None:
@@ -147,9 +160,9 @@ def prune(
     clock = _Stages()
     reference = _reference(model, recover is not None, out is not None and bool(permute))
     model.eval()
-    check = FidelityCheck(model, heldout, window) if heldout is not None else None
+    check = FidelityCheck(model, heldout, config.window) if heldout is not None else None
     clock.lap("fidelity (dense)")
-    _masks(model, result, built, pattern, selection, calibration, permute, progress, micro_batch, refine)
+    _masks(model, result, built, pattern, config.selection, calibration, permute, progress, micro_batch, refine)
     if scheme is not None:
         result.weights = _snap(model, result, scheme, method)
     clock.lap("prune")

@@ -3,33 +3,58 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import run_model
+from ..method import MethodError
+from ..models import main_output, run_model
 from ..progress import Progress
 from ..schedule import Constant, Cosine
 from ..select import Rule, Selection
 from ..sparsifier import Sparsifier
 from .fidelity import mean_pool, model_kind
 
-__all__ = ["recover", "OBJECTIVES"]
+__all__ = ["Recovery", "recover", "OBJECTIVES"]
+
+
+@dataclass
+class Recovery:
+    """Distillation from the dense model after pruning, masks held (:func:`nmsparse.oneshot.recover`).
+
+    Args:
+        batches: training inputs (cycled), of the same form as calibration batches.
+        steps / seconds: step and/or wall-clock budget (at least one).
+        lr: peak AdamW learning rate (cosine decay over the budget).
+        objective: see :func:`nmsparse.oneshot.recover` (``auto`` picks by model kind).
+    """
+
+    batches: list[Any]
+    steps: int | None = None
+    seconds: float | None = None
+    lr: float = 2e-4
+    objective: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.steps and not self.seconds:
+            raise ValueError("recovery needs a step or time budget (steps= or seconds=)")
+
+    @classmethod
+    def of(cls, config: Any, batches: list[Any] | None) -> Recovery:
+        """The recovery a :class:`~.config.PruneConfig` asks for, training on ``batches``."""
+        if not batches:
+            raise MethodError("recovery needs training batches: give calibration= (a model in memory trains on "
+                              "them) or recover=Recovery(batches, ...)")
+        minutes = config.recover_minutes
+        return cls(batches, config.recover_steps, minutes * 60 if minutes else None, config.recover_lr,
+                   config.recover_objective)
 
 
 OBJECTIVES = ("auto", "hidden", "pooled", "layers", "causal")
 _RESOLUTION = 100_000  # the learning-rate schedule runs over the budget's fraction in these steps
-
-
-def _main_output(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    hidden = getattr(out, "last_hidden_state", None)
-    if hidden is None:
-        hidden = getattr(out, "logits", None)
-    return hidden if hidden is not None else out[0]
 
 
 def _token_weights(batch: Any, output: torch.Tensor) -> torch.Tensor:
@@ -75,7 +100,7 @@ def kl_logits(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tenso
 
 
 def _loss(objective: str, batch: Any, student_out: Any, teacher_out: Any) -> torch.Tensor:
-    output, target = _main_output(student_out).float(), _main_output(teacher_out).float()
+    output, target = main_output(student_out).float(), main_output(teacher_out).float()
     if objective == "causal":  # logits KL plus every layer's hidden states (held masks)
         weights = _token_weights(batch, output)
         return kl_logits(output, target, weights) + _hidden_layers_loss(batch, student_out, teacher_out, output)

@@ -442,6 +442,12 @@ inline void store_tile(const float (&acc)[R][C], i64 o, i64 rows, i64 t0, i64 co
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
 #define NMS_VNNI 1
+#ifndef NMS_DPB
+#define NMS_DPB 2
+#endif
+#ifndef NMS_DR
+#define NMS_DR 8
+#endif
 #ifndef NMS_VSTREAMS
 #define NMS_VSTREAMS 2
 #endif
@@ -641,9 +647,14 @@ void nmq_gemv_vnni(const uint8_t* codes, const uint8_t* q, const float* scales, 
         // int8: the inputs as unsigned bytes xq + 128 against the signed weights as stored (no per-row flip),
         // less 128 * the weights' sum
         const __m512i ulo = _mm512_xor_si512(xlo, offx), uhi = _mm512_xor_si512(xhi, offx);
+        // prefetch the same rows in the next chunk: a thread's rows of one chunk are short streams (two per
+        // thread), and the bytes past their end belong to other rows
+        const i64 cstride = c + 1 < chunks ? rows * qb : 0, ccstride = c + 1 < chunks ? rows * cbytes : 0;
         auto dot = [&](i64 i) {
           const uint8_t* qr = qrow + i * qb;
-          _mm_prefetch((const char*)(qr + QPREFETCH), _MM_HINT_T0);
+          _mm_prefetch((const char*)(qr + cstride), _MM_HINT_T0);
+          if (QB == 8) _mm_prefetch((const char*)(qr + cstride + 64), _MM_HINT_T0);
+          _mm_prefetch((const char*)(crow + i * cbytes + ccstride), _MM_HINT_T0);
           const __m512i idx = pow2 ? columns.whole_pow2(crow + i * cbytes) : columns(crow + i * cbytes, cbytes);
           if constexpr (QB == 8) {
             const __m512i xu = _mm512_permutex2var_epi8(ulo, idx, uhi), w = _mm512_loadu_si512(qr);
@@ -676,7 +687,8 @@ void nmq_gemv_vnni(const uint8_t* codes, const uint8_t* q, const float* scales, 
         const __m512i hi4 = _mm512_set1_epi8((char)0xF0), c128 = _mm512_set1_epi8((char)0x80);
         auto pair = [&](i64 i) {
           const uint8_t* qr = qrow + i * qb;
-          _mm_prefetch((const char*)(qr + QPREFETCH), _MM_HINT_T0);
+          _mm_prefetch((const char*)(qr + cstride), _MM_HINT_T0);
+          _mm_prefetch((const char*)(crow + i * cbytes + ccstride), _MM_HINT_T0);
           __m512i ie, io;
           pair_columns(crow + i * cbytes, ie, io);
           const __m512i xe = _mm512_permutex2var_epi8(xlo, ie, xhi), xo = _mm512_permutex2var_epi8(xlo, io, xhi);
@@ -746,6 +758,7 @@ __attribute__((always_inline)) inline void denseq_rows_vnni(const int8_t* xq, co
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const uint8_t* w = q + r * qrow + j * QB / 8;
+        _mm_prefetch((const char*)(w + NMS_DPB * R * qrow), _MM_HINT_T0);  // the same place in the next R rows
         const __m512i wu = QB == 4 ? weights_u8_split64(w) : weights_u8<QB>(w, ~0ull, 64);
         const __m512i dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, xs), corr);
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(sc[r * gr + g] * s), acc[r]);
@@ -778,8 +791,8 @@ inline void denseq_range_vnni(const int8_t* xq, const float* sx, const uint8_t* 
                               i64 cols, i64 G, float* out) {
   const i64 qrow = cols * QB / 8, gr = cdiv(cols, G);
   i64 o = o0;
-  for (; o + 8 <= o1; o += 8)
-    denseq_rows_vnni<QB, 8, WHOLE>(xq, sx, q + o * qrow, qrow, scales + o * gr, gr, cols, G, out + o);
+  for (; o + NMS_DR <= o1; o += NMS_DR)
+    denseq_rows_vnni<QB, NMS_DR, WHOLE>(xq, sx, q + o * qrow, qrow, scales + o * gr, gr, cols, G, out + o);
   for (; o < o1; ++o) denseq_rows_vnni<QB, 1, WHOLE>(xq, sx, q + o * qrow, qrow, scales + o * gr, gr, cols, G, out + o);
 }
 

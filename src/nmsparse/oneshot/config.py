@@ -1,0 +1,99 @@
+""":class:`PruneConfig`: everything of a one-shot run but the model and the output directory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..pattern import Pattern
+from ..schema import ConfigError
+from ..select import Selection
+
+__all__ = ["PruneConfig", "ConfigError"]
+
+# field -> (smallest allowed value, what it counts); None values are "not set" and pass
+_MINIMUM = {"samples": (1, "calibration samples"), "seq_len": (1, "tokens per sample"), "seed": (0, "a seed"),
+            "permute_sweeps": (1, "sweeps"), "recover_steps": (1, "steps"), "recover_minutes": (0.01, "minutes"),
+            "recover_lr": (1e-12, "a learning rate"), "heldout_tokens": (2, "tokens"), "window": (2, "tokens"),
+            "num_classes": (1, "classes"), "in_chans": (1, "channels")}
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything of a one-shot run but the model and the output directory (see :func:`~.prune.prune`).
+
+    pattern: default pattern of the selected layers (``"2:4"``, ``"1x16:0.25"``, ``"2:4@out"``).
+    method: ``magnitude`` (no data), ``wanda``, ``ria``, ``sparsegpt`` (calibrated), or ``best``: the
+        most accurate pipeline measured for the model's kind (the result's ``method`` names what ran).
+    selection / method_options: layer sets, rules and guards; the method's options
+        (e.g. ``{"dampening": 0.01}`` for sparsegpt).
+    permute_sweeps: search input-channel permutations first, at most this many sweeps (None: off).
+    refine: refine each layer's mask against its output error after the method (needs calibration).
+    weights / group_size: prune and quantize in one pass (``int8`` / ``int4``, kept values per scale).
+    window: perplexity window (causal LMs).
+    recover_steps / recover_minutes / recover_lr / recover_objective: distillation from the dense model
+        after pruning (steps and/or a time budget; None for both: no recovery).
+
+    Read only when the model is a source (the data of its kind is built from them):
+    calib / samples / seq_len / seed: calibration data spec (None: the kind's default where the run
+        needs data), samples, tokens per text sample, sampling seed.
+    heldout / heldout_tokens: held-out data spec of the fidelity measure (None: the kind's default),
+        tokens of it (causal LMs).
+    stream: causal LMs larger than memory, one decoder block at a time from the shards.
+    checkpoint / num_classes / in_chans: local weights to load first; a vision model's classes and
+        input channels.
+
+    Raises:
+        ConfigError: a value out of range or a combination the pipeline does not run (one line naming
+            the field), before any model is loaded.
+    """
+
+    pattern: str | Pattern = "2:4"
+    method: str = "magnitude"
+    selection: Selection = field(default_factory=Selection)
+    method_options: dict[str, Any] | None = None
+    calib: str | None = None
+    samples: int = 128
+    seq_len: int = 128
+    seed: int = 0
+    permute_sweeps: int | None = None
+    refine: bool = False
+    recover_steps: int | None = None
+    recover_minutes: float | None = None
+    recover_lr: float = 2e-4
+    recover_objective: str = "auto"
+    heldout: str | None = None
+    heldout_tokens: int = 4096
+    window: int = 512
+    weights: str = "fp32"
+    group_size: int = 64
+    stream: bool = False
+    checkpoint: str | None = None
+    num_classes: int | None = None
+    in_chans: int | None = None
+
+    def __post_init__(self) -> None:
+        from ..runtime.quant import QuantError, parse_weights
+
+        for name, (low, what) in _MINIMUM.items():
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not value >= low):
+                raise ConfigError([f"{name} must be at least {low:g} ({what}), got {value!r}"])
+        try:  # before minutes of work; the group size is checked with fp32 weights too (never silently unread)
+            parse_weights(self.weights, self.group_size)
+            parse_weights("int8", self.group_size)
+        except QuantError as exc:
+            raise ConfigError([str(exc)]) from None
+        if self.stream and (self.refine or self.method == "best"):
+            raise ConfigError(["refine and method best run in the in-memory pipeline; drop stream"])
+        if self.stream and self.weights != "fp32":
+            raise ConfigError(["stream writes float32 exports; weights int8/int4 need the in-memory pipeline "
+                               "(drop stream)"])
+        if self.stream and (self.recovering or self.permute_sweeps or self.checkpoint):
+            raise ConfigError(["stream cannot be combined with recovery, permute or checkpoint (each needs the "
+                               "whole model in memory)"])
+
+    @property
+    def recovering(self) -> bool:
+        return bool(self.recover_steps or self.recover_minutes)
