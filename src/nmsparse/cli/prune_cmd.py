@@ -43,9 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="magnitude, wanda, ria, sparsegpt, or best (the most accurate pipeline measured for the model kind; "
         "today sparsegpt)",
     )
-    parser.add_argument("--calib", help="calibration data: text:builtin, text:PATH, hf-dataset:NAME[:CONFIG[:SPLIT]], "
-                        "images:DIR, digits, mnist5k (default for wanda/sparsegpt: text:builtin for hf: models, "
-                        "digits for vision models)")
+    parser.add_argument("--calib", help="calibration data: text:builtin, text:varied (the built-in text plus "
+                        "standard-library docstrings), text:PATH, hf-dataset:NAME[:CONFIG[:SPLIT]], images:DIR, "
+                        "digits, mnist5k (default for wanda/sparsegpt: text:builtin for hf: models, digits for "
+                        "vision models); recovery trains on the same text")
     parser.add_argument("--samples", type=int, default=128, help="calibration samples")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per text calibration sample")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling")

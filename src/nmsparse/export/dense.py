@@ -18,7 +18,10 @@ from .._io import atomic_dir
 from ..mask import sliced_satisfies
 from .manifest import MANIFEST_NAME, WEIGHTS_NAME, ExportError, entry_patterns, make_manifest, read_manifest
 
-__all__ = ["save_export", "load_export", "verify_weights", "is_export", "open_model", "compare_export"]
+__all__ = ["save_export", "load_export", "verify_weights", "is_export", "open_model", "compare_export", "ExportWriter",
+           "SHARD_INDEX_NAME"]
+
+SHARD_INDEX_NAME = "model.safetensors.index.json"  # the Hugging Face name of a sharded checkpoint's index
 
 
 def is_export(path: str | Path) -> bool:
@@ -62,29 +65,75 @@ def save_export(
     bad = verify_weights(model, layers)
     if bad:
         raise ExportError(f"refusing to export: {len(bad)} layer(s) break their pattern: {', '.join(bad[:5])}")
-    manifest = make_manifest(layers, model_source, skipped, extra)
-    try:
-        with atomic_dir(out_dir, replaceable=is_export) as tmp:
-            # "format": "pt" is what transformers' from_pretrained requires of a safetensors file
-            save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": "nmsparse-export"},
-                       force_contiguous=True)
-            _write_hf_files(model, model_source, tmp)
-            for name, content in (files or {}).items():
-                if isinstance(content, bytes):
-                    (tmp / name).write_bytes(content)
-                else:
-                    (tmp / name).write_text(content)
-            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-    except FileExistsError as exc:
-        raise ExportError(str(exc)) from None
+    with ExportWriter(out_dir) as writer:
+        # "format": "pt" is what transformers' from_pretrained requires of a safetensors file
+        save_model(model, str(writer.directory / WEIGHTS_NAME), metadata=SAFETENSORS_METADATA, force_contiguous=True)
+        writer.finish(model, layers, model_source, skipped, extra, files)
     return Path(out_dir)
+
+
+SAFETENSORS_METADATA = {"format": "pt", "producer": "nmsparse-export"}
+
+
+class ExportWriter:
+    """An export directory being written, atomically: a temporary directory beside ``out_dir`` that
+    replaces it in one rename when the ``with`` block ends without an error (an existing export there is
+    replaced, anything else refused with :class:`ExportError`). The weights are one ``model.safetensors``
+    (:func:`save_export`) or shards added one at a time (:meth:`add_shard`, the streamed pipeline, which
+    never holds the model); :meth:`finish` writes the shard index, the Hugging Face files, the manifest
+    and the report's files."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+        self._context: Any = None
+        self.directory = Path()
+
+    def __enter__(self) -> ExportWriter:
+        self._context = atomic_dir(self.out_dir, replaceable=is_export)
+        try:
+            self.directory = self._context.__enter__()
+        except FileExistsError as exc:
+            raise ExportError(str(exc)) from None
+        return self
+
+    def __exit__(self, *exc_info: Any) -> bool | None:
+        return self._context.__exit__(*exc_info)
+
+    def add_shard(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Write ``tensors`` as the shard file ``name`` and record them in the index."""
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(self.directory / name),
+                  metadata=SAFETENSORS_METADATA)
+        self.weight_map.update(dict.fromkeys(tensors, name))
+        self.total_size += sum(v.numel() * v.element_size() for v in tensors.values())
+
+    def finish(self, model: nn.Module, layers: list[dict[str, Any]], model_source: dict[str, Any],
+               skipped: list[dict[str, str]] | None = None, extra: dict[str, Any] | None = None,
+               files: dict[str, str | bytes] | None = None) -> None:
+        """The rest of the export: the shard index (when shards were added), ``model``'s Hugging Face
+        config and tokenizer files (``model`` may live on the meta device), ``files`` and the manifest."""
+        if self.weight_map:
+            (self.directory / SHARD_INDEX_NAME).write_text(json.dumps(
+                {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))},
+                indent=1) + "\n")
+        _write_hf_files(model, model_source, self.directory)
+        for name, content in (files or {}).items():
+            if isinstance(content, bytes):
+                (self.directory / name).write_bytes(content)
+            else:
+                (self.directory / name).write_text(content)
+        manifest = make_manifest(layers, model_source, skipped, extra)
+        (self.directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def _weight_files(directory: Path) -> list[str]:
     """The safetensors files of an export: ``model.safetensors``, or a streamed export's shards."""
     if (directory / WEIGHTS_NAME).is_file():
         return [WEIGHTS_NAME]
-    return sorted(set(json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    return sorted(set(json.loads((directory / SHARD_INDEX_NAME).read_text())["weight_map"].values()))
 
 
 # Tensors are read and loaded in parts of about this size, so that loading an export holds one part

@@ -37,7 +37,7 @@ from ..refine import refinable, refine_mask
 from ..select import LayerChoice, Selection, nothing_selected, select_layers
 from .result import LayerRow
 
-__all__ = ["prune_with_calibration", "prune_blocks", "find_blocks"]
+__all__ = ["prune_with_calibration", "prune_blocks", "find_blocks", "first_block_inputs", "release_freed_memory"]
 
 # X^T X is collected for the error report up to this many input columns (per layer); in one-pass mode
 # every selected layer holds its statistics at once, so the limit is lower there.
@@ -85,7 +85,7 @@ def find_blocks(model: nn.Module, fqns: Iterable[str]) -> list[tuple[str, nn.Mod
     return [(f"{prefix}{i}", block) for i, block in enumerate(blocks)]
 
 
-def _capture_inputs(model: nn.Module, first: nn.Module, batches: list[Any]) -> list[tuple[tuple, dict]]:
+def first_block_inputs(model: nn.Module, first: nn.Module, batches: list[Any]) -> list[tuple[tuple, dict]]:
     captured: list[tuple[tuple, dict]] = []
 
     def hook(_module, args, kwargs):
@@ -112,7 +112,7 @@ def _malloc_trim():
         return None
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Hand memory freed by the last block back to the OS (glibc keeps freed blocks in its arenas,
     so resident memory would otherwise creep up block after block). A no-op off glibc."""
     trim = _malloc_trim()
@@ -306,7 +306,7 @@ def prune_blocks(blocks: list[tuple[str, nn.Module]], selected: list[LayerChoice
             before(index, prefix, block, here)
         if capture is not None and inputs is None:
             inputs = capture(block)
-            _release_freed_memory()
+            release_freed_memory()
         done.update(c.fqn for c in here)
         if here:
             if inputs is not None:
@@ -314,13 +314,13 @@ def prune_blocks(blocks: list[tuple[str, nn.Module]], selected: list[LayerChoice
                                  _HESSIAN_MAX_COLUMNS_BLOCK, refine)
             else:
                 stats = {c.fqn: LayerStats(int(c.module.weight[0].numel()), False) for c in here}
-            _release_freed_memory()
+            release_freed_memory()
             for choice in here:
                 rows.append(_prune_layer(choice, method, stats.pop(choice.fqn), refine))
-                _release_freed_memory()
+                release_freed_memory()
         if inputs is not None and index + 1 < len(blocks):
             _advance(block, inputs, micro_batch)
-            _release_freed_memory()
+            release_freed_memory()
         if after is not None:
             after(index, prefix, block, here)
         bar.update(index + 1, f"block {prefix}: {len(here)} layers")
@@ -374,7 +374,7 @@ def prune_with_calibration(
     else:
         bar = Progress(len(blocks), 0, progress, every=1)
         block_rows, in_blocks = prune_blocks(blocks, selected, method,
-                                             lambda first: _capture_inputs(model, first, batches), micro_batch,
+                                             lambda first: first_block_inputs(model, first, batches), micro_batch,
                                              refine, bar)
         rows += block_rows
         bar.close()

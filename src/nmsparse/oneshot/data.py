@@ -59,10 +59,13 @@ def _builtin_split() -> tuple[list[str], list[str]]:
 def builtin_text() -> tuple[str, list[str]]:
     """(calibration text, held-out sentences) from ``pydoc_data.topics``, split by topic.
 
-    Every fourth topic (in sorted order) is held out; its sentences are never calibration data.
+    Every fourth topic (in sorted order) is held out; its sentences are never calibration data (the
+    sentences the topics share, e.g. boilerplate, are left out of the held-out ones).
     """
     calibration, held_out = _builtin_split()
-    return "\n".join(calibration), [s for text in held_out for s in split_sentences(text)]
+    text = "\n".join(calibration)
+    seen = set(split_sentences(text))
+    return text, [s for part in held_out for s in split_sentences(part) if s not in seen]
 
 
 def heldout_text() -> str:
@@ -97,6 +100,32 @@ def other_text() -> str:
     return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
 
 
+# text:varied: the built-in calibration text plus the docstrings of these standard-library modules, chosen
+# for prose about many subjects (numbers, dates, files, networks, mail, concurrency, statistics); none of
+# it is pydoc_data.topics' held-out part or scikit-learn's dataset descriptions (text:other)
+VARIED_MODULES = ("argparse", "asyncio", "calendar", "collections", "csv", "datetime", "decimal", "difflib",
+                  "email.message", "fractions", "functools", "gzip", "heapq", "http.client", "itertools", "json",
+                  "logging", "mailbox", "pathlib", "random", "shutil", "sqlite3", "statistics", "string",
+                  "subprocess", "tarfile", "textwrap", "threading", "unittest", "urllib.parse", "zipfile")
+
+
+def varied_text() -> str:
+    """The built-in calibration text and the docstrings of :data:`VARIED_MODULES` (the module's and its
+    public classes' and functions', in sorted order): the same on every install of a Python version."""
+    import importlib
+    import inspect
+
+    docs = [builtin_text()[0]]
+    for name in VARIED_MODULES:
+        module = importlib.import_module(name)
+        docs.append(inspect.getdoc(module) or "")
+        for attr in sorted(a for a in dir(module) if not a.startswith("_")):
+            obj = getattr(module, attr, None)
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", "") == name:
+                docs.append(inspect.getdoc(obj) or "")
+    return "\n\n".join(d for d in docs if d)
+
+
 def load_texts(spec: str) -> str:
     kind, _, rest = spec.partition(":")
     if kind == "text" and rest == "builtin":
@@ -105,11 +134,13 @@ def load_texts(spec: str) -> str:
         return heldout_text()
     if kind == "text" and rest == "other":
         return other_text()
+    if kind == "text" and rest == "varied":
+        return varied_text()
     if kind == "text":
         path = Path(rest)
         if not path.is_file():
-            raise CalibrationError(f"calibration text file {rest!r} does not exist (use text:builtin, text:heldout, "
-                                   "text:other or text:PATH)")
+            raise CalibrationError(f"calibration text file {rest!r} does not exist (use text:builtin, text:varied, "
+                                   "text:heldout, text:other or text:PATH)")
         text = path.read_text(encoding="utf-8", errors="replace")
         if not text.strip():
             raise CalibrationError(f"calibration text file {rest!r} is empty")
@@ -273,7 +304,8 @@ def heldout_data(model: Any, source: Any, kind: str, spec: str | None = None, ma
 
     Args:
         kind: ``causal_lm`` -> ``[N]`` token ids (``max_tokens``) of ``spec`` (default: the built-in
-            held-out text, ``text:heldout``); ``encoder`` -> padded batches of the held-out sentences;
+            held-out text, ``text:heldout``); ``encoder`` -> padded batches of the sentences of ``spec``
+            (default: the built-in held-out sentences; at most ``8 * samples``);
             ``classifier`` -> ``samples`` images of ``spec`` (default ``digits``) drawn with another seed
             than calibration's.
     """
@@ -281,8 +313,10 @@ def heldout_data(model: Any, source: Any, kind: str, spec: str | None = None, ma
         ids = token_ids(load_tokenizer(source.hf_dir), load_texts(spec or "text:heldout"), max_tokens)
         check_vocabulary(model, int(ids.max()) if ids.numel() else 0, source.hf_dir)
         return ids
-    if kind == "encoder":
-        _, sentences = builtin_text()
-        return sentence_batches(load_tokenizer(source.hf_dir), sentences)
+    if kind == "encoder":  # the built-in held-out sentences, or the sentences of the text spec given
+        sentences = builtin_text()[1] if spec in (None, "text:heldout") else split_sentences(load_texts(spec))
+        if not sentences:
+            raise CalibrationError(f"held-out text {spec!r} has no sentences of 40-300 characters")
+        return sentence_batches(load_tokenizer(source.hf_dir), sentences[:samples * 8])
     spec = spec if spec and not spec.startswith(("text:", "hf-dataset:")) else "digits"
     return build_calibration(spec, model, source, samples, 0, seed + 7919)

@@ -85,7 +85,8 @@ def _recovery(config: PruneConfig, kind: str, source: Any, spec: str, batches: l
 
 def _describe(model: str, config: PruneConfig, kind: str, spec: str, batches, heldout, recovery) -> dict:
     """The data of each step, for the report: calibration, the fidelity measure, the recovery."""
-    heldout_spec = {"causal_lm": config.heldout or "text:heldout", "encoder": "sentences of text:heldout"}.get(
+    heldout_spec = {"causal_lm": config.heldout or "text:heldout",
+                    "encoder": f"sentences of {config.heldout or 'text:heldout'}"}.get(
         kind, config.heldout or "digits (another draw than calibration's)")
     return {"model": model,
             "calibration": {"source": spec, "samples": config.samples, "seq_len": config.seq_len} if batches else None,

@@ -23,26 +23,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._io import atomic_dir
-from ..export.manifest import MANIFEST_NAME, layer_entry, make_manifest
+from ..export.dense import SHARD_INDEX_NAME, ExportWriter
+from ..export.manifest import layer_entry
 from ..method import MethodError, build_method
 from ..parametrize import input_map
 from ..pattern import Pattern, parse_pattern
 from ..progress import Progress
 from ..select import Selection, select_layers
-from .calibrate import _capture_inputs, _release_freed_memory, find_blocks, prune_blocks
+from .calibrate import find_blocks, first_block_inputs, prune_blocks, release_freed_memory
 from .result import PruneResult
 
-__all__ = ["prune_streaming", "INDEX_NAME"]
-
-INDEX_NAME = "model.safetensors.index.json"
+__all__ = ["prune_streaming"]
 
 
 class _Shards:
     """Tensor name -> the safetensors file holding it, over one file or an index of shards."""
 
     def __init__(self, directory: Path) -> None:
-        index = directory / INDEX_NAME
+        index = directory / SHARD_INDEX_NAME
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             self.files = {key: directory / name for key, name in weight_map.items()}
@@ -52,7 +50,8 @@ class _Shards:
             with safe_open(str(directory / "model.safetensors"), "pt") as handle:
                 self.files = {key: directory / "model.safetensors" for key in handle.keys()}  # noqa: SIM118
         else:
-            raise MethodError(f"{directory} holds no model.safetensors or {INDEX_NAME}; streaming reads safetensors")
+            raise MethodError(f"{directory} holds no model.safetensors or {SHARD_INDEX_NAME}; streaming reads "
+                              "safetensors")
 
     def load_into(self, module: nn.Module, prefix: str, skip: str | None = None, strict: bool = False) -> None:
         """Copy the tensors named ``prefix + name`` into ``module``'s parameters and buffers (names
@@ -119,7 +118,7 @@ def prune_streaming(
     """
     from transformers import AutoConfig
 
-    from ..export.dense import _write_hf_files
+    from .report import report_files
 
     directory, out = Path(directory), Path(out)
     built = build_method(method, method_options)
@@ -135,29 +134,20 @@ def prune_streaming(
     shell = _shell(config, shards, prefix)
     start = time.perf_counter()
     text = str(parse_pattern(pattern)) if isinstance(pattern, str) else str(pattern)
-    with atomic_dir(out, replaceable=lambda p: (p / MANIFEST_NAME).is_file()) as tmp:
-        stream = _BlockShards(shards, shell, prefix, tmp, len(blocks) + 1)
+    with ExportWriter(out) as writer:
+        stream = _BlockShards(shards, shell, prefix, writer, len(blocks) + 1)
         bar = Progress(len(blocks), 0, progress, every=1)
         rows, _ = prune_blocks(blocks, selected, built, stream.capture(calibration) if calibration else None,
                                micro_batch, False, bar, before=stream.materialise, after=stream.write_and_release)
         bar.close()
-        layers = stream.layers
-        stream.finish(config.tie_word_embeddings)
+        stream.write_outside_blocks(config.tie_word_embeddings)
         source = {"source": f"hf:{directory}", "options": {}}
-        _write_hf_files(skeleton, source, tmp)
         skipped = [{"fqn": c.fqn, "reason": c.skip_reason or ""} for c in choices if not c.selected]
-        result = PruneResult(layers, rows, skipped, method, text, calibration={"batches": len(calibration or [])},
-                             export=str(out))
-        manifest = make_manifest(layers, source, skipped, {"method": method, "streamed": True,
-                                                            "seconds": round(time.perf_counter() - start, 1)})
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        from .report import report_files
-
-        for name, content in report_files(result.as_dict()).items():
-            if isinstance(content, bytes):
-                (tmp / name).write_bytes(content)
-            else:
-                (tmp / name).write_text(content)
+        result = PruneResult(stream.layers, rows, skipped, method, text,
+                             calibration={"batches": len(calibration or [])}, export=str(out))
+        writer.finish(skeleton, stream.layers, source, skipped,
+                      {"method": method, "streamed": True, "seconds": round(time.perf_counter() - start, 1)},
+                      report_files(result.as_dict()))
     return result
 
 
@@ -165,14 +155,12 @@ class _BlockShards:
     """The streamed blocks' hooks of :func:`~nmsparse.oneshot.calibrate.prune_blocks`: each block is
     materialised from the input shards into the skeleton's slot, and after pruning written to its own
     output shard (``model-{index + 2}-of-{count}``; shard 1 holds what lies outside the blocks) and
-    released; ``finish`` writes shard 1 and the index."""
+    released."""
 
-    def __init__(self, shards: _Shards, shell: nn.Module, prefix: str, out: Path, count: int) -> None:
-        self.shards, self.shell, self.prefix, self.out, self.count = shards, shell, prefix, out, count
+    def __init__(self, shards: _Shards, shell: nn.Module, prefix: str, writer: ExportWriter, count: int) -> None:
+        self.shards, self.shell, self.prefix, self.writer, self.count = shards, shell, prefix, writer, count
         self.slot = shell.get_submodule(prefix)
         self.layers: list[dict[str, Any]] = []
-        self.weight_map: dict[str, str] = {}
-        self.total_size = 0
 
     def materialise(self, index: int, block_fqn: str, block: nn.Module, here: list) -> None:
         block.to_empty(device="cpu")  # the skeleton's own block, materialised in place
@@ -182,29 +170,25 @@ class _BlockShards:
     def capture(self, calibration: list[Any]):
         def first_inputs(block: nn.Module) -> list:
             self.slot[0] = block
-            return _capture_inputs(self.shell, block, calibration)
+            return first_block_inputs(self.shell, block, calibration)
         return first_inputs
 
     def write_and_release(self, index: int, block_fqn: str, block: nn.Module, here: list) -> None:
-        from safetensors.torch import save_file
-
         self.layers.extend(layer_entry(c.fqn, c.module.weight, c.patterns, input_map(c.module)) for c in here)
-        tensors = {f"{block_fqn}.{k}": v.detach().contiguous() for k, v in block.state_dict().items()}
-        name = f"model-{index + 2:05d}-of-{self.count:05d}.safetensors"
-        save_file(tensors, str(self.out / name), metadata={"format": "pt", "producer": "nmsparse-export"})
-        self.weight_map.update(dict.fromkeys(tensors, name))
-        self.total_size += sum(v.numel() * v.element_size() for v in tensors.values())
-        del tensors
+        self.writer.add_shard(f"model-{index + 2:05d}-of-{self.count:05d}.safetensors",
+                              {f"{block_fqn}.{k}": v for k, v in block.state_dict().items()})
         block.to(device="meta")  # release the block's memory
         self.slot[0] = block
-        _release_freed_memory()
+        release_freed_memory()
 
-    def finish(self, tied: bool) -> None:
-        self.total_size += _write_outside_blocks(self.shell, self.prefix, tied, self.out, self.count,
-                                                 self.weight_map)
-        (self.out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": self.total_size},
-                                                       "weight_map": dict(sorted(self.weight_map.items()))},
-                                                      indent=1) + "\n")
+    def write_outside_blocks(self, tied: bool) -> None:
+        """Shard 1 of ``count``: every tensor outside the block list (one copy of a tied head, as
+        save_pretrained writes)."""
+        rest = {k: v for k, v in self.shell.state_dict().items() if not k.startswith(self.prefix + ".")}
+        head = self.shell.get_output_embeddings()
+        if tied and head is not None:
+            rest.pop(_head_prefix(self.shell, head) + "weight", None)
+        self.writer.add_shard(f"model-00001-of-{self.count:05d}.safetensors", rest)
 
 
 def _skeleton(config: Any, selection: Selection | None, pattern: str | Pattern):
@@ -252,23 +236,6 @@ def _shell(config: Any, shards: _Shards, prefix: str) -> nn.Module:
     if config.tie_word_embeddings:
         shell.tie_weights()
     return shell
-
-
-def _write_outside_blocks(shell: nn.Module, prefix: str, tied: bool, tmp: Path, count: int,
-                          weight_map: dict[str, str]) -> int:
-    """Shard 1 of ``count``: every tensor outside the block list (one copy of a tied head, as
-    save_pretrained writes); returns its bytes and fills ``weight_map``."""
-    from safetensors.torch import save_file
-
-    rest = {k: v for k, v in shell.state_dict().items() if not k.startswith(prefix + ".")}
-    head = shell.get_output_embeddings()
-    if tied and head is not None:
-        rest.pop(_head_prefix(shell, head) + "weight", None)
-    name = f"model-00001-of-{count:05d}.safetensors"
-    save_file({k: v.contiguous() for k, v in rest.items()}, str(tmp / name),
-              metadata={"format": "pt", "producer": "nmsparse-export"})
-    weight_map.update(dict.fromkeys(rest, name))
-    return sum(v.numel() * v.element_size() for v in rest.values())
 
 
 def _head_prefix(model: nn.Module, head: nn.Module) -> str:
