@@ -119,3 +119,15 @@ def test_the_checker_finds_a_cycle_and_an_upward_import():
     assert _cycles(edges) == [["nmsparse.mask", "nmsparse.sparsifier"]]
     assert _layer("nmsparse.sparsifier") > _layer("nmsparse.mask")
     assert _layer("nmsparse.oneshot.prune") > _layer("nmsparse.method.base")
+
+
+def test_no_function_in_the_package_is_longer_than_80_lines():
+    """Functions stay short enough to read at once (issue 26): docstring included, nested functions counted
+    with their parent."""
+    root = Path(nmsparse.__file__).parent
+    long = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{path.relative_to(root)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long

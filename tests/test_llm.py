@@ -339,6 +339,7 @@ case $2 in *q8*) echo "tg_tok_s=$(( 10 * n ))";; *) echo "tg_tok_s=unavailable";
     # calls: q8 (10), q4 (fails), q8 (30), q4: the Q8_0 mean of 10 and 30; Q4_0 left out
     assert result == "measured" and adjacent == {"q8_0_adjacent": 20.0}
     assert AdjacentAnchors(None, anchors, 2, 8).around(lambda: 1) == (1, {})
+    assert nearby.ratios(30.0, adjacent) == {"vs_q8_0": 1.5, "vs_q4_0": 30.0}  # Q4_0: the first anchor (1.0)
 
 
 def test_streaming_prune_equals_in_memory_prune_and_loads(tiny_llama_dir, tmp_path, capsys):

@@ -158,8 +158,6 @@ def run_decode_suite(models: list[str], patterns: list[str], prompt_tokens: int 
         done += 1
         bar.update(done, f"{name} dense + llama.cpp")
         nearby = AdjacentAnchors(llamacpp, anchors, threads or torch.get_num_threads(), new_tokens)
-        q8 = next((r["tokens_per_s"] for r in anchors if r["weights"] == "Q8_0" and r.get("tokens_per_s")), None)
-        q4 = next((r["tokens_per_s"] for r in anchors if r["weights"] == "Q4_0" and r.get("tokens_per_s")), None)
         for pattern in patterns:
             pruned = copy.deepcopy(dense)
             result = prune(pruned, PruneConfig(pattern, "magnitude", Selection(layers=("ff", "attention"))),
@@ -176,13 +174,8 @@ def run_decode_suite(models: list[str], patterns: list[str], prompt_tokens: int 
                        "tokens_per_s": round(tps, 2), "speedup": round(tps / dense_tps, 3),
                        "converted_layers": sum(bool(r.converted) for r in conv_rows),
                        "sparse_layers": len(result.layers), "decode": conv_rows.decode or "module path",
-                       "weights_mb": _weights_mb(sparse), "layer_choice": choose, **adjacent}
-                # against llama.cpp measured around this row when it was (AdjacentAnchors), else the first anchors
-                q8_row, q4_row = adjacent.get("q8_0_adjacent", q8), adjacent.get("q4_0_adjacent", q4)
-                if q8_row:
-                    row["vs_q8_0"] = round(tps / q8_row, 3)
-                if q4_row:
-                    row["vs_q4_0"] = round(tps / q4_row, 3)
+                       "weights_mb": _weights_mb(sparse), "layer_choice": choose, **adjacent,
+                       **nearby.ratios(tps, adjacent)}
                 row.update(_step_breakdown(sparse, tps, [e["fqn"] for e in result.layers], prompt))
                 row.update(_token_check(sparse, prompt, new_tokens, reference if w == "fp32" else None))
                 rows.append(row)
@@ -315,6 +308,17 @@ class AdjacentAnchors:
         self.tool, self.threads, self.new_tokens = tool, threads, new_tokens
         self.ggufs = {r["weights"]: r["gguf"] for r in anchors if r.get("gguf") and r.get("tokens_per_s")
                       and r["weights"] in ("Q8_0", "Q4_0")}
+        self.first = {r["weights"]: r["tokens_per_s"] for r in anchors if r.get("tokens_per_s")}
+
+    def ratios(self, tokens_per_s: float, adjacent: dict[str, float]) -> dict[str, float]:
+        """``{vs_q8_0, vs_q4_0}``: against llama.cpp measured around the row (``adjacent``, from
+        :meth:`around`) where it was, else against the run's first anchors."""
+        out = {}
+        for kind in ("Q8_0", "Q4_0"):
+            anchor = adjacent.get(f"{kind.lower()}_adjacent", self.first.get(kind))
+            if anchor:
+                out[f"vs_{kind.lower()}"] = round(tokens_per_s / anchor, 3)
+        return out
 
     def _speeds(self) -> dict[str, float | None]:
         return {k: _llamacpp_run(self.tool, "bench", g, self.threads, self.new_tokens)[0]
