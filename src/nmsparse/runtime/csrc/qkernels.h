@@ -1240,10 +1240,14 @@ void nmq_gemv_avx2(const uint8_t* codes, const uint8_t* q, const float* scales, 
       };
       const i64 nrow = o1 - o0, len = nrow / 2;
       if (count == jc && gm == 64) {  // the common case in one tight loop: whole chunks, one scale a chunk
+        // prefetch the same rows in the next chunk (a thread's rows of a chunk are short streams)
+        const i64 qstride = c + 1 < chunks ? rows * qb : 0, cstride = c + 1 < chunks ? rows * 16 : 0;
         auto row = [&](i64 i) {
           const uint8_t* cr = crow + i * 16;
           const uint8_t* qr = qrow + i * 32 * QB / 4;
-          _mm_prefetch((const char*)(qr + QPREFETCH), _MM_HINT_T0);
+          _mm_prefetch((const char*)(qr + qstride), _MM_HINT_T0);
+          if (QB == 8) _mm_prefetch((const char*)(qr + qstride + 63), _MM_HINT_T0);
+          _mm_prefetch((const char*)(cr + cstride), _MM_HINT_T0);
           __m256i d = _mm256_setzero_si256();
 #pragma GCC unroll 2
           for (int h = 0; h < 2; ++h) {
