@@ -43,11 +43,9 @@ def _block16(rows: int, size: int, seed: int) -> torch.Tensor:
     return w
 
 
-def _bandwidth_gbs() -> float:
-    big = torch.ones(128 * 1024 * 1024)
-    big.sum()
-    best = min(_timed(big.sum) for _ in range(10))
-    return big.numel() * 4 / best / 1e9
+def _bandwidth_gbs(big: torch.Tensor, reads: int = 3) -> float:
+    """GB/s of the fastest of ``reads`` full reads (``torch.sum``) of ``big``."""
+    return big.numel() * 4 / min(_timed(big.sum) for _ in range(reads)) / 1e9
 
 
 def _timed(fn) -> float:
@@ -87,7 +85,7 @@ def main() -> None:
     big.sum()
     bandwidths = []
     for _ in range(args.rounds):
-        bandwidths.append(big.numel() * 4 / min(_timed(big.sum) for _ in range(3)) / 1e9)
+        bandwidths.append(_bandwidth_gbs(big))
         for case in cases:
             calls = case["calls"]
             t = _timed(lambda calls=calls: [c(x.data_ptr(), y.data_ptr(), threads) for c in calls]) / len(calls)

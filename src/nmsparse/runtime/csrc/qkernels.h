@@ -442,12 +442,6 @@ inline void store_tile(const float (&acc)[R][C], i64 o, i64 rows, i64 t0, i64 co
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
 #define NMS_VNNI 1
-#ifndef NMS_DPB
-#define NMS_DPB 2
-#endif
-#ifndef NMS_DR
-#define NMS_DR 8
-#endif
 #ifndef NMS_VSTREAMS
 #define NMS_VSTREAMS 2
 #endif
@@ -650,11 +644,15 @@ void nmq_gemv_vnni(const uint8_t* codes, const uint8_t* q, const float* scales, 
         // prefetch the same rows in the next chunk: a thread's rows of one chunk are short streams (two per
         // thread), and the bytes past their end belong to other rows
         const i64 cstride = c + 1 < chunks ? rows * qb : 0, ccstride = c + 1 < chunks ? rows * cbytes : 0;
-        auto dot = [&](i64 i) {
+        auto prefetch_next = [&](i64 i) {  // row i's values (int8: two lines; int4 pairs: one a row) and codes
           const uint8_t* qr = qrow + i * qb;
           _mm_prefetch((const char*)(qr + cstride), _MM_HINT_T0);
           if (QB == 8) _mm_prefetch((const char*)(qr + cstride + 64), _MM_HINT_T0);
           _mm_prefetch((const char*)(crow + i * cbytes + ccstride), _MM_HINT_T0);
+        };
+        auto dot = [&](i64 i) {
+          const uint8_t* qr = qrow + i * qb;
+          prefetch_next(i);
           const __m512i idx = pow2 ? columns.whole_pow2(crow + i * cbytes) : columns(crow + i * cbytes, cbytes);
           if constexpr (QB == 8) {
             const __m512i xu = _mm512_permutex2var_epi8(ulo, idx, uhi), w = _mm512_loadu_si512(qr);
@@ -676,46 +674,40 @@ void nmq_gemv_vnni(const uint8_t* codes, const uint8_t* q, const float* scales, 
         // four consecutive rows at a time: their sums folded into one vector, scaled by their four scales
         const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
         const __m512 vsx = _mm512_set1_ps(sxc);
-        auto quad = [&](i64 i) {
-          const __m512i d = fold4(dot(i), dot(i + 1), dot(i + 2), dot(i + 3));
-          const __m512 s = _mm512_mul_ps(_mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(srow + i))), vsx);
+        auto add4 = [&](i64 i, __m512i d, __m512 vs) {  // rows i..i+3's folded sums, scaled, into their partials
+          const __m512 s = _mm512_mul_ps(_mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(srow + i))), vs);
           float* p = part + i * 4;
           _mm512_storeu_ps(p, _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, _mm512_loadu_ps(p)));
         };
+        auto quad = [&](i64 i) { add4(i, fold4(dot(i), dot(i + 1), dot(i + 2), dot(i + 3)), vsx); };
         // int4: two rows a load (NMPairColumns); lanes 0-7 of a pair's sum are its first row, 8-15 the second,
         // 16 times the product with the stored q + 8, less 16 * 8 * (the inputs' sum)
         const __m512i hi4 = _mm512_set1_epi8((char)0xF0), c128 = _mm512_set1_epi8((char)0x80);
         auto pair = [&](i64 i) {
           const uint8_t* qr = qrow + i * qb;
-          _mm_prefetch((const char*)(qr + cstride), _MM_HINT_T0);
-          _mm_prefetch((const char*)(crow + i * cbytes + ccstride), _MM_HINT_T0);
+          prefetch_next(i);
           __m512i ie, io;
           pair_columns(crow + i * cbytes, ie, io);
           const __m512i xe = _mm512_permutex2var_epi8(xlo, ie, xhi), xo = _mm512_permutex2var_epi8(xlo, io, xhi);
           const __m512i w = _mm512_loadu_si512(qr);
           const __m512i wlo = _mm512_and_si512(_mm512_slli_epi16(w, 4), hi4), whi = _mm512_and_si512(w, hi4);
           const __m512i acc = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wlo, xe), whi, xo);
-          const __m512i off = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, xe), c128, xo);
-          return _mm512_sub_epi32(acc, off);
+          const __m512i corr = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, xe), c128, xo);
+          return _mm512_sub_epi32(acc, corr);
         };
         const __m512 vsx16 = _mm512_set1_ps(sxc / 16);
         auto quad4 = [&](i64 i) {
           const __m512i a = pair(i), b = pair(i + 2);
-          const __m512i d = _mm512_add_epi32(_mm512_shuffle_i32x4(a, b, 0x88), _mm512_shuffle_i32x4(a, b, 0xDD));
-          const __m512 s = _mm512_mul_ps(_mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(srow + i))), vsx16);
-          float* p = part + i * 4;
-          _mm512_storeu_ps(p, _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, _mm512_loadu_ps(p)));
+          add4(i, _mm512_add_epi32(_mm512_shuffle_i32x4(a, b, 0x88), _mm512_shuffle_i32x4(a, b, 0xDD)), vsx16);
         };
         const i64 len4 = len & ~(i64)3;
-        if (pairs) {
+        auto quads = [&](auto step) {
           for (i64 i = 0; i < len4; i += 4)
 #pragma GCC unroll 8
-            for (int r = 0; r < NMS_VSTREAMS; ++r) quad4(r * len + i);
-        } else {
-          for (i64 i = 0; i < len4; i += 4)
-#pragma GCC unroll 8
-            for (int r = 0; r < NMS_VSTREAMS; ++r) quad(r * len + i);
-        }
+            for (int r = 0; r < NMS_VSTREAMS; ++r) step(r * len + i);
+        };
+        if (pairs) quads(quad4);
+        else quads(quad);
         for (int r = 0; r < NMS_VSTREAMS; ++r)
           for (i64 i = len4; i < len; ++i) row(r * len + i);
         for (i64 i = NMS_VSTREAMS * len; i < nrow; ++i) row(i);
@@ -758,7 +750,8 @@ __attribute__((always_inline)) inline void denseq_rows_vnni(const int8_t* xq, co
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const uint8_t* w = q + r * qrow + j * QB / 8;
-        _mm_prefetch((const char*)(w + NMS_DPB * R * qrow), _MM_HINT_T0);  // the same place in the next R rows
+        // the same place two blocks of R rows ahead: rows of 2 KB are streams too short for the hardware prefetcher
+        _mm_prefetch((const char*)(w + 2 * R * qrow), _MM_HINT_T0);
         const __m512i wu = QB == 4 ? weights_u8_split64(w) : weights_u8<QB>(w, ~0ull, 64);
         const __m512i dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, xs), corr);
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(sc[r * gr + g] * s), acc[r]);
@@ -791,8 +784,8 @@ inline void denseq_range_vnni(const int8_t* xq, const float* sx, const uint8_t* 
                               i64 cols, i64 G, float* out) {
   const i64 qrow = cols * QB / 8, gr = cdiv(cols, G);
   i64 o = o0;
-  for (; o + NMS_DR <= o1; o += NMS_DR)
-    denseq_rows_vnni<QB, NMS_DR, WHOLE>(xq, sx, q + o * qrow, qrow, scales + o * gr, gr, cols, G, out + o);
+  for (; o + 8 <= o1; o += 8)
+    denseq_rows_vnni<QB, 8, WHOLE>(xq, sx, q + o * qrow, qrow, scales + o * gr, gr, cols, G, out + o);
   for (; o < o1; ++o) denseq_rows_vnni<QB, 1, WHOLE>(xq, sx, q + o * qrow, qrow, scales + o * gr, gr, cols, G, out + o);
 }
 
