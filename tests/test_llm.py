@@ -114,6 +114,27 @@ def test_one_shot_prunes_every_decoder_linear_block_by_block_and_keeps_head_and_
         fidelity["one_shot"]["perplexity"] / fidelity["dense"]["perplexity"], rel=1e-3)
 
 
+def test_sequential_groups_of_a_llama_block_follow_its_data_flow(tiny_llama_dir):
+    """q/k/v read one tensor, then o, gate/up read one tensor, then down; a sequential prune is valid and
+    its reported errors are on the inputs through the pruned groups (so they differ from the plain run)."""
+    from nmsparse.oneshot.calibrate import call_groups, first_block_inputs
+    from nmsparse.select import Selection, select_layers
+
+    model, _ = build_model(f"hf:{tiny_llama_dir}")
+    block = model.model.layers[0]
+    here = [c for c in select_layers(model, Selection(), "2:4") if c.selected and c.fqn.startswith("model.layers.0.")]
+    groups, once = call_groups(block, here, first_block_inputs(model, block, _windows(1)))
+    names = [[c.fqn.rsplit(".", 1)[1] for c in group] for group in groups]
+    assert names == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]] and once
+    plain = prune(copy.deepcopy(model), PruneConfig("2:4", "sparsegpt"), calibration=_windows(), progress="none")
+    result = prune(model, PruneConfig("2:4", "sparsegpt", sequential=True), calibration=_windows(), progress="none")
+    assert len(result.sparse_rows) == 14 and all(r.verified for r in result.sparse_rows)
+    errors = {r.fqn: r.reconstruction_error for r in result.sparse_rows}
+    before = {r.fqn: r.reconstruction_error for r in plain.sparse_rows}
+    assert errors["model.layers.0.self_attn.q_proj"] == pytest.approx(before["model.layers.0.self_attn.q_proj"])
+    assert errors["model.layers.0.mlp.down_proj"] != pytest.approx(before["model.layers.0.mlp.down_proj"], rel=1e-4)
+
+
 def test_opt_family_works_without_per_family_code():
     config = transformers.OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
                                     num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)

@@ -231,3 +231,53 @@ def test_sparsegpt_prunes_1xn_blocks_uniformly_and_beats_magnitude(pattern):
         assert all(is_block_uniform(modules[r.fqn].weight, parse_pattern(pattern)) for r in result.sparse_rows)
         errors[method] = sum(r.reconstruction_error for r in result.sparse_rows)
     assert errors["sparsegpt"] < errors["magnitude"]
+
+
+def _fc2_by_hand(model, batches, dense_fc2):
+    """Block 0's fc2 pruned by sparsegpt on the inputs ``model`` (as it stands) feeds that layer."""
+    fc2 = model.blocks[0].mlp.fc2
+    stats = LayerStats(fc2.in_features, True)
+    handle = fc2.register_forward_pre_hook(lambda _m, args: stats.add(args[0].reshape(-1, fc2.in_features)))
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    handle.remove()
+    return build_method("sparsegpt").prune_weight(dense_fc2, (NMPattern(2, 4),), stats)[0]
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_sequential_calibration_feeds_each_group_through_the_groups_pruned_before_it(sequential):
+    """Sequential: block 0's fc2 is calibrated on inputs through the pruned qkv, proj and fc1 (every
+    other layer of that block dense otherwise); not sequential: on the dense block's inputs."""
+    torch.manual_seed(0)
+    model = TinyViT()
+    dense = copy.deepcopy(model)
+    batches = [torch.randn(4, 3, 8, 8) for _ in range(3)]
+    prune(model, PruneConfig("2:4", "sparsegpt", Selection(layers=("ff", "attention")), sequential=sequential),
+          calibration=batches, progress="none")
+    reference = copy.deepcopy(dense)
+    if sequential:
+        for name in ("attn.qkv", "attn.proj", "mlp.fc1"):
+            reference.blocks[0].get_submodule(name).weight.data.copy_(model.blocks[0].get_submodule(name).weight)
+    expected = _fc2_by_hand(reference, batches, dense.blocks[0].mlp.fc2.weight.detach())
+    other = _fc2_by_hand(dense if sequential else model, batches, dense.blocks[0].mlp.fc2.weight.detach())
+    got = model.blocks[0].mlp.fc2.weight.detach()
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, other, atol=1e-3)  # the order of calibration changed the result
+    assert is_nm(got, NMPattern(2, 4))
+
+
+def test_call_groups_stop_forwards_early_and_sequential_needs_calibration():
+    from nmsparse.oneshot.calibrate import call_groups
+    from nmsparse.select import select_layers
+
+    model = TinyViT()
+    choices = [c for c in select_layers(model, Selection(layers=("ff", "attention")), "2:4") if c.selected]
+    here = [c for c in choices if c.fqn.startswith("blocks.0.")]
+    inputs = [((torch.randn(2, 4, 16),), {})]
+    groups, once = call_groups(model.blocks[0], list(reversed(here)), inputs)
+    assert [[c.fqn for c in g] for g in groups] == [["blocks.0.attn.qkv"], ["blocks.0.attn.proj"],
+                                                    ["blocks.0.mlp.fc1"], ["blocks.0.mlp.fc2"]]
+    assert once
+    with pytest.raises(MethodError, match="sequential calibration needs calibration data"):
+        prune(model, PruneConfig("2:4", "magnitude", sequential=True), progress="none")

@@ -198,7 +198,7 @@ def test_method_best_for_a_causal_lm_permutes_decoder_channels_then_runs_sparseg
     batch = {"input_ids": torch.randint(0, 100, (2, 16))}
     reference = model(**batch).logits
     res = prune(model, PruneConfig("2:4", "best"), calibration=[batch], progress="none")
-    assert res.method == "best: sparsegpt + permute (1 sweep)"
+    assert res.method == "best: sparsegpt + permute (1 sweep) + sequential" and res.calibration["sequential"]
     folded = {r["fqn"] for r in res.permutation if r["folded_into"]}
     assert "model.layers.0.mlp.down_proj" in folded
     assert is_nm(model.model.layers[0].mlp.down_proj.weight.detach(), NMPattern(2, 4))

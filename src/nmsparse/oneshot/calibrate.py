@@ -157,9 +157,46 @@ def _pieces(args: tuple, kwargs: dict, micro_batch: int | None):
 
 
 def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]], micro_batch: int | None) -> None:
+    """Run the block on every captured input; a hook may end a piece's forward early (``_StopForward``)."""
     for args, kwargs in inputs:
         for piece_args, piece_kwargs in _pieces(args, kwargs, micro_batch):
-            block(*piece_args, **piece_kwargs)
+            with contextlib.suppress(_StopForward):
+                block(*piece_args, **piece_kwargs)
+
+
+@torch.no_grad()
+def call_groups(block: nn.Module, here: list[LayerChoice], inputs: list[tuple[tuple, dict]]
+                ) -> tuple[list[list[LayerChoice]], bool]:
+    """The block's selected layers grouped by the tensor they read, in the order the block calls them
+    (a Llama block: q/k/v, o, gate/up, down), from one forward of one sample. Layers the forward never
+    called come last, as one group. Returns ``(groups, each layer called once)``; with a layer called
+    twice (shared weights) the groups still hold, but a forward must not stop early."""
+    by_module = {id(c.module): c for c in here}
+    groups: list[list[LayerChoice]] = []
+    reads: list[torch.Tensor] = []  # each group's input, held so the identity test cannot see a reused id
+    calls: dict[str, int] = {}
+
+    def hook(module, args):
+        choice = by_module[id(module)]
+        calls[choice.fqn] = calls.get(choice.fqn, 0) + 1
+        if calls[choice.fqn] > 1:
+            return
+        for tensor, group in zip(reads, groups):
+            if tensor is args[0]:
+                group.append(choice)
+                return
+        reads.append(args[0])
+        groups.append([choice])
+
+    handles = [c.module.register_forward_pre_hook(hook) for c in here]
+    try:
+        piece_args, piece_kwargs = next(_pieces(*inputs[0], 1))
+        block(*piece_args, **piece_kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [c for c in here if c.fqn not in calls]
+    return groups + ([missing] if missing else []), all(n == 1 for n in calls.values())
 
 
 @torch.no_grad()
@@ -186,8 +223,13 @@ def _next_inputs(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
     return args, {**kwargs, _hidden_key(kwargs): hidden}
 
 
+def _stop(_module, _args):
+    raise _StopForward
+
+
 def _collect(choices: list[LayerChoice], method: MethodBase, run: Callable[[], None], max_columns: int,
-             refine: bool = False) -> dict[str, LayerStats]:
+             refine: bool = False, stop_at: nn.Module | None = None) -> dict[str, LayerStats]:
+    """Each choice's input statistics over ``run()``; a forward ends once ``stop_at`` has read its input."""
     stats, handles = {}, []
     needs_h = refine or (isinstance(method, CalibratedMethod) and method.needs_hessian)
     for choice in choices:
@@ -208,6 +250,8 @@ def _collect(choices: list[LayerChoice], method: MethodBase, run: Callable[[], N
             _stats.add(_as_rows(mod, args[0]))
 
         handles.append(module.register_forward_pre_hook(hook))
+    if stop_at is not None:  # registered last, so it runs after that layer's statistics hook
+        handles.append(stop_at.register_forward_pre_hook(_stop))
     try:
         with torch.no_grad():
             run()
@@ -281,10 +325,29 @@ def _prune_layer(choice: LayerChoice, method: MethodBase, stats: LayerStats, ref
 BlockHook = Callable[[int, str, nn.Module, list[LayerChoice]], None]
 
 
+def _prune_block_layers(block: nn.Module, here: list[LayerChoice], inputs: list[tuple[tuple, dict]] | None,
+                        method: MethodBase, micro_batch: int | None, refine: bool, sequential: bool) -> list[LayerRow]:
+    """Calibrate and prune the block's selected layers: all at once, or group by group (``sequential``)."""
+    if inputs is None:  # no calibration data: each layer's statistics-free mask
+        stats = {c.fqn: LayerStats(int(c.module.weight[0].numel()), False) for c in here}
+        return [_prune_layer(c, method, stats.pop(c.fqn), refine) for c in here]
+    groups, once = call_groups(block, here, inputs) if sequential else ([here], False)
+    rows = []
+    for group in groups:
+        stop_at = group[-1].module if sequential and once else None
+        stats = _collect(group, method, lambda: _run_block(block, inputs, micro_batch), _HESSIAN_MAX_COLUMNS_BLOCK,
+                         refine, stop_at)
+        release_freed_memory()
+        for choice in group:
+            rows.append(_prune_layer(choice, method, stats.pop(choice.fqn), refine))
+            release_freed_memory()
+    return rows
+
+
 def prune_blocks(blocks: list[tuple[str, nn.Module]], selected: list[LayerChoice], method: MethodBase,
                  capture: Callable[[nn.Module], list[tuple[tuple, dict]]] | None, micro_batch: int | None,
                  refine: bool, bar: Progress, before: BlockHook | None = None,
-                 after: BlockHook | None = None) -> tuple[list[LayerRow], set[str]]:
+                 after: BlockHook | None = None, sequential: bool = False) -> tuple[list[LayerRow], set[str]]:
     """The one block-by-block loop of calibrated pruning (in memory, and streamed from shards).
 
     For each ``(fqn, block)``: ``before(index, fqn, block, here)`` (streaming materialises the block
@@ -292,7 +355,9 @@ def prune_blocks(blocks: list[tuple[str, nn.Module]], selected: list[LayerChoice
     (``here``) calibrated on the block's current inputs and pruned, the block run to give the next
     block its inputs (computed with the pruned weights), then ``after(...)`` (streaming writes and
     releases the block there). With ``capture`` None there is no calibration data: each layer gets the
-    method's own statistics-free mask (magnitude).
+    method's own statistics-free mask (magnitude). ``sequential`` calibrates the block's layers group by
+    group in the order the block calls them (:func:`call_groups`), each group on inputs computed with the
+    groups before it already pruned (GPTQ's "true sequential"); otherwise all of them on the dense block.
 
     Returns:
         ``(report rows, fqns of the pruned layers)``.
@@ -309,15 +374,7 @@ def prune_blocks(blocks: list[tuple[str, nn.Module]], selected: list[LayerChoice
             release_freed_memory()
         done.update(c.fqn for c in here)
         if here:
-            if inputs is not None:
-                stats = _collect(here, method, lambda blk=block, ins=inputs: _run_block(blk, ins, micro_batch),
-                                 _HESSIAN_MAX_COLUMNS_BLOCK, refine)
-            else:
-                stats = {c.fqn: LayerStats(int(c.module.weight[0].numel()), False) for c in here}
-            release_freed_memory()
-            for choice in here:
-                rows.append(_prune_layer(choice, method, stats.pop(choice.fqn), refine))
-                release_freed_memory()
+            rows += _prune_block_layers(block, here, inputs, method, micro_batch, refine, sequential)
         if inputs is not None and index + 1 < len(blocks):
             _advance(block, inputs, micro_batch)
             release_freed_memory()
@@ -336,6 +393,7 @@ def prune_with_calibration(
     progress: str = "auto",
     micro_batch: int | None = 4,
     refine: bool = False,
+    sequential: bool = False,
 ) -> tuple[list[dict[str, Any]], list[LayerRow], list[dict[str, str]]]:
     """Prune ``model`` in place with calibration data; see the module docstring.
 
@@ -352,6 +410,8 @@ def prune_with_calibration(
             once); None runs whole batches. The statistics are the same sums either way.
         refine: refine each layer's mask against its output error (:mod:`nmsparse.refine`; n:m and
             1xN Linear layers; others are reported as skipped in the row's ``refinement``).
+        sequential: inside each block, calibrate the layers group by group in call order, each group on
+            inputs that pass through the already pruned groups (see :func:`prune_blocks`).
 
     Returns:
         ``(manifest entries, report rows, skipped layers)``; the model is left dense with zeros.
@@ -375,7 +435,7 @@ def prune_with_calibration(
         bar = Progress(len(blocks), 0, progress, every=1)
         block_rows, in_blocks = prune_blocks(blocks, selected, method,
                                              lambda first: first_block_inputs(model, first, batches), micro_batch,
-                                             refine, bar)
+                                             refine, bar, sequential=sequential)
         rows += block_rows
         bar.close()
         rest = [c for c in selected if c.fqn not in in_blocks]

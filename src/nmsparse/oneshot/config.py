@@ -29,6 +29,9 @@ class PruneConfig:
         (e.g. ``{"dampening": 0.01}`` for sparsegpt).
     permute_sweeps: search input-channel permutations first, at most this many sweeps (None: off).
     refine: refine each layer's mask against its output error after the method (needs calibration).
+    sequential: inside each block, calibrate and prune the layers group by group in the order the block
+        calls them, each group on inputs through the groups already pruned (GPTQ's "true sequential";
+        needs calibration data and a model with repeated blocks).
     weights / group_size: prune and quantize in one pass (``int8`` / ``int4``, kept values per scale).
     window: perplexity window (causal LMs).
     recover_steps / recover_minutes / recover_lr / recover_objective: distillation from the dense model
@@ -58,6 +61,7 @@ class PruneConfig:
     seed: int = 0
     permute_sweeps: int | None = None
     refine: bool = False
+    sequential: bool = False
     recover_steps: int | None = None
     recover_minutes: float | None = None
     recover_lr: float = 2e-4

@@ -55,7 +55,8 @@ def open_source(model: str, config: PruneConfig) -> Prepared:
     net.eval()
     kind = model_kind(net)
     calibrated = (config.method == "best" or isinstance(build_method(config.method), CalibratedMethod)
-                  or config.calib or config.recovering or config.refine)
+                  or config.calib or config.recovering or config.refine
+                  or config.sequential)
     spec = config.calib or ("text:builtin" if source.is_text else "digits")
     batches = (build_calibration(spec, net, source, config.samples, config.seq_len, config.seed)
                if calibrated else None)
@@ -111,10 +112,10 @@ def stream_source(model: str, config: PruneConfig, out: str | Path, progress: st
         raise ModelError(f"streamed pruning takes causal LMs from a Hugging Face directory or GGUF file, not {model}")
     source = ModelSource(f"hf:{directory}")
     batches = None
-    if config.method != "magnitude" or config.calib:
+    if config.method != "magnitude" or config.calib or config.sequential:
         batches = build_calibration(config.calib or "text:builtin", None, source, config.samples, config.seq_len,
                                     config.seed)
     result = prune_streaming(directory, out, config.pattern, config.method, batches, config.selection,
-                             progress=progress)
+                             progress=progress, sequential=config.sequential)
     result.model = model
     return result

@@ -28,23 +28,25 @@ __all__ = ["Recovery", "prune", "best_pipeline", "BEST", "BestPipeline"]
 
 @dataclass(frozen=True)
 class BestPipeline:
-    """What ``method="best"`` runs: a method, mask refinement or not, and the channel permutation's
-    sweeps (None: no permutation)."""
+    """What ``method="best"`` runs: a method, mask refinement or not, the channel permutation's
+    sweeps (None: no permutation), and sequential calibration inside blocks or not."""
 
     method: str
     refine: bool = False
     permute: int | None = None
+    sequential: bool = False
 
     def __str__(self) -> str:
         return self.method + (" + refine" if self.refine else "") + (
-            f" + permute ({self.permute} sweep{'s' if self.permute != 1 else ''})" if self.permute else "")
+            f" + permute ({self.permute} sweep{'s' if self.permute != 1 else ''})" if self.permute else "") + (
+            " + sequential" if self.sequential else "")
 
 
 # ``--method best``: the most accurate one-shot pipeline per model kind, by measurement (causal LMs:
 # SmolLM2-135M 2:4, perplexity on text of another source than the calibration text; the figures of every
 # candidate are in docs/benchmarks.md, "One-shot accuracy on text of another source"). Encoders and
 # classifiers have no measurement yet and get sparsegpt alone.
-BEST: dict[str, BestPipeline] = {"causal_lm": BestPipeline("sparsegpt", False, 1),
+BEST: dict[str, BestPipeline] = {"causal_lm": BestPipeline("sparsegpt", False, 1, True),
                                  "encoder": BestPipeline("sparsegpt"), "classifier": BestPipeline("sparsegpt")}
 
 
@@ -150,6 +152,10 @@ def _prune_model(model: nn.Module, config: PruneConfig, *, out: str | Path | Non
     best, method, built, scheme, refine, permute = _resolve(
         model, config.method, config.method_options, calibration, config.refine, config.permute_sweeps,
         config.weights, config.group_size)
+    sequential = config.sequential or (best is not None and best.sequential)
+    if sequential and not calibration:
+        raise MethodError("sequential calibration needs calibration data (calibration=[batches]): each group of "
+                          "layers is calibrated on inputs through the groups already pruned")
     if out is not None and (source is None or example_inputs is None):
         raise ValueError("writing an export needs source= (how to rebuild the model) and example_inputs=")
     pattern = config.pattern
@@ -162,7 +168,8 @@ def _prune_model(model: nn.Module, config: PruneConfig, *, out: str | Path | Non
     model.eval()
     check = FidelityCheck(model, heldout, config.window) if heldout is not None else None
     clock.lap("fidelity (dense)")
-    _masks(model, result, built, pattern, config.selection, calibration, permute, progress, micro_batch, refine)
+    _masks(model, result, built, pattern, config.selection, calibration, permute, progress, micro_batch, refine,
+           sequential)
     if scheme is not None:
         result.weights = _snap(model, result, scheme, method)
     clock.lap("prune")
@@ -209,7 +216,7 @@ def _resolve(model: nn.Module, method: str, options: dict[str, Any] | None, cali
 
 def _masks(model: nn.Module, result: PruneResult, built, pattern: str | Pattern, selection: Selection | None,
            calibration: list[Any] | None, permute: int | None, progress: str, micro_batch: int | None,
-           refine: bool) -> None:
+           refine: bool, sequential: bool) -> None:
     """Permute (if asked), then prune with calibration or with the method's own masks; fills
     ``result``'s layers, rows, skipped, calibration and permutation."""
     if permute:
@@ -218,9 +225,9 @@ def _masks(model: nn.Module, result: PruneResult, built, pattern: str | Pattern,
         perms = permute_channels(model, pattern, selection, permute, progress=progress)
         result.permutation = [p.as_dict() for p in perms]
     if calibration:
-        result.calibration = {"batches": len(calibration)}
+        result.calibration = {"batches": len(calibration), "sequential": sequential}
         result.layers, result.rows, result.skipped = prune_with_calibration(
-            model, calibration, pattern, built, selection, progress, micro_batch, refine)
+            model, calibration, pattern, built, selection, progress, micro_batch, refine, sequential)
     else:
         assert isinstance(built, Method)
         sparsifier = Sparsifier(built, pattern, selection)

@@ -97,6 +97,7 @@ def prune_streaming(
     method_options: dict[str, Any] | None = None,
     progress: str = "auto",
     micro_batch: int | None = 4,
+    sequential: bool = False,
 ) -> PruneResult:
     """Prune the causal LM in the Hugging Face directory ``directory`` block by block into ``out``.
 
@@ -107,6 +108,7 @@ def prune_streaming(
             selected layer must be inside the decoder blocks (the LM head stays dense by default).
         calibration: calibration batches (dicts of ``input_ids`` / ``attention_mask``); ``magnitude``
             needs none.
+        sequential: calibrate each block's layers group by group in call order (as in-memory pruning).
 
     Returns:
         :class:`PruneResult` (``export`` set). Fidelity is not measured here (it needs the whole
@@ -126,6 +128,8 @@ def prune_streaming(
         raise MethodError(f"method {method!r} trains masks; use it with `nmsparse train`, not one-shot pruning")
     if method != "magnitude" and not calibration:
         raise MethodError(f"method {method!r} needs calibration data")
+    if sequential and not calibration:
+        raise MethodError("sequential calibration needs calibration data")
     config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
     shards = _Shards(directory)
     skeleton, choices, blocks = _skeleton(config, selection, pattern)
@@ -138,13 +142,15 @@ def prune_streaming(
         stream = _BlockShards(shards, shell, prefix, writer, len(blocks) + 1)
         bar = Progress(len(blocks), 0, progress, every=1)
         rows, _ = prune_blocks(blocks, selected, built, stream.capture(calibration) if calibration else None,
-                               micro_batch, False, bar, before=stream.materialise, after=stream.write_and_release)
+                               micro_batch, False, bar, before=stream.materialise, after=stream.write_and_release,
+                               sequential=sequential)
         bar.close()
         stream.write_outside_blocks(config.tie_word_embeddings)
         source = {"source": f"hf:{directory}", "options": {}}
         skipped = [{"fqn": c.fqn, "reason": c.skip_reason or ""} for c in choices if not c.selected]
         result = PruneResult(stream.layers, rows, skipped, method, text,
-                             calibration={"batches": len(calibration or [])}, export=str(out))
+                             calibration={"batches": len(calibration or []),
+                                                                  "sequential": sequential}, export=str(out))
         writer.finish(skeleton, stream.layers, source, skipped,
                       {"method": method, "streamed": True, "seconds": round(time.perf_counter() - start, 1)},
                       report_files(result.as_dict()))
