@@ -288,7 +288,7 @@ def test_decode_bench_on_a_causal_lm_generates_the_same_tokens(tiny_llama_dir, t
     out = tmp_path / "bench"
     assert main(["bench", "--suite", "models", "--models", f"hf:{tiny_llama_dir}", "--pattern", "2:4",
                  "--weights", "fp32,int8", "--prompt-tokens", "16", "--new-tokens", "8", "--repeats", "6",
-                 "--out", str(out)]) == 0
+                 "--group-size", "32", "--out", str(out)]) == 0
     assert "llama.cpp columns skipped" in capsys.readouterr().out
     data = json.loads((out / "bench_decode.json").read_text())
     dense, fp32, int8 = data["rows"]
@@ -296,6 +296,7 @@ def test_decode_bench_on_a_causal_lm_generates_the_same_tokens(tiny_llama_dir, t
     assert fp32["same_tokens"] is True and fp32["prompt_tokens"] == 16 and fp32["new_tokens"] == 8
     assert fp32["sparse_layers"] == 14 and 0 <= fp32["converted_layers"] <= 14 and fp32["decode"] == "fused"
     assert int8["weights"] == "int8" and 0.5 <= int8["top1_agreement"] <= 1.0
+    assert int8["group_size"] == 32 and fp32["group_size"] is None
     for row in (fp32, int8):
         assert row["tokens_per_s"] > 0 and row["ttft_ms"] > 0 and row["weights_mb"] > 0
         assert row["speedup"] == pytest.approx(row["tokens_per_s"] / dense["tokens_per_s"], rel=1e-2)
@@ -305,6 +306,10 @@ def test_decode_bench_on_a_causal_lm_generates_the_same_tokens(tiny_llama_dir, t
         assert row["other_ms"] == pytest.approx(parts, abs=0.01)
     assert int8["weights_mb"] < fp32["weights_mb"]
     assert (out / "bench_decode.png").stat().st_size > 0 and "tokens/s" in (out / "bench_decode.md").read_text()
+    assert "| int8 (group 32) |" in (out / "bench_decode.md").read_text()
+    assert main(["bench", "--suite", "models", "--models", f"hf:{tiny_llama_dir}", "--group-size", "40",
+                 "--out", str(out)]) == 2
+    assert "--group-size: group size 40 must be a multiple of 16" in capsys.readouterr().err
     assert main(["bench", "--suite", "models", "--models", f"hf:{tiny_llama_dir}", "--new-tokens", "1",
                  "--out", str(out)]) == 2
     assert "--new-tokens" in capsys.readouterr().err

@@ -146,6 +146,26 @@ def test_batch1_kernels_equal_the_dequantized_reference_on_every_isa(name, layou
                     assert err < 3e-6, (name, variant, bits, group, acts, threads, err)
 
 
+@pytest.mark.parametrize("variant", _native.runnable_variants())
+def test_float16_scales_read_exactly_by_every_build_subnormal_ones_included(variant):
+    """The layouts hold their scales as float16 bits; every build converts them to the same floats
+    (the SSE2 build in software), tiny weights whose scales are float16 subnormals included."""
+    lib = _native.library(variant)
+    if lib is None:
+        pytest.skip(f"{variant} build unavailable")
+    w = _nm(64, 256, 2, 4) * 1e-4  # int8 scales ~1e-6: below float16's smallest normal (6.1e-5)
+    for bits in (8, 4):
+        qp = quantize(pack_nm(w, 2, 4), WeightScheme(bits, 32))
+        assert qp.scales.dtype == np.float16 and (np.abs(qp.scales) < 6.1e-5).all()
+        mod = _module(qp, "fp32")
+        x = torch.randn(256, generator=torch.Generator().manual_seed(5))
+        ref = (qp.dense().double() @ x.double()).float()
+        y = _native.q_gemv(x, mod._arrays(), lib=lib)
+        assert float((y - ref).abs().max() / ref.abs().max()) < 3e-6, (variant, bits)
+    with pytest.raises(QuantError, match="float16 values"):  # a scale float16 cannot hold is refused, not rounded
+        quantize(w, WeightScheme(8, 32), scales=torch.full((64, 8), 0.1))
+
+
 def _has_vnni(variant: str) -> bool:
     return variant == "avx512vnni" or (
         variant == "native" and {"avx512_vnni", "avx512vbmi", "avx512bw"} <= _native._cpu_flags())
@@ -312,14 +332,15 @@ def test_convert_checks_each_quantized_layer_and_keeps_float32_when_a_kernel_dis
 
 
 def test_quantized_bytes_against_float32():
-    """A 2:4 layer's int8 / int4 layout (values, offsets and float32 scales of 64) against its fp32
+    """A 2:4 layer's int8 / int4 layout (values, offsets and float16 scales of 64) against its fp32
     dense weight: what the runtime reads per token."""
     w = _nm(512, 1024, 2, 4)
     dense = w.numel() * 4
     q8 = quantize(pack_nm(w, 2, 4), WeightScheme(8, 64))
     q4 = quantize(pack_nm(w, 2, 4), WeightScheme(4, 64))
-    assert q8.nbytes / dense == pytest.approx((0.5 + 0.125 + 4 / 128) / 4, rel=1e-3)
-    assert q4.nbytes / dense == pytest.approx((0.25 + 0.125 + 4 / 128) / 4, rel=1e-3)
+    assert q8.nbytes / dense == pytest.approx((0.5 + 0.125 + 2 / 128) / 4, rel=1e-3)
+    assert q4.nbytes / dense == pytest.approx((0.25 + 0.125 + 2 / 128) / 4, rel=1e-3)
+    assert q4.scales.dtype == np.float16 and q4.scales.size == 512 * 512 // 64
     assert np.isclose(q8.int_values().numel(), 512 * 512)
 
 

@@ -111,8 +111,9 @@ def _weights_mb(model: nn.Module) -> float:
 def run_decode_suite(models: list[str], patterns: list[str], prompt_tokens: int = 128, new_tokens: int = 128,
                      repeats: int = 3, choose: bool = True, progress: str = "auto",
                      weights: tuple[str, ...] = ("fp32", "int8", "int4"), llamacpp: str | None = None,
-                     threads: int | None = None) -> list[dict[str, Any]]:
+                     threads: int | None = None, group_size: int = 64) -> list[dict[str, Any]]:
     """One row per model x pattern x weights, plus the dense float32 model and llama.cpp's GGUF types.
+    Quantized rows use scales per ``group_size`` values (``group_size`` in the row).
 
     A row: ``{model, pattern, weights, prompt_tokens, new_tokens, ttft_ms, tokens_per_s, speedup
     (decode tokens/s against the dense float32 model), vs_q8_0, vs_q4_0 (against llama.cpp, when
@@ -167,10 +168,11 @@ def run_decode_suite(models: list[str], patterns: list[str], prompt_tokens: int 
             for w in weights:
                 example = {"input_ids": prompt[:, :1]} if choose else None  # a decode step: one token
                 sparse, conv_rows = convert(copy.deepcopy(pruned), layer_patterns, infer=False, example_inputs=example,
-                                            repeats=6, weights=w)
+                                            repeats=6, weights=w, group_size=group_size)
                 (ttft, tps), adjacent = nearby.around(
                     lambda m=sparse, p=prompt: _decode_times({"sparse": m}, p, new_tokens, repeats)["sparse"])
-                row = {**base, "runtime": "nmsparse", "pattern": pattern, "weights": w, "ttft_ms": round(1e3 * ttft, 1),
+                row = {**base, "runtime": "nmsparse", "pattern": pattern, "weights": w,
+                       "group_size": None if w == "fp32" else group_size, "ttft_ms": round(1e3 * ttft, 1),
                        "tokens_per_s": round(tps, 2), "speedup": round(tps / dense_tps, 3),
                        "converted_layers": sum(bool(r.converted) for r in conv_rows),
                        "sparse_layers": len(result.layers), "decode": conv_rows.decode or "module path",
@@ -365,7 +367,8 @@ def decode_report_lines(rows: list[dict[str, Any]], meta: dict[str, Any]) -> lis
             same = f"top-1 {100 * r['top1_agreement']:.0f}%"
         sparse = f"{r['converted_layers']}/{r['sparse_layers']}" if "sparse_layers" in r else "-"
         tps = _fmt(r.get("tokens_per_s")) if "error" not in r else f"error: {r['error']}"
-        lines.append(f"| {r['model']} | {r['runtime']} | {r['pattern']} | {r['weights']} | {tps} | "
+        kind = r["weights"] + (f" (group {r['group_size']})" if r.get("group_size") not in (None, 64) else "")
+        lines.append(f"| {r['model']} | {r['runtime']} | {r['pattern']} | {kind} | {tps} | "
                      f"{_fmt(r.get('speedup'), '.2f', 'x')} | {_vs(r, 'q8_0')} | {_vs(r, 'q4_0')} | "
                      f"{_fmt(r.get('ttft_ms'), '.0f')} | "
                      f"{_fmt(r.get('weights_mb'), '.0f')} | {step} | {same} | {sparse} |")

@@ -31,7 +31,7 @@ void nms_mask_topk4(const float* src, uint32_t* dst, int64_t outer, int64_t widt
                     int threads);
 void nms_mask_decay_into(float* g, const float* w, const float* keep, float decay, int64_t n, int threads);
 void nms_gemv(const i64* plan, const float* x, float* out, int threads);
-int nms_q_gemm(int kind, const uint8_t* codes, const uint8_t* q, const float* scales, i64 rows, i64 cols, int n, int m,
+int nms_q_gemm(int kind, const uint8_t* codes, const uint8_t* q, const uint16_t* scales, i64 rows, i64 cols, int n, int m,
                i64 jc, int bits, int qbits, i64 group, const float* x, i64 T, float* out, const float* bias, int relu,
                int threads);
 }
@@ -143,7 +143,7 @@ int main(int argc, char** argv) {
            bias = read_all(bias_p);
       std::vector<float> out(T * rows);
       if (!nms_q_gemm((int)k, codes.empty() ? nullptr : (const uint8_t*)codes.data(), (const uint8_t*)q.data(),
-                      (const float*)scales.data(), rows, cols, (int)n, (int)m, jc, (int)bits, (int)qbits, group,
+                      (const uint16_t*)scales.data(), rows, cols, (int)n, (int)m, jc, (int)bits, (int)qbits, group,
                       (const float*)x.data(), T, out.data(), bias.empty() ? nullptr : (const float*)bias.data(),
                       (int)relu, (int)threads))
         return 6;

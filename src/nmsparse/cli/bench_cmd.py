@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=128, help="causal LMs: greedy tokens generated")
     parser.add_argument("--weights", default="fp32,int8,int4",
                         help="causal LMs: comma-separated weight storage of the converted model (fp32, int8, int4)")
+    parser.add_argument("--group-size", type=int, default=64, help="causal LMs: quantized rows' values per scale "
+                        "(a multiple of 16, 16-512)")
     parser.add_argument("--llamacpp", help="causal LMs: the llamacpp.sh tool that builds llama-bench and converts "
                         "the model to GGUF (default: $NMSPARSE_LLAMACPP or llamacpp.sh on PATH; absent: those rows "
                         "are skipped)")
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         models = [m for m in models if not decode_model_spec(m)]
         if llms:
             from ..bench_decode import find_llamacpp
-            from ..runtime.quant import WEIGHT_CHOICES
+            from ..runtime.quant import WEIGHT_CHOICES, QuantError, parse_weights
 
             if args.prompt_tokens < 1 or args.new_tokens < 2:
                 raise CliError("--prompt-tokens must be >= 1 and --new-tokens >= 2")
@@ -96,13 +98,18 @@ def run(args: argparse.Namespace) -> int:
                 raise CliError(
                     f"--weights takes a comma-separated list of {', '.join(WEIGHT_CHOICES)}; got {args.weights!r}"
                 )
+            try:
+                parse_weights("int8", args.group_size)
+            except QuantError as exc:
+                raise CliError(f"--group-size: {exc}") from None
             tool, why = find_llamacpp(args.llamacpp)
             if args.llamacpp and tool is None:
                 raise CliError(f"--llamacpp {args.llamacpp} does not exist; give the path of llamacpp.sh")
             if why:
                 print(why)
             rows = run_decode_suite(llms, patterns, args.prompt_tokens, args.new_tokens, max(2, args.repeats // 3),
-                                    choose, weights=tuple(weights), llamacpp=tool, threads=threads)
+                                    choose, weights=tuple(weights), llamacpp=tool, threads=threads,
+                                    group_size=args.group_size)
             note = ("greedy generation, batch 1, KV cache on, decoder Linears pruned by magnitude; "
                     + ("layer choice at the decode step's input" if choose else "every eligible layer sparse")
                     + ("; " + why if why else "; llama.cpp: llama-bench of the same model's GGUF, same threads"))

@@ -374,7 +374,7 @@ class QArrays(NamedTuple):
     index: torch.Tensor
     kstart: torch.Tensor
     q: torch.Tensor  # uint8 bytes
-    scales: torch.Tensor  # float32
+    scales: torch.Tensor  # float16
     rows: int  # output features
     columns: int  # input features
     n: int

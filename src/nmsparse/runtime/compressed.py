@@ -75,7 +75,7 @@ def save_compressed(export_dir: str | Path, out_dir: str | Path, example_inputs:
     for fqn, module in model.named_modules():
         if isinstance(module, QuantLinear):
             packing[fqn] = _quant_entry(module)
-            quantized[f"{fqn}.scales"] = module.scales.half()  # float16 values (the grid): stored exactly
+            quantized[f"{fqn}.scales"] = module.scales.half()  # float16, as the layout holds them
         elif isinstance(module, (SparseLinear, SparseConv2d)):
             packed = module.packed
             perm = None if module.input_perm is None else [int(i) for i in module.input_perm]
@@ -154,7 +154,7 @@ def _load_quant(model: nn.Module, fqn: str, module: nn.Module, info: dict[str, A
 
     shape = tuple(info["shape"])
     q = state.pop(f"{fqn}.qweight").numpy().copy()
-    scales = state.pop(f"{fqn}.scales").float().numpy().copy()
+    scales = state.pop(f"{fqn}.scales").half().numpy().copy()
     index = state.pop(f"{fqn}.index").numpy().copy()
     bias = state.pop(f"{fqn}.bias", None)
     layout = info["layout"]

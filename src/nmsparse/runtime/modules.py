@@ -262,7 +262,7 @@ class SparseConv2d(_PackedModule):
 class QuantLinear(_BoundCall):
     """A Linear layer whose weight is stored quantized (:class:`~nmsparse.runtime.quant.QPacked`):
     the kept values of an n:m or 1xN layout, or a dense weight (``kind="dense"``), as 8- or 4-bit
-    integers with one float32 scale per group along the input axis.
+    integers with one float16 scale per group along the input axis.
 
     Computes ``A(x) @ dequantized(W).T + bias`` (float32), where ``A`` is the identity with
     ``activations="fp32"`` and, with ``"int8"`` (the default, where the layout allows it: n:m and

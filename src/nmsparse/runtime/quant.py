@@ -13,7 +13,7 @@ below the methods that round onto it while pruning; it is re-exported here.
 :class:`QPacked` is a quantized layout: the index structure of an n:m or 1xN layout
 (:mod:`~nmsparse.runtime.formats`; its float32 values dropped) or none (``kind="dense"``), the
 integers as bytes in the float32 layout's value order (``csrc/qkernels.h`` gives the byte and scale
-order) and the float32 scales.
+order) and the scales as float16 (exactly the grid's values: half the bytes of float32 scales).
 """
 
 from __future__ import annotations
@@ -62,6 +62,16 @@ def _unbytes(data: np.ndarray, bits: int, count: int) -> torch.Tensor:
     return torch.stack([lo, hi], dim=-1).reshape(-1)[:count].to(torch.int8)
 
 
+def _half(scales: torch.Tensor) -> np.ndarray:
+    """The scales (float16 values held in float32) as a flat float16 array; exact, else an error."""
+    flat = scales.detach().float().reshape(-1)
+    half = flat.half()
+    if not torch.equal(half.float(), flat):
+        raise QuantError("weight scales must be float16 values (nmsparse.quantgrid rounds them so); got "
+                         f"{flat[half.float() != flat][0].item()!r}")
+    return half.numpy().copy()
+
+
 @dataclass
 class QPacked:
     """A quantized layout. ``kind``: ``"nm"`` (``index`` an :class:`NMPacked` without values),
@@ -70,7 +80,7 @@ class QPacked:
     kind: str
     index: NMPacked | BlockPacked | None
     q: np.ndarray  # uint8 bytes
-    scales: np.ndarray  # float32, flat
+    scales: np.ndarray  # float16, flat
     bits: int
     group: int
     shape: tuple[int, int]
@@ -98,6 +108,10 @@ class QPacked:
             index = self.index.cols.nbytes
         return int(self.q.nbytes + self.scales.nbytes + index)
 
+    def float_scales(self) -> torch.Tensor:
+        """The scales as a flat float32 tensor."""
+        return torch.from_numpy(self.scales).float()
+
     def int_values(self) -> torch.Tensor:
         """The integers, flat, in the float32 layout's value order (int8 tensor)."""
         return _unbytes(self.q, self.bits, self.values)
@@ -108,12 +122,12 @@ class QPacked:
         flat = self.int_values().float()
         if self.kind == "dense":
             out, cols = self.shape
-            return dequantize_groups(flat.view(out, cols), torch.from_numpy(self.scales).view(out, -1), self.group)
+            return dequantize_groups(flat.view(out, cols), self.float_scales().view(out, -1), self.group)
         if self.kind == "block":
             rows, kept = self.index.cols.shape
             block = self.shape[0] // rows
             gk = -(-kept // self.group)
-            s = torch.from_numpy(self.scales).view(rows, gk, block).repeat_interleave(self.group, dim=1)[:, :kept]
+            s = self.float_scales().view(rows, gk, block).repeat_interleave(self.group, dim=1)[:, :kept]
             vals = (flat.view(rows, kept, block) * s).numpy()
             return BlockPacked(self.index.cols, vals, self.shape)
         vals = np.empty(flat.numel(), dtype=np.float32)
@@ -122,7 +136,7 @@ class QPacked:
             n = self.shape[0] * width
             gr = -(-width // self.group)
             seg = dequantize_groups(flat[at_v: at_v + n].view(-1, width),
-                                    torch.from_numpy(self.scales[at_s: at_s + self.shape[0] * gr]).view(-1, gr),
+                                    self.float_scales()[at_s: at_s + self.shape[0] * gr].view(-1, gr),
                                     self.group)
             vals[at_v: at_v + n] = seg.reshape(-1).numpy()
             at_v, at_s = at_v + n, at_s + self.shape[0] * gr
@@ -166,7 +180,7 @@ def quantize(layout: NMPacked | BlockPacked | torch.Tensor, scheme: WeightScheme
         raise FormatError(f"int4 needs segments of even length: {why}")
     if kind == "dense":
         q, s = quantize_groups(layout.detach().float(), bits, group, scales, exact_grid)
-        return QPacked(kind, None, _bytes(q, bits), s.reshape(-1).numpy().copy(), bits, group, shape)
+        return QPacked(kind, None, _bytes(q, bits), _half(s), bits, group, shape)
     if kind == "block":
         rows, kept, block = layout.vals.shape
         v = torch.from_numpy(layout.vals).permute(0, 2, 1).reshape(rows * block, kept)  # segments along k
@@ -175,7 +189,7 @@ def quantize(layout: NMPacked | BlockPacked | torch.Tensor, scheme: WeightScheme
         s = s.view(rows, block, -1).permute(0, 2, 1).contiguous()  # [R, gk, B]
         empty = BlockPacked(layout.cols, np.zeros((rows, kept, 0), np.float32), shape)
         empty.kstart = layout.kstart
-        return QPacked(kind, empty, _bytes(q, bits), s.reshape(-1).numpy().copy(), bits, group, shape)
+        return QPacked(kind, empty, _bytes(q, bits), _half(s), bits, group, shape)
     qs, ss, at = [], [], 0
     vals = torch.from_numpy(layout.vals)
     for width in layout._widths():  # chunk by chunk: segments of `width` values per row
@@ -187,7 +201,7 @@ def quantize(layout: NMPacked | BlockPacked | torch.Tensor, scheme: WeightScheme
     q = torch.cat(qs) if qs else torch.zeros(0, dtype=torch.int8)
     s = torch.cat(ss) if ss else torch.zeros(0)
     index = replace(layout, vals=np.zeros(0, np.float32))
-    return QPacked(kind, index, _bytes(q, bits), s.numpy().copy(), bits, group, shape)
+    return QPacked(kind, index, _bytes(q, bits), _half(s), bits, group, shape)
 
 
 def activation_block(packed: QPacked) -> int | None:

@@ -66,6 +66,56 @@ inline vf vload(const float* p) {
   return v;
 }
 inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+
+// ---------------------------------------------------------------- weight scales: float16
+// The quantized layouts store each weight scale as IEEE binary16 bits (the grids' scales are float16
+// values, nmsparse/quantgrid.py): half the bytes of float32, read as float where used.
+inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#elif defined(__aarch64__)
+  __fp16 v;
+  std::memcpy(&v, &h, 2);
+  return (float)v;
+#else
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+  uint32_t bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (man << 13);  // inf / nan
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);  // normal: rebias 15 -> 127
+  } else {  // zero or subnormal: man * 2^-24, exact in float32
+    float f = (float)man * 5.9604644775390625e-8f;
+    std::memcpy(&bits, &f, 4);
+    bits |= sign;
+  }
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+#endif
+}
+// A weight scale; converts to float wherever a float is wanted (sc[i] * x).
+struct h16 {
+  uint16_t bits;
+  operator float() const { return half_to_float(bits); }
+};
+static_assert(sizeof(h16) == 2, "h16 is the two bytes of a float16");
+// VW consecutive weight scales as floats.
+inline vf vload_scales(const h16* p) {
+#if defined(__AVX512F__)
+  return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+#elif defined(__AVX2__) && defined(__F16C__)
+  return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+#elif defined(__aarch64__)
+  float16x4_t h;
+  std::memcpy(&h, p, 8);
+  return vcvt_f32_f16(h);
+#else
+  vf v;
+  for (int i = 0; i < VW; ++i) v[i] = p[i];
+  return v;
+#endif
+}
 // The ISA's broadcast: GCC compiles `vf{} + s` with a scalar add of +0.0 before the broadcast (it may
 // not fold 0 + s, signed zeros) and a lane-fill loop into insert chains, in the innermost loops.
 inline vf vsplat(float s) {
@@ -832,7 +882,7 @@ void nms_nm_mm(const float* xt, i64 ldx, const uint8_t* codes, const float* vals
 // out[rows] = W @ x for an n:m layout whose kept values are qbits-bit integers with one scale per
 // `group` values (qkernels.h); bias may be null. Batch 1 only (batched products dequantize first).
 // a8: the activations are quantized first (qkernels.h quant_x, blocks of min(group, jc) * m / n columns).
-void nms_nmq_gemv(const float* x, const uint8_t* codes, const uint8_t* q, const float* scales, i64 rows, i64 J,
+void nms_nmq_gemv(const float* x, const uint8_t* codes, const uint8_t* q, const h16* scales, i64 rows, i64 J,
                   i64 jc, int n, int m, int bits, int qbits, i64 group, int a8, float* out, const float* bias, int relu,
                   int threads) {
   call_threads = threads;
@@ -872,7 +922,7 @@ void nms_nmq_gemv(const float* x, const uint8_t* codes, const uint8_t* q, const 
 }
 
 // out[rows * block] = W @ x for a 1xN layout with quantized kept values (qkernels.h); batch 1.
-void nms_blockq_gemv(const float* x, const int32_t* cols, const uint8_t* q, const float* scales, i64 rows, i64 kept,
+void nms_blockq_gemv(const float* x, const int32_t* cols, const uint8_t* q, const h16* scales, i64 rows, i64 kept,
                      i64 block, int qbits, i64 group, float* out, const float* bias, int relu, int threads) {
   call_threads = threads;
   const bool r = relu != 0;
@@ -904,7 +954,7 @@ void nms_blockq_gemv(const float* x, const int32_t* cols, const uint8_t* q, cons
 
 // out[rows] = W @ x for a dense [rows, cols] weight of qbits-bit integers, one scale per `group`
 // values of a row (qkernels.h); batch 1.
-void nms_denseq_gemv(const float* x, const uint8_t* q, const float* scales, i64 rows, i64 cols, int qbits, i64 group,
+void nms_denseq_gemv(const float* x, const uint8_t* q, const h16* scales, i64 rows, i64 cols, int qbits, i64 group,
                      int a8, float* out, const float* bias, int relu, int threads) {
   call_threads = threads;
   if (a8) {
@@ -955,7 +1005,7 @@ int nms_q_gemm_takes(int kind, int n, int m, i64 jc, int bits, i64 group) {
   return vnni_takes(kind, n, m, jc, bits, group) || q_gemm16_takes(kind, n, m, jc, group);
 }
 
-int nms_q_gemm(int kind, const uint8_t* codes, const uint8_t* q, const float* scales, i64 rows, i64 cols, int n, int m,
+int nms_q_gemm(int kind, const uint8_t* codes, const uint8_t* q, const h16* scales, i64 rows, i64 cols, int n, int m,
                i64 jc, int bits, int qbits, i64 group, const float* x, i64 T, float* out, const float* bias, int relu,
                int threads) {
   if (!nms_q_gemm_takes(kind, n, m, jc, bits, group)) return 0;
@@ -983,7 +1033,7 @@ int nms_q_gemm(int kind, const uint8_t* codes, const uint8_t* q, const float* sc
 
 // The float32 values of a quantized n:m layout (chunk-major, as the float32 kernels read them) or of
 // a dense weight (jc = J = cols, rows segments): out[i] = q[i] * its group's scale.
-void nms_nmq_dequant(const uint8_t* q, const float* scales, i64 rows, i64 J, i64 jc, int qbits, i64 group, float* out,
+void nms_nmq_dequant(const uint8_t* q, const h16* scales, i64 rows, i64 J, i64 jc, int qbits, i64 group, float* out,
                      int threads) {
   call_threads = threads;
   const i64 chunks = cdiv(J, jc), gpc = cdiv(jc, group);
@@ -996,14 +1046,14 @@ void nms_nmq_dequant(const uint8_t* q, const float* scales, i64 rows, i64 J, i64
 }
 
 // The float32 values [rows, kept, block] of a quantized 1xN layout.
-void nms_blockq_dequant(const uint8_t* q, const float* scales, i64 rows, i64 kept, i64 block, int qbits, i64 group,
+void nms_blockq_dequant(const uint8_t* q, const h16* scales, i64 rows, i64 kept, i64 block, int qbits, i64 group,
                         float* out, int threads) {
   call_threads = threads;
   const i64 gk = cdiv(kept, group);
 #pragma omp parallel for num_threads(call_threads) schedule(static)
   for (i64 r = 0; r < rows; ++r)
     for (i64 k = 0; k < kept; ++k) {
-      const float* sc = scales + (r * gk + k / group) * block;
+      const h16* sc = scales + (r * gk + k / group) * block;
       const i64 i0 = (r * kept + k) * block;
       for (i64 t = 0; t < block; ++t)
         out[i0 + t] = (qbits == 8 ? deq_one<8>(q, i0 + t) : deq_one<4>(q, i0 + t)) * sc[t];
@@ -1023,13 +1073,13 @@ void nms_blockq_dequant(const uint8_t* q, const float* scales, i64 rows, i64 kep
 void nms_gemv(const i64* plan, const float* x, float* out, int threads) {
   const i64* p = plan + 1;
   if (plan[0] == 2)
-    nms_nmq_gemv(x, (const uint8_t*)p[0], (const uint8_t*)p[1], (const float*)p[2], p[3], p[4], p[5], (int)p[6],
+    nms_nmq_gemv(x, (const uint8_t*)p[0], (const uint8_t*)p[1], (const h16*)p[2], p[3], p[4], p[5], (int)p[6],
                  (int)p[7], (int)p[8], (int)p[9], p[10], (int)p[11], out, (const float*)p[12], (int)p[13], threads);
   else if (plan[0] == 3)
-    nms_blockq_gemv(x, (const int32_t*)p[0], (const uint8_t*)p[1], (const float*)p[2], p[3], p[4], p[5], (int)p[6],
+    nms_blockq_gemv(x, (const int32_t*)p[0], (const uint8_t*)p[1], (const h16*)p[2], p[3], p[4], p[5], (int)p[6],
                     p[7], out, (const float*)p[8], (int)p[9], threads);
   else if (plan[0] == 4)
-    nms_denseq_gemv(x, (const uint8_t*)p[0], (const float*)p[1], p[2], p[3], (int)p[4], p[5], (int)p[6], out,
+    nms_denseq_gemv(x, (const uint8_t*)p[0], (const h16*)p[1], p[2], p[3], (int)p[4], p[5], (int)p[6], out,
                     (const float*)p[7], (int)p[8], threads);
   else if (plan[0] == 5)
     call_threads = threads, densef_gemv((const float*)p[0], p[1], p[2], x, out, (const float*)p[3], (int)p[4] != 0);

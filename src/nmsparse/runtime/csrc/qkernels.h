@@ -1,5 +1,5 @@
 // Quantized products of nmsparse's runtime: the kept values of an n:m or 1xN layout, or a dense
-// weight, stored as 8- or 4-bit integers with one float32 scale per group of G values along the
+// weight, stored as 8- or 4-bit integers with one float16 scale per group of G values along the
 // input axis (symmetric: value = q * scale). Included by kernels.cpp inside its anonymous
 // namespace, after the vector type and the n:m helpers it reuses; the same source builds for every
 // instruction set.
@@ -9,8 +9,8 @@
 //   QB = 4: value i of a segment in the low nibble of byte i/2 when i is even, the high nibble when
 //           odd, stored as q + 8 (0..15); every segment has an even length, so segments start on
 //           whole bytes (offsets below are in values; bytes = values * QB / 8).
-// Scales: float32, one per group of G consecutive values of a segment (the last group of a segment
-// may be shorter). A segment is
+// Scales: float16 (h16, read as float), one per group of G consecutive values of a segment (the
+// last group of a segment may be shorter). A segment is
 //   n:m    the `count` kept values of row o in chunk c (see the top of kernels.cpp); its scales start
 //          at c * rows * ceil(jc / G) + o * ceil(count / G)
 //   dense  one row (`cols` values); scales start at o * ceil(cols / G)
@@ -91,7 +91,7 @@ inline i64 cdiv(i64 a, i64 b) { return (a + b - 1) / b; }
 // a time, their inputs from the chunk's window (PAIR: m = 2n, a two-vector permute) or gathered.
 template <int BITS, int QB, int R, bool PAIR>
 __attribute__((always_inline)) inline void nmq_rows(const float* xc, const uint8_t* row, i64 cstride,
-                                                    const uint8_t* q, i64 qstride, const float* sc, i64 sstride,
+                                                    const uint8_t* q, i64 qstride, const h16* sc, i64 sstride,
                                                     i64 steps, i64 gsteps, vu base, int n, int m, float* part,
                                                     i64 pstride) {
   vf acc[R];
@@ -124,7 +124,7 @@ __attribute__((always_inline)) inline void nmq_rows(const float* xc, const uint8
 }
 
 template <int BITS, int QB, bool PAIR>
-void nmq_gemv(const float* x, const uint8_t* codes, const uint8_t* q, const float* scales, i64 rows, i64 J, i64 jc,
+void nmq_gemv(const float* x, const uint8_t* codes, const uint8_t* q, const h16* scales, i64 rows, i64 J, i64 jc,
               int n, int m, i64 G, float* out, const float* bias, bool relu) {
 #ifndef NMS_QSTREAMS
 #define NMS_QSTREAMS GEMV_STREAMS
@@ -139,7 +139,7 @@ void nmq_gemv(const float* x, const uint8_t* codes, const uint8_t* q, const floa
       const float* xc = x + c * cc;
       const uint8_t* row = codes + nm_code_off(c, o0, rows, jc, count, BITS);
       const uint8_t* qc = q + (c * rows * jc + o0 * count) * QB / 8;
-      const float* sc = scales + c * rows * gpc + o0 * gr;
+      const h16* sc = scales + c * rows * gpc + o0 * gr;
       const i64 len = (o1 - o0) / R;
       for (i64 i = 0; i < len; ++i)
         nmq_rows<BITS, QB, R, PAIR>(xc, row + i * cstride, len * cstride, qc + i * qrow, len * qrow, sc + i * gr,
@@ -158,7 +158,7 @@ void nmq_gemv(const float* x, const uint8_t* codes, const uint8_t* q, const floa
 
 // The scalar n:m product of any layout the vector kernels do not take (n not dividing VW).
 template <int QB>
-void nmq_gemv_scalar(const float* x, const uint8_t* codes, const uint8_t* q, const float* scales, i64 rows, i64 J,
+void nmq_gemv_scalar(const float* x, const uint8_t* codes, const uint8_t* q, const h16* scales, i64 rows, i64 J,
                      i64 jc, int n, int m, int bits, i64 G, float* out, const float* bias, bool relu) {
   const i64 chunks = cdiv(J, jc), cc = jc / n * m, gpc = cdiv(jc, G);
   nm_gemv_threads(rows, out, bias, relu, [&](i64 o0, i64 o1, float*) {
@@ -167,7 +167,7 @@ void nmq_gemv_scalar(const float* x, const uint8_t* codes, const uint8_t* q, con
       for (i64 o = o0; o < o1; ++o) {
         const uint8_t* row = codes + nm_code_off(c, o, rows, jc, count, bits);
         const uint8_t* qs = q + (c * rows * jc + o * count) * QB / 8;
-        const float* sc = scales + c * rows * gpc + o * gr;
+        const h16* sc = scales + c * rows * gpc + o * gr;
         float s = 0.f;
         for (i64 j = 0; j < count; ++j)
           s += deq_one<QB>(qs, j) * sc[j / G] * x[c * cc + (j / n) * m + decode_one(row, j, bits)];
@@ -180,7 +180,7 @@ void nmq_gemv_scalar(const float* x, const uint8_t* codes, const uint8_t* q, con
 // ---------------------------------------------------------------- dense, batch 1
 // R consecutive rows (one stream: rows follow each other in memory), one input vector shared by the R.
 template <int QB, int R>
-__attribute__((always_inline)) inline void denseq_rows(const float* x, const uint8_t* q, i64 qrow, const float* sc,
+__attribute__((always_inline)) inline void denseq_rows(const float* x, const uint8_t* q, i64 qrow, const h16* sc,
                                                        i64 gr, i64 cols, i64 G, float* y) {
   vf acc[R];
 #pragma GCC unroll 8
@@ -212,7 +212,7 @@ __attribute__((always_inline)) inline void denseq_rows(const float* x, const uin
 }
 
 template <int QB>
-void denseq_gemv(const float* x, const uint8_t* q, const float* scales, i64 rows, i64 cols, i64 G, float* out,
+void denseq_gemv(const float* x, const uint8_t* q, const h16* scales, i64 rows, i64 cols, i64 G, float* out,
                  const float* bias, bool relu) {
   constexpr int R = 4;
   const i64 qrow = cols * QB / 8, gr = cdiv(cols, G);
@@ -235,7 +235,7 @@ void denseq_gemv(const float* x, const uint8_t* q, const float* scales, i64 rows
 // the column's input, summed in float32, then scaled by the group's B scales.
 template <int B, int S, int QB>
 __attribute__((always_inline)) inline void blockq_rows(const float* x, const int32_t* const* c,
-                                                       const uint8_t* const* w, const float* const* sc, i64 kept,
+                                                       const uint8_t* const* w, const h16* const* sc, i64 kept,
                                                        i64 G, float* const* y, const float* const* bias, bool relu) {
   constexpr int V = B / VW;
   constexpr i64 KB = B * QB / 8;  // bytes per kept column
@@ -264,13 +264,13 @@ __attribute__((always_inline)) inline void blockq_rows(const float* x, const int
 #pragma GCC unroll 16
     for (int s = 0; s < S; ++s)
 #pragma GCC unroll 16
-      for (int v = 0; v < V; ++v) acc[s][v] = ga[s][v] * vload(sc[s] + g * B + VW * v) + acc[s][v];
+      for (int v = 0; v < V; ++v) acc[s][v] = ga[s][v] * vload_scales(sc[s] + g * B + VW * v) + acc[s][v];
   }
   store_block_rows<S, V>(acc, y, bias, relu);
 }
 
 template <int B, int QB>
-void blockq_gemv(const float* x, const int32_t* cols, const uint8_t* q, const float* scales, i64 rows, i64 kept,
+void blockq_gemv(const float* x, const int32_t* cols, const uint8_t* q, const h16* scales, i64 rows, i64 kept,
                  i64 G, float* out, const float* bias, bool relu) {
   constexpr int S = gemv_streams(B / VW);
   const i64 gk = cdiv(kept, G), qb = kept * B * QB / 8;
@@ -280,7 +280,7 @@ void blockq_gemv(const float* x, const int32_t* cols, const uint8_t* q, const fl
     const i64 r0 = rows * tid / nth, r1 = rows * (tid + 1) / nth, part = (r1 - r0) / S;
     const int32_t* c[S];
     const uint8_t* w[S];
-    const float* sc[S];
+    const h16* sc[S];
     float* y[S];
     const float* bs[S];
     auto bind = [&](int s, i64 r) {
@@ -302,7 +302,7 @@ void blockq_gemv(const float* x, const int32_t* cols, const uint8_t* q, const fl
 // out[i] = q[i] * scale of value i, over `segs` segments; segment s holds len(s) values starting at
 // value start(s) and scales starting at sstart(s) (see the top of this file).
 template <int QB, class Seg>
-void dequant_segments(const uint8_t* q, const float* scales, i64 segs, i64 G, float* out, Seg seg) {
+void dequant_segments(const uint8_t* q, const h16* scales, i64 segs, i64 G, float* out, Seg seg) {
 #pragma omp parallel for num_threads(call_threads) schedule(static)
   for (i64 s = 0; s < segs; ++s) {
     i64 start, len, sstart;
@@ -479,6 +479,10 @@ inline __m512i lane_group_ids(i64 G) {
 inline __m512 lane_groups(const float* p, __m512i ids, i64 groups) {
   return _mm512_permutexvar_ps(ids, _mm512_maskz_loadu_ps((__mmask16)((1u << std::min<i64>(groups, 16)) - 1), p));
 }
+inline __m512 lane_groups(const h16* p, __m512i ids, i64 groups) {  // weight scales (float16)
+  const __m256i h = _mm256_maskz_loadu_epi16((__mmask16)((1u << std::min<i64>(groups, 16)) - 1), p);
+  return _mm512_permutexvar_ps(ids, _mm512_cvtph_ps(h));
+}
 
 // The columns (0..127, within the chunk) of a row-chunk's 64 kept values of an n:m layout with m = 2n:
 // the BITS-wide codes spread to bytes (vpmultishiftqb) plus each value's group start (j / n) * m. Lane i
@@ -583,7 +587,7 @@ inline __mmask64 split_live(i64 count) {
 // offsets become byte indices (vpmultishiftqb), the chunk's 128 quantized inputs are picked by
 // them (vpermt2b), and vpdpbusd sums the products 4 at a time.
 template <int BITS, int QB>
-void nmq_gemv_vnni(const uint8_t* codes, const uint8_t* q, const float* scales, i64 rows, i64 J, int n, int m, i64 G,
+void nmq_gemv_vnni(const uint8_t* codes, const uint8_t* q, const h16* scales, i64 rows, i64 J, int n, int m, i64 G,
                    float* out, const float* bias, bool relu) {
   constexpr i64 jc = 64;
   const i64 chunks = cdiv(J, jc), gpc = cdiv(jc, G);
@@ -610,7 +614,7 @@ void nmq_gemv_vnni(const uint8_t* codes, const uint8_t* q, const float* scales, 
       const float sxc = sx[c * (jc / gm)];
       const uint8_t* crow = codes + nm_code_off(c, o0, rows, jc, count, BITS);
       const uint8_t* qrow = q + (c * rows * jc + o0 * count) * QB / 8;
-      const float* srow = scales + c * rows * gpc + o0 * gr;
+      const h16* srow = scales + c * rows * gpc + o0 * gr;
       const i64 qb = count * QB / 8;
       auto one = [&](i64 i) {  // row o0 + i of the thread's range
         const uint8_t* cr = crow + i * cbytes;
@@ -675,7 +679,7 @@ void nmq_gemv_vnni(const uint8_t* codes, const uint8_t* q, const float* scales, 
         const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
         const __m512 vsx = _mm512_set1_ps(sxc);
         auto add4 = [&](i64 i, __m512i d, __m512 vs) {  // rows i..i+3's folded sums, scaled, into their partials
-          const __m512 s = _mm512_mul_ps(_mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(srow + i))), vs);
+          const __m512 s = _mm512_mul_ps(_mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(srow + i))))), vs);
           float* p = part + i * 4;
           _mm512_storeu_ps(p, _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, _mm512_loadu_ps(p)));
         };
@@ -728,7 +732,7 @@ void nmq_gemv_vnni(const uint8_t* codes, const uint8_t* q, const float* scales, 
 // instructions per weight byte: the head of a language model is the largest dense product).
 template <int QB, int R, bool WHOLE>
 __attribute__((always_inline)) inline void denseq_rows_vnni(const int8_t* xq, const float* sx, const uint8_t* q, i64 qrow,
-                                                            const float* sc, i64 gr, i64 cols, i64 G, float* y) {
+                                                            const h16* sc, i64 gr, i64 cols, i64 G, float* y) {
   const __m512i off = _mm512_set1_epi8(QB == 8 ? (char)0x80 : 8);
   const __m512i ids = lane_group_ids(G);
   __m512 acc[R];
@@ -780,7 +784,7 @@ __attribute__((always_inline)) inline void denseq_rows_vnni(const int8_t* xq, co
 }
 
 template <int QB, bool WHOLE>
-inline void denseq_range_vnni(const int8_t* xq, const float* sx, const uint8_t* q, const float* scales, i64 o0, i64 o1,
+inline void denseq_range_vnni(const int8_t* xq, const float* sx, const uint8_t* q, const h16* scales, i64 o0, i64 o1,
                               i64 cols, i64 G, float* out) {
   const i64 qrow = cols * QB / 8, gr = cdiv(cols, G);
   i64 o = o0;
@@ -790,7 +794,7 @@ inline void denseq_range_vnni(const int8_t* xq, const float* sx, const uint8_t* 
 }
 
 template <int QB>
-void denseq_gemv_vnni(const uint8_t* q, const float* scales, i64 rows, i64 cols, i64 G, float* out, const float* bias,
+void denseq_gemv_vnni(const uint8_t* q, const h16* scales, i64 rows, i64 cols, i64 G, float* out, const float* bias,
                       bool relu) {
   const int8_t* xq = xbuf.q;  // the calling thread's buffers (thread_local): read through these in the region
   const float* sx = xbuf.s;
@@ -933,7 +937,7 @@ inline void expand_nm_chunk(const uint8_t* qr, __m512i idx, __mmask64 live, i64 
 // Rows [o, o + GR) of the weight as dense signed bytes (stride bytes a row), their scales and sums
 // per group of Gd columns. kind 0: n:m (codes, jc = 64, m = 2n); kind 2: dense.
 template <int BITS, int QB>
-inline void gemm_expand(int kind, const uint8_t* codes, const uint8_t* q, const float* scales, i64 rows, i64 cols,
+inline void gemm_expand(int kind, const uint8_t* codes, const uint8_t* q, const h16* scales, i64 rows, i64 cols,
                         int n, int m, i64 G, i64 o, i64 Gd, i64 groups, i64 stride, const NMColumns<BITS>* columns,
                         const __m512i* pick, int8_t* w, float* sw, int32_t* wc) {
   std::memset(w, 0, GR * stride);
@@ -970,7 +974,7 @@ inline void gemm_expand(int kind, const uint8_t* codes, const uint8_t* q, const 
 }
 
 template <int BITS, int QB>
-void q_gemm_vnni(int kind, const uint8_t* codes, const uint8_t* q, const float* scales, i64 rows, i64 cols, int n,
+void q_gemm_vnni(int kind, const uint8_t* codes, const uint8_t* q, const h16* scales, i64 rows, i64 cols, int n,
                  int m, i64 G, const float* x, i64 T, float* out, const float* bias, bool relu) {
   const i64 Gd = kind == 2 ? G : std::min<i64>(G, 64) * m / n, groups = cdiv(cols, Gd), steps = Gd / 4;
   const i64 K4 = groups * steps, tiles = cdiv(T, GT);
@@ -1045,7 +1049,7 @@ inline __m256i nibbles_split(const uint8_t* p, int off) {
 // integers, then scaled. QB = 4 reads the input in split order (xs: even columns, then odd, per 32).
 template <int QB, int R>
 inline void denseq_rows_avx2(const int8_t* xq, const float* sx, const int32_t* xsum, const uint8_t* q, i64 qrow,
-                             const float* sc, i64 gr, i64 cols, i64 G, float* y) {
+                             const h16* sc, i64 gr, i64 cols, i64 G, float* y) {
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (i64 g = 0; g * G < cols; ++g) {
@@ -1100,7 +1104,7 @@ inline void make_split_x(const int8_t* xq, i64 cols, i64 G) {
 }
 
 template <int QB>
-void denseq_gemv_avx2(const uint8_t* q, const float* scales, i64 rows, i64 cols, i64 G, float* out, const float* bias,
+void denseq_gemv_avx2(const uint8_t* q, const h16* scales, i64 rows, i64 cols, i64 G, float* out, const float* bias,
                       bool relu) {
   const int8_t* xq = xbuf.q;
   const float* sx = xbuf.s;
@@ -1195,7 +1199,7 @@ inline __m256 nm24_row(const uint8_t* cr, const uint8_t* qr, const __m256i* xa, 
 
 // 2:4, 64 kept values (128 columns) a chunk, groups of G (a multiple of 16) kept values.
 template <int QB>
-void nmq_gemv_avx2(const uint8_t* codes, const uint8_t* q, const float* scales, i64 rows, i64 J, i64 G, float* out,
+void nmq_gemv_avx2(const uint8_t* codes, const uint8_t* q, const h16* scales, i64 rows, i64 J, i64 G, float* out,
                    const float* bias, bool relu) {
   constexpr i64 jc = 64;
   static const Nm24Consts<QB> k;
@@ -1211,7 +1215,7 @@ void nmq_gemv_avx2(const uint8_t* codes, const uint8_t* q, const float* scales, 
       const float* sxc = sx + c * (jc / gm);
       const uint8_t* crow = codes + nm_code_off(c, o0, rows, jc, count, 2);
       const uint8_t* qrow = q + (c * rows * jc + o0 * count) * QB / 8;
-      const float* srow = scales + c * rows * gpc + o0 * gr;
+      const h16* srow = scales + c * rows * gpc + o0 * gr;
       __m256i xa[2], xb[2];  // step h: columns 64h + [0, 16) and [32, 48); [16, 32) and [48, 64)
       for (int h = 0; h < 2; ++h) {
         auto cols16 = [&](int at) { return _mm_loadu_si128((const __m128i*)(xc + 64 * h + at)); };
@@ -1405,7 +1409,7 @@ inline i64 expand24(const uint8_t* code, const int16_t* vals, i64 count, int16_t
 // Rows [o, o + GR16) of the weight widened to int16 (L values a row, zero where n:m dropped a value or
 // past the columns) and their scales per group of Gd columns (sw[r * groups + g]). kind 0: n:m; 2: dense.
 template <int QB>
-void gemm16_expand(int kind, const uint8_t* codes, const uint8_t* q, const float* scales, i64 rows, i64 cols, int n,
+void gemm16_expand(int kind, const uint8_t* codes, const uint8_t* q, const h16* scales, i64 rows, i64 cols, int n,
                    int m, i64 jc, int bits, i64 G, i64 o, i64 Gd, i64 groups, int16_t* w, float* sw, int16_t* tmp) {
   const i64 L = groups * Gd;
   std::memset(w, 0, GR16 * L * 2);
@@ -1484,7 +1488,7 @@ inline bool q_gemm16_takes(int kind, int n, int m, i64 jc, i64 G) {
 }
 
 template <int QB>
-void q_gemm16(int kind, const uint8_t* codes, const uint8_t* q, const float* scales, i64 rows, i64 cols, int n, int m,
+void q_gemm16(int kind, const uint8_t* codes, const uint8_t* q, const h16* scales, i64 rows, i64 cols, int n, int m,
               i64 jc, int bits, i64 G, const float* x, i64 T, float* out, const float* bias, bool relu) {
   const i64 Gd = kind == 2 ? G : std::min(G, jc) / n * m, groups = cdiv(cols, Gd), L = groups * Gd;
   const i64 tiles = cdiv(T, GT16), blocks = cdiv(rows, GR16);
