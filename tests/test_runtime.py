@@ -385,3 +385,28 @@ def test_cpp_im2col_matches_unfold_in_both_orders(variant):
         k = kernel[0] * kernel[1]
         hwc = ref.view(2, 5, k, -1).transpose(1, 2).reshape(2, 5 * k, -1).transpose(0, 1).reshape(5 * k, -1)
         assert torch.equal(_native.im2col(x, kernel, stride, padding, dilation, "hwc", lib), hwc)
+
+
+def test_in_model_choice_times_a_group_again_where_it_contradicts_the_layers_alone(monkeypatch):
+    """A group whose in-model verdict disagrees with its layers timed alone is timed again with three
+    times the calls, and the second verdict stands; an agreeing group is timed once."""
+    from nmsparse.runtime import choice
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 8), nn.Linear(8, 8))
+    sparse = {f"{i}": nn.Linear(*model[i].weight.shape[::-1]) for i in range(4)}
+    candidates = [(f"{i}", model[i], sparse[f"{i}"]) for i in range(4)]
+    groups = {"a": candidates[:2], "b": candidates[2:]}
+    timings = iter([("a", 1.0, 1.1), ("a", 1.2, 1.0), ("b", 1.0, 1.1)])  # (group, dense ms, sparse ms) in order
+    calls = []
+
+    def fake_best_ms(fns, repeats):
+        key, dense_ms, sparse_ms = next(timings)
+        calls.append((key, repeats))
+        return [dense_ms, sparse_ms]
+
+    monkeypatch.setattr(choice, "best_ms", fake_best_ms)
+    ratios = choice._time_groups_in_model(model, torch.randn(1, 4), candidates, groups, ["a", "b"], 6,
+                                          {"a": 1.5, "b": 0.5})
+    assert calls == [("a", 6), ("a", 18), ("b", 6)]  # a contradicted its 1.5x alone: timed again, 3x the calls
+    assert ratios["a"] == pytest.approx(1.2) and ratios["b"] == pytest.approx(1.0 / 1.1)
+    assert all(model[i] is candidates[i][1] for i in range(4))  # left dense; the caller applies the choice

@@ -87,12 +87,17 @@ def _group_key(module: nn.Module, row) -> tuple:
 
 
 def _time_groups_in_model(model: nn.Module, inputs: Any, candidates: list[Candidate],
-                          groups: dict[tuple, list[Candidate]], keys: list[tuple], repeats: int) -> dict[tuple, float]:
+                          groups: dict[tuple, list[Candidate]], keys: list[tuple], repeats: int,
+                          alone: dict[tuple, float] | None = None) -> dict[tuple, float]:
     """For a model larger than the cache: ``{group: whole-model time with the group dense / with it
     sparse}``. Starting from every candidate sparse, each group of repeated layers is timed in the
     model both ways (interleaved) and left in the faster state for the next. Why not the layers
-    alone: a layer's call cycled through copies misses what surrounds it in the model. The model is
-    left with every candidate dense; the caller applies the choice."""
+    alone: a layer's call cycled through copies misses what surrounds it in the model. But a group's
+    share of a model step can be a few percent, the size of the machine's drift in memory bandwidth
+    between calls: where the model's verdict contradicts the group's ``alone`` ratio (the median of
+    its layers timed alone, from memory), the group is timed in the model again with three times the
+    calls, and that verdict stands. The model is left with every candidate dense; the caller applies
+    the choice."""
     for fqn, _, sparse in candidates:
         model.set_submodule(fqn, sparse)
 
@@ -101,10 +106,15 @@ def _time_groups_in_model(model: nn.Module, inputs: Any, candidates: list[Candid
             model.set_submodule(fqn, s if sparse else d)
         return call(model, inputs)
 
+    def ratio(key: tuple, calls: int) -> float:
+        dense_ms, sparse_ms = best_ms([lambda i, k=key: run(k, False), lambda i, k=key: run(k, True)], calls)
+        return dense_ms / sparse_ms
+
     ratios = {}
     for key in keys:
-        dense_ms, sparse_ms = best_ms([lambda i, k=key: run(k, False), lambda i, k=key: run(k, True)], repeats)
-        ratios[key] = dense_ms / sparse_ms
+        ratios[key] = ratio(key, repeats)
+        if alone and key in alone and (ratios[key] >= 1.0) != (alone[key] >= 1.0):
+            ratios[key] = ratio(key, 3 * repeats)
         run(key, ratios[key] >= 1.0)
     for fqn, dense, _ in candidates:
         model.set_submodule(fqn, dense)
@@ -125,7 +135,8 @@ def decide(model: nn.Module, inputs: Any, candidates: list[Candidate], rows: dic
     repeated = [key for key, group in groups.items() if len(group) > 1]
     if (cold and repeated and min_speedup >= 1.0 and dense_ms is not None
             and dense_ms * len(repeated) * 2 * (repeats + 3) < IN_MODEL_BUDGET_MS):
-        in_model = _time_groups_in_model(model, inputs, candidates, groups, repeated, repeats)
+        alone = {key: statistics.median(rows[fqn].speedup for fqn, _, _ in groups[key]) for key in repeated}
+        in_model = _time_groups_in_model(model, inputs, candidates, groups, repeated, repeats, alone)
     dense: dict[str, str] = {}
     for key, group in groups.items():
         timed = [rows[fqn] for fqn, _, _ in group]
