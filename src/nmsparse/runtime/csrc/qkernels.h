@@ -600,6 +600,8 @@ void nmq_gemv_vnni(const uint8_t* codes, const uint8_t* q, const h16* scales, i6
   const bool pow2 = (m & (m - 1)) == 0, pairs = QB == 4 && whole && pow2;
   constexpr bool can_split = QB == 4;
   const bool split = can_split && whole && !pairs;
+  // groups of 32 (two scales a row-chunk): whole chunks in the tight loop too, scaled before the fold
+  const bool half = G == 32 && (QB == 8 || pow2);
   const NMColumns<BITS> columns(n, m, split);
   const NMPairColumns<BITS> pair_columns(n, m);
   const __m512i off = _mm512_set1_epi8(QB == 8 ? (char)0x80 : 8);
@@ -640,7 +642,7 @@ void nmq_gemv_vnni(const uint8_t* codes, const uint8_t* q, const h16* scales, i6
         vstore(p, _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, vload(p)));
       };
       const i64 nrow = o1 - o0, len = nrow / NMS_VSTREAMS;
-      if (count == jc && whole) {  // the common case in one tight loop: whole chunks, one scale a row-chunk
+      if (count == jc && (whole || half)) {  // the common case in one tight loop: whole chunks, 1 or 2 scales
         const __m512i offx = _mm512_set1_epi8(QB == 8 ? (char)0x80 : 8);
         // int8: the inputs as unsigned bytes xq + 128 against the signed weights as stored (no per-row flip),
         // less 128 * the weights' sum
@@ -710,6 +712,38 @@ void nmq_gemv_vnni(const uint8_t* codes, const uint8_t* q, const h16* scales, i6
 #pragma GCC unroll 8
             for (int r = 0; r < NMS_VSTREAMS; ++r) step(r * len + i);
         };
+        if (half) {
+          // groups of 32 kept values: a row's lanes 0-7 are its first group, 8-15 its second; a pair's (int4)
+          // lanes 0-3 / 4-7 the first row's groups, 8-11 / 12-15 the second row's. Each lane is scaled by its
+          // weight and input scales, then a row's lanes fold into its 4-lane partial.
+          const float sxa = sx[c * (jc / gm)], sxb = sx[c * (jc / gm) + 1];
+          const __m512 xs8 = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sxa), _mm512_set1_ps(sxb));
+          const __m512 xs4 = _mm512_mul_ps(_mm512_set_ps(sxb, sxb, sxb, sxb, sxa, sxa, sxa, sxa, sxb, sxb, sxb, sxb, sxa,
+                                                         sxa, sxa, sxa), _mm512_set1_ps(1.f / 16));
+          auto add_row = [&](i64 i, __m256 v) {  // into the first 4 of the row's VW partial lanes (see one())
+            float* p4 = part + i * VW;
+            const __m128 f = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            _mm_storeu_ps(p4, _mm_add_ps(f, _mm_loadu_ps(p4)));
+          };
+          auto row32 = [&](i64 i) {
+            const __m512 s = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(srow[2 * i]), _mm512_set1_ps(srow[2 * i + 1]));
+            const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(dot(i)), _mm512_mul_ps(s, xs8));
+            add_row(i, _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
+          };
+          auto pair32 = [&](i64 i) {
+            const __m128 s4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(srow + 2 * i)));
+            const __m512 s = _mm512_mul_ps(_mm512_permutexvar_ps(spread, _mm512_castps128_ps512(s4)), xs4);
+            const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(pair(i)), s);
+            add_row(i, _mm512_castps512_ps256(v));
+            add_row(i + 1, _mm512_extractf32x8_ps(v, 1));
+          };
+          if (QB == 4) quads([&](i64 i) { pair32(i), pair32(i + 2); });
+          else quads([&](i64 i) { row32(i), row32(i + 1), row32(i + 2), row32(i + 3); });
+          for (int r = 0; r < NMS_VSTREAMS; ++r)
+            for (i64 i = len4; i < len; ++i) row32(r * len + i);
+          for (i64 i = NMS_VSTREAMS * len; i < nrow; ++i) row32(i);
+          continue;
+        }
         if (pairs) quads(quad4);
         else quads(quad);
         for (int r = 0; r < NMS_VSTREAMS; ++r)
