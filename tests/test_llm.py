@@ -117,13 +117,13 @@ def test_one_shot_prunes_every_decoder_linear_block_by_block_and_keeps_head_and_
 def test_sequential_groups_of_a_llama_block_follow_its_data_flow(tiny_llama_dir):
     """q/k/v read one tensor, then o, gate/up read one tensor, then down; a sequential prune is valid and
     its reported errors are on the inputs through the pruned groups (so they differ from the plain run)."""
-    from nmsparse.oneshot.calibrate import call_groups, first_block_inputs
+    from nmsparse.oneshot.calibrate import call_groups, first_block_inputs, first_sample
     from nmsparse.select import Selection, select_layers
 
     model, _ = build_model(f"hf:{tiny_llama_dir}")
     block = model.model.layers[0]
     here = [c for c in select_layers(model, Selection(), "2:4") if c.selected and c.fqn.startswith("model.layers.0.")]
-    groups, once = call_groups(block, here, first_block_inputs(model, block, _windows(1)))
+    groups, once = call_groups(here, first_sample(block, first_block_inputs(model, block, _windows(1))))
     names = [[c.fqn.rsplit(".", 1)[1] for c in group] for group in groups]
     assert names == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]] and once
     plain = prune(copy.deepcopy(model), PruneConfig("2:4", "sparsegpt"), calibration=_windows(), progress="none")

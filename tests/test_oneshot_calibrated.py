@@ -267,17 +267,24 @@ def test_sequential_calibration_feeds_each_group_through_the_groups_pruned_befor
     assert is_nm(got, NMPattern(2, 4))
 
 
-def test_call_groups_stop_forwards_early_and_sequential_needs_calibration():
-    from nmsparse.oneshot.calibrate import call_groups
+def test_call_groups_in_a_block_and_in_a_model_without_blocks_and_sequential_needs_calibration():
+    from nmsparse.oneshot.calibrate import call_groups, first_sample
     from nmsparse.select import select_layers
 
     model = TinyViT()
     choices = [c for c in select_layers(model, Selection(layers=("ff", "attention")), "2:4") if c.selected]
     here = [c for c in choices if c.fqn.startswith("blocks.0.")]
     inputs = [((torch.randn(2, 4, 16),), {})]
-    groups, once = call_groups(model.blocks[0], list(reversed(here)), inputs)
+    groups, once = call_groups(list(reversed(here)), first_sample(model.blocks[0], inputs))
     assert [[c.fqn for c in g] for g in groups] == [["blocks.0.attn.qkv"], ["blocks.0.attn.proj"],
                                                     ["blocks.0.mlp.fc1"], ["blocks.0.mlp.fc2"]]
     assert once
     with pytest.raises(MethodError, match="sequential calibration needs calibration data"):
         prune(model, PruneConfig("2:4", "magnitude", sequential=True), progress="none")
+    cnn, batches = TinyCNN(), [torch.randn(2, 1, 8, 8)]  # no repeated blocks: the whole model in call order
+    cnn_choices = [c for c in select_layers(cnn, Selection(keep_classifier=False), "2:4") if c.selected]
+    groups, once = call_groups(cnn_choices[::-1], lambda: cnn(batches[0]))
+    assert [[c.fqn for c in g] for g in groups] == [[c.fqn] for c in cnn_choices] and once
+    result = prune(cnn, PruneConfig("2:4", "sparsegpt", Selection(keep_classifier=False), sequential=True),
+                   calibration=batches, progress="none")
+    assert result.calibration["sequential"] and all(r.verified for r in result.sparse_rows)

@@ -121,9 +121,11 @@ def release_freed_memory() -> None:
 
 
 def _run_all(model: nn.Module, batches: list[Any]) -> None:
-    """Run every calibration batch, keeping no outputs (only the statistics hooks see them)."""
+    """Run every calibration batch, keeping no outputs (only the statistics hooks see them); a hook may
+    end a batch's forward early (``_StopForward``)."""
     for batch in batches:
-        run_model(model, batch)
+        with contextlib.suppress(_StopForward):
+            run_model(model, batch)
 
 
 def _hidden_key(kwargs: dict) -> str:
@@ -164,13 +166,18 @@ def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]], micro_batch: 
                 block(*piece_args, **piece_kwargs)
 
 
+def first_sample(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> Callable[[], Any]:
+    """A call of ``block`` on the first sample of its captured inputs (what :func:`call_groups` traces)."""
+    piece_args, piece_kwargs = next(_pieces(*inputs[0], 1))
+    return lambda: block(*piece_args, **piece_kwargs)
+
+
 @torch.no_grad()
-def call_groups(block: nn.Module, here: list[LayerChoice], inputs: list[tuple[tuple, dict]]
-                ) -> tuple[list[list[LayerChoice]], bool]:
-    """The block's selected layers grouped by the tensor they read, in the order the block calls them
-    (a Llama block: q/k/v, o, gate/up, down), from one forward of one sample. Layers the forward never
-    called come last, as one group. Returns ``(groups, each layer called once)``; with a layer called
-    twice (shared weights) the groups still hold, but a forward must not stop early."""
+def call_groups(here: list[LayerChoice], run_one: Callable[[], Any]) -> tuple[list[list[LayerChoice]], bool]:
+    """The selected layers grouped by the tensor they read, in the order ``run_one()`` (one forward of a
+    block or of the whole model) calls them (a Llama block: q/k/v, o, gate/up, down). Layers the forward
+    never called come last, as one group. Returns ``(groups, each layer called once)``; with a layer
+    called twice (shared weights) the groups still hold, but a forward must not stop early."""
     by_module = {id(c.module): c for c in here}
     groups: list[list[LayerChoice]] = []
     reads: list[torch.Tensor] = []  # each group's input, held so the identity test cannot see a reused id
@@ -190,8 +197,7 @@ def call_groups(block: nn.Module, here: list[LayerChoice], inputs: list[tuple[tu
 
     handles = [c.module.register_forward_pre_hook(hook) for c in here]
     try:
-        piece_args, piece_kwargs = next(_pieces(*inputs[0], 1))
-        block(*piece_args, **piece_kwargs)
+        run_one()
     finally:
         for handle in handles:
             handle.remove()
@@ -325,18 +331,15 @@ def _prune_layer(choice: LayerChoice, method: MethodBase, stats: LayerStats, ref
 BlockHook = Callable[[int, str, nn.Module, list[LayerChoice]], None]
 
 
-def _prune_block_layers(block: nn.Module, here: list[LayerChoice], inputs: list[tuple[tuple, dict]] | None,
-                        method: MethodBase, micro_batch: int | None, refine: bool, sequential: bool) -> list[LayerRow]:
-    """Calibrate and prune the block's selected layers: all at once, or group by group (``sequential``)."""
-    if inputs is None:  # no calibration data: each layer's statistics-free mask
-        stats = {c.fqn: LayerStats(int(c.module.weight[0].numel()), False) for c in here}
-        return [_prune_layer(c, method, stats.pop(c.fqn), refine) for c in here]
-    groups, once = call_groups(block, here, inputs) if sequential else ([here], False)
+def _prune_layers(here: list[LayerChoice], method: MethodBase, run: Callable[[], None],
+                  run_one: Callable[[], Any] | None, max_columns: int, refine: bool) -> list[LayerRow]:
+    """Calibrate the layers over ``run()`` and prune them: all at once, or with ``run_one`` (one traced
+    forward, :func:`call_groups`) group by group in call order, each group's statistics collected after
+    the groups before it are pruned, its forwards stopped once its last layer has read its input."""
+    groups, once = call_groups(here, run_one) if run_one is not None else ([here], False)
     rows = []
     for group in groups:
-        stop_at = group[-1].module if sequential and once else None
-        stats = _collect(group, method, lambda: _run_block(block, inputs, micro_batch), _HESSIAN_MAX_COLUMNS_BLOCK,
-                         refine, stop_at)
+        stats = _collect(group, method, run, max_columns, refine, group[-1].module if once else None)
         release_freed_memory()
         for choice in group:
             rows.append(_prune_layer(choice, method, stats.pop(choice.fqn), refine))
@@ -374,7 +377,13 @@ def prune_blocks(blocks: list[tuple[str, nn.Module]], selected: list[LayerChoice
             release_freed_memory()
         done.update(c.fqn for c in here)
         if here:
-            rows += _prune_block_layers(block, here, inputs, method, micro_batch, refine, sequential)
+            if inputs is None:  # no calibration data: each layer's statistics-free mask
+                rows += [_prune_layer(c, method, LayerStats(int(c.module.weight[0].numel()), False), refine)
+                         for c in here]
+            else:
+                rows += _prune_layers(here, method, lambda blk=block, ins=inputs: _run_block(blk, ins, micro_batch),
+                                      first_sample(block, inputs) if sequential else None,
+                                      _HESSIAN_MAX_COLUMNS_BLOCK, refine)
         if inputs is not None and index + 1 < len(blocks):
             _advance(block, inputs, micro_batch)
             release_freed_memory()
@@ -410,8 +419,9 @@ def prune_with_calibration(
             once); None runs whole batches. The statistics are the same sums either way.
         refine: refine each layer's mask against its output error (:mod:`nmsparse.refine`; n:m and
             1xN Linear layers; others are reported as skipped in the row's ``refinement``).
-        sequential: inside each block, calibrate the layers group by group in call order, each group on
-            inputs that pass through the already pruned groups (see :func:`prune_blocks`).
+        sequential: inside each block (in a model without repeated blocks: over the whole model),
+            calibrate the layers group by group in call order, each group on inputs that pass through the
+            already pruned groups (see :func:`prune_blocks`).
 
     Returns:
         ``(manifest entries, report rows, skipped layers)``; the model is left dense with zeros.
@@ -425,11 +435,12 @@ def prune_with_calibration(
         raise MethodError(nothing_selected(model, "for pruning"))
     rows: list[LayerRow] = []
     blocks = find_blocks(model, [c.fqn for c in selected])
-    if blocks is None:
+    if blocks is None:  # one pass over the model (sequential: one pass a group, in the model's call order)
         bar = Progress(1, 0, progress, every=1)
-        stats = _collect(selected, method, lambda: _run_all(model, batches), _HESSIAN_MAX_COLUMNS_ONE_PASS, refine)
-        rows += [_prune_layer(c, method, stats[c.fqn], refine) for c in selected]
-        bar.update(1, f"{len(selected)} layers pruned in one pass")
+        rows += _prune_layers(selected, method, lambda: _run_all(model, batches),
+                              (lambda: run_model(model, batches[0])) if sequential else None,
+                              _HESSIAN_MAX_COLUMNS_ONE_PASS, refine)
+        bar.update(1, f"{len(selected)} layers pruned in one pass" + (" a group" if sequential else ""))
         bar.close()
     else:
         bar = Progress(len(blocks), 0, progress, every=1)

@@ -30,8 +30,8 @@ class PruneConfig:
     permute_sweeps: search input-channel permutations first, at most this many sweeps (None: off).
     refine: refine each layer's mask against its output error after the method (needs calibration).
     sequential: inside each block, calibrate and prune the layers group by group in the order the block
-        calls them, each group on inputs through the groups already pruned (GPTQ's "true sequential";
-        needs calibration data and a model with repeated blocks).
+        calls them, each group on inputs through the groups already pruned (GPTQ's "true sequential"; a
+        model without repeated blocks, e.g. a CNN, in the whole model's call order; needs calibration data).
     weights / group_size: prune and quantize in one pass (``int8`` / ``int4``, kept values per scale).
     window: perplexity window (causal LMs).
     recover_steps / recover_minutes / recover_lr / recover_objective: distillation from the dense model

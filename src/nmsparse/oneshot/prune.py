@@ -149,13 +149,7 @@ def _prune_model(model: nn.Module, config: PruneConfig, *, out: str | Path | Non
                  heldout: Any, recover: Recovery | None, source: Any, example_inputs: Any,
                  describe: dict[str, Any] | None, progress: str, micro_batch: int | None) -> PruneResult:
     """The in-memory pipeline: permute -> calibrate and prune -> fidelity -> recover -> export."""
-    best, method, built, scheme, refine, permute = _resolve(
-        model, config.method, config.method_options, calibration, config.refine, config.permute_sweeps,
-        config.weights, config.group_size)
-    sequential = config.sequential or (best is not None and best.sequential)
-    if sequential and not calibration:
-        raise MethodError("sequential calibration needs calibration data (calibration=[batches]): each group of "
-                          "layers is calibrated on inputs through the groups already pruned")
+    best, method, built, scheme, refine, permute, sequential = _resolve(model, config, calibration)
     if out is not None and (source is None or example_inputs is None):
         raise ValueError("writing an export needs source= (how to rebuild the model) and example_inputs=")
     pattern = config.pattern
@@ -186,17 +180,18 @@ def _prune_model(model: nn.Module, config: PruneConfig, *, out: str | Path | Non
     return result
 
 
-def _resolve(model: nn.Module, method: str, options: dict[str, Any] | None, calibration: list[Any] | None,
-             refine: bool, permute: int | None, weights: str, group_size: int):
-    """``(best pipeline or None, method, built method, weight scheme or None, refine, permute)`` from the
-    arguments, checked before any work: ``best`` resolved for the model's kind (a ``permute`` given
+def _resolve(model: nn.Module, config: PruneConfig, calibration: list[Any] | None):
+    """``(best pipeline or None, method, built method, weight scheme or None, refine, permute, sequential)``
+    from the config, checked before any work: ``best`` resolved for the model's kind (a ``permute`` given
     replaces its sweeps), sparsegpt given the scheme for its joint rounding."""
     from ..runtime.quant import parse_weights
 
+    method, options, refine, permute = config.method, config.method_options, config.refine, config.permute_sweeps
+    weights, group_size, sequential = config.weights, config.group_size, config.sequential
     best = None
     if method == "best":
         best = best_pipeline(model_kind(model))
-        method, refine = best.method, best.refine
+        method, refine, sequential = best.method, best.refine, best.sequential or sequential
         permute = permute if permute is not None else best.permute
         if not calibration:
             raise MethodError(f"--method best runs {method}, which needs calibration data (calibration=[batches])")
@@ -211,7 +206,10 @@ def _resolve(model: nn.Module, method: str, options: dict[str, Any] | None, cali
     if refine and not calibration:
         raise MethodError("mask refinement needs calibration data (calibration=[batches]): it lowers each layer's "
                           "output error on those inputs")
-    return best, method, built, scheme, refine, permute
+    if sequential and not calibration:
+        raise MethodError("sequential calibration needs calibration data (calibration=[batches]): each group of "
+                          "layers is calibrated on inputs through the groups already pruned")
+    return best, method, built, scheme, refine, permute, sequential
 
 
 def _masks(model: nn.Module, result: PruneResult, built, pattern: str | Pattern, selection: Selection | None,

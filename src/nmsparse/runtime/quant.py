@@ -131,12 +131,13 @@ class QPacked:
             vals = (flat.view(rows, kept, block) * s).numpy()
             return BlockPacked(self.index.cols, vals, self.shape)
         vals = np.empty(flat.numel(), dtype=np.float32)
+        scales = self.float_scales()
         at_v = at_s = 0
         for width in self.index._widths():
             n = self.shape[0] * width
             gr = -(-width // self.group)
             seg = dequantize_groups(flat[at_v: at_v + n].view(-1, width),
-                                    self.float_scales()[at_s: at_s + self.shape[0] * gr].view(-1, gr),
+                                    scales[at_s: at_s + self.shape[0] * gr].view(-1, gr),
                                     self.group)
             vals[at_v: at_v + n] = seg.reshape(-1).numpy()
             at_v, at_s = at_v + n, at_s + self.shape[0] * gr
