@@ -68,6 +68,49 @@ def test_fused_generation_equals_the_module_path(weights, activations):
     assert float((step - ref).abs().max()) < 1e-4 * float(ref.abs().max())
 
 
+@pytest.mark.parametrize("hidden,heads,kv_heads,prompt", [(128, 2, 1, 70), (48, 4, 2, 37), (96, 3, 3, 5)])
+def test_attention_over_long_prompts_and_other_head_sizes(hidden, heads, kv_heads, prompt):
+    """The step's attention (keys stored transposed, scored a run of positions at a time; the output
+    in registers when the head size is a whole number of vectors, else the general loop) against the
+    module path: head sizes 64, 12 and 32, prompts across several vectors of positions and a cache
+    that grows past its first capacity."""
+    model, _ = convert(_tiny_llama(2, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads),
+                       weights="fp32")
+    decoder = model.__dict__["_nms_decoder"]
+    ids = torch.randint(3, 300, (1, prompt), generator=torch.Generator().manual_seed(prompt))
+    nxt = torch.randint(3, 300, (1, 20), generator=torch.Generator().manual_seed(1))
+    cache = DecodeCache(decoder, prompt + 2)
+    plain = type(model).forward  # the module path, past the fused step's override of model.forward
+    with torch.no_grad():
+        model(ids, cache=cache)
+        ref_cache = plain(model, ids, use_cache=True).cache
+        for i in range(nxt.shape[1]):
+            step = model(nxt[:, i: i + 1], cache=cache).logits[0, -1]
+            ref = plain(model, nxt[:, i: i + 1], cache=ref_cache).logits[0, -1]
+            assert float((step - ref).abs().max()) < 1e-4 * float(ref.abs().max()), i
+    assert cache.get_seq_length() == prompt + 20 and True
+
+
+def test_two_caches_decoded_in_turn_each_keep_their_own_sequence():
+    """One decoder, two caches stepped alternately (and one of them growing): each step reads the
+    cache it is given, so each sequence's logits equal that sequence decoded alone."""
+    model, _ = convert(_tiny_llama(3), weights="fp32")
+    decoder = model.__dict__["_nms_decoder"]
+    a_ids, b_ids = PROMPT, torch.randint(3, 300, (1, 20), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        alone = []
+        for ids, cap in ((a_ids, 13), (b_ids, 64)):
+            cache = DecodeCache(decoder, cap)
+            model(ids, cache=cache)
+            alone.append([model(torch.tensor([[t]]), cache=cache).logits for t in range(5, 25)])
+        caches = [DecodeCache(decoder, 13), DecodeCache(decoder, 64)]
+        model(a_ids, cache=caches[0])
+        model(b_ids, cache=caches[1])
+        for i, t in enumerate(range(5, 25)):
+            for which in (0, 1):
+                assert torch.equal(model(torch.tensor([[t]]), cache=caches[which]).logits, alone[which][i]), (which, i)
+
+
 def test_int8_activations_agree_with_the_module_path_token_by_token():
     """With int8 activations a float32 summation difference can flip one input's rounding: the fused
     step's top token still equals the module path's at (nearly) every teacher-forced step."""

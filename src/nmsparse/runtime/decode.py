@@ -48,28 +48,35 @@ def _layer_class():
     _, _, DynamicLayer = _cache_classes()
 
     class BufferLayer(DynamicLayer):
-        """Keys and values in ``[1, kv_heads, capacity, head_dim]`` buffers, the first ``length`` valid."""
+        """Keys and values of one layer, the first ``length`` positions valid. Values in a
+        ``[1, kv_heads, capacity, head_dim]`` buffer; keys stored transposed, ``[1, kv_heads, head_dim,
+        capacity]`` (``k`` is its ``[1, kv_heads, capacity, head_dim]`` view), so that the fused step
+        scores a run of positions with whole vector loads. ``capacity`` is rounded up to a multiple of
+        16: the step reads whole vectors past the last valid position (and ignores those lanes)."""
 
         is_sliding = False
         is_croppable = True
 
         def __init__(self, kv_heads: int, head_dim: int, capacity: int) -> None:
-            self.k = torch.zeros(1, kv_heads, capacity, head_dim)
+            capacity = -(-capacity // 16) * 16
+            self.kt = torch.zeros(1, kv_heads, head_dim, capacity)
+            self.k = self.kt.transpose(2, 3)
             self.v = torch.zeros(1, kv_heads, capacity, head_dim)
             self.length = 0
             self.is_initialized = True
-            self.device = self.k.device
-            self.dtype = self.k.dtype
+            self.device = self.v.device
+            self.dtype = self.v.dtype
 
         keys = property(lambda self: self.k[:, :, : self.length], lambda self, value: None)
         values = property(lambda self: self.v[:, :, : self.length], lambda self, value: None)
 
         def grow(self, capacity: int) -> None:
-            k = torch.zeros(*self.k.shape[:2], capacity, self.k.shape[3])
-            v = torch.zeros_like(k)
-            k[:, :, : self.length] = self.k[:, :, : self.length]
+            capacity = -(-capacity // 16) * 16
+            kt = torch.zeros(*self.kt.shape[:3], capacity)
+            v = torch.zeros(*self.v.shape[:2], capacity, self.v.shape[3])
+            kt[..., : self.length] = self.kt[..., : self.length]
             v[:, :, : self.length] = self.v[:, :, : self.length]
-            self.k, self.v = k, v
+            self.kt, self.k, self.v = kt, kt.transpose(2, 3), v
 
         def update(self, key_states, value_states, *args, **kwargs):
             t = key_states.shape[-2]
@@ -127,6 +134,11 @@ def _decode_cache_class(dynamic: type) -> type:
     if not _CACHE_CLASS:
         _CACHE_CLASS.append(type("NMSparseDecodeCache", (dynamic,), {"__doc__": DecodeCache.__doc__}))
     return _CACHE_CLASS[0]
+
+
+def _buffers(cache) -> tuple:
+    """What a bound plan points at in a cache: its capacity and every layer's key and value buffers."""
+    return (cache.layers[0].v.shape[2], *(t.data_ptr() for layer in cache.layers for t in (layer.kt, layer.v)))
 
 
 def _plan(module: nn.Module, keep: list) -> tuple[int, int, ctypes.Array]:
@@ -225,6 +237,7 @@ class LlamaDecoder:
         self._capacity = 0
         self._logits = torch.empty(self.vocab)
         self._plan = None
+        self._bound: tuple = ()
 
     def __deepcopy__(self, memo) -> _Unbound:
         # the plans point into this model's buffers: a copied model binds its own at its next generate
@@ -239,7 +252,7 @@ class LlamaDecoder:
 
     def _bind(self, cache) -> None:
         """Point the plan at the cache's buffers (and tables for its capacity)."""
-        capacity = cache.layers[0].k.shape[2]
+        capacity = cache.layers[0].v.shape[2]
         if capacity != self._capacity:
             body = self.model.model
             positions = torch.arange(capacity).unsqueeze(0)
@@ -252,9 +265,9 @@ class LlamaDecoder:
         s = self._slots
         s[7], s[12], s[13], s[14] = capacity, self._cos.data_ptr(), self._sin.data_ptr(), self._scratch.data_ptr()
         for i, layer in enumerate(cache.layers):
-            s[16 + 20 * i + 16], s[16 + 20 * i + 17] = layer.k.data_ptr(), layer.v.data_ptr()
+            s[16 + 20 * i + 16], s[16 + 20 * i + 17] = layer.kt.data_ptr(), layer.v.data_ptr()
         self._plan = (ctypes.c_int64 * len(s))(*s)
-        cache._bound = tuple(layer.k.data_ptr() for layer in cache.layers)
+        self._bound = _buffers(cache)
 
     def profile(self, model: nn.Module, prompt: torch.Tensor, tokens: int = 32) -> dict[str, float]:
         """Where a decode step's time goes, in milliseconds per token over ``tokens`` greedy steps after
@@ -282,10 +295,11 @@ class LlamaDecoder:
         ``profile`` (4 float64): the step adds its seconds by part (see :meth:`profile`)."""
         first = cache.layers[0]
         pos = first.length
-        if pos >= first.k.shape[2]:
+        if pos >= first.v.shape[2]:
+            capacity = 2 * first.v.shape[2]  # once: every layer grows to the same capacity
             for layer in cache.layers:
-                layer.grow(2 * first.k.shape[2])
-        if self._plan is None or getattr(cache, "_bound", None) != tuple(layer.k.data_ptr() for layer in cache.layers):
+                layer.grow(capacity)
+        if self._plan is None or self._bound != _buffers(cache):  # another cache, or this one grew
             self._bind(cache)
         logits = torch.empty(self.vocab)
         self._lib.nms_llama_step(ctypes.addressof(self._plan), token, pos, self.eps, self.scale, logits.data_ptr(),

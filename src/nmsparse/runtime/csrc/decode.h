@@ -14,8 +14,8 @@
 //   [10] LM head gemv plan  [11] LM head threads  [12] cos table [capacity, hd]  [13] sin table
 //   [14] scratch floats (3d + 2*KH*hd + 2*H*hd + 2I + capacity*H)
 //   then per layer, 20 slots from 16 + 20*l:
-//     input norm w, post norm w, (plan, threads) for q, k, v, o, gate, up, down, K cache, V cache
-//     ([KH, capacity, hd] each)
+//     input norm w, post norm w, (plan, threads) for q, k, v, o, gate, up, down, K cache ([KH, hd, capacity]:
+//     keys transposed), V cache ([KH, capacity, hd]); capacity a multiple of 16
 // eps and the attention scale come as float arguments.
 
 namespace {
@@ -99,28 +99,87 @@ inline void axpy(float w, const float* v, float* o, i64 hd) {
   for (; i < hd; ++i) o[i] += w * v[i];
 }
 
-// softmax(q . K[t] * scale over t <= pos) . V for every head; K, V: [KH, cap, hd]
+// Scores s[t] = (q . K[:, t]) * scale of one head for t < len rounded up to whole vectors (the lanes past
+// len read keys not yet written, and are ignored); K transposed ([hd, cap], cap a multiple of VW, so a
+// whole vector never leaves the row). Four vectors of positions at a time: every key element read once
+// per head with a vector load, no horizontal sums.
+inline void head_scores(const float* q, const float* Kt, i64 hd, i64 cap, i64 len, float scale, float* s) {
+  i64 t = 0;
+  for (; t + 4 * VW <= len; t += 4 * VW) {
+    vf a0 = vf{}, a1 = vf{}, a2 = vf{}, a3 = vf{};
+    for (i64 i = 0; i < hd; ++i) {
+      const vf qi = vsplat(q[i]);
+      const float* k = Kt + i * cap + t;
+      a0 = qi * vload(k) + a0, a1 = qi * vload(k + VW) + a1, a2 = qi * vload(k + 2 * VW) + a2;
+      a3 = qi * vload(k + 3 * VW) + a3;
+    }
+    const vf sc = vsplat(scale);
+    vstore(s + t, a0 * sc), vstore(s + t + VW, a1 * sc), vstore(s + t + 2 * VW, a2 * sc), vstore(s + t + 3 * VW, a3 * sc);
+  }
+  for (; t < len; t += VW) {
+    vf a = vf{};
+    for (i64 i = 0; i < hd; ++i) a = vsplat(q[i]) * vload(Kt + i * cap + t) + a;
+    vstore(s + t, a * vsplat(scale));
+  }
+}
+
+// s[0 .. len) = exp(s - max s) / sum (softmax in place)
+inline void softmax(float* s, i64 len) {
+  float mx = -INFINITY;
+  for (i64 t = 0; t < len; ++t) mx = std::max(mx, s[t]);
+  i64 t = 0;
+  vf acc = vf{};
+  for (; t + VW <= len; t += VW) {
+    const vf e = vexp(vload(s + t) - vsplat(mx));
+    vstore(s + t, e), acc = acc + e;
+  }
+  float sum = vsum(acc);
+  for (; t < len; ++t) sum += (s[t] = std::exp(s[t] - mx));
+  const float inv = 1.f / sum;
+  for (t = 0; t < len; ++t) s[t] *= inv;
+}
+
+// o[0 .. NV*VW) = sum over t < len of p[t] * V[t] (V rows of hd = NV*VW floats), the output in registers
+template <int NV>
+inline void weighted_rows(const float* p, const float* V, i64 len, float* o) {
+  vf a[NV], b[NV];
+  for (int v = 0; v < NV; ++v) a[v] = vf{}, b[v] = vf{};
+  i64 t = 0;
+  for (; t + 2 <= len; t += 2) {
+    const vf p0 = vsplat(p[t]), p1 = vsplat(p[t + 1]);
+    const float* r = V + t * NV * VW;
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) a[v] = p0 * vload(r + v * VW) + a[v], b[v] = p1 * vload(r + (NV + v) * VW) + b[v];
+  }
+  if (t < len) {
+    const vf p0 = vsplat(p[t]);
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) a[v] = p0 * vload(V + t * NV * VW + v * VW) + a[v];
+  }
+  for (int v = 0; v < NV; ++v) vstore(o + v * VW, a[v] + b[v]);
+}
+
+// softmax(q . K[:, t] * scale over t <= pos) . V for every head; K: [KH, hd, cap] (transposed), V: [KH, cap, hd]
 void attend(const float* q, const float* K, const float* V, i64 H, i64 KH, i64 hd, i64 cap, i64 pos, float scale,
             float* scores, float* out, int threads) {
   const i64 per = H / KH, len = pos + 1;
 #pragma omp parallel for num_threads(threads) schedule(static) if (len * H * hd > 32768)
   for (i64 h = 0; h < H; ++h) {
-    const float* qh = q + h * hd;
-    const float* Kh = K + (h / per) * cap * hd;
     const float* Vh = V + (h / per) * cap * hd;
     float* s = scores + h * cap;
-    float mx = -INFINITY;
-    for (i64 t = 0; t < len; ++t) {
-      s[t] = dot(qh, Kh + t * hd, hd) * scale;
-      mx = std::max(mx, s[t]);
-    }
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (i64 t = 0; t < len; ++t) sum += (s[t] = std::exp(s[t] - mx));
-    const float inv = 1.f / sum;
+    head_scores(q + h * hd, K + (h / per) * hd * cap, hd, cap, len, scale, s);
+    softmax(s, len);
     float* o = out + h * hd;
-    for (i64 i = 0; i < hd; ++i) o[i] = 0.f;
-    for (i64 t = 0; t < len; ++t) axpy(s[t] * inv, Vh + t * hd, o, hd);
+    switch (hd % VW ? 0 : hd / VW) {
+      case 1: weighted_rows<1>(s, Vh, len, o); break;
+      case 2: weighted_rows<2>(s, Vh, len, o); break;
+      case 4: weighted_rows<4>(s, Vh, len, o); break;
+      case 8: weighted_rows<8>(s, Vh, len, o); break;
+      case 16: weighted_rows<16>(s, Vh, len, o); break;
+      default:
+        for (i64 i = 0; i < hd; ++i) o[i] = 0.f;
+        for (i64 t = 0; t < len; ++t) axpy(s[t], Vh + t * hd, o, hd);
+    }
   }
 }
 
@@ -176,7 +235,7 @@ extern "C" void nms_llama_step(const i64* p, i64 token, i64 pos, float eps, floa
     rope(q, H, hd, cosr, sinr);
     rope(kv, KH, hd, cosr, sinr);
     for (i64 j = 0; j < KH; ++j) {
-      std::memcpy(K + j * cap * hd + pos * hd, kv + j * hd, hd * sizeof(float));
+      for (i64 i = 0; i < hd; ++i) K[(j * hd + i) * cap + pos] = kv[j * hd + i];
       std::memcpy(V + j * cap * hd + pos * hd, kv + (KH + j) * hd, hd * sizeof(float));
     }
     attend(q, K, V, H, KH, hd, cap, pos, scale, scores, att, threads);
