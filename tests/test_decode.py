@@ -111,6 +111,34 @@ def test_two_caches_decoded_in_turn_each_keep_their_own_sequence():
                 assert torch.equal(model(torch.tensor([[t]]), cache=caches[which]).logits, alone[which][i]), (which, i)
 
 
+def test_the_layer_choice_of_a_llama_model_times_the_fused_decode_step(monkeypatch):
+    """At a one-token input a Llama model's groups are timed in the fused decode step (what generate()
+    runs), each form bound into its own step, not through the module path's Python; the step timer
+    runs a real step (the logits of the bound layers) and is absent for other inputs or models."""
+    from nmsparse.runtime import choice, timing
+
+    model = _tiny_llama(4)
+    one = {"input_ids": torch.tensor([[7]])}
+    assert choice.decode_step_timer(model, {"input_ids": torch.tensor([[7, 8]])}) is None
+    assert choice.decode_step_timer(torch.nn.Linear(4, 4), torch.randn(1, 1)) is None
+    step = choice.decode_step_timer(model, one)()
+    with torch.no_grad():
+        expected = model(torch.tensor([[7]])).logits[0, -1]
+    assert torch.allclose(step(0), expected, atol=1e-4) and torch.allclose(step(1), expected, atol=1e-4)
+    timed = []
+    real_best_ms = choice.best_ms
+
+    def best_ms(fns, repeats):
+        timed.append([getattr(f, "__qualname__", "") for f in fns])
+        return real_best_ms(fns, repeats)
+
+    monkeypatch.setattr(choice, "best_ms", best_ms)
+    monkeypatch.setattr(timing, "last_level_cache_bytes", lambda: 4096)  # "larger than the cache"
+    _, report = convert(model, weights="int4", example_inputs=one, repeats=2)
+    steps = [names for names in timed if names and all(n.endswith("bind.<locals>.step") for n in names)]
+    assert report.cold_cache and len(steps) >= 2  # the repeated groups, each dense and sparse in the step
+
+
 def test_int8_activations_agree_with_the_module_path_token_by_token():
     """With int8 activations a float32 summation difference can flip one input's rounding: the fused
     step's top token still equals the module path's at (nearly) every teacher-forced step."""

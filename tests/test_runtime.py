@@ -387,6 +387,34 @@ def test_cpp_im2col_matches_unfold_in_both_orders(variant):
         assert torch.equal(_native.im2col(x, kernel, stride, padding, dilation, "hwc", lib), hwc)
 
 
+def test_an_in_model_ratio_too_close_to_one_leaves_the_choice_to_the_layers_alone(monkeypatch):
+    """Where the whole model timed with a group sparse and dense differs by less than the resolution
+    (SmolLM2's one-token module path: 0.98-1.00x for every group, against 2x for its layers alone), the
+    layers alone decide: a group 2x faster alone runs sparse, a group 0.5x alone stays dense and its
+    reason says the model was too close to tell; a clear in-model verdict (0.5x) still overrules."""
+    from types import SimpleNamespace
+
+    from nmsparse.runtime import choice
+
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(2)], *[nn.Linear(4, 8), nn.Linear(8, 4)] * 2)
+    candidates = [(f"{i}", model[i], nn.Linear(*model[i].weight.shape[::-1])) for i in range(6)]
+    alone = {"0": 2.0, "1": 2.0, "2": 0.5, "3": 0.5, "4": 0.5, "5": 0.5}
+    in_model = {(4, 4): (1.0, 1.01), (8, 4): (1.0, 0.99), (4, 8): (1.0, 2.0)}  # whole model: dense ms, sparse ms
+    rows = {fqn: SimpleNamespace(fqn=fqn, speedup=alone[fqn], input_shape=[1, 4], pattern="2:4") for fqn in alone}
+
+    def fake_best_ms(fns, repeats):
+        key = fns[0].__defaults__[0]
+        return list(in_model[key[1]])
+
+    monkeypatch.setattr(choice, "best_ms", fake_best_ms)
+    dense = choice.decide(model, torch.randn(1, 4), candidates, rows, cold=True, dense_ms=1.0, min_speedup=1.05,
+                          repeats=2)
+    assert set(dense) == {"2", "4", "3", "5"}
+    assert "too close to tell" in dense["2"] and "0.5" in dense["2"]  # 0.99x in the model: the layers' 0.50x decided
+    assert "the model ran 0.50x as fast" in dense["3"]  # a clear in-model verdict
+    assert choice.resolved(0.96) and not choice.resolved(0.99) and not choice.resolved(1.02)
+
+
 def test_in_model_choice_times_a_group_again_where_it_contradicts_the_layers_alone(monkeypatch):
     """A group whose in-model verdict disagrees with its layers timed alone is timed again with three
     times the calls, and the second verdict stands; an agreeing group is timed once."""

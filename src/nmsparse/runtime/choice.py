@@ -21,10 +21,16 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["call", "capture_inputs", "best_ms", "model_bytes", "time_layer", "decide", "revert_if_slower"]
+__all__ = ["call", "capture_inputs", "best_ms", "model_bytes", "time_layer", "decide", "revert_if_slower", "resolved",
+           "decode_step_timer"]
 
 # The most time the in-model choice of repeated layers may take (the model's call times the timed calls).
 IN_MODEL_BUDGET_MS = 60_000.0
+# Whole-model ratios closer to 1 than this cannot tell a group's forms apart: the layers alone decide. On
+# SmolLM2 the module path's one-token call is ~35 ms, mostly Python, and each group's ratio read 0.98-1.00
+# against 2x for its layers alone (and in the fused decode step, which runs without that Python, the
+# sparse int4 model took 4.8 ms a token against the dense int8 model's 6.4).
+IN_MODEL_RESOLUTION = 0.03
 
 Candidate = tuple[str, nn.Module, nn.Module]  # (fqn, dense form, sparse form)
 
@@ -76,6 +82,13 @@ def time_layer(row, dense: nn.Module, sparse: nn.Module, x: torch.Tensor, cold: 
         sparse_set = cold_copies(sparse, sparse.weight_nbytes)
     else:
         dense_set, sparse_set = [dense], [sparse]
+    # bind each copy's one-token kernel call now: a copy's first call builds it (20-60 us, more for the
+    # quantized n:m layouts), which a model pays once and the timed calls (each on a fresh copy) paid
+    # every time: SmolLM2's small int4 layers measured 0.5-0.7x of their dense int8 form that way and
+    # stayed dense, while bound they run 1.3x faster from memory
+    for module in (*dense_set, *sparse_set):
+        if (bind := getattr(module, "_gemv", None)) is not None:
+            bind()
     row.dense_ms, row.sparse_ms = best_ms([rotating(dense_set, x), rotating(sparse_set, x)], repeats)
     row.speedup = row.dense_ms / row.sparse_ms
 
@@ -84,6 +97,44 @@ def _group_key(module: nn.Module, row) -> tuple:
     """Layers that run the same kernels on the same input shape: one layer choice for them all."""
     shape = tuple(module.weight.shape) if hasattr(module, "weight") else (module.out_features, module.in_features)
     return type(module).__name__, shape, row.pattern, tuple(row.input_shape or ())
+
+
+def decode_step_timer(model: nn.Module, inputs: Any) -> Callable[[], Callable[[int], Any]] | None:
+    """For a model timed at one token that has a fused decode step (a Llama causal LM, see
+    :mod:`~nmsparse.runtime.decode`): a function that binds the model's current layers into a decode step
+    and returns one call of it (at position 0 of a fresh cache), the per-token work ``generate()`` runs.
+    None for any other model or input: the model's own call is timed. The module path's one-token call
+    is mostly Python on a small model (SmolLM2: ~35 ms a call against ~3-5 ms of products), so its
+    whole-model ratios could not tell a group's forms apart, where the step can."""
+    ids = inputs.get("input_ids") if isinstance(inputs, dict) else inputs
+    if not (isinstance(ids, torch.Tensor) and tuple(ids.shape) == (1, 1)) or \
+            getattr(getattr(model, "config", None), "model_type", None) != "llama":
+        return None
+    from .decode import DecodeCache, DecodeUnavailable, LlamaDecoder
+
+    try:
+        LlamaDecoder(model)
+    except DecodeUnavailable:
+        return None
+    token = int(ids[0, 0])
+
+    def bind() -> Callable[[int], Any]:
+        decoder = LlamaDecoder(model)
+        cache = DecodeCache(decoder, 16)
+
+        def step(i: int) -> Any:
+            for layer in cache.layers:
+                layer.length = 0
+            return decoder.step(token, cache)
+
+        return step
+
+    return bind
+
+
+def resolved(ratio: float) -> bool:
+    """Whether a whole-model ratio is far enough from 1 to decide (see :data:`IN_MODEL_RESOLUTION`)."""
+    return abs(ratio - 1.0) >= IN_MODEL_RESOLUTION
 
 
 def _time_groups_in_model(model: nn.Module, inputs: Any, candidates: list[Candidate],
@@ -100,14 +151,25 @@ def _time_groups_in_model(model: nn.Module, inputs: Any, candidates: list[Candid
     the choice."""
     for fqn, _, sparse in candidates:
         model.set_submodule(fqn, sparse)
+    step_timer = decode_step_timer(model, inputs)
 
-    def run(key: tuple, sparse: bool) -> Any:
+    def place(key: tuple, sparse: bool) -> None:
         for fqn, d, s in groups[key]:
             model.set_submodule(fqn, s if sparse else d)
+
+    def run(key: tuple, sparse: bool) -> Any:
+        place(key, sparse)
         return call(model, inputs)
 
     def ratio(key: tuple, calls: int) -> float:
-        dense_ms, sparse_ms = best_ms([lambda i, k=key: run(k, False), lambda i, k=key: run(k, True)], calls)
+        if step_timer is not None:  # the fused decode step, bound once with the group dense and once sparse
+            fns = []
+            for sparse in (False, True):
+                place(key, sparse)
+                fns.append(step_timer())
+            dense_ms, sparse_ms = best_ms(fns, calls)
+        else:
+            dense_ms, sparse_ms = best_ms([lambda i, k=key: run(k, False), lambda i, k=key: run(k, True)], calls)
         return dense_ms / sparse_ms
 
     ratios = {}
@@ -115,7 +177,8 @@ def _time_groups_in_model(model: nn.Module, inputs: Any, candidates: list[Candid
         ratios[key] = ratio(key, repeats)
         if alone and key in alone and (ratios[key] >= 1.0) != (alone[key] >= 1.0):
             ratios[key] = ratio(key, 3 * repeats)
-        run(key, ratios[key] >= 1.0)
+        faster = ratios[key] >= 1.0 if resolved(ratios[key]) or not alone or key not in alone else alone[key] >= 1.0
+        run(key, faster)
     for fqn, dense, _ in candidates:
         model.set_submodule(fqn, dense)
     return ratios
@@ -141,7 +204,7 @@ def decide(model: nn.Module, inputs: Any, candidates: list[Candidate], rows: dic
     for key, group in groups.items():
         timed = [rows[fqn] for fqn, _, _ in group]
         for row in timed:
-            if key in in_model:
+            if key in in_model and resolved(in_model[key]):
                 if in_model[key] < 1.0:
                     dense[row.fqn] = (f"kept dense: the model ran {in_model[key]:.2f}x as fast with the {len(group)} "
                                       f"layers of this shape sparse as with them dense (input {row.input_shape}; this "
@@ -151,7 +214,10 @@ def decide(model: nn.Module, inputs: Any, candidates: list[Candidate], rows: dic
                 if len(group) > 1:
                     alone = (f"the {len(group)} layers of this shape measured {ratio:.2f}x of dense "
                              f"(median; this one {row.speedup:.2f}x)")
-                dense[row.fqn] = f"kept dense: {alone} at input {row.input_shape} (below {min_speedup:g}x)"
+                unresolved = (f"; the model timed with them sparse and dense ran {in_model[key]:.2f}x, within "
+                              f"{IN_MODEL_RESOLUTION:.0%} of 1, too close to tell") if key in in_model else ""
+                dense[row.fqn] = (f"kept dense: {alone} at input {row.input_shape} (below {min_speedup:g}x)"
+                                  f"{unresolved}")
     return dense
 
 
