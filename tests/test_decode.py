@@ -121,6 +121,7 @@ def test_the_layer_choice_of_a_llama_model_times_the_fused_decode_step(monkeypat
     one = {"input_ids": torch.tensor([[7]])}
     assert choice.decode_step_timer(model, {"input_ids": torch.tensor([[7, 8]])}) is None
     assert choice.decode_step_timer(torch.nn.Linear(4, 4), torch.randn(1, 1)) is None
+    assert choice.decode_step_timer(model.model, one) is None  # the bare decoder: no LM head, no fused step
     step = choice.decode_step_timer(model, one)()
     with torch.no_grad():
         expected = model(torch.tensor([[7]])).logits[0, -1]
@@ -134,9 +135,14 @@ def test_the_layer_choice_of_a_llama_model_times_the_fused_decode_step(monkeypat
 
     monkeypatch.setattr(choice, "best_ms", best_ms)
     monkeypatch.setattr(timing, "last_level_cache_bytes", lambda: 4096)  # "larger than the cache"
+    def steps():
+        return [names for names in timed if names and all(n.endswith("bind.<locals>.step") for n in names)]
+
+    _, report = convert(copy.deepcopy(model), weights="int4", example_inputs=one, repeats=2, decode=False)
+    assert report.cold_cache and timed and not steps()  # no fused step asked for: the model's own call is timed
+    timed.clear()
     _, report = convert(model, weights="int4", example_inputs=one, repeats=2)
-    steps = [names for names in timed if names and all(n.endswith("bind.<locals>.step") for n in names)]
-    assert report.cold_cache and len(steps) >= 2  # the repeated groups, each dense and sparse in the step
+    assert report.cold_cache and len(steps()) >= 2  # the repeated groups, each dense and sparse in the step
 
 
 def test_int8_activations_agree_with_the_module_path_token_by_token():

@@ -108,7 +108,8 @@ def decode_step_timer(model: nn.Module, inputs: Any) -> Callable[[], Callable[[i
     whole-model ratios could not tell a group's forms apart, where the step can."""
     ids = inputs.get("input_ids") if isinstance(inputs, dict) else inputs
     if not (isinstance(ids, torch.Tensor) and tuple(ids.shape) == (1, 1)) or \
-            getattr(getattr(model, "config", None), "model_type", None) != "llama":
+            getattr(getattr(model, "config", None), "model_type", None) != "llama" or \
+            not (hasattr(model, "generate") and hasattr(model, "lm_head")):  # a causal LM, not the bare decoder
         return None
     from .decode import DecodeCache, DecodeUnavailable, LlamaDecoder
 
@@ -139,7 +140,7 @@ def resolved(ratio: float) -> bool:
 
 def _time_groups_in_model(model: nn.Module, inputs: Any, candidates: list[Candidate],
                           groups: dict[tuple, list[Candidate]], keys: list[tuple], repeats: int,
-                          alone: dict[tuple, float] | None = None) -> dict[tuple, float]:
+                          alone: dict[tuple, float] | None = None, decode: bool = True) -> dict[tuple, float]:
     """For a model larger than the cache: ``{group: whole-model time with the group dense / with it
     sparse}``. Starting from every candidate sparse, each group of repeated layers is timed in the
     model both ways (interleaved) and left in the faster state for the next. Why not the layers
@@ -151,7 +152,7 @@ def _time_groups_in_model(model: nn.Module, inputs: Any, candidates: list[Candid
     the choice."""
     for fqn, _, sparse in candidates:
         model.set_submodule(fqn, sparse)
-    step_timer = decode_step_timer(model, inputs)
+    step_timer = decode_step_timer(model, inputs) if decode else None
 
     def place(key: tuple, sparse: bool) -> None:
         for fqn, d, s in groups[key]:
@@ -185,11 +186,12 @@ def _time_groups_in_model(model: nn.Module, inputs: Any, candidates: list[Candid
 
 
 def decide(model: nn.Module, inputs: Any, candidates: list[Candidate], rows: dict[str, Any], cold: bool,
-           dense_ms: float | None, min_speedup: float, repeats: int) -> dict[str, str]:
+           dense_ms: float | None, min_speedup: float, repeats: int, decode: bool = True) -> dict[str, str]:
     """``{fqn: why it stays dense}`` for the timed candidates that stay dense (absent: runs sparse;
     untimed candidates always run sparse). Groups of repeated layers share one decision: the median
     of their ratios against ``min_speedup``, or, for a model larger than the cache (``cold``) whose
-    whole-model calls fit :data:`IN_MODEL_BUDGET_MS`, the model timed with the group sparse and dense."""
+    whole-model calls fit :data:`IN_MODEL_BUDGET_MS`, the model timed with the group sparse and dense
+    (with ``decode``, in the fused decode step where the model will get one: :func:`decode_step_timer`)."""
     groups: dict[tuple, list[Candidate]] = {}
     for candidate in candidates:
         if rows[candidate[0]].speedup is not None:
@@ -199,7 +201,7 @@ def decide(model: nn.Module, inputs: Any, candidates: list[Candidate], rows: dic
     if (cold and repeated and min_speedup >= 1.0 and dense_ms is not None
             and dense_ms * len(repeated) * 2 * (repeats + 3) < IN_MODEL_BUDGET_MS):
         alone = {key: statistics.median(rows[fqn].speedup for fqn, _, _ in groups[key]) for key in repeated}
-        in_model = _time_groups_in_model(model, inputs, candidates, groups, repeated, repeats, alone)
+        in_model = _time_groups_in_model(model, inputs, candidates, groups, repeated, repeats, alone, decode)
     dense: dict[str, str] = {}
     for key, group in groups.items():
         timed = [rows[fqn] for fqn, _, _ in group]

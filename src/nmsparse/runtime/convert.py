@@ -285,7 +285,7 @@ def convert(
     forms = _Forms(scheme, activations, exact)
     candidates = _pack(plan, rows, forms, inputs, report.cold_cache, repeats, progress, quant_dense)
     stay_dense = choice.decide(model, example_inputs, candidates, rows, report.cold_cache, report.dense_ms,
-                               min_speedup, repeats)
+                               min_speedup, repeats, decode)
     replaced = _swap(model, candidates, stay_dense, rows, quant_dense, forms)
     if fuse and any(row.converted for row in report):
         _fuse(model, report, replaced)
