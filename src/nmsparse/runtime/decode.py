@@ -44,6 +44,11 @@ def _cache_classes():
     return Cache, DynamicCache, DynamicLayer
 
 
+def _whole_vectors(capacity: int) -> int:
+    """A cache capacity rounded up to a multiple of 16 positions (the widest vector of floats)."""
+    return -(-capacity // 16) * 16
+
+
 def _layer_class():
     _, _, DynamicLayer = _cache_classes()
 
@@ -58,7 +63,7 @@ def _layer_class():
         is_croppable = True
 
         def __init__(self, kv_heads: int, head_dim: int, capacity: int) -> None:
-            capacity = -(-capacity // 16) * 16
+            capacity = _whole_vectors(capacity)
             self.kt = torch.zeros(1, kv_heads, head_dim, capacity)
             self.k = self.kt.transpose(2, 3)
             self.v = torch.zeros(1, kv_heads, capacity, head_dim)
@@ -71,7 +76,7 @@ def _layer_class():
         values = property(lambda self: self.v[:, :, : self.length], lambda self, value: None)
 
         def grow(self, capacity: int) -> None:
-            capacity = -(-capacity // 16) * 16
+            capacity = _whole_vectors(capacity)
             kt = torch.zeros(*self.kt.shape[:3], capacity)
             v = torch.zeros(*self.v.shape[:2], capacity, self.v.shape[3])
             kt[..., : self.length] = self.kt[..., : self.length]

@@ -86,7 +86,7 @@ inline void prefetch_bytes(const uint8_t* p) { __builtin_prefetch(p, 0, 3); }
 // The hint of the VNNI kernels' far prefetches (a whole chunk ahead in the int4 n:m loop, two blocks of
 // rows ahead in the dense one): into L2 (T1), not L1, where they evicted the partial sums, the inputs and
 // each other before their turn. AVX-512 VNNI EPYC, 2 threads, the 1.1 B Llama shapes: the dense int8 LM
-// head (49152x2048) 23.0 -> 28.8 GB/s, the 2:4 int4 products 8-15% faster; the 2:4 int8 loop and the AVX2
+// head (49152x2048) 24.6 -> 29.6 GB/s, the 2:4 int4 products 8-15% faster; the 2:4 int8 loop and the AVX2
 // kernels measured the same or slower with it and keep T0 (docs/benchmarks.md, session 8).
 // -DFAR_HINT=_MM_HINT_T0 builds the former behaviour, for comparison.
 #ifndef FAR_HINT
