@@ -3,8 +3,10 @@
     python benchmarks/build_ab.py FAR_HINT=_MM_HINT_T0 default
     BITS=8 DENSE=1 SHAPES=49152x2048 python benchmarks/build_ab.py FAR_HINT=_MM_HINT_T0 default
 
-Each argument is a build: ``default`` (the source as it is) or comma-separated ``NAME=VALUE`` macros
-passed as ``-D`` flags (e.g. ``FAR_HINT=_MM_HINT_T0``, the far prefetches' former L1 hint). The same
+Each argument is a build: ``default`` (the source as it is), ``rev:REV`` (the kernel sources of git revision
+REV, e.g. ``rev:HEAD`` against the uncommitted ``default``; the plans' layout must be the same in both) or
+comma-separated ``NAME=VALUE`` macros passed as ``-D`` flags (e.g. ``FAR_HINT=_MM_HINT_T0``, the far
+prefetches' former L1 hint). The same
 bound plans (``nms_gemv``) run through each build's library; the builds alternate every round, so the
 machine's bandwidth drift falls on all alike. Weights: 2:4 (or dense with ``DENSE=1``), ``BITS`` 4 or
 8, groups of ``G`` (64), over enough copies (~80 MB) to read from memory. Shapes: ``SHAPES`` (default
@@ -17,8 +19,11 @@ from __future__ import annotations
 import ctypes
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -36,13 +41,31 @@ def _nm24(rows: int, cols: int, seed: int) -> torch.Tensor:
     return (w * keep).reshape(rows, cols)
 
 
+def _source_at(rev: str) -> Path:
+    """The kernel sources (kernels.cpp and its headers) of git revision ``rev`` in a temporary folder."""
+    here = _native._SOURCE.parent
+    top = Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here, check=True, capture_output=True,
+                              text=True).stdout.strip())
+    rel = here.relative_to(top).as_posix()
+    folder = Path(tempfile.mkdtemp(prefix="nms_ab_"))
+    names = subprocess.run(["git", "ls-tree", "--name-only", f"{rev}:{rel}"], cwd=top, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for name in names:
+        text = subprocess.run(["git", "show", f"{rev}:{rel}/{name}"], cwd=top, check=True, capture_output=True,
+                              text=True).stdout
+        (folder / name).write_text(text)
+    return folder / _native._SOURCE.name
+
+
 def main() -> None:
     builds = sys.argv[1:] or ["FAR_HINT=_MM_HINT_T0", "default"]
     variant = os.environ.get("VARIANT", "native")
     libs = {}
     for b in builds:
-        defines = [] if b == "default" else [f"-D{d}" for d in b.split(",")]
-        lib, why = build_cached(_native._SOURCE, "ab_" + b.replace("=", "_").replace(",", "_") + "_" + variant,
+        rev = b.startswith("rev:")
+        defines = [] if b == "default" or rev else [f"-D{d}" for d in b.split(",")]
+        source = _source_at(b[4:]) if rev else _native._SOURCE
+        lib, why = build_cached(source, "ab_" + "".join(ch if ch.isalnum() else "_" for ch in b) + "_" + variant,
                                 _native._FLAGS + _native.VARIANTS[variant] + defines, "A/B build")
         if lib is None:
             raise SystemExit(f"build {b} failed: {why}")

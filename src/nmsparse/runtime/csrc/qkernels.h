@@ -1281,26 +1281,55 @@ void nmq_gemv_avx2(const uint8_t* codes, const uint8_t* q, const h16* scales, i6
                                                     _mm256_loadu_ps(part + i * 8)));
       };
       const i64 nrow = o1 - o0, len = nrow / 2;
-      if (count == jc && gm == 64) {  // the common case in one tight loop: whole chunks, one scale a chunk
+      if (count == jc && gm >= 32) {  // the common case in one tight loop: whole chunks, 1 or 2 scales a chunk
         // prefetch the same rows in the next chunk (a thread's rows of a chunk are short streams)
         const i64 qstride = c + 1 < chunks ? rows * qb : 0, cstride = c + 1 < chunks ? rows * 16 : 0;
+        const bool whole = gm == 64;
+        const __m256i m0f = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
         auto row = [&](i64 i) {
           const uint8_t* cr = crow + i * 16;
           const uint8_t* qr = qrow + i * 32 * QB / 4;
           _mm_prefetch((const char*)(qr + qstride), _MM_HINT_T0);
           if (QB == 8) _mm_prefetch((const char*)(qr + qstride + 63), _MM_HINT_T0);
           _mm_prefetch((const char*)(cr + cstride), _MM_HINT_T0);
-          __m256i d = _mm256_setzero_si256();
+          __m256i xg[2];
 #pragma GCC unroll 2
           for (int h = 0; h < 2; ++h) {
             const __m256i ctl = nm24_control<QB>(cr + 8 * h, k);
-            const __m256i xg = _mm256_blend_epi32(_mm256_shuffle_epi8(xa[h], ctl), _mm256_shuffle_epi8(xb[h], ctl),
-                                                  Nm24Consts<QB>::blend);
-            d = _mm256_add_epi32(d, dot_s8(nm24_weights<QB>(qr + h * 32 * QB / 8, k), xg));
+            xg[h] = _mm256_blend_epi32(_mm256_shuffle_epi8(xa[h], ctl), _mm256_shuffle_epi8(xb[h], ctl),
+                                       Nm24Consts<QB>::blend);
+          }
+          __m256i d0, d1;
+          if constexpr (QB == 8) {
+            d0 = dot_s8(_mm256_loadu_si256((const __m256i*)qr), xg[0]);
+            d1 = dot_s8(_mm256_loadu_si256((const __m256i*)(qr + 32)), xg[1]);
+          } else {
+            // both steps' 32 bytes at once: 64-bit quarters Q0 Q1 (step 0) Q2 Q3 (step 1) to lanes
+            // [Q0 Q2 | Q1 Q3]; the low and high nibbles, then qwords interleaved, give each step's
+            // order of nm24_weights (per half: 8 even values, then 8 odd) as unsigned q + 8, which
+            // multiply the signed inputs as they are (vpmaddubsw's first operand is unsigned); the
+            // + 8 comes off as 8 x the inputs' pair sums, still in 16 bits (|pair| <= 2 * 8 * 128).
+            const __m256i v = _mm256_permute4x64_epi64(_mm256_loadu_si256((const __m256i*)qr), 0xD8);
+            const __m256i lo = _mm256_and_si256(v, m0f), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f);
+            const __m256i p0 = _mm256_sub_epi16(_mm256_maddubs_epi16(_mm256_unpacklo_epi64(lo, hi), xg[0]),
+                                                _mm256_maddubs_epi16(eight, xg[0]));
+            const __m256i p1 = _mm256_sub_epi16(_mm256_maddubs_epi16(_mm256_unpackhi_epi64(lo, hi), xg[1]),
+                                                _mm256_maddubs_epi16(eight, xg[1]));
+            if (whole) {  // two steps' pairs fit 16 bits: one widening
+              d0 = _mm256_madd_epi16(_mm256_add_epi16(p0, p1), ones), d1 = _mm256_setzero_si256();
+            } else {
+              d0 = _mm256_madd_epi16(p0, ones), d1 = _mm256_madd_epi16(p1, ones);
+            }
           }
           float* p = part + i * 8;
-          _mm256_storeu_ps(p, _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(srow[i] * sxc[0]),
-                                              _mm256_loadu_ps(p)));
+          __m256 acc = _mm256_loadu_ps(p);
+          if (whole) {
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d0, d1)), _mm256_set1_ps(srow[i] * sxc[0]), acc);
+          } else {  // groups of 32: step h is group h
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(srow[2 * i] * sxc[0]), acc);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(srow[2 * i + 1] * sxc[1]), acc);
+          }
+          _mm256_storeu_ps(p, acc);
         };
         for (i64 i = 0; i < len; ++i) row(i), row(len + i);
         for (i64 i = 2 * len; i < nrow; ++i) row(i);
