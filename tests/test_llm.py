@@ -135,6 +135,43 @@ def test_sequential_groups_of_a_llama_block_follow_its_data_flow(tiny_llama_dir)
     assert errors["model.layers.0.mlp.down_proj"] != pytest.approx(before["model.layers.0.mlp.down_proj"], rel=1e-4)
 
 
+def test_asymmetric_calibration_fits_each_layer_to_the_dense_models_output(tiny_llama_dir):
+    """Block 0's q/k/v read the same inputs in the dense and the pruned model: they come out as the plain
+    sequential run's; every later layer is pruned toward its asymmetric target, which leaves the pruned
+    model's logits closer to the dense model's on the calibration windows; the report says so."""
+    model, _ = build_model(f"hf:{tiny_llama_dir}")
+    dense = copy.deepcopy(model)
+    windows = _windows(8)
+    plain = copy.deepcopy(model)
+    prune(plain, PruneConfig("2:4", "sparsegpt", sequential=True), calibration=windows, progress="none")
+    result = prune(model, PruneConfig("2:4", "sparsegpt", sequential=True, asymmetric=True), calibration=windows,
+                   progress="none")
+    assert result.calibration["asymmetric"] and all(r.verified for r in result.sparse_rows)
+    mods, plain_mods = dict(model.named_modules()), dict(plain.named_modules())
+    for name in ("q_proj", "k_proj", "v_proj"):
+        fqn = f"model.layers.0.self_attn.{name}"
+        assert torch.equal(mods[fqn].weight, plain_mods[fqn].weight)
+    for fqn in ("model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"):
+        assert not torch.allclose(mods[fqn].weight, plain_mods[fqn].weight, atol=1e-4)
+        assert is_nm(mods[fqn].weight, NMPattern(2, 4))
+
+    def logits_error(pruned):
+        with torch.no_grad():
+            return sum(float(((pruned(**w).logits - dense(**w).logits) ** 2).mean()) for w in windows)
+
+    assert logits_error(model) < 0.9 * logits_error(plain)
+
+
+def test_asymmetric_calibration_needs_data_and_the_in_memory_pipeline(tiny_llama_dir):
+    from nmsparse.oneshot.config import ConfigError
+
+    model, _ = build_model(f"hf:{tiny_llama_dir}")
+    with pytest.raises(MethodError, match="asymmetric calibration needs calibration data"):
+        prune(model, PruneConfig("2:4", "magnitude", asymmetric=True), progress="none")
+    with pytest.raises(ConfigError, match="drop stream"):
+        PruneConfig("2:4", "sparsegpt", asymmetric=True, stream=True)
+
+
 def test_opt_family_works_without_per_family_code():
     config = transformers.OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
                                     num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)

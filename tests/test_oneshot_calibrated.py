@@ -233,6 +233,51 @@ def test_sparsegpt_prunes_1xn_blocks_uniformly_and_beats_magnitude(pattern):
     assert errors["sparsegpt"] < errors["magnitude"]
 
 
+def test_asymmetric_target_is_the_ridge_solution_and_the_weight_itself_without_drift():
+    """argmin ||X_d W^T - X V^T||^2 + lambda ||V - W||^2 (normal equations in float64); no drift: W."""
+    from nmsparse.oneshot.calibrate import asymmetric_target
+
+    gen = torch.Generator().manual_seed(3)
+    x_dense = _correlated_inputs(n=300, cols=12, seed=2)
+    x = x_dense + 0.3 * torch.randn(300, 12, generator=gen)
+    w = torch.randn(5, 12, generator=gen)
+    stats = LayerStats(12, hessian=False, drift=True)
+    for a, b in zip(x_dense.split(100), x.split(100)):
+        stats.add_pair(a, b)
+    xd, xx, wd = x_dense.double(), x.double(), w.double()
+    ridge = 0.05 * float(torch.diagonal(xx.t() @ xx).mean())
+    expected = torch.linalg.solve(xx.t() @ xx + ridge * torch.eye(12, dtype=torch.float64),
+                                  xx.t() @ xd @ wd.t() + ridge * wd.t()).t()
+    got = asymmetric_target(w, stats, 0.05)
+    assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-4)
+    # on the drifted inputs it gives the dense output better than W itself
+    assert float(((x_dense @ w.t() - x @ got.t()) ** 2).sum()) < 0.9 * float(((x_dense @ w.t() - x @ w.t()) ** 2).sum())
+    same = LayerStats(12, hessian=False, drift=True)
+    same.add_pair(x, x)
+    assert torch.equal(asymmetric_target(w, same), w)
+
+
+def test_asymmetric_calibration_of_a_model_without_blocks():
+    """One pass over a CNN: all at once every layer reads the dense model's inputs (the target is the weight
+    itself: the same result as without); in call order the later layers move."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(16 * 36, 32), nn.ReLU(), nn.Linear(32, 8))
+    batches = [torch.randn(16, 4, 6, 6) for _ in range(4)]
+    sel = Selection(keep_first_conv=False, keep_classifier=False)
+    runs = {}
+    for sequential in (False, True):
+        for asymmetric in (False, True):
+            pruned = copy.deepcopy(model)
+            result = prune(pruned, PruneConfig("2:4", "sparsegpt", sel, sequential=sequential, asymmetric=asymmetric),
+                           calibration=batches, progress="none")
+            assert all(r.verified for r in result.sparse_rows) and result.calibration["asymmetric"] == asymmetric
+            runs[sequential, asymmetric] = [p.detach().clone() for p in pruned.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(runs[False, False], runs[False, True]))
+    assert torch.equal(runs[True, False][0], runs[True, True][0])  # the first layer's inputs do not drift
+    assert not torch.allclose(runs[True, False][-2], runs[True, True][-2], atol=1e-4)
+
+
 def _fc2_by_hand(model, batches, dense_fc2):
     """Block 0's fc2 pruned by sparsegpt on the inputs ``model`` (as it stands) feeds that layer."""
     fc2 = model.blocks[0].mlp.fc2

@@ -77,6 +77,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="inside each block, calibrate the layers group by group in the order the block calls "
                              "them (q/k/v, o, gate/up, down), each group on inputs through the groups already "
                              "pruned and quantized (GPTQ's true-sequential order)")
+    parser.add_argument("--asymmetric", action="store_true",
+                        help="prune each layer toward the weight that gives, on the pruned model's inputs, what the "
+                             "dense layer gives on the dense model's: each layer also undoes the drift of the layers "
+                             "before it (a weight update; an unpruned copy of each block runs beside it)")
     parser.add_argument("--stream", action="store_true", help="causal LMs larger than memory: load, prune and write "
                         "one decoder block at a time from the safetensors shards (hf:DIR or gguf:FILE)")
     parser.add_argument("--checkpoint", help="local weights to load first (.safetensors or torch file)")
@@ -100,7 +104,7 @@ def config_from_args(args: argparse.Namespace):
             pattern=args.pattern, method=args.method, selection=selection_from_args(args), calib=args.calib,
             samples=args.samples, seq_len=args.seq_len, seed=args.seed,
             permute_sweeps=args.permute_sweeps if args.permute else None, refine=args.refine,
-            sequential=args.sequential,
+            sequential=args.sequential, asymmetric=args.asymmetric,
             recover_steps=args.recover_steps, recover_minutes=args.recover_minutes, recover_lr=args.recover_lr,
             recover_objective=args.recover_objective, heldout=args.heldout, heldout_tokens=args.heldout_tokens,
             window=args.window, weights=args.weights, group_size=args.group_size, stream=args.stream,

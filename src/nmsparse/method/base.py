@@ -217,13 +217,17 @@ class LayerStats:
     Args:
         columns: number of input columns.
         hessian: also accumulate ``X^T X`` (columns x columns), needed by sparsegpt.
+        drift: also accumulate ``(X_dense - X)^T X`` (asymmetric calibration): ``X_dense`` the same
+            rows as the dense model computes them, ``X`` as the model being pruned does (see
+            :meth:`add_pair`).
     """
 
-    def __init__(self, columns: int, hessian: bool) -> None:
+    def __init__(self, columns: int, hessian: bool, drift: bool = False) -> None:
         self.columns = columns
         self.count = 0
         self.sq_sum = torch.zeros(columns, dtype=torch.float64)
-        self.xtx = torch.zeros(columns, columns, dtype=torch.float32) if hessian else None
+        self.xtx = torch.zeros(columns, columns, dtype=torch.float32) if hessian or drift else None
+        self.drift = torch.zeros(columns, columns, dtype=torch.float32) if drift else None
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
@@ -234,6 +238,15 @@ class LayerStats:
             self.sq_sum += chunk.pow(2).sum(0, dtype=torch.float64)
         if self.xtx is not None:
             self.xtx.addmm_(x.t(), x)
+
+    @torch.no_grad()
+    def add_pair(self, x_dense: torch.Tensor, x: torch.Tensor) -> None:
+        """Add rows ``x`` (the model being pruned) with the same rows ``x_dense`` as the dense model computes
+        them: ``x`` as :meth:`add` does, and ``(x_dense - x)^T x`` into :attr:`drift`."""
+        self.add(x)
+        x = x.detach().reshape(-1, self.columns).float()
+        delta = x_dense.detach().reshape(-1, self.columns).float() - x
+        self.drift.addmm_(delta.t(), x)
 
     def input_norm(self) -> torch.Tensor:
         """||X_j||_2 over all calibration rows, per column (float32)."""

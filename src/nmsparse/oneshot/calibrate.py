@@ -16,8 +16,10 @@ inputs is reported (computed from ``X^T X`` where it was collected).
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -120,12 +122,39 @@ def release_freed_memory() -> None:
         trim(0)
 
 
-def _run_all(model: nn.Module, batches: list[Any]) -> None:
-    """Run every calibration batch, keeping no outputs (only the statistics hooks see them); a hook may
-    end a batch's forward early (``_StopForward``)."""
-    for batch in batches:
-        with contextlib.suppress(_StopForward):
-            run_model(model, batch)
+Calls = Callable[[], list[Callable[[], Any]]]
+
+
+def _model_calls(model: nn.Module, batches: list[Any]) -> Calls:
+    """One call of ``model`` a calibration batch."""
+    return lambda: [functools.partial(run_model, model, batch) for batch in batches]
+
+
+def _run(calls: Calls, twin_calls: Calls | None = None) -> None:
+    """Run every call, keeping no outputs (only the statistics hooks see them); a hook may end a call
+    early (``_StopForward``). With ``twin_calls`` (the same calls of the dense twin) each twin call runs
+    just before its counterpart."""
+    ours = calls()
+    theirs = twin_calls() if twin_calls is not None else [None] * len(ours)
+    for twin_call, call in zip(theirs, ours, strict=True):
+        for one in (twin_call, call):
+            if one is not None:
+                with contextlib.suppress(_StopForward):
+                    one()
+
+
+class Twin:
+    """The dense side of asymmetric calibration: an unpruned copy of what is being pruned (one block, or
+    the whole model in one-pass mode), run on inputs the dense model computed, call by call beside the
+    pruned one, so each layer sees its inputs both ways (:meth:`LayerStats.add_pair`)."""
+
+    def __init__(self, original: nn.Module, prefix: str, calls: Callable[[nn.Module], Calls]) -> None:
+        self.module = copy.deepcopy(original)
+        self.prefix = prefix  # the fqn of ``original`` in the model ('' for the whole model)
+        self.calls = calls(self.module)  # the copy's calls on the dense model's inputs
+
+    def counterpart(self, fqn: str) -> nn.Module:
+        return self.module.get_submodule(fqn[len(self.prefix) + 1:] if self.prefix else fqn)
 
 
 def _hidden_key(kwargs: dict) -> str:
@@ -158,12 +187,10 @@ def _pieces(args: tuple, kwargs: dict, micro_batch: int | None):
         yield (args, kwargs) if size == batch else (_take(args, start, end, batch), _take(kwargs, start, end, batch))
 
 
-def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]], micro_batch: int | None) -> None:
-    """Run the block on every captured input; a hook may end a piece's forward early (``_StopForward``)."""
-    for args, kwargs in inputs:
-        for piece_args, piece_kwargs in _pieces(args, kwargs, micro_batch):
-            with contextlib.suppress(_StopForward):
-                block(*piece_args, **piece_kwargs)
+def _block_calls(block: nn.Module, inputs: list[tuple[tuple, dict]], micro_batch: int | None) -> Calls:
+    """One call of the block a micro-batch of its captured inputs."""
+    return lambda: [functools.partial(block, *piece_args, **piece_kwargs) for args, kwargs in inputs
+                    for piece_args, piece_kwargs in _pieces(args, kwargs, micro_batch)]
 
 
 def first_sample(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> Callable[[], Any]:
@@ -233,9 +260,10 @@ def _stop(_module, _args):
     raise _StopForward
 
 
-def _collect(choices: list[LayerChoice], method: MethodBase, run: Callable[[], None], max_columns: int,
-             refine: bool = False, stop_at: nn.Module | None = None) -> dict[str, LayerStats]:
-    """Each choice's input statistics over ``run()``; a forward ends once ``stop_at`` has read its input."""
+def _collect(choices: list[LayerChoice], method: MethodBase, calls: Calls, max_columns: int,
+             refine: bool = False, stop_at: nn.Module | None = None, twin: Twin | None = None) -> dict[str, LayerStats]:
+    """Each choice's input statistics over ``calls``; a forward ends once ``stop_at`` has read its input.
+    With a ``twin``, each layer's inputs are paired with its counterpart's (asymmetric calibration)."""
     stats, handles = {}, []
     needs_h = refine or (isinstance(method, CalibratedMethod) and method.needs_hessian)
     for choice in choices:
@@ -249,18 +277,26 @@ def _collect(choices: list[LayerChoice], method: MethodBase, run: Callable[[], N
                 f"{choice.fqn}: calibrated pruning supports Linear and Conv2d, not {type(module).__name__}"
             )
         cols = _columns(module)
-        layer_stats = LayerStats(cols, needs_h or cols <= max_columns)
+        layer_stats = LayerStats(cols, needs_h or cols <= max_columns, drift=twin is not None)
         stats[choice.fqn] = layer_stats
+        dense_rows: deque[torch.Tensor] = deque()  # the twin's rows, waiting for the same call here
 
-        def hook(mod, args, _stats=layer_stats):
-            _stats.add(_as_rows(mod, args[0]))
+        def hook(mod, args, _stats=layer_stats, _dense=dense_rows):
+            rows = _as_rows(mod, args[0])
+            _stats.add_pair(_dense.popleft(), rows) if twin is not None else _stats.add(rows)
 
         handles.append(module.register_forward_pre_hook(hook))
+        if twin is not None:
+            handles.append(twin.counterpart(choice.fqn).register_forward_pre_hook(
+                lambda mod, args, _dense=dense_rows: _dense.append(_as_rows(mod, args[0]).detach().clone())))
     if stop_at is not None:  # registered last, so it runs after that layer's statistics hook
         handles.append(stop_at.register_forward_pre_hook(_stop))
+        if twin is not None:
+            handles.append(twin.counterpart(next(c.fqn for c in choices if c.module is stop_at))
+                           .register_forward_pre_hook(_stop))
     try:
         with torch.no_grad():
-            run()
+            _run(calls, twin.calls if twin is not None else None)
     finally:
         for handle in handles:
             handle.remove()
@@ -300,10 +336,38 @@ def _refine(method: MethodBase, weight: torch.Tensor, new_weight: torch.Tensor, 
     return new_weight, mask, note
 
 
+# ridge of the asymmetric target's solve, as a fraction of mean(diag X^T X) (SparseGPT's default dampening)
+ASYMMETRIC_DAMPENING = 0.01
+
+
+@torch.no_grad()
+def asymmetric_target(weight: torch.Tensor, stats: LayerStats, dampening: float = ASYMMETRIC_DAMPENING) -> torch.Tensor:
+    """The weight that gives, on the inputs ``X`` the pruned model computes, what ``weight`` gives on the
+    dense model's inputs ``X_d``: ``argmin ||X_d W^T - X V^T||^2 + lambda ||V - W||^2`` over ``V``, i.e.
+    ``W + W D (H + lambda I)^-1`` with ``D = (X_d - X)^T X``, ``H = X^T X`` (:meth:`LayerStats.add_pair`) and
+    lambda = ``dampening`` x mean(diag H). Pruning this target instead of ``W`` makes the layer also undo
+    the drift the layers pruned before it left in its inputs (GPTQ-style calibration on the pruned
+    model's inputs fits ``W`` to them instead)."""
+    h = stats.gram()
+    w = weight.reshape(weight.shape[0], -1).float()
+    diag = torch.diagonal(h)
+    live = diag > 0
+    ridge = dampening * float(diag[live].mean()) if bool(live.any()) else 1.0
+    factor, info = torch.linalg.cholesky_ex(h + ridge * torch.eye(h.shape[0]))
+    if int(info):
+        raise MethodError("asymmetric calibration: X^T X is not positive definite even with the ridge; "
+                          "use more calibration samples")
+    shift = torch.cholesky_solve((w @ stats.drift).t().contiguous(), factor).t()
+    return (w + shift).reshape(weight.shape).to(weight.dtype)
+
+
 @torch.no_grad()
 def _prune_layer(choice: LayerChoice, method: MethodBase, stats: LayerStats, refine: bool = False) -> LayerRow:
     module = choice.module
     weight = module.weight.detach()
+    if stats.drift is not None:  # asymmetric calibration: prune the layer's target on these inputs
+        weight = asymmetric_target(weight, stats)
+        stats.drift = None
     patterns: tuple[Pattern, ...] = choice.patterns
     if isinstance(method, CalibratedMethod):
         new_weight, mask = method.prune_weight(weight, patterns, stats)
@@ -331,15 +395,17 @@ def _prune_layer(choice: LayerChoice, method: MethodBase, stats: LayerStats, ref
 BlockHook = Callable[[int, str, nn.Module, list[LayerChoice]], None]
 
 
-def _prune_layers(here: list[LayerChoice], method: MethodBase, run: Callable[[], None],
-                  run_one: Callable[[], Any] | None, max_columns: int, refine: bool) -> list[LayerRow]:
-    """Calibrate the layers over ``run()`` and prune them: all at once, or with ``run_one`` (one traced
+def _prune_layers(here: list[LayerChoice], method: MethodBase, calls: Calls,
+                  run_one: Callable[[], Any] | None, max_columns: int, refine: bool,
+                  twin: Twin | None = None) -> list[LayerRow]:
+    """Calibrate the layers over ``calls`` and prune them: all at once, or with ``run_one`` (one traced
     forward, :func:`call_groups`) group by group in call order, each group's statistics collected after
-    the groups before it are pruned, its forwards stopped once its last layer has read its input."""
+    the groups before it are pruned, its forwards stopped once its last layer has read its input. With a
+    ``twin``, each layer is pruned toward its asymmetric target (:func:`asymmetric_target`)."""
     groups, once = call_groups(here, run_one) if run_one is not None else ([here], False)
     rows = []
     for group in groups:
-        stats = _collect(group, method, run, max_columns, refine, group[-1].module if once else None)
+        stats = _collect(group, method, calls, max_columns, refine, group[-1].module if once else None, twin)
         release_freed_memory()
         for choice in group:
             rows.append(_prune_layer(choice, method, stats.pop(choice.fqn), refine))
@@ -350,7 +416,8 @@ def _prune_layers(here: list[LayerChoice], method: MethodBase, run: Callable[[],
 def prune_blocks(blocks: list[tuple[str, nn.Module]], selected: list[LayerChoice], method: MethodBase,
                  capture: Callable[[nn.Module], list[tuple[tuple, dict]]] | None, micro_batch: int | None,
                  refine: bool, bar: Progress, before: BlockHook | None = None,
-                 after: BlockHook | None = None, sequential: bool = False) -> tuple[list[LayerRow], set[str]]:
+                 after: BlockHook | None = None, sequential: bool = False,
+                 asymmetric: bool = False) -> tuple[list[LayerRow], set[str]]:
     """The one block-by-block loop of calibrated pruning (in memory, and streamed from shards).
 
     For each ``(fqn, block)``: ``before(index, fqn, block, here)`` (streaming materialises the block
@@ -361,32 +428,41 @@ def prune_blocks(blocks: list[tuple[str, nn.Module]], selected: list[LayerChoice
     method's own statistics-free mask (magnitude). ``sequential`` calibrates the block's layers group by
     group in the order the block calls them (:func:`call_groups`), each group on inputs computed with the
     groups before it already pruned (GPTQ's "true sequential"); otherwise all of them on the dense block.
+    ``asymmetric`` also carries the dense model's inputs of each block and runs an unpruned copy of the
+    block on them beside the pruned one: each layer is pruned toward :func:`asymmetric_target`.
 
     Returns:
         ``(report rows, fqns of the pruned layers)``.
     """
     rows: list[LayerRow] = []
     done: set[str] = set()
-    inputs = None
+    inputs = dense_inputs = None
     for index, (prefix, block) in enumerate(blocks):
         here = [c for c in selected if c.fqn.startswith(prefix + ".")]
         if before is not None:
             before(index, prefix, block, here)
         if capture is not None and inputs is None:
             inputs = capture(block)
+            if asymmetric:  # the dense model's block inputs: equal so far, then apart
+                dense_inputs = [_next_inputs(args, kwargs, _hidden(args, kwargs).clone()) for args, kwargs in inputs]
             release_freed_memory()
         done.update(c.fqn for c in here)
+        twin = (Twin(block, prefix, lambda copy_, ins=dense_inputs: _block_calls(copy_, ins, micro_batch))
+                if dense_inputs is not None else None)
         if here:
             if inputs is None:  # no calibration data: each layer's statistics-free mask
                 rows += [_prune_layer(c, method, LayerStats(int(c.module.weight[0].numel()), False), refine)
                          for c in here]
             else:
-                rows += _prune_layers(here, method, lambda blk=block, ins=inputs: _run_block(blk, ins, micro_batch),
+                rows += _prune_layers(here, method, _block_calls(block, inputs, micro_batch),
                                       first_sample(block, inputs) if sequential else None,
-                                      _HESSIAN_MAX_COLUMNS_BLOCK, refine)
+                                      _HESSIAN_MAX_COLUMNS_BLOCK, refine, twin)
         if inputs is not None and index + 1 < len(blocks):
             _advance(block, inputs, micro_batch)
+            if twin is not None:
+                _advance(twin.module, dense_inputs, micro_batch)
             release_freed_memory()
+        del twin
         if after is not None:
             after(index, prefix, block, here)
         bar.update(index + 1, f"block {prefix}: {len(here)} layers")
@@ -403,6 +479,7 @@ def prune_with_calibration(
     micro_batch: int | None = 4,
     refine: bool = False,
     sequential: bool = False,
+    asymmetric: bool = False,
 ) -> tuple[list[dict[str, Any]], list[LayerRow], list[dict[str, str]]]:
     """Prune ``model`` in place with calibration data; see the module docstring.
 
@@ -422,6 +499,10 @@ def prune_with_calibration(
         sequential: inside each block (in a model without repeated blocks: over the whole model),
             calibrate the layers group by group in call order, each group on inputs that pass through the
             already pruned groups (see :func:`prune_blocks`).
+        asymmetric: prune each layer toward the weight that gives, on the inputs the pruned model
+            computes, what the dense layer gives on the dense model's inputs (:func:`asymmetric_target`;
+            needs a method that updates kept weights; an unpruned copy of each block, or of the whole
+            model without repeated blocks, runs beside the pruned one).
 
     Returns:
         ``(manifest entries, report rows, skipped layers)``; the model is left dense with zeros.
@@ -437,21 +518,23 @@ def prune_with_calibration(
     blocks = find_blocks(model, [c.fqn for c in selected])
     if blocks is None:  # one pass over the model (sequential: one pass a group, in the model's call order)
         bar = Progress(1, 0, progress, every=1)
-        rows += _prune_layers(selected, method, lambda: _run_all(model, batches),
+        twin = Twin(model, "", lambda copy_: _model_calls(copy_, batches)) if asymmetric else None
+        rows += _prune_layers(selected, method, _model_calls(model, batches),
                               (lambda: run_model(model, batches[0])) if sequential else None,
-                              _HESSIAN_MAX_COLUMNS_ONE_PASS, refine)
+                              _HESSIAN_MAX_COLUMNS_ONE_PASS, refine, twin)
+        del twin
         bar.update(1, f"{len(selected)} layers pruned in one pass" + (" a group" if sequential else ""))
         bar.close()
     else:
         bar = Progress(len(blocks), 0, progress, every=1)
         block_rows, in_blocks = prune_blocks(blocks, selected, method,
                                              lambda first: first_block_inputs(model, first, batches), micro_batch,
-                                             refine, bar, sequential=sequential)
+                                             refine, bar, sequential=sequential, asymmetric=asymmetric)
         rows += block_rows
         bar.close()
         rest = [c for c in selected if c.fqn not in in_blocks]
         if rest:  # e.g. a pooler or head outside the blocks: one pass with the blocks already pruned
-            stats = _collect(rest, method, lambda: _run_all(model, batches), _HESSIAN_MAX_COLUMNS_BLOCK, refine)
+            stats = _collect(rest, method, _model_calls(model, batches), _HESSIAN_MAX_COLUMNS_BLOCK, refine)
             rows += [_prune_layer(c, method, stats[c.fqn], refine) for c in rest]
     layers = [layer_entry(c.fqn, c.module.weight, c.patterns, input_map(c.module)) for c in selected]
     skipped = [{"fqn": c.fqn, "reason": c.skip_reason or ""} for c in choices if not c.selected]

@@ -32,6 +32,10 @@ class PruneConfig:
     sequential: inside each block, calibrate and prune the layers group by group in the order the block
         calls them, each group on inputs through the groups already pruned (GPTQ's "true sequential"; a
         model without repeated blocks, e.g. a CNN, in the whole model's call order; needs calibration data).
+    asymmetric: prune each layer toward the weight that gives, on the inputs the pruned model computes,
+        what the dense layer gives on the dense model's inputs, so each layer also undoes the drift the
+        layers before it left (an unpruned copy of each block runs beside it; a weight update, needs
+        calibration data).
     weights / group_size: prune and quantize in one pass (``int8`` / ``int4``, kept values per scale).
     window: perplexity window (causal LMs).
     recover_steps / recover_minutes / recover_lr / recover_objective: distillation from the dense model
@@ -62,6 +66,7 @@ class PruneConfig:
     permute_sweeps: int | None = None
     refine: bool = False
     sequential: bool = False
+    asymmetric: bool = False
     recover_steps: int | None = None
     recover_minutes: float | None = None
     recover_lr: float = 2e-4
@@ -89,8 +94,8 @@ class PruneConfig:
             parse_weights("int8", self.group_size)
         except QuantError as exc:
             raise ConfigError([str(exc)]) from None
-        if self.stream and (self.refine or self.method == "best"):
-            raise ConfigError(["refine and method best run in the in-memory pipeline; drop stream"])
+        if self.stream and (self.refine or self.method == "best" or self.asymmetric):
+            raise ConfigError(["refine, asymmetric and method best run in the in-memory pipeline; drop stream"])
         if self.stream and self.weights != "fp32":
             raise ConfigError(["stream writes float32 exports; weights int8/int4 need the in-memory pipeline "
                                "(drop stream)"])

@@ -56,7 +56,7 @@ def open_source(model: str, config: PruneConfig) -> Prepared:
     kind = model_kind(net)
     calibrated = (config.method == "best" or isinstance(build_method(config.method), CalibratedMethod)
                   or config.calib or config.recovering or config.refine
-                  or config.sequential)
+                  or config.sequential or config.asymmetric)
     spec = config.calib or ("text:builtin" if source.is_text else "digits")
     batches = (build_calibration(spec, net, source, config.samples, config.seq_len, config.seed)
                if calibrated else None)

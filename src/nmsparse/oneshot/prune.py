@@ -29,17 +29,19 @@ __all__ = ["Recovery", "prune", "best_pipeline", "BEST", "BestPipeline"]
 @dataclass(frozen=True)
 class BestPipeline:
     """What ``method="best"`` runs: a method, mask refinement or not, the channel permutation's
-    sweeps (None: no permutation), and sequential calibration inside blocks or not."""
+    sweeps (None: no permutation), sequential calibration inside blocks or not, asymmetric
+    calibration or not."""
 
     method: str
     refine: bool = False
     permute: int | None = None
     sequential: bool = False
+    asymmetric: bool = False
 
     def __str__(self) -> str:
         return self.method + (" + refine" if self.refine else "") + (
             f" + permute ({self.permute} sweep{'s' if self.permute != 1 else ''})" if self.permute else "") + (
-            " + sequential" if self.sequential else "")
+            " + sequential" if self.sequential else "") + (" + asymmetric" if self.asymmetric else "")
 
 
 # ``--method best``: the most accurate one-shot pipeline per model kind, by measurement (causal LMs:
@@ -149,7 +151,7 @@ def _prune_model(model: nn.Module, config: PruneConfig, *, out: str | Path | Non
                  heldout: Any, recover: Recovery | None, source: Any, example_inputs: Any,
                  describe: dict[str, Any] | None, progress: str, micro_batch: int | None) -> PruneResult:
     """The in-memory pipeline: permute -> calibrate and prune -> fidelity -> recover -> export."""
-    best, method, built, scheme, refine, permute, sequential = _resolve(model, config, calibration)
+    best, method, built, scheme, refine, permute, sequential, asymmetric = _resolve(model, config, calibration)
     if out is not None and (source is None or example_inputs is None):
         raise ValueError("writing an export needs source= (how to rebuild the model) and example_inputs=")
     pattern = config.pattern
@@ -163,7 +165,7 @@ def _prune_model(model: nn.Module, config: PruneConfig, *, out: str | Path | Non
     check = FidelityCheck(model, heldout, config.window) if heldout is not None else None
     clock.lap("fidelity (dense)")
     _masks(model, result, built, pattern, config.selection, calibration, permute, progress, micro_batch, refine,
-           sequential)
+           sequential, asymmetric)
     if scheme is not None:
         result.weights = _snap(model, result, scheme, method)
     clock.lap("prune")
@@ -181,17 +183,20 @@ def _prune_model(model: nn.Module, config: PruneConfig, *, out: str | Path | Non
 
 
 def _resolve(model: nn.Module, config: PruneConfig, calibration: list[Any] | None):
-    """``(best pipeline or None, method, built method, weight scheme or None, refine, permute, sequential)``
+    """``(best pipeline or None, method, built method, weight scheme or None, refine, permute, sequential,
+    asymmetric)``
     from the config, checked before any work: ``best`` resolved for the model's kind (a ``permute`` given
     replaces its sweeps), sparsegpt given the scheme for its joint rounding."""
     from ..runtime.quant import parse_weights
 
     method, options, refine, permute = config.method, config.method_options, config.refine, config.permute_sweeps
-    weights, group_size, sequential = config.weights, config.group_size, config.sequential
+    weights, group_size = config.weights, config.group_size
+    sequential, asymmetric = config.sequential, config.asymmetric
     best = None
     if method == "best":
         best = best_pipeline(model_kind(model))
         method, refine, sequential = best.method, best.refine, best.sequential or sequential
+        asymmetric = best.asymmetric or asymmetric
         permute = permute if permute is not None else best.permute
         if not calibration:
             raise MethodError(f"--method best runs {method}, which needs calibration data (calibration=[batches])")
@@ -209,12 +214,15 @@ def _resolve(model: nn.Module, config: PruneConfig, calibration: list[Any] | Non
     if sequential and not calibration:
         raise MethodError("sequential calibration needs calibration data (calibration=[batches]): each group of "
                           "layers is calibrated on inputs through the groups already pruned")
-    return best, method, built, scheme, refine, permute, sequential
+    if asymmetric and not calibration:
+        raise MethodError("asymmetric calibration needs calibration data (calibration=[batches]): each layer is "
+                          "fitted on those inputs as the dense and the pruned model compute them")
+    return best, method, built, scheme, refine, permute, sequential, asymmetric
 
 
 def _masks(model: nn.Module, result: PruneResult, built, pattern: str | Pattern, selection: Selection | None,
            calibration: list[Any] | None, permute: int | None, progress: str, micro_batch: int | None,
-           refine: bool, sequential: bool) -> None:
+           refine: bool, sequential: bool, asymmetric: bool = False) -> None:
     """Permute (if asked), then prune with calibration or with the method's own masks; fills
     ``result``'s layers, rows, skipped, calibration and permutation."""
     if permute:
@@ -223,9 +231,9 @@ def _masks(model: nn.Module, result: PruneResult, built, pattern: str | Pattern,
         perms = permute_channels(model, pattern, selection, permute, progress=progress)
         result.permutation = [p.as_dict() for p in perms]
     if calibration:
-        result.calibration = {"batches": len(calibration), "sequential": sequential}
+        result.calibration = {"batches": len(calibration), "sequential": sequential, "asymmetric": asymmetric}
         result.layers, result.rows, result.skipped = prune_with_calibration(
-            model, calibration, pattern, built, selection, progress, micro_batch, refine, sequential)
+            model, calibration, pattern, built, selection, progress, micro_batch, refine, sequential, asymmetric)
     else:
         assert isinstance(built, Method)
         sparsifier = Sparsifier(built, pattern, selection)

@@ -1176,36 +1176,39 @@ void denseq_gemv_avx2(const uint8_t* q, const h16* scales, i64 rows, i64 cols, i
 // odd ones: low nibbles, then high), so the weights need no shuffle. Their inputs are gathered by two
 // in-lane byte shuffles: of XA (half L: the 16 columns of values 16L .. 16L+7) and XB (values 16L+8
 // ..), arranged once per chunk for all rows, then one dword blend. The shuffle control comes from the
-// step's 8 code bytes: each byte position gets its value's code byte (one shuffle), its 2 bits masked
-// in place (values 0, 1 mod 4: c or 4c) or after a shift by 4 (2, 3 mod 4), a table shuffle turning c
-// or 4c into c, plus the column of the value's group within its 16.
+// step's 8 code bytes: half L's 4 code bytes (one dword, spread to the half's four dwords by one
+// vpermd), each dword shifted right by 0, 2, 4, 6 bits (one vpsrlvd) and masked to 2 bits, so byte
+// 4k + b of the half is field k of code byte b, the code of value 4b + k; one byte shuffle puts each
+// value's code under its byte, then its group's column within the 16 is added.
 template <int QB>
 struct Nm24Consts {
-  __m256i place, base, m01, m23, lut, mlo, mhi;
+  __m256i fshift, three, place, base, mlo, mhi;
   static constexpr int blend = QB == 8 ? 0xCC : 0xAA;  // dwords taken from the XB shuffle
   Nm24Consts() {
-    alignas(32) uint8_t pl[32], b[32], a[32], c[32], lt[32], lo[32], hi[32];
+    alignas(32) uint8_t pl[32], b[32], lo[32], hi[32];
     for (int L = 0; L < 2; ++L)
       for (int i = 0; i < 16; ++i) {
         const int p = 16 * L + i;
-        const int j = 16 * L + (QB == 8 ? i : i < 8 ? 2 * i : 2 * (i - 8) + 1), r = j % 4;  // value at byte p
-        pl[p] = (uint8_t)(j / 4), b[p] = (uint8_t)(((j % 8) / 2) * 4);
-        a[p] = r < 2 ? (uint8_t)(3 << (2 * r)) : 0, c[p] = r >= 2 ? (uint8_t)(3 << (2 * (r - 2))) : 0;
-        lt[p] = (uint8_t)((i & 3) + (i >> 2));  // a code c or 4c (the only field set) -> c
+        const int j = 16 * L + (QB == 8 ? i : i < 8 ? 2 * i : 2 * (i - 8) + 1);  // value at byte p
+        pl[p] = (uint8_t)(4 * (j % 4) + (j % 16) / 4), b[p] = (uint8_t)(((j % 8) / 2) * 4);
         lo[p] = i < 8 ? 0x0F : 0, hi[p] = i < 8 ? 0 : 0x0F;
       }
     auto ld = [](const uint8_t* v) { return _mm256_load_si256((const __m256i*)v); };
-    place = ld(pl), base = ld(b), m01 = ld(a), m23 = ld(c), lut = ld(lt), mlo = ld(lo), mhi = ld(hi);
+    fshift = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+    three = _mm256_set1_epi8(3), place = ld(pl), base = ld(b), mlo = ld(lo), mhi = ld(hi);
   }
 };
 
+// A 32-bit / 64-bit load broadcast to every lane (vbroadcastss / vbroadcastsd from memory: load-port
+// operations, no shuffle).
+inline __m256i bcast32(const uint8_t* p) { return _mm256_castps_si256(_mm256_broadcast_ss((const float*)p)); }
+inline __m256i bcast64(const uint8_t* p) { return _mm256_castpd_si256(_mm256_broadcast_sd((const double*)p)); }
+
 template <int QB>
 inline __m256i nm24_control(const uint8_t* code, const Nm24Consts<QB>& k) {
-  long long c8;
-  std::memcpy(&c8, code, 8);
-  const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi64x(c8), k.place);
-  const __m256i t = _mm256_or_si256(_mm256_and_si256(v, k.m01), _mm256_and_si256(_mm256_srli_epi16(v, 4), k.m23));
-  return _mm256_add_epi8(_mm256_shuffle_epi8(k.lut, t), k.base);
+  const __m256i c = _mm256_blend_epi32(bcast32(code), bcast32(code + 4), 0xF0);
+  const __m256i f = _mm256_and_si256(_mm256_srlv_epi32(c, k.fshift), k.three);
+  return _mm256_add_epi8(_mm256_shuffle_epi8(f, k.place), k.base);
 }
 
 // The step's 32 kept values as signed bytes, in the order above.
@@ -1277,8 +1280,7 @@ void nmq_gemv_avx2(const uint8_t* codes, const uint8_t* q, const h16* scales, i6
           cr = tail_c, qr = tail_q;
         }
         auto scale = [&](i64 g) { return g < gr ? srow[i * gr + g] * sxc[g] : 0.f; };
-        _mm256_storeu_ps(part + i * 8, nm24_row<QB>(cr, qr, xa, xb, steps, gm, k, scale,
-                                                    _mm256_loadu_ps(part + i * 8)));
+        part[i] += hsum8(nm24_row<QB>(cr, qr, xa, xb, steps, gm, k, scale, _mm256_setzero_ps()));
       };
       const i64 nrow = o1 - o0, len = nrow / 2;
       if (count == jc && gm >= 32) {  // the common case in one tight loop: whole chunks, 1 or 2 scales a chunk
@@ -1286,7 +1288,8 @@ void nmq_gemv_avx2(const uint8_t* codes, const uint8_t* q, const h16* scales, i6
         const i64 qstride = c + 1 < chunks ? rows * qb : 0, cstride = c + 1 < chunks ? rows * 16 : 0;
         const bool whole = gm == 64;
         const __m256i m0f = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
-        auto row = [&](i64 i) {
+        // row i's integer sums: whole, both steps in d0; groups of 32, step h in dh (group h)
+        auto dots = [&](i64 i, __m256i& d0, __m256i& d1) {
           const uint8_t* cr = crow + i * 16;
           const uint8_t* qr = qrow + i * 32 * QB / 4;
           _mm_prefetch((const char*)(qr + qstride), _MM_HINT_T0);
@@ -1299,10 +1302,10 @@ void nmq_gemv_avx2(const uint8_t* codes, const uint8_t* q, const h16* scales, i6
             xg[h] = _mm256_blend_epi32(_mm256_shuffle_epi8(xa[h], ctl), _mm256_shuffle_epi8(xb[h], ctl),
                                        Nm24Consts<QB>::blend);
           }
-          __m256i d0, d1;
           if constexpr (QB == 8) {
             d0 = dot_s8(_mm256_loadu_si256((const __m256i*)qr), xg[0]);
             d1 = dot_s8(_mm256_loadu_si256((const __m256i*)(qr + 32)), xg[1]);
+            if (whole) d0 = _mm256_add_epi32(d0, d1);
           } else {
             // both steps' 32 bytes at once: 64-bit quarters Q0 Q1 (step 0) Q2 Q3 (step 1) to lanes
             // [Q0 Q2 | Q1 Q3]; the low and high nibbles, then qwords interleaved, give each step's
@@ -1316,29 +1319,68 @@ void nmq_gemv_avx2(const uint8_t* codes, const uint8_t* q, const h16* scales, i6
             const __m256i p1 = _mm256_sub_epi16(_mm256_maddubs_epi16(_mm256_unpackhi_epi64(lo, hi), xg[1]),
                                                 _mm256_maddubs_epi16(eight, xg[1]));
             if (whole) {  // two steps' pairs fit 16 bits: one widening
-              d0 = _mm256_madd_epi16(_mm256_add_epi16(p0, p1), ones), d1 = _mm256_setzero_si256();
+              d0 = _mm256_madd_epi16(_mm256_add_epi16(p0, p1), ones);
             } else {
               d0 = _mm256_madd_epi16(p0, ones), d1 = _mm256_madd_epi16(p1, ones);
             }
           }
-          float* p = part + i * 8;
-          __m256 acc = _mm256_loadu_ps(p);
-          if (whole) {
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d0, d1)), _mm256_set1_ps(srow[i] * sxc[0]), acc);
-          } else {  // groups of 32: step h is group h
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(srow[2 * i] * sxc[0]), acc);
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(srow[2 * i + 1] * sxc[1]), acc);
-          }
-          _mm256_storeu_ps(p, acc);
         };
-        for (i64 i = 0; i < len; ++i) row(i), row(len + i);
-        for (i64 i = 2 * len; i < nrow; ++i) row(i);
+        // a row alone (the few past the last block of 8): scaled in floats, summed into its partial
+        auto single = [&](i64 i) {
+          __m256i d0, d1;
+          dots(i, d0, d1);
+          if (whole) {
+            part[i] += hsum8(_mm256_cvtepi32_ps(d0)) * (srow[i] * sxc[0]);
+          } else {
+            part[i] += hsum8(_mm256_cvtepi32_ps(d0)) * (srow[2 * i] * sxc[0]) +
+                       hsum8(_mm256_cvtepi32_ps(d1)) * (srow[2 * i + 1] * sxc[1]);
+          }
+        };
+        // 8 consecutive rows: their integer sums folded into one vector (hadd tree), then scaled by the
+        // 8 rows' scales at once (one float16 load and conversion) into their 8 partials
+        auto fold2 = [&](i64 i, __m256i& a0, __m256i& a1) {  // rows i, i + 1: hadd of their sums
+          __m256i x0, x1, y0, y1;
+          dots(i, x0, x1), dots(i + 1, y0, y1);
+          a0 = _mm256_hadd_epi32(x0, y0);
+          if (!whole) a1 = _mm256_hadd_epi32(x1, y1);
+        };
+        auto fold4 = [&](i64 i, __m256i& b0, __m256i& b1) {
+          __m256i a0, a1, c0, c1;
+          fold2(i, a0, a1), fold2(i + 2, c0, c1);
+          b0 = _mm256_hadd_epi32(a0, c0);
+          if (!whole) b1 = _mm256_hadd_epi32(a1, c1);
+        };
+        auto lanes = [](__m256i lo4, __m256i hi4) {  // [r0..r3 low halves | high] x 2 -> r0..r7
+          return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_permute2x128_si256(lo4, hi4, 0x20),
+                                                     _mm256_permute2x128_si256(lo4, hi4, 0x31)));
+        };
+        const __m256 vsx0 = _mm256_set1_ps(sxc[0]), vsx1 = _mm256_set1_ps(whole ? 0.f : sxc[1]);
+        auto oct = [&](i64 i) {
+          __m256i b0, b1, e0, e1;
+          fold4(i, b0, b1), fold4(i + 4, e0, e1);
+          float* p = part + i;
+          if (whole) {
+            const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(srow + i)));
+            _mm256_storeu_ps(p, _mm256_fmadd_ps(lanes(b0, e0), _mm256_mul_ps(s, vsx0), _mm256_loadu_ps(p)));
+          } else {  // scales of rows i..i+7 interleaved by group: [r0g0 r0g1 r1g0 ...], split by group
+            const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(srow + 2 * i)));
+            const __m256 b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(srow + 2 * i + 8)));
+            const __m256 g0 = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8));
+            const __m256 g1 = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8));
+            __m256 acc = _mm256_fmadd_ps(lanes(b0, e0), _mm256_mul_ps(g0, vsx0), _mm256_loadu_ps(p));
+            _mm256_storeu_ps(p, _mm256_fmadd_ps(lanes(b1, e1), _mm256_mul_ps(g1, vsx1), acc));
+          }
+        };
+        const i64 len8 = len & ~(i64)7;
+        for (i64 i = 0; i < len8; i += 8) oct(i), oct(len + i);
+        for (i64 i = len8; i < len; ++i) single(i), single(len + i);
+        for (i64 i = 2 * len; i < nrow; ++i) single(i);
         continue;
       }
       for (i64 i = 0; i < len; ++i) one(i), one(len + i);
       for (i64 i = 2 * len; i < nrow; ++i) one(i);
     }
-  }, 8);
+  }, 1);
 }
 #endif
 
