@@ -162,6 +162,17 @@ def test_asymmetric_calibration_fits_each_layer_to_the_dense_models_output(tiny_
     assert logits_error(model) < 0.9 * logits_error(plain)
 
 
+def test_method_best_calibrates_a_causal_lm_on_varied_text_unless_told_otherwise(tiny_llama_dir):
+    from nmsparse.oneshot.pipeline import open_source
+
+    described = open_source(f"hf:{tiny_llama_dir}", PruneConfig("2:4", "best", samples=2, seq_len=16)).data["describe"]
+    assert described["calibration"]["source"] == "text:varied"
+    named = open_source(f"hf:{tiny_llama_dir}", PruneConfig("2:4", "best", calib="text:builtin", samples=2,
+                                                             seq_len=16)).data["describe"]
+    plain = open_source(f"hf:{tiny_llama_dir}", PruneConfig("2:4", "sparsegpt", samples=2, seq_len=16)).data["describe"]
+    assert named["calibration"]["source"] == "text:builtin" and plain["calibration"]["source"] == "text:builtin"
+
+
 def test_asymmetric_calibration_needs_data_and_the_in_memory_pipeline(tiny_llama_dir):
     from nmsparse.oneshot.config import ConfigError
 

@@ -40,8 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--method",
         default="magnitude",
-        help="magnitude, wanda, ria, sparsegpt, or best (the most accurate pipeline measured for the model kind; "
-        "today sparsegpt)",
+        help="magnitude, wanda, ria, sparsegpt, or best (the most accurate pipeline measured for the model kind: "
+        "for causal LMs sparsegpt + decoder permutation + sequential calibration on text:varied unless --calib "
+        "names other data; sparsegpt otherwise)",
     )
     parser.add_argument("--calib", help="calibration data: text:builtin, text:varied (the built-in text plus "
                         "standard-library docstrings), text:PATH, hf-dataset:NAME[:CONFIG[:SPLIT]], images:DIR, "

@@ -46,6 +46,7 @@ def open_source(model: str, config: PruneConfig) -> Prepared:
     from ..export import open_model
     from ..method import CalibratedMethod, build_method
     from ..models import example_input, load_weights
+    from .best import best_pipeline
     from .data import build_calibration, heldout_data
     from .fidelity import model_kind
 
@@ -57,7 +58,8 @@ def open_source(model: str, config: PruneConfig) -> Prepared:
     calibrated = (config.method == "best" or isinstance(build_method(config.method), CalibratedMethod)
                   or config.calib or config.recovering or config.refine
                   or config.sequential or config.asymmetric)
-    spec = config.calib or ("text:builtin" if source.is_text else "digits")
+    best_calib = best_pipeline(kind).calib if config.method == "best" else None  # best's own data
+    spec = config.calib or best_calib or ("text:builtin" if source.is_text else "digits")
     batches = (build_calibration(spec, net, source, config.samples, config.seq_len, config.seed)
                if calibrated else None)
     recovery = _recovery(config, kind, source, spec, batches) if config.recovering else None

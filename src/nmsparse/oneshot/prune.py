@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from ..models import forward_output
 from ..pattern import Pattern, parse_pattern
 from ..select import Selection, nothing_selected
 from ..sparsifier import Sparsifier
+from .best import BEST, BestPipeline, best_pipeline
 from .calibrate import prune_with_calibration
 from .config import ConfigError, PruneConfig
 from .fidelity import FidelityCheck, model_kind
@@ -25,37 +25,6 @@ from .recover import Recovery
 from .result import LayerRow, PruneResult
 
 __all__ = ["Recovery", "prune", "best_pipeline", "BEST", "BestPipeline"]
-
-@dataclass(frozen=True)
-class BestPipeline:
-    """What ``method="best"`` runs: a method, mask refinement or not, the channel permutation's
-    sweeps (None: no permutation), sequential calibration inside blocks or not, asymmetric
-    calibration or not."""
-
-    method: str
-    refine: bool = False
-    permute: int | None = None
-    sequential: bool = False
-    asymmetric: bool = False
-
-    def __str__(self) -> str:
-        return self.method + (" + refine" if self.refine else "") + (
-            f" + permute ({self.permute} sweep{'s' if self.permute != 1 else ''})" if self.permute else "") + (
-            " + sequential" if self.sequential else "") + (" + asymmetric" if self.asymmetric else "")
-
-
-# ``--method best``: the most accurate one-shot pipeline per model kind, by measurement (causal LMs:
-# SmolLM2-135M 2:4, perplexity on text of another source than the calibration text; the figures of every
-# candidate are in docs/benchmarks.md, "One-shot accuracy on text of another source"). Encoders and
-# classifiers have no measurement yet and get sparsegpt alone.
-BEST: dict[str, BestPipeline] = {"causal_lm": BestPipeline("sparsegpt", False, 1, True),
-                                 "encoder": BestPipeline("sparsegpt"), "classifier": BestPipeline("sparsegpt")}
-
-
-def best_pipeline(kind: str) -> BestPipeline:
-    """What ``method="best"`` runs for a model of this kind (:func:`~nmsparse.oneshot.fidelity.model_kind`)."""
-    return BEST[kind]
-
 
 class _Stages:
     """Wall-clock seconds of each stage of a prune (the report's ``seconds``)."""

@@ -1103,11 +1103,15 @@ inline void denseq_rows_avx2(const int8_t* xq, const float* sx, const int32_t* x
     for (int r = 0; r < R; ++r) d[r] = _mm256_setzero_si256();
     for (i64 j = g * G; j < j1; j += 32) {
       const __m256i x = _mm256_loadu_si256((const __m256i*)(xq + j));
+      const __m256i ax = _mm256_abs_epi8(x);  // int8: |x| against sign(x) * w, shared by the R rows
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const uint8_t* w = q + r * qrow + j * QB / 8;
+        // rows of 2-8 KB are short streams: each fetches its place two blocks of rows ahead
+        if (R > 1 && ((j * QB / 8) & 63) == 0) _mm_prefetch((const char*)(w + 2 * R * qrow), FAR_HINT);
         if constexpr (QB == 8) {
-          d[r] = _mm256_add_epi32(d[r], dot_s8(_mm256_loadu_si256((const __m256i*)w), x));
+          const __m256i sw = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i*)w), x);  // |w| <= 127
+          d[r] = _mm256_add_epi32(d[r], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sw), _mm256_set1_epi16(1)));
         } else {
           const __m256i p = _mm256_maddubs_epi16(nibbles_split(w, 0), x);
           d[r] = _mm256_add_epi32(d[r], _mm256_madd_epi16(p, _mm256_set1_epi16(1)));

@@ -1,0 +1,41 @@
+"""``method="best"``: the most accurate one-shot pipeline per model kind, by measurement."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["BEST", "BestPipeline", "best_pipeline"]
+
+
+@dataclass(frozen=True)
+class BestPipeline:
+    """What ``method="best"`` runs: a method, mask refinement or not, the channel permutation's
+    sweeps (None: no permutation), sequential calibration inside blocks or not, asymmetric
+    calibration or not, and the calibration data a source gets when none is named (None: the kind's
+    default)."""
+
+    method: str
+    refine: bool = False
+    permute: int | None = None
+    sequential: bool = False
+    asymmetric: bool = False
+    calib: str | None = None
+
+    def __str__(self) -> str:
+        return self.method + (" + refine" if self.refine else "") + (
+            f" + permute ({self.permute} sweep{'s' if self.permute != 1 else ''})" if self.permute else "") + (
+            " + sequential" if self.sequential else "") + (" + asymmetric" if self.asymmetric else "")
+
+
+# ``--method best``: the most accurate one-shot pipeline per model kind, by measurement (causal LMs:
+# SmolLM2-135M 2:4, perplexity on text of another source than the calibration text; the figures of every
+# candidate are in docs/benchmarks.md, "One-shot accuracy on text of another source"; calibration on
+# text:varied, 3.10x dense perplexity against 3.37x on the built-in text). Encoders and classifiers have
+# no measurement yet and get sparsegpt alone.
+BEST: dict[str, BestPipeline] = {"causal_lm": BestPipeline("sparsegpt", False, 1, True, calib="text:varied"),
+                                 "encoder": BestPipeline("sparsegpt"), "classifier": BestPipeline("sparsegpt")}
+
+
+def best_pipeline(kind: str) -> BestPipeline:
+    """What ``method="best"`` runs for a model of this kind (:func:`~nmsparse.oneshot.fidelity.model_kind`)."""
+    return BEST[kind]
