@@ -61,6 +61,13 @@ def _column_order(shape: torch.Size, pattern: NMPattern) -> torch.Tensor | None:
     return torch.arange(inp * kernel).reshape(inp, kernel).t().reshape(-1)
 
 
+def live_mean(diagonal: torch.Tensor) -> torch.Tensor:
+    """The mean of a Gram matrix's diagonal over the inputs that fire (1 where none does): the scale that
+    dampening is a fraction of."""
+    live = diagonal != 0
+    return diagonal[live].mean() if bool(live.any()) else torch.tensor(1.0)
+
+
 def _inverse_factor(hessian: torch.Tensor, dampening: float, reuse: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(U, dead)``: the upper Cholesky factor of the dampened ``H^-1`` and the inputs that never
     fire (``H_cc = 0``; decoupled, their weights pruned first). With ``reuse`` a float32 ``hessian``
@@ -73,9 +80,9 @@ def _inverse_factor(hessian: torch.Tensor, dampening: float, reuse: bool) -> tup
     dead = saved == 0
     hinv = torch.empty_like(h).t()  # column-major: LAPACK then works in this buffer, no temporaries
     try:
-        live_mean = saved[~dead].mean() if bool((~dead).any()) else torch.tensor(1.0)
-        diag[dead] = live_mean  # dead inputs are decoupled; any positive value of H's scale will do
-        diag += dampening * live_mean
+        scale = live_mean(saved)
+        diag[dead] = scale  # dead inputs are decoupled; any positive value of H's scale will do
+        diag += dampening * scale
         torch.linalg.cholesky(h, out=hinv)
         torch.cholesky_inverse(hinv, out=hinv)  # H^-1, then its upper Cholesky factor, in one buffer
         torch.linalg.cholesky(hinv, upper=True, out=hinv)

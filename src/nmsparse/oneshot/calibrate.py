@@ -31,6 +31,7 @@ from ..export.manifest import layer_entry
 from ..mask import sliced_satisfies
 from ..method import CalibratedMethod, LayerStats, Method, MethodError
 from ..method.base import LayerState, MethodBase
+from ..method.sparsegpt import live_mean
 from ..models import run_model
 from ..parametrize import input_map
 from ..pattern import Pattern
@@ -348,12 +349,10 @@ def asymmetric_target(weight: torch.Tensor, stats: LayerStats, dampening: float 
     lambda = ``dampening`` x mean(diag H). Pruning this target instead of ``W`` makes the layer also undo
     the drift the layers pruned before it left in its inputs (GPTQ-style calibration on the pruned
     model's inputs fits ``W`` to them instead)."""
-    h = stats.gram()
     w = weight.reshape(weight.shape[0], -1).float()
-    diag = torch.diagonal(h)
-    live = diag > 0
-    ridge = dampening * float(diag[live].mean()) if bool(live.any()) else 1.0
-    factor, info = torch.linalg.cholesky_ex(h + ridge * torch.eye(h.shape[0]))
+    h = stats.gram().clone()
+    h.diagonal().add_(dampening * live_mean(h.diagonal()))
+    factor, info = torch.linalg.cholesky_ex(h)
     if int(info):
         raise MethodError("asymmetric calibration: X^T X is not positive definite even with the ridge; "
                           "use more calibration samples")

@@ -1203,10 +1203,8 @@ struct Nm24Consts {
   }
 };
 
-// A 32-bit / 64-bit load broadcast to every lane (vbroadcastss / vbroadcastsd from memory: load-port
-// operations, no shuffle).
+// A 32-bit load broadcast to every lane (vbroadcastss from memory: no lane-crossing shuffle).
 inline __m256i bcast32(const uint8_t* p) { return _mm256_castps_si256(_mm256_broadcast_ss((const float*)p)); }
-inline __m256i bcast64(const uint8_t* p) { return _mm256_castpd_si256(_mm256_broadcast_sd((const double*)p)); }
 
 template <int QB>
 inline __m256i nm24_control(const uint8_t* code, const Nm24Consts<QB>& k) {
