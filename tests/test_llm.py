@@ -879,3 +879,39 @@ def test_prune_of_a_model_in_memory_reads_the_config_and_recovers_on_its_calibra
         prune(model, PruneConfig("2:4", "wanda", calib="text:builtin"), progress="none")
     with pytest.raises(MethodError, match="recovery needs training batches"):
         prune(model, PruneConfig("2:4", "magnitude", recover_steps=2), progress="none")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_causal_recovery_runs_its_products_in_the_precision_asked_and_keeps_float32_state(tiny_llama_dir, precision):
+    teacher, _ = build_model(f"hf:{tiny_llama_dir}")
+    student = copy.deepcopy(teacher)
+    result = prune(student, PruneConfig("2:4", "magnitude"), progress="none")
+    seen = []
+    student.model.layers[0].mlp.down_proj.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    info = recover(student, teacher, result.layers, _windows(count=3), steps=25, lr=3e-3, progress="none",
+                   precision=precision)
+    expected = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert info["precision"] == precision and seen and set(seen) == {expected}
+    assert info["last_loss"] < info["first_loss"]
+    assert all(p.dtype == torch.float32 for p in student.parameters())  # master weights stay float32
+    modules = dict(student.named_modules())
+    assert all(is_nm(modules[e["fqn"]].weight, NMPattern(2, 4)) for e in result.layers)
+
+
+def test_recovery_precision_auto_is_bf16_only_where_the_cpu_multiplies_it(monkeypatch):
+    import nmsparse.env as env
+    from nmsparse.env import resolve_precision
+    from nmsparse.oneshot.config import ConfigError
+
+    cpu = torch.device("cpu")
+    for line, native in [("flags\t: fpu sse2 avx2 fma avx512f avx512_bf16", True),
+                         ("flags\t: fpu sse2 avx2 fma avx512f avx512bw", False),  # bf16 would be emulated
+                         ("Features\t: fp asimd bf16 i8mm", True), ("Features\t: fp asimd", False)]:
+        monkeypatch.setattr(env, "_cpuinfo", lambda line=line: line)
+        assert env.cpu_has_bf16() is native
+        assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+        assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(ConfigError, match="recover_precision must be auto, fp32 or bf16"):
+        PruneConfig("2:4", "sparsegpt", recover_steps=1, recover_precision="half")

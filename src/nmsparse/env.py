@@ -9,9 +9,12 @@ import platform
 from functools import cache
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["environment", "cpu_isa", "cpuinfo_line", "cache_root"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["environment", "cpu_isa", "cpu_has_bf16", "resolve_precision", "autocast", "cpuinfo_line", "cache_root"]
 
 
 def cache_root() -> Path:
@@ -45,6 +48,47 @@ def cpu_isa() -> str:
     if " avx2" in flags and " fma" in flags:
         return "avx2"
     return "generic"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (x86 ``avx512_bf16`` or ``amx_bf16``, Arm ``bf16``
+    in /proc/cpuinfo): where it does not, PyTorch emulates bfloat16 products and they run slower than
+    float32 ones."""
+    flags = " " + (cpuinfo_line("flags", "Features") or "") + " "
+    return any(f" {flag} " in flags for flag in ("avx512_bf16", "amx_bf16", "bf16"))
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``fp32`` or ``bf16``: the matmul precision ``precision`` means for a training run (a recovery) on
+    ``device``. ``auto`` is ``bf16`` where the device multiplies bfloat16 natively (a CPU with AVX512-BF16,
+    AMX or Arm BF16; a CUDA GPU that supports it) and ``fp32`` elsewhere, where emulated bfloat16 would be
+    slower than float32.
+
+    Raises:
+        ValueError: a precision other than ``auto``, ``fp32``, ``bf16``.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_bf16() else "fp32"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """The context a step of ``precision`` (``fp32`` / ``bf16``, resolved) runs its products in: bfloat16
+    autocast (mixed precision: parameters and optimizer state stay float32), or a disabled one."""
+    import torch
+
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def environment() -> dict[str, Any]:

@@ -59,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "layers: pooled plus every layer's hidden states (Hugging Face models); causal: KL of "
                              "next-token distributions plus every layer's hidden states (causal LMs); "
                              "auto: causal for causal LMs, layers for other text models, hidden otherwise")
+    parser.add_argument("--recover-precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="matmul precision of the recovery: bf16 (autocast; weights and optimizer state stay "
+                             "float32), fp32, or auto: bf16 where the CPU/GPU multiplies it natively")
     parser.add_argument("--heldout", help="held-out data of the fidelity measure: text:heldout (default for causal "
                         "LMs: built-in text calibration never sees), text:other (text of another source: the "
                         "dataset descriptions shipped with scikit-learn), text:PATH, or an image spec for vision "
@@ -107,7 +110,8 @@ def config_from_args(args: argparse.Namespace):
             permute_sweeps=args.permute_sweeps if args.permute else None, refine=args.refine,
             sequential=args.sequential, asymmetric=args.asymmetric,
             recover_steps=args.recover_steps, recover_minutes=args.recover_minutes, recover_lr=args.recover_lr,
-            recover_objective=args.recover_objective, heldout=args.heldout, heldout_tokens=args.heldout_tokens,
+            recover_objective=args.recover_objective, recover_precision=args.recover_precision,
+            heldout=args.heldout, heldout_tokens=args.heldout_tokens,
             window=args.window, weights=args.weights, group_size=args.group_size, stream=args.stream,
             checkpoint=args.checkpoint, num_classes=args.num_classes, in_chans=args.in_chans)
     except ConfigError as exc:  # the config's field names as the flags that set them

@@ -38,8 +38,9 @@ class PruneConfig:
         calibration data).
     weights / group_size: prune and quantize in one pass (``int8`` / ``int4``, kept values per scale).
     window: perplexity window (causal LMs).
-    recover_steps / recover_minutes / recover_lr / recover_objective: distillation from the dense model
-        after pruning (steps and/or a time budget; None for both: no recovery).
+    recover_steps / recover_minutes / recover_lr / recover_objective / recover_precision: distillation from
+        the dense model after pruning (steps and/or a time budget; None for both: no recovery; precision
+        ``auto`` / ``fp32`` / ``bf16``, see :func:`nmsparse.oneshot.recover`).
 
     Read only when the model is a source (the data of its kind is built from them):
     calib / samples / seq_len / seed: calibration data spec (None: the kind's default where the run
@@ -71,6 +72,7 @@ class PruneConfig:
     recover_minutes: float | None = None
     recover_lr: float = 2e-4
     recover_objective: str = "auto"
+    recover_precision: str = "auto"
     heldout: str | None = None
     heldout_tokens: int = 4096
     window: int = 512
@@ -94,6 +96,8 @@ class PruneConfig:
             parse_weights("int8", self.group_size)
         except QuantError as exc:
             raise ConfigError([str(exc)]) from None
+        if self.recover_precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError([f"recover_precision must be auto, fp32 or bf16, got {self.recover_precision!r}"])
         if self.stream and (self.refine or self.method == "best" or self.asymmetric):
             raise ConfigError(["refine, asymmetric and method best run in the in-memory pipeline; drop stream"])
         if self.stream and self.weights != "fp32":

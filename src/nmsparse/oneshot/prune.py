@@ -220,7 +220,8 @@ def _recover(model: nn.Module, reference: nn.Module, result: PruneResult, recove
     from .recover import recover as distil
 
     result.recovery = distil(model, reference, result.layers, recover.batches, recover.steps, recover.seconds,
-                             recover.lr, progress=progress, objective=recover.objective)
+                             recover.lr, progress=progress, objective=recover.objective,
+                             precision=recover.precision)
     if scheme is not None:  # recovery moved the values off the grid: round them again
         from .quantize import snap_to_grid
 

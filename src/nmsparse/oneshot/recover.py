@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..env import autocast, resolve_precision
 from ..method import MethodError
 from ..models import main_output, run_model
 from ..progress import Progress
@@ -30,6 +31,8 @@ class Recovery:
         steps / seconds: step and/or wall-clock budget (at least one).
         lr: peak AdamW learning rate (cosine decay over the budget).
         objective: see :func:`nmsparse.oneshot.recover` (``auto`` picks by model kind).
+        precision: see :func:`nmsparse.oneshot.recover` (``auto``: bfloat16 where the device multiplies
+            it natively).
     """
 
     batches: list[Any]
@@ -37,6 +40,7 @@ class Recovery:
     seconds: float | None = None
     lr: float = 2e-4
     objective: str = "auto"
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.steps and not self.seconds:
@@ -50,7 +54,7 @@ class Recovery:
                               "them) or recover=Recovery(batches, ...)")
         minutes = config.recover_minutes
         return cls(batches, config.recover_steps, minutes * 60 if minutes else None, config.recover_lr,
-                   config.recover_objective)
+                   config.recover_objective, config.recover_precision)
 
 
 OBJECTIVES = ("auto", "hidden", "pooled", "layers", "causal")
@@ -168,6 +172,7 @@ def recover(
     objective: str = "auto",
     dropout: bool = False,
     schedule: str = "cosine",
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Fine-tune ``student`` to match ``teacher``'s outputs (hidden states or logits), masks fixed.
 
@@ -190,12 +195,18 @@ def recover(
             deterministic output, and dropout noise slows the match down).
         schedule: ``cosine`` decay of the learning rate to 0 over the budget (by time when only
             ``max_seconds`` is given), or ``constant``.
+        precision: ``bf16`` -- student and teacher run their products in bfloat16 under
+            ``torch.autocast`` (weights, optimizer state, losses and masks stay float32: mixed precision);
+            ``fp32``; ``auto`` -- :func:`nmsparse.env.resolve_precision` (``bf16`` where the device multiplies it
+            natively: 1.6x the steps a minute for SmolLM2 on an AVX512-BF16 CPU).
 
     Returns:
-        ``{"steps", "seconds", "first_loss", "last_loss", "objective", "history"}`` (``history``: the loss
+        ``{"steps", "seconds", "first_loss", "last_loss", "objective", "precision", "history"}`` (``history``: the loss
         curve, ``{"step", "seconds", "loss"}`` lists of at most 200 points); the student is squashed again.
     """
     objective = _objective(student, batches, objective, steps, max_seconds, schedule)
+    device = next(student.parameters()).device
+    precision = resolve_precision(precision, device)
     sparsifier = _hold_masks(student, layers)
     teacher.eval()
     student.train(dropout)
@@ -215,9 +226,10 @@ def recover(
         for group in optimizer.param_groups:  # the schedule runs over the fraction of the budget used
             group["lr"] = lr_at(round(min(1.0, done) * _RESOLUTION))
         batch = batches[step % len(batches)]
-        with torch.no_grad():
-            teacher_out = _forward(teacher, batch, hidden_states)
-        loss = _loss(objective, batch, _forward(student, batch, hidden_states), teacher_out)
+        with autocast(device, precision):  # the losses themselves are taken in float32 (_loss)
+            with torch.no_grad():
+                teacher_out = _forward(teacher, batch, hidden_states)
+            loss = _loss(objective, batch, _forward(student, batch, hidden_states), teacher_out)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -231,7 +243,7 @@ def recover(
     student.eval()
     sparsifier.squash()
     return {"steps": step, "seconds": round(time.perf_counter() - start, 1), "first_loss": first, "last_loss": last,
-            "objective": objective, "history": _thin(history)}
+            "objective": objective, "precision": precision, "history": _thin(history)}
 
 
 def _thin(history: list[tuple[int, float, float]], points: int = 200) -> dict[str, list[float]]:

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..allocate import ERKAllocator, load_scheme
 from ..config.sections import Config
+from ..env import autocast
 from ..models import ModelSource, build_model, load_weights
 from ..select import Rule, Selection
 from ..sparsifier import Sparsifier
@@ -110,10 +111,6 @@ class Ema:
         params = dict(self.model.named_parameters())
         for name, value in state.items():
             params[name].copy_(value)
-
-
-def autocast(device: torch.device, precision: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def eval_loader(dataset: Dataset, batch_size: int, rank: int, world: int, workers: int) -> DataLoader:
