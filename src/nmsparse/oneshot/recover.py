@@ -160,6 +160,20 @@ def _hold_masks(student: nn.Module, layers: list[dict[str, Any]]) -> Sparsifier:
     return sparsifier
 
 
+def _step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer, batch: Any, objective: str,
+          hidden_states: bool, forward_context: Any) -> float:
+    """One distillation step on ``batch``, its forward passes in ``forward_context`` (autocast, whose docs
+    keep the backward pass outside it; the losses themselves are taken in float32, ``_loss``); its loss."""
+    with forward_context:
+        with torch.no_grad():
+            teacher_out = _forward(teacher, batch, hidden_states)
+        loss = _loss(objective, batch, _forward(student, batch, hidden_states), teacher_out)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
 def recover(
     student: nn.Module,
     teacher: nn.Module,
@@ -225,15 +239,8 @@ def recover(
         done = max(step / total if steps else 0.0, elapsed / max_seconds if max_seconds else 0.0)
         for group in optimizer.param_groups:  # the schedule runs over the fraction of the budget used
             group["lr"] = lr_at(round(min(1.0, done) * _RESOLUTION))
-        batch = batches[step % len(batches)]
-        with autocast(device, precision):  # the losses themselves are taken in float32 (_loss)
-            with torch.no_grad():
-                teacher_out = _forward(teacher, batch, hidden_states)
-            loss = _loss(objective, batch, _forward(student, batch, hidden_states), teacher_out)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        value = float(loss.detach())
+        value = _step(student, teacher, optimizer, batches[step % len(batches)], objective, hidden_states,
+                      autocast(device, precision))
         first = value if first is None else first
         last = value
         step += 1
