@@ -8,7 +8,8 @@ REV, e.g. ``rev:HEAD`` against the uncommitted ``default``; the plans' layout mu
 comma-separated ``NAME=VALUE`` macros passed as ``-D`` flags (e.g. ``FAR_HINT=_MM_HINT_T0``, the far
 prefetches' former L1 hint). The same
 bound plans (``nms_gemv``) run through each build's library; the builds alternate every round, so the
-machine's bandwidth drift falls on all alike. Weights: 2:4 (or dense with ``DENSE=1``), ``BITS`` 4 or
+machine's bandwidth drift falls on all alike. Weights: 2:4 (or dense with ``DENSE=1``, or 1x16 blocks at 25%
+density with ``BLOCK16=1``), ``BITS`` 4 or
 8, groups of ``G`` (64), over enough copies (~80 MB) to read from memory. Shapes: ``SHAPES`` (default
 the 1.1 B Llama's q/o, gate/up and down). ``VARIANT``: the -march build (``native``, ``avx2``, ...).
 Prints the median time per call and GB/s of each build. docs/benchmarks.md, session 8, has the figures.
@@ -29,7 +30,7 @@ import torch
 
 from nmsparse._cxx import build_cached
 from nmsparse.runtime import _native
-from nmsparse.runtime.formats import pack_nm
+from nmsparse.runtime.formats import pack_block, pack_nm
 from nmsparse.runtime.modules import QuantLinear
 from nmsparse.runtime.quant import WeightScheme, quantize
 
@@ -39,6 +40,14 @@ def _nm24(rows: int, cols: int, seed: int) -> torch.Tensor:
     w = torch.randn(rows, cols // 4, 4, generator=g)
     keep = torch.zeros_like(w, dtype=torch.bool).scatter_(-1, w.abs().topk(2, -1).indices, True)
     return (w * keep).reshape(rows, cols)
+
+
+def _block16(rows: int, cols: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    for r in range(rows // 16):
+        w[r * 16:(r + 1) * 16, torch.randperm(cols, generator=g)[cols // 4:]] = 0
+    return w
 
 
 def _source_at(rev: str) -> Path:
@@ -72,13 +81,16 @@ def main() -> None:
         lib.nms_gemv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int]
         libs[b] = lib
     bits, group, dense = int(os.environ.get("BITS", 4)), int(os.environ.get("G", 64)), bool(os.environ.get("DENSE"))
+    block = bool(os.environ.get("BLOCK16"))
+    kind = "dense" if dense else "1x16:0.25" if block else "2:4"
     spec = os.environ.get("SHAPES", "2048x2048,5632x2048,2048x5632")
     shapes = [tuple(map(int, s.split("x"))) for s in spec.split(",")]
     threads = torch.get_num_threads()
     for rows, cols in shapes:
         copies = int(80e6 // (rows * cols * 0.4)) + 1
-        mods = [QuantLinear(quantize(torch.randn(rows, cols) if dense else pack_nm(_nm24(rows, cols, i), 2, 4),
-                                     WeightScheme(bits, group)), None) for i in range(copies)]
+        layouts = {"dense": lambda i: torch.randn(rows, cols), "2:4": lambda i: pack_nm(_nm24(rows, cols, i), 2, 4),
+                   "1x16:0.25": lambda i: pack_block(_block16(rows, cols, i), 16)}
+        mods = [QuantLinear(quantize(layouts[kind](i), WeightScheme(bits, group)), None) for i in range(copies)]
         plans = [_native.gemv_plan(m._arrays()) for m in mods]
         x, y = torch.randn(cols), torch.empty(rows)
         times: dict[str, list[float]] = {b: [] for b in builds}
@@ -92,7 +104,7 @@ def main() -> None:
         nbytes = mods[0].weight_nbytes
         cells = [f"{b}: {statistics.median(t[4:]) * 1e6:.1f} us ({nbytes / statistics.median(t[4:]) / 1e9:.1f} GB/s)"
                  for b, t in times.items()]
-        print(f"{rows}x{cols} {'dense' if dense else '2:4'} int{bits}:", "  ".join(cells))
+        print(f"{rows}x{cols} {kind} int{bits}:", "  ".join(cells))
 
 
 if __name__ == "__main__":

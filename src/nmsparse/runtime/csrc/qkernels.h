@@ -262,7 +262,52 @@ __attribute__((always_inline)) inline void blockq_rows(const float* x, const int
     for (int s = 0; s < S; ++s)
 #pragma GCC unroll 16
       for (int v = 0; v < V; ++v) ga[s][v] = vf{};
-    for (i64 k = k0; k < k1; ++k) {
+    i64 k = k0;
+#if defined(__AVX512F__) || defined(__AVX2__)
+    if constexpr (QB == 4 && (B % 16 == 0)) {
+      // int4, two kept columns a step: one 16-byte load per 16 rows holds both columns' nibbles (low: the
+      // even rows, high: the odd ones), unpacked to bytes in row order by one byte interleave per column;
+      // the stored values q + 8 multiply as they are and 8 x the group's input sum comes off at its end
+      // (the inputs are the same for the block's B rows), so no per-column subtract
+      float xs[S] = {};
+      const __m128i m0f = _mm_set1_epi8(0x0F);
+      for (; k + 2 <= k1; k += 2) {
+#pragma GCC unroll 16
+        for (int s = 0; s < S; ++s) {
+          const uint8_t* wk = w[s] + k * KB;
+          prefetch_bytes(wk + QPREFETCH);
+          uint64_t ab;  // both columns' indices in one load (the loop is bound by its loads)
+          std::memcpy(&ab, c[s] + k, 8);
+          const float xa = x[(uint32_t)ab], xb = x[ab >> 32];
+          xs[s] += xa + xb;
+          const vf va = vsplat(xa), vb = vsplat(xb);
+          constexpr int R16 = B / 16;  // 16-row pieces of the block: 8 bytes of each column
+#pragma GCC unroll 16
+          for (int h = 0; h < R16; ++h) {
+            const __m128i b = R16 == 1 ? _mm_loadu_si128((const __m128i*)wk)
+                                       : _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i*)(wk + 8 * h)),
+                                                            _mm_loadl_epi64((const __m128i*)(wk + KB + 8 * h)));
+            const __m128i lo = _mm_and_si128(b, m0f), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m0f);
+            const __m128i ra = _mm_unpacklo_epi8(lo, hi), rb = _mm_unpackhi_epi8(lo, hi);  // 16 rows each
+#if defined(__AVX512F__)
+            ga[s][h] = vf(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(rb))) * vb +
+                       (vf(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(ra))) * va + ga[s][h]);
+#else
+            auto f8 = [](__m128i r) { return vf(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(r))); };  // 8 rows
+            ga[s][2 * h] = f8(rb) * vb + (f8(ra) * va + ga[s][2 * h]);
+            const __m128i ra8 = _mm_unpackhi_epi64(ra, ra), rb8 = _mm_unpackhi_epi64(rb, rb);
+            ga[s][2 * h + 1] = f8(rb8) * vb + (f8(ra8) * va + ga[s][2 * h + 1]);
+#endif
+          }
+        }
+      }
+#pragma GCC unroll 16
+      for (int s = 0; s < S; ++s)
+#pragma GCC unroll 16
+        for (int v = 0; v < V; ++v) ga[s][v] = ga[s][v] - vsplat(8.f * xs[s]);
+    }
+#endif
+    for (; k < k1; ++k) {
 #pragma GCC unroll 16
       for (int s = 0; s < S; ++s) {
         const uint8_t* wk = w[s] + k * KB;
