@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from quant_layers import _block16, _nm24  # the same random layouts as the layer benchmark (same folder)
 
 from nmsparse._cxx import build_cached
 from nmsparse.runtime import _native
@@ -35,19 +36,12 @@ from nmsparse.runtime.modules import QuantLinear
 from nmsparse.runtime.quant import WeightScheme, quantize
 
 
-def _nm24(rows: int, cols: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(rows, cols // 4, 4, generator=g)
-    keep = torch.zeros_like(w, dtype=torch.bool).scatter_(-1, w.abs().topk(2, -1).indices, True)
-    return (w * keep).reshape(rows, cols)
-
-
-def _block16(rows: int, cols: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(rows, cols, generator=g)
-    for r in range(rows // 16):
-        w[r * 16:(r + 1) * 16, torch.randperm(cols, generator=g)[cols // 4:]] = 0
-    return w
+def _layout(kind: str, rows: int, cols: int, seed: int) -> torch.Tensor:
+    if kind == "dense":
+        return torch.randn(rows, cols)
+    if kind == "2:4":
+        return pack_nm(_nm24(rows, cols, seed), 2, 4)
+    return pack_block(_block16(rows, cols, seed), 16)
 
 
 def _source_at(rev: str) -> Path:
@@ -88,9 +82,8 @@ def main() -> None:
     threads = torch.get_num_threads()
     for rows, cols in shapes:
         copies = int(80e6 // (rows * cols * 0.4)) + 1
-        layouts = {"dense": lambda i: torch.randn(rows, cols), "2:4": lambda i: pack_nm(_nm24(rows, cols, i), 2, 4),
-                   "1x16:0.25": lambda i: pack_block(_block16(rows, cols, i), 16)}
-        mods = [QuantLinear(quantize(layouts[kind](i), WeightScheme(bits, group)), None) for i in range(copies)]
+        mods = [QuantLinear(quantize(_layout(kind, rows, cols, i), WeightScheme(bits, group)), None)
+                for i in range(copies)]
         plans = [_native.gemv_plan(m._arrays()) for m in mods]
         x, y = torch.randn(cols), torch.empty(rows)
         times: dict[str, list[float]] = {b: [] for b in builds}
