@@ -915,3 +915,20 @@ def test_recovery_precision_auto_is_bf16_only_where_the_cpu_multiplies_it(monkey
         resolve_precision("fp16", cpu)
     with pytest.raises(ConfigError, match="recover_precision must be auto, fp32 or bf16"):
         PruneConfig("2:4", "sparsegpt", recover_steps=1, recover_precision="half")
+
+
+def test_autocast_auto_turns_bf16_on_only_where_the_cpu_multiplies_it(monkeypatch):
+    """train.precision / recover_precision ``auto`` through the one autocast helper of the trainer and the
+    recovery: enabled with a bf16 CPU flag, disabled without; the trainer's config accepts ``auto``."""
+    import nmsparse.env as env
+    from nmsparse.config.sections import TrainConfig
+
+    cpu = torch.device("cpu")
+    for line, on in [("flags\t: avx2 avx512f avx512_bf16", True), ("flags\t: avx2 fma", False)]:
+        monkeypatch.setattr(env, "_cpuinfo", lambda line=line: line)
+        with env.autocast(cpu, "auto"):
+            assert torch.is_autocast_enabled("cpu") is on
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == (torch.bfloat16 if on else torch.float32)
+        with env.autocast(cpu, "fp32"):
+            assert not torch.is_autocast_enabled("cpu")
+    assert TrainConfig(precision="auto").precision == "auto"

@@ -84,11 +84,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def autocast(device: torch.device, precision: str) -> torch.autocast:
-    """The context a step of ``precision`` (``fp32`` / ``bf16``, resolved) runs its products in: bfloat16
-    autocast (mixed precision: parameters and optimizer state stay float32), or a disabled one."""
+    """The context a step of ``precision`` (``fp32``, ``bf16``, or ``auto``: :func:`resolve_precision`) runs
+    its products in: bfloat16 autocast (mixed precision: parameters and optimizer state stay float32), or a
+    disabled one."""
     import torch
 
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    enabled = resolve_precision(precision, device) == "bf16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def environment() -> dict[str, Any]:

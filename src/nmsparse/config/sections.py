@@ -132,7 +132,9 @@ class SparsityConfig:
 @dataclass
 class TrainConfig:
     epochs: int = _f(8, "training epochs")
-    precision: Literal["fp32", "bf16"] = _f("fp32", "bf16 = autocast (CPU and CUDA); no loss scaling needed")
+    precision: Literal["fp32", "bf16", "auto"] = _f(
+        "fp32", "bf16 = autocast (CPU and CUDA); no loss scaling needed; auto = bf16 where the CPU/GPU "
+        "multiplies it natively (AVX512-BF16, AMX, Arm BF16), else fp32")
     ema_decay: float | None = _f(None, "exponential moving average of weights (e.g. 0.9998); null = off")
     eval_every_epochs: int = _f(1, "evaluate every k epochs (and always after the last)")
     checkpoint_every_steps: int | None = _f(None, "also checkpoint every k optimizer steps (mid-epoch)")
