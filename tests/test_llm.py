@@ -913,7 +913,7 @@ def test_recovery_precision_auto_is_bf16_only_where_the_cpu_multiplies_it(monkey
         assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
     with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16"):
         resolve_precision("fp16", cpu)
-    with pytest.raises(ConfigError, match="recover_precision must be auto, fp32 or bf16"):
+    with pytest.raises(ConfigError, match="recover_precision must be one of auto, fp32, bf16"):
         PruneConfig("2:4", "sparsegpt", recover_steps=1, recover_precision="half")
 
 

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["environment", "cpu_isa", "cpu_has_bf16", "resolve_precision", "autocast", "cpuinfo_line", "cache_root"]
+__all__ = ["environment", "cpu_isa", "cpu_has_bf16", "PRECISIONS", "resolve_precision", "autocast", "cpuinfo_line",
+           "cache_root"]
 
 
 def cache_root() -> Path:

@@ -6,6 +6,7 @@ import argparse
 import re
 from pathlib import Path
 
+from ..env import PRECISIONS
 from ..select import LAYER_SETS, Rule, Selection
 from .display import print_json, print_table
 from .errors import CliError, register_user_error
@@ -59,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "layers: pooled plus every layer's hidden states (Hugging Face models); causal: KL of "
                              "next-token distributions plus every layer's hidden states (causal LMs); "
                              "auto: causal for causal LMs, layers for other text models, hidden otherwise")
-    parser.add_argument("--recover-precision", choices=["auto", "fp32", "bf16"], default="auto",
+    parser.add_argument("--recover-precision", choices=PRECISIONS, default="auto",
                         help="matmul precision of the recovery: bf16 (autocast; weights and optimizer state stay "
                              "float32), fp32, or auto: bf16 where the CPU/GPU multiplies it natively")
     parser.add_argument("--heldout", help="held-out data of the fidelity measure: text:heldout (default for causal "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..env import PRECISIONS
 from ..pattern import Pattern
 from ..schema import ConfigError
 from ..select import Selection
@@ -96,8 +97,9 @@ class PruneConfig:
             parse_weights("int8", self.group_size)
         except QuantError as exc:
             raise ConfigError([str(exc)]) from None
-        if self.recover_precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError([f"recover_precision must be auto, fp32 or bf16, got {self.recover_precision!r}"])
+        if self.recover_precision not in PRECISIONS:
+            raise ConfigError([f"recover_precision must be one of {', '.join(PRECISIONS)}, "
+                               f"got {self.recover_precision!r}"])
         if self.stream and (self.refine or self.method == "best" or self.asymmetric):
             raise ConfigError(["refine, asymmetric and method best run in the in-memory pipeline; drop stream"])
         if self.stream and self.weights != "fp32":
