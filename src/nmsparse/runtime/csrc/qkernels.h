@@ -242,6 +242,58 @@ void denseq_gemv(const float* x, const uint8_t* q, const h16* scales, i64 rows, 
 }
 
 // ---------------------------------------------------------------- 1xN blocks, batch 1
+#if defined(__AVX512F__) || defined(__AVX2__)
+// The lane order of the int4 1xN loop (blockq_rows): a 16-row piece's qword broadcast to every qword
+// lane, each 32-bit lane shifted by its own count. AVX-512: lane 2i holds row i (the low dword >> 4i),
+// lane 2i+1 row 8 + i (the high dword >> 4i). AVX2 (two vectors a piece): a holds rows 0 8 1 9 2 10 3 11,
+// b rows 4 12 5 13 6 14 7 15. to_lanes puts a block's row-ordered vectors (its scales) in that order,
+// to_rows puts the sums back in row order; each runs once per group or block, not per column.
+struct NibOrder {
+#if defined(__AVX512F__)
+  __m512i shift, mask, lanes, rows, magic;
+  __m512 magic8;
+  NibOrder() {
+    alignas(64) int32_t sh[16], ln[16], rw[16];
+    for (int j = 0; j < 16; ++j) sh[j] = 4 * (j / 2), ln[j] = j % 2 ? 8 + j / 2 : j / 2;
+    for (int r = 0; r < 16; ++r) rw[r] = r < 8 ? 2 * r : 2 * (r - 8) + 1;
+    shift = _mm512_load_si512(sh), lanes = _mm512_load_si512(ln), rows = _mm512_load_si512(rw);
+    mask = _mm512_set1_epi32(15), magic = _mm512_set1_epi32(0x4B000000);  // the float 2^23
+    magic8 = _mm512_set1_ps(8388608.f + 8.f);
+  }
+  template <int V>
+  void to_lanes(vf (&v)[V]) const {
+    for (int i = 0; i < V; ++i) v[i] = vf(_mm512_permutexvar_ps(lanes, __m512(v[i])));
+  }
+  template <int V>
+  void to_rows(vf (&v)[V]) const {
+    for (int i = 0; i < V; ++i) v[i] = vf(_mm512_permutexvar_ps(rows, __m512(v[i])));
+  }
+#else
+  __m256i shift_a, shift_b, mask;
+  NibOrder() {
+    shift_a = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12), shift_b = _mm256_setr_epi32(16, 16, 20, 20, 24, 24, 28, 28);
+    mask = _mm256_set1_epi32(15);
+  }
+  template <int V>  // V even: pairs (rows 0-7, rows 8-15) -> (a, b)
+  void to_lanes(vf (&v)[V]) const {
+    for (int i = 0; i < V; i += 2) {
+      const __m256 lo = _mm256_unpacklo_ps(__m256(v[i]), __m256(v[i + 1]));  // r0 s0 r1 s1 | r4 s4 r5 s5
+      const __m256 hi = _mm256_unpackhi_ps(__m256(v[i]), __m256(v[i + 1]));  // r2 s2 r3 s3 | r6 s6 r7 s7
+      v[i] = vf(_mm256_permute2f128_ps(lo, hi, 0x20)), v[i + 1] = vf(_mm256_permute2f128_ps(lo, hi, 0x31));
+    }
+  }
+  template <int V>
+  void to_rows(vf (&v)[V]) const {
+    for (int i = 0; i < V; i += 2) {
+      const __m256 lo = _mm256_permute2f128_ps(__m256(v[i]), __m256(v[i + 1]), 0x20);
+      const __m256 hi = _mm256_permute2f128_ps(__m256(v[i]), __m256(v[i + 1]), 0x31);
+      v[i] = vf(_mm256_shuffle_ps(lo, hi, 0x88)), v[i + 1] = vf(_mm256_shuffle_ps(lo, hi, 0xDD));
+    }
+  }
+#endif
+};
+#endif
+
 // S block rows (S streams, as block_gemv): per group of G kept columns, B-vectors of integers times
 // the column's input, summed in float32, then scaled by the group's B scales.
 template <int B, int S, int QB>
@@ -250,6 +302,13 @@ __attribute__((always_inline)) inline void blockq_rows(const float* x, const int
                                                        i64 G, float* const* y, const float* const* bias, bool relu) {
   constexpr int V = B / VW;
   constexpr i64 KB = B * QB / 8;  // bytes per kept column
+#if defined(__AVX512F__) || defined(__AVX2__)
+  constexpr bool NIB = QB == 4 && B % 16 == 0;
+  constexpr i64 PER_LINE = KB >= 64 ? 1 : 64 / KB;
+  const NibOrder nib;
+#else
+  constexpr bool NIB = false;
+#endif
   vf acc[S][V];
 #pragma GCC unroll 16
   for (int s = 0; s < S; ++s)
@@ -264,40 +323,52 @@ __attribute__((always_inline)) inline void blockq_rows(const float* x, const int
       for (int v = 0; v < V; ++v) ga[s][v] = vf{};
     i64 k = k0;
 #if defined(__AVX512F__) || defined(__AVX2__)
-    if constexpr (QB == 4 && (B % 16 == 0)) {
-      // int4, two kept columns a step: one 16-byte load per 16 rows holds both columns' nibbles (low: the
-      // even rows, high: the odd ones), unpacked to bytes in row order by one byte interleave per column;
-      // the stored values q + 8 multiply as they are and 8 x the group's input sum comes off at its end
-      // (the inputs are the same for the block's B rows), so no per-column subtract
-      float xs[S] = {};
-      const __m128i m0f = _mm_set1_epi8(0x0F);
-      for (; k + 2 <= k1; k += 2) {
+    if constexpr (NIB) {
+      // int4: each 16-row piece of a kept column is one qword (row r's nibble at bits 4r, stored q + 8),
+      // broadcast from memory, then one variable shift and one mask give every lane its row's integer:
+      // the accumulators hold the rows in NibOrder's order until the block's end. One prefetch a cache
+      // line of each stream (PER_LINE columns), not one a column: the loop is bound by its instructions.
+#if defined(__AVX512F__)
+      // each lane's integer ORed into the mantissa of 2^23 (one ternary-logic op with the mask) and
+      // 2^23 + 8 taken off in float (exact): q as a float without a conversion, and no input sum
+      for (; k < k1; ++k) {
 #pragma GCC unroll 16
         for (int s = 0; s < S; ++s) {
           const uint8_t* wk = w[s] + k * KB;
-          prefetch_bytes(wk + QPREFETCH);
-          uint64_t ab;  // both columns' indices in one load (the loop is bound by its loads)
-          std::memcpy(&ab, c[s] + k, 8);
-          const float xa = x[(uint32_t)ab], xb = x[ab >> 32];
-          xs[s] += xa + xb;
-          const vf va = vsplat(xa), vb = vsplat(xb);
-          constexpr int R16 = B / 16;  // 16-row pieces of the block: 8 bytes of each column
+          if (k % PER_LINE == 0) prefetch_bytes(wk + QPREFETCH);
+          const vf xv = vf(_mm512_set1_ps(x[c[s][k]]));
 #pragma GCC unroll 16
-          for (int h = 0; h < R16; ++h) {
-            const __m128i b = R16 == 1 ? _mm_loadu_si128((const __m128i*)wk)
-                                       : _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i*)(wk + 8 * h)),
-                                                            _mm_loadl_epi64((const __m128i*)(wk + KB + 8 * h)));
-            const __m128i lo = _mm_and_si128(b, m0f), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m0f);
-            const __m128i ra = _mm_unpacklo_epi8(lo, hi), rb = _mm_unpackhi_epi8(lo, hi);  // 16 rows each
-#if defined(__AVX512F__)
-            ga[s][h] = vf(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(rb))) * vb +
-                       (vf(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(ra))) * va + ga[s][h]);
+          for (int h = 0; h < B / 16; ++h) {
+            long long piece;
+            std::memcpy(&piece, wk + 8 * h, 8);
+            const __m512i v = _mm512_ternarylogic_epi32(_mm512_srlv_epi32(_mm512_set1_epi64(piece), nib.shift), nib.mask,
+                                                        nib.magic, 0xEA);  // (a & b) | c
+            ga[s][h] = vf(_mm512_sub_ps(_mm512_castsi512_ps(v), nib.magic8)) * xv + ga[s][h];
+          }
+        }
+      }
 #else
-            auto f8 = [](__m128i r) { return vf(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(r))); };  // 8 rows
-            ga[s][2 * h] = f8(rb) * vb + (f8(ra) * va + ga[s][2 * h]);
-            const __m128i ra8 = _mm_unpackhi_epi64(ra, ra), rb8 = _mm_unpackhi_epi64(rb, rb);
-            ga[s][2 * h + 1] = f8(rb8) * vb + (f8(ra8) * va + ga[s][2 * h + 1]);
-#endif
+      // the stored q + 8 multiply as they are and 8 x the group's input sum comes off at its end (the
+      // inputs are the same for the block's B rows), so no per-column subtract
+      float xs[S] = {};
+      for (; k < k1; ++k) {
+#pragma GCC unroll 16
+        for (int s = 0; s < S; ++s) {
+          const uint8_t* wk = w[s] + k * KB;
+          if (k % PER_LINE == 0) prefetch_bytes(wk + QPREFETCH);
+          const float xk = x[c[s][k]];
+          xs[s] += xk;
+          const vf xv = vsplat(xk);
+#pragma GCC unroll 16
+          for (int h = 0; h < B / 16; ++h) {
+            long long piece;
+            std::memcpy(&piece, wk + 8 * h, 8);
+            const __m256i b = _mm256_set1_epi64x(piece);
+            ga[s][2 * h] = vf(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(b, nib.shift_a), nib.mask))) * xv +
+                           ga[s][2 * h];
+            ga[s][2 * h + 1] =
+                vf(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(b, nib.shift_b), nib.mask))) * xv +
+                ga[s][2 * h + 1];
           }
         }
       }
@@ -305,6 +376,7 @@ __attribute__((always_inline)) inline void blockq_rows(const float* x, const int
       for (int s = 0; s < S; ++s)
 #pragma GCC unroll 16
         for (int v = 0; v < V; ++v) ga[s][v] = ga[s][v] - vsplat(8.f * xs[s]);
+#endif
     }
 #endif
     for (; k < k1; ++k) {
@@ -318,10 +390,22 @@ __attribute__((always_inline)) inline void blockq_rows(const float* x, const int
       }
     }
 #pragma GCC unroll 16
-    for (int s = 0; s < S; ++s)
+    for (int s = 0; s < S; ++s) {
+      vf scale[V];
 #pragma GCC unroll 16
-      for (int v = 0; v < V; ++v) acc[s][v] = ga[s][v] * vload_scales(sc[s] + g * B + VW * v) + acc[s][v];
+      for (int v = 0; v < V; ++v) scale[v] = vload_scales(sc[s] + g * B + VW * v);
+#if defined(__AVX512F__) || defined(__AVX2__)
+      if constexpr (NIB) nib.to_lanes(scale);
+#endif
+#pragma GCC unroll 16
+      for (int v = 0; v < V; ++v) acc[s][v] = ga[s][v] * scale[v] + acc[s][v];
+    }
   }
+#if defined(__AVX512F__) || defined(__AVX2__)
+  if constexpr (NIB)
+#pragma GCC unroll 16
+    for (int s = 0; s < S; ++s) nib.to_rows(acc[s]);
+#endif
   store_block_rows<S, V>(acc, y, bias, relu);
 }
 
