@@ -24,6 +24,40 @@ def test_varied_text_adds_other_prose_and_never_the_evaluation_texts():
     assert not sentences & set(held_out) and not sentences & set(split_sentences(other_text()))
 
 
+def test_broad_text_adds_package_docstrings_and_never_the_evaluation_texts():
+    """text:broad is text:varied plus the docstrings of numpy, torch, sympy and networkx: several times the
+    text, the same on every call, no sentence of the held-out topics or of text:other and not one run of
+    8 words in common with text:other (the evaluation text of another source)."""
+    pytest.importorskip("sklearn")
+    from nmsparse.oneshot.data import broad_text, other_text, varied_text
+
+    broad, varied = load_texts("text:broad"), varied_text()
+    assert broad.startswith(varied) and broad == broad_text() and len(broad) > 3 * len(varied)
+    assert "numpy" in broad[len(varied):] and "tensor" in broad[len(varied):]
+    sentences = set(split_sentences(broad))
+    _, held_out = builtin_text()
+    other = other_text()
+    assert not sentences & set(held_out) and not sentences & set(split_sentences(other))
+
+    def runs(text, n=8):
+        words = text.split()
+        return {" ".join(words[i:i + n]) for i in range(len(words) - n)}
+
+    assert not runs(broad[len(varied):]) & runs(other)
+
+
+def test_broad_text_names_a_missing_package(monkeypatch):
+    from nmsparse.oneshot import data
+
+    monkeypatch.setattr(data, "BROAD_MODULES", ("numpy", "no_such_package_xyz"))
+    data.broad_text.cache_clear()
+    try:
+        with pytest.raises(CalibrationError, match="pip install no_such_package_xyz or use text:varied"):
+            load_texts("text:broad")
+    finally:
+        data.broad_text.cache_clear()
+
+
 def test_text_sources_errors(tmp_path):
     with pytest.raises(CalibrationError, match="does not exist"):
         load_texts(f"text:{tmp_path / 'none.txt'}")

@@ -53,7 +53,7 @@ def _layouts():
             ("8:16", pack_nm(_nm(8, 512, 8, 16, 4), 8, 16)), ("1:4", pack_nm(_nm(20, 96, 1, 4, 5), 1, 4)),
             ("3:8", pack_nm(_nm(12, 96, 3, 8, 6), 3, 8)), ("1x16", pack_block(_block(64, 200, 16, 0.25), 16)),
             ("1x32", pack_block(_block(64, 96, 32, 0.5, 1), 32)), ("1x8", pack_block(_block(32, 64, 8, 0.5, 2), 8)),
-            # odd kept counts: the int4 block kernel takes two columns a step, the last one alone
+            # odd kept counts and block heights past one 16-row piece (the int4 block kernel's lane order)
             ("1x16 odd", pack_block(_block(48, 100, 16, 0.25, 8), 16)),
             ("1x32 odd", pack_block(_block(64, 106, 32, 0.5, 9), 32)),
             ("dense 576", _nm(48, 576, 4, 4, 7)), ("dense 100", torch.randn(37, 100))]

@@ -42,11 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--method",
         default="magnitude",
         help="magnitude, wanda, ria, sparsegpt, or best (the most accurate pipeline measured for the model kind: "
-        "for causal LMs sparsegpt + decoder permutation + sequential calibration on text:varied unless --calib "
+        "for causal LMs sparsegpt + decoder permutation + sequential calibration on text:broad unless --calib "
         "names other data; sparsegpt otherwise)",
     )
     parser.add_argument("--calib", help="calibration data: text:builtin, text:varied (the built-in text plus "
-                        "standard-library docstrings), text:PATH, hf-dataset:NAME[:CONFIG[:SPLIT]], images:DIR, "
+                        "standard-library docstrings), text:broad (text:varied plus the docstrings of numpy, torch, "
+                        "sympy and networkx), text:PATH, hf-dataset:NAME[:CONFIG[:SPLIT]], images:DIR, "
                         "digits, mnist5k (default for wanda/sparsegpt: text:builtin for hf: models, digits for "
                         "vision models); recovery trains on the same text")
     parser.add_argument("--samples", type=int, default=128, help="calibration samples")

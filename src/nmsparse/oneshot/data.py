@@ -16,6 +16,7 @@ corpus (as SparseGPT and Wanda sample C4).
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,64 @@ def varied_text() -> str:
     return "\n\n".join(d for d in docs if d)
 
 
+# text:broad: text:varied plus the docstrings of the scientific packages every nmsparse install has
+# (numpy and torch, and sympy and networkx, which torch requires): reference prose about arrays, tensors,
+# statistics, algebra and graphs, with the numbers, tables and examples such text carries. None of it is
+# pydoc_data.topics' held-out part or scikit-learn's (text:other; no 8-word run in common, tested).
+BROAD_MODULES = ("numpy", "numpy.linalg", "numpy.random", "numpy.fft", "numpy.ma", "torch", "torch.nn",
+                 "torch.nn.functional", "torch.linalg", "torch.distributions", "sympy", "networkx")
+BROAD_MIN_CHARS = 200  # docstrings this short or shorter are mostly one-line signatures
+
+
+@functools.lru_cache(maxsize=1)  # read twice by a run that recovers (calibration, training windows)
+def broad_text() -> str:
+    """:func:`varied_text` and the docstrings of :data:`BROAD_MODULES`: each module's, then those of its
+    public callables (classes, functions, builtins) in sorted order, each distinct docstring of more than
+    :data:`BROAD_MIN_CHARS` characters once. It follows the installed versions of those packages (the
+    report records the text's size). The docstrings are read in a fresh interpreter: packages imported
+    beside them rewrite some (SciPy appends notes to NumPy functions' docstrings), and the text must not
+    depend on what the calling process imported before.
+
+    Raises:
+        CalibrationError: one of the packages is not installed.
+    """
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _BROAD_SCRIPT, str(BROAD_MIN_CHARS), *BROAD_MODULES],
+                         capture_output=True)
+    if run.returncode != 0:
+        error = (run.stderr.decode(errors="replace").strip().splitlines() or ["no error output"])[-1]
+        name, _, why = error.partition(": ")
+        if run.returncode == 3:
+            raise CalibrationError(f"text:broad reads the docstrings of {name}, which does not import ({why}); "
+                                   f"pip install {name.split('.')[0]} or use text:varied")
+        raise CalibrationError(f"text:broad: reading the package docstrings failed: {error}")
+    return varied_text() + "\n\n" + run.stdout.decode()
+
+
+# broad_text's reader, run as `python -c _BROAD_SCRIPT MIN_CHARS MODULE...`: prints the docstrings joined
+# by blank lines; a module that does not import: "MODULE: error" on stderr, exit status 3
+_BROAD_SCRIPT = """
+import importlib, inspect, sys
+least, docs, seen = int(sys.argv[1]), [], set()
+for name in sys.argv[2:]:
+    try:
+        module = importlib.import_module(name)
+    except ImportError as exc:
+        sys.stderr.write(f"{name}: {exc}\\n")
+        sys.exit(3)
+    docs.append(inspect.getdoc(module) or "")
+    for attr in sorted(a for a in dir(module) if not a.startswith("_")):
+        obj = getattr(module, attr, None)
+        doc = (inspect.getdoc(obj) or "") if callable(obj) else ""
+        if len(doc) > least and doc not in seen:
+            seen.add(doc)
+            docs.append(doc)
+sys.stdout.buffer.write("\\n\\n".join(d for d in docs if d).encode())
+"""
+
+
 def load_texts(spec: str) -> str:
     kind, _, rest = spec.partition(":")
     if kind == "text" and rest == "builtin":
@@ -136,11 +195,13 @@ def load_texts(spec: str) -> str:
         return other_text()
     if kind == "text" and rest == "varied":
         return varied_text()
+    if kind == "text" and rest == "broad":
+        return broad_text()
     if kind == "text":
         path = Path(rest)
         if not path.is_file():
             raise CalibrationError(f"calibration text file {rest!r} does not exist (use text:builtin, text:varied, "
-                                   "text:heldout, text:other or text:PATH)")
+                                   "text:broad, text:heldout, text:other or text:PATH)")
         text = path.read_text(encoding="utf-8", errors="replace")
         if not text.strip():
             raise CalibrationError(f"calibration text file {rest!r} is empty")

@@ -91,8 +91,12 @@ def _describe(model: str, config: PruneConfig, kind: str, spec: str, batches, he
     heldout_spec = {"causal_lm": config.heldout or "text:heldout",
                     "encoder": f"sentences of {config.heldout or 'text:heldout'}"}.get(
         kind, config.heldout or "digits (another draw than calibration's)")
-    return {"model": model,
-            "calibration": {"source": spec, "samples": config.samples, "seq_len": config.seq_len} if batches else None,
+    calibration = {"source": spec, "samples": config.samples, "seq_len": config.seq_len} if batches else None
+    if calibration and spec.startswith("text:"):  # text:broad follows the installed packages' versions
+        from .data import load_texts
+
+        calibration["text_chars"] = len(load_texts(spec))
+    return {"model": model, "calibration": calibration,
             "heldout": heldout_spec if heldout is not None else None,
             "recovery_data": None if recovery is None else {
                 "causal_lm": f"{spec} (windows drawn with another seed than calibration's)",
