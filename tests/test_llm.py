@@ -345,6 +345,10 @@ def test_decode_bench_on_a_causal_lm_generates_the_same_tokens(tiny_llama_dir, t
     assert dense["runtime"] == "PyTorch (HF modules)" and dense["weights"] == "fp32" and dense["tokens_per_s"] > 0
     assert fp32["same_tokens"] is True and fp32["prompt_tokens"] == 16 and fp32["new_tokens"] == 8
     assert fp32["sparse_layers"] == 14 and 0 <= fp32["converted_layers"] <= 14 and fp32["decode"] == "fused"
+    for row in (fp32, int8):  # what the layer choice kept dense, by layer name, with why
+        kept = row["kept_dense"]
+        assert sum(v["layers"] for v in kept.values()) == row["sparse_layers"] - row["converted_layers"]
+        assert all(".N." in name and entry["reason"] for name, entry in kept.items())
     assert int8["weights"] == "int8" and 0.5 <= int8["top1_agreement"] <= 1.0
     assert int8["group_size"] == 32 and fp32["group_size"] is None
     for row in (fp32, int8):

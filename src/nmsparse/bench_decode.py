@@ -97,6 +97,19 @@ def _decode_times(models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens
     return out
 
 
+def _kept_dense(conv_rows, pruned: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The pruned layers the layer choice kept dense, by name with the block index as ``N``
+    (``model.layers.N.self_attn.q_proj``): how many and the first one's reason."""
+    import re
+
+    kept: dict[str, dict[str, Any]] = {}
+    for r in conv_rows:
+        if r.fqn in pruned and not r.converted:
+            entry = kept.setdefault(re.sub(r"\.\d+\.", ".N.", r.fqn), {"layers": 0, "reason": r.reason or ""})
+            entry["layers"] += 1
+    return kept
+
+
 def _weights_mb(model: nn.Module) -> float:
     """Resident bytes of the model's parameters and buffers (shared storage counted once), in MB."""
     seen, total = set(), 0
@@ -118,7 +131,8 @@ def run_decode_suite(models: list[str], patterns: list[str], prompt_tokens: int 
     A row: ``{model, pattern, weights, prompt_tokens, new_tokens, ttft_ms, tokens_per_s, speedup
     (decode tokens/s against the dense float32 model), vs_q8_0, vs_q4_0 (against llama.cpp, when
     measured: its decode speed right before and after this row, ``q8_0_adjacent`` / ``q4_0_adjacent``, see
-    :class:`AdjacentAnchors`), same_tokens, converted_layers, sparse_layers, decode ("fused" or the module
+    :class:`AdjacentAnchors`), same_tokens, converted_layers, sparse_layers, kept_dense (the pruned layers the
+    layer choice kept dense, by name with the block index as N: count and reason), decode ("fused" or the module
     path), weights_mb, layers_ms, head_ms, attention_ms, rest_ms, python_ms, other_ms}``: a decode step by the
     fused step's clock (:meth:`~nmsparse.runtime.decode.LlamaDecoder.profile`; other: the last three).
     llama.cpp rows (``runtime: llama.cpp``, weights F32 / Q8_0 / Q4_0) come from ``llamacpp`` (the
@@ -175,7 +189,8 @@ def run_decode_suite(models: list[str], patterns: list[str], prompt_tokens: int 
                        "group_size": None if w == "fp32" else group_size, "ttft_ms": round(1e3 * ttft, 1),
                        "tokens_per_s": round(tps, 2), "speedup": round(tps / dense_tps, 3),
                        "converted_layers": sum(bool(r.converted) for r in conv_rows),
-                       "sparse_layers": len(result.layers), "decode": conv_rows.decode or "module path",
+                       "kept_dense": _kept_dense(conv_rows, layer_patterns), "sparse_layers": len(result.layers),
+                       "decode": conv_rows.decode or "module path",
                        "weights_mb": _weights_mb(sparse), "layer_choice": choose, **adjacent,
                        **nearby.ratios(tps, adjacent)}
                 row.update(_step_breakdown(sparse, tps, [e["fqn"] for e in result.layers], prompt))
