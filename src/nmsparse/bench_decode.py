@@ -131,10 +131,10 @@ def run_decode_suite(models: list[str], patterns: list[str], prompt_tokens: int 
     A row: ``{model, pattern, weights, prompt_tokens, new_tokens, ttft_ms, tokens_per_s, speedup
     (decode tokens/s against the dense float32 model), vs_q8_0, vs_q4_0 (against llama.cpp, when
     measured: its decode speed right before and after this row, ``q8_0_adjacent`` / ``q4_0_adjacent``, see
-    :class:`AdjacentAnchors`), same_tokens, converted_layers, sparse_layers, kept_dense (the pruned layers the
-    layer choice kept dense, by name with the block index as N: count and reason), decode ("fused" or the module
-    path), weights_mb, layers_ms, head_ms, attention_ms, rest_ms, python_ms, other_ms}``: a decode step by the
-    fused step's clock (:meth:`~nmsparse.runtime.decode.LlamaDecoder.profile`; other: the last three).
+    :class:`AdjacentAnchors`), same_tokens, converted_layers, sparse_layers, kept_dense (:func:`_kept_dense`),
+    decode ("fused" or the module path), weights_mb, layers_ms, head_ms, attention_ms, rest_ms, python_ms,
+    other_ms}``: a decode step by the fused step's clock (:meth:`~nmsparse.runtime.decode.LlamaDecoder.profile`;
+    other: the last three).
     llama.cpp rows (``runtime: llama.cpp``, weights F32 / Q8_0 / Q4_0) come from ``llamacpp`` (the
     ``llamacpp.sh`` tool: GGUF of the same Hugging Face directory, llama-bench at the same threads, decode
     and prompt tokens/s), measured in this run; without it those rows are absent and ``note`` says why.
@@ -158,14 +158,12 @@ def run_decode_suite(models: list[str], patterns: list[str], prompt_tokens: int 
     for name in models:
         spec = decode_model_spec(name) or name
         dense, source = build_model(spec)
-        dense.eval()
         hf_dir = source.hf_dir
         prompt = token_ids(load_tokenizer(hf_dir), heldout_text(), prompt_tokens).unsqueeze(0)
         base = {"model": name, "prompt_tokens": int(prompt.shape[1]), "new_tokens": new_tokens}
-        ttft, tps = _decode_times({"dense": dense}, prompt, new_tokens, repeats)["dense"]
-        dense_tps = tps
+        ttft, dense_tps = _decode_times({"dense": dense.eval()}, prompt, new_tokens, repeats)["dense"]
         rows.append({**base, "runtime": "PyTorch (HF modules)", "pattern": "dense", "weights": "fp32",
-                     "ttft_ms": round(1e3 * ttft, 1), "tokens_per_s": round(tps, 2), "speedup": 1.0,
+                     "ttft_ms": round(1e3 * ttft, 1), "tokens_per_s": round(dense_tps, 2), "speedup": 1.0,
                      "weights_mb": _weights_mb(dense), "decode": "module path"})
         anchors = llamacpp_rows(llamacpp, hf_dir, threads or torch.get_num_threads(), new_tokens, prompt_tokens)
         for row in anchors:
@@ -189,8 +187,8 @@ def run_decode_suite(models: list[str], patterns: list[str], prompt_tokens: int 
                        "group_size": None if w == "fp32" else group_size, "ttft_ms": round(1e3 * ttft, 1),
                        "tokens_per_s": round(tps, 2), "speedup": round(tps / dense_tps, 3),
                        "converted_layers": sum(bool(r.converted) for r in conv_rows),
-                       "kept_dense": _kept_dense(conv_rows, layer_patterns), "sparse_layers": len(result.layers),
-                       "decode": conv_rows.decode or "module path",
+                       "kept_dense": _kept_dense(conv_rows, layer_patterns),
+                       "sparse_layers": len(result.layers), "decode": conv_rows.decode or "module path",
                        "weights_mb": _weights_mb(sparse), "layer_choice": choose, **adjacent,
                        **nearby.ratios(tps, adjacent)}
                 row.update(_step_breakdown(sparse, tps, [e["fqn"] for e in result.layers], prompt))
