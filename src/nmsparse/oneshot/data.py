@@ -110,6 +110,7 @@ VARIED_MODULES = ("argparse", "asyncio", "calendar", "collections", "csv", "date
                   "subprocess", "tarfile", "textwrap", "threading", "unittest", "urllib.parse", "zipfile")
 
 
+@functools.lru_cache(maxsize=1)  # a run reads its calibration text up to three times (windows, recovery, report)
 def varied_text() -> str:
     """The built-in calibration text and the docstrings of :data:`VARIED_MODULES` (the module's and its
     public classes' and functions', in sorted order): the same on every install of a Python version."""
@@ -136,7 +137,7 @@ BROAD_MODULES = ("numpy", "numpy.linalg", "numpy.random", "numpy.fft", "numpy.ma
 BROAD_MIN_CHARS = 200  # docstrings this short or shorter are mostly one-line signatures
 
 
-@functools.lru_cache(maxsize=1)  # read twice by a run that recovers (calibration, training windows)
+@functools.lru_cache(maxsize=1)  # as varied_text's: one read per process
 def broad_text() -> str:
     """:func:`varied_text` and the docstrings of :data:`BROAD_MODULES`: each module's, then those of its
     public callables (classes, functions, builtins) in sorted order, each distinct docstring of more than

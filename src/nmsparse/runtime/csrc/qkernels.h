@@ -243,6 +243,7 @@ void denseq_gemv(const float* x, const uint8_t* q, const h16* scales, i64 rows, 
 
 // ---------------------------------------------------------------- 1xN blocks, batch 1
 #if defined(__AVX512F__) || defined(__AVX2__)
+#define NMS_NIB 1  // the int4 1xN loop below reads 16-row pieces by a broadcast and per-lane shifts
 // The lane order of the int4 1xN loop (blockq_rows): a 16-row piece's qword broadcast to every qword
 // lane, each 32-bit lane shifted by its own count. AVX-512: lane 2i holds row i (the low dword >> 4i),
 // lane 2i+1 row 8 + i (the high dword >> 4i). AVX2 (two vectors a piece): a holds rows 0 8 1 9 2 10 3 11,
@@ -302,7 +303,7 @@ __attribute__((always_inline)) inline void blockq_rows(const float* x, const int
                                                        i64 G, float* const* y, const float* const* bias, bool relu) {
   constexpr int V = B / VW;
   constexpr i64 KB = B * QB / 8;  // bytes per kept column
-#if defined(__AVX512F__) || defined(__AVX2__)
+#ifdef NMS_NIB
   constexpr bool NIB = QB == 4 && B % 16 == 0;
   constexpr i64 PER_LINE = KB >= 64 ? 1 : 64 / KB;
   const NibOrder nib;
@@ -322,7 +323,7 @@ __attribute__((always_inline)) inline void blockq_rows(const float* x, const int
 #pragma GCC unroll 16
       for (int v = 0; v < V; ++v) ga[s][v] = vf{};
     i64 k = k0;
-#if defined(__AVX512F__) || defined(__AVX2__)
+#ifdef NMS_NIB
     if constexpr (NIB) {
       // int4: each 16-row piece of a kept column is one qword (row r's nibble at bits 4r, stored q + 8),
       // broadcast from memory, then one variable shift and one mask give every lane its row's integer:
@@ -394,14 +395,14 @@ __attribute__((always_inline)) inline void blockq_rows(const float* x, const int
       vf scale[V];
 #pragma GCC unroll 16
       for (int v = 0; v < V; ++v) scale[v] = vload_scales(sc[s] + g * B + VW * v);
-#if defined(__AVX512F__) || defined(__AVX2__)
+#ifdef NMS_NIB
       if constexpr (NIB) nib.to_lanes(scale);
 #endif
 #pragma GCC unroll 16
       for (int v = 0; v < V; ++v) acc[s][v] = ga[s][v] * scale[v] + acc[s][v];
     }
   }
-#if defined(__AVX512F__) || defined(__AVX2__)
+#ifdef NMS_NIB
   if constexpr (NIB)
 #pragma GCC unroll 16
     for (int s = 0; s < S; ++s) nib.to_rows(acc[s]);
