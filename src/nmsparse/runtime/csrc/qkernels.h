@@ -86,9 +86,14 @@ inline void prefetch_bytes(const uint8_t* p) { __builtin_prefetch(p, 0, 3); }
 // The hint of the VNNI kernels' far prefetches (a whole chunk ahead in the int4 n:m loop, two blocks of
 // rows ahead in the dense one): into L2 (T1), not L1, where they evicted the partial sums, the inputs and
 // each other before their turn. AVX-512 VNNI EPYC, 2 threads, the 1.1 B Llama shapes: the dense int8 LM
-// head (49152x2048) 24.6 -> 29.6 GB/s, the 2:4 int4 products 8-15% faster; the 2:4 int8 loop and the AVX2
-// kernels measured the same or slower with it and keep T0 (docs/benchmarks.md, session 8).
-// -DFAR_HINT=_MM_HINT_T0 builds the former behaviour, for comparison.
+// head (49152x2048) 24.6 -> 29.6 GB/s, the 2:4 int4 products 8-15% faster; the AVX2 kernels measured the
+// same or slower with it and keep T0 (docs/benchmarks.md, session 8). The 2:4 int8 loop measured the same
+// then because its prefetches were not in the binary (nm8_quads): with them, in L2, 11-52% faster (session 12).
+// -DFAR_HINT=_MM_HINT_T0 builds the former behaviour, for comparison; -DNM8_QUADS=0 the int8 loop before
+// session 12.
+#ifndef NM8_QUADS
+#define NM8_QUADS 1
+#endif
 #ifndef FAR_HINT
 #define FAR_HINT _MM_HINT_T1
 #endif
@@ -724,6 +729,49 @@ inline __mmask64 split_live(i64 count) {
   return half | (half << 32);
 }
 
+// The int8 whole-chunk loop of nmq_gemv_vnni (m = 2n a power of two, groups of whole chunks): rows
+// [0, len4) of each of the NMS_VSTREAMS streams of a thread's rows (stream r starts at row r * len), four
+// rows a step, their sums folded into one vector and scaled at once. Its own function, with the column
+// decode's constants in registers: inside the kernel's lambdas GCC 12 reloaded them from memory for every
+// row, branched on `pow2` for every row and dropped the prefetches of this loop altogether.
+template <int BITS>
+__attribute__((noinline)) void nm8_quads(const NMColumns<BITS>& columns, const uint8_t* qrow, const uint8_t* crow,
+                                         const h16* srow, __m512i xlo, __m512i xhi, float sxc, float* part, i64 len,
+                                         i64 len4, i64 qnext, i64 cnext) {
+  constexpr i64 cbytes = 8 * BITS;  // a row-chunk's code bytes (64 values)
+  const __m512i perm = columns.perm, ctrl = columns.ctrl, base = columns.base, cmask = columns.cmask;
+  const __m512i offx = _mm512_set1_epi8((char)0x80);
+  // the inputs as unsigned bytes xq + 128 against the signed weights as stored, less 128 * the weights' sum
+  const __m512i ulo = _mm512_xor_si512(xlo, offx), uhi = _mm512_xor_si512(xhi, offx);
+  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  const __m512 vsx = _mm512_set1_ps(sxc);
+  const __mmask64 cm = cbytes >= 64 ? ~0ull : (1ull << cbytes) - 1;
+  for (i64 i = 0; i < len4; i += 4) {
+#pragma GCC unroll 8
+    for (int r = 0; r < NMS_VSTREAMS; ++r) {
+      const i64 i0 = r * len + i;
+      const uint8_t* q4 = qrow + i0 * 64;
+      const uint8_t* c4 = crow + i0 * cbytes;
+      // the same rows in the next chunk (qnext, cnext: 0 in the last), a thread's rows of one chunk being short
+      // streams whose following bytes belong to other rows: four lines of values, the codes' lines
+      for (int k = 0; k < 4; ++k) _mm_prefetch((const char*)(q4 + qnext + 64 * k), FAR_HINT);
+      for (int k = 0; k < 4 * cbytes; k += 64) _mm_prefetch((const char*)(c4 + cnext + k), FAR_HINT);
+      __m512i d[4];
+      for (int k = 0; k < 4; ++k) {
+        const __m512i src = _mm512_permutexvar_epi64(perm, _mm512_maskz_loadu_epi8(cm, c4 + k * cbytes));
+        const __m512i idx = _mm512_ternarylogic_epi64(_mm512_multishift_epi64_epi8(ctrl, src), cmask, base, 0xEA);
+        const __m512i w = _mm512_loadu_si512(q4 + 64 * k);
+        d[k] = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_permutex2var_epi8(ulo, idx, uhi), w),
+                                _mm512_dpbusd_epi32(_mm512_setzero_si512(), offx, w));
+      }
+      const __m512 sc = _mm512_mul_ps(_mm512_permutexvar_ps(spread, _mm512_castps128_ps512(
+          _mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(srow + i0))))), vsx);
+      float* p = part + i0 * 4;
+      _mm512_storeu_ps(p, _mm512_fmadd_ps(_mm512_cvtepi32_ps(fold4(d[0], d[1], d[2], d[3])), sc, _mm512_loadu_ps(p)));
+    }
+  }
+}
+
 // n:m with m = 2n and 64 kept values per chunk (1:2, 2:4, 4:8, 8:16): per row and chunk, the 64
 // offsets become byte indices (vpmultishiftqb), the chunk's 128 quantized inputs are picked by
 // them (vpermt2b), and vpdpbusd sums the products 4 at a time.
@@ -794,9 +842,9 @@ void nmq_gemv_vnni(const uint8_t* codes, const uint8_t* q, const h16* scales, i6
         const i64 cstride = c + 1 < chunks ? rows * qb : 0, ccstride = c + 1 < chunks ? rows * cbytes : 0;
         auto prefetch_next = [&](i64 i) {  // row i's values (int8: two lines; int4 pairs: one a row) and codes
           const uint8_t* qr = qrow + i * qb;
-          _mm_prefetch((const char*)(qr + cstride), QB == 4 ? FAR_HINT : _MM_HINT_T0);
-          if (QB == 8) _mm_prefetch((const char*)(qr + cstride + 64), _MM_HINT_T0);
-          _mm_prefetch((const char*)(crow + i * cbytes + ccstride), QB == 4 ? FAR_HINT : _MM_HINT_T0);
+          _mm_prefetch((const char*)(qr + cstride), QB == 4 ? FAR_HINT : FAR_HINT);
+          if (QB == 8) _mm_prefetch((const char*)(qr + cstride + 64), FAR_HINT);
+          _mm_prefetch((const char*)(crow + i * cbytes + ccstride), QB == 4 ? FAR_HINT : FAR_HINT);
         };
         auto dot = [&](i64 i) {
           const uint8_t* qr = qrow + i * qb;
@@ -887,6 +935,8 @@ void nmq_gemv_vnni(const uint8_t* codes, const uint8_t* q, const h16* scales, i6
           continue;
         }
         if (pairs) quads(quad4);
+        else if (QB == 8 && pow2 && NM8_QUADS) nm8_quads<BITS>(columns, qrow, crow, srow, xlo, xhi, sxc, part, len, len4,
+                                                              cstride, ccstride);
         else quads(quad);
         for (int r = 0; r < NMS_VSTREAMS; ++r)
           for (i64 i = len4; i < len; ++i) row(r * len + i);
