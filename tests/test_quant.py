@@ -379,3 +379,30 @@ def test_packed_weights_live_in_memory_advised_for_huge_pages(monkeypatch):
     assert " hg" not in _vm_flags(plain.qweight.data_ptr())
     for x in (torch.randn(256), torch.randn(3, 256)):  # the batch-1 kernel and the batched path
         assert torch.equal(layer(x), plain(x))
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").exists(), reason="no transparent huge pages here")
+def test_layer_choice_timing_copies_keep_their_weights_on_huge_pages():
+    """The layer choice times each layer cycling through deep copies of it (runtime.timing.cold_copies).
+    A deepcopy's buffers are ordinary memory, where the model's packed layers hold theirs in huge-page
+    memory: the copies are moved there, with the same values and the same results, for the quantized
+    and the float32 packed modules alike."""
+    from nmsparse.runtime.modules import SparseLinear
+    from nmsparse.runtime.timing import cold_copies
+
+    w = _nm(64, 256, 2, 4)
+    layer = QuantLinear(quantize(pack_nm(w, 2, 4), WeightScheme(8, 64)), None)
+    plain = copy.deepcopy(layer)
+    assert " hg" not in _vm_flags(plain.qweight.data_ptr())  # what a bare deepcopy gives
+    copies = cold_copies(layer, layer.weight_nbytes, cache_bytes=3 * layer.weight_nbytes)
+    assert len(copies) == 6 and copies[0] is layer
+    x = torch.randn(256)
+    for c in copies[1:]:
+        for buf in (c.qweight, c.scales, c.index):
+            assert " hg" in _vm_flags(buf.data_ptr())
+        assert c.qweight.data_ptr() != layer.qweight.data_ptr()
+        assert torch.equal(c(x), layer(x)) and torch.equal(c.qweight, layer.qweight)
+    fp32 = SparseLinear(pack_nm(w, 2, 4), None)
+    other = cold_copies(fp32, 1, cache_bytes=1)
+    assert len(other) == 2 and " hg" in _vm_flags(other[1].vals.data_ptr())
+    assert torch.equal(other[1](x), fp32(x))

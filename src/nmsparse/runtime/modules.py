@@ -84,6 +84,20 @@ class _BoundCall(nn.Module):
         call(x.data_ptr(), y.data_ptr(), 1 if self._serial else torch.get_num_threads())
         return y
 
+    _WEIGHT_BUFFERS: tuple[str, ...] = ()  # the buffers construction places in huge-page memory
+
+    def weights_to_huge_pages(self) -> None:
+        """Move this module's weight buffers into huge-page memory, where construction put them
+        (a ``deepcopy``'s or ``.to()``'s are ordinary memory). The layer choice's timing copies
+        (:func:`~nmsparse.runtime.timing.cold_copies`) call it, so they read their weights as the model's
+        layers do: timed on 4 KB pages, a 2:4 int8 2048x2048 layer read 0.64-0.66x of its dense int8
+        form alone while the decode step ran both at 1.00x (docs/benchmarks.md, session 11)."""
+        for name in self._WEIGHT_BUFFERS:
+            t = self._buffers.get(name)
+            if t is not None and t.numel() and t.device.type == "cpu":
+                self._buffers[name] = torch.from_numpy(_native.huge_pages(t.numpy()))
+        self.__dict__.pop("_gemv_cache", None)
+
     def _set_token_shapes(self) -> None:
         # the output shape of one token given as [in], [1, in], [1, 1, in] or [1, 1, 1, in]
         self._token_shapes = tuple((1,) * lead + (self.out_features,) for lead in range(4))
@@ -100,6 +114,7 @@ class _BoundCall(nn.Module):
 
 class _PackedModule(_BoundCall):
     _plain = False  # set per module by _register_packed (False: a module pickled before it existed)
+    _WEIGHT_BUFFERS = ("vals", "codes")
 
     def _register_packed(self, packed: Packed, bias: torch.Tensor | None, input_perm: list[int] | None) -> None:
         _native.require()  # built and loaded now, never inside forward
@@ -275,6 +290,7 @@ class QuantLinear(_BoundCall):
     """
 
     _KINDS = {"nm": 0, "block": 1, "dense": 2}
+    _WEIGHT_BUFFERS = ("qweight", "scales", "index")
 
     def __init__(self, packed, bias: torch.Tensor | None, input_perm: list[int] | None = None,
                  activations: str = "int8") -> None:
