@@ -86,9 +86,10 @@ inline void prefetch_bytes(const uint8_t* p) { __builtin_prefetch(p, 0, 3); }
 // The hint of the VNNI kernels' far prefetches (a whole chunk ahead in the int4 n:m loop, two blocks of
 // rows ahead in the dense one): into L2 (T1), not L1, where they evicted the partial sums, the inputs and
 // each other before their turn. AVX-512 VNNI EPYC, 2 threads, the 1.1 B Llama shapes: the dense int8 LM
-// head (49152x2048) 24.6 -> 29.6 GB/s, the 2:4 int4 products 8-15% faster; the AVX2 kernels measured the
-// same or slower with it and keep T0 (docs/benchmarks.md, session 8). The 2:4 int8 loop measured the same
-// then because its prefetches were not in the binary (nm8_quads): with them, in L2, 11-52% faster (session 12).
+// head (49152x2048) 24.6 -> 29.6 GB/s, the 2:4 int4 products 8-15% faster (docs/benchmarks.md, session 8).
+// The 2:4 int8 loop measured the same then because its prefetches were not in the binary (nm8_quads): with
+// them, in L2, 11-52% faster (session 12). The AVX2 2:4 loop's next-chunk prefetches: int8 2-14% faster in
+// L2, int4 the same (session 12); the AVX2 dense rows keep T0 (session 8: the same or slower with T1).
 // -DFAR_HINT=_MM_HINT_T0 builds the former behaviour, for comparison; -DNM8_QUADS=0 the int8 loop before
 // session 12.
 #ifndef NM8_QUADS
@@ -1475,9 +1476,9 @@ void nmq_gemv_avx2(const uint8_t* codes, const uint8_t* q, const h16* scales, i6
         auto dots = [&](i64 i, __m256i& d0, __m256i& d1) {
           const uint8_t* cr = crow + i * 16;
           const uint8_t* qr = qrow + i * 32 * QB / 4;
-          _mm_prefetch((const char*)(qr + qstride), _MM_HINT_T0);
-          if (QB == 8) _mm_prefetch((const char*)(qr + qstride + 63), _MM_HINT_T0);
-          _mm_prefetch((const char*)(cr + cstride), _MM_HINT_T0);
+          _mm_prefetch((const char*)(qr + qstride), FAR_HINT);
+          if (QB == 8) _mm_prefetch((const char*)(qr + qstride + 63), FAR_HINT);
+          _mm_prefetch((const char*)(cr + cstride), FAR_HINT);
           __m256i xg[2];
 #pragma GCC unroll 2
           for (int h = 0; h < 2; ++h) {
