@@ -163,6 +163,7 @@ def test_asymmetric_calibration_fits_each_layer_to_the_dense_models_output(tiny_
 
 
 def test_method_best_calibrates_a_causal_lm_on_broad_text_unless_told_otherwise(tiny_llama_dir):
+    from nmsparse.oneshot.best import best_pipeline
     from nmsparse.oneshot.data import broad_text
     from nmsparse.oneshot.pipeline import open_source
 
@@ -173,6 +174,13 @@ def test_method_best_calibrates_a_causal_lm_on_broad_text_unless_told_otherwise(
                                                              seq_len=16)).data["describe"]
     plain = open_source(f"hf:{tiny_llama_dir}", PruneConfig("2:4", "sparsegpt", samples=2, seq_len=16)).data["describe"]
     assert named["calibration"]["source"] == "text:builtin" and plain["calibration"]["source"] == "text:builtin"
+    # best's own count of windows (256 for causal LMs) where none is given; every other method 128
+    own = open_source(f"hf:{tiny_llama_dir}", PruneConfig("2:4", "best", seq_len=8))
+    other = open_source(f"hf:{tiny_llama_dir}", PruneConfig("2:4", "sparsegpt", seq_len=8))
+    assert own.data["describe"]["calibration"]["samples"] == 256 == best_pipeline("causal_lm").samples
+    assert sum(len(b["input_ids"]) for b in own.data["calibration"]) == 256
+    assert other.data["describe"]["calibration"]["samples"] == 128 and described["calibration"]["samples"] == 2
+    assert sum(len(b["input_ids"]) for b in other.data["calibration"]) == 128
 
 
 def test_asymmetric_calibration_needs_data_and_the_in_memory_pipeline(tiny_llama_dir):

@@ -42,15 +42,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--method",
         default="magnitude",
         help="magnitude, wanda, ria, sparsegpt, or best (the most accurate pipeline measured for the model kind: "
-        "for causal LMs sparsegpt + decoder permutation + sequential calibration on text:broad unless --calib "
-        "names other data; sparsegpt otherwise)",
+        "for causal LMs sparsegpt + decoder permutation + sequential calibration on 256 windows of text:broad "
+        "unless --calib / --samples say otherwise; sparsegpt otherwise)",
     )
     parser.add_argument("--calib", help="calibration data: text:builtin, text:varied (the built-in text plus "
                         "standard-library docstrings), text:broad (text:varied plus the docstrings of numpy, torch, "
                         "sympy and networkx), text:PATH, hf-dataset:NAME[:CONFIG[:SPLIT]], images:DIR, "
                         "digits, mnist5k (default for wanda/sparsegpt: text:builtin for hf: models, digits for "
                         "vision models); recovery trains on the same text")
-    parser.add_argument("--samples", type=int, default=128, help="calibration samples")
+    parser.add_argument("--samples", type=int, help="calibration samples (default 128; --method best on causal "
+                        "LMs: 256)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per text calibration sample")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling")
     parser.add_argument("--recover-steps", type=int, help="distil from the dense model for N steps, masks fixed")

@@ -45,7 +45,8 @@ class PruneConfig:
 
     Read only when the model is a source (the data of its kind is built from them):
     calib / samples / seq_len / seed: calibration data spec (None: the kind's default where the run
-        needs data), samples, tokens per text sample, sampling seed.
+        needs data), samples (None: 128, or the ``best`` pipeline's own count: 256 for causal LMs), tokens
+        per text sample, sampling seed.
     heldout / heldout_tokens: held-out data spec of the fidelity measure (None: the kind's default),
         tokens of it (causal LMs).
     stream: causal LMs larger than memory, one decoder block at a time from the shards.
@@ -62,7 +63,7 @@ class PruneConfig:
     selection: Selection = field(default_factory=Selection)
     method_options: dict[str, Any] | None = None
     calib: str | None = None
-    samples: int = 128
+    samples: int | None = None
     seq_len: int = 128
     seed: int = 0
     permute_sweeps: int | None = None
@@ -108,6 +109,11 @@ class PruneConfig:
         if self.stream and (self.recovering or self.permute_sweeps or self.checkpoint):
             raise ConfigError(["stream cannot be combined with recovery, permute or checkpoint (each needs the "
                                "whole model in memory)"])
+
+    def samples_for(self, best_samples: int | None = None) -> int:
+        """The calibration samples of the run: ``samples`` where given, else the ``best`` pipeline's own
+        count (``best_samples``) for method ``best``, else 128."""
+        return self.samples or (best_samples if self.method == "best" else None) or 128
 
     @property
     def recovering(self) -> bool:

@@ -58,20 +58,22 @@ def open_source(model: str, config: PruneConfig) -> Prepared:
     calibrated = (config.method == "best" or isinstance(build_method(config.method), CalibratedMethod)
                   or config.calib or config.recovering or config.refine
                   or config.sequential or config.asymmetric)
-    best_calib = best_pipeline(kind).calib if config.method == "best" else None  # best's own data
+    best = best_pipeline(kind)
+    best_calib = best.calib if config.method == "best" else None  # best's own data
     spec = config.calib or best_calib or ("text:builtin" if source.is_text else "digits")
-    batches = (build_calibration(spec, net, source, config.samples, config.seq_len, config.seed)
+    samples = config.samples_for(best.samples)
+    batches = (build_calibration(spec, net, source, samples, config.seq_len, config.seed)
                if calibrated else None)
-    recovery = _recovery(config, kind, source, spec, batches) if config.recovering else None
+    recovery = _recovery(config, kind, source, spec, batches, samples) if config.recovering else None
     heldout = None
     if source.is_text or calibrated:
         heldout = heldout_data(net, source, kind, config.heldout, config.heldout_tokens, seed=config.seed)
     return Prepared(net, {"calibration": batches, "heldout": heldout, "recover": recovery, "source": source,
                           "example_inputs": example_input(net, source),
-                          "describe": _describe(model, config, kind, spec, batches, heldout, recovery)})
+                          "describe": _describe(model, config, kind, spec, samples, batches, heldout, recovery)})
 
 
-def _recovery(config: PruneConfig, kind: str, source: Any, spec: str, batches: list[Any] | None):
+def _recovery(config: PruneConfig, kind: str, source: Any, spec: str, batches: list[Any] | None, samples: int):
     """The recovery of ``config`` with its model kind's training data (see the module docstring)."""
     from .data import load_texts, load_tokenizer, sentence_training_batches, token_windows
     from .recover import Recovery
@@ -81,17 +83,18 @@ def _recovery(config: PruneConfig, kind: str, source: Any, spec: str, batches: l
         train = sentence_training_batches(load_tokenizer(source.hf_dir), load_texts(spec),
                                           max_length=config.seq_len, seed=config.seed + 1)
     elif kind == "causal_lm":  # fresh windows of the calibration text, small batches (more steps per minute)
-        train = token_windows(load_tokenizer(source.hf_dir), load_texts(spec), max(512, config.samples),
+        train = token_windows(load_tokenizer(source.hf_dir), load_texts(spec), max(512, samples),
                               config.seq_len, seed=config.seed + 1, batch_size=8)
     return Recovery.of(config, train)
 
 
-def _describe(model: str, config: PruneConfig, kind: str, spec: str, batches, heldout, recovery) -> dict:
+def _describe(model: str, config: PruneConfig, kind: str, spec: str, samples: int, batches, heldout,
+              recovery) -> dict:
     """The data of each step, for the report: calibration, the fidelity measure, the recovery."""
     heldout_spec = {"causal_lm": config.heldout or "text:heldout",
                     "encoder": f"sentences of {config.heldout or 'text:heldout'}"}.get(
         kind, config.heldout or "digits (another draw than calibration's)")
-    calibration = {"source": spec, "samples": config.samples, "seq_len": config.seq_len} if batches else None
+    calibration = {"source": spec, "samples": samples, "seq_len": config.seq_len} if batches else None
     if calibration and spec.startswith("text:"):  # text:broad follows the installed packages' versions
         from .data import load_texts
 
@@ -119,8 +122,8 @@ def stream_source(model: str, config: PruneConfig, out: str | Path, progress: st
     source = ModelSource(f"hf:{directory}")
     batches = None
     if config.method != "magnitude" or config.calib or config.sequential:
-        batches = build_calibration(config.calib or "text:builtin", None, source, config.samples, config.seq_len,
-                                    config.seed)
+        batches = build_calibration(config.calib or "text:builtin", None, source, config.samples_for(),
+                                    config.seq_len, config.seed)
     result = prune_streaming(directory, out, config.pattern, config.method, batches, config.selection,
                              progress=progress, sequential=config.sequential)
     result.model = model
