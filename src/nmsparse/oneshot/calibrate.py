@@ -283,11 +283,7 @@ def _collect(choices: list[LayerChoice], method: MethodBase, calls: Calls, max_c
         dense_rows: deque[torch.Tensor] = deque()  # the twin's rows, waiting for the same call here
 
         def hook(mod, args, _stats=layer_stats, _dense=dense_rows):
-            import os
-            x0 = args[0]
-            if os.environ.get("NMS_SKIP_FIRST") and x0.dim() == 3 and x0.shape[1] > 1:
-                x0 = x0[:, int(os.environ["NMS_SKIP_FIRST"]):]
-            rows = _as_rows(mod, x0)
+            rows = _as_rows(mod, args[0])
             _stats.add_pair(_dense.popleft(), rows) if twin is not None else _stats.add(rows)
 
         handles.append(module.register_forward_pre_hook(hook))
