@@ -843,9 +843,9 @@ void nmq_gemv_vnni(const uint8_t* codes, const uint8_t* q, const h16* scales, i6
         const i64 cstride = c + 1 < chunks ? rows * qb : 0, ccstride = c + 1 < chunks ? rows * cbytes : 0;
         auto prefetch_next = [&](i64 i) {  // row i's values (int8: two lines; int4 pairs: one a row) and codes
           const uint8_t* qr = qrow + i * qb;
-          _mm_prefetch((const char*)(qr + cstride), QB == 4 ? FAR_HINT : FAR_HINT);
+          _mm_prefetch((const char*)(qr + cstride), FAR_HINT);
           if (QB == 8) _mm_prefetch((const char*)(qr + cstride + 64), FAR_HINT);
-          _mm_prefetch((const char*)(crow + i * cbytes + ccstride), QB == 4 ? FAR_HINT : FAR_HINT);
+          _mm_prefetch((const char*)(crow + i * cbytes + ccstride), FAR_HINT);
         };
         auto dot = [&](i64 i) {
           const uint8_t* qr = qrow + i * qb;
