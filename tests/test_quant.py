@@ -384,16 +384,16 @@ def test_packed_weights_live_in_memory_advised_for_huge_pages(monkeypatch):
 @pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage").exists(), reason="no transparent huge pages here")
 def test_layer_choice_timing_copies_keep_their_weights_on_huge_pages():
     """The layer choice times each layer cycling through deep copies of it (runtime.timing.cold_copies).
-    A deepcopy's buffers are ordinary memory, where the model's packed layers hold theirs in huge-page
-    memory: the copies are moved there, with the same values and the same results, for the quantized
-    and the float32 packed modules alike."""
+    A packed layer's deepcopy keeps its weights in huge-page memory, as the model's packed layers hold
+    theirs (a plain deepcopy would give ordinary memory), with the same values and the same results, for
+    the quantized and the float32 packed modules alike, and inside a copied model."""
     from nmsparse.runtime.modules import SparseLinear
     from nmsparse.runtime.timing import cold_copies
 
     w = _nm(64, 256, 2, 4)
     layer = QuantLinear(quantize(pack_nm(w, 2, 4), WeightScheme(8, 64)), None)
-    plain = copy.deepcopy(layer)
-    assert " hg" not in _vm_flags(plain.qweight.data_ptr())  # what a bare deepcopy gives
+    model = copy.deepcopy(nn.Sequential(layer))
+    assert " hg" in _vm_flags(model[0].qweight.data_ptr()) and model[0].qweight.data_ptr() != layer.qweight.data_ptr()
     copies = cold_copies(layer, layer.weight_nbytes, cache_bytes=3 * layer.weight_nbytes)
     assert len(copies) == 6 and copies[0] is layer
     x = torch.randn(256)

@@ -86,12 +86,8 @@ class _BoundCall(nn.Module):
 
     _WEIGHT_BUFFERS: tuple[str, ...] = ()  # the buffers construction places in huge-page memory
 
-    def weights_to_huge_pages(self) -> None:
-        """Move this module's weight buffers into huge-page memory, where construction put them
-        (a ``deepcopy``'s or ``.to()``'s are ordinary memory). The layer choice's timing copies
-        (:func:`~nmsparse.runtime.timing.cold_copies`) call it, so they read their weights as the model's
-        layers do: timed on 4 KB pages, a 2:4 int8 2048x2048 layer read 0.64-0.66x of its dense int8
-        form alone while the decode step ran both at 1.00x (docs/benchmarks.md, session 11)."""
+    def _weights_to_huge_pages(self) -> None:
+        """Move this module's weight buffers into huge-page memory, where construction put them."""
         for name in self._WEIGHT_BUFFERS:
             t = self._buffers.get(name)
             if t is not None and t.numel() and t.device.type == "cpu":
@@ -110,6 +106,16 @@ class _BoundCall(nn.Module):
         state = dict(super().__getstate__())
         state.pop("_gemv_cache", None)
         return state
+
+    def __deepcopy__(self, memo: dict) -> _BoundCall:
+        """A copy whose weights sit in huge-page memory like the original's (a plain deepcopy's buffers are
+        ordinary 4 KB pages): a copied model decodes as fast as the model, and the layer choice's timing
+        copies (:func:`~nmsparse.runtime.timing.cold_copies`) read their weights as the model's layers do."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        new._weights_to_huge_pages()
+        return new
 
 
 class _PackedModule(_BoundCall):

@@ -37,17 +37,11 @@ def cold_copies(module: nn.Module, nbytes: int, cache_bytes: int | None = None) 
     ``nmsparse bench``'s small-batch layer cases and ``convert``'s layer choice. (Reading 1.5x the
     cache of other data before each call evicted the code and state too: a small sparse layer of
     SmolLM2 then measured ~90 us against ~40 us inside the model, and 58 of its 210 1x16 layers
-    stayed dense.) The copies' packed weights are moved into huge-page memory, where the model's packed
-    layers keep theirs (``weights_to_huge_pages``): a deepcopy's are ordinary 4 KB pages, which slowed
-    the chunked n:m streams more than the dense rows and kept sparse layers dense."""
+    stayed dense.) A packed layer's deepcopy keeps its weights in huge-page memory, as the model's
+    layers keep theirs."""
     cache_bytes = last_level_cache_bytes() if cache_bytes is None else cache_bytes
     count = max(1, math.ceil(2 * cache_bytes / max(1, nbytes)))
-    copies = [copy.deepcopy(module) for _ in range(count - 1)]
-    for c in copies:  # weights where the model's packed layers keep theirs (huge pages), not where deepcopy put them
-        for m in c.modules():
-            if (place := getattr(m, "weights_to_huge_pages", None)) is not None:
-                place()
-    return [module] + copies
+    return [module] + [copy.deepcopy(module) for _ in range(count - 1)]
 
 
 def rotating(modules: list[nn.Module], x: Any) -> Callable[[int], Any]:
