@@ -1429,6 +1429,104 @@ inline __m256 nm24_row(const uint8_t* cr, const uint8_t* qr, const __m256i* xa, 
   return acc;
 }
 
+// 2:4 int4 whole chunks, four rows at a time (the loop of nmq_gemv_avx2 for QB = 4, groups of 32 or
+// 64 kept values). Row o's chunk is 32 bytes (byte g: group g's kept values, the first in the low
+// nibble) and 16 code bytes (byte b, field k: the code of value 4b + k, value 2g + e the e-th kept
+// value of group g); a quad's rows are consecutive, so its 128 value bytes and 64 code bytes are too.
+// The four rows' value bytes are transposed by dwords: vector s holds dword s of each row (half 0:
+// groups 4s .. 4s+3, columns 16s .. 16s+15) and dword s + 4 (half 1: columns 64 + 16s ..), so byte
+// 4r + j of a half is row r's group j of those four. Its low nibbles (first kept values) and high
+// nibbles (second) then all draw on one 16-byte source of inputs per half (xs[s], arranged once per
+// chunk): one byte shuffle gathers a vector's 32 inputs, where the row-at-a-time loop needs two and a
+// blend. The shuffle control of lane 4r + j is 4j + the value's code. Its code byte, for both of
+// the group's values, is byte 2s + j/2 (half 1: 8 + 2s + j/2) of row r (field 0 or 2 for the first
+// value, 1 or 3 for the second): the quad's codes are transposed by 16-bit words so that qword s of a
+// half holds those two bytes of the four rows (Q), next to Q >> 4 (64-bit shift). Masked with 0x33,
+// byte b of [Q | Q >> 4] has field 0 of Q's byte b in bits 0-1, byte 8 + b field 2; shifted right by
+// 2 first, fields 1 and 3. Bits 2-3 and 7 come out clear and the shuffle ignores bits 4-6, so one
+// byte shuffle (`place`, before the mask: both values' controls) and the column base finish them. Integer sums stay in 16 bits until
+// the quad's chunk is done: a lane sums 8 products of (q + 8) * x <= 2 * 15 * 127 each (30480).
+#if defined(__AVX2__) && !defined(NMS_VNNI)
+// Rows r .. r+3 of a chunk (values qr, codes cr) against the chunk's inputs xs: int32 lane r of half L
+// is row r's sum over kept values 32L .. 32L+31 (its group L with groups of 32).
+// (The constants are literals, so that the compiler reads them as memory operands: the quad's work
+// needs the 16 vector registers, and copies held in registers were spilled inside the loop.)
+inline __m256i q4_quad(const uint8_t* qr, const uint8_t* cr, const __m256i* xs) {
+  // lane 4r + j: its byte of [Q | Q >> 4] (place) and its group's first column among the 16 (base)
+  const __m256i place = _mm256_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15,
+                                         0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+  const __m256i base = _mm256_setr_epi8(0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12,
+                                        0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12);
+  // a half [row A's words 0-3 (half 1: 4-7) | row B's] -> A w0, B w0, A w1, B w1, ..
+  const __m256i words = _mm256_setr_epi8(0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15,
+                                         0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15);
+  const __m256i m0f = _mm256_set1_epi8(0x0F), m33 = _mm256_set1_epi8(0x33), eight = _mm256_set1_epi8(8);
+  auto ld = [](const uint8_t* p) { return _mm256_loadu_si256((const __m256i*)p); };
+  // codes: [row 0 | row 1] -> per half [row 0's words 0-3 (half 1: 4-7) | row 1's] -> words interleaved
+  const __m256i m01 = _mm256_shuffle_epi8(_mm256_permute4x64_epi64(ld(cr), 0xD8), words);
+  const __m256i m23 = _mm256_shuffle_epi8(_mm256_permute4x64_epi64(ld(cr + 32), 0xD8), words);
+  const __m256i r0 = ld(qr), r1 = ld(qr + 32), r2 = ld(qr + 64), r3 = ld(qr + 96);
+  __m256i p = _mm256_setzero_si256(), c = _mm256_setzero_si256();
+  auto step = [&](__m256i t, __m256i hq, __m256i x) {  // t: values, hq: [Q | Q >> 4], x: the inputs
+    const __m256i hp = _mm256_shuffle_epi8(hq, place);  // each lane's code byte (the shift below crosses
+    // into the next byte only bits that the mask clears)
+    const __m256i e0 = _mm256_and_si256(hp, m33), e1 = _mm256_and_si256(_mm256_srli_epi16(hp, 2), m33);
+    const __m256i x0 = _mm256_shuffle_epi8(x, _mm256_add_epi8(e0, base));
+    const __m256i x1 = _mm256_shuffle_epi8(x, _mm256_add_epi8(e1, base));
+    const __m256i w0 = _mm256_and_si256(t, m0f), w1 = _mm256_and_si256(_mm256_srli_epi16(t, 4), m0f);
+    p = _mm256_add_epi16(p, _mm256_add_epi16(_mm256_maddubs_epi16(w0, x0), _mm256_maddubs_epi16(w1, x1)));
+    c = _mm256_add_epi16(c, _mm256_add_epi16(_mm256_maddubs_epi16(eight, x0), _mm256_maddubs_epi16(eight, x1)));
+  };
+  // vectors 0 and 1 (dwords 0, 1 of each row; Q0, Q1), then 2 and 3
+  const __m256i l01 = _mm256_unpacklo_epi32(r0, r1), l23 = _mm256_unpacklo_epi32(r2, r3);
+  const __m256i qa = _mm256_unpacklo_epi32(m01, m23), qas = _mm256_srli_epi64(qa, 4);  // per half: Q0 Q1
+  step(_mm256_unpacklo_epi64(l01, l23), _mm256_unpacklo_epi64(qa, qas), xs[0]);
+  step(_mm256_unpackhi_epi64(l01, l23), _mm256_unpackhi_epi64(qa, qas), xs[1]);
+  const __m256i h01 = _mm256_unpackhi_epi32(r0, r1), h23 = _mm256_unpackhi_epi32(r2, r3);
+  const __m256i qb = _mm256_unpackhi_epi32(m01, m23), qbs = _mm256_srli_epi64(qb, 4);  // Q2 Q3
+  step(_mm256_unpacklo_epi64(h01, h23), _mm256_unpacklo_epi64(qb, qbs), xs[2]);
+  step(_mm256_unpackhi_epi64(h01, h23), _mm256_unpackhi_epi64(qb, qbs), xs[3]);
+  return _mm256_madd_epi16(_mm256_sub_epi16(p, c), _mm256_set1_epi16(1));
+}
+
+// Rows [i, i + 4) and [len + i, len + i + 4) of a whole chunk for i = 0, 4, .. < len4 (two streams, as the
+// row-at-a-time loop): each quad's sums times its rows' scales (groups of 64: one a row; of 32: two,
+// [r0 g0, r0 g1, r1 g0, ...]) and the inputs' scales, added to its partials; the same rows of the next
+// chunk (qstride, cstride bytes on; 0 in the last) are fetched into L2 meanwhile.
+inline void q4_quads(const uint8_t* q, const uint8_t* cd, const h16* sc, const int8_t* xc, const float* sxc, bool whole,
+                     i64 len4, i64 len, i64 qstride, i64 cstride, float* part) {
+  __m256i xs[4];
+  for (int s = 0; s < 4; ++s)
+    xs[s] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)(xc + 16 * s))),
+                                    _mm_loadu_si128((const __m128i*)(xc + 64 + 16 * s)), 1);
+  const __m128 sx0 = _mm_set1_ps(sxc[0]);
+  const __m256 sx01 = _mm256_setr_m128(sx0, _mm_set1_ps(whole ? 0.f : sxc[1]));
+  const __m256i split = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  for (i64 n = 0; n < 2 * len4; n += 4) {
+    const i64 i = (n / 4) % 2 * len + (n / 8) * 4;  // quads at 0, len, 4, len + 4, 8, ...
+    const uint8_t* qr = q + i * 32;
+    const uint8_t* cr = cd + i * 16;
+    _mm_prefetch((const char*)(qr + qstride), FAR_HINT);
+    _mm_prefetch((const char*)(qr + qstride + 64), FAR_HINT);
+    _mm_prefetch((const char*)(qr + qstride + 127), FAR_HINT);
+    _mm_prefetch((const char*)(cr + cstride), FAR_HINT);
+    _mm_prefetch((const char*)(cr + cstride + 63), FAR_HINT);
+    const __m256i d = q4_quad(qr, cr, xs);
+    float* p = part + i;
+    __m128 y;
+    if (whole) {
+      const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
+      y = _mm_mul_ps(_mm_cvtepi32_ps(s4), _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(sc + i))), sx0));
+    } else {
+      const __m256 s8 = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sc + 2 * i))), split);
+      const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(s8, sx01));
+      y = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    }
+    _mm_storeu_ps(p, _mm_add_ps(_mm_loadu_ps(p), y));
+  }
+}
+#endif
+
 // 2:4, 64 kept values (128 columns) a chunk, groups of G (a multiple of 16) kept values.
 template <int QB>
 void nmq_gemv_avx2(const uint8_t* codes, const uint8_t* q, const h16* scales, i64 rows, i64 J, i64 G, float* out,
@@ -1555,9 +1653,14 @@ void nmq_gemv_avx2(const uint8_t* codes, const uint8_t* q, const h16* scales, i6
             _mm256_storeu_ps(p, _mm256_fmadd_ps(lanes(b1, e1), _mm256_mul_ps(g1, vsx1), acc));
           }
         };
-        const i64 len8 = len & ~(i64)7;
-        for (i64 i = 0; i < len8; i += 8) oct(i), oct(len + i);
-        for (i64 i = len8; i < len; ++i) single(i), single(len + i);
+        i64 done = len & ~(i64)7;
+        if constexpr (QB == 4) {
+          done = len & ~(i64)3;
+          q4_quads(qrow, crow, srow, xc, sxc, whole, done, len, qstride, cstride, part);
+        } else {
+          for (i64 i = 0; i < done; i += 8) oct(i), oct(len + i);
+        }
+        for (i64 i = done; i < len; ++i) single(i), single(len + i);
         for (i64 i = 2 * len; i < nrow; ++i) single(i);
         continue;
       }
