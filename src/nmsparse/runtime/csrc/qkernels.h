@@ -1502,27 +1502,29 @@ inline void q4_quads(const uint8_t* q, const uint8_t* cd, const h16* sc, const i
   const __m128 sx0 = _mm_set1_ps(sxc[0]);
   const __m256 sx01 = _mm256_setr_m128(sx0, _mm_set1_ps(whole ? 0.f : sxc[1]));
   const __m256i split = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-  for (i64 n = 0; n < 2 * len4; n += 4) {
-    const i64 i = (n / 4) % 2 * len + (n / 8) * 4;  // quads at 0, len, 4, len + 4, 8, ...
-    const uint8_t* qr = q + i * 32;
-    const uint8_t* cr = cd + i * 16;
-    _mm_prefetch((const char*)(qr + qstride), FAR_HINT);
-    _mm_prefetch((const char*)(qr + qstride + 64), FAR_HINT);
-    _mm_prefetch((const char*)(qr + qstride + 127), FAR_HINT);
-    _mm_prefetch((const char*)(cr + cstride), FAR_HINT);
-    _mm_prefetch((const char*)(cr + cstride + 63), FAR_HINT);
-    const __m256i d = q4_quad(qr, cr, xs);
-    float* p = part + i;
-    __m128 y;
-    if (whole) {
-      const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
-      y = _mm_mul_ps(_mm_cvtepi32_ps(s4), _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(sc + i))), sx0));
-    } else {
-      const __m256 s8 = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sc + 2 * i))), split);
-      const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(s8, sx01));
-      y = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  for (i64 n = 0; n < len4; n += 4) {
+#pragma GCC unroll 1
+    for (i64 i = n; i < 2 * len; i += len) {  // row n of each of the two streams
+      const uint8_t* qr = q + i * 32;
+      const uint8_t* cr = cd + i * 16;
+      _mm_prefetch((const char*)(qr + qstride), FAR_HINT);
+      _mm_prefetch((const char*)(qr + qstride + 64), FAR_HINT);
+      _mm_prefetch((const char*)(qr + qstride + 127), FAR_HINT);
+      _mm_prefetch((const char*)(cr + cstride), FAR_HINT);
+      _mm_prefetch((const char*)(cr + cstride + 63), FAR_HINT);
+      const __m256i d = q4_quad(qr, cr, xs);
+      float* p = part + i;
+      __m128 y;
+      if (whole) {
+        const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
+        y = _mm_mul_ps(_mm_cvtepi32_ps(s4), _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(sc + i))), sx0));
+      } else {
+        const __m256 s8 = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sc + 2 * i))), split);
+        const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(s8, sx01));
+        y = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+      }
+      _mm_storeu_ps(p, _mm_add_ps(_mm_loadu_ps(p), y));
     }
-    _mm_storeu_ps(p, _mm_add_ps(_mm_loadu_ps(p), y));
   }
 }
 #endif
@@ -1565,17 +1567,24 @@ void nmq_gemv_avx2(const uint8_t* codes, const uint8_t* q, const h16* scales, i6
         part[i] += hsum8(nm24_row<QB>(cr, qr, xa, xb, steps, gm, k, scale, _mm256_setzero_ps()));
       };
       const i64 nrow = o1 - o0, len = nrow / 2;
-      if (count == jc && gm >= 32) {  // the common case in one tight loop: whole chunks, 1 or 2 scales a chunk
-        // prefetch the same rows in the next chunk (a thread's rows of a chunk are short streams)
-        const i64 qstride = c + 1 < chunks ? rows * qb : 0, cstride = c + 1 < chunks ? rows * 16 : 0;
+      // the common case in one tight loop: whole chunks, 1 or 2 scales a chunk; the same rows of the next chunk
+      // prefetched meanwhile (a thread's rows of a chunk are short streams)
+      const i64 qstride = c + 1 < chunks ? rows * qb : 0, cstride = c + 1 < chunks ? rows * 16 : 0;
+      if (QB == 4 && count == jc && gm >= 32) {  // four rows at a time; the few left over row by row
+        const i64 len4 = len & ~(i64)3;
+        q4_quads(qrow, crow, srow, xc, sxc, gm == 64, len4, len, qstride, cstride, part);
+        for (i64 i = len4; i < len; ++i) one(i), one(len + i);
+        for (i64 i = 2 * len; i < nrow; ++i) one(i);
+        continue;
+      }
+      if (QB == 8 && count == jc && gm >= 32) {  // int8: 8 rows at a time
         const bool whole = gm == 64;
-        const __m256i m0f = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8), ones = _mm256_set1_epi16(1);
         // row i's integer sums: whole, both steps in d0; groups of 32, step h in dh (group h)
         auto dots = [&](i64 i, __m256i& d0, __m256i& d1) {
           const uint8_t* cr = crow + i * 16;
-          const uint8_t* qr = qrow + i * 32 * QB / 4;
+          const uint8_t* qr = qrow + i * 64;
           _mm_prefetch((const char*)(qr + qstride), FAR_HINT);
-          if (QB == 8) _mm_prefetch((const char*)(qr + qstride + 63), FAR_HINT);
+          _mm_prefetch((const char*)(qr + qstride + 63), FAR_HINT);
           _mm_prefetch((const char*)(cr + cstride), FAR_HINT);
           __m256i xg[2];
 #pragma GCC unroll 2
@@ -1584,28 +1593,9 @@ void nmq_gemv_avx2(const uint8_t* codes, const uint8_t* q, const h16* scales, i6
             xg[h] = _mm256_blend_epi32(_mm256_shuffle_epi8(xa[h], ctl), _mm256_shuffle_epi8(xb[h], ctl),
                                        Nm24Consts<QB>::blend);
           }
-          if constexpr (QB == 8) {
-            d0 = dot_s8(_mm256_loadu_si256((const __m256i*)qr), xg[0]);
-            d1 = dot_s8(_mm256_loadu_si256((const __m256i*)(qr + 32)), xg[1]);
-            if (whole) d0 = _mm256_add_epi32(d0, d1);
-          } else {
-            // both steps' 32 bytes at once: 64-bit quarters Q0 Q1 (step 0) Q2 Q3 (step 1) to lanes
-            // [Q0 Q2 | Q1 Q3]; the low and high nibbles, then qwords interleaved, give each step's
-            // order of nm24_weights (per half: 8 even values, then 8 odd) as unsigned q + 8, which
-            // multiply the signed inputs as they are (vpmaddubsw's first operand is unsigned); the
-            // + 8 comes off as 8 x the inputs' pair sums, still in 16 bits (|pair| <= 2 * 8 * 128).
-            const __m256i v = _mm256_permute4x64_epi64(_mm256_loadu_si256((const __m256i*)qr), 0xD8);
-            const __m256i lo = _mm256_and_si256(v, m0f), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m0f);
-            const __m256i p0 = _mm256_sub_epi16(_mm256_maddubs_epi16(_mm256_unpacklo_epi64(lo, hi), xg[0]),
-                                                _mm256_maddubs_epi16(eight, xg[0]));
-            const __m256i p1 = _mm256_sub_epi16(_mm256_maddubs_epi16(_mm256_unpackhi_epi64(lo, hi), xg[1]),
-                                                _mm256_maddubs_epi16(eight, xg[1]));
-            if (whole) {  // two steps' pairs fit 16 bits: one widening
-              d0 = _mm256_madd_epi16(_mm256_add_epi16(p0, p1), ones);
-            } else {
-              d0 = _mm256_madd_epi16(p0, ones), d1 = _mm256_madd_epi16(p1, ones);
-            }
-          }
+          d0 = dot_s8(_mm256_loadu_si256((const __m256i*)qr), xg[0]);
+          d1 = dot_s8(_mm256_loadu_si256((const __m256i*)(qr + 32)), xg[1]);
+          if (whole) d0 = _mm256_add_epi32(d0, d1);
         };
         // a row alone (the few past the last block of 8): scaled in floats, summed into its partial
         auto single = [&](i64 i) {
@@ -1653,14 +1643,9 @@ void nmq_gemv_avx2(const uint8_t* codes, const uint8_t* q, const h16* scales, i6
             _mm256_storeu_ps(p, _mm256_fmadd_ps(lanes(b1, e1), _mm256_mul_ps(g1, vsx1), acc));
           }
         };
-        i64 done = len & ~(i64)7;
-        if constexpr (QB == 4) {
-          done = len & ~(i64)3;
-          q4_quads(qrow, crow, srow, xc, sxc, whole, done, len, qstride, cstride, part);
-        } else {
-          for (i64 i = 0; i < done; i += 8) oct(i), oct(len + i);
-        }
-        for (i64 i = done; i < len; ++i) single(i), single(len + i);
+        const i64 len8 = len & ~(i64)7;
+        for (i64 i = 0; i < len8; i += 8) oct(i), oct(len + i);
+        for (i64 i = len8; i < len; ++i) single(i), single(len + i);
         for (i64 i = 2 * len; i < nrow; ++i) single(i);
         continue;
       }
