@@ -1489,12 +1489,13 @@ inline __m256i q4_quad(const uint8_t* qr, const uint8_t* cr, const __m256i* xs) 
   return _mm256_madd_epi16(_mm256_sub_epi16(p, c), _mm256_set1_epi16(1));
 }
 
-// Rows [i, i + 4) and [len + i, len + i + 4) of a whole chunk for i = 0, 4, .. < len4 (two streams, as the
-// row-at-a-time loop): each quad's sums times its rows' scales (groups of 64: one a row; of 32: two,
-// [r0 g0, r0 g1, r1 g0, ...]) and the inputs' scales, added to its partials; the same rows of the next
-// chunk (qstride, cstride bytes on; 0 in the last) are fetched into L2 meanwhile.
+// Rows [i, i + 4) of a whole chunk for i = 0, 4, .. < rows4, in order (one stream: two interleaved halves
+// of the rows, as the row-at-a-time loop reads them, measured 2-8% slower from memory on the AVX2 build):
+// each quad's sums times its rows' scales (groups of 64: one a row; of 32: two, [r0 g0, r0 g1, r1 g0, ...])
+// and the inputs' scales, added to its partials; the same rows of the next chunk (qstride, cstride bytes
+// on; 0 in the last) are fetched into L2 meanwhile.
 inline void q4_quads(const uint8_t* q, const uint8_t* cd, const h16* sc, const int8_t* xc, const float* sxc, bool whole,
-                     i64 len4, i64 len, i64 qstride, i64 cstride, float* part) {
+                     i64 rows4, i64 qstride, i64 cstride, float* part) {
   __m256i xs[4];
   for (int s = 0; s < 4; ++s)
     xs[s] = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)(xc + 16 * s))),
@@ -1502,29 +1503,26 @@ inline void q4_quads(const uint8_t* q, const uint8_t* cd, const h16* sc, const i
   const __m128 sx0 = _mm_set1_ps(sxc[0]);
   const __m256 sx01 = _mm256_setr_m128(sx0, _mm_set1_ps(whole ? 0.f : sxc[1]));
   const __m256i split = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-  for (i64 n = 0; n < len4; n += 4) {
-#pragma GCC unroll 1
-    for (i64 i = n; i < 2 * len; i += len) {  // row n of each of the two streams
-      const uint8_t* qr = q + i * 32;
-      const uint8_t* cr = cd + i * 16;
-      _mm_prefetch((const char*)(qr + qstride), FAR_HINT);
-      _mm_prefetch((const char*)(qr + qstride + 64), FAR_HINT);
-      _mm_prefetch((const char*)(qr + qstride + 127), FAR_HINT);
-      _mm_prefetch((const char*)(cr + cstride), FAR_HINT);
-      _mm_prefetch((const char*)(cr + cstride + 63), FAR_HINT);
-      const __m256i d = q4_quad(qr, cr, xs);
-      float* p = part + i;
-      __m128 y;
-      if (whole) {
-        const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
-        y = _mm_mul_ps(_mm_cvtepi32_ps(s4), _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(sc + i))), sx0));
-      } else {
-        const __m256 s8 = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sc + 2 * i))), split);
-        const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(s8, sx01));
-        y = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-      }
-      _mm_storeu_ps(p, _mm_add_ps(_mm_loadu_ps(p), y));
+  for (i64 i = 0; i < rows4; i += 4) {
+    const uint8_t* qr = q + i * 32;
+    const uint8_t* cr = cd + i * 16;
+    _mm_prefetch((const char*)(qr + qstride), FAR_HINT);
+    _mm_prefetch((const char*)(qr + qstride + 64), FAR_HINT);
+    _mm_prefetch((const char*)(qr + qstride + 127), FAR_HINT);
+    _mm_prefetch((const char*)(cr + cstride), FAR_HINT);
+    _mm_prefetch((const char*)(cr + cstride + 63), FAR_HINT);
+    const __m256i d = q4_quad(qr, cr, xs);
+    float* p = part + i;
+    __m128 y;
+    if (whole) {
+      const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(d), _mm256_extracti128_si256(d, 1));
+      y = _mm_mul_ps(_mm_cvtepi32_ps(s4), _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(sc + i))), sx0));
+    } else {
+      const __m256 s8 = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(sc + 2 * i))), split);
+      const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(s8, sx01));
+      y = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     }
+    _mm_storeu_ps(p, _mm_add_ps(_mm_loadu_ps(p), y));
   }
 }
 #endif
@@ -1571,10 +1569,9 @@ void nmq_gemv_avx2(const uint8_t* codes, const uint8_t* q, const h16* scales, i6
       // prefetched meanwhile (a thread's rows of a chunk are short streams)
       const i64 qstride = c + 1 < chunks ? rows * qb : 0, cstride = c + 1 < chunks ? rows * 16 : 0;
       if (QB == 4 && count == jc && gm >= 32) {  // four rows at a time; the few left over row by row
-        const i64 len4 = len & ~(i64)3;
-        q4_quads(qrow, crow, srow, xc, sxc, gm == 64, len4, len, qstride, cstride, part);
-        for (i64 i = len4; i < len; ++i) one(i), one(len + i);
-        for (i64 i = 2 * len; i < nrow; ++i) one(i);
+        const i64 rows4 = nrow & ~(i64)3;
+        q4_quads(qrow, crow, srow, xc, sxc, gm == 64, rows4, qstride, cstride, part);
+        for (i64 i = rows4; i < nrow; ++i) one(i);
         continue;
       }
       if (QB == 8 && count == jc && gm >= 32) {  // int8: 8 rows at a time
