@@ -10,7 +10,8 @@ prefetches' former L1 hint). The same
 bound plans (``nms_gemv``) run through each build's library; the builds alternate every round, so the
 machine's bandwidth drift falls on all alike. Weights: 2:4 (or dense with ``DENSE=1``, or 1x16 blocks at 25%
 density with ``BLOCK16=1``), ``BITS`` 4 or
-8, groups of ``G`` (64), over enough copies (~80 MB) to read from memory. Shapes: ``SHAPES`` (default
+8, groups of ``G`` (64), over enough copies (~80 MB) to read from memory (``WARM=1``: one copy, its weights in
+the cache: the kernel's own ceiling). Shapes: ``SHAPES`` (default
 the 1.1 B Llama's q/o, gate/up and down). ``VARIANT``: the -march build (``native``, ``avx2``, ...).
 Prints the median time per call and GB/s of each build. docs/benchmarks.md, session 8, has the figures.
 """
@@ -81,7 +82,7 @@ def main() -> None:
     shapes = [tuple(map(int, s.split("x"))) for s in spec.split(",")]
     threads = torch.get_num_threads()
     for rows, cols in shapes:
-        copies = int(80e6 // (rows * cols * 0.4)) + 1
+        copies = 1 if os.environ.get("WARM") else int(80e6 // (rows * cols * 0.4)) + 1
         mods = [QuantLinear(quantize(_layout(kind, rows, cols, i), WeightScheme(bits, group)), None)
                 for i in range(copies)]
         plans = [_native.gemv_plan(m._arrays()) for m in mods]
