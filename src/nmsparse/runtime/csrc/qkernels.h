@@ -249,12 +249,12 @@ void denseq_gemv(const float* x, const uint8_t* q, const h16* scales, i64 rows, 
 
 // ---------------------------------------------------------------- 1xN blocks, batch 1
 #if defined(__AVX512F__) || defined(__AVX2__)
-#define NMS_NIB 1  // the int4 1xN loop below reads 16-row pieces by a broadcast and per-lane shifts
-// The lane order of the int4 1xN loop (blockq_rows): a 16-row piece's qword broadcast to every qword
-// lane, each 32-bit lane shifted by its own count. AVX-512: lane 2i holds row i (the low dword >> 4i),
-// lane 2i+1 row 8 + i (the high dword >> 4i). AVX2 (two vectors a piece): a holds rows 0 8 1 9 2 10 3 11,
-// b rows 4 12 5 13 6 14 7 15. to_lanes puts a block's row-ordered vectors (its scales) in that order,
-// to_rows puts the sums back in row order; each runs once per group or block, not per column.
+#define NMS_NIB 1  // the int4 1xN loop below reads 16-row pieces whole (AVX-512: a broadcast and per-lane shifts)
+// The lane order of the int4 1xN loop (blockq_rows). AVX-512: a 16-row piece's qword broadcast to every
+// qword lane, each 32-bit lane shifted by its own count: lane 2i holds row i (the low dword >> 4i), lane
+// 2i+1 row 8 + i (the high dword >> 4i). AVX2: below. to_lanes puts a block's row-ordered vectors (its
+// scales) in that order, to_rows puts the sums back in row order; each runs once per group or block, not
+// per column.
 struct NibOrder {
 #if defined(__AVX512F__)
   __m512i shift, mask, lanes, rows, magic;
@@ -276,25 +276,25 @@ struct NibOrder {
     for (int i = 0; i < V; ++i) v[i] = vf(_mm512_permutexvar_ps(rows, __m512(v[i])));
   }
 #else
-  __m256i shift_a, shift_b, mask;
-  NibOrder() {
-    shift_a = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12), shift_b = _mm256_setr_epi32(16, 16, 20, 20, 24, 24, 28, 28);
-    mask = _mm256_set1_epi32(15);
-  }
-  template <int V>  // V even: pairs (rows 0-7, rows 8-15) -> (a, b)
+  // AVX2 (two vectors a piece): the piece's 8 bytes zero-extended to 8 lanes, byte j holding rows 2j (low
+  // nibble) and 2j + 1 (high): vector a holds the even rows 0 2 .. 14 (a mask), b the odd ones (a shift)
+  __m256i mask;
+  NibOrder() { mask = _mm256_set1_epi32(15); }
+  template <int V>  // V even: pairs (rows 0-7, rows 8-15) -> (even rows, odd rows)
   void to_lanes(vf (&v)[V]) const {
     for (int i = 0; i < V; i += 2) {
-      const __m256 lo = _mm256_unpacklo_ps(__m256(v[i]), __m256(v[i + 1]));  // r0 s0 r1 s1 | r4 s4 r5 s5
-      const __m256 hi = _mm256_unpackhi_ps(__m256(v[i]), __m256(v[i + 1]));  // r2 s2 r3 s3 | r6 s6 r7 s7
-      v[i] = vf(_mm256_permute2f128_ps(lo, hi, 0x20)), v[i + 1] = vf(_mm256_permute2f128_ps(lo, hi, 0x31));
+      const __m256 e = _mm256_shuffle_ps(__m256(v[i]), __m256(v[i + 1]), 0x88);  // r0 r2 r8 r10 | r4 r6 r12 r14
+      const __m256 o = _mm256_shuffle_ps(__m256(v[i]), __m256(v[i + 1]), 0xDD);  // r1 r3 r9 r11 | r5 r7 r13 r15
+      v[i] = vf(_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), 0xD8)));
+      v[i + 1] = vf(_mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(o), 0xD8)));
     }
   }
   template <int V>
   void to_rows(vf (&v)[V]) const {
     for (int i = 0; i < V; i += 2) {
-      const __m256 lo = _mm256_permute2f128_ps(__m256(v[i]), __m256(v[i + 1]), 0x20);
-      const __m256 hi = _mm256_permute2f128_ps(__m256(v[i]), __m256(v[i + 1]), 0x31);
-      v[i] = vf(_mm256_shuffle_ps(lo, hi, 0x88)), v[i + 1] = vf(_mm256_shuffle_ps(lo, hi, 0xDD));
+      const __m256 lo = _mm256_unpacklo_ps(__m256(v[i]), __m256(v[i + 1]));  // r0 r1 r2 r3 | r8 r9 r10 r11
+      const __m256 hi = _mm256_unpackhi_ps(__m256(v[i]), __m256(v[i + 1]));  // r4 r5 r6 r7 | r12 .. r15
+      v[i] = vf(_mm256_permute2f128_ps(lo, hi, 0x20)), v[i + 1] = vf(_mm256_permute2f128_ps(lo, hi, 0x31));
     }
   }
 #endif
@@ -332,7 +332,8 @@ __attribute__((always_inline)) inline void blockq_rows(const float* x, const int
 #ifdef NMS_NIB
     if constexpr (NIB) {
       // int4: each 16-row piece of a kept column is one qword (row r's nibble at bits 4r, stored q + 8),
-      // broadcast from memory, then one variable shift and one mask give every lane its row's integer:
+      // read whole (AVX-512: broadcast, then one variable shift and one mask give every lane its row's
+      // integer; AVX2: its bytes zero-extended to lanes, then a mask or a shift):
       // the accumulators hold the rows in NibOrder's order until the block's end. One prefetch a cache
       // line of each stream (PER_LINE columns), not one a column: the loop is bound by its instructions.
 #if defined(__AVX512F__)
@@ -363,19 +364,14 @@ __attribute__((always_inline)) inline void blockq_rows(const float* x, const int
         for (int s = 0; s < S; ++s) {
           const uint8_t* wk = w[s] + k * KB;
           if (k % PER_LINE == 0) prefetch_bytes(wk + QPREFETCH);
-          const float xk = x[c[s][k]];
-          xs[s] += xk;
-          const vf xv = vsplat(xk);
+          const float* xp = x + c[s][k];
+          xs[s] += *xp;
+          const vf xv = vf(_mm256_broadcast_ss(xp));  // from memory: a load, no shuffle
 #pragma GCC unroll 16
           for (int h = 0; h < B / 16; ++h) {
-            long long piece;
-            std::memcpy(&piece, wk + 8 * h, 8);
-            const __m256i b = _mm256_set1_epi64x(piece);
-            ga[s][2 * h] = vf(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(b, nib.shift_a), nib.mask))) * xv +
-                           ga[s][2 * h];
-            ga[s][2 * h + 1] =
-                vf(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(b, nib.shift_b), nib.mask))) * xv +
-                ga[s][2 * h + 1];
+            const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(wk + 8 * h)));
+            ga[s][2 * h] = vf(_mm256_cvtepi32_ps(_mm256_and_si256(b, nib.mask))) * xv + ga[s][2 * h];
+            ga[s][2 * h + 1] = vf(_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4))) * xv + ga[s][2 * h + 1];
           }
         }
       }
