@@ -264,3 +264,23 @@ def test_plain_greedy_generate_runs_its_own_loop_and_equals_hf_generate(monkeypa
         model.generate(PROMPT, max_new_tokens=4, do_sample=False, repetition_penalty=1.3)
         model.generate(PROMPT, max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
     assert len(loops) == 4  # processors and score outputs: generate() itself
+
+
+def test_greedy_argmax_is_torch_argmax():
+    """The greedy loop's argmax (NumPy, on the calling thread) picks what torch.argmax picks: the first of
+    tied maxima, a NaN over any number, -inf rows, and non-float32 logits through torch itself."""
+    from nmsparse.runtime.decode import _argmax
+
+    nan, inf = float("nan"), float("inf")
+    rows = [[1.0, 3.0, 3.0, 2.0], [1.0, nan, 3.0, nan], [-inf, -inf, -inf], [5.0, inf, inf], [-1.0, -0.0, 0.0]]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):  # small integers: many ties; some rows with NaNs
+        row = torch.randint(-3, 3, (1000,), generator=g).float()
+        if _ % 2:
+            row[torch.randint(0, 1000, (3,), generator=g)] = nan
+        rows.append(row.tolist())
+    for row in rows:
+        t = torch.tensor(row).view(1, 1, -1)
+        assert _argmax(t) == int(t.argmax()), row[:8]
+    half = torch.tensor([0.5, 2.0, 2.0, -1.0], dtype=torch.bfloat16)
+    assert _argmax(half) == 1
