@@ -757,12 +757,14 @@ def test_recovery_under_a_time_budget_prints_elapsed_budget_and_time_left(tiny_l
     assert len(stats["history"]["seconds"]) == min(stats["steps"], 200)
 
 
-@pytest.mark.parametrize("weights,method", [("int8", "sparsegpt"), ("int4", "sparsegpt"), ("int8", "wanda")])
+@pytest.mark.parametrize("weights,method,extra", [("int8", "sparsegpt", []), ("int4", "sparsegpt", []),
+                                                  ("int8", "wanda", []), ("int4", "sparsegpt", ["--tune-steps", "2"])])
 def test_prune_and_quantize_in_one_pass_gives_an_export_the_runtime_reproduces_exactly(
-        tiny_llama_dir, tmp_path, capsys, weights, method):
+        tiny_llama_dir, tmp_path, capsys, weights, method, extra):
     """`prune --weights`: the export's Linear weights lie on the runtime's grid (the LM head included,
     tied to the embedding here), the manifest records the scheme, and convert(export, weights=...)
-    computes with exactly those values (no second rounding)."""
+    computes with exactly those values (no second rounding); scale tuning's folded scales are rounded
+    back onto the grid."""
     from nmsparse.export import load_export
     from nmsparse.runtime import _native, convert
     from nmsparse.runtime.modules import QuantLinear
@@ -770,9 +772,10 @@ def test_prune_and_quantize_in_one_pass_gives_an_export_the_runtime_reproduces_e
     out = tmp_path / "q"
     assert main(["prune", f"hf:{tiny_llama_dir}", "--method", method, "--samples", "4", "--seq-len", "32",
                  "--heldout-tokens", "256", "--window", "64", "--weights", weights, "--group-size", "32",
-                 "--out", str(out), "--json"]) == 0
+                 "--out", str(out), "--json", *extra]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["weights"]["weights"] == weights and report["weights"]["group"] == 32
+    assert ("tuning" in report) == bool(extra)
     layers = report["weights"]["layers"]
     assert {v["weights"] for k, v in layers.items() if k != "lm_head"} == {weights}
     assert layers["lm_head"] == {"weights": "int8", "layout": "dense", "reason": ""}  # dense layers: int8

@@ -197,8 +197,9 @@ def test_method_best_for_a_causal_lm_permutes_decoder_channels_then_runs_sparseg
     model = transformers.LlamaForCausalLM(config).eval()
     batch = {"input_ids": torch.randint(0, 100, (2, 16))}
     reference = model(**batch).logits
-    res = prune(model, PruneConfig("2:4", "best"), calibration=[batch], progress="none")
-    assert res.method == "best: sparsegpt + permute (1 sweep) + sequential" and res.calibration["sequential"]
+    res = prune(model, PruneConfig("2:4", "best", tune_steps=2), calibration=[batch], progress="none")
+    assert res.method == "best: sparsegpt + permute (1 sweep) + sequential + scale tuning"
+    assert res.calibration["sequential"] and res.tuning["steps"] == 2  # the run's own budget replaces best's
     folded = {r["fqn"] for r in res.permutation if r["folded_into"]}
     assert "model.layers.0.mlp.down_proj" in folded
     assert is_nm(model.model.layers[0].mlp.down_proj.weight.detach(), NMPattern(2, 4))

@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="magnitude",
         help="magnitude, wanda, ria, sparsegpt, or best (the most accurate pipeline measured for the model kind: "
         "for causal LMs sparsegpt + decoder permutation + sequential calibration on 256 windows of text:broad "
-        "unless --calib / --samples say otherwise; sparsegpt otherwise)",
+        "unless --calib / --samples say otherwise, then 4 minutes of scale tuning unless --tune-minutes says "
+        "otherwise; sparsegpt otherwise)",
     )
     parser.add_argument("--calib", help="calibration data: text:builtin, text:varied (the built-in text plus "
                         "standard-library docstrings), text:broad (text:varied plus the docstrings of numpy, torch, "
@@ -65,6 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recover-precision", choices=PRECISIONS, default="auto",
                         help="matmul precision of the recovery: bf16 (autocast; weights and optimizer state stay "
                              "float32), fp32, or auto: bf16 where the CPU/GPU multiplies it natively")
+    parser.add_argument("--tune-minutes", type=float,
+                        help="after pruning, fit the norms, the pruned layers' biases and one scale per input and "
+                             "output channel of each pruned layer to the dense model for this many minutes (weights "
+                             "and masks held; the scales are folded into the weights, so the export is an ordinary "
+                             "model with the same masks); 0 turns off --method best's 4 minutes")
+    parser.add_argument("--tune-steps", type=int, help="step budget of the scale tuning (instead of or with minutes)")
+    parser.add_argument("--tune-lr", type=float, default=3e-3, help="AdamW learning rate of the scale tuning")
     parser.add_argument("--heldout", help="held-out data of the fidelity measure: text:heldout (default for causal "
                         "LMs: built-in text calibration never sees), text:other (text of another source: the "
                         "dataset descriptions shipped with scikit-learn), text:PATH, or an image spec for vision "
@@ -114,6 +122,7 @@ def config_from_args(args: argparse.Namespace):
             sequential=args.sequential, asymmetric=args.asymmetric,
             recover_steps=args.recover_steps, recover_minutes=args.recover_minutes, recover_lr=args.recover_lr,
             recover_objective=args.recover_objective, recover_precision=args.recover_precision,
+            tune_steps=args.tune_steps, tune_minutes=args.tune_minutes, tune_lr=args.tune_lr,
             heldout=args.heldout, heldout_tokens=args.heldout_tokens,
             window=args.window, weights=args.weights, group_size=args.group_size, stream=args.stream,
             checkpoint=args.checkpoint, num_classes=args.num_classes, in_chans=args.in_chans)
@@ -144,7 +153,9 @@ def run(args: argparse.Namespace) -> int:
           f"{all(r.verified for r in result.sparse_rows)}; export reload max |diff| = {result.reload_max_abs_diff:.2e}")
     for key, value in (result.fidelity or {}).items():
         print(f"fidelity {key.replace('_', ' ')}: {value}")
-    if result.recovery:
-        print(f"recovery: {result.recovery}")
+    for name, run in (("scale tuning", result.tuning), ("recovery", result.recovery)):
+        if run:
+            print(f"{name}: {run['steps']} steps in {run['seconds']} s, loss {run['first_loss']:.4g} -> "
+                  f"{run['last_loss']:.4g}")
     print(f"wrote {Path(args.out)} (weights, manifest.json, report.json, report.md, plots)")
     return 0

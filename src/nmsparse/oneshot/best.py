@@ -12,7 +12,8 @@ class BestPipeline:
     """What ``method="best"`` runs: a method, mask refinement or not, the channel permutation's
     sweeps (None: no permutation), sequential calibration inside blocks or not, asymmetric
     calibration or not, the calibration data a source gets when none is named (None: the kind's
-    default) and its count of samples when none is given (None: 128)."""
+    default), its count of samples when none is given (None: 128) and the minutes of scale tuning after the
+    masks when the run gives none (None: no tuning; :mod:`.tune`)."""
 
     method: str
     refine: bool = False
@@ -21,21 +22,29 @@ class BestPipeline:
     asymmetric: bool = False
     calib: str | None = None
     samples: int | None = None
+    tune_minutes: float | None = None
 
     def __str__(self) -> str:
         return self.method + (" + refine" if self.refine else "") + (
             f" + permute ({self.permute} sweep{'s' if self.permute != 1 else ''})" if self.permute else "") + (
-            " + sequential" if self.sequential else "") + (" + asymmetric" if self.asymmetric else "")
+            " + sequential" if self.sequential else "") + (" + asymmetric" if self.asymmetric else "") + (
+            " + scale tuning" if self.tune_minutes else "")
+
+    def label(self, tuned: bool) -> str:
+        """What ran, for the report: this pipeline, with scale tuning only where the run tuned (a run's own
+        ``tune_minutes=0`` turns it off, its own budget replaces this one's)."""
+        text = str(self).replace(" + scale tuning", "")
+        return text + (" + scale tuning" if tuned else "")
 
 
 # ``--method best``: the most accurate one-shot pipeline per model kind, by measurement (causal LMs:
 # SmolLM2-135M 2:4, perplexity on text of another source than the calibration text; the figures of every
 # candidate are in docs/benchmarks.md, "One-shot accuracy on text of another source"; calibration on
 # text:broad, 2.78x dense perplexity against 3.10x on text:varied and 3.37x on the built-in text; 256 windows
-# of it 3% below 128 with each of two seeds: 2.72x / 2.80x and 2.82x / 2.91x). Encoders and classifiers have no
-# measurement yet and get sparsegpt alone.
+# of it 3% below 128 with each of two seeds: 2.72x / 2.80x and 2.82x / 2.91x; four minutes of scale tuning after
+# the masks, 2.73x -> 2.00x). Encoders and classifiers have no measurement yet and get sparsegpt alone.
 BEST: dict[str, BestPipeline] = {"causal_lm": BestPipeline("sparsegpt", False, 1, True, calib="text:broad",
-                                                           samples=256),
+                                                           samples=256, tune_minutes=4.0),
                                  "encoder": BestPipeline("sparsegpt"), "classifier": BestPipeline("sparsegpt")}
 
 

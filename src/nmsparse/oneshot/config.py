@@ -15,7 +15,8 @@ __all__ = ["PruneConfig", "ConfigError"]
 # field -> (smallest allowed value, what it counts); None values are "not set" and pass
 _MINIMUM = {"samples": (1, "calibration samples"), "seq_len": (1, "tokens per sample"), "seed": (0, "a seed"),
             "permute_sweeps": (1, "sweeps"), "recover_steps": (1, "steps"), "recover_minutes": (0.01, "minutes"),
-            "recover_lr": (1e-12, "a learning rate"), "heldout_tokens": (2, "tokens"), "window": (2, "tokens"),
+            "recover_lr": (1e-12, "a learning rate"), "tune_steps": (1, "steps"), "tune_minutes": (0, "minutes"),
+            "tune_lr": (1e-12, "a learning rate"), "heldout_tokens": (2, "tokens"), "window": (2, "tokens"),
             "num_classes": (1, "classes"), "in_chans": (1, "channels")}
 
 
@@ -41,7 +42,10 @@ class PruneConfig:
     window: perplexity window (causal LMs).
     recover_steps / recover_minutes / recover_lr / recover_objective / recover_precision: distillation from
         the dense model after pruning (steps and/or a time budget; None for both: no recovery; precision
-        ``auto`` / ``fp32`` / ``bf16``, see :func:`nmsparse.oneshot.recover`).
+        ``auto`` / ``fp32`` / ``bf16``, see :func:`nmsparse.oneshot.recover`; the precision of scale tuning too).
+    tune_steps / tune_minutes / tune_lr: scale tuning after pruning, before recovery (:mod:`.tune`: the norms,
+        the pruned layers' biases and per-channel scales fitted by distillation, weights and masks held, scales
+        folded into the weights; None for both: none, or the ``best`` pipeline's own budget; 0 minutes: off).
 
     Read only when the model is a source (the data of its kind is built from them):
     calib / samples / seq_len / seed: calibration data spec (None: the kind's default where the run
@@ -75,6 +79,9 @@ class PruneConfig:
     recover_lr: float = 2e-4
     recover_objective: str = "auto"
     recover_precision: str = "auto"
+    tune_steps: int | None = None
+    tune_minutes: float | None = None
+    tune_lr: float = 3e-3
     heldout: str | None = None
     heldout_tokens: int = 4096
     window: int = 512
@@ -106,9 +113,9 @@ class PruneConfig:
         if self.stream and self.weights != "fp32":
             raise ConfigError(["stream writes float32 exports; weights int8/int4 need the in-memory pipeline "
                                "(drop stream)"])
-        if self.stream and (self.recovering or self.permute_sweeps or self.checkpoint):
-            raise ConfigError(["stream cannot be combined with recovery, permute or checkpoint (each needs the "
-                               "whole model in memory)"])
+        if self.stream and (self.recovering or self.tuning or self.permute_sweeps or self.checkpoint):
+            raise ConfigError(["stream cannot be combined with recovery, tuning, permute or checkpoint (each needs "
+                               "the whole model in memory)"])
 
     def samples_for(self, best_samples: int | None = None) -> int:
         """The calibration samples of the run: ``samples`` where given, else the ``best`` pipeline's own
@@ -118,3 +125,17 @@ class PruneConfig:
     @property
     def recovering(self) -> bool:
         return bool(self.recover_steps or self.recover_minutes)
+
+    @property
+    def tuning(self) -> bool:
+        """Scale tuning asked for by the config itself (``best`` may add its own: :meth:`tune_budget`)."""
+        return bool(self.tune_steps or self.tune_minutes)
+
+    def tune_budget(self, best_minutes: float | None = None) -> tuple[int | None, float | None]:
+        """``(steps, minutes)`` of the run's scale tuning, ``(None, None)`` for none: the config's own, else the
+        ``best`` pipeline's minutes (``best_minutes``) for method ``best``; ``tune_minutes=0`` turns it off."""
+        if self.tune_minutes == 0:
+            return self.tune_steps, None
+        if self.tuning:
+            return self.tune_steps, self.tune_minutes
+        return None, (best_minutes if self.method == "best" else None)

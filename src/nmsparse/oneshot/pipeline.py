@@ -6,8 +6,9 @@ source name (``timm:``, ``torchvision:``, ``hf:``, ``gguf:`` or an export) inste
 
 * calibration (calibrated methods, ``refine``, ``best``, recovery): ``text:builtin`` for text models,
   ``digits`` for vision models, ``samples`` windows of ``seq_len`` tokens;
-* recovery data: causal LMs train on fresh windows of the calibration text (another seed, batches of
-  8); encoders on whole sentences of it, batched by length; other models on the calibration batches;
+* recovery and scale-tuning data: causal LMs train on fresh windows of the calibration text (another seed,
+  batches of 8); encoders on whole sentences of it, batched by length; other models on the calibration
+  batches;
 * held-out data (the fidelity measure): causal LMs ``text:heldout`` (built-in text calibration never
   sees); encoders sentences of it; vision models another draw of their images.
 
@@ -49,34 +50,40 @@ def open_source(model: str, config: PruneConfig) -> Prepared:
     from .best import best_pipeline
     from .data import build_calibration, heldout_data
     from .fidelity import model_kind
+    from .recover import Recovery
+    from .tune import Tuning
 
     net, source = open_model(model, num_classes=config.num_classes, in_chans=config.in_chans)
     if config.checkpoint:
         load_weights(net, config.checkpoint)
     net.eval()
     kind = model_kind(net)
+    tune_steps, tune_minutes = config.tune_budget(best_pipeline(kind).tune_minutes)
+    tuning = bool(tune_steps or tune_minutes)
     calibrated = (config.method == "best" or isinstance(build_method(config.method), CalibratedMethod)
                   or config.calib or config.recovering or config.refine
-                  or config.sequential or config.asymmetric)
+                  or config.sequential or config.asymmetric or tuning)
     best = best_pipeline(kind)
     best_calib = best.calib if config.method == "best" else None  # best's own data
     spec = config.calib or best_calib or ("text:builtin" if source.is_text else "digits")
     samples = config.samples_for(best.samples)
     batches = (build_calibration(spec, net, source, samples, config.seq_len, config.seed)
                if calibrated else None)
-    recovery = _recovery(config, kind, source, spec, batches, samples) if config.recovering else None
+    train = _training_batches(config, kind, source, spec, batches, samples) if config.recovering or tuning else None
+    recovery = Recovery.of(config, train) if config.recovering else None
+    tune = Tuning.of(config, train, tune_steps, tune_minutes) if tuning else None
     heldout = None
     if source.is_text or calibrated:
         heldout = heldout_data(net, source, kind, config.heldout, config.heldout_tokens, seed=config.seed)
-    return Prepared(net, {"calibration": batches, "heldout": heldout, "recover": recovery, "source": source,
-                          "example_inputs": example_input(net, source),
-                          "describe": _describe(model, config, kind, spec, samples, batches, heldout, recovery)})
+    return Prepared(net, {"calibration": batches, "heldout": heldout, "recover": recovery, "tune": tune,
+                          "source": source, "example_inputs": example_input(net, source),
+                          "describe": _describe(model, config, kind, spec, samples, batches, heldout, train)})
 
 
-def _recovery(config: PruneConfig, kind: str, source: Any, spec: str, batches: list[Any] | None, samples: int):
-    """The recovery of ``config`` with its model kind's training data (see the module docstring)."""
+def _training_batches(config: PruneConfig, kind: str, source: Any, spec: str, batches: list[Any] | None,
+                      samples: int) -> list[Any] | None:
+    """The recovery's and the scale tuning's training data for the model's kind (see the module docstring)."""
     from .data import load_texts, load_tokenizer, sentence_training_batches, token_windows
-    from .recover import Recovery
 
     train = batches
     if kind == "encoder":  # whole sentences of the calibration text, batched by length
@@ -85,11 +92,11 @@ def _recovery(config: PruneConfig, kind: str, source: Any, spec: str, batches: l
     elif kind == "causal_lm":  # fresh windows of the calibration text, small batches (more steps per minute)
         train = token_windows(load_tokenizer(source.hf_dir), load_texts(spec), max(512, samples),
                               config.seq_len, seed=config.seed + 1, batch_size=8)
-    return Recovery.of(config, train)
+    return train
 
 
 def _describe(model: str, config: PruneConfig, kind: str, spec: str, samples: int, batches, heldout,
-              recovery) -> dict:
+              train) -> dict:
     """The data of each step, for the report: calibration, the fidelity measure, the recovery."""
     heldout_spec = {"causal_lm": config.heldout or "text:heldout",
                     "encoder": f"sentences of {config.heldout or 'text:heldout'}"}.get(
@@ -101,7 +108,7 @@ def _describe(model: str, config: PruneConfig, kind: str, spec: str, samples: in
         calibration["text_chars"] = len(load_texts(spec))
     return {"model": model, "calibration": calibration,
             "heldout": heldout_spec if heldout is not None else None,
-            "recovery_data": None if recovery is None else {
+            "recovery_data": None if train is None else {
                 "causal_lm": f"{spec} (windows drawn with another seed than calibration's)",
                 "encoder": f"sentences of {spec}"}.get(kind, f"the calibration batches ({spec})")}
 

@@ -23,8 +23,9 @@ from .config import ConfigError, PruneConfig
 from .fidelity import FidelityCheck, model_kind
 from .recover import Recovery
 from .result import LayerRow, PruneResult
+from .tune import Tuning
 
-__all__ = ["Recovery", "prune", "best_pipeline", "BEST", "BestPipeline"]
+__all__ = ["Recovery", "Tuning", "prune", "best_pipeline", "BEST", "BestPipeline"]
 
 class _Stages:
     """Wall-clock seconds of each stage of a prune (the report's ``seconds``)."""
@@ -43,7 +44,7 @@ def prune(
     model: nn.Module | str, config: PruneConfig | None = None, *, out: str | Path | None = None,
     calibration: list[Any] | None = None, heldout: Any = None, recover: Recovery | None = None, source: Any = None,
     example_inputs: Any = None, describe: dict[str, Any] | None = None, progress: str = "auto",
-    micro_batch: int | None = 4,
+    micro_batch: int | None = 4, tune: Tuning | None = None,
 ) -> PruneResult:
     """Prune a model once and bake the masks into its weights: the one entry point of one-shot pruning
     (``nmsparse prune`` parses its flags into a :class:`PruneConfig` and calls this).
@@ -66,9 +67,13 @@ def prune(
             batches for encoders, input batches for classifiers; measured on the dense model, after
             pruning and after recovery.
         recover: a :class:`Recovery` run after pruning (the dense model is the teacher).
+        tune: a :class:`~nmsparse.oneshot.tune.Tuning` run after pruning, before recovery: the norms, the
+            pruned layers' biases and per-channel scales fitted to the dense model, weights and masks held,
+            scales folded into the weights (:mod:`nmsparse.oneshot.tune`). A config that tunes (its own
+            ``tune_*`` or ``best``'s budget) without ``tune`` tunes on ``calibration``.
         describe: facts for the report a caller knows and ``prune`` does not: ``{"model": name,
             "calibration": {"source": ..., "samples": ..., ...}, "heldout": what the fidelity measure
-            read, "recovery_data": what the recovery trained on}``.
+            read, "recovery_data": what the recovery and the scale tuning trained on}``.
         progress: ``auto``, ``bar``, ``lines`` or ``none``.
         micro_batch: samples per block forward of calibrated pruning.
 
@@ -93,7 +98,8 @@ def prune(
                            "PruneConfig(pattern='2:4', method='sparsegpt'))"])
     if isinstance(model, (str, Path)):
         given = [k for k, v in {"calibration": calibration, "heldout": heldout, "recover": recover, "source": source,
-                                "example_inputs": example_inputs, "describe": describe}.items() if v is not None]
+                                "example_inputs": example_inputs, "describe": describe, "tune": tune}.items()
+                 if v is not None]
         if given:
             raise ConfigError([f"a model source builds its own data; leave out {', '.join(given)} (or pass the "
                                "model itself)"])
@@ -111,15 +117,19 @@ def prune(
                            "calibration= batches"])
     if recover is None and config.recovering:
         recover = Recovery.of(config, calibration)
+    if tune is None:
+        steps, minutes = config.tune_budget(best_pipeline(model_kind(model)).tune_minutes)
+        tune = Tuning.of(config, calibration, steps, minutes) if steps or minutes else None
     return _prune_model(model, config, out=out, calibration=calibration, heldout=heldout, recover=recover,
                         source=source, example_inputs=example_inputs, describe=describe, progress=progress,
-                        micro_batch=micro_batch)
+                        micro_batch=micro_batch, tune=tune)
 
 
 def _prune_model(model: nn.Module, config: PruneConfig, *, out: str | Path | None, calibration: list[Any] | None,
                  heldout: Any, recover: Recovery | None, source: Any, example_inputs: Any,
-                 describe: dict[str, Any] | None, progress: str, micro_batch: int | None) -> PruneResult:
-    """The in-memory pipeline: permute -> calibrate and prune -> fidelity -> recover -> export."""
+                 describe: dict[str, Any] | None, progress: str, micro_batch: int | None,
+                 tune: Tuning | None = None) -> PruneResult:
+    """The in-memory pipeline: permute -> calibrate and prune -> tune -> fidelity -> recover -> export."""
     best, method, built, scheme, refine, permute, sequential, asymmetric = _resolve(model, config, calibration)
     if out is not None and (source is None or example_inputs is None):
         raise ValueError("writing an export needs source= (how to rebuild the model) and example_inputs=")
@@ -127,9 +137,9 @@ def _prune_model(model: nn.Module, config: PruneConfig, *, out: str | Path | Non
     text = str(parse_pattern(pattern)) if isinstance(pattern, str) else str(pattern)
     result = PruneResult([], [], method=method, pattern=text)
     if best is not None:
-        result.method = f"best: {best}"
+        result.method = f"best: {best.label(tune is not None)}"
     clock = _Stages()
-    reference = _reference(model, recover is not None, out is not None and bool(permute))
+    reference = _reference(model, recover is not None or tune is not None, out is not None and bool(permute))
     model.eval()
     check = FidelityCheck(model, heldout, config.window) if heldout is not None else None
     clock.lap("fidelity (dense)")
@@ -138,8 +148,9 @@ def _prune_model(model: nn.Module, config: PruneConfig, *, out: str | Path | Non
     if scheme is not None:
         result.weights = _snap(model, result, scheme, method)
     clock.lap("prune")
+    before = _tune(model, reference, result, tune, scheme, check, clock, progress) if tune is not None else {}
     if check is not None:
-        result.fidelity = {"measure": check.measure, "dense": check.dense(), "one_shot": check(model)}
+        result.fidelity = {"measure": check.measure, "dense": check.dense(), **before, "one_shot": check(model)}
         clock.lap("fidelity (one-shot)")
     if recover is not None:
         assert reference is not None
@@ -215,6 +226,27 @@ def _masks(model: nn.Module, result: PruneResult, built, pattern: str | Pattern,
         raise MethodError(nothing_selected(model, f"for pattern {result.pattern}"))
 
 
+def _tune(model: nn.Module, reference: nn.Module | None, result: PruneResult, tune: Tuning, scheme,
+          check: FidelityCheck | None, clock: _Stages, progress: str) -> dict[str, Any]:
+    """Scale tuning after the masks (and the grid, where quantized: tuning starts from the model as the masks
+    left it and its values are rounded again after); ``{"before_tuning": fidelity}`` where measured."""
+    from .quantize import snap_to_grid
+    from .tune import tune_scales
+
+    assert reference is not None
+    before = {}
+    if check is not None:
+        before = {"before_tuning": check(model)}
+        clock.lap("fidelity (before tuning)")
+    result.tuning = tune_scales(model, reference, result.layers, tune.batches, tune.steps, tune.seconds, tune.lr,
+                                progress=progress, objective=tune.objective, precision=tune.precision)
+    result.tuning["lr"] = tune.lr
+    if scheme is not None:  # the folded scales moved the values off the grid: round them again
+        result.weights["layers"] = snap_to_grid(model, result.layers, scheme)  # type: ignore[index]
+    clock.lap("tuning")
+    return before
+
+
 def _recover(model: nn.Module, reference: nn.Module, result: PruneResult, recover: Recovery, scheme,
              check: FidelityCheck | None, clock: _Stages, progress: str) -> None:
     from .recover import recover as distil
@@ -239,12 +271,13 @@ def _describe(result: PruneResult, describe: dict[str, Any]) -> None:
         result.calibration = {**describe["calibration"], **result.calibration}
     if describe.get("heldout") and result.fidelity is not None:
         result.fidelity["heldout"] = describe["heldout"]  # which text the measure read
-    if describe.get("recovery_data") and result.recovery is not None:
-        result.recovery["data"] = describe["recovery_data"]
+    for run in (result.tuning, result.recovery):
+        if describe.get("recovery_data") and run is not None:
+            run["data"] = describe["recovery_data"]
 
 
 def _reference(model: nn.Module, recovering: bool, reload_permuted: bool) -> nn.Module | None:
-    """A copy of the dense original where one is needed: the teacher of a recovery, and (with a
+    """A copy of the dense original where one is needed: the teacher of a recovery or a tuning, and (with a
     permutation, which the export records and load_export re-attaches) the skeleton of the reload check,
     whose outputs are compared. Otherwise no copy is held (SmolLM2: 538 MB) and the check reads every
     stored tensor back against the model's (compare_export)."""

@@ -19,7 +19,7 @@ from ..select import Rule, Selection
 from ..sparsifier import Sparsifier
 from .fidelity import mean_pool, model_kind
 
-__all__ = ["Recovery", "recover", "OBJECTIVES"]
+__all__ = ["Recovery", "recover", "distil", "OBJECTIVES"]
 
 
 @dataclass
@@ -126,7 +126,7 @@ def _forward(model: nn.Module, batch: Any, hidden_states: bool) -> Any:
     return run_model(model, batch)
 
 
-def _objective(student: nn.Module, batches: list[Any], objective: str, steps: int | None,
+def resolve_objective(student: nn.Module, batches: list[Any], objective: str, steps: int | None,
                max_seconds: float | None, schedule: str) -> str:
     """The recovery's arguments checked, and ``auto`` resolved to the objective it runs."""
     if not steps and not max_seconds:
@@ -218,13 +218,25 @@ def recover(
         ``{"steps", "seconds", "first_loss", "last_loss", "objective", "precision", "history"}`` (``history``: the loss
         curve, ``{"step", "seconds", "loss"}`` lists of at most 200 points); the student is squashed again.
     """
-    objective = _objective(student, batches, objective, steps, max_seconds, schedule)
+    objective = resolve_objective(student, batches, objective, steps, max_seconds, schedule)
+    sparsifier = _hold_masks(student, layers)
+    params = [p for p in student.parameters() if p.requires_grad]
+    stats = distil(student, teacher, params, batches, objective, steps, max_seconds, lr, progress, dropout, schedule,
+                   precision)
+    sparsifier.squash()
+    return stats
+
+
+def distil(student: nn.Module, teacher: nn.Module, params: list[torch.Tensor], batches: list[Any], objective: str,
+           steps: int | None, max_seconds: float | None, lr: float, progress: str = "auto", dropout: bool = False,
+           schedule: str = "cosine", precision: str = "auto") -> dict[str, Any]:
+    """The distillation loop of :func:`recover` and of scale tuning (:mod:`.tune`): AdamW on ``params``
+    (the learning rate decayed over the step or time budget), ``objective`` already resolved; the student
+    is left in eval mode. Returns the stats :func:`recover` documents."""
     device = next(student.parameters()).device
     precision = resolve_precision(precision, device)
-    sparsifier = _hold_masks(student, layers)
     teacher.eval()
     student.train(dropout)
-    params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     total = steps or 10**9
     bar = Progress(steps or 0, 0, progress, every=max(1, (steps or 100) // 10), budget_seconds=max_seconds)
@@ -248,7 +260,6 @@ def recover(
         bar.update(step, f"loss {value:.5f}")
     bar.close()
     student.eval()
-    sparsifier.squash()
     return {"steps": step, "seconds": round(time.perf_counter() - start, 1), "first_loss": first, "last_loss": last,
             "objective": objective, "precision": precision, "history": _thin(history)}
 

@@ -2,8 +2,9 @@
 
 * ``layer_error.png``: one bar per pruned layer (its reconstruction error on the calibration inputs),
   grouped by block, coloured by projection;
+* ``tuning_loss.png``: the scale tuning's distillation loss over time;
 * ``recovery_loss.png``: the recovery's distillation loss over time;
-* ``fidelity.png``: the fidelity measure of the dense, one-shot and recovered models.
+* ``fidelity.png``: the fidelity measure of the dense, pruned (before tuning), one-shot and recovered models.
 
 A plot is written only where its data exists (a prune without calibration measures no layer error).
 Each PNG carries the numbers it draws as JSON in its ``nmsparse-data`` text chunk, the same numbers
@@ -20,7 +21,7 @@ from typing import Any
 
 __all__ = ["report_files", "report_markdown", "PLOT_NAMES", "plot_data"]
 
-PLOT_NAMES = ("layer_error.png", "recovery_loss.png", "fidelity.png")
+PLOT_NAMES = ("layer_error.png", "tuning_loss.png", "recovery_loss.png", "fidelity.png")
 _DATA_KEY = "nmsparse-data"
 
 
@@ -51,7 +52,7 @@ def _fidelity_value(entry: dict[str, Any]) -> tuple[str, float] | None:
 def _fidelity_data(report: dict[str, Any]) -> dict[str, Any] | None:
     fidelity = report.get("fidelity") or {}
     stages, values, name = [], [], None
-    for stage in ("dense", "one_shot", "recovered"):
+    for stage in ("dense", "before_tuning", "one_shot", "recovered"):
         found = _fidelity_value(fidelity.get(stage) or {})
         if found is not None:
             name = found[0]
@@ -62,15 +63,15 @@ def _fidelity_data(report: dict[str, Any]) -> dict[str, Any] | None:
     return {"measure": name, "stage": stages, "value": values}
 
 
-def _recovery_data(report: dict[str, Any]) -> dict[str, Any] | None:
-    history = (report.get("recovery") or {}).get("history")
+def _history_data(report: dict[str, Any], stage: str) -> dict[str, Any] | None:
+    history = (report.get(stage) or {}).get("history")
     return dict(history) if history and history.get("step") else None
 
 
 def plot_data(report: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
     """The numbers each plot draws, taken from the report: ``{plot name: data or None}``."""
-    return {"layer_error.png": _layer_error_data(report), "recovery_loss.png": _recovery_data(report),
-            "fidelity.png": _fidelity_data(report)}
+    return {"layer_error.png": _layer_error_data(report), "tuning_loss.png": _history_data(report, "tuning"),
+            "recovery_loss.png": _history_data(report, "recovery"), "fidelity.png": _fidelity_data(report)}
 
 
 def _png(fig, data: dict[str, Any]) -> bytes:
@@ -111,7 +112,7 @@ def _plot_layer_error(data: dict[str, Any], title: str) -> bytes:
     return _png(fig, data)
 
 
-def _plot_recovery(data: dict[str, Any], title: str) -> bytes:
+def _plot_loss(data: dict[str, Any], title: str) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
@@ -126,7 +127,9 @@ def _plot_fidelity(data: dict[str, Any], title: str) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.0, 3.2))
-    bars = ax.bar(data["stage"], data["value"], color=["#999999", "#dd8452", "#4c72b0"][: len(data["stage"])])
+    colours = {"dense": "#999999", "before_tuning": "#c44e52", "one_shot": "#dd8452", "recovered": "#4c72b0"}
+    bars = ax.bar([s.replace("_", " ") for s in data["stage"]], data["value"],
+                  color=[colours[s] for s in data["stage"]])
     ax.bar_label(bars, fmt="%.4g", fontsize=8)
     ax.set_ylabel(data["measure"].replace("_", " "))
     ax.set_title(title, fontsize=9)
@@ -154,11 +157,13 @@ def report_markdown(report: dict[str, Any]) -> str:
     if fidelity:
         lines += ["", f"## Fidelity ({fidelity['measure'].replace('_', ' ')})", "", "| model | value |", "|---|---|"]
         lines += [f"| {s.replace('_', ' ')} | {v:.4g} |" for s, v in zip(fidelity["stage"], fidelity["value"])]
-    recovery = report.get("recovery")
-    if recovery:
-        lines += ["", "## Recovery", "",
-                  f"{recovery.get('steps')} steps in {recovery.get('seconds')} s ({recovery.get('objective')}); "
-                  f"loss {recovery.get('first_loss'):.4g} -> {recovery.get('last_loss'):.4g}"]
+    for stage, heading in (("tuning", "Scale tuning"), ("recovery", "Recovery")):
+        run = report.get(stage)
+        if run:
+            trained = f"; {run['params']:,} numbers trained ({run.get('what')})" if run.get("params") else ""
+            lines += ["", f"## {heading}", "",
+                      f"{run.get('steps')} steps in {run.get('seconds')} s ({run.get('objective')}); "
+                      f"loss {run.get('first_loss'):.4g} -> {run.get('last_loss'):.4g}{trained}"]
     worst = sorted((r for r in sparse if r.get("reconstruction_error") is not None),
                    key=lambda r: -r["reconstruction_error"])[:5]
     if worst:
@@ -188,7 +193,8 @@ def report_files(report: dict[str, Any]) -> dict[str, str | bytes]:
     title = f"{report.get('model', '')} {report.get('pattern')} {report.get('method')}".strip()
     files: dict[str, str | bytes] = {"report.json": json.dumps(report, indent=2) + "\n",
                                      "report.md": report_markdown(report)}
-    draw = {"layer_error.png": _plot_layer_error, "recovery_loss.png": _plot_recovery, "fidelity.png": _plot_fidelity}
+    draw = {"layer_error.png": _plot_layer_error, "tuning_loss.png": _plot_loss, "recovery_loss.png": _plot_loss,
+            "fidelity.png": _plot_fidelity}
     for name, data in plot_data(report).items():
         if data:
             files[name] = draw[name](data, title)

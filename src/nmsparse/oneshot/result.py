@@ -46,7 +46,9 @@ class PruneResult:
         method / pattern: as asked.
         calibration: facts about the calibration data (None when there was none).
         permutation: per-layer channel-permutation rows (None when not asked).
-        fidelity: ``{"measure", "dense", "one_shot", "recovered"}`` (the model kind's measure), or None.
+        fidelity: ``{"measure", "dense", "before_tuning", "one_shot", "recovered"}`` (the model kind's measure;
+            ``one_shot`` is the one-shot pipeline's result, after scale tuning where it ran), or None.
+        tuning: the scale tuning's steps, seconds, losses and numbers trained, or None.
         recovery: the recovery's steps, seconds and losses, or None.
         export: the export directory written, and ``reload_max_abs_diff`` of its reload check.
         model: the model's name as the caller gave it (None: not given).
@@ -62,6 +64,7 @@ class PruneResult:
     calibration: dict[str, Any] | None = None
     permutation: list[dict[str, Any]] | None = None
     fidelity: dict[str, Any] | None = None
+    tuning: dict[str, Any] | None = None
     recovery: dict[str, Any] | None = None
     export: str | None = None
     reload_max_abs_diff: float | None = None
@@ -78,7 +81,7 @@ class PruneResult:
         out: dict[str, Any] = {"method": self.method, "pattern": self.pattern}
         if self.model is not None:
             out["model"] = self.model
-        for key in ("calibration", "permutation", "weights", "fidelity", "recovery", "seconds", "export",
+        for key in ("calibration", "permutation", "weights", "fidelity", "tuning", "recovery", "seconds", "export",
                     "reload_max_abs_diff"):
             value = getattr(self, key)
             if value is not None:
