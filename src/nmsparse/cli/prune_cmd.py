@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="magnitude",
         help="magnitude, wanda, ria, sparsegpt, or best (the most accurate pipeline measured for the model kind: "
         "for causal LMs sparsegpt + decoder permutation + sequential calibration on 256 windows of text:broad "
-        "unless --calib / --samples say otherwise, then 4 minutes of scale tuning unless --tune-minutes says "
+        "unless --calib / --samples say otherwise, then 6 minutes of scale tuning unless --tune-minutes says "
         "otherwise; sparsegpt otherwise)",
     )
     parser.add_argument("--calib", help="calibration data: text:builtin, text:varied (the built-in text plus "
@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="after pruning, fit the norms, the pruned layers' biases and one scale per input and "
                              "output channel of each pruned layer to the dense model for this many minutes (weights "
                              "and masks held; the scales are folded into the weights, so the export is an ordinary "
-                             "model with the same masks); 0 turns off --method best's 4 minutes")
+                             "model with the same masks); 0 turns off --method best's 6 minutes")
     parser.add_argument("--tune-steps", type=int, help="step budget of the scale tuning (instead of or with minutes)")
     parser.add_argument("--tune-lr", type=float, default=3e-3, help="AdamW learning rate of the scale tuning")
     parser.add_argument("--heldout", help="held-out data of the fidelity measure: text:heldout (default for causal "

@@ -9,6 +9,7 @@ kind's defaults; one :class:`PruneConfig` describes the run.
 * :mod:`.calibrate` -- block-by-block calibration statistics and per-layer pruning;
 * :mod:`.data` -- calibration and held-out data (text windows, sentences, images);
 * :mod:`.fidelity` -- the measure chosen by model kind (perplexity, embedding cosine, output agreement);
+* :mod:`.tune` -- scale tuning: norms and per-channel scales fitted to the dense model, folded into the weights;
 * :mod:`.recover` -- distillation from the dense model with masks held;
 * :mod:`.result` -- :class:`PruneResult` and its rows, :class:`LayerRow`.
 """
@@ -21,6 +22,7 @@ from .fidelity import FidelityCheck, model_kind, perplexity
 from .prune import prune
 from .recover import Recovery, recover
 from .result import LayerRow, PruneResult
+from .tune import Tuning, tune_scales
 
 __all__ = ["CalibrationError", "FidelityCheck", "LayerRow", "PruneConfig", "PruneResult", "Recovery", "find_blocks",
-           "model_kind", "perplexity", "prune", "recover", "run_model"]
+           "Tuning", "model_kind", "perplexity", "prune", "recover", "run_model", "tune_scales"]

@@ -71,7 +71,7 @@ def open_source(model: str, config: PruneConfig) -> Prepared:
                if calibrated else None)
     train = _training_batches(config, kind, source, spec, batches, samples) if config.recovering or tuning else None
     recovery = Recovery.of(config, train) if config.recovering else None
-    tune = Tuning.of(config, train, tune_steps, tune_minutes) if tuning else None
+    tune = Tuning.of_budget(config, train, tune_steps, tune_minutes) if tuning else None
     heldout = None
     if source.is_text or calibrated:
         heldout = heldout_data(net, source, kind, config.heldout, config.heldout_tokens, seed=config.seed)

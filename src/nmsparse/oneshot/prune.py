@@ -115,14 +115,22 @@ def prune(
     if config.calib is not None and calibration is None:
         raise ConfigError([f"calib={config.calib!r} names data for a model source; with a model in memory pass "
                            "calibration= batches"])
+    recover, tune = _training(config, model, calibration, recover, tune)
+    return _prune_model(model, config, out=out, calibration=calibration, heldout=heldout, recover=recover,
+                        source=source, example_inputs=example_inputs, describe=describe, progress=progress,
+                        micro_batch=micro_batch, tune=tune)
+
+
+def _training(config: PruneConfig, model: nn.Module, calibration: list[Any] | None, recover: Recovery | None,
+              tune: Tuning | None) -> tuple[Recovery | None, Tuning | None]:
+    """The recovery and scale tuning the config asks for (its own budgets, or ``best``'s tuning) where the caller
+    passed none, training on the calibration batches."""
     if recover is None and config.recovering:
         recover = Recovery.of(config, calibration)
     if tune is None:
         steps, minutes = config.tune_budget(best_pipeline(model_kind(model)).tune_minutes)
-        tune = Tuning.of(config, calibration, steps, minutes) if steps or minutes else None
-    return _prune_model(model, config, out=out, calibration=calibration, heldout=heldout, recover=recover,
-                        source=source, example_inputs=example_inputs, describe=describe, progress=progress,
-                        micro_batch=micro_batch, tune=tune)
+        tune = Tuning.of_budget(config, calibration, steps, minutes) if steps or minutes else None
+    return recover, tune
 
 
 def _prune_model(model: nn.Module, config: PruneConfig, *, out: str | Path | None, calibration: list[Any] | None,

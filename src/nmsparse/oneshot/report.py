@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import textwrap
 from typing import Any
 
 __all__ = ["report_files", "report_markdown", "PLOT_NAMES", "plot_data"]
@@ -190,7 +191,8 @@ def report_files(report: dict[str, Any]) -> dict[str, str | bytes]:
     import matplotlib
 
     matplotlib.use("Agg")
-    title = f"{report.get('model', '')} {report.get('pattern')} {report.get('method')}".strip()
+    title = "\n".join(textwrap.wrap(f"{report.get('model', '')} {report.get('pattern')} {report.get('method')}".strip(),
+                                     60))  # long method names on two lines, not cut off
     files: dict[str, str | bytes] = {"report.json": json.dumps(report, indent=2) + "\n",
                                      "report.md": report_markdown(report)}
     draw = {"layer_error.png": _plot_layer_error, "tuning_loss.png": _plot_loss, "recovery_loss.png": _plot_loss,
