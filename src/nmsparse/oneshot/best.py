@@ -27,14 +27,12 @@ class BestPipeline:
     def __str__(self) -> str:
         return self.method + (" + refine" if self.refine else "") + (
             f" + permute ({self.permute} sweep{'s' if self.permute != 1 else ''})" if self.permute else "") + (
-            " + sequential" if self.sequential else "") + (" + asymmetric" if self.asymmetric else "") + (
-            " + scale tuning" if self.tune_minutes else "")
+            " + sequential" if self.sequential else "") + (" + asymmetric" if self.asymmetric else "")
 
     def label(self, tuned: bool) -> str:
-        """What ran, for the report: this pipeline, with scale tuning only where the run tuned (a run's own
-        ``tune_minutes=0`` turns it off, its own budget replaces this one's)."""
-        text = str(self).replace(" + scale tuning", "")
-        return text + (" + scale tuning" if tuned else "")
+        """What ran, for the report: the masks' pipeline (``str``), then scale tuning where the run tuned (a
+        run's own ``tune_minutes=0`` turns it off, its own budget replaces this one's)."""
+        return str(self) + (" + scale tuning" if tuned else "")
 
 
 # ``--method best``: the most accurate one-shot pipeline per model kind, by measurement (causal LMs:

@@ -58,12 +58,12 @@ def open_source(model: str, config: PruneConfig) -> Prepared:
         load_weights(net, config.checkpoint)
     net.eval()
     kind = model_kind(net)
-    tune_steps, tune_minutes = config.tune_budget(best_pipeline(kind).tune_minutes)
+    best = best_pipeline(kind)
+    tune_steps, tune_minutes = config.tune_budget(best.tune_minutes)
     tuning = bool(tune_steps or tune_minutes)
     calibrated = (config.method == "best" or isinstance(build_method(config.method), CalibratedMethod)
                   or config.calib or config.recovering or config.refine
                   or config.sequential or config.asymmetric or tuning)
-    best = best_pipeline(kind)
     best_calib = best.calib if config.method == "best" else None  # best's own data
     spec = config.calib or best_calib or ("text:builtin" if source.is_text else "digits")
     samples = config.samples_for(best.samples)

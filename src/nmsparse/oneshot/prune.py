@@ -284,12 +284,12 @@ def _describe(result: PruneResult, describe: dict[str, Any]) -> None:
             run["data"] = describe["recovery_data"]
 
 
-def _reference(model: nn.Module, recovering: bool, reload_permuted: bool) -> nn.Module | None:
+def _reference(model: nn.Module, teacher: bool, reload_permuted: bool) -> nn.Module | None:
     """A copy of the dense original where one is needed: the teacher of a recovery or a tuning, and (with a
     permutation, which the export records and load_export re-attaches) the skeleton of the reload check,
     whose outputs are compared. Otherwise no copy is held (SmolLM2: 538 MB) and the check reads every
     stored tensor back against the model's (compare_export)."""
-    return copy.deepcopy(model) if recovering or reload_permuted else None
+    return copy.deepcopy(model) if teacher or reload_permuted else None
 
 
 def _snap(model: nn.Module, result: PruneResult, scheme: Any, method: str) -> dict[str, Any]:

@@ -130,17 +130,17 @@ def tune_scales(student: nn.Module, teacher: nn.Module, layers: list[dict[str, A
     """
     objective = resolve_objective(student, batches, objective, steps, max_seconds, "cosine")
     fqns = [entry["fqn"] for entry in layers]
-    for fqn in fqns:
-        module = student.get_submodule(fqn)
+    for fqn, module in zip(fqns, modules := [student.get_submodule(f) for f in fqns]):
         if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
             raise MethodError(f"scale tuning scales pruned Linear and Conv layers; {fqn} is a "
                               f"{type(module).__name__} (leave out tuning, or prune only Linear/Conv layers)")
     held = {name: p.requires_grad for name, p in student.named_parameters()}
     for p in student.parameters():
         p.requires_grad_(False)
-    free = [p for m in tunable_norms(student) for p in (getattr(m, "weight", None), getattr(m, "bias", None))
-            if isinstance(p, nn.Parameter)]
-    free += [student.get_submodule(f).bias for f in fqns if getattr(student.get_submodule(f), "bias", None) is not None]
+    norms = tunable_norms(student)
+    biases = [m.bias for m in modules if getattr(m, "bias", None) is not None]
+    free = [p for m in norms for p in (getattr(m, "weight", None), getattr(m, "bias", None))
+            if isinstance(p, nn.Parameter)] + biases
     for p in free:
         p.requires_grad_(True)
     scales = _Scales(student, fqns)
@@ -153,7 +153,5 @@ def tune_scales(student: nn.Module, teacher: nn.Module, layers: list[dict[str, A
         for name, p in student.named_parameters():
             p.requires_grad_(held.get(name, True))
     stats["params"] = sum(p.numel() for p in params)
-    stats["what"] = (f"{len(tunable_norms(student))} norms, {len(fqns)} pruned layers' channel scales"
-                     + (" and biases" if any(getattr(student.get_submodule(f), "bias", None) is not None
-                                             for f in fqns) else ""))
+    stats["what"] = f"{len(norms)} norms, {len(fqns)} pruned layers' channel scales" + (" and biases" if biases else "")
     return stats
