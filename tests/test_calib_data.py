@@ -46,6 +46,50 @@ def test_broad_text_adds_package_docstrings_and_never_the_evaluation_texts():
     assert not runs(broad[len(varied):]) & runs(other)
 
 
+def _word_runs(text, n=8):
+    words = text.lower().split()
+    return {" ".join(words[i:i + n]) for i in range(len(words) - n)}
+
+
+@pytest.mark.parametrize("spec", ["text:wiki", "text:news"])
+def test_gensim_corpora_are_real_prose_without_markup_and_never_the_evaluation_texts(spec):
+    """text:wiki (gensim's Wikipedia sample, markup stripped) and text:news (the Lee news corpus): real English
+    sentences, no wiki markup left, nothing in common with either evaluation text (8-word runs)."""
+    pytest.importorskip("gensim")
+    pytest.importorskip("sklearn")
+    from nmsparse.oneshot.data import heldout_text, other_text
+
+    text = load_texts(spec)
+    sentences = split_sentences(text)
+    assert len(text) > (3_000_000 if spec == "text:wiki" else 300_000) and len(sentences) > 1500
+    assert "[[" not in text and "{{" not in text and "&lt;ref" not in text and "#REDIRECT" not in text.upper()
+    assert "anarchism" in text.lower() if spec == "text:wiki" else "bushfire" in text.lower()
+    runs = _word_runs(text)
+    assert not runs & _word_runs(other_text()) and not runs & _word_runs(heldout_text())
+
+
+def test_gensim_corpora_name_the_missing_package(monkeypatch):
+    import builtins
+
+    from nmsparse.oneshot import data
+
+    real_import = builtins.__import__
+
+    def no_gensim(name, *args, **kwargs):
+        if name.startswith("gensim"):
+            raise ImportError("No module named 'gensim'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_gensim)
+    data.wiki_text.cache_clear()
+    try:
+        for spec in ("text:wiki", "text:news"):
+            with pytest.raises(CalibrationError, match=rf"{spec} is a corpus shipped with gensim.*nmsparse\[text\]"):
+                load_texts(spec)
+    finally:
+        data.wiki_text.cache_clear()
+
+
 def test_broad_text_names_a_missing_package(monkeypatch):
     from nmsparse.oneshot import data
 

@@ -842,6 +842,34 @@ def test_compress_with_quantized_weights_sizes_and_reloads(tiny_llama_dir, tmp_p
         assert torch.allclose(packed(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5)
 
 
+def test_recover_data_trains_recovery_on_another_text_than_calibration(tiny_llama_dir):
+    """recover_data: calibration reads --calib, the recovery's windows come from the other text (decoded, they
+    are runs of it), the report names both; without a recovery or tuning to read it the field is refused."""
+    from nmsparse.oneshot.data import load_texts, load_tokenizer
+    from nmsparse.oneshot.pipeline import open_source
+    from nmsparse.schema import ConfigError
+
+    config = PruneConfig("2:4", "wanda", calib="text:builtin", samples=2, seq_len=24, recover_steps=1,
+                         recover_data="text:other")
+    prepared = open_source(f"hf:{tiny_llama_dir}", config)
+    tokenizer = load_tokenizer(tiny_llama_dir)
+
+    def ids_of(spec):  # the token ids of a text as one string, to find windows in
+        return "," + ",".join(map(str, tokenizer(load_texts(spec), add_special_tokens=False)["input_ids"])) + ","
+
+    def inner(window):  # a window's ids without its first and last tokens (bos and eos)
+        return "," + ",".join(map(str, window[1:-1].tolist())) + ","
+
+    other, builtin = ids_of("text:other"), ids_of("text:builtin")
+    for batch in prepared.data["recover"].batches[:4]:
+        assert inner(batch["input_ids"][0]) in other and inner(batch["input_ids"][0]) not in builtin
+    assert inner(prepared.data["calibration"][0]["input_ids"][0]) in builtin
+    described = prepared.data["describe"]
+    assert described["calibration"]["source"] == "text:builtin" and described["recovery_data"].startswith("text:other")
+    with pytest.raises(ConfigError, match="recover_data is read by recovery and scale tuning only"):
+        PruneConfig("2:4", "wanda", recover_data="text:wiki")
+
+
 def test_prune_of_a_source_is_the_library_form_of_the_cli_with_per_kind_data_defaults(tiny_llama_dir, tmp_path):
     """`nmsparse.prune(source, PruneConfig(...), out=...)`: the model opened from its source, the causal
     LM's defaults filled in (built-in calibration text, recovery on fresh windows of it, text:heldout for

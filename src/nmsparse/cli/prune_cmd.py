@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--calib", help="calibration data: text:builtin, text:varied (the built-in text plus "
                         "standard-library docstrings), text:broad (text:varied plus the docstrings of numpy, torch, "
-                        "sympy and networkx), text:PATH, hf-dataset:NAME[:CONFIG[:SPLIT]], images:DIR, "
+                        "sympy and networkx), text:wiki (gensim's Wikipedia sample), text:news (gensim's news stories), text:PATH, hf-dataset:NAME[:CONFIG[:SPLIT]], images:DIR, "
                         "digits, mnist5k (default for wanda/sparsegpt: text:builtin for hf: models, digits for "
                         "vision models); recovery trains on the same text")
     parser.add_argument("--samples", type=int, help="calibration samples (default 128; --method best on causal "
@@ -66,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recover-precision", choices=PRECISIONS, default="auto",
                         help="matmul precision of the recovery: bf16 (autocast; weights and optimizer state stay "
                              "float32), fp32, or auto: bf16 where the CPU/GPU multiplies it natively")
+    parser.add_argument("--recover-data", help="the data recovery and scale tuning train on, any --calib spec "
+                        "(default: the calibration data; e.g. --calib text:broad --recover-data text:wiki)")
     parser.add_argument("--tune-minutes", type=float,
                         help="after pruning, fit the norms, the pruned layers' biases and one scale per input and "
                              "output channel of each pruned layer to the dense model for this many minutes (weights "
@@ -122,6 +124,7 @@ def config_from_args(args: argparse.Namespace):
             sequential=args.sequential, asymmetric=args.asymmetric,
             recover_steps=args.recover_steps, recover_minutes=args.recover_minutes, recover_lr=args.recover_lr,
             recover_objective=args.recover_objective, recover_precision=args.recover_precision,
+            recover_data=args.recover_data,
             tune_steps=args.tune_steps, tune_minutes=args.tune_minutes, tune_lr=args.tune_lr,
             heldout=args.heldout, heldout_tokens=args.heldout_tokens,
             window=args.window, weights=args.weights, group_size=args.group_size, stream=args.stream,
@@ -129,6 +132,7 @@ def config_from_args(args: argparse.Namespace):
     except ConfigError as exc:  # the config's field names as the flags that set them
         text = re.sub(r"^([a-z_]+) must", lambda m: f"--{m.group(1).replace('_', '-')} must", str(exc))
         text = re.sub(r"\bgroup size\b", "--group-size", text)
+        text = re.sub(r"\b(?:recover|tune)_(?:data|minutes|steps)\b", lambda m: "--" + m.group(0).replace("_", "-"), text)
         raise CliError(re.sub(r"\b(stream|refine|method best|permute|checkpoint)\b", r"--\1", text)) from None
 
 

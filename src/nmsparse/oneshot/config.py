@@ -48,6 +48,8 @@ class PruneConfig:
         folded into the weights; None for both: none, or the ``best`` pipeline's own budget; 0 minutes: off).
 
     Read only when the model is a source (the data of its kind is built from them):
+    recover_data: the data spec recovery and scale tuning train on (None: the calibration data's; e.g.
+        ``text:wiki`` to calibrate on one text and recover on another).
     calib / samples / seq_len / seed: calibration data spec (None: the kind's default where the run
         needs data), samples (None: 128, or the ``best`` pipeline's own count: 256 for causal LMs), tokens
         per text sample, sampling seed.
@@ -79,6 +81,7 @@ class PruneConfig:
     recover_lr: float = 2e-4
     recover_objective: str = "auto"
     recover_precision: str = "auto"
+    recover_data: str | None = None
     tune_steps: int | None = None
     tune_minutes: float | None = None
     tune_lr: float = 3e-3
@@ -116,6 +119,10 @@ class PruneConfig:
         if self.stream and (self.recovering or self.tuning or self.permute_sweeps or self.checkpoint):
             raise ConfigError(["stream cannot be combined with recovery, tuning, permute or checkpoint (each needs "
                                "the whole model in memory)"])
+
+        if self.recover_data and not (self.recovering or self.tuning or self.method == "best"):
+            raise ConfigError(["recover_data is read by recovery and scale tuning only: add recover_minutes or "
+                               "recover_steps (or tune_minutes), or drop it"])
 
     def samples_for(self, best_samples: int | None = None) -> int:
         """The calibration samples of the run: ``samples`` where given, else the ``best`` pipeline's own

@@ -4,6 +4,10 @@ Specs (``--calib``):
 
 * ``text:builtin`` -- English text shipped with Python (``pydoc_data.topics``), split into a
   calibration part and held-out sentences that calibration never sees.
+* ``text:varied`` / ``text:broad`` -- the built-in text plus standard-library (and numpy's, torch's, sympy's,
+  networkx's) docstrings.
+* ``text:wiki`` / ``text:news`` -- gensim's Wikipedia sample and Lee news corpus (real English prose).
+* ``text:heldout`` / ``text:other`` -- evaluation text: the held-out topics; scikit-learn's dataset descriptions.
 * ``text:PATH`` -- a UTF-8 text file.
 * ``hf-dataset:NAME[:CONFIG[:SPLIT]]`` -- a Hugging Face dataset's ``text`` column (needs the
   ``datasets`` package and access to the data).
@@ -186,6 +190,46 @@ sys.stdout.buffer.write("\\n\\n".join(d for d in docs if d).encode())
 """
 
 
+# text:wiki and text:news: real English prose of other kinds than Python's and the packages' documentation,
+# shipped inside gensim's wheel as its test corpora: a sample of English Wikipedia (the first articles of a
+# 2010s dump, "Anarchism" to "Autism"; gensim strips the wiki markup) and the Lee corpus of Australian news
+# stories. Neither has an 8-word run in common with text:other or text:heldout (tested).
+WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+NEWS_FILE = "lee_background.cor"
+
+
+def _gensim_file(spec: str, name: str) -> Path:
+    try:
+        from gensim.test.utils import datapath
+    except ImportError as exc:
+        raise CalibrationError(f"{spec} is a corpus shipped with gensim, which does not import ({exc}); "
+                               "pip install 'nmsparse[text]' (or give text:PATH)") from None
+    path = Path(datapath(name))
+    if not path.is_file():
+        raise CalibrationError(f"{spec}: gensim's corpus {name} is missing from this install ({path})")
+    return path
+
+
+@functools.lru_cache(maxsize=1)  # as varied_text's: one read per process
+def wiki_text() -> str:
+    """The articles of the Wikipedia sample shipped with gensim (redirect pages left out) as plain text,
+    the markup removed by gensim's ``filter_wiki``: 106 articles, about 3.1 million characters."""
+    import bz2
+
+    path = _gensim_file("text:wiki", WIKI_FILE)  # first: it names a missing gensim
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+    with bz2.open(path) as stream:
+        articles = [filter_wiki(text).strip() for _, text, _ in extract_pages(stream)
+                    if not text.lstrip().lower().startswith("#redirect")]
+    return "\n\n".join(a for a in articles if a)
+
+
+def news_text() -> str:
+    """The Lee corpus of news stories shipped with gensim (300 stories, about 360,000 characters)."""
+    return _gensim_file("text:news", NEWS_FILE).read_text(encoding="utf-8", errors="replace")
+
+
 def load_texts(spec: str) -> str:
     kind, _, rest = spec.partition(":")
     if kind == "text" and rest == "builtin":
@@ -198,11 +242,15 @@ def load_texts(spec: str) -> str:
         return varied_text()
     if kind == "text" and rest == "broad":
         return broad_text()
+    if kind == "text" and rest == "wiki":
+        return wiki_text()
+    if kind == "text" and rest == "news":
+        return news_text()
     if kind == "text":
         path = Path(rest)
         if not path.is_file():
             raise CalibrationError(f"calibration text file {rest!r} does not exist (use text:builtin, text:varied, "
-                                   "text:broad, text:heldout, text:other or text:PATH)")
+                                   "text:broad, text:wiki, text:news, text:heldout, text:other or text:PATH)")
         text = path.read_text(encoding="utf-8", errors="replace")
         if not text.strip():
             raise CalibrationError(f"calibration text file {rest!r} is empty")

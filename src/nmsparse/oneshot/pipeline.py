@@ -6,9 +6,9 @@ source name (``timm:``, ``torchvision:``, ``hf:``, ``gguf:`` or an export) inste
 
 * calibration (calibrated methods, ``refine``, ``best``, recovery): ``text:builtin`` for text models,
   ``digits`` for vision models, ``samples`` windows of ``seq_len`` tokens;
-* recovery and scale-tuning data: causal LMs train on fresh windows of the calibration text (another seed,
-  batches of 8); encoders on whole sentences of it, batched by length; other models on the calibration
-  batches;
+* recovery and scale-tuning data (``recover_data``, else the calibration spec): causal LMs train on fresh
+  windows of its text (another seed, batches of 8); encoders on whole sentences of it, batched by length;
+  other models on the calibration batches, or on another draw of ``recover_data``;
 * held-out data (the fidelity measure): causal LMs ``text:heldout`` (built-in text calibration never
   sees); encoders sentences of it; vision models another draw of their images.
 
@@ -69,7 +69,7 @@ def open_source(model: str, config: PruneConfig) -> Prepared:
     samples = config.samples_for(best.samples)
     batches = (build_calibration(spec, net, source, samples, config.seq_len, config.seed)
                if calibrated else None)
-    train = _training_batches(config, kind, source, spec, batches, samples) if config.recovering or tuning else None
+    train = _training_batches(config, net, kind, source, spec, batches, samples) if config.recovering or tuning else None
     recovery = Recovery.of(config, train) if config.recovering else None
     tune = Tuning.of_budget(config, train, tune_steps, tune_minutes) if tuning else None
     heldout = None
@@ -80,19 +80,23 @@ def open_source(model: str, config: PruneConfig) -> Prepared:
                           "describe": _describe(model, config, kind, spec, samples, batches, heldout, train)})
 
 
-def _training_batches(config: PruneConfig, kind: str, source: Any, spec: str, batches: list[Any] | None,
+def _training_batches(config: PruneConfig, net: nn.Module, kind: str, source: Any, spec: str, batches: list[Any] | None,
                       samples: int) -> list[Any] | None:
     """The recovery's and the scale tuning's training data for the model's kind (see the module docstring)."""
     from .data import load_texts, load_tokenizer, sentence_training_batches, token_windows
 
-    train = batches
+    spec = config.recover_data or spec
     if kind == "encoder":  # whole sentences of the calibration text, batched by length
-        train = sentence_training_batches(load_tokenizer(source.hf_dir), load_texts(spec),
-                                          max_length=config.seq_len, seed=config.seed + 1)
-    elif kind == "causal_lm":  # fresh windows of the calibration text, small batches (more steps per minute)
-        train = token_windows(load_tokenizer(source.hf_dir), load_texts(spec), max(512, samples),
-                              config.seq_len, seed=config.seed + 1, batch_size=8)
-    return train
+        return sentence_training_batches(load_tokenizer(source.hf_dir), load_texts(spec),
+                                         max_length=config.seq_len, seed=config.seed + 1)
+    if kind == "causal_lm":  # fresh windows of the calibration text, small batches (more steps per minute)
+        return token_windows(load_tokenizer(source.hf_dir), load_texts(spec), max(512, samples),
+                             config.seq_len, seed=config.seed + 1, batch_size=8)
+    if config.recover_data:  # other models: batches of their own data spec, another draw than calibration's
+        from .data import build_calibration
+
+        return build_calibration(spec, net, source, samples, config.seq_len, config.seed + 1)
+    return batches
 
 
 def _describe(model: str, config: PruneConfig, kind: str, spec: str, samples: int, batches, heldout,
@@ -108,9 +112,16 @@ def _describe(model: str, config: PruneConfig, kind: str, spec: str, samples: in
         calibration["text_chars"] = len(load_texts(spec))
     return {"model": model, "calibration": calibration,
             "heldout": heldout_spec if heldout is not None else None,
-            "recovery_data": None if train is None else {
-                "causal_lm": f"{spec} (windows drawn with another seed than calibration's)",
-                "encoder": f"sentences of {spec}"}.get(kind, f"the calibration batches ({spec})")}
+            "recovery_data": None if train is None else _training_description(kind, spec, config.recover_data)}
+
+
+def _training_description(kind: str, spec: str, recover_data: str | None) -> str:
+    """What the recovery and the scale tuning read, for the report."""
+    if kind == "causal_lm":
+        return f"{recover_data} (windows)" if recover_data else f"{spec} (windows drawn with another seed than calibration's)"
+    if kind == "encoder":
+        return f"sentences of {recover_data or spec}"
+    return f"{recover_data} (another draw than calibration's)" if recover_data else f"the calibration batches ({spec})"
 
 
 def stream_source(model: str, config: PruneConfig, out: str | Path, progress: str) -> PruneResult:
