@@ -48,9 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--calib", help="calibration data: text:builtin, text:varied (the built-in text plus "
                         "standard-library docstrings), text:broad (text:varied plus the docstrings of numpy, torch, "
-                        "sympy and networkx), text:wiki (gensim's Wikipedia sample), text:news (gensim's news stories), text:PATH, hf-dataset:NAME[:CONFIG[:SPLIT]], images:DIR, "
-                        "digits, mnist5k (default for wanda/sparsegpt: text:builtin for hf: models, digits for "
-                        "vision models); recovery trains on the same text")
+                        "sympy and networkx), text:wiki (gensim's Wikipedia sample), text:news (gensim's news "
+                        "stories), text:PATH, hf-dataset:NAME[:CONFIG[:SPLIT]], images:DIR, digits, mnist5k (default "
+                        "for wanda/sparsegpt: text:builtin for hf: models, digits for vision models); recovery trains "
+                        "on the same text unless --recover-data names another")
     parser.add_argument("--samples", type=int, help="calibration samples (default 128; --method best on causal "
                         "LMs: 256)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per text calibration sample")
@@ -132,7 +133,8 @@ def config_from_args(args: argparse.Namespace):
     except ConfigError as exc:  # the config's field names as the flags that set them
         text = re.sub(r"^([a-z_]+) must", lambda m: f"--{m.group(1).replace('_', '-')} must", str(exc))
         text = re.sub(r"\bgroup size\b", "--group-size", text)
-        text = re.sub(r"\b(?:recover|tune)_(?:data|minutes|steps)\b", lambda m: "--" + m.group(0).replace("_", "-"), text)
+        text = re.sub(r"\b(?:recover|tune)_(?:data|minutes|steps)\b", lambda m: "--" + m.group(0).replace("_", "-"),
+                      text)
         raise CliError(re.sub(r"\b(stream|refine|method best|permute|checkpoint)\b", r"--\1", text)) from None
 
 

@@ -69,7 +69,8 @@ def open_source(model: str, config: PruneConfig) -> Prepared:
     samples = config.samples_for(best.samples)
     batches = (build_calibration(spec, net, source, samples, config.seq_len, config.seed)
                if calibrated else None)
-    train = _training_batches(config, net, kind, source, spec, batches, samples) if config.recovering or tuning else None
+    train = (_training_batches(config, net, kind, source, spec, batches, samples)
+             if config.recovering or tuning else None)
     recovery = Recovery.of(config, train) if config.recovering else None
     tune = Tuning.of_budget(config, train, tune_steps, tune_minutes) if tuning else None
     heldout = None
@@ -118,7 +119,8 @@ def _describe(model: str, config: PruneConfig, kind: str, spec: str, samples: in
 def _training_description(kind: str, spec: str, recover_data: str | None) -> str:
     """What the recovery and the scale tuning read, for the report."""
     if kind == "causal_lm":
-        return f"{recover_data} (windows)" if recover_data else f"{spec} (windows drawn with another seed than calibration's)"
+        return (f"{recover_data} (windows)" if recover_data
+                else f"{spec} (windows drawn with another seed than calibration's)")
     if kind == "encoder":
         return f"sentences of {recover_data or spec}"
     return f"{recover_data} (another draw than calibration's)" if recover_data else f"the calibration batches ({spec})"
