@@ -68,6 +68,15 @@ def test_gensim_corpora_are_real_prose_without_markup_and_never_the_evaluation_t
     assert not runs & _word_runs(other_text()) and not runs & _word_runs(heldout_text())
 
 
+def test_mixed_text_is_broad_wiki_and_news_together():
+    pytest.importorskip("gensim")
+    from nmsparse.oneshot.data import broad_text, news_text, wiki_text
+
+    mixed = load_texts("text:mixed")
+    assert mixed == broad_text() + "\n\n" + wiki_text() + "\n\n" + news_text()
+    assert len(mixed) > 8_000_000
+
+
 def test_gensim_corpora_name_the_missing_package(monkeypatch):
     import builtins
 

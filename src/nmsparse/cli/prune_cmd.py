@@ -49,9 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib", help="calibration data: text:builtin, text:varied (the built-in text plus "
                         "standard-library docstrings), text:broad (text:varied plus the docstrings of numpy, torch, "
                         "sympy and networkx), text:wiki (gensim's Wikipedia sample), text:news (gensim's news "
-                        "stories), text:PATH, hf-dataset:NAME[:CONFIG[:SPLIT]], images:DIR, digits, mnist5k (default "
-                        "for wanda/sparsegpt: text:builtin for hf: models, digits for vision models); recovery trains "
-                        "on the same text unless --recover-data names another")
+                        "stories), text:mixed (broad, wiki and news), text:PATH, hf-dataset:NAME[:CONFIG[:SPLIT]], "
+                        "images:DIR, digits, mnist5k (default for wanda/sparsegpt: text:builtin for hf: models, "
+                        "digits for vision models); recovery trains on the same text unless --recover-data names "
+                        "another")
     parser.add_argument("--samples", type=int, help="calibration samples (default 128; --method best on causal "
                         "LMs: 256)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per text calibration sample")

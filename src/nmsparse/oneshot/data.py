@@ -6,7 +6,8 @@ Specs (``--calib``):
   calibration part and held-out sentences that calibration never sees.
 * ``text:varied`` / ``text:broad`` -- the built-in text plus standard-library (and numpy's, torch's, sympy's,
   networkx's) docstrings.
-* ``text:wiki`` / ``text:news`` -- gensim's Wikipedia sample and Lee news corpus (real English prose).
+* ``text:wiki`` / ``text:news`` -- gensim's Wikipedia sample and Lee news corpus (real English prose);
+  ``text:mixed`` -- ``text:broad``, ``text:wiki`` and ``text:news`` together.
 * ``text:heldout`` / ``text:other`` -- evaluation text: the held-out topics; scikit-learn's dataset descriptions.
 * ``text:PATH`` -- a UTF-8 text file.
 * ``hf-dataset:NAME[:CONFIG[:SPLIT]]`` -- a Hugging Face dataset's ``text`` column (needs the
@@ -230,6 +231,12 @@ def news_text() -> str:
     return _gensim_file("text:news", NEWS_FILE).read_text(encoding="utf-8", errors="replace")
 
 
+def mixed_text() -> str:
+    """``text:mixed``: :func:`broad_text`, :func:`wiki_text` and :func:`news_text` together (about 8.7 million
+    characters): documentation, encyclopedia and news prose, the most varied built-in text."""
+    return "\n\n".join((broad_text(), wiki_text(), news_text()))
+
+
 def load_texts(spec: str) -> str:
     kind, _, rest = spec.partition(":")
     if kind == "text" and rest == "builtin":
@@ -246,11 +253,14 @@ def load_texts(spec: str) -> str:
         return wiki_text()
     if kind == "text" and rest == "news":
         return news_text()
+    if kind == "text" and rest == "mixed":
+        return mixed_text()
     if kind == "text":
         path = Path(rest)
         if not path.is_file():
             raise CalibrationError(f"calibration text file {rest!r} does not exist (use text:builtin, text:varied, "
-                                   "text:broad, text:wiki, text:news, text:heldout, text:other or text:PATH)")
+                                   "text:broad, text:wiki, text:news, text:mixed, text:heldout, text:other or "
+                                   "text:PATH)")
         text = path.read_text(encoding="utf-8", errors="replace")
         if not text.strip():
             raise CalibrationError(f"calibration text file {rest!r} is empty")
