@@ -162,10 +162,15 @@ def test_prune_minilm_wanda_with_refine_reports_swaps_and_lower_errors(tmp_path,
     assert len(refined) == len(plain) == 12 and all(r["verified"] for r in refined)
     assert all(r["refinement"]["swaps"] > 0 for r in refined)
     assert all(r["reconstruction_error"] < plain[r["fqn"]]["reconstruction_error"] for r in refined)
-    best = ["prune", "hf:minilm", "--method", "best", "--samples", "8", "--seq-len", "32", "--layers", "ff"]
-    assert main([*best, "--json", "--out", str(tmp_path / "c")]) == 0  # calibration is built for it by default
+    best = ["prune", "hf:minilm", "--method", "best", "--samples", "8", "--seq-len", "32", "--layers", "ff",
+            "--calib", "text:builtin"]  # best's own text:mixed: test_llm (the same code path)
+    assert main([*best, "--tune-steps", "2", "--json", "--out", str(tmp_path / "c")]) == 0  # calibration is built
     report = json.loads(capsys.readouterr().out)
-    assert report["method"] == "best: sparsegpt" and report["calibration"]["source"] == "text:builtin"
+    assert report["method"] == "best: sparsegpt + scale tuning" and report["calibration"]["source"] == "text:builtin"
+    assert report["tuning"]["steps"] == 2 and report["tuning"]["data"] == "sentences of text:builtin"
+    from nmsparse.oneshot.best import best_pipeline
+
+    assert best_pipeline("encoder").calib == "text:mixed" and best_pipeline("encoder").tune_minutes == 3.0
 
 
 def test_prune_vision_model_with_wanda_on_digits(tmp_path, capsys):

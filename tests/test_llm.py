@@ -162,14 +162,15 @@ def test_asymmetric_calibration_fits_each_layer_to_the_dense_models_output(tiny_
     assert logits_error(model) < 0.9 * logits_error(plain)
 
 
-def test_method_best_calibrates_a_causal_lm_on_broad_text_unless_told_otherwise(tiny_llama_dir):
+def test_method_best_calibrates_a_causal_lm_on_mixed_text_unless_told_otherwise(tiny_llama_dir):
+    pytest.importorskip("gensim")
     from nmsparse.oneshot.best import best_pipeline
-    from nmsparse.oneshot.data import broad_text
+    from nmsparse.oneshot.data import mixed_text
     from nmsparse.oneshot.pipeline import open_source
 
     described = open_source(f"hf:{tiny_llama_dir}", PruneConfig("2:4", "best", samples=2, seq_len=16)).data["describe"]
-    assert described["calibration"]["source"] == "text:broad"
-    assert described["calibration"]["text_chars"] == len(broad_text())  # the report says how much text it was
+    assert described["calibration"]["source"] == "text:mixed"
+    assert described["calibration"]["text_chars"] == len(mixed_text())  # the report says how much text it was
     named = open_source(f"hf:{tiny_llama_dir}", PruneConfig("2:4", "best", calib="text:builtin", samples=2,
                                                              seq_len=16)).data["describe"]
     plain = open_source(f"hf:{tiny_llama_dir}", PruneConfig("2:4", "sparsegpt", samples=2, seq_len=16)).data["describe"]

@@ -106,7 +106,8 @@ def test_prune_with_tuning_measures_before_and_after_and_reports_it():
 
 
 def test_the_tuning_budget_of_best_and_of_the_run():
-    assert BEST["causal_lm"].tune_minutes == 6.0 and not BEST["encoder"].tune_minutes
+    assert BEST["causal_lm"].tune_minutes == 6.0 and BEST["encoder"].tune_minutes == 3.0
+    assert not BEST["classifier"].tune_minutes
     assert PruneConfig("2:4", "best").tune_budget(4.0) == (None, 4.0)
     assert PruneConfig("2:4", "best", tune_minutes=0).tune_budget(4.0) == (None, None)  # off
     assert PruneConfig("2:4", "best", tune_steps=5).tune_budget(4.0) == (5, None)  # the run's own replaces best's

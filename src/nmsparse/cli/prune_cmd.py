@@ -42,9 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--method",
         default="magnitude",
         help="magnitude, wanda, ria, sparsegpt, or best (the most accurate pipeline measured for the model kind: "
-        "for causal LMs sparsegpt + decoder permutation + sequential calibration on 256 windows of text:broad "
+        "for causal LMs sparsegpt + decoder permutation + sequential calibration on 256 windows of text:mixed "
         "unless --calib / --samples say otherwise, then 6 minutes of scale tuning unless --tune-minutes says "
-        "otherwise; sparsegpt otherwise)",
+        "otherwise; for encoders sparsegpt on text:mixed, then 3 minutes of scale tuning; sparsegpt otherwise)",
     )
     parser.add_argument("--calib", help="calibration data: text:builtin, text:varied (the built-in text plus "
                         "standard-library docstrings), text:broad (text:varied plus the docstrings of numpy, torch, "

@@ -237,30 +237,20 @@ def mixed_text() -> str:
     return "\n\n".join((broad_text(), wiki_text(), news_text()))
 
 
+# the built-in texts by the name after ``text:``
+NAMED_TEXTS = {"builtin": lambda: builtin_text()[0], "varied": varied_text, "broad": broad_text, "wiki": wiki_text,
+               "news": news_text, "mixed": mixed_text, "heldout": heldout_text, "other": other_text}
+
+
 def load_texts(spec: str) -> str:
     kind, _, rest = spec.partition(":")
-    if kind == "text" and rest == "builtin":
-        return builtin_text()[0]
-    if kind == "text" and rest == "heldout":
-        return heldout_text()
-    if kind == "text" and rest == "other":
-        return other_text()
-    if kind == "text" and rest == "varied":
-        return varied_text()
-    if kind == "text" and rest == "broad":
-        return broad_text()
-    if kind == "text" and rest == "wiki":
-        return wiki_text()
-    if kind == "text" and rest == "news":
-        return news_text()
-    if kind == "text" and rest == "mixed":
-        return mixed_text()
+    if kind == "text" and rest in NAMED_TEXTS:
+        return NAMED_TEXTS[rest]()
     if kind == "text":
         path = Path(rest)
         if not path.is_file():
-            raise CalibrationError(f"calibration text file {rest!r} does not exist (use text:builtin, text:varied, "
-                                   "text:broad, text:wiki, text:news, text:mixed, text:heldout, text:other or "
-                                   "text:PATH)")
+            names = ", ".join(f"text:{name}" for name in NAMED_TEXTS)
+            raise CalibrationError(f"calibration text file {rest!r} does not exist (use {names} or text:PATH)")
         text = path.read_text(encoding="utf-8", errors="replace")
         if not text.strip():
             raise CalibrationError(f"calibration text file {rest!r} is empty")
