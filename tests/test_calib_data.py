@@ -162,3 +162,33 @@ def test_encoder_heldout_reads_the_text_spec_given(tmp_path):
     empty.write_text("Too short.\n")
     with pytest.raises(CalibrationError, match="no sentences"):
         heldout_data(None, source, "encoder", f"text:{empty}")
+
+
+def test_token_windows_tokenise_a_corpus_once_for_calibration_and_recovery(monkeypatch):
+    """The same tokenizer directory and text: the second draw reuses the ids (and draws the windows its seed
+    gives); another text or a tokenizer without a directory is tokenised anew."""
+    from nmsparse.oneshot import data
+
+    class Counting:
+        name_or_path, cls_token_id, sep_token_id, bos_token_id, eos_token_id = "dir", None, None, 1, 2
+        calls = 0
+
+        def __len__(self):
+            return 100
+
+        def __call__(self, text, add_special_tokens=False):
+            Counting.calls += 1
+            return {"input_ids": [3 + ord(c) % 90 for c in text]}
+
+    text = "abcdefghij" * 40
+    first = data.token_windows(Counting(), text, 4, 8, seed=0)
+    again = data.token_windows(Counting(), text, 4, 8, seed=0)
+    other_seed = data.token_windows(Counting(), text, 4, 8, seed=1)
+    assert Counting.calls == 1 and all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, again))
+    assert not all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, other_seed))
+    data.token_windows(Counting(), text + "k", 4, 8)
+    assert Counting.calls == 2
+    monkeypatch.setattr(Counting, "name_or_path", "")
+    data.token_windows(Counting(), text, 4, 8)
+    data.token_windows(Counting(), text, 4, 8)
+    assert Counting.calls == 4

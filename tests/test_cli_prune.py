@@ -91,6 +91,8 @@ def test_inspect_model_spec_lists_eligibility(capsys):
         (["prune", "gguf:smollm2", "--stream", "--method", "best", "--out", "x"], "run in the in-memory pipeline"),
         (["prune", "gguf:smollm2", "--recover-data", "text:wiki", "--out", "x"],
          "--recover-data is read by recovery and scale tuning only: add --recover-minutes"),
+        (["prune", "timm:resnet18", "--method", "best", "--recover-data", "digits", "--out", "x"],
+         "best for a classifier tunes nothing: add --recover-minutes"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(argv, needle, capsys):

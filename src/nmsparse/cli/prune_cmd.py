@@ -131,19 +131,28 @@ def config_from_args(args: argparse.Namespace):
             heldout=args.heldout, heldout_tokens=args.heldout_tokens,
             window=args.window, weights=args.weights, group_size=args.group_size, stream=args.stream,
             checkpoint=args.checkpoint, num_classes=args.num_classes, in_chans=args.in_chans)
-    except ConfigError as exc:  # the config's field names as the flags that set them
-        text = re.sub(r"^([a-z_]+) must", lambda m: f"--{m.group(1).replace('_', '-')} must", str(exc))
-        text = re.sub(r"\bgroup size\b", "--group-size", text)
-        text = re.sub(r"\b(?:recover|tune)_(?:data|minutes|steps)\b", lambda m: "--" + m.group(0).replace("_", "-"),
-                      text)
-        raise CliError(re.sub(r"\b(stream|refine|method best|permute|checkpoint)\b", r"--\1", text)) from None
+    except ConfigError as exc:
+        raise CliError(_as_flags(str(exc))) from None
+
+
+def _as_flags(text: str) -> str:
+    """A config error's field names as the flags that set them."""
+    text = re.sub(r"^([a-z_]+) must", lambda m: f"--{m.group(1).replace('_', '-')} must", text)
+    text = re.sub(r"\bgroup size\b", "--group-size", text)
+    text = re.sub(r"\b(?:recover|tune)_(?:data|minutes|steps)\b", lambda m: "--" + m.group(0).replace("_", "-"), text)
+    return re.sub(r"\b(stream|refine|method best|permute|checkpoint)\b", r"--\1", text)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..oneshot import CalibrationError, prune
+    from ..oneshot.config import ConfigError
 
     register_user_error(CalibrationError)
-    result = prune(args.model, config_from_args(args), out=args.out)
+    config = config_from_args(args)
+    try:
+        result = prune(args.model, config, out=args.out)
+    except ConfigError as exc:  # a combination only the model's kind shows (e.g. --recover-data with best)
+        raise CliError(_as_flags(str(exc))) from None
     if args.json:
         print_json(result.as_dict())
         return 0

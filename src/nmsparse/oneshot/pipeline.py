@@ -69,6 +69,11 @@ def open_source(model: str, config: PruneConfig) -> Prepared:
     samples = config.samples_for(best.samples)
     batches = (build_calibration(spec, net, source, samples, config.seq_len, config.seed)
                if calibrated else None)
+    if config.recover_data and not (config.recovering or tuning):  # best of a kind without tuning
+        from .config import ConfigError
+
+        raise ConfigError([f"recover_data is read by recovery and scale tuning only, and best for a {kind} tunes "
+                           "nothing: add recover_minutes or recover_steps (or tune_minutes), or drop it"])
     train = (_training_batches(config, net, kind, source, spec, batches, samples)
              if config.recovering or tuning else None)
     recovery = Recovery.of(config, train) if config.recovering else None
